@@ -1,0 +1,159 @@
+"""Models by name, the mean ensemble, input dropout, and checkpoints.
+
+Every model takes normalised images (N, C, H, W) and returns logits (N, K).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from overinterp.models.cifar import DigitsCNN, resnet18, resnet20, vgg16_bn
+
+SMALL_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "digits_cnn": DigitsCNN,
+    "resnet20": resnet20,
+    "resnet18": resnet18,
+    "vgg16_bn": vgg16_bn,
+}
+TORCHVISION_PREFIX = "tv:"
+
+
+class ModelError(ValueError):
+    """Unknown model name or unusable weights; the message names the fix."""
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models as tvm
+
+    return sorted(tvm.list_models(module=tvm))
+
+
+def model_names() -> list[str]:
+    """Every name `create_model` accepts: the small models and `tv:<torchvision classifier>`."""
+    return list(SMALL_MODELS) + [TORCHVISION_PREFIX + n for n in _torchvision_names()]
+
+
+def check_model_name(name: str) -> None:
+    if name in SMALL_MODELS:
+        return
+    if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX):] in _torchvision_names():
+        return
+    raise ModelError(
+        f"unknown model {name!r}: choose one of {', '.join(SMALL_MODELS)}, "
+        f"or a torchvision classifier as tv:<name> (e.g. tv:resnet50, tv:inception_v3)"
+    )
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, weights: str | None = None) -> nn.Module:
+    """Build a model by registered name.
+
+    Args:
+        name: a key of SMALL_MODELS, or "tv:<name>" for any torchvision classification model.
+        weights: torchvision only — a weights enum name ("ResNet50_Weights.IMAGENET1K_V2",
+            "DEFAULT") or a local file holding a state_dict (what users without internet have).
+    """
+    check_model_name(name)
+    if name in SMALL_MODELS:
+        if weights is not None:
+            raise ModelError(f"{name} has no pretrained weights: drop --weights (train it with overinterp run)")
+        return SMALL_MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    import torchvision.models as tvm
+
+    tv_name = name[len(TORCHVISION_PREFIX):]
+    if in_channels != 3:
+        raise ModelError(f"{name} expects 3-channel images, got {in_channels}: use a small model for this data set")
+    kwargs = {"aux_logits": False, "init_weights": False} if tv_name in ("inception_v3", "googlenet") else {}
+    if weights is None or os.path.isfile(weights):
+        model = tvm.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
+        if weights is not None:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise ModelError(f"--weights {weights} does not fit {name} with {num_classes} classes: {str(e).splitlines()[0]}") from e
+        return model
+    try:
+        enum = tvm.get_weight(weights) if "." in weights else tvm.get_model_weights(tv_name)[weights]
+    except (KeyError, ValueError, AttributeError) as e:
+        raise ModelError(f"--weights {weights!r} is neither a file nor a torchvision weights name for {tv_name}") from e
+    if num_classes != len(enum.meta["categories"]):
+        raise ModelError(f"weights {weights} predict {len(enum.meta['categories'])} classes, the data set has {num_classes}")
+    return tvm.get_model(tv_name, weights=enum, **{k: v for k, v in kwargs.items() if k != "init_weights"})
+
+
+class InputDropout(nn.Module):
+    """Drops whole pixels (all channels set to 0 = the mean colour) with probability p in training.
+
+    Unlike nn.Dropout nothing is rescaled: a dropped pixel is exactly a masked pixel, the
+    distribution BS and pixel-subset inputs live in. At evaluation it is the identity — the model is
+    deterministic, so backward selection on it is well defined. (The original code kept dropout on
+    at evaluation and averaged samples, which made predictions and BS random.)
+    """
+
+    def __init__(self, model: nn.Module, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"input dropout p must be in [0, 1), got {p}")
+        self.model, self.p = model, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p > 0:
+            keep = torch.rand(x.shape[0], 1, *x.shape[2:], device=x.device) >= self.p  # (N, 1, H, W)
+            x = x * keep
+        return self.model(x)
+
+
+class MeanEnsemble(nn.Module):
+    """Mean of the members' logits (each member trained with its own seed)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild a trained model from its checkpoint."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    input_dropout: float = 0.0
+
+
+def build(spec: ModelSpec) -> nn.Module:
+    model = create_model(spec.name, spec.num_classes, spec.in_channels)
+    return InputDropout(model, spec.input_dropout) if spec.input_dropout > 0 else model
+
+
+def save_checkpoint(path: str, spec: ModelSpec, model: nn.Module, extra: dict | None = None) -> None:
+    """Atomic write: a crash never leaves a half-written checkpoint behind."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save({"spec": asdict(spec), "state_dict": model.state_dict(), "extra": extra or {}}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild and load a model saved by save_checkpoint, in eval mode."""
+    blob = torch.load(path, map_location=device, weights_only=True)
+    model = build(ModelSpec(**blob["spec"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval()
+
+
+def load_ensemble(paths: list[str], device: str | torch.device = "cpu") -> nn.Module:
+    """One checkpoint -> that model; several -> their MeanEnsemble."""
+    models = [load_checkpoint(p, device) for p in paths]
+    return models[0] if len(models) == 1 else MeanEnsemble(models).eval()

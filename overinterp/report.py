@@ -1,0 +1,116 @@
+"""Results as people read them: the paper's Table 1 shape, SIS sizes, and a picture gallery."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Optional
+
+import numpy as np
+import torch
+
+from overinterp.selection import NO_SIS, sis_size
+
+CONDITION_TITLES = {"full": "full images", "backselect": "BS {pct}% subsets", "random": "random {pct}% subsets"}
+
+
+def mean_std(values: list[float]) -> str:
+    """'97.5 ± 0.3' in percent (std over seeds; '± n/a' for one seed)."""
+    if not values:
+        return "–"
+    m = 100 * statistics.fmean(values)
+    s = f"{100 * statistics.stdev(values):.1f}" if len(values) > 1 else "n/a"
+    return f"{m:.1f} ± {s}"
+
+
+def sis_stats(curve: torch.Tensor, confidence: torch.Tensor, tau: float) -> dict:
+    """Median SIS size at tau over the images that have one, in pixels and as a fraction of HW."""
+    sizes = sis_size(curve, confidence, tau)
+    have = sizes[sizes != NO_SIS].double()
+    hw = curve.shape[1]
+    med = float(have.median()) if len(have) else float("nan")  # lower median for even counts
+    return {
+        "tau": tau,
+        "n_images": int(len(sizes)),
+        "n_with_sis": int(len(have)),
+        "median_size": med,
+        "median_fraction": med / hw if len(have) else float("nan"),
+    }
+
+
+def accuracy_table(summary: dict) -> str:
+    """Markdown table: rows model; columns full / BS / random test accuracy, mean ± std over seeds."""
+    pct = f"{100 * summary['fraction']:g}"
+    conds = ("full", "backselect", "random")
+    head = "| model | " + " | ".join(CONDITION_TITLES[c].format(pct=pct) for c in conds) + " |"
+    lines = [head, "|" + "---|" * (len(conds) + 1)]
+    for model, accs in summary["accuracy"].items():
+        lines.append(f"| {model} | " + " | ".join(mean_std(accs.get(c, [])) for c in conds) + " |")
+    n_seeds = max(len(v) for a in summary["accuracy"].values() for v in a.values())
+    lines.append(f"\nTest accuracy (%), mean ± std over {n_seeds} seeds; {summary['n_keep']} of {summary['hw']} pixels kept.")
+    return "\n".join(lines)
+
+
+def sis_table(summary: dict) -> str:
+    """Markdown table of the overinterpretation mitigations: accuracy and median SIS size."""
+    lines = [
+        f"| model | variant | test accuracy (%) | median SIS size at τ={summary['tau']:g} (% of pixels) | images with a SIS |",
+        "|---|---|---|---|---|",
+    ]
+    for model, variants in summary["sis"].items():
+        for variant, s in variants.items():
+            size = "–" if s["n_with_sis"] == 0 else f"{s['median_size']:.0f} ({100 * s['median_fraction']:.1f}%)"
+            acc = summary["variant_accuracy"][model].get(variant)
+            acc_s = "–" if acc is None else f"{100 * acc:.1f}"
+            lines.append(f"| {model} | {s['label']} | {acc_s} | {size} | {s['n_with_sis']} / {s['n_images']} |")
+    return "\n".join(lines)
+
+
+def summary_markdown(summary: dict) -> str:
+    parts = [
+        f"# Overinterpretation on {summary['dataset']}",
+        "## Accuracy of models trained and tested on pixel-subsets (the paper's Table 1 shape)",
+        accuracy_table(summary),
+        "## Sufficient input subsets of the full-image models",
+        sis_table(summary),
+    ]
+    if summary.get("masked_confidence"):
+        rows = ["| model | median p(c) on its own BS subsets (test) | accuracy of the full-image model on them (%) |", "|---|---|---|"]
+        for model, m in summary["masked_confidence"].items():
+            rows.append(f"| {model} | {m['median_confidence']:.3f} | {100 * m['accuracy']:.1f} |")
+        parts.append(f"## Confidence with {100 * (1 - summary['fraction']):g}% of pixels masked")
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def save_gallery(
+    path: str,
+    images: np.ndarray,
+    panels: dict[str, np.ndarray],
+    titles: Optional[list[str]] = None,
+) -> None:
+    """A PNG grid: one row per image, the original beside each masked version.
+
+    images: (N, H, W, C) uint8 originals; panels: {column title: (N, H, W, C) uint8}.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, cols = len(images), 1 + len(panels)
+    fig, axes = plt.subplots(n, cols, figsize=(2.0 * cols, 2.0 * n), squeeze=False)
+    columns = {"original": images, **panels}
+    for r in range(n):
+        for c, (title, imgs) in enumerate(columns.items()):
+            ax = axes[r, c]
+            img = imgs[r]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=255, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+            if c == 0 and titles:
+                ax.set_ylabel(titles[r], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

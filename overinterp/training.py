@@ -1,0 +1,136 @@
+"""Train and evaluate classifiers on full or pixel-masked images.
+
+The whole split lives on the device as uint8 (N, C, H, W); each batch is normalised, masked (pixels
+not kept set to 0, the mean colour) and only then augmented, so random crops and flips move the
+mask with the image — the original code applied a fixed mask to an already shifted image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from overinterp.data import normalize
+from overinterp.selection.subsets import apply_mask
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """SGD settings; defaults are the paper's (200 epochs, lr x0.2 at epochs 60/120/160).
+
+    milestones are fractions of `epochs`, so shorter runs keep the same schedule shape.
+    """
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
+    gamma: float = 0.2
+    augment: bool = False  # random crop (pad 4) + horizontal flip
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ValueError(f"milestones are fractions of the epochs in (0, 1), got {self.milestones}")
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding (0 = mean colour) and horizontal flip, per image.
+
+    x: (B, C, H, W) normalised and already masked, so any mask moves with its image.
+    """
+    B, C, H, W = x.shape
+    dev = x.device
+    xp = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (B,), generator=gen).to(dev)
+    ox = torch.randint(0, 2 * pad + 1, (B,), generator=gen).to(dev)
+    flip = (torch.rand(B, generator=gen) < 0.5).to(dev)
+    rows = oy[:, None] + torch.arange(H, device=dev)  # (B, H)
+    cols = ox[:, None] + torch.arange(W, device=dev)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    b = torch.arange(B, device=dev)[:, None, None]
+    out = xp.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def prepare(images: torch.Tensor, mean, std, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> normalised float, with pixels outside `keep` (N, HW) set to 0."""
+    x = normalize(images, mean, std)
+    return x if keep is None else apply_mask(x, keep)
+
+
+def train_model(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    config: TrainConfig,
+    keep: Optional[torch.Tensor] = None,
+    on_epoch: Optional[Callable[[int, float], None]] = None,
+) -> list[float]:
+    """Train in place with the paper's SGD recipe; returns the mean loss of each epoch.
+
+    Args:
+        images: (N, C, H, W) uint8 on the model's device; labels: (N,) int64.
+        keep: optional (N, HW) bool pixel-subset mask (train on subsets); None = full images.
+        on_epoch: called with (epoch, mean loss) after every epoch (progress).
+    """
+    device = images.device
+    torch.manual_seed(config.seed)  # weight init happened before; this seeds dropout
+    gen = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+    )
+    milestones = sorted({max(1, math.floor(m * config.epochs)) for m in config.milestones})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=config.gamma)
+    n = images.shape[0]
+    losses = []
+    model.train()
+    for epoch in range(config.epochs):
+        perm = torch.randperm(n, generator=gen).to(device)
+        total = torch.zeros((), device=device)
+        for start in range(0, n, config.batch_size):
+            idx = perm[start : start + config.batch_size]
+            x = prepare(images[idx], mean, std, None if keep is None else keep[idx])
+            if config.augment:
+                x = augment_batch(x, gen)
+            loss = F.cross_entropy(model(x), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+        sched.step()
+        losses.append(float(total) / n)  # one sync per epoch
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
+    model.eval()
+    return losses
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, mean, std, keep: Optional[torch.Tensor] = None, batch_size: int = 1024) -> torch.Tensor:
+    """(N,) predicted classes on (optionally masked) uint8 images."""
+    model.eval()
+    preds = []
+    for start in range(0, images.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        preds.append(model(prepare(images[sl], mean, std, None if keep is None else keep[sl])).argmax(1))
+    return torch.cat(preds)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, keep: Optional[torch.Tensor] = None) -> float:
+    """Top-1 accuracy in [0, 1] on (optionally masked) images."""
+    return float((predict(model, images, mean, std, keep) == labels).float().mean())

@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (2 CPUs, no dashboard)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+class TinyConvNet(nn.Module):
+    """A seeded 3-class conv net small enough for the brute-force twin."""
+
+    def __init__(self, channels: int = 2, seed: int = 0, dtype=torch.float64):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(channels, 4, 3, padding=1).to(dtype)
+        self.fc = nn.Linear(4 * 16, 3).to(dtype)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype))
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x.to(self.fc.weight.dtype)))
+        x = nn.functional.adaptive_avg_pool2d(x, 4)
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture
+def tiny_net():
+    return TinyConvNet().eval()

@@ -1,0 +1,49 @@
+"""The command line: bad input is one line naming the fix, before any work starts."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from overinterp.cli import build_parser, config_from_args, main
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--dataset", "mnist"], "unknown data set 'mnist'"),
+        (["--models", "resnet21"], "unknown model 'resnet21'"),
+        (["--fraction", "0"], "--fraction must be in (0, 1]"),
+        (["--fraction", "1.2"], "--fraction"),
+        (["--tau", "2"], "--tau must be in [0, 1]"),
+        (["--dataset", "cifar10"], "--data-root"),
+        (["--dataset", "cifar10", "--data-root", "/no/such/dir"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_before_work(argv, match, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("overinterp: error: ") and match in err and err.count("\n") == 1
+    assert not out.exists()  # nothing was started
+
+
+def test_flags_become_the_config():
+    args = build_parser().parse_args(["run", "--models", "resnet20,vgg16_bn", "--seeds", "3,4", "--fraction", "0.1", "--no-augment"])
+    c = config_from_args(args)
+    assert c.models == ("resnet20", "vgg16_bn") and c.seeds == (3, 4) and c.fraction == 0.1 and c.augment is False
+
+
+def test_console_script_fails_fast_without_ray():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    code = "import sys; from overinterp.cli import main; rc = main(['run', '--tau', '-1']); assert 'ray' not in sys.modules and 'mlflow' not in sys.modules; sys.exit(rc)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == "overinterp: error: --tau must be in [0, 1], got -1.0 (the paper uses 0.99)"
+
+
+def test_models_command_lists_names(capsys):
+    assert main(["models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "resnet20" in names and "tv:resnet50" in names

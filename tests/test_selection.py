@@ -1,0 +1,184 @@
+"""Backward selection against its brute-force twin, and the subset functions on hand-made cases."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import TinyConvNet
+from overinterp.selection import (
+    NO_SIS,
+    EngineConfig,
+    backward_selection,
+    brute_force_backward_selection,
+    keep_mask,
+    n_keep,
+    random_order,
+    selector_tag,
+    sis_mask,
+    sis_size,
+    tail_mask,
+)
+
+
+class LinearScore(nn.Module):
+    """logits = [w . x, 0] on a 1-channel image: p(class 0) = sigmoid(w . x).
+
+    Masking pixel j changes the score by -w_j x_j, so BS removes first the pixel with the most
+    negative contribution: the order is computable by hand.
+    """
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.tensor(w, dtype=torch.float64)
+
+    def forward(self, x):
+        s = (x.flatten(1).double() * self.w).sum(1)
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+def test_linear_model_order_by_hand():
+    # contributions w*x = [4, -3, 0.5, -1], sum 0.5 > 0 so class 0 is predicted;
+    # remove the most negative first: 1, 3, then 2 (0.5), then 0 (4)
+    model = LinearScore([1.0, -1.0, 0.5, 1.0])
+    x = torch.tensor([[4.0, 3.0], [1.0, -1.0]], dtype=torch.float64)[None, None]  # (1, 1, 2, 2)
+    res = backward_selection(model, x, config=EngineConfig(channels_last=False))
+    assert res.order.tolist() == [[1, 3, 2, 0]]
+    assert res.pred.tolist() == [0]
+    sig = lambda v: 1 / (1 + math.exp(-v))
+    assert res.confidence.item() == pytest.approx(sig(4 - 3 + 0.5 - 1))
+    expected = [sig(4 + 0.5 - 1), sig(4 + 0.5), sig(4), sig(0)]
+    assert res.curve[0].tolist() == pytest.approx(expected, abs=1e-6)
+    assert res.forward_passes == 4 + 3 + 2 + 1
+
+
+def test_ties_go_to_lowest_pixel_index():
+    model = LinearScore([1.0, 1.0, 1.0, 1.0])
+    x = torch.ones(1, 1, 2, 2, dtype=torch.float64)  # every pixel contributes the same
+    res = backward_selection(model, x)
+    assert res.order.tolist() == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "config",
+    [EngineConfig(chunk=1), EngineConfig(chunk=7, channels_last=False), EngineConfig(chunk=16), EngineConfig()],
+    ids=["chunk1", "chunk7-nchw", "chunk16", "auto"],
+)
+def test_engine_matches_brute_force(dtype, config):
+    torch.manual_seed(1)
+    model = TinyConvNet(channels=2, seed=3, dtype=dtype).eval()
+    images = torch.randn(5, 2, 4, 4)
+    res = backward_selection(model, images, config=config)
+    for i in range(len(images)):
+        order, curve = brute_force_backward_selection(model, images[i])
+        assert res.order[i].tolist() == order
+        assert res.curve[i].tolist() == pytest.approx(curve, abs=1e-5)
+
+
+def test_batching_never_changes_the_result():
+    model = TinyConvNet(channels=1, seed=5).eval()
+    images = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    whole = backward_selection(model, images, config=EngineConfig(chunk=5))
+    for batch in (1, 2, 4):
+        parts = [backward_selection(model, images[s : s + batch], config=EngineConfig(chunk=3)) for s in range(0, 6, batch)]
+        assert torch.equal(torch.cat([p.order for p in parts]), whole.order)
+        assert torch.allclose(torch.cat([p.curve for p in parts]), whole.curve)
+
+
+def test_explicit_target_explains_that_class():
+    model = LinearScore([1.0, -1.0, 0.5, 1.0])
+    x = torch.tensor([[4.0, 3.0], [1.0, -1.0]], dtype=torch.float64)[None, None]
+    res = backward_selection(model, x, target=torch.tensor([1]))
+    # for class 1 (score -w.x) the most positive contribution goes first: 0 (4), then 2 (0.5)
+    assert res.order[0, :2].tolist() == [0, 2]
+
+
+def test_k_pixels_per_step_is_a_permutation_and_k1_is_exact():
+    model = TinyConvNet(channels=1, seed=2).eval()
+    images = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    exact = backward_selection(model, images)
+    k1 = backward_selection(model, images, pixels_per_step=1)
+    assert torch.equal(exact.order, k1.order)
+    k3 = backward_selection(model, images, pixels_per_step=3)
+    for row in k3.order:
+        assert sorted(row.tolist()) == list(range(16))
+    # 16 pixels in steps of 3: 16 + 13 + 10 + 7 + 4 + 1 candidates, plus one re-score per step
+    assert k3.forward_passes == 3 * (16 + 13 + 10 + 7 + 4 + 1) + 3 * 5
+    # the curve of a step is p(c) after the whole step: one value repeated over its k removals
+    assert torch.equal(k3.curve[:, 0], k3.curve[:, 2])
+
+
+def test_engine_rejects_bad_input():
+    model = TinyConvNet(channels=1).eval()
+    with pytest.raises(ValueError, match="pixels_per_step"):
+        backward_selection(model, torch.zeros(1, 1, 4, 4), pixels_per_step=0)
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        backward_selection(model, torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match="CUDA only"):
+        backward_selection(model, torch.zeros(1, 1, 4, 4), config=EngineConfig(autocast="bf16"))
+
+
+# --- SIS and masks --------------------------------------------------------------------------
+
+
+def test_sis_size_hand_computed():
+    # HW = 4; curve[t] = p(c) after t+1 removals; value with only the last k unmasked = curve[HW-k-1]
+    curve = torch.tensor([[0.95, 0.5, 0.3, 0.1], [0.99, 0.98, 0.97, 0.2], [0.9, 0.9, 0.9, 0.9]])
+    conf = torch.tensor([0.99, 0.995, 0.5])
+    # image 0: k=1 -> curve[2]=0.3, k=2 -> 0.5, k=3 -> 0.95, k=4 -> 0.99 >= 0.99: size 4
+    # image 1: k=1 -> 0.97 < 0.97? no (tau 0.975); k=2 -> 0.98: size 2
+    # image 2: confidence 0.5 < tau: no SIS
+    assert sis_size(curve, conf, 0.975).tolist() == [4, 2, NO_SIS]
+    assert sis_size(curve, conf, 0.0).tolist() == [1, 1, 1]  # tau = 0: every image gets a row and size 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=2, max_size=12), st.floats(0, 1), st.floats(0, 1))
+def test_sis_size_is_the_first_sufficient_tail(curve, conf, tau):
+    hw = len(curve)
+    got = int(sis_size(torch.tensor([curve], dtype=torch.float64), torch.tensor([conf], dtype=torch.float64), tau)[0])
+    if conf < tau:
+        assert got == NO_SIS
+        return
+    expected = next(k for k in range(1, hw + 1) if (curve[hw - k - 1] if k < hw else conf) >= tau)
+    assert got == expected
+
+
+def test_keep_mask_and_tail_mask():
+    order = torch.tensor([[3, 0, 2, 1], [0, 1, 2, 3]])
+    assert keep_mask(order, 0.5).tolist() == [[False, True, True, False], [False, False, True, True]]
+    assert keep_mask(order, 1.0).all()
+    assert keep_mask(order, 0.01).sum(1).tolist() == [1, 1]  # ceil: never empty
+    assert tail_mask(order, torch.tensor([1, 0])).tolist() == [[False, True, False, False], [False] * 4]
+    assert n_keep(0.05, 1024) == 52 and n_keep(0.05, 64) == 4 and n_keep(0.1, 299 * 299) == 8941
+
+
+def test_sis_mask_is_empty_without_sis():
+    order = torch.tensor([[0, 1, 2, 3]])
+    curve = torch.tensor([[0.9, 0.9, 0.9, 0.9]])
+    assert not sis_mask(order, curve, torch.tensor([0.5]), 0.9).any()
+    assert sis_mask(order, curve, torch.tensor([0.95]), 0.9).tolist() == [[False, False, False, True]]
+
+
+def test_random_order_fixed_per_image_and_split():
+    ids = np.array([0, 5, 7])
+    a = random_order(ids, 16, seed=0, split="train")
+    b = random_order(np.array([7]), 16, seed=0, split="train")
+    assert torch.equal(a[2], b[0])  # independent of which batch the image is in
+    assert not torch.equal(a, random_order(ids, 16, seed=0, split="test"))
+    assert not torch.equal(a, random_order(ids, 16, seed=1, split="train"))
+    for row in a:
+        assert sorted(row.tolist()) == list(range(16))
+
+
+def test_selector_tags():
+    assert selector_tag("backselect", {"k": 1}) == "backselect"
+    assert selector_tag("backselect", {"k": 4}) == "backselect-k4"
+    assert selector_tag("random", {"seed": 0}) == "random-seed0"
+    with pytest.raises(ValueError, match="unknown selector"):
+        selector_tag("bogus", {})
