@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fraction", type=float, default=d.fraction, help="pixel-subset size as a fraction of pixels, in (0, 1]")
     r.add_argument("--tau", type=float, default=d.tau, help="SIS confidence threshold, in [0, 1]")
     r.add_argument("--input-dropout", type=float, default=d.input_dropout, help="p of the input-dropout variant (0 disables it)")
-    r.add_argument("--pixels-per-step", type=int, default=d.pixels_per_step, help="backward selection pixels removed per step (1 = exact)")
+    r.add_argument("--selector", default=d.selector, choices=("backselect", "bgsis"),
+                   help="backselect: backward selection (exact at k = 1); bgsis: Batched Gradient SIS, for large images")
+    r.add_argument("--pixels-per-step", type=int, default=d.pixels_per_step, help="k pixels removed per selection step (backselect: 1 = exact)")
     r.add_argument("--random-seed", type=int, default=d.random_seed, help="seed of the random-subset baseline")
     r.add_argument("--epochs", type=int, default=None, help="training epochs (default per data set: digits 30, CIFAR 200)")
     r.add_argument("--batch-size", type=int, default=d.batch_size)

@@ -49,7 +49,8 @@ class RunConfig:
     fraction: float = 0.05  # pixel-subset size, fraction of HW in (0, 1]
     tau: float = 0.99  # SIS threshold in [0, 1]
     input_dropout: float = 0.2  # p of the input-dropout variant (keep_prob 0.8)
-    pixels_per_step: int = 1  # backward selection: 1 = exact
+    selector: str = "backselect"  # backselect (exact at k = 1) or bgsis (Batched Gradient SIS)
+    pixels_per_step: int = 1  # k pixels removed per selection step; backselect at k = 1 is exact
     random_seed: int = 0  # seed of the random-subset baseline
     epochs: Optional[int] = None
     batch_size: int = 128
@@ -74,6 +75,8 @@ class RunConfig:
             raise ConfigError("--seeds needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"--seeds must be distinct, got {list(self.seeds)}")
+        if self.selector not in ("backselect", "bgsis"):
+            raise ConfigError(f"--selector must be backselect or bgsis, got {self.selector!r}")
         if self.pixels_per_step < 1:
             raise ConfigError(f"--pixels-per-step must be >= 1, got {self.pixels_per_step}")
         if self.epochs is not None and self.epochs < 1:

@@ -10,7 +10,7 @@ import torch
 
 from overinterp.selection import NO_SIS, sis_size
 
-CONDITION_TITLES = {"full": "full images", "backselect": "BS {pct}% subsets", "random": "random {pct}% subsets"}
+CONDITION_TITLES = {"full": "full images", "backselect": "{selector} {pct}% subsets", "random": "random {pct}% subsets"}
 
 
 def mean_std(values: list[float]) -> str:
@@ -41,7 +41,8 @@ def accuracy_table(summary: dict) -> str:
     """Markdown table: rows model; columns full / BS / random test accuracy, mean ± std over seeds."""
     pct = f"{100 * summary['fraction']:g}"
     conds = ("full", "backselect", "random")
-    head = "| model | " + " | ".join(CONDITION_TITLES[c].format(pct=pct) for c in conds) + " |"
+    sel = {"backselect": "BS"}.get(summary.get("selector", "backselect"), summary.get("selector", "BS"))
+    head = "| model | " + " | ".join(CONDITION_TITLES[c].format(pct=pct, selector=sel) for c in conds) + " |"
     lines = [head, "|" + "---|" * (len(conds) + 1)]
     for model, accs in summary["accuracy"].items():
         lines.append(f"| {model} | " + " | ".join(mean_std(accs.get(c, [])) for c in conds) + " |")

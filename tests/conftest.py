@@ -25,7 +25,7 @@ class TinyConvNet(nn.Module):
         self.fc = nn.Linear(4 * 16, 3).to(dtype)
         with torch.no_grad():
             for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype))
+                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=dtype))  # unsaturated softmax
 
     def forward(self, x):
         x = torch.relu(self.conv(x.to(self.fc.weight.dtype)))

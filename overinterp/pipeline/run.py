@@ -25,7 +25,7 @@ from overinterp.config import SMOKE_SIZES, RunConfig, check_reuse
 from overinterp.data import ImageDataset, denormalize_uint8, load_dataset, normalize
 from overinterp.models import load_checkpoint, load_ensemble
 from overinterp.pipeline.resources import ensure_ray
-from overinterp.pipeline.select_stage import SelectionSource, run_backselect, write_random
+from overinterp.pipeline.select_stage import SelectionSource, run_selection, write_random
 from overinterp.pipeline.trial import TrialSpec, checkpoint_path, path_safe
 from overinterp.pipeline.tune_stage import run_trials
 from overinterp.report import save_gallery, sis_stats, summary_markdown
@@ -82,7 +82,7 @@ def run_pipeline(config: RunConfig, ray_address: str | None = None) -> dict:
     train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment=cfg.augment)
     data_dict = {"images": data.images, "labels": data.labels, "mean": data.mean, "std": data.std, "num_classes": data.num_classes}
     root = os.path.join(out, "selections")
-    bs_tag = selector_tag("backselect", {"k": cfg.pixels_per_step})
+    bs_tag = selector_tag(cfg.selector, {"k": cfg.pixels_per_step})
     rnd_tag = selector_tag("random", {"seed": cfg.random_seed})
     engine = EngineConfig()
 
@@ -97,11 +97,11 @@ def run_pipeline(config: RunConfig, ray_address: str | None = None) -> dict:
         full = run_trials("full", full_specs, data_dict, {}, train_cfg, out, resources)
 
         # 2. selection
-        _log("stage 2/4: backward selection")
+        _log(f"stage 2/4: selection ({bs_tag})")
         for m in cfg.models:
             for variant, source in _sources(cfg, m).items():
                 for split in SPLITS if variant == "plain" else ("test",):
-                    run_backselect(source, split, data.images[split], data.labels[split], data.mean, data.std, root,
+                    run_selection(cfg.selector, source, split, data.images[split], data.labels[split], data.mean, data.std, root,
                                    resources, cfg.pixels_per_step, engine, cfg.select_batch)
         for split in SPLITS:
             write_random(root, split, data.labels[split], HW, H, W, cfg.random_seed, cfg.select_batch)
@@ -143,7 +143,7 @@ def summarize(cfg: RunConfig, data: ImageDataset, full: dict, subs: dict, root: 
     test_y = torch.from_numpy(data.labels["test"])
     summary = {
         "dataset": cfg.dataset, "smoke": cfg.smoke, "fraction": cfg.fraction, "n_keep": n_keep(cfg.fraction, HW), "hw": HW,
-        "tau": cfg.tau, "seeds": list(cfg.seeds), "models": list(cfg.models),
+        "tau": cfg.tau, "seeds": list(cfg.seeds), "models": list(cfg.models), "selector": bs_tag,
         "accuracy": {}, "variant_accuracy": {}, "sis": {}, "masked_confidence": {},
     }
     for m in cfg.models:
@@ -190,7 +190,7 @@ def write_reports(cfg: RunConfig, data: ImageDataset, summary: dict, root: str, 
         x = normalize(torch.from_numpy(data.images["test"][:n]), data.mean, data.std)
         pct = f"{100 * cfg.fraction:g}%"
         panels = {
-            f"BS {pct} ({m})": denormalize_uint8(apply_mask(x, keep_mask(sel.order[:n], cfg.fraction)), data.mean, data.std),
+            f"{bs_tag} {pct} ({m})": denormalize_uint8(apply_mask(x, keep_mask(sel.order[:n], cfg.fraction)), data.mean, data.std),
             f"random {pct}": denormalize_uint8(apply_mask(x, keep_mask(rnd.order[:n], cfg.fraction)), data.mean, data.std),
             f"SIS τ={cfg.tau:g}": denormalize_uint8(apply_mask(x, sis_mask(sel.order[:n], sel.curve[:n], sel.confidence[:n], cfg.tau)), data.mean, data.std),
         }

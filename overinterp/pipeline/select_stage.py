@@ -20,7 +20,7 @@ from overinterp import store
 from overinterp.data import normalize
 from overinterp.models import load_ensemble
 from overinterp.pipeline.resources import Resources
-from overinterp.selection import EngineConfig, backward_selection, params_json, random_order, selector_tag
+from overinterp.selection import EngineConfig, params_json, random_order, run_selector, selector_tag
 
 
 @dataclass(frozen=True)
@@ -31,29 +31,29 @@ class SelectionSource:
     checkpoints: tuple[str, ...]
 
 
-class BackselectWorker:
+class SelectionWorker:
     """Ray Data actor: (image_id, label, image) batches in, Parquet shards out."""
 
-    def __init__(self, source: dict, root: str, split: str, mean, std, pixels_per_step: int, engine: dict, threads: int):
+    def __init__(self, source: dict, root: str, split: str, mean, std, selector: str, pixels_per_step: int, engine: dict, threads: int):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_ensemble(list(source["checkpoints"]), self.device)
         self.tag, self.root, self.split = source["tag"], root, split
         self.mean, self.std = tuple(mean), tuple(std)
-        self.k = pixels_per_step
+        self.selector, self.k = selector, pixels_per_step
         self.engine = EngineConfig(**engine)
         self.params = {"k": pixels_per_step}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)  # (B, C, H, W) uint8
+        images = torch.from_numpy(np.array(batch["image"])).to(self.device)  # (B, C, H, W) uint8
         x = normalize(images, self.mean, self.std)
-        res = backward_selection(self.model, x, pixels_per_step=self.k, config=self.engine).cpu()
+        res = run_selector(self.selector, self.model, x, self.k, self.engine).cpu()
         _, _, H, W = images.shape
         store.write_rows(
             self.root,
             model=self.tag,
-            selector=selector_tag("backselect", self.params),
+            selector=selector_tag(self.selector, self.params),
             selector_params=params_json(self.params),
             split=self.split,
             image_id=batch["image_id"],
@@ -69,7 +69,8 @@ class BackselectWorker:
         return {"image_id": batch["image_id"], "seconds": np.full(n, (time.perf_counter() - t0) / n)}
 
 
-def run_backselect(
+def run_selection(
+    selector: str,
     source: SelectionSource,
     split: str,
     images: np.ndarray,
@@ -82,20 +83,23 @@ def run_backselect(
     engine: EngineConfig = EngineConfig(),
     select_batch: int = 64,
 ) -> int:
-    """Backward selection of every not-yet-stored image of one split; returns how many were run."""
-    tag = selector_tag("backselect", {"k": pixels_per_step})
+    """Run a model selector (backselect, bgsis) on every not-yet-stored image of one split.
+
+    Returns how many images were selected in this call.
+    """
+    tag = selector_tag(selector, {"k": pixels_per_step})
     done = store.done_ids(root, source.tag, tag, split)
     todo = [i for i in range(len(labels)) if i not in done]
-    print(f"[select {source.tag}/{split}] {len(done)} of {len(labels)} images already selected; {len(todo)} to go", flush=True)
+    print(f"[{tag} {source.tag}/{split}] {len(done)} of {len(labels)} images already selected; {len(todo)} to go", flush=True)
     if not todo:
         return 0
     items = [{"image_id": i, "label": int(labels[i]), "image": images[i]} for i in todo]
     workers = min(resources.workers(), max(1, len(todo) // select_batch))
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(todo) // select_batch))
     ds = ds.map_batches(
-        BackselectWorker,
+        SelectionWorker,
         fn_constructor_kwargs=dict(
-            source=asdict(source), root=root, split=split, mean=mean, std=std,
+            source=asdict(source), root=root, split=split, mean=mean, std=std, selector=selector,
             pixels_per_step=pixels_per_step, engine=asdict(engine), threads=1 if not resources.use_gpu else 4,
         ),
         batch_size=select_batch,

@@ -16,6 +16,7 @@ from overinterp.selection.backselect import (
     backward_selection,
     brute_force_backward_selection,
 )
+from overinterp.selection.gradient import batched_gradient_sis
 from overinterp.selection.subsets import NO_SIS, apply_mask, keep_mask, n_keep, random_order, sis_mask, sis_size, tail_mask
 
 SELECTORS = ("backselect", "random", "bgsis")
@@ -34,8 +35,20 @@ def params_json(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+MODEL_SELECTORS = ("backselect", "bgsis")  # the selectors that explain a model (random needs none)
+
+
+def run_selector(name: str, forward, images, pixels_per_step: int, engine: EngineConfig = EngineConfig()) -> SelectionResult:
+    """Dispatch to a model selector by name: (B, C, H, W) normalised images -> SelectionResult."""
+    if name == "backselect":
+        return backward_selection(forward, images, pixels_per_step=pixels_per_step, config=engine)
+    if name == "bgsis":
+        return batched_gradient_sis(forward, images, pixels_per_step=pixels_per_step)
+    raise ValueError(f"unknown model selector {name!r}: choose one of {', '.join(MODEL_SELECTORS)}")
+
+
 __all__ = [
     "EngineConfig", "SelectionResult", "backward_selection", "brute_force_backward_selection",
     "NO_SIS", "apply_mask", "keep_mask", "n_keep", "random_order", "sis_mask", "sis_size", "tail_mask",
-    "SELECTORS", "selector_tag", "params_json",
+    "SELECTORS", "MODEL_SELECTORS", "selector_tag", "params_json", "run_selector", "batched_gradient_sis",
 ]

@@ -24,6 +24,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+def widen(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in fp32 or wider: half-precision logits are upcast, float64 stays float64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 ForwardFunc = Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) normalised -> (N, K) logits
 ProgressFunc = Callable[[int, int], None]  # (pixels removed so far, HW) per step
 
@@ -123,7 +128,7 @@ class Scorer:
         """(N, C, H, W) -> (N, K) softmax probabilities in fp32."""
         with self._autocast():
             logits = self.forward(x)
-        return torch.softmax(logits.float(), dim=1)
+        return torch.softmax(widen(logits), dim=1)
 
     def target_probs(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W), (N,) -> (N,) p(target). Pads to `chunk` rows when compiled (static shape)."""
@@ -144,7 +149,7 @@ def _score_step(scorer: Scorer, x_nhwc: torch.Tensor, remaining: torch.Tensor, t
     B, R = remaining.shape
     C, H, W = shape
     n = B * R
-    scores = torch.empty(n, device=x_nhwc.device, dtype=torch.float32)
+    scores = torch.empty(n, device=x_nhwc.device, dtype=torch.promote_types(x_nhwc.dtype, torch.float32))
     flat_pixel = remaining.reshape(-1)  # (B*R,)
     for start in range(0, n, scorer.chunk):
         stop = min(start + scorer.chunk, n)
@@ -241,7 +246,7 @@ def brute_force_backward_selection(forward: ForwardFunc, image: torch.Tensor) ->
     """
     C, H, W = image.shape
     with torch.inference_mode():
-        probs = torch.softmax(forward(image[None]).float(), 1)[0]
+        probs = torch.softmax(widen(forward(image[None])), 1)[0]
         c = int(probs.argmax())
         x = image.clone()
         remaining = list(range(H * W))
@@ -251,7 +256,7 @@ def brute_force_backward_selection(forward: ForwardFunc, image: torch.Tensor) ->
             for p in remaining:
                 cand = x.clone()
                 cand[:, p // W, p % W] = 0.0
-                val = float(torch.softmax(forward(cand[None]).float(), 1)[0, c])
+                val = float(torch.softmax(widen(forward(cand[None])), 1)[0, c])
                 if val > best_p:  # strict: ties keep the lowest pixel id
                     best, best_p = p, val
             x[:, best // W, best % W] = 0.0
