@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--selector", default=d.selector, choices=("backselect", "bgsis"),
                    help="backselect: backward selection (exact at k = 1); bgsis: Batched Gradient SIS, for large images")
     r.add_argument("--pixels-per-step", type=int, default=d.pixels_per_step, help="k pixels removed per selection step (backselect: 1 = exact)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model for selection (~2x on CPU for ResNets, ~30 s to compile)")
+    r.add_argument("--autocast", choices=("bf16", "fp16"), default=None, help="GPU selection under autocast: faster, not exact (see BENCHMARKS.md)")
     r.add_argument("--random-seed", type=int, default=d.random_seed, help="seed of the random-subset baseline")
     r.add_argument("--epochs", type=int, default=None, help="training epochs (default per data set: digits 30, CIFAR 200)")
     r.add_argument("--batch-size", type=int, default=d.batch_size)

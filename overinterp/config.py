@@ -51,6 +51,8 @@ class RunConfig:
     input_dropout: float = 0.2  # p of the input-dropout variant (keep_prob 0.8)
     selector: str = "backselect"  # backselect (exact at k = 1) or bgsis (Batched Gradient SIS)
     pixels_per_step: int = 1  # k pixels removed per selection step; backselect at k = 1 is exact
+    compile: bool = False  # torch.compile the model inside selection (pays off on large runs)
+    autocast: Optional[str] = None  # "bf16"/"fp16" selection on GPUs: faster, not exact
     random_seed: int = 0  # seed of the random-subset baseline
     epochs: Optional[int] = None
     batch_size: int = 128
@@ -77,6 +79,8 @@ class RunConfig:
             raise ConfigError(f"--seeds must be distinct, got {list(self.seeds)}")
         if self.selector not in ("backselect", "bgsis"):
             raise ConfigError(f"--selector must be backselect or bgsis, got {self.selector!r}")
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise ConfigError(f"--autocast must be bf16 or fp16, got {self.autocast!r}")
         if self.pixels_per_step < 1:
             raise ConfigError(f"--pixels-per-step must be >= 1, got {self.pixels_per_step}")
         if self.epochs is not None and self.epochs < 1:

@@ -182,3 +182,37 @@ def test_selector_tags():
     assert selector_tag("random", {"seed": 0}) == "random-seed0"
     with pytest.raises(ValueError, match="unknown selector"):
         selector_tag("bogus", {})
+
+
+# --- engine settings ------------------------------------------------------------------------
+
+
+def test_compiled_engine_matches_brute_force():
+    model = TinyConvNet(channels=1, seed=8, dtype=torch.float32).eval()
+    images = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    res = backward_selection(model, images, config=EngineConfig(compile=True, chunk=8))
+    for i in range(3):
+        order, curve = brute_force_backward_selection(model, images[i])
+        assert res.order[i].tolist() == order
+        assert res.curve[i].tolist() == pytest.approx(curve, abs=1e-5)
+
+
+def test_chunk_tuning_is_bounded_and_cached():
+    from overinterp.selection.backselect import _TUNED, max_chunk, tune_chunk
+
+    model = TinyConvNet(channels=1, dtype=torch.float32).eval()
+    sample = torch.randn(2, 1, 4, 4)
+    limit = max_chunk(model, sample, memory_bytes=64 * 1024)
+    assert 1 <= limit <= 64 * 1024 // (16 * 4)  # at least the input itself must fit per candidate
+    chunk = tune_chunk(model, sample, limit, channels_last=True)
+    assert 1 <= chunk <= limit
+    assert list(_TUNED[model].values()) == [chunk]  # measured once, then reused
+    assert tune_chunk(model, sample, limit, channels_last=True) == chunk
+
+
+def test_max_steps_stops_early():
+    model = TinyConvNet(channels=1).eval()
+    res = backward_selection(model, torch.randn(2, 1, 4, 4, dtype=torch.float64), max_steps=3)
+    full = backward_selection(model, torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=None), max_steps=None)
+    assert (res.order[:, 3:] == -1).all() and (res.order[:, :3] >= 0).all()
+    assert res.forward_passes == 2 * (16 + 15 + 14) and full.forward_passes == 2 * 136

@@ -84,7 +84,9 @@ def run_pipeline(config: RunConfig, ray_address: str | None = None) -> dict:
     root = os.path.join(out, "selections")
     bs_tag = selector_tag(cfg.selector, {"k": cfg.pixels_per_step})
     rnd_tag = selector_tag("random", {"seed": cfg.random_seed})
-    engine = EngineConfig()
+    if cfg.autocast and not resources.use_gpu:
+        _log(f"--autocast {cfg.autocast} needs GPUs; this cluster has none, so selection runs exact fp32 on CPU")
+    engine = EngineConfig(compile=cfg.compile, autocast=cfg.autocast if resources.use_gpu else None)
 
     from overinterp.pipeline.tracking import Tracker  # MLflow only where tracking happens
 

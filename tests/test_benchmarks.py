@@ -1,0 +1,17 @@
+"""The benchmark script runs (quick mode) and its engine agrees with the original strategy."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+
+def test_bench_backselect_quick(tmp_path, capsys):
+    import bench_backselect
+
+    report = bench_backselect.main(["--quick", "--no-compile", "--device", "cpu", "--json-out", str(tmp_path / "b.json")])
+    assert (tmp_path / "b.json").exists() and "BENCH_JSON " in capsys.readouterr().out
+    for row in report["models"]:
+        assert row["exactness_full_runs"]["identical_orders"] and row["agreement_speed_steps"]["identical_orders"]
+        assert row["engine_passes_per_s"] > 0 and 0 < row["efficiency"]
+    assert report["approximations"][0]["overlap_5pct"] == 1.0
