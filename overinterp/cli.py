@@ -22,17 +22,14 @@ def _csv(kind):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="overinterp", description="Find out whether image classifiers overinterpret their inputs (Carter et al., NeurIPS 2021).")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train -> backward selection -> train on pixel-subsets -> compare",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = RunConfig()
-    r.add_argument("--dataset", default=d.dataset, help="digits (embedded), cifar10, cifar100, imagefolder")
-    r.add_argument("--data-root", default=None, help="folder of cifar10/cifar100/imagefolder data")
+def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), dataset_flag: bool = True) -> None:
+    """The flags of a pipeline run, with defaults from `d` (the jobs pass their own)."""
+    if dataset_flag:
+        r.add_argument("--dataset", default=d.dataset, help="digits (embedded), cifar10, cifar100, imagefolder")
+    r.add_argument("--data-root", default=d.data_root, help="folder of cifar10/cifar100/imagefolder data")
     r.add_argument("--download", action="store_true", help="download CIFAR into --data-root (needs internet)")
-    r.add_argument("--image-size", type=int, default=None, help="imagefolder: square crop side (default 224)")
-    r.add_argument("--models", type=_csv(str), default=(), help="comma-separated model names (default: the data set's; see overinterp models)")
+    r.add_argument("--image-size", type=int, default=d.image_size, help="imagefolder: square crop side (default 224)")
+    r.add_argument("--models", type=_csv(str), default=d.models, help="comma-separated model names (default: the data set's; see `overinterp models`)")
     r.add_argument("--seeds", type=_csv(int), default=d.seeds, help="comma-separated training seeds")
     r.add_argument("--fraction", type=float, default=d.fraction, help="pixel-subset size as a fraction of pixels, in (0, 1]")
     r.add_argument("--tau", type=float, default=d.tau, help="SIS confidence threshold, in [0, 1]")
@@ -43,24 +40,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", action="store_true", help="torch.compile the model for selection (~2x on CPU for ResNets, ~30 s to compile)")
     r.add_argument("--autocast", choices=("bf16", "fp16"), default=None, help="GPU selection under autocast: faster, not exact (see BENCHMARKS.md)")
     r.add_argument("--random-seed", type=int, default=d.random_seed, help="seed of the random-subset baseline")
-    r.add_argument("--epochs", type=int, default=None, help="training epochs (default per data set: digits 30, CIFAR 200)")
+    r.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (default per data set: digits 30, CIFAR 200)")
     r.add_argument("--batch-size", type=int, default=d.batch_size)
     r.add_argument("--lr", type=float, default=d.lr)
-    r.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="random crop + flip (default: on for CIFAR)")
+    r.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment, help="random crop + flip (default: on for CIFAR)")
     r.add_argument("--select-batch", type=int, default=d.select_batch, help="images per selection task and Parquet shard")
-    r.add_argument("--out", dest="out_dir", default=d.out_dir, help="output directory (rerun with the same one to resume)")
-    r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
+    r.add_argument("--out", dest="out_dir", default=d.out_dir, help="output directory or URI (s3://...); rerun with the same one to resume")
+    r.add_argument("--tracking-uri", default=d.tracking_uri, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)")
     r.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
     r.add_argument("--gallery", type=int, default=d.gallery, help="test images in gallery.png")
-    r.add_argument("--smoke", action="store_true", help=f"tiny subsample and 2 epochs: checks the wiring in seconds")
+    r.add_argument("--smoke", action="store_true", help="tiny subsample and 2 epochs: checks the wiring in seconds")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray, or RAY_ADDRESS)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="overinterp", description="Find out whether image classifiers overinterpret their inputs (Carter et al., NeurIPS 2021).")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train -> backward selection -> train on pixel-subsets -> compare",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_arguments(r)
     sub.add_parser("models", help="list the model names --models accepts")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "ray_address")}
-    return RunConfig(**fields)
+def config_from_args(args: argparse.Namespace, **fixed) -> RunConfig:
+    """RunConfig from parsed run flags; `fixed` sets fields a job does not expose as flags."""
+    known = set(RunConfig.__dataclass_fields__)
+    fields = {k: v for k, v in vars(args).items() if k in known}
+    return RunConfig(**{**fields, **fixed})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,22 +80,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = config_from_args(args)
-        config.check()
     except ConfigError as e:
         print(f"overinterp: error: {e}", file=sys.stderr)
         return 2
-    from overinterp.pipeline.run import run_pipeline  # Ray/MLflow load only once the input is valid
-    from overinterp.report import summary_markdown
+    return execute(config, args.ray_address)
 
+
+def execute(config: RunConfig, ray_address: str | None = None, prog: str = "overinterp") -> int:
+    """Check, run the pipeline, print the tables; a bad value is one line on stderr, exit 2."""
     try:
-        summary = run_pipeline(config, ray_address=args.ray_address)
+        config.check()
+        from overinterp.pipeline.run import run_pipeline  # Ray/MLflow load only once the input is valid
+        from overinterp.report import summary_markdown
+
+        summary = run_pipeline(config, ray_address=ray_address)
     except ConfigError as e:
-        print(f"overinterp: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     print()
     print(summary_markdown(summary))
-    print(f"Results in {config.resolved().out_dir} (summary.json, summary.md, gallery.png); "
-          f"MLflow run {summary['mlflow_run_id']}: mlflow ui --backend-store-uri {config.resolved().tracking_uri}")
+    resolved = config.resolved()
+    ui = f"mlflow ui --backend-store-uri {resolved.tracking_uri}" if resolved.tracking_uri.startswith("sqlite") else resolved.tracking_uri
+    print(f"Results in {resolved.out_dir} (summary.json, summary.md, gallery.png); MLflow run {summary['mlflow_run_id']}: {ui}")
     return 0
 
 

@@ -13,8 +13,14 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from overinterp import fs
 from overinterp.data import DataError, check_dataset_args
 from overinterp.models import ModelError, check_model_name
+
+
+# The user's MLflow server, read once at import: mlflow.set_tracking_uri() itself writes this variable,
+# so reading it later would pick up the previous run's store in a long-lived process (tests, notebooks).
+ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 class ConfigError(ValueError):
@@ -104,17 +110,22 @@ class RunConfig:
             raise ConfigError(str(e)) from e
         if self.tracking_uri is not None and self.tracking_uri.startswith("file:"):
             raise ConfigError("MLflow 3 refuses file stores: use --tracking-uri sqlite:///path/mlflow.db or http://server:5000")
+        if fs.is_uri(self.out_dir) and not (self.tracking_uri or ENV_TRACKING_URI):
+            raise ConfigError(f"--out {self.out_dir} is remote: pass --tracking-uri (on the cluster, http://127.0.0.1:5000)")
 
     def resolved(self) -> "RunConfig":
-        """A copy with data-set defaults filled in (models, epochs, augmentation, tracking URI)."""
-        out = os.path.abspath(self.out_dir) if "://" not in self.out_dir else self.out_dir
+        """A copy with data-set defaults filled in (models, epochs, augmentation, tracking URI).
+
+        Tracking defaults to $MLFLOW_TRACKING_URI, else a SQLite file in a local out_dir.
+        """
+        out = self.out_dir if fs.is_uri(self.out_dir) else os.path.abspath(self.out_dir)
         return dataclasses.replace(
             self,
             models=tuple(self.models) or DEFAULT_MODELS[self.dataset],
             epochs=self.epochs or (2 if self.smoke else DEFAULT_EPOCHS[self.dataset]),
             augment=DEFAULT_AUGMENT[self.dataset] if self.augment is None else self.augment,
             out_dir=out,
-            tracking_uri=self.tracking_uri or f"sqlite:///{out}/mlflow.db",
+            tracking_uri=self.tracking_uri or ENV_TRACKING_URI or f"sqlite:///{out}/mlflow.db",
         )
 
     # Fields a rerun may change without invalidating finished work in the same out_dir.
@@ -128,18 +139,89 @@ class RunConfig:
 def check_reuse(config: RunConfig, path: str) -> None:
     """Refuse to mix work from different settings in one out_dir; record the settings otherwise."""
     fp = json.loads(json.dumps(config.fingerprint()))  # tuples -> lists, as stored
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if fs.exists(path):
+        old = fs.read_json(path)
         diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
         if diff:
             raise ConfigError(
-                f"{os.path.dirname(path)} holds a run with other settings ({', '.join(diff)}): "
+                f"{config.out_dir} holds a run with other settings ({', '.join(diff)}): "
                 "use a new --out directory, or the same settings to resume it"
             )
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(fp, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    fs.write_json(path, fp)
+
+
+@dataclass(frozen=True)
+class ImageNetConfig:
+    """Batched Gradient SIS on an ImageNet-style data set, then training on the pixel-subsets.
+
+    The explained model is a torchvision classifier with pretrained weights (a weights enum name such
+    as "DEFAULT" / "ResNet50_Weights.IMAGENET1K_V2", or a local state_dict file); the subset models
+    are trained from scratch (the paper: Inception v3 on 10% subsets reaches 71.4% top-1).
+    """
+
+    train: str  # ImageFolder split (<train>/<class>/<image>) or Parquet of encoded images; path or s3://
+    val: str
+    model: str = "tv:resnet50"
+    weights: Optional[str] = "DEFAULT"
+    num_classes: Optional[int] = None  # default: the folder's classes, or 1000 for Parquet sources
+    train_model: Optional[str] = None  # architecture trained on the subsets; default: model
+    image_size: int = 224  # 299 for Inception v3
+    pixels_per_step: int = 100  # BGSIS k
+    fraction: float = 0.1  # subsets keep the last 10% of pixels (the paper's ImageNet setting)
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 16
+    batch_size: int = 256
+    lr: float = 0.1
+    augment: bool = False
+    gpus_per_trial: int = 1
+    select_batch: int = 32
+    max_images: Optional[int] = None  # per split: a pilot on the first N images
+    random_seed: int = 0
+    out_dir: str = "imagenet-out"
+    tracking_uri: Optional[str] = None
+    experiment: str = "overinterp-imagenet"
+    smoke: bool = False
+
+    def __post_init__(self):
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction} (the paper uses 0.1 on ImageNet)")
+        if self.pixels_per_step < 1:
+            raise ConfigError(f"--pixels-per-step must be >= 1, got {self.pixels_per_step} (the paper uses 100 at 299 px)")
+        if self.image_size < 16:
+            raise ConfigError(f"--image-size must be >= 16, got {self.image_size}")
+        if self.gpus_per_trial < 1 or self.epochs < 1 or self.batch_size < 1 or self.select_batch < 1:
+            raise ConfigError("--gpus-per-trial, --epochs, --batch-size and --select-batch must be >= 1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"--seeds must be distinct and non-empty, got {list(self.seeds)}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ConfigError(f"--max-images must be >= 1, got {self.max_images}")
+
+    def check(self) -> None:
+        """Names and paths, before any work."""
+        for m in (self.model, self.train_model or self.model):
+            try:
+                check_model_name(m)
+            except ModelError as e:
+                raise ConfigError(str(e)) from e
+            if not m.startswith("tv:"):
+                raise ConfigError(f"{m} is a small-image model: sis_imagenet.py takes torchvision models (tv:resnet50, tv:inception_v3)")
+        for flag, path in (("--train", self.train), ("--val", self.val)):
+            if not fs.exists(path):
+                raise ConfigError(f"{flag} {path} does not exist: give an ImageFolder split (<path>/<class>/<image>) or Parquet of encoded images")
+        if self.weights and not fs.is_uri(self.weights) and ("/" in self.weights or self.weights.endswith((".pt", ".pth"))) and not os.path.isfile(self.weights):
+            raise ConfigError(f"--weights {self.weights} is not a file: give a state_dict file or a torchvision weights name (DEFAULT)")
+        if fs.is_uri(self.out_dir) and not (self.tracking_uri or ENV_TRACKING_URI):
+            raise ConfigError(f"--out {self.out_dir} is remote: pass --tracking-uri (on the cluster, http://127.0.0.1:5000)")
+
+    def resolved(self) -> "ImageNetConfig":
+        out = self.out_dir if fs.is_uri(self.out_dir) else os.path.abspath(self.out_dir)
+        return dataclasses.replace(
+            self, out_dir=out, train_model=self.train_model or self.model,
+            tracking_uri=self.tracking_uri or ENV_TRACKING_URI or f"sqlite:///{out}/mlflow.db",
+        )
+
+    REUSABLE_CHANGES = ("tracking_uri", "experiment", "out_dir", "select_batch", "gpus_per_trial")
+
+    def fingerprint(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.REUSABLE_CHANGES}

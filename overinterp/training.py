@@ -102,8 +102,11 @@ def train_model(
     for epoch in range(config.epochs):
         perm = torch.randperm(n, generator=gen).to(device)
         total = torch.zeros((), device=device)
+        seen = 0
         for start in range(0, n, config.batch_size):
             idx = perm[start : start + config.batch_size]
+            if len(idx) == 1 and n > 1:
+                continue  # BatchNorm cannot train on one image; the shuffle drops a different one each epoch
             x = prepare(images[idx], mean, std, None if keep is None else keep[idx])
             if config.augment:
                 x = augment_batch(x, gen)
@@ -112,8 +115,9 @@ def train_model(
             loss.backward()
             opt.step()
             total += loss.detach() * len(idx)
+            seen += len(idx)
         sched.step()
-        losses.append(float(total) / n)  # one sync per epoch
+        losses.append(float(total) / seen)  # one sync per epoch
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
     model.eval()

@@ -77,3 +77,12 @@ def test_train_config_validation():
         TrainConfig(milestones=(60, 120))
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=0)
+
+
+def test_a_trailing_single_image_batch_is_skipped():
+    # 9 images at batch 8: the last batch of 1 would break BatchNorm in training mode
+    torch.manual_seed(0)
+    m = build(ModelSpec("resnet20", 3, 1))
+    x = torch.randint(0, 256, (9, 1, 8, 8), dtype=torch.uint8)
+    losses = train_model(m, x, torch.arange(9) % 3, (0.5,), (0.25,), TrainConfig(epochs=2, batch_size=8, lr=0.01))
+    assert len(losses) == 2 and all(l == l for l in losses)  # finite, no error

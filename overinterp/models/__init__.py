@@ -5,6 +5,7 @@ Every model takes normalised images (N, C, H, W) and returns logits (N, K).
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -12,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from overinterp import fs
 from overinterp.models.cifar import DigitsCNN, resnet18, resnet20, vgg16_bn
 
 SMALL_MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -138,16 +140,15 @@ def build(spec: ModelSpec) -> nn.Module:
 
 
 def save_checkpoint(path: str, spec: ModelSpec, model: nn.Module, extra: dict | None = None) -> None:
-    """Atomic write: a crash never leaves a half-written checkpoint behind."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({"spec": asdict(spec), "state_dict": model.state_dict(), "extra": extra or {}}, tmp)
-    os.replace(tmp, path)
+    """Atomic write to a path or URI: a crash never leaves a half-written checkpoint behind."""
+    buf = io.BytesIO()
+    torch.save({"spec": asdict(spec), "state_dict": model.state_dict(), "extra": extra or {}}, buf)
+    fs.write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild and load a model saved by save_checkpoint, in eval mode."""
-    blob = torch.load(path, map_location=device, weights_only=True)
+    """Rebuild and load a model saved by save_checkpoint (path or URI), in eval mode."""
+    blob = torch.load(io.BytesIO(fs.read_bytes(path)), map_location=device, weights_only=True)
     model = build(ModelSpec(**blob["spec"]))
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval()

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from overinterp import store
+from overinterp import fs, store
 from overinterp.config import SMOKE_SIZES, RunConfig, check_reuse
 from overinterp.data import ImageDataset, denormalize_uint8, load_dataset, normalize
 from overinterp.models import load_checkpoint, load_ensemble
@@ -74,14 +75,14 @@ def run_pipeline(config: RunConfig, ray_address: str | None = None) -> dict:
     _log(f"loading {cfg.dataset}{' (smoke subsample)' if cfg.smoke else ''}")
     data = load_data(cfg)
     out = cfg.out_dir
-    check_reuse(cfg, os.path.join(out, "config.json"))
+    check_reuse(cfg, fs.join(out, "config.json"))
     resources = ensure_ray(ray_address)
     _log(f"Ray: {resources.cpus} CPUs, {resources.gpus} GPUs; out_dir {out}; MLflow {cfg.tracking_uri}")
     C, H, W = data.shape
     HW = H * W
     train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment=cfg.augment)
     data_dict = {"images": data.images, "labels": data.labels, "mean": data.mean, "std": data.std, "num_classes": data.num_classes}
-    root = os.path.join(out, "selections")
+    root = fs.join(out, "selections")
     bs_tag = selector_tag(cfg.selector, {"k": cfg.pixels_per_step})
     rnd_tag = selector_tag("random", {"seed": cfg.random_seed})
     if cfg.autocast and not resources.use_gpu:
@@ -90,7 +91,7 @@ def run_pipeline(config: RunConfig, ray_address: str | None = None) -> dict:
 
     from overinterp.pipeline.tracking import Tracker  # MLflow only where tracking happens
 
-    with Tracker(cfg) as tracker:
+    with Tracker(cfg, f"{cfg.dataset}-{'smoke' if cfg.smoke else 'run'}") as tracker:
         # 1. full-image models
         _log("stage 1/4: training full-image models")
         full_specs = [TrialSpec(m, s, "full") for m in cfg.models for s in cfg.seeds]
@@ -175,12 +176,14 @@ def summarize(cfg: RunConfig, data: ImageDataset, full: dict, subs: dict, root: 
 
 
 def write_reports(cfg: RunConfig, data: ImageDataset, summary: dict, root: str, bs_tag: str, rnd_tag: str) -> list[str]:
-    """summary.json, summary.md and gallery.png in out_dir; returns their paths."""
-    out = cfg.out_dir
-    paths = [os.path.join(out, "summary.json"), os.path.join(out, "summary.md")]
-    with open(paths[0] + ".tmp", "w") as f:
+    """summary.json, summary.md and gallery.png, written to out_dir (path or URI).
+
+    Returns local copies of them (in a temporary folder) for MLflow to log.
+    """
+    local = tempfile.mkdtemp(prefix="overinterp-report-")
+    paths = [os.path.join(local, "summary.json"), os.path.join(local, "summary.md")]
+    with open(paths[0], "w") as f:
         json.dump(summary, f, indent=1)
-    os.replace(paths[0] + ".tmp", paths[0])
     with open(paths[1], "w") as f:
         f.write(summary_markdown(summary))
     n = min(cfg.gallery, len(data.labels["test"]))
@@ -197,7 +200,10 @@ def write_reports(cfg: RunConfig, data: ImageDataset, summary: dict, root: str, 
             f"SIS τ={cfg.tau:g}": denormalize_uint8(apply_mask(x, sis_mask(sel.order[:n], sel.curve[:n], sel.confidence[:n], cfg.tau)), data.mean, data.std),
         }
         titles = [f"{data.classes[int(sel.label[i])]} → {data.classes[int(sel.pred[i])]} ({sel.confidence[i]:.2f})" for i in range(n)]
-        gallery = os.path.join(out, "gallery.png")
+        gallery = os.path.join(local, "gallery.png")
         save_gallery(gallery, denormalize_uint8(x, data.mean, data.std), panels, titles)
         paths.append(gallery)
+    for p in paths:
+        with open(p, "rb") as f:
+            fs.write_bytes(fs.join(cfg.out_dir, os.path.basename(p)), f.read())
     return paths

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 import ray
@@ -18,17 +19,24 @@ from ray.data import ActorPoolStrategy
 
 from overinterp import store
 from overinterp.data import normalize
-from overinterp.models import load_ensemble
+from overinterp.models import create_model, load_ensemble
 from overinterp.pipeline.resources import Resources
 from overinterp.selection import EngineConfig, params_json, random_order, run_selector, selector_tag
 
 
 @dataclass(frozen=True)
 class SelectionSource:
-    """A model to explain: one checkpoint, or several averaged as a MeanEnsemble."""
+    """A model to explain: one checkpoint, several averaged as a MeanEnsemble, or a registered
+    model built by name (e.g. a torchvision model with its weights)."""
 
-    tag: str  # the store's model name, e.g. digits_cnn-s0, digits_cnn-ens3
-    checkpoints: tuple[str, ...]
+    tag: str  # the store's model name, e.g. digits_cnn-s0, digits_cnn-ens3, tv_resnet50
+    checkpoints: tuple[str, ...] = ()
+    model: Optional[dict] = None  # create_model kwargs: name, num_classes, weights
+
+    def load(self, device) -> torch.nn.Module:
+        if self.checkpoints:
+            return load_ensemble(list(self.checkpoints), device)
+        return create_model(**self.model).to(device).eval()
 
 
 class SelectionWorker:
@@ -37,7 +45,7 @@ class SelectionWorker:
     def __init__(self, source: dict, root: str, split: str, mean, std, selector: str, pixels_per_step: int, engine: dict, threads: int):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_ensemble(list(source["checkpoints"]), self.device)
+        self.model = SelectionSource(**source).load(self.device)
         self.tag, self.root, self.split = source["tag"], root, split
         self.mean, self.std = tuple(mean), tuple(std)
         self.selector, self.k = selector, pixels_per_step
@@ -83,19 +91,45 @@ def run_selection(
     engine: EngineConfig = EngineConfig(),
     select_batch: int = 64,
 ) -> int:
-    """Run a model selector (backselect, bgsis) on every not-yet-stored image of one split.
+    """Run a model selector on in-memory images (ids 0..N-1) not yet in the store."""
+    done = store.done_ids(root, source.tag, selector_tag(selector, {"k": pixels_per_step}), split)
+    todo = [i for i in range(len(labels)) if i not in done]
+    items = [{"image_id": i, "label": int(labels[i]), "image": images[i]} for i in todo]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(todo) // select_batch)) if items else None
+    return run_selection_stream(selector, source, split, ds, root, mean, std, resources, pixels_per_step, engine,
+                                select_batch, done=done, total=len(labels))
 
-    Returns how many images were selected in this call.
+
+def run_selection_stream(
+    selector: str,
+    source: SelectionSource,
+    split: str,
+    ds: Optional[ray.data.Dataset],
+    root: str,
+    mean,
+    std,
+    resources: Resources,
+    pixels_per_step: int = 1,
+    engine: EngineConfig = EngineConfig(),
+    select_batch: int = 64,
+    done: Optional[set] = None,
+    total: Optional[int] = None,
+) -> int:
+    """Run a model selector (backselect, bgsis) over a Dataset of {image_id, label, image} rows.
+
+    Images whose id is already in the store are skipped; returns how many were selected now.
     """
     tag = selector_tag(selector, {"k": pixels_per_step})
-    done = store.done_ids(root, source.tag, tag, split)
-    todo = [i for i in range(len(labels)) if i not in done]
-    print(f"[{tag} {source.tag}/{split}] {len(done)} of {len(labels)} images already selected; {len(todo)} to go", flush=True)
-    if not todo:
+    if done is None:
+        done = store.done_ids(root, source.tag, tag, split)
+        if ds is not None and done:
+            ds = ds.map_batches(_drop_done, fn_kwargs={"done": np.array(sorted(done), dtype=np.int64)}, batch_format="numpy")
+    of = f" of {total}" if total is not None else ""
+    print(f"[{tag} {source.tag}/{split}] {len(done)}{of} images already selected" + (f"; {total - len(done)} to go" if total is not None else ""), flush=True)
+    if ds is None:
         return 0
-    items = [{"image_id": i, "label": int(labels[i]), "image": images[i]} for i in todo]
-    workers = min(resources.workers(), max(1, len(todo) // select_batch))
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(todo) // select_batch))
+    n_todo = (total - len(done)) if total is not None else None
+    workers = resources.workers() if n_todo is None else min(resources.workers(), max(1, n_todo // select_batch))
     ds = ds.map_batches(
         SelectionWorker,
         fn_constructor_kwargs=dict(
@@ -113,16 +147,27 @@ def run_selection(
     return n
 
 
-def write_random(root: str, split: str, labels: np.ndarray, hw: int, height: int, width: int, seed: int, select_batch: int) -> int:
-    """The random baseline: a seeded permutation per image, stored like a selection (model "none")."""
+def _drop_done(batch: dict, done: np.ndarray) -> dict:
+    """Batch-wise filter: keep the rows whose image_id is not in the sorted array `done`."""
+    keep = ~np.isin(batch["image_id"], done)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def write_random(root: str, split: str, labels: np.ndarray, hw: int, height: int, width: int, seed: int, select_batch: int,
+                 image_ids: Optional[np.ndarray] = None) -> int:
+    """The random baseline: a seeded permutation per image, stored like a selection (model "none").
+
+    image_ids: the ids of `labels`' images (default 0..N-1).
+    """
     params = {"seed": seed}
     tag = selector_tag("random", params)
+    ids_all = np.arange(len(labels), dtype=np.int64) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
     done = store.done_ids(root, "none", tag, split)
-    todo = np.array([i for i in range(len(labels)) if i not in done], dtype=np.int64)
+    todo = np.array([j for j, i in enumerate(ids_all) if int(i) not in done], dtype=np.int64)  # positions
     for start in range(0, len(todo), select_batch):
-        ids = todo[start : start + select_batch]
+        pos = todo[start : start + select_batch]
         store.write_rows(
             root, model="none", selector=tag, selector_params=params_json(params), split=split,
-            image_id=ids, label=labels[ids], order=random_order(ids, hw, seed, split), height=height, width=width,
+            image_id=ids_all[pos], label=labels[pos], order=random_order(ids_all[pos], hw, seed, split), height=height, width=width,
         )
     return len(todo)

@@ -13,7 +13,6 @@ from dataclasses import asdict
 
 import mlflow
 
-from overinterp.config import RunConfig
 
 
 def git_commit() -> str:
@@ -23,15 +22,19 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _flat_params(config: RunConfig) -> dict[str, str]:
+def _flat_params(config) -> dict[str, str]:
     return {k: json.dumps(v) if not isinstance(v, str) else v for k, v in asdict(config).items()}
 
 
 class Tracker:
-    """Logs a pipeline run. Use as a context manager around the whole run."""
+    """Logs a pipeline run. Use as a context manager around the whole run.
 
-    def __init__(self, config: RunConfig):
-        self.config = config
+    config: any config dataclass with tracking_uri, experiment and out_dir (RunConfig,
+    ImageNetConfig); all its fields are logged as the parent run's parameters.
+    """
+
+    def __init__(self, config, run_name: str):
+        self.config, self.run_name = config, run_name
         mlflow.set_tracking_uri(config.tracking_uri)
         if mlflow.get_experiment_by_name(config.experiment) is None:
             artifacts = None
@@ -42,7 +45,7 @@ class Tracker:
         self.parent = None
 
     def __enter__(self) -> "Tracker":
-        self.parent = mlflow.start_run(run_name=f"{self.config.dataset}-{'smoke' if self.config.smoke else 'run'}")
+        self.parent = mlflow.start_run(run_name=self.run_name)
         mlflow.log_params(_flat_params(self.config))
         mlflow.set_tags({"git_commit": git_commit(), "out_dir": self.config.out_dir})
         return self
@@ -72,7 +75,9 @@ class Tracker:
             for cond, vals in accs.items():
                 if vals:
                     metrics[f"{model}.{cond}.mean_accuracy"] = sum(vals) / len(vals)
-        for model, variants in summary["sis"].items():
+        for name, value in summary.get("baseline", {}).items():
+            metrics[f"baseline.{name}"] = value
+        for model, variants in summary.get("sis", {}).items():
             for variant, s in variants.items():
                 if s["n_with_sis"]:
                     metrics[f"{model}.{variant}.median_sis_fraction"] = s["median_fraction"]

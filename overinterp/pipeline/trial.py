@@ -7,8 +7,6 @@ skips them.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -16,6 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from overinterp import fs
 from overinterp.models import ModelSpec, build, save_checkpoint
 from overinterp.training import TrainConfig, evaluate, train_model
 
@@ -49,20 +48,17 @@ def path_safe(name: str) -> str:
 
 
 def trial_dir(out_dir: str, spec: TrialSpec) -> str:
-    return os.path.join(out_dir, "trials", spec.name)
+    return fs.join(out_dir, "trials", spec.name)
 
 
 def checkpoint_path(out_dir: str, spec: TrialSpec) -> str:
-    return os.path.join(trial_dir(out_dir, spec), "model.pt")
+    return fs.join(trial_dir(out_dir, spec), "model.pt")
 
 
 def load_result(out_dir: str, spec: TrialSpec) -> Optional[dict]:
     """The finished trial's result, or None if it has not finished."""
-    path = os.path.join(trial_dir(out_dir, spec), "result.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    path = fs.join(trial_dir(out_dir, spec), "result.json")
+    return fs.read_json(path) if fs.exists(path) else None
 
 
 def pick_device(prefer_gpu: bool = True) -> torch.device:
@@ -98,8 +94,10 @@ def run_trial(
     torch.manual_seed(spec.seed)  # weight init
     model = build(model_spec).to(device)
     cfg = TrainConfig(**{**asdict(train_config), "seed": spec.seed})
-    losses = train_model(model, images["train"], labels["train"], data["mean"], data["std"], cfg, keep["train"], on_epoch)
-    acc = evaluate(model, images["test"], labels["test"], data["mean"], data["std"], keep["test"])
+    # several GPUs given to this trial (--gpus-per-trial): split each batch across them
+    runner = torch.nn.DataParallel(model) if device.type == "cuda" and torch.cuda.device_count() > 1 else model
+    losses = train_model(runner, images["train"], labels["train"], data["mean"], data["std"], cfg, keep["train"], on_epoch)
+    acc = evaluate(runner, images["test"], labels["test"], data["mean"], data["std"], keep["test"])
     ckpt = checkpoint_path(out_dir, spec)
     save_checkpoint(ckpt, model_spec, model.cpu(), {"trial": asdict(spec)})
     result = {
@@ -111,8 +109,5 @@ def run_trial(
         "device": str(device),
         "checkpoint": ckpt,
     }
-    path = os.path.join(trial_dir(out_dir, spec), "result.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)  # written last: its presence means the trial finished
+    fs.write_json(fs.join(trial_dir(out_dir, spec), "result.json"), result)  # last: its presence means finished
     return result

@@ -7,13 +7,13 @@ state) goes to <out_dir>/tune.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict
 
 import torch
 from ray import tune
 
+from overinterp import fs
 from overinterp.pipeline.resources import Resources
 from overinterp.pipeline.trial import TrialSpec, load_result, run_trial
 from overinterp.training import TrainConfig
@@ -54,19 +54,22 @@ def run_trials(
     train_config: TrainConfig,
     out_dir: str,
     resources: Resources,
+    gpus_per_trial: int = 1,
 ) -> dict[str, dict]:
     """Run every unfinished trial on Tune; returns {trial name: result} for all specs.
+
+    gpus_per_trial: GPUs each trial gets where the cluster has GPUs (DataParallel inside).
 
     Raises TrialsFailed naming the failed trials; finished ones stay on disk for the rerun.
     """
     pending = [s for s in specs if load_result(out_dir, s) is None]
     print(f"[{stage}] {len(specs) - len(pending)} of {len(specs)} trials already finished in {out_dir}", flush=True)
     if pending:
-        per = {"cpu": 1, "gpu": 1 if resources.use_gpu else 0}
+        per = {"cpu": 1, "gpu": gpus_per_trial if resources.use_gpu else 0}
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, data=data, masks=masks, train_config=train_config, out_dir=out_dir), per
         )
-        storage = os.path.join(out_dir, "tune") if "://" not in out_dir else f"{out_dir}/tune"
+        storage = fs.join(out_dir, "tune")  # Tune writes to local paths and s3:// alike
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search([asdict(s) for s in pending]), "threads": 1},

@@ -1,0 +1,107 @@
+"""jobs/: both entry points through a real local Ray — smoke tests, a folder of JPEG/PNG files and
+Parquet of encoded images written here, resume, and bad input."""
+
+import json
+import os
+import sys
+
+import mlflow
+import pytest
+import torch
+
+from overinterp import store
+from overinterp.models import create_model
+from overinterp.pipeline.images import stable_id
+from overinterp.synthetic import write_encoded_parquet, write_imagefolder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "jobs"))
+
+import sis_cifar10  # noqa: E402
+import sis_imagenet  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+
+def test_cifar10_smoke_test(ray_session, tmp_path):
+    out = tmp_path / "out"
+    assert sis_cifar10.main(["--smoke-test", "--out", str(out)]) == 0
+    summary = json.load(open(out / "summary.json"))
+    assert summary["dataset"] == "cifar10" and summary["selector"] == "bgsis-k128"
+    assert set(summary["accuracy"]["resnet20"]) == {"full", "backselect", "random"}
+    sel = store.read_selections(str(out / "selections"), "resnet20-s0", "bgsis-k128", "train", expect_n=20)
+    assert sel.height == 32 and sel.order.shape == (20, 1024)
+
+
+@pytest.fixture
+def resnet18_weights(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("tv:resnet18", num_classes=3).state_dict(), path)
+    return str(path)
+
+
+def _args(train, val, weights, out):
+    return ["--train", train, "--val", val, "--model", "tv:resnet18", "--weights", weights, "--num-classes", "3",
+            "--image-size", "32", "--pixels-per-step", "64", "--epochs", "1", "--batch-size", "8", "--select-batch", "6",
+            "--out", out]
+
+
+def test_imagenet_folder_of_jpegs_and_resume(ray_session, tmp_path, resnet18_weights, capsys):
+    write_imagefolder(str(tmp_path / "data"), n_per_class=4, num_classes=3, size=40)
+    out = str(tmp_path / "out")
+    args = _args(str(tmp_path / "data" / "train"), str(tmp_path / "data" / "val"), resnet18_weights, out)
+    assert sis_imagenet.main(args) == 0
+    root = os.path.join(out, "selections")
+    sel = store.read_selections(root, "tv_resnet18", "bgsis-k64", "train")
+    expected_ids = sorted(stable_id(f"{c}/{f}".encode()) for c in sorted(os.listdir(tmp_path / "data" / "train"))
+                          for f in os.listdir(tmp_path / "data" / "train" / c))
+    assert sel.image_id.tolist() == expected_ids  # ids: hashes of class/file paths, stable across runs
+    assert sel.order.shape == (12, 1024) and set(sel.label.tolist()) == {0, 1, 2}
+    assert len(store.read_selections(root, "none", "random-seed0", "test").image_id) == 12
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert set(summary["baseline"]) == {"full", "own_subsets"} and summary["n_keep"] == 103
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["overinterp-imagenet"])
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(children) == 2 and (children["metrics.baseline_accuracy"] == summary["baseline"]["full"]).all()
+
+    capsys.readouterr()
+    mtimes = {p: os.stat(p).st_mtime_ns for p in (os.path.join(out, "trials", "tv_resnet18-random-s0", "result.json"),)}
+    assert sis_imagenet.main(args) == 0  # resume: nothing redone
+    printed = capsys.readouterr().out
+    assert "[bgsis-k64 tv_resnet18/train] 12 images already selected" in printed
+    assert "2 of 2 trials already finished" in printed
+    assert all(os.stat(p).st_mtime_ns == t for p, t in mtimes.items())
+    assert len(store.read_selections(root, "tv_resnet18", "bgsis-k64", "train").image_id) == 12  # no duplicates
+
+
+def test_imagenet_parquet_of_encoded_images(ray_session, tmp_path, resnet18_weights):
+    write_encoded_parquet(str(tmp_path / "train.parquet"), n=9, num_classes=3, size=36, seed=0)
+    write_encoded_parquet(str(tmp_path / "val.parquet"), n=6, num_classes=3, size=36, seed=1)
+    out = str(tmp_path / "out")
+    assert sis_imagenet.main(_args(str(tmp_path / "train.parquet"), str(tmp_path / "val.parquet"), resnet18_weights, out)) == 0
+    assert len(store.read_selections(os.path.join(out, "selections"), "tv_resnet18", "bgsis-k64", "test").image_id) == 6
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["images"] == {"train": 9, "test": 6}
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        ([], "--train and --val are required"),
+        (["--train", "/no/such", "--val", "/no/such"], "--train /no/such does not exist"),
+        (["--train", ".", "--val", ".", "--model", "resnet20"], "small-image model"),
+        (["--train", ".", "--val", ".", "--fraction", "0"], "--fraction must be in (0, 1]"),
+        (["--train", ".", "--val", ".", "--weights", "missing/w.pt"], "is not a file"),
+    ],
+)
+def test_imagenet_bad_input(argv, match, capsys):
+    assert sis_imagenet.main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cifar10_bad_input(capsys, tmp_path):
+    assert sis_cifar10.main(["--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
