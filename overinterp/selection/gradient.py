@@ -27,6 +27,7 @@ def batched_gradient_sis(
     pixels_per_step: int = 100,
     target: Optional[torch.Tensor] = None,
     progress: Optional[ProgressFunc] = None,
+    max_steps: Optional[int] = None,
 ) -> SelectionResult:
     """Run Batched Gradient SIS until every pixel is masked.
 
@@ -35,6 +36,7 @@ def batched_gradient_sis(
         images: (B, C, H, W) normalised floats.
         pixels_per_step: k pixels masked per step.
         target: (B,) class to explain; default the prediction on the unmasked image.
+        max_steps: for benchmarks — stop after this many steps (order -1 / curve NaN beyond).
     Returns:
         SelectionResult: order (B, HW), curve (B, HW) with p(c) after the step each pixel was
         masked in, forward_passes = images x steps (each with one backward pass).
@@ -55,10 +57,10 @@ def batched_gradient_sis(
         target = target.to(device).long()
         confidence = probs.gather(1, target[:, None]).squeeze(1)
     masked = torch.zeros(B, HW, dtype=torch.bool, device=device)
-    order = torch.empty(B, HW, dtype=torch.long, device=device)
-    curve = torch.empty(B, HW, dtype=torch.float32, device=device)
+    order = torch.full((B, HW), -1, dtype=torch.long, device=device)
+    curve = torch.full((B, HW), float("nan"), dtype=torch.float32, device=device)
     removed, steps, last = 0, 0, slice(0, 0)
-    while removed < HW:
+    while removed < HW and (max_steps is None or steps < max_steps):
         k = min(pixels_per_step, HW - removed)
         mask = masked.to(images.dtype).view(B, 1, H, W).requires_grad_(True)
         p = torch.softmax(widen(forward((1 - mask) * images)), 1).gather(1, target[:, None]).squeeze(1)  # (B,)
@@ -76,8 +78,8 @@ def batched_gradient_sis(
         steps += 1
         if progress is not None:
             progress(removed, HW)
-    with torch.no_grad():  # everything masked: p(c) of the all-mean image
-        final = torch.softmax(widen(forward(torch.zeros_like(images))), 1).gather(1, target[:, None])
+    with torch.no_grad():  # p(c) after the last step (everything masked, unless stopped early)
+        final = torch.softmax(widen(forward(images * (~masked).to(images.dtype).view(B, 1, H, W))), 1).gather(1, target[:, None])
     curve[:, last] = final
     # one forward per step (each with a backward) plus the unmasked and the all-masked forward
     return SelectionResult(order, curve, pred, confidence, forward_passes=B * (steps + 2))
