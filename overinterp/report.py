@@ -10,7 +10,12 @@ import torch
 
 from overinterp.selection import NO_SIS, sis_size
 
-CONDITION_TITLES = {"full": "full images", "backselect": "{selector} {pct}% subsets", "random": "random {pct}% subsets"}
+CONDITION_TITLES = {
+    "full": "full images",
+    "backselect": "{selector} {pct}% subsets",
+    "random": "random {pct}% subsets",
+    "backselect_positions": "{selector} {pct}% positions only",
+}
 
 
 def mean_std(values: list[float]) -> str:
@@ -40,14 +45,16 @@ def sis_stats(curve: torch.Tensor, confidence: torch.Tensor, tau: float) -> dict
 def accuracy_table(summary: dict) -> str:
     """Markdown table: rows model; columns full / BS / random test accuracy, mean ± std over seeds."""
     pct = f"{100 * summary['fraction']:g}"
-    conds = ("full", "backselect", "random")
+    conds = [c for c in CONDITION_TITLES if any(c in a for a in summary["accuracy"].values())]
     sel = {"backselect": "BS"}.get(summary.get("selector", "backselect"), summary.get("selector", "BS"))
     head = "| model | " + " | ".join(CONDITION_TITLES[c].format(pct=pct, selector=sel) for c in conds) + " |"
     lines = [head, "|" + "---|" * (len(conds) + 1)]
     for model, accs in summary["accuracy"].items():
         lines.append(f"| {model} | " + " | ".join(mean_std(accs.get(c, [])) for c in conds) + " |")
     n_seeds = max(len(v) for a in summary["accuracy"].values() for v in a.values())
-    lines.append(f"\nTest accuracy (%), mean ± std over {n_seeds} seeds; {summary['n_keep']} of {summary['hw']} pixels kept.")
+    lines.append(f"\nTest accuracy (%), mean ± std over {n_seeds} seeds; {summary['n_keep']} of {summary['hw']} pixels kept."
+                 + (" 'Positions only': trained and tested on the subset's mask, no pixel values — how much the"
+                    " layout of a subset alone reveals the label." if "backselect_positions" in conds else ""))
     return "\n".join(lines)
 
 

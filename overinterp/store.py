@@ -13,7 +13,6 @@ rerun skips the image ids already present.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from dataclasses import dataclass
 
@@ -22,6 +21,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
+
+from overinterp import fs as files
 
 SCHEMA_VERSION = "1"
 SCHEMA = pa.schema(
@@ -60,15 +61,23 @@ class Selections:
     height: int
     width: int
 
+    def keep_mask(self, fraction: float) -> torch.Tensor:
+        """(N, HW) bool: the last ceil(fraction * HW) pixels of each image's order."""
+        from overinterp.selection import keep_mask
 
-def _fs(root: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in root:
-        return pafs.FileSystem.from_uri(root)
-    return pafs.LocalFileSystem(), os.path.abspath(root)
+        return keep_mask(self.order, fraction)
+
+    def sis_mask(self, tau: float) -> torch.Tensor:
+        """(N, HW) bool: each image's SIS at tau (empty where it has none)."""
+        from overinterp.selection import sis_mask
+
+        if self.curve is None:
+            raise StoreError("this selector stores no p(c) curve (a model-free selector): SIS needs one")
+        return sis_mask(self.order, self.curve, self.confidence, tau)
 
 
 def _dir(root: str, model: str, selector: str, split: str) -> tuple[pafs.FileSystem, str]:
-    fs, base = _fs(root)
+    fs, base = files.resolve(root)
     return fs, f"{base}/{model}/{selector}/{split}"
 
 

@@ -65,8 +65,15 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def prepare(images: torch.Tensor, mean, std, keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> normalised float, with pixels outside `keep` (N, HW) set to 0."""
+def prepare(images: torch.Tensor, mean, std, keep: Optional[torch.Tensor], positions_only: bool = False) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> normalised float, with pixels outside `keep` (N, HW) set to 0.
+
+    positions_only: the input is the mask itself (1 where kept, 0 elsewhere, on every channel) and
+    no pixel value at all — the control for how much a subset's layout alone reveals the label.
+    """
+    if positions_only:
+        N, C, H, W = images.shape
+        return keep.view(N, 1, H, W).float().expand(N, C, H, W).contiguous()
     x = normalize(images, mean, std)
     return x if keep is None else apply_mask(x, keep)
 
@@ -80,6 +87,7 @@ def train_model(
     config: TrainConfig,
     keep: Optional[torch.Tensor] = None,
     on_epoch: Optional[Callable[[int, float], None]] = None,
+    positions_only: bool = False,
 ) -> list[float]:
     """Train in place with the paper's SGD recipe; returns the mean loss of each epoch.
 
@@ -87,6 +95,7 @@ def train_model(
         images: (N, C, H, W) uint8 on the model's device; labels: (N,) int64.
         keep: optional (N, HW) bool pixel-subset mask (train on subsets); None = full images.
         on_epoch: called with (epoch, mean loss) after every epoch (progress).
+        positions_only: train on the keep mask alone (see `prepare`).
     """
     device = images.device
     torch.manual_seed(config.seed)  # weight init happened before; this seeds dropout
@@ -107,7 +116,7 @@ def train_model(
             idx = perm[start : start + config.batch_size]
             if len(idx) == 1 and n > 1:
                 continue  # BatchNorm cannot train on one image; the shuffle drops a different one each epoch
-            x = prepare(images[idx], mean, std, None if keep is None else keep[idx])
+            x = prepare(images[idx], mean, std, None if keep is None else keep[idx], positions_only)
             if config.augment:
                 x = augment_batch(x, gen)
             loss = F.cross_entropy(model(x), labels[idx])
@@ -125,16 +134,18 @@ def train_model(
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, mean, std, keep: Optional[torch.Tensor] = None, batch_size: int = 1024) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, mean, std, keep: Optional[torch.Tensor] = None, batch_size: int = 1024,
+            positions_only: bool = False) -> torch.Tensor:
     """(N,) predicted classes on (optionally masked) uint8 images."""
     model.eval()
     preds = []
     for start in range(0, images.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        preds.append(model(prepare(images[sl], mean, std, None if keep is None else keep[sl])).argmax(1))
+        preds.append(model(prepare(images[sl], mean, std, None if keep is None else keep[sl], positions_only)).argmax(1))
     return torch.cat(preds)
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, keep: Optional[torch.Tensor] = None) -> float:
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, keep: Optional[torch.Tensor] = None,
+             positions_only: bool = False) -> float:
     """Top-1 accuracy in [0, 1] on (optionally masked) images."""
-    return float((predict(model, images, mean, std, keep) == labels).float().mean())
+    return float((predict(model, images, mean, std, keep, positions_only=positions_only) == labels).float().mean())

@@ -28,7 +28,7 @@ def test_cifar10_smoke_test(ray_session, tmp_path):
     assert sis_cifar10.main(["--smoke-test", "--out", str(out)]) == 0
     summary = json.load(open(out / "summary.json"))
     assert summary["dataset"] == "cifar10" and summary["selector"] == "bgsis-k128"
-    assert set(summary["accuracy"]["resnet20"]) == {"full", "backselect", "random"}
+    assert set(summary["accuracy"]["resnet20"]) == {"full", "backselect", "random", "backselect_positions"}
     sel = store.read_selections(str(out / "selections"), "resnet20-s0", "bgsis-k128", "train", expect_n=20)
     assert sel.height == 32 and sel.order.shape == (20, 1024)
 
@@ -64,14 +64,15 @@ def test_imagenet_folder_of_jpegs_and_resume(ray_session, tmp_path, resnet18_wei
     mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["overinterp-imagenet"])
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
-    assert len(children) == 2 and (children["metrics.baseline_accuracy"] == summary["baseline"]["full"]).all()
+    assert len(children) == 3 and (children["metrics.baseline_accuracy"] == summary["baseline"]["full"]).all()
+    assert set(summary["accuracy"]["tv:resnet18"]) == {"backselect", "random", "backselect_positions"}
 
     capsys.readouterr()
     mtimes = {p: os.stat(p).st_mtime_ns for p in (os.path.join(out, "trials", "tv_resnet18-random-s0", "result.json"),)}
     assert sis_imagenet.main(args) == 0  # resume: nothing redone
     printed = capsys.readouterr().out
     assert "[bgsis-k64 tv_resnet18/train] 12 images already selected" in printed
-    assert "2 of 2 trials already finished" in printed
+    assert "3 of 3 trials already finished" in printed
     assert all(os.stat(p).st_mtime_ns == t for p, t in mtimes.items())
     assert len(store.read_selections(root, "tv_resnet18", "bgsis-k64", "train").image_id) == 12  # no duplicates
 

@@ -99,3 +99,11 @@ def test_checkpoint_roundtrip_and_ensemble(tmp_path):
         ens = load_ensemble([p1, p2])
         assert isinstance(ens, MeanEnsemble)
         assert torch.allclose(ens(x), (loaded(x) + load_checkpoint(p2)(x)) / 2)
+
+
+def test_torchvision_weights_enum_is_resolved_before_any_download():
+    # a real enum name, checked against the data set's classes without fetching anything
+    with pytest.raises(ModelError, match="predict 1000 classes, the data set has 10"):
+        create_model("tv:resnet18", num_classes=10, weights="ResNet18_Weights.IMAGENET1K_V1")
+    with pytest.raises(ModelError, match="predict 1000 classes"):
+        create_model("tv:resnet18", num_classes=10, weights="DEFAULT")

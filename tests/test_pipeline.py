@@ -36,7 +36,7 @@ def test_outputs(smoke_run):
     cfg, out, summary = smoke_run
     on_disk = json.load(open(out / "summary.json"))
     assert on_disk["accuracy"] == summary["accuracy"]
-    for cond in ("full", "backselect", "random"):
+    for cond in ("full", "backselect", "random", "backselect_positions"):
         accs = summary["accuracy"]["digits_cnn"][cond]
         assert len(accs) == 2 and all(0 <= a <= 1 for a in accs)
     assert set(summary["sis"]["digits_cnn"]) == {"plain", "ensemble", "input_dropout"}
@@ -61,7 +61,7 @@ def test_mlflow_parent_and_children(smoke_run):
     parent = runs[runs["run_id"] == summary["mlflow_run_id"]]
     assert len(parent) == 1 and parent.iloc[0]["params.fraction"] == "0.05"
     children = runs[runs["tags.mlflow.parentRunId"] == summary["mlflow_run_id"]]
-    assert len(children) == 2 * 2 + 2 * 2  # full (+ dropout) and subsets, 2 seeds each
+    assert len(children) == 2 * 2 + 3 * 2  # full (+ dropout), and 3 subset conditions, 2 seeds each
     subsets = children[children["tags.condition"] != "full"]
     assert subsets["metrics.baseline_accuracy"].notna().all()
     full_s0 = summary["accuracy"]["digits_cnn"]["full"][0]

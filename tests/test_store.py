@@ -79,3 +79,21 @@ def test_wrong_order_shape_is_refused(tmp_path):
     with pytest.raises(store.StoreError, match="order has shape"):
         store.write_rows(str(tmp_path), model="m", selector="backselect", selector_params="{}", split="test",
                          image_id=np.array([0]), label=np.array([0]), order=torch.zeros(1, 3, dtype=torch.long), height=2, width=2)
+
+
+def test_masks_from_stored_rows_at_any_fraction_and_tau(tmp_path):
+    _write(str(tmp_path), [0, 1])
+    sel = store.read_selections(str(tmp_path), "m-s0", "backselect", "test")
+    assert sel.keep_mask(0.25).sum(1).tolist() == [1, 1] and sel.keep_mask(1.0).all()
+    # curve 0.5 everywhere, confidence 0.9: at tau 0.5 the last pixel alone suffices; at 0.95 there is no SIS
+    assert sel.sis_mask(0.5).sum(1).tolist() == [1, 1] and not sel.sis_mask(0.95).any()
+    _write(str(tmp_path), [0], curve=False, model="none", selector="random-seed0")
+    with pytest.raises(store.StoreError, match="no p\\(c\\) curve"):
+        store.read_selections(str(tmp_path), "none", "random-seed0", "test").sis_mask(0.5)
+
+
+def test_uri_roots_go_through_pyarrow_filesystems(tmp_path):
+    root = f"file://{tmp_path}/store"  # the code path s3:// takes, on a local file system
+    _write(root, [0, 1])
+    assert store.done_ids(root, "m-s0", "backselect", "test") == {0, 1}
+    assert (tmp_path / "store" / "m-s0" / "backselect" / "test").is_dir()

@@ -86,3 +86,16 @@ def test_a_trailing_single_image_batch_is_skipped():
     x = torch.randint(0, 256, (9, 1, 8, 8), dtype=torch.uint8)
     losses = train_model(m, x, torch.arange(9) % 3, (0.5,), (0.25,), TrainConfig(epochs=2, batch_size=8, lr=0.01))
     assert len(losses) == 2 and all(l == l for l in losses)  # finite, no error
+
+
+def test_positions_only_sees_the_mask_not_the_pixels(digits_small):
+    d, xtr, ytr, xte, yte = digits_small
+    keep = torch.rand(len(ytr), 64, generator=torch.Generator().manual_seed(0)) < 0.1
+    x = prepare(xtr, d.mean, d.std, keep, positions_only=True)
+    assert torch.equal(x[:, 0].reshape(len(ytr), 64), keep.float())  # exactly the mask
+    assert torch.equal(x, prepare(255 - xtr, d.mean, d.std, keep, positions_only=True))  # pixel values play no part
+    torch.manual_seed(0)
+    m = build(ModelSpec("digits_cnn", 10, 1))
+    train_model(m, xtr, ytr, d.mean, d.std, TrainConfig(epochs=1, lr=0.05), keep, positions_only=True)
+    k = keep[:len(yte)]
+    assert evaluate(m, xte, yte, d.mean, d.std, k, positions_only=True) == evaluate(m, 255 - xte, yte, d.mean, d.std, k, positions_only=True)

@@ -31,6 +31,7 @@ from overinterp.data import IMAGENET_MEAN, IMAGENET_STD
 from overinterp.models import create_model
 from overinterp.pipeline.images import is_parquet, list_classes, materialize, read_images
 from overinterp.pipeline.resources import ensure_ray
+from overinterp.pipeline.run import SUBSET_CONDITIONS
 from overinterp.pipeline.select_stage import SelectionSource, run_selection_stream, write_random
 from overinterp.pipeline.trial import TrialSpec, path_safe
 from overinterp.pipeline.tune_stage import run_trials
@@ -108,7 +109,7 @@ def run_imagenet(config: ImageNetConfig, ray_address: str | None = None) -> dict
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "num_classes": num_classes,
         }
         train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment=cfg.augment)
-        specs = [TrialSpec(cfg.train_model, s, c) for s in cfg.seeds for c in ("backselect", "random")]
+        specs = [TrialSpec(cfg.train_model, s, c) for s in cfg.seeds for c in SUBSET_CONDITIONS]
         results = run_trials("imagenet-subsets", specs, trial_data, masks, train_cfg, cfg.out_dir, resources, cfg.gpus_per_trial)
         for r in results.values():
             tracker.log_trial(r, baseline["full"], asdict(train_cfg))
@@ -119,7 +120,7 @@ def run_imagenet(config: ImageNetConfig, ray_address: str | None = None) -> dict
             "images": {s: int(len(data[s]["label"])) for s in SPLITS},
             "baseline": baseline,
             "accuracy": {cfg.train_model: {c: [results[TrialSpec(cfg.train_model, s, c).name]["accuracy"] for s in cfg.seeds]
-                                           for c in ("backselect", "random")}},
+                                           for c in SUBSET_CONDITIONS}},
         }
         table = imagenet_markdown(summary)
         local = tempfile.mkdtemp(prefix="sis_imagenet-")

@@ -35,6 +35,7 @@ from overinterp.selection.backselect import EngineConfig
 from overinterp.training import TrainConfig, evaluate
 
 SPLITS = ("train", "test")
+SUBSET_CONDITIONS = ("backselect", "random", "backselect_positions")
 
 
 def _log(msg: str) -> None:
@@ -118,7 +119,7 @@ def run_pipeline(config: RunConfig, ray_address: str | None = None) -> dict:
             plain = _sources(cfg, m)["plain"].tag
             masks[f"{m}/backselect"] = {s: keep_mask(store.read_selections(root, plain, bs_tag, s, n[s]).order, cfg.fraction).numpy() for s in SPLITS}
             masks[f"{m}/random"] = rnd
-        sub_specs = [TrialSpec(m, s, c) for m in cfg.models for s in cfg.seeds for c in ("backselect", "random")]
+        sub_specs = [TrialSpec(m, s, c) for m in cfg.models for s in cfg.seeds for c in SUBSET_CONDITIONS]
         subs = run_trials("subsets", sub_specs, data_dict, masks, train_cfg, out, resources)
 
         # 4. compare
@@ -154,6 +155,7 @@ def summarize(cfg: RunConfig, data: ImageDataset, full: dict, subs: dict, root: 
             "full": [full[TrialSpec(m, s, "full").name]["accuracy"] for s in cfg.seeds],
             "backselect": [subs[TrialSpec(m, s, "backselect").name]["accuracy"] for s in cfg.seeds],
             "random": [subs[TrialSpec(m, s, "random").name]["accuracy"] for s in cfg.seeds],
+            "backselect_positions": [subs[TrialSpec(m, s, "backselect_positions").name]["accuracy"] for s in cfg.seeds],
         }
         summary["sis"][m], summary["variant_accuracy"][m] = {}, {}
         for variant, source in _sources(cfg, m).items():

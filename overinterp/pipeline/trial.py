@@ -18,14 +18,15 @@ from overinterp import fs
 from overinterp.models import ModelSpec, build, save_checkpoint
 from overinterp.training import TrainConfig, evaluate, train_model
 
-CONDITIONS = ("full", "backselect", "random")
+# backselect_positions: the BS mask's positions alone, no pixel values (the label-leak control)
+CONDITIONS = ("full", "backselect", "random", "backselect_positions")
 
 
 @dataclass(frozen=True)
 class TrialSpec:
     model: str
     seed: int
-    condition: str  # one of CONDITIONS: the pixels every train and test image keeps
+    condition: str  # one of CONDITIONS: what every train and test image shows the model
     input_dropout: float = 0.0
 
     def __post_init__(self):
@@ -40,7 +41,11 @@ class TrialSpec:
     @property
     def mask_key(self) -> Optional[str]:
         """Key of this trial's masks in the masks dict (None: full images)."""
-        return None if self.condition == "full" else f"{self.model}/{self.condition}"
+        return None if self.condition == "full" else f"{self.model}/{self.condition.removesuffix('_positions')}"
+
+    @property
+    def positions_only(self) -> bool:
+        return self.condition.endswith("_positions")
 
 
 def path_safe(name: str) -> str:
@@ -96,8 +101,9 @@ def run_trial(
     cfg = TrainConfig(**{**asdict(train_config), "seed": spec.seed})
     # several GPUs given to this trial (--gpus-per-trial): split each batch across them
     runner = torch.nn.DataParallel(model) if device.type == "cuda" and torch.cuda.device_count() > 1 else model
-    losses = train_model(runner, images["train"], labels["train"], data["mean"], data["std"], cfg, keep["train"], on_epoch)
-    acc = evaluate(runner, images["test"], labels["test"], data["mean"], data["std"], keep["test"])
+    losses = train_model(runner, images["train"], labels["train"], data["mean"], data["std"], cfg, keep["train"], on_epoch,
+                         positions_only=spec.positions_only)
+    acc = evaluate(runner, images["test"], labels["test"], data["mean"], data["std"], keep["test"], positions_only=spec.positions_only)
     ckpt = checkpoint_path(out_dir, spec)
     save_checkpoint(ckpt, model_spec, model.cpu(), {"trial": asdict(spec)})
     result = {

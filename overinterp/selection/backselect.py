@@ -31,6 +31,18 @@ def widen(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def explained_class(probs: torch.Tensor, target: Optional[torch.Tensor]):
+    """(target, confidence, pred) from the unmasked images' probabilities (B, K).
+
+    target defaults to the predicted class; confidence is p(target) on the unmasked image.
+    """
+    confidence, pred = probs.max(1)
+    if target is not None:
+        target = target.to(probs.device).long()
+        confidence = probs.gather(1, target[:, None]).squeeze(1)
+    return (pred if target is None else target), confidence, pred
+
+
 ForwardFunc = Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) normalised -> (N, K) logits
 ProgressFunc = Callable[[int, int], None]  # (pixels removed so far, HW) per step
 
@@ -290,12 +302,7 @@ def backward_selection(
     with torch.inference_mode():
         x = images.permute(0, 2, 3, 1).reshape(B, HW, C).clone()  # (B, HW, C) current masked images
         probs = scorer.probs(images.contiguous(memory_format=torch.channels_last) if config.channels_last else images)
-        confidence, pred = probs.max(1)
-        if target is None:
-            target = pred
-        else:
-            target = target.to(device).long()
-            confidence = probs.gather(1, target[:, None]).squeeze(1)
+        target, confidence, pred = explained_class(probs, target)
         remaining = torch.arange(HW, device=device).expand(B, HW).clone()  # (B, R) ascending pixel ids
         removed, passes, steps = 0, 0, 0
         while removed < HW and (max_steps is None or steps < max_steps):

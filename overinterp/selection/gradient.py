@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from overinterp.selection.backselect import ForwardFunc, ProgressFunc, SelectionResult, widen
+from overinterp.selection.backselect import ForwardFunc, ProgressFunc, SelectionResult, explained_class, widen
 
 
 def batched_gradient_sis(
@@ -50,12 +50,7 @@ def batched_gradient_sis(
     device = images.device
     with torch.no_grad():
         probs = torch.softmax(widen(forward(images)), 1)
-    confidence, pred = probs.max(1)
-    if target is None:
-        target = pred
-    else:
-        target = target.to(device).long()
-        confidence = probs.gather(1, target[:, None]).squeeze(1)
+    target, confidence, pred = explained_class(probs, target)
     masked = torch.zeros(B, HW, dtype=torch.bool, device=device)
     order = torch.full((B, HW), -1, dtype=torch.long, device=device)
     curve = torch.full((B, HW), float("nan"), dtype=torch.float32, device=device)
