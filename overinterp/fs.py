@@ -7,7 +7,6 @@ PUT on object stores — a reader never sees half a file.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import uuid
@@ -65,7 +64,3 @@ def write_json(path: str, obj) -> None:
 
 def read_json(path: str):
     return json.loads(read_bytes(path))
-
-
-def buffer() -> io.BytesIO:
-    return io.BytesIO()

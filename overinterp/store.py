@@ -12,7 +12,6 @@ rerun skips the image ids already present.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 
@@ -196,7 +195,3 @@ def read_selections(root: str, model: str, selector: str, split: str, expect_n: 
         width=w,
     )
 
-
-def selector_params_of(root: str, model: str, selector: str, split: str) -> dict:
-    t = _read_table(root, model, selector, split, ["selector_params"])
-    return json.loads(t.column("selector_params")[0].as_py()) if t.num_rows else {}

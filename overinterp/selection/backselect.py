@@ -359,7 +359,3 @@ def brute_force_backward_selection(forward: ForwardFunc, image: torch.Tensor) ->
             curve.append(best_p)
     return order, curve
 
-
-def steps_for(hw: int, pixels_per_step: int) -> int:
-    """Sequential steps BS takes on HW pixels."""
-    return math.ceil(hw / pixels_per_step)
