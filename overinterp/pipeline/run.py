@@ -4,7 +4,8 @@
 2. backward selection on every train and test image with each model's first seed, and on the test
    images with the seeds' mean ensemble and the input-dropout model — Ray Data -> Parquet;
    the seeded random baseline is written beside it;
-3. train and test new models on the BS subsets and on the random subsets — Ray Tune;
+3. train and test new models on the BS subsets, on the random subsets, and on the BS subsets'
+   positions alone (the mask, no pixel values: the label-leak control) — Ray Tune;
 4. compare: Table 1's shape, SIS sizes, a gallery — summary.json / summary.md / gallery.png, MLflow.
 
 Every stage skips what the out_dir already holds, so a rerun resumes.
