@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from overinterp.config import ConfigError, RunConfig
+from overinterp.selection import MODEL_SELECTORS
 
 
 def _csv(kind):
@@ -34,7 +35,7 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     r.add_argument("--fraction", type=float, default=d.fraction, help="pixel-subset size as a fraction of pixels, in (0, 1]")
     r.add_argument("--tau", type=float, default=d.tau, help="SIS confidence threshold, in [0, 1]")
     r.add_argument("--input-dropout", type=float, default=d.input_dropout, help="p of the input-dropout variant (0 disables it)")
-    r.add_argument("--selector", default=d.selector, choices=("backselect", "bgsis"),
+    r.add_argument("--selector", default=d.selector, choices=MODEL_SELECTORS,
                    help="backselect: backward selection (exact at k = 1); bgsis: Batched Gradient SIS, for large images")
     r.add_argument("--pixels-per-step", type=int, default=d.pixels_per_step, help="k pixels removed per selection step (backselect: 1 = exact)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model for selection (~2x on CPU for ResNets, ~30 s to compile)")

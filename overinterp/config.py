@@ -16,6 +16,7 @@ from typing import Optional
 from overinterp import fs
 from overinterp.data import DataError, check_dataset_args
 from overinterp.models import ModelError, check_model_name
+from overinterp.selection import MODEL_SELECTORS
 
 
 # The user's MLflow server, read once at import: mlflow.set_tracking_uri() itself writes this variable,
@@ -25,6 +26,18 @@ ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the fix."""
+
+
+def _check_remote_out(out_dir: str, tracking_uri: Optional[str]) -> None:
+    if fs.is_uri(out_dir) and not (tracking_uri or ENV_TRACKING_URI):
+        raise ConfigError(f"--out {out_dir} is remote: pass --tracking-uri (on the cluster, http://127.0.0.1:5000)")
+
+
+def _resolve_outputs(out_dir: str, tracking_uri: Optional[str]) -> dict:
+    """out_dir made absolute (paths; URIs stay) and the tracking URI: the flag, else
+    $MLFLOW_TRACKING_URI, else a SQLite file in out_dir."""
+    out = out_dir if fs.is_uri(out_dir) else os.path.abspath(out_dir)
+    return {"out_dir": out, "tracking_uri": tracking_uri or ENV_TRACKING_URI or f"sqlite:///{out}/mlflow.db"}
 
 
 DEFAULT_MODELS = {
@@ -83,8 +96,8 @@ class RunConfig:
             raise ConfigError("--seeds needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"--seeds must be distinct, got {list(self.seeds)}")
-        if self.selector not in ("backselect", "bgsis"):
-            raise ConfigError(f"--selector must be backselect or bgsis, got {self.selector!r}")
+        if self.selector not in MODEL_SELECTORS:
+            raise ConfigError(f"--selector must be one of {', '.join(MODEL_SELECTORS)}, got {self.selector!r}")
         if self.autocast not in (None, "bf16", "fp16"):
             raise ConfigError(f"--autocast must be bf16 or fp16, got {self.autocast!r}")
         if self.pixels_per_step < 1:
@@ -110,22 +123,19 @@ class RunConfig:
             raise ConfigError(str(e)) from e
         if self.tracking_uri is not None and self.tracking_uri.startswith("file:"):
             raise ConfigError("MLflow 3 refuses file stores: use --tracking-uri sqlite:///path/mlflow.db or http://server:5000")
-        if fs.is_uri(self.out_dir) and not (self.tracking_uri or ENV_TRACKING_URI):
-            raise ConfigError(f"--out {self.out_dir} is remote: pass --tracking-uri (on the cluster, http://127.0.0.1:5000)")
+        _check_remote_out(self.out_dir, self.tracking_uri)
 
     def resolved(self) -> "RunConfig":
         """A copy with data-set defaults filled in (models, epochs, augmentation, tracking URI).
 
         Tracking defaults to $MLFLOW_TRACKING_URI, else a SQLite file in a local out_dir.
         """
-        out = self.out_dir if fs.is_uri(self.out_dir) else os.path.abspath(self.out_dir)
         return dataclasses.replace(
             self,
             models=tuple(self.models) or DEFAULT_MODELS[self.dataset],
             epochs=self.epochs or (2 if self.smoke else DEFAULT_EPOCHS[self.dataset]),
             augment=DEFAULT_AUGMENT[self.dataset] if self.augment is None else self.augment,
-            out_dir=out,
-            tracking_uri=self.tracking_uri or ENV_TRACKING_URI or f"sqlite:///{out}/mlflow.db",
+            **_resolve_outputs(self.out_dir, self.tracking_uri),
         )
 
     # Fields a rerun may change without invalidating finished work in the same out_dir.
@@ -211,15 +221,10 @@ class ImageNetConfig:
                 raise ConfigError(f"{flag} {path} does not exist: give an ImageFolder split (<path>/<class>/<image>) or Parquet of encoded images")
         if self.weights and not fs.is_uri(self.weights) and ("/" in self.weights or self.weights.endswith((".pt", ".pth"))) and not os.path.isfile(self.weights):
             raise ConfigError(f"--weights {self.weights} is not a file: give a state_dict file or a torchvision weights name (DEFAULT)")
-        if fs.is_uri(self.out_dir) and not (self.tracking_uri or ENV_TRACKING_URI):
-            raise ConfigError(f"--out {self.out_dir} is remote: pass --tracking-uri (on the cluster, http://127.0.0.1:5000)")
+        _check_remote_out(self.out_dir, self.tracking_uri)
 
     def resolved(self) -> "ImageNetConfig":
-        out = self.out_dir if fs.is_uri(self.out_dir) else os.path.abspath(self.out_dir)
-        return dataclasses.replace(
-            self, out_dir=out, train_model=self.train_model or self.model,
-            tracking_uri=self.tracking_uri or ENV_TRACKING_URI or f"sqlite:///{out}/mlflow.db",
-        )
+        return dataclasses.replace(self, train_model=self.train_model or self.model, **_resolve_outputs(self.out_dir, self.tracking_uri))
 
     REUSABLE_CHANGES = ("tracking_uri", "experiment", "out_dir", "select_batch", "gpus_per_trial")
 

@@ -216,3 +216,11 @@ def test_max_steps_stops_early():
     full = backward_selection(model, torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=None), max_steps=None)
     assert (res.order[:, 3:] == -1).all() and (res.order[:, :3] >= 0).all()
     assert res.forward_passes == 2 * (16 + 15 + 14) and full.forward_passes == 2 * 136
+
+
+def test_integer_images_are_rejected_before_any_forward_pass():
+    def forward(x):
+        raise AssertionError("the model must not run on invalid input")
+
+    with pytest.raises(ValueError, match="normalised floats"):
+        backward_selection(forward, torch.zeros(1, 1, 4, 4, dtype=torch.uint8))

@@ -36,7 +36,7 @@ from overinterp.pipeline.select_stage import SelectionSource, run_selection_stre
 from overinterp.pipeline.trial import TrialSpec, path_safe
 from overinterp.pipeline.tune_stage import run_trials
 from overinterp.report import accuracy_table
-from overinterp.selection import keep_mask, selector_tag
+from overinterp.selection import keep_mask, n_keep, selector_tag
 from overinterp.training import TrainConfig, evaluate
 
 SPLITS = {"train": "train", "test": "val"}  # store split name -> config field
@@ -84,10 +84,11 @@ def run_imagenet(config: ImageNetConfig, ray_address: str | None = None) -> dict
         for split, field in SPLITS.items():
             path = getattr(cfg, field)
             _log(f"BGSIS (k={cfg.pixels_per_step}) on {split} images of {path}")
-            ds = read_images(path, S, classes, cfg.max_images)
+            # decoded once into Ray's object store (spilling to disk), then read by selection and training
+            ds = read_images(path, S, classes, cfg.max_images).materialize()
             run_selection_stream("bgsis", source, split, ds, root, IMAGENET_MEAN, IMAGENET_STD, resources,
                                  cfg.pixels_per_step, select_batch=cfg.select_batch)
-            data[split] = materialize(read_images(path, S, classes, cfg.max_images))
+            data[split] = materialize(ds)
             write_random(root, split, data[split]["label"], HW, S, S, cfg.random_seed, cfg.select_batch, data[split]["image_id"])
 
         masks = {}
@@ -116,7 +117,7 @@ def run_imagenet(config: ImageNetConfig, ray_address: str | None = None) -> dict
 
         summary = {
             "model": cfg.model, "weights": cfg.weights, "train_model": cfg.train_model, "selector": sel_tag,
-            "fraction": cfg.fraction, "n_keep": int(masks[f"{cfg.train_model}/backselect"]["test"][0].sum()), "hw": HW,
+            "fraction": cfg.fraction, "n_keep": n_keep(cfg.fraction, HW), "hw": HW,
             "images": {s: int(len(data[s]["label"])) for s in SPLITS},
             "baseline": baseline,
             "accuracy": {cfg.train_model: {c: [results[TrialSpec(cfg.train_model, s, c).name]["accuracy"] for s in cfg.seeds]

@@ -154,9 +154,7 @@ def summarize(cfg: RunConfig, data: ImageDataset, full: dict, subs: dict, root: 
     for m in cfg.models:
         summary["accuracy"][m] = {
             "full": [full[TrialSpec(m, s, "full").name]["accuracy"] for s in cfg.seeds],
-            "backselect": [subs[TrialSpec(m, s, "backselect").name]["accuracy"] for s in cfg.seeds],
-            "random": [subs[TrialSpec(m, s, "random").name]["accuracy"] for s in cfg.seeds],
-            "backselect_positions": [subs[TrialSpec(m, s, "backselect_positions").name]["accuracy"] for s in cfg.seeds],
+            **{c: [subs[TrialSpec(m, s, c).name]["accuracy"] for s in cfg.seeds] for c in SUBSET_CONDITIONS},
         }
         summary["sis"][m], summary["variant_accuracy"][m] = {}, {}
         for variant, source in _sources(cfg, m).items():

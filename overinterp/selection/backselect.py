@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+
 def widen(logits: torch.Tensor) -> torch.Tensor:
     """Logits in fp32 or wider: half-precision logits are upcast, float64 stays float64."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -171,7 +172,8 @@ def _measure_best_chunk(forward: ForwardFunc, sample: torch.Tensor, limit: int, 
         elif size >= 4 * best:  # two doublings without a gain: past the peak
             break
         size *= 2
-    return min(best, limit) if best_rate else max(1, limit)
+    return best if best_rate else limit  # limit < 8: nothing measured, take the largest that fits
+
 
 class Scorer:
     """Scores candidates: p(target | candidate) for a stack of masked images, in fp32 or wider.
@@ -200,7 +202,8 @@ class Scorer:
         dtype = torch.bfloat16 if self.config.autocast == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the memory format the model was prepared for."""
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x.contiguous()
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +218,7 @@ class Scorer:
             if m < self.chunk:
                 part = torch.cat([part, part[:1].expand(self.chunk - m, *part.shape[1:])])
             with self._autocast():
-                out.append(torch.softmax(widen(self.forward(self._layout(part))), dim=1)[:m])
+                out.append(torch.softmax(widen(self.forward(self.layout(part))), dim=1)[:m])
         return torch.cat(out)
 
     def target_probs(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -246,7 +249,7 @@ def _score_step(scorer: Scorer, x_nhwc: torch.Tensor, remaining: torch.Tensor, t
     scores = torch.empty(n, device=x_nhwc.device, dtype=torch.promote_types(x_nhwc.dtype, torch.float32))
     flat_pixel = remaining.reshape(-1)  # (B*R,)
     # balanced chunks: 1,030 candidates at chunk 512 run as 3 x 344, not 512 + 512 + 6; compiled
-    # models keep one static size instead (the last chunk is padded in target_probs)
+    # models keep one static size instead (Scorer.probs pads the last chunk)
     size = scorer.chunk if scorer.config.compile else math.ceil(n / math.ceil(n / scorer.chunk))
     for start in range(0, n, size):
         stop = min(start + size, n)
@@ -293,15 +296,15 @@ def backward_selection(
     device = images.device
     B, C, H, W = images.shape
     HW = H * W
-    scorer = Scorer(forward, config, images)
+    if not images.is_floating_point():
+        raise ValueError("images must be normalised floats (see overinterp.data.normalize), got integers")
+    scorer = Scorer(forward, config, images)  # after the input checks: it times forward passes
     order = torch.full((B, HW), -1, dtype=torch.long, device=device)
     curve = torch.full((B, HW), float("nan"), dtype=torch.float32, device=device)
     rows = torch.arange(B, device=device)[:, None]
-    if not images.is_floating_point():
-        raise ValueError("images must be normalised floats (see overinterp.data.normalize), got integers")
     with torch.inference_mode():
         x = images.permute(0, 2, 3, 1).reshape(B, HW, C).clone()  # (B, HW, C) current masked images
-        probs = scorer.probs(images.contiguous(memory_format=torch.channels_last) if config.channels_last else images)
+        probs = scorer.probs(scorer.layout(images))
         target, confidence, pred = explained_class(probs, target)
         remaining = torch.arange(HW, device=device).expand(B, HW).clone()  # (B, R) ascending pixel ids
         removed, passes, steps = 0, 0, 0
