@@ -20,7 +20,7 @@ def twin(model, image, k):
         (g,) = torch.autograd.grad(p, m)
         g = g.flatten().tolist()
         free = sorted((i for i in range(H * W) if not masked[i]), key=lambda i: (-g[i], i))
-        for i in free[:k]:
+        for i in sorted(free[:k]):  # a step's pixels leave together: listed by pixel id
             masked[i] = True
             order.append(i)
     return order
@@ -66,6 +66,7 @@ def test_curve_is_constant_within_a_step_and_ends_all_masked():
     assert torch.allclose(res.curve[:, -1], all_masked.float())
     for row in res.order:
         assert sorted(row.tolist()) == list(range(16))
+    assert res.step_sizes == (5, 5, 5, 1)
 
 
 def test_dispatch_and_tags():

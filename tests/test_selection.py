@@ -111,6 +111,11 @@ def test_k_pixels_per_step_is_a_permutation_and_k1_is_exact():
     assert k3.forward_passes == 3 * (16 + 13 + 10 + 7 + 4 + 1) + 3 * 5
     # the curve of a step is p(c) after the whole step: one value repeated over its k removals
     assert torch.equal(k3.curve[:, 0], k3.curve[:, 2])
+    assert k3.step_sizes == (3, 3, 3, 3, 3, 1) and exact.step_sizes == (1,) * 16
+    for row in k3.order:  # a step's pixels leave together: listed by ascending pixel id
+        for start in range(0, 15, 3):
+            step = row[start : start + 3].tolist()
+            assert step == sorted(step)
 
 
 def test_engine_rejects_bad_input():

@@ -11,12 +11,15 @@ forward passes. The only host transfer is the final result.
 
 With pixels_per_step = k > 1 (an approximation; k = 1 is exact) the k best-scoring pixels of a step
 are removed together; the curve then holds p(c) after the whole step for each of those k removals,
-from one extra forward pass of the new masked images.
+from one extra forward pass of the new masked images. Pixels removed in one step are listed in
+ascending pixel index: they left together, so no order among them exists, and this canonical
+order is what the Parquet store keeps (it stores the step of each pixel, see overinterp/store.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import weakref
@@ -57,9 +60,13 @@ class SelectionResult:
     pred: torch.Tensor  # (B,) int64 predicted class c on the unmasked image
     confidence: torch.Tensor  # (B,) float32 p(c) on the unmasked image
     forward_passes: int  # candidate images scored (excludes the initial prediction)
+    # pixels removed at each step, shared by the batch (lock-step); sums to the pixels removed.
+    # Within a step `order` is ascending by pixel id and `curve` is constant (p(c) after the step).
+    step_sizes: tuple[int, ...] = ()
 
     def cpu(self) -> "SelectionResult":
-        return SelectionResult(self.order.cpu(), self.curve.cpu(), self.pred.cpu(), self.confidence.cpu(), self.forward_passes)
+        return dataclasses.replace(self, order=self.order.cpu(), curve=self.curve.cpu(), pred=self.pred.cpu(),
+                                   confidence=self.confidence.cpu())
 
 
 @dataclass(frozen=True)
@@ -308,6 +315,7 @@ def backward_selection(
         target, confidence, pred = explained_class(probs, target)
         remaining = torch.arange(HW, device=device).expand(B, HW).clone()  # (B, R) ascending pixel ids
         removed, passes, steps = 0, 0, 0
+        sizes: list[int] = []
         while removed < HW and (max_steps is None or steps < max_steps):
             R = HW - removed
             scores = _score_step(scorer, x, remaining, target, (C, H, W))  # (B, R)
@@ -316,8 +324,9 @@ def backward_selection(
             if k == 1:
                 best_score, pos = scores.max(1, keepdim=True)  # first max = lowest pixel id (ascending)
             else:
-                # stable descending sort keeps equal scores in ascending pixel order
-                pos = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+                # stable descending sort keeps equal scores in ascending pixel order; the step's k
+                # pixels are then listed by position (= ascending pixel id), the canonical order
+                pos = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].sort(1).values
             chosen = remaining.gather(1, pos)  # (B, k) pixel ids
             x[rows, chosen] = 0.0
             order[:, removed : removed + k] = chosen
@@ -331,9 +340,10 @@ def backward_selection(
             remaining = remaining[keep].view(B, R - k)  # boolean gather preserves ascending order
             removed += k
             steps += 1
+            sizes.append(k)
             if progress is not None:
                 progress(removed, HW)
-    return SelectionResult(order, curve, pred, confidence, passes)
+    return SelectionResult(order, curve, pred, confidence, passes, tuple(sizes))
 
 
 def brute_force_backward_selection(forward: ForwardFunc, image: torch.Tensor) -> tuple[list[int], list[float]]:

@@ -4,8 +4,9 @@ A batch of images shares one continuous mask m (B, 1, H, W), 0 = visible, 1 = ma
 sees (1 - m) * x, so a masked pixel is 0 after normalisation (the mean colour) on all channels.
 Each step is one forward and one backward pass of sum_b p_b(c_b): among the pixels not yet masked,
 the k with the largest gradient d p(c) / d m (masking them raises p(c) most, to first order) are
-masked. The step at which each pixel was masked defines the order (within a step, larger
-gradient first; ties to the lowest pixel index); the curve holds p(c) after each step.
+masked. The step at which each pixel was masked defines the order (within a step, ascending pixel
+index: the step's pixels are masked together, and the store keeps only the step); the curve holds
+p(c) after each step. Ties in the gradient go to the lowest pixel index.
 
 Cost: ceil(HW / k) steps of one forward + backward on B images, against HW(HW+1)/2 forward passes
 per image for exact BS; 299 px at k = 100 is 895 steps (the original example).
@@ -55,6 +56,7 @@ def batched_gradient_sis(
     order = torch.full((B, HW), -1, dtype=torch.long, device=device)
     curve = torch.full((B, HW), float("nan"), dtype=torch.float32, device=device)
     removed, steps, last = 0, 0, slice(0, 0)
+    sizes: list[int] = []
     while removed < HW and (max_steps is None or steps < max_steps):
         k = min(pixels_per_step, HW - removed)
         mask = masked.to(images.dtype).view(B, 1, H, W).requires_grad_(True)
@@ -65,16 +67,17 @@ def batched_gradient_sis(
         # already-masked pixels can never be chosen again
         score = torch.where(masked, torch.full_like(grad, -torch.inf), grad)
         # stable descending sort: equal gradients keep ascending pixel order
-        chosen = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
+        chosen = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k].sort(1).values  # (B, k) ascending
         masked.scatter_(1, chosen, True)
         order[:, removed : removed + k] = chosen
         last = slice(removed, removed + k)
         removed += k
         steps += 1
+        sizes.append(k)
         if progress is not None:
             progress(removed, HW)
     with torch.no_grad():  # p(c) after the last step (everything masked, unless stopped early)
         final = torch.softmax(widen(forward(images * (~masked).to(images.dtype).view(B, 1, H, W))), 1).gather(1, target[:, None])
     curve[:, last] = final
     # one forward per step (each with a backward) plus the unmasked and the all-masked forward
-    return SelectionResult(order, curve, pred, confidence, forward_passes=B * (steps + 2))
+    return SelectionResult(order, curve, pred, confidence, forward_passes=B * (steps + 2), step_sizes=tuple(sizes))
