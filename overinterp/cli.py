@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_arguments(r)
     sub.add_parser("models", help="list the model names --models accepts")
+    st = sub.add_parser("store", help="check or repair the Parquet store of a run's --out")
+    st.add_argument("action", choices=("check", "repair"),
+                    help="check: rows, repeated rows, missing ids, unreadable files per selection; "
+                         "repair: quarantine unreadable files and rewrite overlapping shards (never deletes data)")
+    st.add_argument("--out", dest="out_dir", required=True, help="the run's output directory or URI")
     return p
 
 
@@ -79,12 +84,33 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join(model_names()))
         return 0
+    if args.command == "store":
+        return store_command(args.action, args.out_dir)
     try:
         config = config_from_args(args)
     except ConfigError as e:
         print(f"overinterp: error: {e}", file=sys.stderr)
         return 2
     return execute(config, args.ray_address)
+
+
+def store_command(action: str, out: str) -> int:
+    """`overinterp store check|repair --out DIR`: exit 0 when the store is clean (after repair)."""
+    from overinterp import fs
+    from overinterp.store_check import check_store, repair_store, report_table
+
+    if not fs.exists(fs.join(out, "selections")):
+        print(f"overinterp: error: {out} holds no selections/ folder: give the --out of a run", file=sys.stderr)
+        return 2
+    if action == "repair":
+        actions = repair_store(out)
+        print("\n".join(actions) if actions else "nothing to repair")
+    reports = check_store(out)
+    print(report_table(reports))
+    bad = [r for r in reports if not r.ok]
+    print(f"{len(bad)} of {len(reports)} selections need attention" + ("; missing ids are redone by rerunning the same command" if any(r.missing for r in bad) else "")
+          if bad else f"all {len(reports)} selections are consistent")
+    return 1 if bad else 0
 
 
 def execute(config: RunConfig, ray_address: str | None = None, prog: str = "overinterp") -> int:

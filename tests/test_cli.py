@@ -47,3 +47,24 @@ def test_models_command_lists_names(capsys):
     assert main(["models"]) == 0
     names = capsys.readouterr().out.split()
     assert "resnet20" in names and "tv:resnet50" in names
+
+
+def test_store_check_and_repair_commands(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    import torch
+
+    from overinterp import store
+
+    root = str(tmp_path / "selections")
+    for ids in ([0, 1], [1, 2]):  # image 1 twice, identical rows
+        store.write_rows(root, model="m", selector="backselect", selector_params=json.dumps({}), split="test", image_id=np.array(ids),
+                         label=np.zeros(2), order=torch.arange(4).expand(2, 4), height=2, width=2)
+    assert main(["store", "check", "--out", str(tmp_path)]) == 1
+    assert "| m | backselect | test | 3 | 2 | 1 | 0 | 0 | 0 |" in capsys.readouterr().out
+    assert main(["store", "repair", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "rewrote" in printed and "all 1 selections are consistent" in printed
+    assert main(["store", "check", "--out", str(tmp_path / "nothing")]) == 2
+    assert "holds no selections/ folder" in capsys.readouterr().err

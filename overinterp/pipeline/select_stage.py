@@ -21,7 +21,7 @@ from overinterp import store
 from overinterp.data import normalize
 from overinterp.models import create_model, load_ensemble
 from overinterp.pipeline.resources import Resources
-from overinterp.selection import EngineConfig, params_json, random_order, run_selector, selector_tag
+from overinterp.selection import EngineConfig, params_json, run_selector, selector_tag
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,9 @@ class SelectionWorker:
             pred=res.pred.numpy(),
             confidence=res.confidence.numpy(),
             order=res.order,
+            step_sizes=res.step_sizes,
             curve=res.curve,
+            forward_passes=res.forward_passes // max(1, len(batch["image_id"])),
             height=H,
             width=W,
         )
@@ -168,6 +170,6 @@ def write_random(root: str, split: str, labels: np.ndarray, hw: int, height: int
         pos = todo[start : start + select_batch]
         store.write_rows(
             root, model="none", selector=tag, selector_params=params_json(params), split=split,
-            image_id=ids_all[pos], label=labels[pos], order=random_order(ids_all[pos], hw, seed, split), height=height, width=width,
+            image_id=ids_all[pos], label=labels[pos], height=height, width=width,  # the reader regenerates the order from the seed
         )
     return len(todo)
