@@ -5,7 +5,7 @@ Layout under a root (a local path or any URI pyarrow understands, e.g. s3://buck
     <root>/<model>/<selector tag>/<split>/part-<first id>-<n>-<uuid>.parquet
 
 Every file carries SCHEMA (with its version in the schema metadata); readers reject other
-versions and duplicate image ids. Files are written atomically (temporary name, then rename on
+versions, any other columns or types (checked before reading data), and duplicate image ids. Files are written atomically (temporary name, then rename on
 local disks; object stores publish a PUT whole), so a crash never leaves a partial shard, and a
 rerun skips the image ids already present.
 """
@@ -151,6 +151,9 @@ def _read_table(root: str, model: str, selector: str, split: str, columns: list[
         version = (schema.metadata or {}).get(b"overinterp_schema_version", b"?").decode()
         if version != SCHEMA_VERSION:
             raise StoreError(f"{f} has schema version {version}, this overinterp reads {SCHEMA_VERSION}: rerun selection into a new --out directory")
+        if not schema.equals(SCHEMA, check_metadata=False):  # also keeps out Ray's pickled-object columns, which unpickle on read
+            bad = sorted({x.name for x in set(schema) ^ set(SCHEMA)})  # fields in one and not the other
+            raise StoreError(f"{f} carries the store's version but not its columns (differs in {bad}): it was not written by overinterp; remove it, or use a new --out")
         tables.append(pq.read_table(f, filesystem=fs, columns=columns))
     if not tables:
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)

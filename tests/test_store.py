@@ -69,6 +69,15 @@ def test_other_schema_version_is_refused(tmp_path):
         store.read_selections(str(tmp_path), "m-s0", "backselect", "test")
 
 
+def test_other_columns_are_refused_before_reading(tmp_path):
+    path = _write(str(tmp_path), [0])
+    t = pq.read_table(path)
+    t = t.set_column(t.schema.get_field_index("order"), "order", pa.array(["x"], pa.string()))
+    pq.write_table(t.replace_schema_metadata(store.SCHEMA.metadata), path)
+    with pytest.raises(store.StoreError, match=r"carries the store's version but not its columns \(differs in \['order'\]\)"):
+        store.read_selections(str(tmp_path), "m-s0", "backselect", "test")
+
+
 def test_missing_selection_names_the_fix(tmp_path):
     with pytest.raises(store.StoreError, match="no selections stored"):
         store.read_selections(str(tmp_path), "m-s0", "backselect", "train")
