@@ -152,7 +152,8 @@ def _read_table(root: str, model: str, selector: str, split: str, columns: list[
         if version != SCHEMA_VERSION:
             raise StoreError(f"{f} has schema version {version}, this overinterp reads {SCHEMA_VERSION}: rerun selection into a new --out directory")
         if not schema.equals(SCHEMA, check_metadata=False):  # also keeps out Ray's pickled-object columns, which unpickle on read
-            bad = sorted({x.name for x in set(schema) ^ set(SCHEMA)})  # fields in one and not the other
+            names = set(schema.names) | set(SCHEMA.names)
+            bad = sorted(n for n in names if n not in schema.names or n not in SCHEMA.names or not schema.field(n).equals(SCHEMA.field(n)))
             raise StoreError(f"{f} carries the store's version but not its columns (differs in {bad}): it was not written by overinterp; remove it, or use a new --out")
         tables.append(pq.read_table(f, filesystem=fs, columns=columns))
     if not tables:
