@@ -82,3 +82,11 @@ def test_parquet_bad_blob_is_named_by_image_id(ray_session, tmp_path):
     good, skipped = decode_split(path, 16)
     assert len(skipped) == 1 and skipped[0][0] == f"{path} image_id 12"
     assert materialize(good)["image_id"].tolist() == [10, 11, 13]
+
+
+@pytest.mark.ray
+def test_parquet_column_types_are_checked(ray_session, tmp_path):
+    path = str(tmp_path / "train.parquet")
+    pq.write_table(pa.table({"image": pa.array(["not bytes"]), "label": pa.array(["cat"])}), path)
+    with pytest.raises(SourceError, match=r"train\.parquet: image is string, not binary; label is string, not an integer"):
+        read_images(path, 16)

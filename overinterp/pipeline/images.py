@@ -16,9 +16,10 @@ Bad files. A folder's layout is checked by listing it before anything is decoded
 without images, a class the train split lacks, an image outside a class folder: SourceError).
 Decoding runs in `map_batches` on the workers, which return one table per batch, so a file that
 does not decode still yields a row: a zero image, and the reason in `error` ('' for good rows).
-The driver materializes the decoded rows once, lists the bad ones with `decode_errors` (which
-reads only the small `path` and `error` columns from the object store, never the images) and
-streams the good ones with `drop_bad` (an Arrow filter over the stored blocks: no second decode).
+The driver materializes the decoded rows once, lists the bad ones with `decode_errors` (a
+projection to the small `path` and `error` columns on the workers: only those strings travel to
+the driver) and streams the good ones with `drop_bad` (an Arrow filter over the stored blocks).
+Neither decodes an image again.
 `decode_split` does all three. strict=True makes the first bad file a SourceError naming it.
 Rejected: raising in the worker by default (one bad JPEG kills an ImageNet job), filtering in the
 worker (loses the record: a silent skip), and an actor collecting errors (another moving part,
@@ -159,9 +160,16 @@ def read_images(path: str, image_size: int, classes: list[str] | None = None, li
     """
     if is_parquet(path):
         ds = ray.data.read_parquet(path)
-        missing = {"image", "label"} - set(ds.schema().names)
+        schema = ds.schema()
+        types = dict(zip(schema.names, schema.types))
+        missing = {"image", "label"} - set(types)
         if missing:
             raise SourceError(f"{path}: Parquet sources need columns image (encoded bytes) and label; missing {sorted(missing)}")
+        expected = {"image": ("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+                    "label": ("an integer", pa.types.is_integer), "image_id": ("an integer", pa.types.is_integer)}
+        wrong = [f"{c} is {types[c]}, not {kind}" for c, (kind, ok) in expected.items() if c in types and not ok(types[c])]
+        if wrong:
+            raise SourceError(f"{path}: {'; '.join(wrong)}: write encoded image bytes and integer labels (and image ids)")
         if limit:
             ds = ds.limit(limit)
         ds = ds.map_batches(_decode_parquet, fn_kwargs={"size": image_size, "source": path, "strict": strict},
@@ -202,7 +210,7 @@ def drop_bad(ds: ray.data.Dataset) -> ray.data.Dataset:
 def decode_errors(ds: ray.data.Dataset) -> tuple[tuple[str, str], ...]:
     """(path, reason) of every row of a `read_images` Dataset that failed to decode, sorted by path.
 
-    Reads only the `path` and `error` columns; on a materialized Dataset nothing is decoded again.
+    Only the `path` and `error` columns reach the driver; on a materialized Dataset nothing is decoded again.
     """
     bad = ds.select_columns(["path", "error"]).map_batches(_bad_rows, batch_format="pyarrow", batch_size=None)
     return tuple(sorted((r["path"], r["error"]) for r in bad.take_all()))
