@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from overinterp.data import CIFAR10_LAYOUT, CIFAR100_LAYOUT
+
 
 def synthetic_images(n: int, num_classes: int, size: int, channels: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (n, C, S, S) and int64 labels (n,), classes balanced."""
@@ -33,8 +35,6 @@ def write_cifar(root: str, n_train: int = 50, n_test: int = 10, dataset: str = "
     Records are the label byte(s) (CIFAR-100: coarse, then fine) and 3072 planar R, G, B pixels.
     (The python version is pickles, which the loader accepts only with the published checksums.)
     """
-    from overinterp.data import CIFAR10_LAYOUT, CIFAR100_LAYOUT
-
     layout = {"cifar10": CIFAR10_LAYOUT, "cifar100": CIFAR100_LAYOUT}[dataset]
     if n_train < len(layout.bin_train) or n_test < len(layout.bin_test):
         raise ValueError(f"write_cifar needs n_train >= {len(layout.bin_train)} and n_test >= 1 (no empty batch files)")

@@ -121,13 +121,13 @@ def test_cifar_binary_bad_files_are_named(tmp_path, damage, match):
 
 
 class _WritesMarker:
-    """A pickle payload: unpickling it calls os.system, which creates the marker file."""
+    """A pickle payload: unpickling it calls os.makedirs, which creates the marker."""
 
     def __init__(self, marker):
-        self.marker = marker
+        self.marker = str(marker)
 
     def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+        return (os.makedirs, (self.marker,))
 
 
 def _write_python_cifar10(root, payload=None, n=4, seed=0):
