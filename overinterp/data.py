@@ -3,10 +3,16 @@ train/test split and per-channel normalisation constants.
 
 Masking convention used everywhere downstream: a masked pixel is 0 *after* normalisation, i.e.
 the data set's mean colour, on all channels.
+
+Files are untrusted input: nothing is unpickled unless it matches a published checksum (CIFAR's
+python version), and every bad file is a DataError that names it and says what to do.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -37,6 +43,7 @@ class ImageDataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of image files that did not decode
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -55,7 +62,7 @@ class ImageDataset:
             idx = np.sort(rng.permutation(len(self.labels[split]))[:n])
             images[split] = self.images[split][idx]
             labels[split] = self.labels[split][idx]
-        return ImageDataset(self.name, images, labels, self.mean, self.std, self.classes)
+        return ImageDataset(self.name, images, labels, self.mean, self.std, self.classes, self.skipped)
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -86,7 +93,7 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
 
-def load_digits(root: str | None = None, download: bool = False, image_size: int | None = None) -> ImageDataset:
+def load_digits(root: str | None = None, download: bool = False, image_size: int | None = None, strict: bool = False) -> ImageDataset:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download).
 
     Split: stratified and fixed — per class, a permutation seeded with DIGITS_SPLIT_SEED puts the
@@ -112,62 +119,184 @@ def load_digits(root: str | None = None, download: bool = False, image_size: int
 
 
 # --- CIFAR-10 / CIFAR-100 ----------------------------------------------------------------------
+#
+# Two official on-disk versions, found under --data-root:
+# - binary (cifar-10-batches-bin/, cifar-100-binary/): fixed-size records parsed with numpy. Raw
+#   bytes cannot run code, so any file with the right structure is accepted (synthetic data too).
+# - python (cifar-10-batches-py/, cifar-100-python/): pickles. Unpickling runs whatever code the
+#   file names, so every file is checked against the published MD5 sum before anything is
+#   unpickled, and a file that does not match is refused. Only the official files pass.
+# When both folders are present the binary one is used: it is safe without a checksum.
+# --download fetches the python version (torchvision's MD5-checked download) when no binary folder
+# is there.
 
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
-
-def _torchvision_cifar(cls_name: str):
-    """torchvision's CIFAR class, checking only that its files exist (not their MD5).
-
-    torchvision verifies the official archives' MD5 sums, which rejects any other batch file; the
-    download itself (`--download`) is still MD5-checked by torchvision. A corrupt file fails to unpickle.
-    """
-    import torchvision.datasets as tvd
-
-    base = getattr(tvd, cls_name)
-    return type(
-        f"Local{cls_name}",
-        (base,),
-        {
-            "train_list": [[f, None] for f, _ in base.train_list],
-            "test_list": [[f, None] for f, _ in base.test_list],
-            "meta": {**base.meta, "md5": None},
-        },
-    )
+CIFAR_PIXELS = 3 * 32 * 32  # one image: 1024 R, then 1024 G, then 1024 B bytes, rows top to bottom
 
 
-def _load_cifar(cls_name: str, root: str | None, download: bool, mean, std, name: str) -> ImageDataset:
-    if root is None:
-        raise DataError(f"{name} needs --data-root DIR (the folder holding the CIFAR python batches; add --download to fetch them)")
-    if not download and not os.path.isdir(root):
-        raise DataError(f"--data-root {root} does not exist: point it at the folder holding CIFAR's batches, or add --download")
-    cls = _torchvision_cifar(cls_name)
-    if download:
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where one CIFAR data set's official files live and how its binary records are laid out."""
+
+    name: str  # data set name in DATASETS
+    tv_class: str  # torchvision class holding the python version's file names and MD5 sums
+    bin_folder: str
+    bin_train: tuple[str, ...]
+    bin_test: tuple[str, ...]
+    bin_names: str  # class names, one per line
+    label_ranges: tuple[int, ...]  # per label byte of a record: labels lie in 0..n-1
+    bin_url: str
+
+    @property
+    def py_folder(self) -> str:
+        return self.torchvision_class().base_folder
+
+    def py_files(self) -> list[tuple[str, str]]:
+        """(file name, published MD5) of every file the python version unpickles."""
+        tv = self.torchvision_class()
+        return [(f, md5) for f, md5 in tv.train_list + tv.test_list] + [(tv.meta["filename"], tv.meta["md5"])]
+
+    def torchvision_class(self):
+        """The torchvision dataset class (imported lazily: torchvision is slow to import)."""
         import torchvision.datasets as tvd
 
-        getattr(tvd, cls_name)(root, train=True, download=True)  # MD5-checked download
+        return getattr(tvd, self.tv_class)
+
+
+CIFAR10_LAYOUT = CifarLayout(
+    "cifar10", "CIFAR10", "cifar-10-batches-bin", tuple(f"data_batch_{i}.bin" for i in range(1, 6)), ("test_batch.bin",),
+    "batches.meta.txt", (10,), "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+)
+CIFAR100_LAYOUT = CifarLayout(
+    "cifar100", "CIFAR100", "cifar-100-binary", ("train.bin",), ("test.bin",),
+    "fine_label_names.txt", (20, 100), "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",  # coarse, fine
+)
+
+
+def read_cifar_binary(path: str, label_ranges: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR binary batch file -> uint8 images (N, 3, 32, 32) and uint8 labels (N, L).
+
+    A record is L label bytes then CIFAR_PIXELS pixel bytes (planar R, G, B). Raises DataError,
+    naming the file, when its length is not a positive whole number of records or a label is out
+    of range.
+    """
+    record = len(label_ranges) + CIFAR_PIXELS
+    size = os.path.getsize(path)
+    if size == 0 or size % record:
+        raise DataError(
+            f"{path}: {size} bytes is not a whole number of {record}-byte CIFAR records "
+            f"({len(label_ranges)} label byte(s) + {CIFAR_PIXELS} pixels): the file is truncated or not CIFAR binary; "
+            "replace it with the one from the official binary archive"
+        )
+    rows = np.fromfile(path, dtype=np.uint8).reshape(-1, record)  # (N, L + 3072)
+    labels = rows[:, : len(label_ranges)]
+    for j, n in enumerate(label_ranges):
+        bad = np.flatnonzero(labels[:, j] >= n)
+        if bad.size:
+            raise DataError(f"{path}: record {bad[0]} has label byte {j} = {labels[bad[0], j]}, outside 0..{n - 1}: "
+                            "the file is corrupt or not this CIFAR version; replace it with the official one")
+    images = rows[:, len(label_ranges):].reshape(-1, 3, 32, 32)
+    return np.ascontiguousarray(images), np.ascontiguousarray(labels)
+
+
+def _load_cifar_binary(layout: CifarLayout, folder: str) -> tuple[dict, dict, tuple[str, ...]]:
+    fix = f"restore it from {layout.bin_url}"
+    for f in (*layout.bin_train, *layout.bin_test, layout.bin_names):
+        if not os.path.isfile(os.path.join(folder, f)):
+            raise DataError(f"{os.path.join(folder, f)} is missing: {fix}, or remove {folder} to use the python version")
     images, labels = {}, {}
-    try:
-        for split in SPLITS:
-            ds = cls(root, train=(split == "train"), download=False)
-            images[split] = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))  # NHWC -> NCHW
-            labels[split] = np.asarray(ds.targets, dtype=np.int64)
-    except RuntimeError as e:
-        raise DataError(f"{name} files not found under --data-root {root} ({e}); add --download to fetch them") from e
-    return ImageDataset(name, images, labels, mean, std, tuple(ds.classes))
+    for split, files in (("train", layout.bin_train), ("test", layout.bin_test)):
+        parts = [read_cifar_binary(os.path.join(folder, f), layout.label_ranges) for f in files]
+        images[split] = np.concatenate([p[0] for p in parts])
+        labels[split] = np.concatenate([p[1] for p in parts])[:, -1].astype(np.int64)  # the last byte: fine label
+    names_path = os.path.join(folder, layout.bin_names)
+    with open(names_path, encoding="utf-8") as f:
+        classes = tuple(line.strip() for line in f if line.strip())
+    if len(classes) != layout.label_ranges[-1]:
+        raise DataError(f"{names_path} lists {len(classes)} class names, not {layout.label_ranges[-1]} (one per line): {fix}")
+    return images, labels, classes
 
 
-def load_cifar10(root: str | None = None, download: bool = False, image_size: int | None = None) -> ImageDataset:
-    """CIFAR-10 from `root/cifar-10-batches-py` (torchvision's layout), paper normalisation constants."""
-    return _load_cifar("CIFAR10", root, download, CIFAR10_MEAN, CIFAR10_STD, "cifar10")
+def _md5(path: str) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def load_cifar100(root: str | None = None, download: bool = False, image_size: int | None = None) -> ImageDataset:
-    """CIFAR-100 (fine labels) from `root/cifar-100-python`."""
-    return _load_cifar("CIFAR100", root, download, CIFAR100_MEAN, CIFAR100_STD, "cifar100")
+def verify_cifar_python(layout: CifarLayout, folder: str) -> None:
+    """Refuse the python version unless every file it unpickles matches its published MD5 sum.
+
+    Reads the files as bytes only; nothing is unpickled. Raises DataError naming the first bad file.
+    Other files in the folder (readme.html) are never opened.
+    """
+    for name, md5 in layout.py_files():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is missing: add --download to fetch {layout.name}, or use the binary version ({layout.bin_url})")
+        if _md5(path) != md5:
+            raise DataError(
+                f"{path} does not match the published MD5 of {layout.name}'s {name}, so it is not unpickled "
+                f"(unpickling can run code): add --download to replace it with the official file, "
+                f"or use the binary version ({layout.bin_folder}/, {layout.bin_url})"
+            )
+
+
+def _load_cifar_python(layout: CifarLayout, root: str) -> tuple[dict, dict, tuple[str, ...]]:
+    verify_cifar_python(layout, os.path.join(root, layout.py_folder))
+    cls = layout.torchvision_class()
+    images, labels = {}, {}
+    for split in SPLITS:
+        # torchvision checks every MD5 sum again on each split: with ours, three passes over CIFAR-10's
+        # 178 MB, 0.64 s each on this project's 2-core dev box (n=1): small beside training, kept on
+        ds = cls(root, train=(split == "train"), download=False)
+        images[split] = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))  # NHWC -> NCHW
+        labels[split] = np.asarray(ds.targets, dtype=np.int64)
+    return images, labels, tuple(ds.classes)
+
+
+def _load_cifar(layout: CifarLayout, root: str | None, download: bool, mean, std) -> ImageDataset:
+    where = f"{layout.py_folder}/ (python version, --download fetches it) or {layout.bin_folder}/ (binary version)"
+    if root is None:
+        raise DataError(f"{layout.name} needs --data-root DIR, the folder holding {where}")
+    if not download and not os.path.isdir(root):
+        raise DataError(f"--data-root {root} does not exist: point it at the folder holding {where}, or add --download")
+    bin_dir = os.path.join(root, layout.bin_folder)
+    if os.path.isdir(bin_dir):
+        images, labels, classes = _load_cifar_binary(layout, bin_dir)
+    else:
+        py_dir = os.path.join(root, layout.py_folder)
+        if download:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            try:
+                verify_cifar_python(layout, py_dir)
+            except DataError:  # missing or not official: fetch the archive (torchvision checks its MD5)
+                tv = layout.torchvision_class()
+                download_and_extract_archive(tv.url, root, filename=tv.filename, md5=tv.tgz_md5)
+        elif not os.path.isdir(py_dir):
+            raise DataError(f"--data-root {root} holds neither {layout.py_folder}/ nor {layout.bin_folder}/: "
+                            "add --download to fetch the python version, or point --data-root at the folder holding one")
+        images, labels, classes = _load_cifar_python(layout, root)
+    return ImageDataset(layout.name, images, labels, mean, std, classes)
+
+
+def load_cifar10(root: str | None = None, download: bool = False, image_size: int | None = None, strict: bool = False) -> ImageDataset:
+    """CIFAR-10 from `root/cifar-10-batches-bin` or `root/cifar-10-batches-py`; paper normalisation.
+
+    Every problem with CIFAR's files is fatal, so `strict` changes nothing here.
+    """
+    return _load_cifar(CIFAR10_LAYOUT, root, download, CIFAR10_MEAN, CIFAR10_STD)
+
+
+def load_cifar100(root: str | None = None, download: bool = False, image_size: int | None = None, strict: bool = False) -> ImageDataset:
+    """CIFAR-100 (fine labels) from `root/cifar-100-binary` or `root/cifar-100-python`."""
+    return _load_cifar(CIFAR100_LAYOUT, root, download, CIFAR100_MEAN, CIFAR100_STD)
 
 
 # --- ImageNet-style folders ---------------------------------------------------------------------
@@ -175,6 +304,12 @@ def load_cifar100(root: str | None = None, download: bool = False, image_size: i
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+HIDDEN_PREFIXES = (".", "_")  # class folders Ray Data's file listing skips; we skip them too
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image extension (any case), as Ray Data's filter matches it."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def resize_center_crop(img, image_size: int) -> np.ndarray:
@@ -195,15 +330,60 @@ def resize_center_crop(img, image_size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
-def load_imagefolder(root: str | None = None, download: bool = False, image_size: int | None = None) -> ImageDataset:
+def decode_image(data: bytes, image_size: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 (3, S, S) by `resize_center_crop`; raises if not fully decodable.
+
+    `load()` decodes every byte now, so a truncated file raises here instead of decoding partially
+    (that relies on PIL's ImageFile.LOAD_TRUNCATED_IMAGES being False, its default).
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return resize_center_crop(im, image_size)
+
+
+def decode_failure(e: Exception) -> str:
+    """A short one-line reason for a failed `decode_image`."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image PIL can read"
+    return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+
+
+def skipped_summary(skipped: tuple[tuple[str, str], ...] | list, first: int = 10) -> dict:
+    """For summary.json: {"count": n, "first": [{"path", "reason"}, ...]} of skipped images."""
+    return {"count": len(skipped), "first": [{"path": p, "reason": r} for p, r in list(skipped)[:first]]}
+
+
+def skipped_line(skipped: tuple[tuple[str, str], ...] | list, first: int = 3) -> str:
+    """For the log: one line counting skipped images and naming the first few with their reasons."""
+    listed = "; ".join(f"{p} ({r})" for p, r in list(skipped)[:first])
+    more = f"; and {len(skipped) - first} more" if len(skipped) > first else ""
+    return f"skipped {len(skipped)} image(s) that could not be decoded: {listed}{more} (--strict makes this fatal)"
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(HIDDEN_PREFIXES))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under a class folder, recursively (like Ray Data and torchvision's ImageFolder)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p.name))
+
+
+def load_imagefolder(root: str | None = None, download: bool = False, image_size: int | None = None, strict: bool = False) -> ImageDataset:
     """An ImageNet-style tree `root/{train,val}/<class>/<image>` held in memory.
 
     Images are resized and centre-cropped by `resize_center_crop` to `image_size` (default 224);
     ImageNet normalisation constants. Classes are the sorted sub-folder names of `train/`.
+    The layout is checked before anything is decoded: a class folder with no image files, a class
+    of val/ that train/ lacks, or a split with no images is a DataError naming the folder.
+    A file with an image extension that does not decode is skipped and recorded in `skipped`
+    (path relative to root, reason), or with `strict` raises a DataError naming it.
     For data sets too big for memory, jobs/sis_imagenet.py streams images with Ray Data instead.
     """
-    from PIL import Image
-
     if root is None:
         raise DataError("imagefolder needs --data-root DIR with train/<class>/ and val/<class>/ sub-folders")
     if download:
@@ -211,29 +391,53 @@ def load_imagefolder(root: str | None = None, download: bool = False, image_size
     size = image_size or 224
     base = Path(root)
     test_dir = "val" if (base / "val").is_dir() else "test"
+    layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image>"
     for d in ("train", test_dir):
         if not (base / d).is_dir():
-            raise DataError(f"--data-root {root} has no {d}/ folder: expected {root}/train/<class>/ and {root}/val/<class>/")
-    classes = tuple(sorted(p.name for p in (base / "train").iterdir() if p.is_dir()))
+            raise DataError(f"--data-root {root} has no {d}/ folder: {layout}")
+    classes = tuple(_class_folders(base / "train"))
     if not classes:
-        raise DataError(f"{root}/train has no class sub-folders")
-    images, labels = {}, {}
+        raise DataError(f"{root}/train has no class sub-folders: {layout}")
+    files: dict[str, list[tuple[int, Path]]] = {}
+    for split, d in (("train", "train"), ("test", test_dir)):
+        present = _class_folders(base / d)
+        for cls in present:
+            if cls not in classes:
+                raise DataError(f"{root}/{d}/{cls}: class folder {cls!r} is not among the train classes: remove it, or add {root}/train/{cls}/")
+        files[split] = []
+        for cls in present:
+            found = _image_files(base / d / cls)
+            if not found:
+                raise DataError(f"{root}/{d}/{cls} holds no images ({', '.join(IMAGE_EXTENSIONS)}): remove it, or add images")
+            files[split] += [(classes.index(cls), f) for f in found]
+        if not files[split]:
+            raise DataError(f"no images under {root}/{d}/: {layout}")
+
+    images, labels, skipped = {}, {}, []
     for split, d in (("train", "train"), ("test", test_dir)):
         imgs, labs = [], []
-        for label, cls in enumerate(classes):
-            folder = base / d / cls
-            if not folder.is_dir():
+        for label, f in files[split]:
+            try:
+                imgs.append(decode_image(f.read_bytes(), size))
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad files
+                rel = f.relative_to(base).as_posix()
+                if strict:
+                    raise DataError(f"{f}: cannot decode ({decode_failure(e)}): remove the file, or drop --strict to skip it") from e
+                skipped.append((rel, decode_failure(e)))
                 continue
-            for f in sorted(folder.iterdir()):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
-                    with Image.open(f) as im:
-                        imgs.append(resize_center_crop(im, size))
-                    labs.append(label)
-        if not imgs:
-            raise DataError(f"no images found under {root}/{d}/<class>/ (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+            labs.append(label)
+        labs = np.asarray(labs, dtype=np.int64)
+        n_files = np.bincount([label for label, _ in files[split]], minlength=len(classes))
+        dead = np.flatnonzero((n_files > 0) & (np.bincount(labs, minlength=len(classes)) == 0))
+        if dead.size:  # a class folder whose every image was skipped
+            cls = classes[dead[0]]
+            first = next(p for p, _ in skipped if p.startswith(f"{d}/{cls}/"))
+            raise DataError(f"{root}/{d}/{cls}: none of its {n_files[dead[0]]} images could be decoded (first: {first}): fix or remove them")
         images[split] = np.stack(imgs)
-        labels[split] = np.asarray(labs, dtype=np.int64)
-    return ImageDataset("imagefolder", images, labels, IMAGENET_MEAN, IMAGENET_STD, classes)
+        labels[split] = labs
+    if skipped:
+        logging.getLogger(__name__).warning("%s: %s", root, skipped_line(skipped))
+    return ImageDataset("imagefolder", images, labels, IMAGENET_MEAN, IMAGENET_STD, classes, tuple(skipped))
 
 
 # --- registry -----------------------------------------------------------------------------------
@@ -259,7 +463,11 @@ def check_dataset_args(name: str, root: str | None, download: bool) -> None:
         raise DataError("imagefolder cannot be downloaded: drop --download")
 
 
-def load_dataset(name: str, root: str | None = None, download: bool = False, image_size: int | None = None) -> ImageDataset:
-    """Load a registered data set by name (see DATASETS)."""
+def load_dataset(name: str, root: str | None = None, download: bool = False, image_size: int | None = None,
+                 strict: bool = False) -> ImageDataset:
+    """Load a registered data set by name (see DATASETS).
+
+    strict: make an image file that does not decode fatal instead of skipping it (`--strict`).
+    """
     check_dataset_args(name, root, download)
-    return DATASETS[name](root=root, download=download, image_size=image_size)
+    return DATASETS[name](root=root, download=download, image_size=image_size, strict=strict)

@@ -62,6 +62,10 @@ SCHEMA = pa.schema(
     ],
     metadata={"overinterp_schema_version": SCHEMA_VERSION},
 )
+# version 1 (before 2026-11-23) stored the order and a per-pixel curve; read and converted
+V1_SCHEMA = pa.schema([pa.field(f.name, f.type, nullable=f.nullable) for f in SCHEMA if f.name not in ("removal_step", "curve", "forward_passes", "model", "selector", "selector_params")]
+                      + [pa.field("order", pa.list_(pa.int32()), nullable=False), pa.field("curve", pa.list_(pa.float32()), nullable=True)]
+                      + [SCHEMA.field(n) for n in ("model", "selector", "selector_params")])
 REPAIR_HINT = "run `overinterp store repair --out {out}`"
 CURVE_TOLERANCE = 1e-5  # rows of one image agree if their curves differ by less (another batch's float noise)
 
@@ -246,6 +250,12 @@ def read_shard(fs: pafs.FileSystem, path: str, columns: list[str] | None = None,
     if version not in READABLE_VERSIONS:
         raise StoreError(f"{path} has schema version {version}, this overinterp reads {', '.join(READABLE_VERSIONS)}: "
                          f"{hint} to quarantine it, or write to a new --out directory")
+    expected = SCHEMA if version == SCHEMA_VERSION else V1_SCHEMA
+    if not schema.equals(expected, check_metadata=False):  # also keeps out Ray's pickled-object columns, which unpickle on read
+        names = set(schema.names) | set(expected.names)
+        bad = sorted(n for n in names if n not in schema.names or n not in expected.names or not schema.field(n).equals(expected.field(n)))
+        raise StoreError(f"{path} carries the store's version but not its columns (differs in {bad}): it was not written by overinterp; "
+                         f"{hint} to quarantine it, or use a new --out")
     want = None if version == "1" else columns  # version-1 shards are small: converted whole
     try:
         table = pq.read_table(path, filesystem=fs, columns=want)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 
 import numpy as np
+
+from overinterp.data import CIFAR10_LAYOUT, CIFAR100_LAYOUT
 
 
 def synthetic_images(n: int, num_classes: int, size: int, channels: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -27,25 +28,33 @@ def synthetic_images(n: int, num_classes: int, size: int, channels: int = 3, see
 
 
 def write_cifar(root: str, n_train: int = 50, n_test: int = 10, dataset: str = "cifar10", seed: int = 0) -> str:
-    """CIFAR's python pickles under root (torchvision's layout); returns the batches folder."""
-    if dataset == "cifar10":
-        folder, train_files, test_files = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
-        meta, meta_key, label_key, k = "batches.meta", "label_names", "labels", 10
-    else:
-        folder, train_files, test_files = "cifar-100-python", ["train"], ["test"]
-        meta, meta_key, label_key, k = "meta", "fine_label_names", "fine_labels", 100
-    base = os.path.join(root, folder)
+    """CIFAR's official *binary* version under root; returns the batches folder.
+
+    cifar10: cifar-10-batches-bin/{data_batch_1..5,test_batch}.bin and batches.meta.txt;
+    cifar100: cifar-100-binary/{train,test}.bin, fine_label_names.txt and coarse_label_names.txt.
+    Records are the label byte(s) (CIFAR-100: coarse, then fine) and 3072 planar R, G, B pixels.
+    (The python version is pickles, which the loader accepts only with the published checksums.)
+    """
+    layout = {"cifar10": CIFAR10_LAYOUT, "cifar100": CIFAR100_LAYOUT}[dataset]
+    if n_train < len(layout.bin_train) or n_test < len(layout.bin_test):
+        raise ValueError(f"write_cifar needs n_train >= {len(layout.bin_train)} and n_test >= 1 (no empty batch files)")
+    k = layout.label_ranges[-1]
+    base = os.path.join(root, layout.bin_folder)
     os.makedirs(base, exist_ok=True)
     images, labels = synthetic_images(n_train + n_test, k, 32, 3, seed)
     splits = {"train": (images[:n_train], labels[:n_train]), "test": (images[n_train:], labels[n_train:])}
-    for split, files in (("train", train_files), ("test", test_files)):
+    for split, files in (("train", layout.bin_train), ("test", layout.bin_test)):
         imgs, labs = splits[split]
         for part, name in zip(np.array_split(np.arange(len(labs)), len(files)), files):
-            rows = imgs[part].reshape(len(part), 3 * 32 * 32)  # planar R, G, B rows, as CIFAR stores them
-            with open(os.path.join(base, name), "wb") as f:
-                pickle.dump({"data": rows, label_key: labs[part].tolist(), "batch_label": name}, f)
-    with open(os.path.join(base, meta), "wb") as f:
-        pickle.dump({meta_key: [f"class{i}" for i in range(k)]}, f)
+            label_bytes = [labs[part] // 5, labs[part]] if dataset == "cifar100" else [labs[part]]  # coarse = fine // 5 here
+            rows = np.concatenate([np.stack(label_bytes, 1), imgs[part].reshape(len(part), -1)], 1).astype(np.uint8)
+            rows.tofile(os.path.join(base, name))
+    names = {layout.bin_names: [f"class{i}" for i in range(k)]}
+    if dataset == "cifar100":
+        names["coarse_label_names.txt"] = [f"superclass{i}" for i in range(20)]
+    for fname, lines in names.items():
+        with open(os.path.join(base, fname), "w") as f:
+            f.write("\n".join(lines) + "\n")
     return base
 
 

@@ -121,9 +121,7 @@ def test_random_rows_store_no_order_and_regenerate_it(tmp_path):
 
 
 def test_version_1_shards_are_read(tmp_path):
-    v1 = pa.schema([pa.field(f.name, f.type) for f in store.SCHEMA if f.name not in ("removal_step", "curve", "forward_passes")]
-                   + [pa.field("order", pa.list_(pa.int32())), pa.field("curve", pa.list_(pa.float32()))],
-                   metadata={"overinterp_schema_version": "1"})
+    v1 = store.V1_SCHEMA.with_metadata({"overinterp_schema_version": "1"})
     d = tmp_path / "m-s0" / "backselect" / "test"
     d.mkdir(parents=True)
     rows = {"image_id": [0], "split": ["test"], "label": [1], "pred": [1], "confidence": [0.9], "height": [2], "width": [2],
@@ -138,6 +136,15 @@ def test_other_schema_version_is_refused_with_the_fix(tmp_path):
     t = pq.read_table(path)
     pq.write_table(t.replace_schema_metadata({"overinterp_schema_version": "9"}), path)
     with pytest.raises(store.StoreError, match="schema version 9.*overinterp store repair"):
+        store.read_selections(str(tmp_path), "m-s0", "backselect", "test")
+
+
+def test_other_columns_are_refused_before_reading(tmp_path):
+    path = _write(str(tmp_path), [0])
+    t = pq.read_table(path)
+    t = t.set_column(t.schema.get_field_index("removal_step"), "removal_step", pa.array(["x"], pa.string()))
+    pq.write_table(t.replace_schema_metadata(store.SCHEMA.metadata), path)
+    with pytest.raises(store.StoreError, match=r"carries the store's version but not its columns \(differs in \['removal_step'\]\)"):
         store.read_selections(str(tmp_path), "m-s0", "backselect", "test")
 
 

@@ -6,23 +6,38 @@ Two source layouts, chosen by what the path holds:
 - Parquet of encoded images: columns `image` (encoded bytes), `label` (int) and optionally
   `image_id` (int64); a file or a folder of files.
 
-Every row leaves as {image_id: int64, label: int64, image: uint8 (3, S, S)}, resized and centre-
-cropped like `overinterp.data.resize_center_crop`. Image ids are stable across runs (the given
-`image_id`, else a hash of the image's path within the source or of its bytes), which is what lets a
-rerun skip images already in the store.
+Every row leaves as {image_id: int64, label: int64, image: uint8 (3, S, S), path: str, error: str},
+resized and centre-cropped like `overinterp.data.resize_center_crop`. Image ids are stable across
+runs (the given `image_id`, else a hash of the image's path within the source or of its bytes),
+which is what lets a rerun skip images already in the store. `path` names the image for people:
+its path within an ImageFolder split, or "<source> image_id <id>" for Parquet.
+
+Bad files. A folder's layout is checked by listing it before anything is decoded (a class folder
+without images, a class the train split lacks, an image outside a class folder: SourceError).
+Decoding runs in `map_batches` on the workers, which return one table per batch, so a file that
+does not decode still yields a row: a zero image, and the reason in `error` ('' for good rows).
+The driver materializes the decoded rows once, lists the bad ones with `decode_errors` (a
+projection to the small `path` and `error` columns on the workers: only those strings travel to
+the driver) and streams the good ones with `drop_bad` (an Arrow filter over the stored blocks).
+Neither decodes an image again.
+`decode_split` does all three. strict=True makes the first bad file a SourceError naming it.
+Rejected: raising in the worker by default (one bad JPEG kills an ImageNet job), filtering in the
+worker (loses the record: a silent skip), and an actor collecting errors (another moving part,
+and a retried task would report its files twice).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 
 from overinterp import fs
-from overinterp.data import IMAGE_EXTENSIONS, resize_center_crop
+from overinterp.data import HIDDEN_PREFIXES, IMAGE_EXTENSIONS, decode_failure, decode_image, is_image_name
 
 
 class SourceError(ValueError):
@@ -34,14 +49,14 @@ def stable_id(data: bytes) -> int:
     return int.from_bytes(hashlib.sha1(data).digest()[:8], "big") & (2**63 - 1)
 
 
-def _entries(path: str) -> list[pafs.FileInfo]:
+def _entries(path: str, recursive: bool = False) -> list[pafs.FileInfo]:
     f, p = fs.resolve(path)
     info = f.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
         raise SourceError(f"{path} does not exist: give an ImageFolder split (<path>/<class>/<image>) or Parquet of encoded images")
     if info.type == pafs.FileType.File:
         return [info]
-    return f.get_file_info(pafs.FileSelector(p))
+    return f.get_file_info(pafs.FileSelector(p, recursive=recursive))
 
 
 def is_parquet(path: str) -> bool:
@@ -50,69 +65,169 @@ def is_parquet(path: str) -> bool:
 
 
 def list_classes(path: str) -> list[str]:
-    """Sorted class folder names of an ImageFolder split."""
-    classes = sorted(e.base_name for e in _entries(path) if e.type == pafs.FileType.Directory and not e.base_name.startswith("."))
+    """Sorted class folder names of an ImageFolder split (names starting with . or _ are skipped, as Ray Data does)."""
+    classes = sorted(e.base_name for e in _entries(path) if e.type == pafs.FileType.Directory and not e.base_name.startswith(HIDDEN_PREFIXES))
     if not classes:
         raise SourceError(f"{path} has no class sub-folders: expected {path}/<class>/<image>")
     return classes
 
 
-def _decode(image_bytes, size: int) -> np.ndarray:
-    from PIL import Image
+def check_folder(path: str, classes: list[str]) -> dict[str, int]:
+    """Image files per class folder of an ImageFolder split, from one recursive listing.
 
-    with Image.open(io.BytesIO(image_bytes)) as im:
-        return resize_center_crop(im, size)
+    Raises SourceError naming the folder or file for: a class folder without image files, a class
+    folder not in `classes` (the train split's), an image file outside a class folder.
+    """
+    _, root = fs.resolve(path)
+    root = root.rstrip("/")
+    counts: dict[str, int] = {}
+    for e in _entries(path, recursive=True):
+        rel = e.path[len(root):].lstrip("/")
+        top = rel.split("/")[0]
+        if top.startswith(HIDDEN_PREFIXES):
+            continue
+        if e.type == pafs.FileType.Directory and "/" not in rel:
+            counts.setdefault(top, 0)
+        elif e.type == pafs.FileType.File and is_image_name(e.base_name):
+            if "/" not in rel:
+                raise SourceError(f"{path}/{rel}: image outside a class folder: move it into {path}/<class>/, or remove it")
+            counts[top] = counts.get(top, 0) + 1
+    if not counts:
+        raise SourceError(f"{path} has no class sub-folders: expected {path}/<class>/<image>")
+    for cls, n in sorted(counts.items()):
+        if cls not in classes:
+            raise SourceError(f"{path}/{cls}: class folder {cls!r} is not among the train classes: remove it, or add it to the train split")
+        if n == 0:
+            raise SourceError(f"{path}/{cls} holds no images ({', '.join(IMAGE_EXTENSIONS)}): remove it, or add images")
+    return counts
 
 
-def _decode_folder(batch: dict, root: str, classes: list[str], size: int) -> dict:
+def _decode_rows(blobs, names: list[str], size: int, strict: bool) -> dict:
+    """Decode each blob; a failure gives a zero image and its reason (strict: a SourceError)."""
+    images, errors = [], []
+    for b, name in zip(blobs, names):
+        try:
+            images.append(decode_image(bytes(b), size))
+            errors.append("")
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad files
+            if strict:
+                raise SourceError(f"{name}: cannot decode ({decode_failure(e)}): remove the file, or drop --strict to skip it") from e
+            images.append(np.zeros((3, size, size), dtype=np.uint8))
+            errors.append(decode_failure(e))
+    return {"image": np.stack(images), "error": np.array(errors, dtype=object)}
+
+
+def _decode_folder(batch: dict, root: str, classes: list[str], size: int, strict: bool = False) -> dict:
     index = {c: i for i, c in enumerate(classes)}
     rel = [p[len(root):].lstrip("/") if p.startswith(root) else p for p in batch["path"]]
     labels = []
     for r, p in zip(rel, batch["path"]):
         cls = r.split("/")[0]
-        if cls not in index:
+        if cls not in index:  # check_folder refuses these before decoding; kept for direct callers
             raise SourceError(f"{p}: class folder {cls!r} is not among the train classes")
         labels.append(index[cls])
     return {
         "image_id": np.array([stable_id(r.encode()) for r in rel], dtype=np.int64),
         "label": np.array(labels, dtype=np.int64),
-        "image": np.stack([_decode(b, size) for b in batch["bytes"]]),
+        "path": np.array(rel, dtype=object),
+        **_decode_rows(batch["bytes"], list(batch["path"]), size, strict),
     }
 
 
-def _decode_parquet(batch: dict, size: int) -> dict:
+def _decode_parquet(batch: dict, size: int, source: str = "", strict: bool = False) -> dict:
     ids = batch.get("image_id")
+    ids = np.asarray(ids, dtype=np.int64) if ids is not None else np.array([stable_id(bytes(b)) for b in batch["image"]], dtype=np.int64)
+    names = [f"{source} image_id {i}" for i in ids]
     return {
-        "image_id": np.asarray(ids, dtype=np.int64) if ids is not None else np.array([stable_id(bytes(b)) for b in batch["image"]], dtype=np.int64),
+        "image_id": ids,
         "label": np.asarray(batch["label"], dtype=np.int64),
-        "image": np.stack([_decode(bytes(b), size) for b in batch["image"]]),
+        "path": np.array(names, dtype=object),
+        **_decode_rows(batch["image"], names, size, strict),
     }
 
 
-def read_images(path: str, image_size: int, classes: list[str] | None = None, limit: int | None = None) -> ray.data.Dataset:
+def read_images(path: str, image_size: int, classes: list[str] | None = None, limit: int | None = None,
+                strict: bool = False) -> ray.data.Dataset:
     """A Ray Dataset of decoded, labelled images from an ImageFolder split or encoded Parquet.
+
+    Rows that failed to decode are included (zero image, reason in `error`): pass the Dataset
+    through `drop_bad` before use and list them with `decode_errors`, or call `decode_split`.
 
     Args:
         classes: the class order for folder sources (the train split's); None for Parquet.
         limit: keep only the first `limit` images (smoke runs, pilots).
+        strict: raise SourceError at the first image that does not decode (`--strict`).
     """
     if is_parquet(path):
         ds = ray.data.read_parquet(path)
-        missing = {"image", "label"} - set(ds.schema().names)
+        schema = ds.schema()
+        types = dict(zip(schema.names, schema.types))
+        missing = {"image", "label"} - set(types)
         if missing:
             raise SourceError(f"{path}: Parquet sources need columns image (encoded bytes) and label; missing {sorted(missing)}")
+        expected = {"image": ("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+                    "label": ("an integer", pa.types.is_integer), "image_id": ("an integer", pa.types.is_integer)}
+        wrong = [f"{c} is {types[c]}, not {kind}" for c, (kind, ok) in expected.items() if c in types and not ok(types[c])]
+        if wrong:
+            raise SourceError(f"{path}: {'; '.join(wrong)}: write encoded image bytes and integer labels (and image ids)")
         if limit:
             ds = ds.limit(limit)
-        return ds.map_batches(_decode_parquet, fn_kwargs={"size": image_size}, batch_format="numpy", batch_size=64)
+        ds = ds.map_batches(_decode_parquet, fn_kwargs={"size": image_size, "source": path, "strict": strict},
+                            batch_format="numpy", batch_size=64)
+        return _raising_source_errors(ds) if strict else ds
     if classes is None:
         classes = list_classes(path)
+    check_folder(path, classes)  # the layout, before anything is decoded
     _, root = fs.resolve(path)
-    exts = [e.lstrip(".") for e in IMAGE_EXTENSIONS] + [e.lstrip(".").upper() for e in IMAGE_EXTENSIONS]
+    exts = [e.lstrip(".") for e in IMAGE_EXTENSIONS]  # Ray Data matches extensions in any case
     ds = ray.data.read_binary_files(path, include_paths=True, file_extensions=exts)
     if limit:
         ds = ds.limit(limit)
-    return ds.map_batches(_decode_folder, fn_kwargs={"root": root.rstrip("/"), "classes": classes, "size": image_size},
-                          batch_format="numpy", batch_size=64)
+    ds = ds.map_batches(_decode_folder, fn_kwargs={"root": root.rstrip("/"), "classes": classes, "size": image_size, "strict": strict},
+                        batch_format="numpy", batch_size=64)
+    return _raising_source_errors(ds) if strict else ds
+
+
+def _raising_source_errors(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """Let a worker's SourceError reach the driver as itself (Ray Data wraps it by default)."""
+    ds.context.raise_original_map_exception = True  # this Dataset's own copy of the context
+    return ds
+
+
+def _good_rows(table: pa.Table) -> pa.Table:
+    return table.filter(pc.equal(table["error"], ""))
+
+
+def _bad_rows(table: pa.Table) -> pa.Table:
+    return table.filter(pc.not_equal(table["error"], ""))
+
+
+def drop_bad(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """The rows of a `read_images` Dataset whose image decoded (lazy; an Arrow filter per block)."""
+    return ds.map_batches(_good_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+def decode_errors(ds: ray.data.Dataset) -> tuple[tuple[str, str], ...]:
+    """(path, reason) of every row of a `read_images` Dataset that failed to decode, sorted by path.
+
+    Only the `path` and `error` columns reach the driver; on a materialized Dataset nothing is decoded again.
+    """
+    bad = ds.select_columns(["path", "error"]).map_batches(_bad_rows, batch_format="pyarrow", batch_size=None)
+    return tuple(sorted((r["path"], r["error"]) for r in bad.take_all()))
+
+
+def decode_split(path: str, image_size: int, classes: list[str] | None = None, limit: int | None = None,
+                 strict: bool = False) -> tuple[ray.data.Dataset, tuple[tuple[str, str], ...]]:
+    """Decode a source once into Ray's object store; returns (good rows, (path, reason) of bad files).
+
+    The rows are read from the stored blocks by every consumer (selection, `materialize`) without
+    decoding again. Same arguments as `read_images`; strict raises SourceError naming the file.
+    """
+    try:
+        decoded = read_images(path, image_size, classes, limit, strict).materialize()
+    except SourceError as e:  # from a worker (strict): Ray wraps it and appends retry advice; keep our line
+        raise SourceError(str(getattr(e, "cause", None) or e).splitlines()[0]) from None
+    return drop_bad(decoded), decode_errors(decoded)
 
 
 def materialize(ds: ray.data.Dataset) -> dict[str, np.ndarray]:
@@ -124,6 +239,9 @@ def materialize(ds: ray.data.Dataset) -> dict[str, np.ndarray]:
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         raise SourceError("the image source yielded no images")
+    bad = [p for part in parts if "error" in part for p, e in zip(part["path"], part["error"]) if e]
+    if bad:  # a caller bug, not bad input: zero images must never reach training
+        raise SourceError(f"{len(bad)} rows failed to decode (first: {bad[0]}): pass the Dataset through drop_bad first")
     out = {k: np.concatenate([p[k] for p in parts]) for k in ("image_id", "label", "image")}
     order = np.argsort(out["image_id"], kind="stable")
     out = {k: v[order] for k, v in out.items()}

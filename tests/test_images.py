@@ -1,0 +1,92 @@
+"""pipeline/images.py: the folder layout is checked before decoding; files that do not decode are
+rows with a reason, listed and dropped by the driver (or fatal with strict). Real JPEG/PNG files."""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from overinterp.pipeline.images import SourceError, check_folder, decode_split, list_classes, materialize, read_images
+from overinterp.synthetic import write_encoded_parquet, write_imagefolder
+
+
+@pytest.fixture
+def damaged_folder(tmp_path):
+    """A 3-class train split (12 images) plus a truncated JPEG (replacing one) and a text file named .jpg."""
+    write_imagefolder(str(tmp_path), n_per_class=4, num_classes=3, size=40)
+    train = tmp_path / "train"
+    jpg = train / "n00000000" / "00000.jpg"
+    jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
+    (train / "n00000001" / "notes.jpg").write_text("not an image")
+    return str(train)
+
+
+def test_check_folder_counts_images_per_class(damaged_folder):
+    assert check_folder(damaged_folder, list_classes(damaged_folder)) == {"n00000000": 4, "n00000001": 5, "n00000002": 4}
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda t: (t / "n00000009").mkdir(), r"train/n00000009 holds no images \(\.jpg, .*\): remove it, or add images"),
+        (lambda t: (t / "stray.png").write_bytes(b""), r"train/stray\.png: image outside a class folder: move it into .*/train/<class>/"),
+    ],
+)
+def test_check_folder_errors_name_the_folder(tmp_path, change, match):
+    write_imagefolder(str(tmp_path), n_per_class=2, num_classes=2, size=40)
+    change(tmp_path / "train")
+    with pytest.raises(SourceError, match=match):
+        check_folder(str(tmp_path / "train"), list_classes(str(tmp_path / "train")))
+
+
+def test_check_folder_val_class_not_in_train(tmp_path):
+    write_imagefolder(str(tmp_path), n_per_class=2, num_classes=2, size=40)
+    (tmp_path / "val" / "extra").mkdir()
+    with pytest.raises(SourceError, match=r"val/extra: class folder 'extra' is not among the train classes"):
+        check_folder(str(tmp_path / "val"), ["n00000000", "n00000001"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match=r"empty has no class sub-folders: expected .*/empty/<class>/<image>"):
+        check_folder(str(tmp_path / "empty"), [])
+
+
+@pytest.mark.ray
+def test_bad_files_are_rows_with_reasons(ray_session, damaged_folder):
+    good, skipped = decode_split(damaged_folder, 16)
+    assert [p for p, _ in skipped] == ["n00000000/00000.jpg", "n00000001/notes.jpg"]
+    assert "truncated" in skipped[0][1] and skipped[1][1] == "not an image PIL can read"
+    data = materialize(good)
+    assert data["image"].shape == (11, 3, 16, 16) and np.bincount(data["label"]).tolist() == [3, 4, 4]
+    with pytest.raises(SourceError, match=r"2 rows failed to decode \(first: n0000000[01]/.*\): pass the Dataset through drop_bad"):
+        materialize(read_images(damaged_folder, 16))  # zero images never reach training unnoticed
+
+
+@pytest.mark.ray
+def test_strict_makes_the_first_bad_file_fatal(ray_session, damaged_folder):
+    with pytest.raises(SourceError) as e:
+        decode_split(damaged_folder, 16, strict=True)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith(": remove the file, or drop --strict to skip it")
+    assert os.path.join(damaged_folder, "n00000000", "00000.jpg") in msg or os.path.join(damaged_folder, "n00000001", "notes.jpg") in msg
+
+
+@pytest.mark.ray
+def test_parquet_bad_blob_is_named_by_image_id(ray_session, tmp_path):
+    path = str(tmp_path / "train.parquet")
+    write_encoded_parquet(path, n=4, num_classes=2, size=36)
+    t = pq.read_table(path)
+    blobs = t["image"].to_pylist()
+    blobs[2] = blobs[2][:100]
+    pq.write_table(t.set_column(0, "image", pa.array(blobs, pa.binary())).append_column("image_id", pa.array([10, 11, 12, 13], pa.int64())), path)
+    good, skipped = decode_split(path, 16)
+    assert len(skipped) == 1 and skipped[0][0] == f"{path} image_id 12"
+    assert materialize(good)["image_id"].tolist() == [10, 11, 13]
+
+
+@pytest.mark.ray
+def test_parquet_column_types_are_checked(ray_session, tmp_path):
+    path = str(tmp_path / "train.parquet")
+    pq.write_table(pa.table({"image": pa.array(["not bytes"]), "label": pa.array(["cat"])}), path)
+    with pytest.raises(SourceError, match=r"train\.parquet: image is string, not binary; label is string, not an integer"):
+        read_images(path, 16)
