@@ -3,7 +3,7 @@
 Images stream from --train/--val (an ImageFolder split, <path>/<class>/<image>, or Parquet of encoded
 images with columns image and label; local paths or s3://) through Ray Data to GPU actors that
 run BGSIS and write Parquet to --out. Then models are trained from scratch on the 10% subsets (and
-on random 10% subsets), several GPUs per trial with --gpus-per-trial, and compared with the
+on random 10% subsets) as Ray Tune trials that each run a Ray Train DDP trainer (--workers-per-trial), and compared with the
 pretrained model's accuracy in MLflow.
 
     ray job submit --working-dir . -- python jobs/sis_imagenet.py \\
@@ -26,6 +26,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from overinterp.cli import add_resource_arguments, one_line_errors  # noqa: E402
 from overinterp.config import ConfigError, ImageNetConfig  # noqa: E402
 
 
@@ -50,13 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment, help="random crop + flip while training")
-    p.add_argument("--gpus-per-trial", type=int, default=d.gpus_per_trial, help="GPUs per training trial (DataParallel)")
+    p.add_argument("--workers-per-trial", type=int, default=d.workers_per_trial, help="Ray Train workers (DDP) per trial, each with --gpus-per-trial GPUs")
+    p.add_argument("--strict", action="store_true", help="stop at the first image that does not decode (default: skip it and list it in summary.json)")
     p.add_argument("--select-batch", type=int, default=d.select_batch, help="images per BGSIS batch and Parquet shard")
     p.add_argument("--max-images", type=int, default=d.max_images, help="per split: a pilot on the first N images")
     p.add_argument("--out", dest="out_dir", default=d.out_dir, help="output directory or URI (s3://...); rerun with the same one to resume")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite in --out)")
     p.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_resource_arguments(p)
     p.add_argument("--smoke-test", action="store_true", help="tiny synthetic data, tv:resnet18 from a local weights file, seconds on 2 CPUs")
     p.add_argument("--smoke-format", choices=("folder", "parquet"), default="folder", help="--smoke-test data layout")
     return p
@@ -98,13 +101,21 @@ def main(argv=None) -> int:
         return 2
     try:
         config = ImageNetConfig(**fields)
-        config.check()
-        from overinterp.pipeline.imagenet import imagenet_markdown, run_imagenet  # Ray/MLflow once input is valid
-
-        summary = run_imagenet(config, args.ray_address or os.environ.get("RAY_ADDRESS"))
     except ConfigError as e:
         print(f"sis_imagenet.py: error: {e}", file=sys.stderr)
         return 2
+
+    def run():
+        config.check()
+        from overinterp.pipeline.imagenet import run_imagenet  # Ray/MLflow once input is valid
+
+        return run_imagenet(config, args.ray_address or os.environ.get("RAY_ADDRESS"))
+
+    status, summary = one_line_errors("sis_imagenet.py", run)
+    if status is not None:
+        return status
+    from overinterp.pipeline.imagenet import imagenet_markdown
+
     print()
     print(imagenet_markdown(summary))
     print(f"Results in {config.resolved().out_dir}; MLflow run {summary['mlflow_run_id']} at {config.resolved().tracking_uri}")

@@ -51,7 +51,18 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     r.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
     r.add_argument("--gallery", type=int, default=d.gallery, help="test images in gallery.png")
     r.add_argument("--smoke", action="store_true", help="tiny subsample and 2 epochs: checks the wiring in seconds")
+    r.add_argument("--strict", action="store_true", help="stop at the first image that does not decode (default: skip it and list it in summary.json)")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray, or RAY_ADDRESS)")
+    add_resource_arguments(r)
+
+
+def add_resource_arguments(r: argparse.ArgumentParser) -> None:
+    """Overrides of the resource plan (by default planned from what the cluster can offer)."""
+    g = r.add_argument_group("resources", "default: planned from the autoscaler's node types (or the nodes up); see README")
+    g.add_argument("--max-workers", type=int, default=None, help="most selection actors, and most trials at once")
+    g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per selection actor (0: CPUs only; default 1 where GPUs can exist)")
+    g.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per selection actor (default 1)")
+    g.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per training trial (default 1 where GPUs can exist; 0.5 lets two share one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,17 +124,48 @@ def store_command(action: str, out: str) -> int:
     return 1 if bad else 0
 
 
-def execute(config: RunConfig, ray_address: str | None = None, prog: str = "overinterp") -> int:
-    """Check, run the pipeline, print the tables; a bad value is one line on stderr, exit 2."""
+def one_line_errors(prog: str, fn):
+    """Run fn(); a bad setting (ConfigError) is one line on stderr and exit 2; bad files or data
+    (a corrupt shard or image, an unreadable data set, failed trials) one line and exit 1. Anything
+    else is a bug and keeps its traceback. Returns (exit status or None, fn's result)."""
+    from overinterp.data import DataError
+    from overinterp.fs import OutputError
+    from overinterp.store import StoreError
+
     try:
+        return None, fn()
+    except ConfigError as e:
+        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
+        return 2, None
+    except (DataError, StoreError, OutputError) as e:
+        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
+        return 1, None
+    except Exception as e:
+        if type(e).__name__ == "TrialsFailed":  # pipeline.tune_stage, not imported here: Ray loads only once input is valid
+            print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
+            return 1, None
+        raise
+
+
+def _first_line(e: Exception) -> str:
+    e = getattr(e, "cause", None) or e  # Ray wraps errors raised in workers; the user's line is the cause's
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def execute(config: RunConfig, ray_address: str | None = None, prog: str = "overinterp") -> int:
+    """Check, run the pipeline, print the tables; errors as `one_line_errors` says."""
+    from overinterp.report import summary_markdown
+
+    def run():
         config.check()
         from overinterp.pipeline.run import run_pipeline  # Ray/MLflow load only once the input is valid
-        from overinterp.report import summary_markdown
 
-        summary = run_pipeline(config, ray_address=ray_address)
-    except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return run_pipeline(config, ray_address=ray_address)
+
+    status, summary = one_line_errors(prog, run)
+    if status is not None:
+        return status
     print()
     print(summary_markdown(summary))
     resolved = config.resolved()

@@ -28,9 +28,69 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the fix."""
 
 
-def _check_remote_out(out_dir: str, tracking_uri: Optional[str]) -> None:
+@dataclass(frozen=True)
+class ResourceFlags:
+    """The user's resource overrides (None: planned from what the cluster can offer; see
+    overinterp/pipeline/resources.py)."""
+
+    max_workers: Optional[int] = None  # most selection actors, and most trials at once
+    gpus_per_worker: Optional[float] = None  # GPUs per selection actor; 0 forces CPUs
+    cpus_per_worker: Optional[float] = None
+    gpus_per_trial: Optional[float] = None  # below 1: trials share a GPU (only when asked for)
+
+    def __post_init__(self):
+        for name in ("gpus_per_worker", "cpus_per_worker", "gpus_per_trial"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.max_workers is not None and self.max_workers < 1:
+            raise ConfigError(f"--max-workers must be >= 1, got {self.max_workers}")
+        if self.cpus_per_worker == 0 and not self.gpus_per_worker:
+            raise ConfigError("--cpus-per-worker 0 needs --gpus-per-worker > 0 (a worker must ask for something)")
+        for name in ("gpus_per_worker", "gpus_per_trial"):
+            v = getattr(self, name)
+            if v is not None and v > 1 and v != int(v):
+                raise ConfigError(f"--{name.replace('_', '-')} above 1 must be a whole number, got {v}")
+
+
+RESOURCE_FIELDS = tuple(ResourceFlags.__dataclass_fields__)
+
+
+def _check_resource_flags(config) -> None:
+    ResourceFlags(**config.resource_flags())
+
+
+def _check_outputs(out_dir: str, tracking_uri: Optional[str]) -> None:
+    """--out can be written, and the tracking server answers: before any work, in one line each."""
     if fs.is_uri(out_dir) and not (tracking_uri or ENV_TRACKING_URI):
         raise ConfigError(f"--out {out_dir} is remote: pass --tracking-uri (on the cluster, http://127.0.0.1:5000)")
+    if tracking_uri is not None and tracking_uri.startswith("file:"):
+        raise ConfigError("MLflow 3 refuses file stores: use --tracking-uri sqlite:///path/mlflow.db or http://server:5000")
+    try:
+        fs.check_output_dir(out_dir)
+    except fs.OutputError as e:
+        raise ConfigError(str(e)) from e
+    check_tracking_server(tracking_uri or ENV_TRACKING_URI)
+
+
+TRACKING_TIMEOUT_S = 5.0
+
+
+def check_tracking_server(uri: Optional[str], timeout: float = TRACKING_TIMEOUT_S) -> None:
+    """An http(s) MLflow server must answer /health within `timeout` seconds (MLflow itself would
+    retry for minutes before saying anything). Other stores are checked when opened."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            r.read(64)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ConfigError(f"the MLflow tracking server {uri} does not answer within {timeout:g} s ({reason}): start it "
+                          "(`mlflow server`), open its tunnel (`ray attach cluster.yaml -p 5000`), or pass another --tracking-uri") from e
 
 
 def _resolve_outputs(out_dir: str, tracking_uri: Optional[str]) -> dict:
@@ -83,6 +143,12 @@ class RunConfig:
     experiment: str = "overinterp"
     smoke: bool = False  # tiny subsample, 2 epochs: checks the wiring in seconds
     gallery: int = 6  # test images pictured with their subsets
+    strict: bool = False  # an image that does not decode stops the run (default: skipped and recorded)
+    # resources (None: planned from what the cluster can offer, see pipeline/resources.py)
+    max_workers: Optional[int] = None  # most selection actors and concurrent trials
+    gpus_per_worker: Optional[float] = None  # GPUs per selection actor (0: CPUs only)
+    cpus_per_worker: Optional[float] = None
+    gpus_per_trial: Optional[float] = None  # fractions let trials share a GPU
     extra: dict = field(default_factory=dict)  # free-form tags logged with the run
 
     def __post_init__(self):
@@ -112,6 +178,7 @@ class RunConfig:
             raise ConfigError(f"--image-size must be >= 8 pixels, got {self.image_size}")
         if self.gallery < 0:
             raise ConfigError(f"--gallery must be >= 0, got {self.gallery}")
+        _check_resource_flags(self)
 
     def check(self) -> None:
         """Names and paths: data set, its root, every model. Raises ConfigError naming the fix."""
@@ -121,9 +188,7 @@ class RunConfig:
                 check_model_name(m)
         except (DataError, ModelError) as e:
             raise ConfigError(str(e)) from e
-        if self.tracking_uri is not None and self.tracking_uri.startswith("file:"):
-            raise ConfigError("MLflow 3 refuses file stores: use --tracking-uri sqlite:///path/mlflow.db or http://server:5000")
-        _check_remote_out(self.out_dir, self.tracking_uri)
+        _check_outputs(self.out_dir, self.tracking_uri)
 
     def resolved(self) -> "RunConfig":
         """A copy with data-set defaults filled in (models, epochs, augmentation, tracking URI).
@@ -139,7 +204,10 @@ class RunConfig:
         )
 
     # Fields a rerun may change without invalidating finished work in the same out_dir.
-    REUSABLE_CHANGES = ("tau", "tracking_uri", "experiment", "gallery", "extra", "out_dir", "select_batch")
+    REUSABLE_CHANGES = ("tau", "tracking_uri", "experiment", "gallery", "extra", "out_dir", "select_batch", "strict", *RESOURCE_FIELDS)
+
+    def resource_flags(self) -> dict:
+        return {k: getattr(self, k) for k in RESOURCE_FIELDS}
 
     def fingerprint(self) -> dict:
         """The fields that determine finished work (checkpoints, selections, trials)."""
@@ -184,7 +252,7 @@ class ImageNetConfig:
     batch_size: int = 256
     lr: float = 0.1
     augment: bool = False
-    gpus_per_trial: int = 1
+    workers_per_trial: int = 1  # Ray Train workers (DDP) per trial, each with --gpus-per-trial GPUs
     select_batch: int = 32
     max_images: Optional[int] = None  # per split: a pilot on the first N images
     random_seed: int = 0
@@ -192,6 +260,11 @@ class ImageNetConfig:
     tracking_uri: Optional[str] = None
     experiment: str = "overinterp-imagenet"
     smoke: bool = False
+    strict: bool = False  # an image that does not decode stops the run (default: skipped and recorded)
+    max_workers: Optional[int] = None
+    gpus_per_worker: Optional[float] = None
+    cpus_per_worker: Optional[float] = None
+    gpus_per_trial: Optional[float] = None
 
     def __post_init__(self):
         if not 0.0 < self.fraction <= 1.0:
@@ -200,8 +273,9 @@ class ImageNetConfig:
             raise ConfigError(f"--pixels-per-step must be >= 1, got {self.pixels_per_step} (the paper uses 100 at 299 px)")
         if self.image_size < 16:
             raise ConfigError(f"--image-size must be >= 16, got {self.image_size}")
-        if self.gpus_per_trial < 1 or self.epochs < 1 or self.batch_size < 1 or self.select_batch < 1:
-            raise ConfigError("--gpus-per-trial, --epochs, --batch-size and --select-batch must be >= 1")
+        if self.workers_per_trial < 1 or self.epochs < 1 or self.batch_size < 1 or self.select_batch < 1:
+            raise ConfigError("--workers-per-trial, --epochs, --batch-size and --select-batch must be >= 1")
+        _check_resource_flags(self)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"--seeds must be distinct and non-empty, got {list(self.seeds)}")
         if self.max_images is not None and self.max_images < 1:
@@ -221,12 +295,15 @@ class ImageNetConfig:
                 raise ConfigError(f"{flag} {path} does not exist: give an ImageFolder split (<path>/<class>/<image>) or Parquet of encoded images")
         if self.weights and not fs.is_uri(self.weights) and ("/" in self.weights or self.weights.endswith((".pt", ".pth"))) and not os.path.isfile(self.weights):
             raise ConfigError(f"--weights {self.weights} is not a file: give a state_dict file or a torchvision weights name (DEFAULT)")
-        _check_remote_out(self.out_dir, self.tracking_uri)
+        _check_outputs(self.out_dir, self.tracking_uri)
 
     def resolved(self) -> "ImageNetConfig":
         return dataclasses.replace(self, train_model=self.train_model or self.model, **_resolve_outputs(self.out_dir, self.tracking_uri))
 
-    REUSABLE_CHANGES = ("tracking_uri", "experiment", "out_dir", "select_batch", "gpus_per_trial")
+    REUSABLE_CHANGES = ("tracking_uri", "experiment", "out_dir", "select_batch", "workers_per_trial", "strict", *RESOURCE_FIELDS)
+
+    def resource_flags(self) -> dict:
+        return {k: getattr(self, k) for k in RESOURCE_FIELDS}
 
     def fingerprint(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.REUSABLE_CHANGES}

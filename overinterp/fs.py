@@ -64,3 +64,43 @@ def write_json(path: str, obj) -> None:
 
 def read_json(path: str):
     return json.loads(read_bytes(path))
+
+
+def delete(path: str) -> None:
+    """Remove a file if it exists."""
+    f, p = resolve(path)
+    if f.get_file_info(p).type != pafs.FileType.NotFound:
+        f.delete_file(p)
+
+
+class OutputError(ValueError):
+    """An output location that cannot be written; the message names the fix."""
+
+
+def check_output_dir(path: str) -> None:
+    """Fail early, in one line, if `path` cannot hold a run's outputs: a file, a read-only folder,
+    or an object store this machine cannot reach (no credentials, no such bucket)."""
+    if is_uri(path):
+        try:
+            f, p = resolve(path)
+            f.get_file_info(p)
+        except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise OutputError(f"--out {path} cannot be reached ({reason}): check the URI and this machine's credentials "
+                              "(for S3: `aws configure`, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or an instance profile)") from e
+        return
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise OutputError(f"--out {path} is a file: give a folder (it is created if missing)")
+    probe = p
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise OutputError(f"--out {path} lies under a file ({probe}): give a folder")
+    try:  # a real write: permission bits say nothing for root, nor for read-only mounts
+        test = os.path.join(probe, f".overinterp-write-test-{uuid.uuid4().hex[:8]}")
+        with open(test, "wb"):
+            pass
+        os.remove(test)
+    except OSError as e:
+        raise OutputError(f"--out {path} is not writable ({probe}: {e.strerror}): choose a folder you can write to") from e

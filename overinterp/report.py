@@ -10,12 +10,24 @@ import torch
 
 from overinterp.selection import NO_SIS, sis_size
 
-CONDITION_TITLES = {
-    "full": "full images",
-    "backselect": "{selector} {pct}% subsets",
-    "random": "random {pct}% subsets",
-    "backselect_positions": "{selector} {pct}% positions only",
-}
+def condition_title(condition: str, pct: str) -> str:
+    """'bs-subset' -> 'BS 5% subsets', 'bs-positions-only' -> 'BS 5% positions only', ..."""
+    if condition == "full":
+        return "full images"
+    if condition == "full+dropout":
+        return "full images, input dropout"
+    sel, _, what = condition.partition("-")
+    sel = {"bs": "BS"}.get(sel, sel)
+    fill = ""
+    if "+" in what:
+        what, fill = what.split("+", 1)
+        fill = f", {fill.upper() if fill == 'road' else fill} fill"
+    return f"{sel} {pct}% " + ("positions only" if what == "positions-only" else "subsets") + fill
+
+
+def condition_order(condition: str) -> tuple:
+    """full first, then model-selected subsets, then random, then positions-only controls."""
+    return (condition != "full", condition.startswith("full+"), "positions" in condition, condition.startswith("random"), condition)
 
 
 def mean_std(values: list[float]) -> str:
@@ -43,18 +55,18 @@ def sis_stats(curve: torch.Tensor, confidence: torch.Tensor, tau: float) -> dict
 
 
 def accuracy_table(summary: dict) -> str:
-    """Markdown table: rows model; columns full / BS / random test accuracy, mean ± std over seeds."""
+    """Markdown table: rows model; columns one per condition (full, subsets, random, positions only),
+    test accuracy mean ± std over seeds. Input-dropout models are reported in the SIS table."""
     pct = f"{100 * summary['fraction']:g}"
-    conds = [c for c in CONDITION_TITLES if any(c in a for a in summary["accuracy"].values())]
-    sel = {"backselect": "BS"}.get(summary.get("selector", "backselect"), summary.get("selector", "BS"))
-    head = "| model | " + " | ".join(CONDITION_TITLES[c].format(pct=pct, selector=sel) for c in conds) + " |"
+    conds = sorted({c for a in summary["accuracy"].values() for c in a if c != "full+dropout"}, key=condition_order)
+    head = "| model | " + " | ".join(condition_title(c, pct) for c in conds) + " |"
     lines = [head, "|" + "---|" * (len(conds) + 1)]
     for model, accs in summary["accuracy"].items():
         lines.append(f"| {model} | " + " | ".join(mean_std(accs.get(c, [])) for c in conds) + " |")
     n_seeds = max(len(v) for a in summary["accuracy"].values() for v in a.values())
     lines.append(f"\nTest accuracy (%), mean ± std over {n_seeds} seeds; {summary['n_keep']} of {summary['hw']} pixels kept."
                  + (" 'Positions only': trained and tested on the subset's mask, no pixel values — how much the"
-                    " layout of a subset alone reveals the label." if "backselect_positions" in conds else ""))
+                    " layout of a subset alone reveals the label." if any("positions" in c for c in conds) else ""))
     return "\n".join(lines)
 
 
@@ -74,6 +86,8 @@ def sis_table(summary: dict) -> str:
 
 
 def summary_markdown(summary: dict) -> str:
+    if summary.get("baseline"):  # a pretrained explained model (jobs/sis_imagenet.py)
+        return pretrained_markdown(summary)
     parts = [
         f"# Overinterpretation on {summary['dataset']}",
         "## Accuracy of models trained and tested on pixel-subsets (the paper's Table 1 shape)",
@@ -88,6 +102,22 @@ def summary_markdown(summary: dict) -> str:
         parts.append(f"## Confidence with {100 * (1 - summary['fraction']):g}% of pixels masked")
         parts.append("\n".join(rows))
     return "\n\n".join(parts) + "\n"
+
+
+def pretrained_markdown(summary: dict) -> str:
+    pct = f"{100 * summary['fraction']:g}%"
+    b = summary["baseline"]
+    lines = [
+        f"# Overinterpretation on {summary['dataset']} ({summary['images']['train']} train / {summary['images']['test']} validation images)",
+        "",
+        f"Pretrained {summary['model']} ({summary['weights']}): top-1 {100 * b['full']:.1f}% on full validation images, "
+        f"{100 * b['own_subsets']:.1f}% on its own {summary['selector']} {pct} subsets.",
+        "",
+        f"## {summary['train_model']} trained from scratch on {pct} pixel-subsets",
+        "",
+        accuracy_table(summary),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def save_gallery(

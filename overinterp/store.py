@@ -410,6 +410,21 @@ def read_selections(root: str, model: str, selector: str, split: str, expect_n: 
     )
 
 
+def validate_shards(root: str) -> int:
+    """Read every shard's footer under a local selections root (no data): a corrupt or foreign
+    file stops the run before any work, naming the file. Returns the shards checked. Object-store
+    roots are checked when each shard is read (a footer GET per shard would be slow there)."""
+    if files.is_uri(root):
+        return 0
+    n = 0
+    for model, selector, split in list_selections(root):
+        fsys, paths = shard_files(root, model, selector, split)
+        for p in paths:
+            read_shard(fsys, p, ["image_id"], _out_of(root))
+            n += 1
+    return n
+
+
 def list_selections(root: str) -> list[tuple[str, str, str]]:
     """Every (model, selector, split) folder under a selections root."""
     fs, base = files.resolve(root)

@@ -65,17 +65,29 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def prepare(images: torch.Tensor, mean, std, keep: Optional[torch.Tensor], positions_only: bool = False) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> normalised float, with pixels outside `keep` (N, HW) set to 0.
+# How the pixels outside a subset look to a model: "mean" — 0 after normalisation, the data set's
+# mean colour (the paper's masking); "road" — ROAD's noisy linear imputation from the neighbours,
+# so the mask's outline stops leaking the label; "positions" — no pixel values at all, the input is
+# the mask itself (1 where kept, on every channel): the control for how much a subset's layout
+# alone reveals the label.
+FILLS = ("mean", "road", "positions")
 
-    positions_only: the input is the mask itself (1 where kept, 0 elsewhere, on every channel) and
-    no pixel value at all — the control for how much a subset's layout alone reveals the label.
-    """
-    if positions_only:
+
+def prepare(images: torch.Tensor, mean, std, keep: Optional[torch.Tensor], fill: str = "mean") -> torch.Tensor:
+    """uint8 (N, C, H, W) -> normalised float, with the pixels outside `keep` (N, HW) filled by `fill`."""
+    if keep is None:
+        return normalize(images, mean, std)
+    if fill == "positions":
         N, C, H, W = images.shape
         return keep.view(N, 1, H, W).float().expand(N, C, H, W).contiguous()
     x = normalize(images, mean, std)
-    return x if keep is None else apply_mask(x, keep)
+    if fill == "mean":
+        return apply_mask(x, keep)
+    if fill == "road":
+        from overinterp.fill import road_fill
+
+        return road_fill(x, keep, std)
+    raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
 
 
 def train_model(
@@ -87,7 +99,7 @@ def train_model(
     config: TrainConfig,
     keep: Optional[torch.Tensor] = None,
     on_epoch: Optional[Callable[[int, float], None]] = None,
-    positions_only: bool = False,
+    fill: str = "mean",
 ) -> list[float]:
     """Train in place with the paper's SGD recipe; returns the mean loss of each epoch.
 
@@ -95,7 +107,7 @@ def train_model(
         images: (N, C, H, W) uint8 on the model's device; labels: (N,) int64.
         keep: optional (N, HW) bool pixel-subset mask (train on subsets); None = full images.
         on_epoch: called with (epoch, mean loss) after every epoch (progress).
-        positions_only: train on the keep mask alone (see `prepare`).
+        fill: how pixels outside `keep` look (see FILLS).
     """
     device = images.device
     torch.manual_seed(config.seed)  # weight init happened before; this seeds dropout
@@ -116,7 +128,7 @@ def train_model(
             idx = perm[start : start + config.batch_size]
             if len(idx) == 1 and n > 1:
                 continue  # BatchNorm cannot train on one image; the shuffle drops a different one each epoch
-            x = prepare(images[idx], mean, std, None if keep is None else keep[idx], positions_only)
+            x = prepare(images[idx], mean, std, None if keep is None else keep[idx], fill)
             if config.augment:
                 x = augment_batch(x, gen)
             loss = F.cross_entropy(model(x), labels[idx])
@@ -135,17 +147,17 @@ def train_model(
 
 @torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, mean, std, keep: Optional[torch.Tensor] = None, batch_size: int = 1024,
-            positions_only: bool = False) -> torch.Tensor:
+            fill: str = "mean") -> torch.Tensor:
     """(N,) predicted classes on (optionally masked) uint8 images."""
     model.eval()
     preds = []
     for start in range(0, images.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        preds.append(model(prepare(images[sl], mean, std, None if keep is None else keep[sl], positions_only)).argmax(1))
+        preds.append(model(prepare(images[sl], mean, std, None if keep is None else keep[sl], fill)).argmax(1))
     return torch.cat(preds)
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, keep: Optional[torch.Tensor] = None,
-             positions_only: bool = False) -> float:
+             fill: str = "mean") -> float:
     """Top-1 accuracy in [0, 1] on (optionally masked) images."""
-    return float((predict(model, images, mean, std, keep, positions_only=positions_only) == labels).float().mean())
+    return float((predict(model, images, mean, std, keep, fill=fill) == labels).float().mean())

@@ -7,10 +7,13 @@ import torch.nn as nn
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (2 CPUs, no dashboard)."""
+    """One local Ray for the whole test session: 2 CPUs, no dashboard, on loopback (the embedded
+    local Ray of overinterp itself)."""
     ray = pytest.importorskip("ray")
+    from overinterp.pipeline.resources import ray_init_local
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray_init_local(num_cpus=2)
     yield ray
     ray.shutdown()
 

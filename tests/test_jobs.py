@@ -28,7 +28,7 @@ def test_cifar10_smoke_test(ray_session, tmp_path):
     assert sis_cifar10.main(["--smoke-test", "--out", str(out)]) == 0
     summary = json.load(open(out / "summary.json"))
     assert summary["dataset"] == "cifar10" and summary["selector"] == "bgsis-k128"
-    assert set(summary["accuracy"]["resnet20"]) == {"full", "backselect", "random", "backselect_positions"}
+    assert set(summary["accuracy"]["resnet20"]) == {"full", "full+dropout", "bgsis-subset", "random-subset", "bgsis-positions-only"}
     sel = store.read_selections(str(out / "selections"), "resnet20-s0", "bgsis-k128", "train", expect_n=20)
     assert sel.height == 32 and sel.order.shape == (20, 1024)
 
@@ -60,18 +60,21 @@ def test_imagenet_folder_of_jpegs_and_resume(ray_session, tmp_path, resnet18_wei
     assert sel.order.shape == (12, 1024) and set(sel.label.tolist()) == {0, 1, 2}
     assert len(store.read_selections(root, "none", "random-seed0", "test").image_id) == 12
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert set(summary["baseline"]) == {"full", "own_subsets"} and summary["n_keep"] == 103
+    assert set(summary["baseline"]) == {"full", "own_subsets", "images"} and summary["n_keep"] == 103
+    assert summary["baseline"]["images"] == 12 and summary["images"] == {"train": 12, "test": 12}
     mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["overinterp-imagenet"])
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
     assert len(children) == 3 and (children["metrics.baseline_accuracy"] == summary["baseline"]["full"]).all()
-    assert set(summary["accuracy"]["tv:resnet18"]) == {"backselect", "random", "backselect_positions"}
+    assert set(summary["accuracy"]["tv:resnet18"]) == {"bgsis-subset", "random-subset", "bgsis-positions-only"}
+    result = json.load(open(os.path.join(out, "trials", "tv_resnet18-bgsis-k64-s0", "result.json")))
+    assert result["val_images"] == 12 and len(result["losses"]) == 1  # a Ray Train run: every val image, one epoch
 
     capsys.readouterr()
-    mtimes = {p: os.stat(p).st_mtime_ns for p in (os.path.join(out, "trials", "tv_resnet18-random-s0", "result.json"),)}
+    mtimes = {p: os.stat(p).st_mtime_ns for p in (os.path.join(out, "trials", "tv_resnet18-random-seed0-s0", "result.json"),)}
     assert sis_imagenet.main(args) == 0  # resume: nothing redone
     printed = capsys.readouterr().out
-    assert "[bgsis-k64 tv_resnet18/train] 12 images already selected" in printed
+    assert "[bgsis-k64 tv_resnet18/train] 12 of 12 images already selected; 0 to go" in printed
     assert "3 of 3 trials already finished" in printed
     assert all(os.stat(p).st_mtime_ns == t for p, t in mtimes.items())
     assert len(store.read_selections(root, "tv_resnet18", "bgsis-k64", "train").image_id) == 12  # no duplicates

@@ -36,7 +36,7 @@ def test_outputs(smoke_run):
     cfg, out, summary = smoke_run
     on_disk = json.load(open(out / "summary.json"))
     assert on_disk["accuracy"] == summary["accuracy"]
-    for cond in ("full", "backselect", "random", "backselect_positions"):
+    for cond in ("full", "full+dropout", "bs-subset", "random-subset", "bs-positions-only"):
         accs = summary["accuracy"]["digits_cnn"][cond]
         assert len(accs) == 2 and all(0 <= a <= 1 for a in accs)
     assert set(summary["sis"]["digits_cnn"]) == {"plain", "ensemble", "input_dropout"}
@@ -50,23 +50,53 @@ def test_outputs(smoke_run):
         store.read_selections(root, "none", "random-seed0", split, expect_n=n)
     store.read_selections(root, "digits_cnn-ens2", "backselect", "test", expect_n=N_TEST)
     store.read_selections(root, "digits_cnn-drop0.2-s0", "backselect", "test", expect_n=N_TEST)
-    for name in ("digits_cnn-full-s0", "digits_cnn-backselect-s1", "digits_cnn-random-s0", "digits_cnn-full-drop0.2-s1"):
+    for name in ("digits_cnn-full-s0", "digits_cnn-backselect-s1", "digits_cnn-random-seed0-s0", "digits_cnn-full-drop0.2-s1",
+                 "digits_cnn-backselect-positions-s0"):
         assert (out / "trials" / name / "model.pt").exists()
 
 
 def test_mlflow_parent_and_children(smoke_run):
+    from mlflow.tracking import MlflowClient
+
     cfg, out, summary = smoke_run
-    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["overinterp"])
-    parent = runs[runs["run_id"] == summary["mlflow_run_id"]]
-    assert len(parent) == 1 and parent.iloc[0]["params.fraction"] == "0.05"
-    children = runs[runs["tags.mlflow.parentRunId"] == summary["mlflow_run_id"]]
-    assert len(children) == 2 * 2 + 3 * 2  # full (+ dropout), and 3 subset conditions, 2 seeds each
-    subsets = children[children["tags.condition"] != "full"]
-    assert subsets["metrics.baseline_accuracy"].notna().all()
-    full_s0 = summary["accuracy"]["digits_cnn"]["full"][0]
-    bs_s0 = children[children["tags.mlflow.runName"] == "digits_cnn-backselect-s0"].iloc[0]
-    assert bs_s0["metrics.baseline_accuracy"] == pytest.approx(full_s0)
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("overinterp")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens in the model-training view
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.params["fraction"] == "0.05" and parent.info.run_name.startswith("digits-20")
+    assert len(parent.data.tags["mlflow.source.git.commit"]) == 40 and "digits_cnn" in parent.data.tags["mlflow.note.content"]
+    m = parent.data.metrics
+    assert {"digits_cnn.full.accuracy_mean", "digits_cnn.full.accuracy_std", "digits_cnn.bs-subset.accuracy_std",
+            "digits_cnn.plain.images_with_sis", "digits_cnn.ensemble.accuracy", "digits_cnn.input_dropout.accuracy",
+            "digits_cnn.masked.median_confidence"} <= set(m)
+    for variant, sis in summary["sis"]["digits_cnn"].items():  # SIS sizes wherever some image has a SIS (2 epochs: few do)
+        assert (f"digits_cnn.{variant}.median_sis_pixels" in m) == (sis["n_with_sis"] > 0)
+    assert parent.inputs.dataset_inputs[0].dataset.name == "digits-smoke" and parent.inputs.dataset_inputs[0].dataset.digest
+
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert len(children) == len(by_name) == 2 * 2 + 3 * 2  # full (+ dropout), and 3 subset conditions, 2 seeds each
+    for c in children:
+        seed = c.data.tags["seed"]
+        assert c.data.params["train.seed"] == c.data.params["trial.seed"] == seed
+        assert c.info.run_name.endswith(f"-s{seed}") and c.info.status == "FINISHED"
+        losses = client.get_metric_history(c.info.run_id, "train_loss")
+        assert len(losses) >= 2 and len(client.get_metric_history(c.info.run_id, "val_accuracy")) >= 2
+        # logged while it trained, not after the fact: each epoch when it ended, inside the run's real span
+        assert c.info.start_time <= losses[0].timestamp <= losses[-1].timestamp <= c.info.end_time
+        assert [h.step for h in losses] == list(range(len(losses)))
+        assert c.data.tags["dataset"] == "digits" and c.data.tags["variant"] in ("plain", "input-dropout")
+        if c.data.tags["condition"] != "full":  # compared with the full-image model of its seed
+            base = client.get_run(c.data.tags["baseline_run_id"])
+            assert base.info.run_name == f"digits_cnn-full-s{seed}" and base.data.tags["condition"] == "full"
+            assert c.data.metrics["baseline_accuracy"] == pytest.approx(base.data.metrics["accuracy"])
+    assert {c.data.tags["condition"] for c in children} == {"full", "full+dropout", "bs-subset", "random-subset", "bs-positions-only"}
+    assert by_name["digits_cnn-full-drop0.2-s1"].data.tags["variant"] == "input-dropout"
+    model_uri = f"runs:/{by_name['digits_cnn-full-s0'].info.run_id}/model"
+    import mlflow.pytorch
+
+    logged = mlflow.pytorch.load_model(model_uri)
+    assert logged is not None and by_name["digits_cnn-full-s0"].data.tags["overinterp.model_logged"] == "1"
 
 
 def test_rerun_reuses_finished_work(smoke_run, capsys):
@@ -84,10 +114,21 @@ def test_lost_work_is_redone_without_duplicates(smoke_run):
     shard_dir = out / "selections" / "digits_cnn-s0" / "backselect" / "test"
     shard = sorted(shard_dir.glob("part-*.parquet"))[0]
     shard.unlink()
-    (out / "trials" / "digits_cnn-random-s1" / "result.json").unlink()
+    (out / "trials" / "digits_cnn-random-seed0-s1" / "result.json").unlink()
     run_pipeline(cfg)
     store.read_selections(str(out / "selections"), "digits_cnn-s0", "backselect", "test", expect_n=N_TEST)
-    assert (out / "trials" / "digits_cnn-random-s1" / "result.json").exists()
+    assert (out / "trials" / "digits_cnn-random-seed0-s1" / "result.json").exists()
+
+
+def test_a_truncated_checkpoint_is_retrained_with_a_warning(smoke_run, caplog):
+    cfg, out, summary = smoke_run
+    ckpt = out / "trials" / "digits_cnn-backselect-s0" / "model.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="overinterp.pipeline.trial"):
+        again = run_pipeline(cfg)
+    assert any("digits_cnn-backselect-s0" in r.message and "retrained" in r.message for r in caplog.records)
+    assert len(ckpt.read_bytes()) > 100
+    assert again["accuracy"] == summary["accuracy"]  # the same seeds train the same model
 
 
 def test_other_settings_in_same_out_dir_are_refused(smoke_run):

@@ -18,8 +18,10 @@ def test_sis_stats_counts_images_without_sis():
 
 def test_accuracy_table_shape():
     summary = {"fraction": 0.05, "n_keep": 52, "hw": 1024,
-               "accuracy": {"resnet20": {"full": [0.9, 0.92], "backselect": [0.8, 0.82], "random": [0.5, 0.52]}}}
+               "accuracy": {"resnet20": {"random-subset": [0.5, 0.52], "bs-positions-only": [0.7, 0.7], "full": [0.9, 0.92],
+                                         "bs-subset": [0.8, 0.82], "bs-subset+road": [0.6, 0.6], "full+dropout": [0.9, 0.9]}}}
     table = accuracy_table(summary)
-    assert "| model | full images | BS 5% subsets | random 5% subsets |" in table
-    assert "| resnet20 | 91.0 ± 1.4 | 81.0 ± 1.4 | 51.0 ± 1.4 |" in table
-    assert "52 of 1024 pixels" in table
+    assert ("| model | full images | BS 5% subsets | BS 5% subsets, ROAD fill | random 5% subsets | BS 5% positions only |"
+            in table)
+    assert "| resnet20 | 91.0 ± 1.4 | 81.0 ± 1.4 | 60.0 ± 0.0 | 51.0 ± 1.4 | 70.0 ± 0.0 |" in table
+    assert "52 of 1024 pixels" in table and "Positions only" in table

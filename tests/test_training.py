@@ -91,11 +91,11 @@ def test_a_trailing_single_image_batch_is_skipped():
 def test_positions_only_sees_the_mask_not_the_pixels(digits_small):
     d, xtr, ytr, xte, yte = digits_small
     keep = torch.rand(len(ytr), 64, generator=torch.Generator().manual_seed(0)) < 0.1
-    x = prepare(xtr, d.mean, d.std, keep, positions_only=True)
+    x = prepare(xtr, d.mean, d.std, keep, fill="positions")
     assert torch.equal(x[:, 0].reshape(len(ytr), 64), keep.float())  # exactly the mask
-    assert torch.equal(x, prepare(255 - xtr, d.mean, d.std, keep, positions_only=True))  # pixel values play no part
+    assert torch.equal(x, prepare(255 - xtr, d.mean, d.std, keep, fill="positions"))  # pixel values play no part
     torch.manual_seed(0)
     m = build(ModelSpec("digits_cnn", 10, 1))
-    train_model(m, xtr, ytr, d.mean, d.std, TrainConfig(epochs=1, lr=0.05), keep, positions_only=True)
+    train_model(m, xtr, ytr, d.mean, d.std, TrainConfig(epochs=1, lr=0.05), keep, fill="positions")
     k = keep[:len(yte)]
-    assert evaluate(m, xte, yte, d.mean, d.std, k, positions_only=True) == evaluate(m, 255 - xte, yte, d.mean, d.std, k, positions_only=True)
+    assert evaluate(m, xte, yte, d.mean, d.std, k, fill="positions") == evaluate(m, 255 - xte, yte, d.mean, d.std, k, fill="positions")

@@ -37,10 +37,10 @@ import pyarrow.fs as pafs
 import ray
 
 from overinterp import fs
-from overinterp.data import HIDDEN_PREFIXES, IMAGE_EXTENSIONS, decode_failure, decode_image, is_image_name
+from overinterp.data import DataError, HIDDEN_PREFIXES, IMAGE_EXTENSIONS, decode_failure, decode_image, is_image_name
 
 
-class SourceError(ValueError):
+class SourceError(DataError):
     """An image source that cannot be read; the message names the fix."""
 
 
@@ -117,7 +117,8 @@ def _decode_rows(blobs, names: list[str], size: int, strict: bool) -> dict:
     return {"image": np.stack(images), "error": np.array(errors, dtype=object)}
 
 
-def _decode_folder(batch: dict, root: str, classes: list[str], size: int, strict: bool = False) -> dict:
+def _index_folder(batch: dict, root: str, classes: list[str]) -> dict:
+    """Encoded folder rows -> image_id (hash of the path within the split), label, path, bytes."""
     index = {c: i for i, c in enumerate(classes)}
     rel = [p[len(root):].lstrip("/") if p.startswith(root) else p for p in batch["path"]]
     labels = []
@@ -130,33 +131,39 @@ def _decode_folder(batch: dict, root: str, classes: list[str], size: int, strict
         "image_id": np.array([stable_id(r.encode()) for r in rel], dtype=np.int64),
         "label": np.array(labels, dtype=np.int64),
         "path": np.array(rel, dtype=object),
-        **_decode_rows(batch["bytes"], list(batch["path"]), size, strict),
+        "encoded": batch["bytes"],
     }
 
 
-def _decode_parquet(batch: dict, size: int, source: str = "", strict: bool = False) -> dict:
+def _index_parquet(batch: dict, source: str = "") -> dict:
+    """Encoded Parquet rows -> image_id (given, else a hash of the bytes), label, path, bytes."""
     ids = batch.get("image_id")
     ids = np.asarray(ids, dtype=np.int64) if ids is not None else np.array([stable_id(bytes(b)) for b in batch["image"]], dtype=np.int64)
-    names = [f"{source} image_id {i}" for i in ids]
     return {
         "image_id": ids,
         "label": np.asarray(batch["label"], dtype=np.int64),
-        "path": np.array(names, dtype=object),
-        **_decode_rows(batch["image"], names, size, strict),
+        "path": np.array([f"{source} image_id {i}" for i in ids], dtype=object),
+        "encoded": batch["image"],
     }
 
 
-def read_images(path: str, image_size: int, classes: list[str] | None = None, limit: int | None = None,
-                strict: bool = False) -> ray.data.Dataset:
-    """A Ray Dataset of decoded, labelled images from an ImageFolder split or encoded Parquet.
+def decode_batch(batch: dict, size: int, strict: bool = False, keep_columns: tuple[str, ...] = (), root: str = "") -> dict:
+    """Encoded rows (image_id, label, path, encoded) -> decoded rows (image uint8 (B, 3, S, S), error).
 
-    Rows that failed to decode are included (zero image, reason in `error`): pass the Dataset
-    through `drop_bad` before use and list them with `decode_errors`, or call `decode_split`.
+    keep_columns: other columns carried through (the training stream's keep-masks).
+    root: a folder source's split, prefixed to paths in strict errors so they name the file whole.
+    """
+    names = [f"{root}/{p}" if root else p for p in batch["path"]]
+    return {"image_id": batch["image_id"], "label": batch["label"], "path": batch["path"],
+            **{c: batch[c] for c in keep_columns}, **_decode_rows(batch["encoded"], names, size, strict)}
+
+
+def read_encoded(path: str, classes: list[str] | None = None, limit: int | None = None) -> ray.data.Dataset:
+    """A Ray Dataset of encoded, labelled images (image_id, label, path, encoded bytes): nothing decoded.
 
     Args:
         classes: the class order for folder sources (the train split's); None for Parquet.
         limit: keep only the first `limit` images (smoke runs, pilots).
-        strict: raise SourceError at the first image that does not decode (`--strict`).
     """
     if is_parquet(path):
         ds = ray.data.read_parquet(path)
@@ -172,9 +179,7 @@ def read_images(path: str, image_size: int, classes: list[str] | None = None, li
             raise SourceError(f"{path}: {'; '.join(wrong)}: write encoded image bytes and integer labels (and image ids)")
         if limit:
             ds = ds.limit(limit)
-        ds = ds.map_batches(_decode_parquet, fn_kwargs={"size": image_size, "source": path, "strict": strict},
-                            batch_format="numpy", batch_size=64)
-        return _raising_source_errors(ds) if strict else ds
+        return ds.map_batches(_index_parquet, fn_kwargs={"source": path}, batch_format="numpy", batch_size=64)
     if classes is None:
         classes = list_classes(path)
     check_folder(path, classes)  # the layout, before anything is decoded
@@ -183,8 +188,21 @@ def read_images(path: str, image_size: int, classes: list[str] | None = None, li
     ds = ray.data.read_binary_files(path, include_paths=True, file_extensions=exts)
     if limit:
         ds = ds.limit(limit)
-    ds = ds.map_batches(_decode_folder, fn_kwargs={"root": root.rstrip("/"), "classes": classes, "size": image_size, "strict": strict},
-                        batch_format="numpy", batch_size=64)
+    return ds.map_batches(_index_folder, fn_kwargs={"root": root.rstrip("/"), "classes": classes}, batch_format="numpy", batch_size=64)
+
+
+def read_images(path: str, image_size: int, classes: list[str] | None = None, limit: int | None = None,
+                strict: bool = False) -> ray.data.Dataset:
+    """A Ray Dataset of decoded, labelled images from an ImageFolder split or encoded Parquet.
+
+    Rows that failed to decode are included (zero image, reason in `error`): pass the Dataset
+    through `drop_bad` before use and list them with `decode_errors`, or call `decode_split`.
+    Same arguments as `read_encoded`; strict: raise SourceError at the first image that does not
+    decode (`--strict`).
+    """
+    root = "" if is_parquet(path) else fs.resolve(path)[1].rstrip("/")
+    ds = read_encoded(path, classes, limit).map_batches(decode_batch, fn_kwargs={"size": image_size, "strict": strict, "root": root},
+                                                         batch_format="numpy", batch_size=64)
     return _raising_source_errors(ds) if strict else ds
 
 

@@ -1,40 +1,267 @@
-"""What the Ray cluster offers, so GPU requests are made only where GPUs exist.
+"""Plan resources from what the cluster *can* offer, not from the nodes up at the moment.
 
-On a CPU-only cluster a GPU request never schedules and Ray waits silently; every stage asks here.
+At a job's start an autoscaling cluster may have no worker yet (the head has CPU 0), so the nodes up
+now say nothing about GPUs. A request for GPUs on a cluster that can never have them waits silently
+forever, and a cluster that can have them only starts GPU nodes if someone asks. So every stage
+plans from the cluster's *capacity*, found in this order:
+
+1. the node types the autoscaler reported to the GCS (`ray._private.state.state.get_cluster_config()`:
+   autoscaler v2, KubeRay);
+2. the autoscaler's own config file: the `--autoscaling-config=PATH` argument of the monitor process
+   serving this cluster (found under /proc on the head, where `ray job submit` drivers run), else
+   `~/ray_bootstrap_config.yaml`, where `ray up` writes it on the head. Per node type:
+   `resources` × min(`max_workers`, the cluster's `max_workers`), plus the head node type once;
+3. no autoscaler: the nodes alive now (a fixed cluster, or the local Ray).
+
+Flags override any part of the plan: `--max-workers` (selection actors and concurrent trials),
+`--gpus-per-worker` (GPUs per selection actor; 0 forces CPUs), `--cpus-per-worker`,
+`--gpus-per-trial` (fractions share a GPU, only when asked for).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import glob
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import ray
 
+from overinterp.config import ConfigError, ResourceFlags
+
 
 @dataclass(frozen=True)
-class Resources:
-    cpus: int
-    gpus: int
+class NodeType:
+    name: str
+    cpus: float
+    gpus: float
+    max_count: int  # nodes of this type the cluster may run at once
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The most the cluster can offer at once, node type by node type."""
+
+    node_types: tuple[NodeType, ...]
+    source: str  # where the figures came from, for the printed plan
 
     @property
-    def use_gpu(self) -> bool:
-        return self.gpus > 0
+    def max_gpus(self) -> float:
+        return sum(t.gpus * t.max_count for t in self.node_types)
 
-    def workers(self, cpus_per_worker: int = 1) -> int:
-        """Actors for a stage: one per GPU, else one per `cpus_per_worker` CPUs."""
-        return self.gpus if self.use_gpu else max(1, self.cpus // cpus_per_worker)
+    @property
+    def max_cpus(self) -> float:
+        return sum(t.cpus * t.max_count for t in self.node_types)
 
-    def per_worker(self, cpus_per_worker: int = 1) -> dict:
-        """Ray resource request of one worker ({"num_cpus", "num_gpus"})."""
-        return {"num_cpus": cpus_per_worker, "num_gpus": 1 if self.use_gpu else 0}
+    def slots(self, cpus: float, gpus: float) -> int:
+        """How many actors asking (cpus, gpus) fit on all nodes at once (per-node packing)."""
+        total = 0
+        for t in self.node_types:
+            fits = [math.floor(t.cpus / cpus + 1e-9) if cpus > 0 else math.inf, math.floor(t.gpus / gpus + 1e-9) if gpus > 0 else math.inf]
+            per_node = min(fits)
+            total += 0 if per_node == math.inf else per_node * t.max_count
+        return int(total)
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Resources:
-    """Connect to (or start) Ray once and report its resources.
+@dataclass(frozen=True)
+class ResourcePlan:
+    """What every stage asks Ray for. Printed at the start of a job and logged to MLflow."""
 
-    address: None starts or joins a local Ray ("auto" when RAY_ADDRESS is set, as under
-    `ray job submit`).
+    use_gpu: bool
+    select_workers: int  # most selection actors at once (Ray Data's pool grows to it as nodes arrive)
+    cpus_per_worker: float
+    gpus_per_worker: float
+    trial_concurrency: int  # most training trials at once
+    cpus_per_trial: float
+    gpus_per_trial: float
+    capacity: str  # e.g. "autoscaler config /home/ray/ray_bootstrap_config.yaml: gpu-1x 8×{CPU 8, GPU 1}"
+    overrides: dict = field(default_factory=dict)
+    max_cpus: float = 0  # CPUs the cluster can have at once (streamed training keeps some for Ray Data)
+
+    def streamed_trial_concurrency(self, workers_per_trial: int) -> int:
+        """Trials at once when each runs `workers_per_trial` Train workers fed by Ray Data: at least
+        one CPU stays free for reading, joining and decoding, or the trainers would wait forever."""
+        by_cpu = int((self.max_cpus - 1) // max(self.cpus_per_trial * workers_per_trial, 1e-9))
+        return max(1, min(self.trial_concurrency // workers_per_trial, by_cpu))
+
+    def worker_request(self) -> dict:
+        """Ray Data map_batches resource arguments of one selection actor.
+
+        GPU actors give no num_cpus: Ray Data then reserves 1 CPU beside the GPU itself (asking
+        both is flagged experimental).
+        """
+        if self.use_gpu:
+            extra = {} if self.cpus_per_worker == 1 else {"num_cpus": self.cpus_per_worker}
+            return {"num_gpus": self.gpus_per_worker, **extra}
+        return {"num_cpus": self.cpus_per_worker}
+
+    def trial_request(self) -> dict:
+        """Tune resources of one trial. A trial that only drives a Ray Train trainer asks for none
+        (its workers hold them): Tune needs a non-empty bundle, so it asks for 1 byte of memory —
+        a fraction of a CPU would leave a node 0.99 CPU short of the 1-CPU tasks Ray Data runs."""
+        if not self.cpus_per_trial and not self.gpus_per_trial:
+            return {"cpu": 0, "memory": 1}
+        return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
+
+    def torch_threads(self) -> int:
+        """Intra-op threads for a CPU worker: the CPUs it was given (at least 1)."""
+        return max(1, int(self.cpus_per_worker))
+
+    def describe(self) -> str:
+        dev = "GPU" if self.use_gpu else "CPU"
+        return (f"resources ({self.capacity}): selection on up to {self.select_workers} {dev} actor(s) "
+                f"of {{CPU {self.cpus_per_worker:g}, GPU {self.gpus_per_worker:g}}}; up to {self.trial_concurrency} "
+                f"trial(s) at once of {{CPU {self.cpus_per_trial:g}, GPU {self.gpus_per_trial:g}}}"
+                + (f"; overridden: {', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in self.overrides.items())}" if self.overrides else ""))
+
+    def as_params(self) -> dict:
+        return {f"resources.{k}": v for k, v in asdict(self).items() if k != "overrides"}
+
+
+def _node_types_from_yaml(config: dict, path: str) -> Optional[Capacity]:
+    types = config.get("available_node_types") or {}
+    if not types:
+        return None
+    cap = int(config.get("max_workers", 10**9))
+    head = config.get("head_node_type")
+    found = []
+    for name, t in types.items():
+        res = t.get("resources") or {}
+        count = 1 if name == head else min(int(t.get("max_workers", 0)), cap)
+        if count > 0:
+            found.append(NodeType(name, float(res.get("CPU", 0)), float(res.get("GPU", 0)), count))
+    return Capacity(tuple(found), f"autoscaler config {path}")
+
+
+def _gcs_cluster_config() -> Optional[Capacity]:
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # older Rays, or a GCS without the key: fall through to the next source
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    found = []
+    for g in config.node_group_configs:
+        count = g.max_count if g.max_count >= 0 else 10**6
+        if count > 0:
+            found.append(NodeType(g.name, float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)), count))
+    return Capacity(tuple(found), "autoscaler node types (GCS)") if found else None
+
+
+def _monitor_config_paths(gcs_address: str) -> list[str]:
+    """--autoscaling-config of the autoscaler monitor serving this GCS (Linux /proc; empty elsewhere)."""
+    paths = []
+    port = gcs_address.rsplit(":", 1)[-1]
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("monitor.py") or "autoscaler" in a and "monitor" in a for a in args[:3]):
+            continue
+        gcs = [a.split("=", 1)[1] for a in args if a.startswith("--gcs-address=")]
+        if gcs and not gcs[0].endswith(f":{port}"):
+            continue  # another cluster's autoscaler on this machine
+        paths += [os.path.expanduser(a.split("=", 1)[1]) for a in args if a.startswith("--autoscaling-config=")]
+    return paths
+
+
+def _autoscaler_file_config(gcs_address: str) -> Optional[Capacity]:
+    import yaml
+
+    for path in _monitor_config_paths(gcs_address) + [os.path.expanduser("~/ray_bootstrap_config.yaml")]:
+        if os.path.isfile(path):
+            with open(path) as f:
+                found = _node_types_from_yaml(yaml.safe_load(f) or {}, path)
+            if found is not None:
+                return found
+    return None
+
+
+def _alive_nodes() -> Capacity:
+    types = []
+    for n in ray.nodes():
+        if n.get("Alive"):
+            r = n.get("Resources", {})
+            types.append(NodeType(n.get("NodeManagerAddress", "node"), float(r.get("CPU", 0)), float(r.get("GPU", 0)), 1))
+    return Capacity(tuple(types), "nodes alive now (no autoscaler)")
+
+
+def discover_capacity() -> Capacity:
+    """The connected cluster's capacity (see the module docstring for the order)."""
+    gcs = ray.get_runtime_context().gcs_address
+    return _gcs_cluster_config() or _autoscaler_file_config(gcs) or _alive_nodes()
+
+
+def plan_resources(capacity: Capacity, flags: ResourceFlags = ResourceFlags(), default_gpus_per_trial: float = 1) -> ResourcePlan:
+    """Resources of every stage, from the cluster's capacity and the user's overrides."""
+    overrides = {k: v for k, v in asdict(flags).items() if v is not None}
+    use_gpu = capacity.max_gpus > 0 if flags.gpus_per_worker is None else flags.gpus_per_worker > 0
+    if use_gpu:
+        gpw = flags.gpus_per_worker if flags.gpus_per_worker else 1.0
+        cpw = flags.cpus_per_worker if flags.cpus_per_worker is not None else 1.0
+        gpt = flags.gpus_per_trial if flags.gpus_per_trial is not None else float(default_gpus_per_trial)
+        cpt = 1.0
+    else:
+        gpw, gpt = 0.0, 0.0
+        cpw = flags.cpus_per_worker if flags.cpus_per_worker else 1.0
+        cpt = cpw
+    workers = capacity.slots(cpw, gpw)
+    trials = capacity.slots(cpt, gpt)
+    if use_gpu and capacity.max_gpus == 0:
+        raise ConfigError(f"--gpus-per-worker {gpw:g} asks for GPUs, but this cluster can never have any ({capacity.source}): "
+                         "drop the flag, or add a GPU node type")
+    if workers < 1 or trials < 1:
+        raise ConfigError(f"no node of this cluster ({capacity.source}) fits one worker of {{CPU {cpw:g}, GPU {gpw:g}}} "
+                         f"or one trial of {{CPU {cpt:g}, GPU {gpt:g}}}: lower --cpus-per-worker / --gpus-per-trial")
+    if flags.max_workers is not None:
+        workers, trials = min(workers, flags.max_workers), min(trials, flags.max_workers)
+    return ResourcePlan(use_gpu, workers, cpw, gpw, trials, cpt, gpt, _describe_capacity(capacity), overrides, capacity.max_cpus)
+
+
+def _describe_capacity(c: Capacity) -> str:
+    parts = [f"{t.name} {t.max_count}×{{CPU {t.cpus:g}, GPU {t.gpus:g}}}" for t in c.node_types if t.cpus or t.gpus]
+    return f"{c.source}: " + (", ".join(parts) if parts else "no CPU or GPU")
+
+
+def ray_init_local(num_cpus: Optional[int] = None) -> None:
+    """Start the embedded local Ray, reachable from this machine only: every server on loopback.
+
+    Ray maps a requested node IP of 127.0.0.1 to the machine's external address, and then binds its
+    gRPC servers to all interfaces. Its single-machine mode (what it runs on macOS and Windows) uses
+    the loopback address and binds only there: it is selected by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    read when ray is imported, so the variable is set for the processes Ray starts and the constant
+    for this one. No dashboard; Ray's default token auth stays on.
     """
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    res = ray.cluster_resources()
-    return Resources(cpus=int(res.get("CPU", 1)), gpus=int(res.get("GPU", 0)))
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+
+
+def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+    """Connect to the cluster at `address` (or $RAY_ADDRESS, as under `ray job submit`), else start
+    the embedded local Ray once."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+    else:
+        ray_init_local(num_cpus)
+
+
+def worker_device():
+    """The device of a Ray task or actor: its assigned GPU, else the CPU.
+
+    Ray 2.60 no longer hides GPUs from tasks that ask for none, so torch.cuda.is_available() alone
+    would send every zero-GPU trial on a GPU node to cuda:0.
+    """
+    import torch
+
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
+    return torch.device("cpu")

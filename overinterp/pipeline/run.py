@@ -1,22 +1,21 @@
-"""The pipeline of the paper, end to end:
+"""`overinterp run`: the paper's pipeline on a data set held in memory (digits, CIFAR, small folders).
 
 1. train full-image models (model x seed, plus an input-dropout variant) — Ray Tune;
-2. backward selection on every train and test image with each model's first seed, and on the test
-   images with the seeds' mean ensemble and the input-dropout model — Ray Data -> Parquet;
-   the seeded random baseline is written beside it;
-3. train and test new models on the BS subsets, on the random subsets, and on the BS subsets'
-   positions alone (the mask, no pixel values: the label-leak control) — Ray Tune;
-4. compare: Table 1's shape, SIS sizes, a gallery — summary.json / summary.md / gallery.png, MLflow.
+2. selection on every train and test image with each model's first seed, and on the test images with
+   the seeds' mean ensemble and the input-dropout model — Ray Data -> Parquet; the seeded random
+   baseline beside it;
+3. train and test new models on the subsets, on the random subsets, and on the subsets' positions
+   alone (the mask, no pixel values: the label-leak control) — Ray Tune;
+4. compare: the paper's Table 1 shape, SIS sizes, a gallery — summary.json / summary.md / gallery.png,
+   MLflow.
 
-Every stage skips what the out_dir already holds, so a rerun resumes.
+The plan (pipeline/plan.py) says what; the shared driver (pipeline/driver.py) walks it; this module
+is the in-memory backend. Every stage skips what the out_dir already holds, so a rerun resumes.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-import time
 from dataclasses import asdict
 
 import numpy as np
@@ -25,186 +24,165 @@ import torch
 from overinterp import fs, store
 from overinterp.config import SMOKE_SIZES, RunConfig, check_reuse
 from overinterp.data import ImageDataset, denormalize_uint8, load_dataset, normalize
-from overinterp.models import load_checkpoint, load_ensemble
-from overinterp.pipeline.resources import ensure_ray
-from overinterp.pipeline.select_stage import SelectionSource, run_selection, write_random
-from overinterp.pipeline.trial import TrialSpec, checkpoint_path, path_safe
+from overinterp.models import load_ensemble
+from overinterp.pipeline.driver import accuracy_by_condition, copy_out, log, masks_from_store, run_plan
+from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob, plan_small
+from overinterp.config import ResourceFlags
+from overinterp.pipeline.resources import ResourcePlan, discover_capacity, ensure_ray, plan_resources
+from overinterp.pipeline.select_stage import select_in_memory, write_random
+from overinterp.pipeline.trial import TrialSpec
 from overinterp.pipeline.tune_stage import run_trials
-from overinterp.report import save_gallery, sis_stats, summary_markdown
-from overinterp.selection import apply_mask, keep_mask, n_keep, selector_tag, sis_mask
+from overinterp.report import save_gallery, sis_stats
+from overinterp.selection import apply_mask, keep_mask, n_keep, sis_mask
 from overinterp.selection.backselect import EngineConfig
 from overinterp.training import TrainConfig, evaluate
 
-SPLITS = ("train", "test")
-SUBSET_CONDITIONS = ("backselect", "random", "backselect_positions")
-
-
-def _log(msg: str) -> None:
-    print(f"[overinterp {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _sources(cfg: RunConfig, model: str) -> dict[str, SelectionSource]:
-    """The models whose SIS we measure: plain (first seed), ensemble of all seeds, input dropout."""
-    s0 = cfg.seeds[0]
-    out = {"plain": SelectionSource(f"{path_safe(model)}-s{s0}", (checkpoint_path(cfg.out_dir, TrialSpec(model, s0, "full")),))}
-    if len(cfg.seeds) > 1:
-        ckpts = tuple(checkpoint_path(cfg.out_dir, TrialSpec(model, s, "full")) for s in cfg.seeds)
-        out["ensemble"] = SelectionSource(f"{path_safe(model)}-ens{len(cfg.seeds)}", ckpts)
-    if cfg.input_dropout > 0:
-        spec = TrialSpec(model, s0, "full", cfg.input_dropout)
-        out["input_dropout"] = SelectionSource(f"{path_safe(model)}-drop{cfg.input_dropout:g}-s{s0}", (checkpoint_path(cfg.out_dir, spec),))
-    return out
-
-
-def _variant_label(cfg: RunConfig, variant: str) -> str:
-    return {
-        "plain": f"plain (seed {cfg.seeds[0]})",
-        "ensemble": f"mean ensemble of {len(cfg.seeds)}",
-        "input_dropout": f"input dropout p={cfg.input_dropout:g} (seed {cfg.seeds[0]})",
-    }[variant]
-
 
 def load_data(cfg: RunConfig) -> ImageDataset:
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size, strict=cfg.strict)
     return data.subsample(*SMOKE_SIZES) if cfg.smoke else data
 
 
-def run_pipeline(config: RunConfig, ray_address: str | None = None) -> dict:
-    """Run (or resume) the whole pipeline; returns the summary also written to summary.json."""
-    config.check()
-    cfg = config.resolved()
-    t_start = time.time()
-    _log(f"loading {cfg.dataset}{' (smoke subsample)' if cfg.smoke else ''}")
-    data = load_data(cfg)
-    out = cfg.out_dir
-    check_reuse(cfg, fs.join(out, "config.json"))
-    resources = ensure_ray(ray_address)
-    _log(f"Ray: {resources.cpus} CPUs, {resources.gpus} GPUs; out_dir {out}; MLflow {cfg.tracking_uri}")
-    C, H, W = data.shape
-    HW = H * W
-    train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment=cfg.augment)
-    data_dict = {"images": data.images, "labels": data.labels, "mean": data.mean, "std": data.std, "num_classes": data.num_classes}
-    root = fs.join(out, "selections")
-    bs_tag = selector_tag(cfg.selector, {"k": cfg.pixels_per_step})
-    rnd_tag = selector_tag("random", {"seed": cfg.random_seed})
-    if cfg.autocast and not resources.use_gpu:
-        _log(f"--autocast {cfg.autocast} needs GPUs; this cluster has none, so selection runs exact fp32 on CPU")
-    engine = EngineConfig(compile=cfg.compile, autocast=cfg.autocast if resources.use_gpu else None)
+class InMemoryBackend:
+    """The driver's steps for a data set held in memory."""
 
-    from overinterp.pipeline.tracking import Tracker  # MLflow only where tracking happens
+    def __init__(self, cfg: RunConfig, plan: Plan, data: ImageDataset, resources: ResourcePlan, callbacks=None):
+        self.cfg, self.plan, self.data, self.resources = cfg, plan, data, resources
+        self.train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment=cfg.augment)
+        self.data_dict = {"images": data.images, "labels": data.labels, "mean": data.mean, "std": data.std, "num_classes": data.num_classes}
+        self.engine = EngineConfig(compile=cfg.compile, autocast=cfg.autocast if resources.use_gpu else None)
+        self.callbacks = callbacks or []
 
-    with Tracker(cfg, f"{cfg.dataset}-{'smoke' if cfg.smoke else 'run'}") as tracker:
-        # 1. full-image models
-        _log("stage 1/4: training full-image models")
-        full_specs = [TrialSpec(m, s, "full") for m in cfg.models for s in cfg.seeds]
-        if cfg.input_dropout > 0:
-            full_specs += [TrialSpec(m, s, "full", cfg.input_dropout) for m in cfg.models for s in cfg.seeds]
-        full = run_trials("full", full_specs, data_dict, {}, train_cfg, out, resources)
+    def train_full(self, specs: list[TrialSpec]) -> dict:
+        return run_trials("full", specs, self.data_dict, {}, self.train_cfg, self.cfg.out_dir, self.resources, self.callbacks)
 
-        # 2. selection
-        _log(f"stage 2/4: selection ({bs_tag})")
-        for m in cfg.models:
-            for variant, source in _sources(cfg, m).items():
-                for split in SPLITS if variant == "plain" else ("test",):
-                    run_selection(cfg.selector, source, split, data.images[split], data.labels[split], data.mean, data.std, root,
-                                   resources, cfg.pixels_per_step, engine, cfg.select_batch)
-        for split in SPLITS:
-            write_random(root, split, data.labels[split], HW, H, W, cfg.random_seed, cfg.select_batch)
+    def baseline(self) -> dict:
+        return {}
 
-        # 3. models on pixel-subsets
-        _log(f"stage 3/4: training on {100 * cfg.fraction:g}% pixel-subsets")
-        n = {s: len(data.labels[s]) for s in SPLITS}
-        rnd = {s: keep_mask(store.read_selections(root, "none", rnd_tag, s, n[s]).order, cfg.fraction).numpy() for s in SPLITS}
-        masks = {}
-        for m in cfg.models:
-            plain = _sources(cfg, m)["plain"].tag
-            masks[f"{m}/backselect"] = {s: keep_mask(store.read_selections(root, plain, bs_tag, s, n[s]).order, cfg.fraction).numpy() for s in SPLITS}
-            masks[f"{m}/random"] = rnd
-        sub_specs = [TrialSpec(m, s, c) for m in cfg.models for s in cfg.seeds for c in SUBSET_CONDITIONS]
-        subs = run_trials("subsets", sub_specs, data_dict, masks, train_cfg, out, resources)
+    def select(self, job: SelectionJob) -> None:
+        select_in_memory(job, self.data.images[job.split], self.data.labels[job.split], self.data.mean, self.data.std, self.plan.root,
+                         self.resources, self.engine, self.cfg.select_batch)
 
-        # 4. compare
-        _log("stage 4/4: summary")
-        summary = summarize(cfg, data, full, subs, root, bs_tag)
-        files = write_reports(cfg, data, summary, root, bs_tag, rnd_tag)
-        table = summary_markdown(summary)
-        for r in list(full.values()) + list(subs.values()):
-            spec = r["spec"]
-            base = None
-            if not (spec["condition"] == "full" and spec["input_dropout"] == 0):
-                base = full[TrialSpec(spec["model"], spec["seed"], "full").name]["accuracy"]
-            tracker.log_trial(r, base, asdict(train_cfg))
-        tracker.log_summary(summary, files, table)
-        summary["mlflow_run_id"] = tracker.run_id
-    _log(f"done in {time.time() - t_start:.0f} s")
-    return summary
+    def write_random(self, split: str) -> None:
+        _, H, W = self.data.shape
+        write_random(self.plan.root, split, self.data.labels[split], H, W, self.plan.random_params, self.cfg.select_batch)
 
+    def train_subsets(self, specs: list[TrialSpec]) -> dict:
+        n = {s: len(self.data.labels[s]) for s in SPLITS}
+        masks = masks_from_store(self.plan, self.plan.subset_keys(), n)
+        return run_trials("subsets", specs, self.data_dict, masks, self.train_cfg, self.cfg.out_dir, self.resources, self.callbacks)
 
-def summarize(cfg: RunConfig, data: ImageDataset, full: dict, subs: dict, root: str, bs_tag: str) -> dict:
-    """summary.json's content: per-seed accuracies, SIS sizes, confidence on masked inputs."""
-    C, H, W = data.shape
-    HW = H * W
-    test_x = torch.from_numpy(data.images["test"])
-    test_y = torch.from_numpy(data.labels["test"])
-    summary = {
-        "dataset": cfg.dataset, "smoke": cfg.smoke, "fraction": cfg.fraction, "n_keep": n_keep(cfg.fraction, HW), "hw": HW,
-        "tau": cfg.tau, "seeds": list(cfg.seeds), "models": list(cfg.models), "selector": bs_tag,
-        "accuracy": {}, "variant_accuracy": {}, "sis": {}, "masked_confidence": {},
-    }
-    for m in cfg.models:
-        summary["accuracy"][m] = {
-            "full": [full[TrialSpec(m, s, "full").name]["accuracy"] for s in cfg.seeds],
-            **{c: [subs[TrialSpec(m, s, c).name]["accuracy"] for s in cfg.seeds] for c in SUBSET_CONDITIONS},
+    def summarize(self, full: dict, subsets: dict, baseline: dict) -> dict:
+        """summary.json's content: per-seed accuracies, SIS sizes, confidence on masked inputs."""
+        cfg, plan, data = self.cfg, self.plan, self.data
+        hw = plan.hw
+        test_x, test_y = torch.from_numpy(data.images["test"]), torch.from_numpy(data.labels["test"])
+        summary = {
+            "dataset": cfg.dataset, "smoke": cfg.smoke, "fraction": cfg.fraction, "n_keep": n_keep(cfg.fraction, hw), "hw": hw,
+            "tau": cfg.tau, "seeds": list(cfg.seeds), "models": list(cfg.models), "selector": plan.primary,
+            "accuracy": accuracy_by_condition(plan, full, subsets), "variant_accuracy": {}, "sis": {}, "masked_confidence": {},
+            "skipped_images": [list(s) for s in getattr(data, "skipped", ())],
         }
-        summary["sis"][m], summary["variant_accuracy"][m] = {}, {}
-        for variant, source in _sources(cfg, m).items():
-            sel = store.read_selections(root, source.tag, bs_tag, "test", len(test_y))
-            stats = sis_stats(sel.curve, sel.confidence, cfg.tau)
-            stats["label"] = _variant_label(cfg, variant)
-            stats["model_tag"] = source.tag
-            summary["sis"][m][variant] = stats
-            model = load_ensemble(list(source.checkpoints))
-            summary["variant_accuracy"][m][variant] = evaluate(model, test_x, test_y, data.mean, data.std)
-            if variant == "plain":
-                keep = keep_mask(sel.order, cfg.fraction)
-                k = n_keep(cfg.fraction, HW)
-                conf_on_subset = sel.curve[:, HW - k - 1] if k < HW else sel.confidence
-                summary["masked_confidence"][m] = {
-                    "median_confidence": float(conf_on_subset.median()),
-                    "accuracy": evaluate(model, test_x, test_y, data.mean, data.std, keep),
-                }
-    return summary
+        for m in cfg.models:
+            summary["sis"][m], summary["variant_accuracy"][m] = {}, {}
+            for variant, source in plan.sources[m].items():
+                sel = store.read_selections(plan.root, source.tag, plan.primary, "test", len(test_y))
+                stats = sis_stats(sel.curve, sel.confidence, cfg.tau)
+                stats.update(label=source.label, model_tag=source.tag)
+                summary["sis"][m][variant] = stats
+                model = load_ensemble(list(source.checkpoints))
+                summary["variant_accuracy"][m][variant] = evaluate(model, test_x, test_y, data.mean, data.std)
+                if variant == "plain":
+                    k = n_keep(cfg.fraction, hw)
+                    conf_on_subset = sel.curve[:, hw - k - 1] if k < hw else sel.confidence
+                    summary["masked_confidence"][m] = {
+                        "median_confidence": float(conf_on_subset.median()),
+                        "accuracy": evaluate(model, test_x, test_y, data.mean, data.std, keep_mask(sel.order, cfg.fraction)),
+                    }
+        return summary
 
+    def dataset_input(self) -> dict:
+        import hashlib
 
-def write_reports(cfg: RunConfig, data: ImageDataset, summary: dict, root: str, bs_tag: str, rnd_tag: str) -> list[str]:
-    """summary.json, summary.md and gallery.png, written to out_dir (path or URI).
+        h = hashlib.sha256()
+        for split in SPLITS:
+            h.update(np.ascontiguousarray(self.data.images[split]).tobytes())
+            h.update(np.ascontiguousarray(self.data.labels[split]).tobytes())
+        if self.cfg.dataset == "digits":
+            import sklearn.datasets
 
-    Returns local copies of them (in a temporary folder) for MLflow to log.
-    """
-    local = tempfile.mkdtemp(prefix="overinterp-report-")
-    paths = [os.path.join(local, "summary.json"), os.path.join(local, "summary.md")]
-    with open(paths[0], "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(paths[1], "w") as f:
-        f.write(summary_markdown(summary))
-    n = min(cfg.gallery, len(data.labels["test"]))
-    if n > 0:
+            source = os.path.join(os.path.dirname(sklearn.datasets.__file__), "data", "digits.csv.gz")  # scikit-learn's bundled file
+        else:
+            source = os.path.abspath(self.cfg.data_root)
+        return {"name": f"{self.cfg.dataset}{'-smoke' if self.cfg.smoke else ''}", "source": source, "digest": h.hexdigest()[:16],
+                "images": self.data.images["train"], "labels": self.data.labels["train"]}
+
+    def models_to_log(self) -> dict:
+        """The full-image models (every seed, with and without input dropout) with an example input."""
+        from overinterp.models import load_checkpoint
+        from overinterp.pipeline.trial import checkpoint_path
+
+        example = normalize(torch.from_numpy(self.data.images["test"][:2]), self.data.mean, self.data.std)
+        return {spec.name: (load_checkpoint(checkpoint_path(self.cfg.out_dir, spec)), example) for spec in self.plan.full_trials}
+
+    def reports(self, summary: dict, local_dir: str) -> list[str]:
+        """gallery.png: test images beside their subsets, written to out_dir; local copies returned."""
+        cfg, plan, data = self.cfg, self.plan, self.data
+        n = min(cfg.gallery, len(data.labels["test"]))
+        if n == 0:
+            return []
         m = cfg.models[0]
-        plain = _sources(cfg, m)["plain"].tag
-        sel = store.read_selections(root, plain, bs_tag, "test")
-        rnd = store.read_selections(root, "none", rnd_tag, "test")
+        plain = plan.sources[m]["plain"].tag
+        sel = store.read_selections(plan.root, plain, plan.primary, "test")
+        rnd = store.read_selections(plan.root, "none", plan.random_tag, "test")
         x = normalize(torch.from_numpy(data.images["test"][:n]), data.mean, data.std)
         pct = f"{100 * cfg.fraction:g}%"
         panels = {
-            f"{bs_tag} {pct} ({m})": denormalize_uint8(apply_mask(x, keep_mask(sel.order[:n], cfg.fraction)), data.mean, data.std),
+            f"{plan.primary} {pct} ({m})": denormalize_uint8(apply_mask(x, keep_mask(sel.order[:n], cfg.fraction)), data.mean, data.std),
             f"random {pct}": denormalize_uint8(apply_mask(x, keep_mask(rnd.order[:n], cfg.fraction)), data.mean, data.std),
             f"SIS τ={cfg.tau:g}": denormalize_uint8(apply_mask(x, sis_mask(sel.order[:n], sel.curve[:n], sel.confidence[:n], cfg.tau)), data.mean, data.std),
         }
         titles = [f"{data.classes[int(sel.label[i])]} → {data.classes[int(sel.pred[i])]} ({sel.confidence[i]:.2f})" for i in range(n)]
-        gallery = os.path.join(local, "gallery.png")
-        save_gallery(gallery, denormalize_uint8(x, data.mean, data.std), panels, titles)
-        paths.append(gallery)
-    for p in paths:
-        with open(p, "rb") as f:
-            fs.write_bytes(fs.join(cfg.out_dir, os.path.basename(p)), f.read())
-    return paths
+        path = os.path.join(local_dir, "gallery.png")
+        save_gallery(path, denormalize_uint8(x, data.mean, data.std), panels, titles)
+        copy_out([path], cfg.out_dir)
+        return [path]
+
+
+def prepare_run(config: RunConfig, ray_address: str | None = None):
+    """Check the config, load the data, build the plan, connect to Ray and plan resources."""
+    config.check()
+    cfg = config.resolved()
+    store.validate_shards(fs.join(cfg.out_dir, "selections"))  # a corrupt shard stops us before any work
+    log(f"loading {cfg.dataset}{' (smoke subsample)' if cfg.smoke else ''}")
+    data = load_data(cfg)
+    plan = plan_small(cfg, data)
+    check_reuse(cfg, fs.join(cfg.out_dir, "config.json"))
+    ensure_ray(ray_address)
+    resources = plan_resources(discover_capacity(), ResourceFlags(**cfg.resource_flags()))
+    return cfg, data, plan, resources
+
+
+def run_pipeline(config: RunConfig, ray_address: str | None = None) -> dict:
+    """Run (or resume) the whole pipeline; returns the summary also written to summary.json.
+
+    The run holds the lock of its --out throughout (a second run on it stops at once).
+    """
+    import time
+
+    from overinterp.pipeline.lock import OutputLock
+
+    t0 = time.time()
+    config.check()
+    with OutputLock(config.resolved().out_dir, "overinterp run") as lock:
+        cfg, data, plan, resources = prepare_run(config, ray_address)
+        log(plan.describe())
+        log(resources.describe())
+        if cfg.autocast and not resources.use_gpu:
+            log(f"--autocast {cfg.autocast} needs GPUs; this cluster has none, so selection runs exact fp32 on CPU")
+        from overinterp.pipeline.tracking import Tracker  # MLflow only where tracking happens
+
+        with Tracker(cfg, cfg.dataset, resources, previous_holder=lock.taken_over) as tracker:
+            summary = run_plan(plan, InMemoryBackend(cfg, plan, data, resources, [tracker.trial_logger()]), tracker)
+    log(f"done in {time.time() - t0:.0f} s")
+    return summary

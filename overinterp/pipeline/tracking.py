@@ -1,54 +1,136 @@
-"""MLflow: one parent run per pipeline run, one child run per trial with its baseline accuracy.
+"""MLflow, the reviewer's way: one parent run per output directory, one child run per trial,
+logged while it trains.
 
-Default store is a local SQLite file (MLflow 3 refuses the old file store); on a cluster pass the
+- The parent is named `<dataset>-<date-time>`, carries every setting as a parameter, the git commit
+  (`mlflow.source.git.commit`), the data set as an input (source and digest), a description
+  (`mlflow.note.content`) with the headline result, the summary metrics and the report artifacts.
+  Its experiment carries `mlflow.experimentKind = custom_model_development`, so MLflow 3 opens it
+  in its model-training view.
+- Each trial's child run is created by a Tune callback in the driver when the trial starts, gets
+  `train_loss` and `val_accuracy` per epoch (step = epoch) as Tune reports them, and ends when the
+  trial does: real start and end times. Workers never talk to MLflow (on a cluster the tracking
+  server listens on the head's loopback only). Tags: condition, variant, dataset, selector, seed,
+  and `baseline_run_id` — the run it is compared with.
+- Telling the truth after a crash: a parent of the same --out still RUNNING belongs to a dead run
+  (this run holds the output's lock), so it is marked KILLED; a rerun with the same settings
+  continues the newest unfinished parent instead of opening a second one, and a child run is
+  looked up by name before one is created, so no trial appears twice in a parent.
+
+Default store: a SQLite file in --out (MLflow 3 refuses the old file store); on a cluster the
 tracking server's URI. Artifacts of a SQLite store go beside it in <out_dir>/mlartifacts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import statistics
 import subprocess
+import time
 from dataclasses import asdict
+from typing import Optional
 
 import mlflow
+from mlflow.tracking import MlflowClient
+from ray import tune
 
+from overinterp.pipeline.trial import TrialSpec
+
+log = logging.getLogger(__name__)
+
+KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+OUT_TAG, ROLE_TAG, FP_TAG = "overinterp.out_dir", "overinterp.role", "overinterp.fingerprint"
 
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def _flat_params(config) -> dict[str, str]:
-    return {k: json.dumps(v) if not isinstance(v, str) else v for k, v in asdict(config).items()}
+def _param(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _metric_key(k: str) -> str:
+    return k.replace(":", "_").replace("+", "_plus_")
+
+
+def fingerprint_digest(config) -> str:
+    return hashlib.sha256(json.dumps(config.fingerprint(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Tracker:
-    """Logs a pipeline run. Use as a context manager around the whole run.
+    """Logs a pipeline run; a context manager around the whole run (see the module docstring).
 
-    config: any config dataclass with tracking_uri, experiment and out_dir (RunConfig,
-    ImageNetConfig); all its fields are logged as the parent run's parameters.
+    config: RunConfig or ImageNetConfig (tracking_uri, experiment, out_dir, fingerprint()).
+    previous_holder: the lock document of a dead run this run took the output from, if any.
     """
 
-    def __init__(self, config, run_name: str):
-        self.config, self.run_name = config, run_name
+    def __init__(self, config, dataset: str, resources=None, previous_holder: Optional[dict] = None):
+        self.config, self.dataset, self.resources, self.previous_holder = config, dataset, resources, previous_holder
         mlflow.set_tracking_uri(config.tracking_uri)
-        if mlflow.get_experiment_by_name(config.experiment) is None:
+        self.client = MlflowClient(config.tracking_uri)
+        exp = self.client.get_experiment_by_name(config.experiment)
+        if exp is None:
             artifacts = None
             if config.tracking_uri.startswith("sqlite:") and "://" not in config.out_dir:
                 artifacts = "file://" + os.path.join(config.out_dir, "mlartifacts")
-            mlflow.create_experiment(config.experiment, artifact_location=artifacts)
-        mlflow.set_experiment(config.experiment)
-        self.parent = None
+            self.experiment_id = self.client.create_experiment(config.experiment, artifact_location=artifacts)
+        else:
+            self.experiment_id = exp.experiment_id
+        self.client.set_experiment_tag(self.experiment_id, *KIND_TAG)  # open in the model-training view, not GenAI
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        self.parent_id: Optional[str] = None
+        self.children: dict[str, str] = {}  # trial name -> run id
+        self.resumed = False
+
+    # --- the parent ---
+    def _parents_of_out(self) -> list:
+        f = f"tags.`{OUT_TAG}` = '{self.config.out_dir}' and tags.`{ROLE_TAG}` = 'parent'"
+        return self.client.search_runs([self.experiment_id], filter_string=f, order_by=["attributes.start_time DESC"], max_results=100)
 
     def __enter__(self) -> "Tracker":
-        self.parent = mlflow.start_run(run_name=self.run_name)
-        mlflow.log_params(_flat_params(self.config))
-        mlflow.set_tags({"git_commit": git_commit(), "out_dir": self.config.out_dir})
+        parents = self._parents_of_out()
+        for r in parents:
+            if r.info.status == "RUNNING":  # we hold the output's lock: its run is dead
+                self.client.set_terminated(r.info.run_id, "KILLED")
+                log.warning("MLflow run %s of %s was still RUNNING from a run that died: marked KILLED", r.info.run_id, self.config.out_dir)
+        fp = fingerprint_digest(self.config)
+        again = next((r for r in parents if r.data.tags.get(FP_TAG) == fp and r.info.status != "FINISHED"), None)
+        if again is not None:
+            self.resumed = True
+            self.parent_id = again.info.run_id
+            mlflow.start_run(run_id=self.parent_id)
+            old = again.data.params
+            mlflow.log_params({k: v for k, v in self._params().items() if k not in old})
+            changed = {f"overinterp.rerun_changed.{k}": v for k, v in self._params().items() if k in old and old[k] != v}
+            mlflow.set_tags({"overinterp.resumed_at": time.strftime("%Y-%m-%d %H:%M:%S"), **changed})
+            for child in self.client.search_runs([self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
+                                                 max_results=5000):
+                self.children.setdefault(child.data.tags.get("mlflow.runName", ""), child.info.run_id)
+        else:
+            name = f"{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+            tags = {OUT_TAG: self.config.out_dir, ROLE_TAG: "parent", FP_TAG: fp, "dataset": self.dataset,
+                    "mlflow.source.git.commit": git_commit()}
+            if parents:
+                tags["overinterp.previous_run_id"] = parents[0].info.run_id
+            run = mlflow.start_run(run_name=name, tags=tags)
+            self.parent_id = run.info.run_id
+            mlflow.log_params(self._params())
+        if self.previous_holder:
+            mlflow.set_tag("overinterp.took_over_from_pid", str(self.previous_holder.get("pid")))
         return self
+
+    def _params(self) -> dict:
+        params = {k: _param(v) for k, v in asdict(self.config).items()}
+        if self.resources is not None:
+            params.update({k: _param(v) for k, v in self.resources.as_params().items()})
+        return params
 
     def __exit__(self, exc_type, exc, tb):
         mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
@@ -56,32 +138,172 @@ class Tracker:
 
     @property
     def run_id(self) -> str:
-        return self.parent.info.run_id
+        return self.parent_id
 
-    def log_trial(self, result: dict, baseline_accuracy: float | None, train_config: dict) -> None:
-        """A child run: the trial's spec and training config, its accuracy and its baseline's."""
-        with mlflow.start_run(run_name=result["name"], nested=True):
-            mlflow.log_params({**{f"trial.{k}": v for k, v in result["spec"].items()}, **{f"train.{k}": v for k, v in train_config.items()}})
-            metrics = {"accuracy": result["accuracy"], "train_loss": result["train_loss"], "seconds": result["seconds"]}
-            if baseline_accuracy is not None:
-                metrics["baseline_accuracy"] = baseline_accuracy
-                metrics["accuracy_minus_baseline"] = result["accuracy"] - baseline_accuracy
-            mlflow.log_metrics(metrics)
-            mlflow.set_tags({"condition": result["spec"]["condition"], "model": result["spec"]["model"]})
+    def log_data(self, info: dict) -> None:
+        """The data set as the parent's input: its source and digest (and schema, when in memory).
 
-    def log_summary(self, summary: dict, files: list[str], table: str) -> None:
-        metrics = {}
-        for model, accs in summary["accuracy"].items():
-            for cond, vals in accs.items():
-                if vals:
-                    metrics[f"{model}.{cond}.mean_accuracy"] = sum(vals) / len(vals)
-        for name, value in summary.get("baseline", {}).items():
-            metrics[f"baseline.{name}"] = value
-        for model, variants in summary.get("sis", {}).items():
-            for variant, s in variants.items():
-                if s["n_with_sis"]:
-                    metrics[f"{model}.{variant}.median_sis_fraction"] = s["median_fraction"]
-        mlflow.log_metrics({k.replace(":", "_"): v for k, v in metrics.items()})
-        mlflow.log_text(table, "summary_table.md")
+        info: {name, source, digest} and, for data held in memory, {images, labels} of the train split.
+        """
+        import mlflow.data
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        source = resolve_dataset_source(info["source"])
+        if "images" in info:
+            ds = mlflow.data.from_numpy(info["images"], source=source, targets=info["labels"], name=info["name"], digest=info["digest"])
+        else:
+            ds = MetaDataset(source, name=info["name"], digest=info["digest"])
+        mlflow.log_input(ds, context="training")
+
+    # --- children ---
+    def child(self, spec: TrialSpec, start_time_ms: Optional[int] = None) -> tuple[str, bool]:
+        """(run id, created now) of a trial's child run; an existing one is reused, never doubled."""
+        if spec.name in self.children:
+            return self.children[spec.name], False
+        run = self.client.create_run(self.experiment_id, start_time=start_time_ms, run_name=spec.name,
+                                     tags={"mlflow.parentRunId": self.parent_id, **self._trial_tags(spec)})
+        self.children[spec.name] = run.info.run_id
+        self.client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in self._trial_params(spec).items()])
+        return run.info.run_id, True
+
+    def _trial_tags(self, spec: TrialSpec) -> dict:
+        return {"condition": spec.condition, "variant": spec.variant, "dataset": self.dataset, "model": spec.model,
+                "selector": spec.selector_tag or "none", "fill": spec.fill if spec.subset else "none", "seed": str(spec.seed)}
+
+    def _trial_params(self, spec: TrialSpec) -> dict:
+        train = {k: getattr(self.config, k) for k in ("epochs", "batch_size", "lr", "augment") if hasattr(self.config, k)}
+        return {**{f"trial.{k}": _param(v) for k, v in asdict(spec).items()}, "trial.condition": spec.condition,
+                **{f"train.{k}": _param(v) for k, v in {**train, "seed": spec.seed}.items()}}
+
+    def trial_logger(self) -> "TrialLogger":
+        return TrialLogger(self)
+
+    # --- results ---
+    def log_results(self, plan, full: dict, subsets: dict, summary: dict, files: list[str], models: Optional[dict] = None) -> None:
+        """Every trial's child run complete (created from result.json for trials finished by an earlier
+        run), baselines linked, the summary's metrics, the description and the artifacts."""
+        results = {**full, **subsets}
+        pretrained = summary.get("baseline", {}).get("full")
+        for spec in list(plan.full_trials) + list(plan.subset_trials):
+            r = results[spec.name]
+            run_id, created = self.child(spec, start_time_ms=int(1000 * (r.get("finished_at", time.time()) - r["seconds"])))
+            if created:  # finished before this parent existed: its history from result.json
+                for epoch, loss in enumerate(r.get("losses", [])):
+                    self.client.log_metric(run_id, "train_loss", loss, step=epoch)
+                for epoch, acc in enumerate(r.get("val_accuracies", [])):
+                    self.client.log_metric(run_id, "val_accuracy", acc, step=epoch)
+            base = plan.baseline_of(spec)
+            base_acc = results[base.name]["accuracy"] if base is not None else (pretrained if not plan.full_trials else None)
+            metrics = {"accuracy": r["accuracy"], "seconds": r["seconds"]}
+            if base_acc is not None:
+                metrics.update(baseline_accuracy=base_acc, accuracy_minus_baseline=r["accuracy"] - base_acc)
+            for k, v in metrics.items():
+                self.client.log_metric(run_id, k, v)
+            if base is not None:
+                self.client.set_tag(run_id, "baseline_run_id", self.child(base)[0])
+            elif not plan.full_trials:
+                self.client.set_tag(run_id, "baseline_run_id", self.parent_id)  # the pretrained model's accuracy lives on the parent
+            if models and spec.name in models and self.client.get_run(run_id).data.tags.get("overinterp.model_logged") != "1":
+                self._log_model(run_id, *models[spec.name])
+            status = self.client.get_run(run_id).info.status
+            if status != "FINISHED":
+                end = r.get("finished_at")
+                self.client.set_terminated(run_id, "FINISHED", end_time=int(1000 * end) if created and end else None)
+        mlflow.log_metrics({_metric_key(k): v for k, v in summary_metrics(summary).items()})
+        mlflow.set_tag("mlflow.note.content", describe(summary, plan))
         for f in files:
             mlflow.log_artifact(f)
+
+    def _log_model(self, run_id: str, model, example) -> None:
+        """A full-image model as an MLflow PyTorch model with its signature (input: normalised
+        images, output: logits)."""
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            out = model(example).numpy()
+        with mlflow.start_run(run_id=run_id, nested=True):
+            # the pt2 format (torch.export of the graph, traced on the example) needs no pickle to load
+            mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example.numpy(), out), input_example=example.numpy(),
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        self.client.set_tag(run_id, "overinterp.model_logged", "1")
+
+
+class TrialLogger(tune.Callback):
+    """Driver-side Tune callback: a trial's child run follows it live (start, epochs, end)."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+        self.runs: dict[str, str] = {}
+
+    def _spec(self, trial) -> TrialSpec:
+        return TrialSpec(**trial.config["trial"])
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        spec = self._spec(trial)
+        run_id, created = self.tracker.child(spec, start_time_ms=int(time.time() * 1000))
+        if not created:
+            self.tracker.client.update_run(run_id, status="RUNNING")
+        self.runs[trial.trial_id] = run_id
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None or "epoch" not in result:
+            return
+        step = int(result["epoch"])
+        for k in ("train_loss", "val_accuracy"):
+            if k in result and not result.get("done"):
+                self.tracker.client.log_metric(run_id, k, float(result[k]), step=step)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is not None:
+            self.tracker.client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is not None:
+            self.tracker.client.set_terminated(run_id, "FAILED")
+
+
+def summary_metrics(summary: dict) -> dict:
+    """The parent's metrics: accuracy mean and std over seeds per condition, SIS sizes per
+    variant, each variant's accuracy, confidence on masked images, the pretrained baseline."""
+    m = {}
+    for model, conds in summary["accuracy"].items():
+        for cond, vals in conds.items():
+            if vals:
+                m[f"{model}.{cond}.accuracy_mean"] = statistics.fmean(vals)
+                m[f"{model}.{cond}.accuracy_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    for model, variants in summary.get("sis", {}).items():
+        for variant, s in variants.items():
+            if s["n_with_sis"]:
+                m[f"{model}.{variant}.median_sis_pixels"] = s["median_size"]
+                m[f"{model}.{variant}.median_sis_fraction"] = s["median_fraction"]
+            m[f"{model}.{variant}.images_with_sis"] = s["n_with_sis"]
+    for model, variants in summary.get("variant_accuracy", {}).items():
+        for variant, acc in variants.items():
+            m[f"{model}.{variant}.accuracy"] = acc
+    for model, c in summary.get("masked_confidence", {}).items():
+        m[f"{model}.masked.median_confidence"] = c["median_confidence"]
+        m[f"{model}.masked.accuracy"] = c["accuracy"]
+    for name, value in summary.get("baseline", {}).items():
+        m[f"baseline.{name}"] = value
+    return m
+
+
+def describe(summary: dict, plan) -> str:
+    """The parent's description: what ran, and the headline result."""
+    pct = f"{100 * summary['fraction']:g}%"
+    lines = [f"overinterp on {summary['dataset']}: models {', '.join(plan.models)}, seeds {', '.join(map(str, plan.seeds))}; "
+             f"subsets keep {pct} of pixels ({summary['n_keep']} of {summary['hw']}), selected by {summary['selector']}.", ""]
+    for model, conds in summary["accuracy"].items():
+        parts = [f"{c} {100 * statistics.fmean(v):.1f}%" for c, v in conds.items() if v]
+        lines.append(f"- {model}: test accuracy " + ", ".join(parts))
+    if summary.get("baseline"):
+        b = summary["baseline"]
+        lines.append(f"- pretrained {summary.get('model')}: {100 * b['full']:.1f}% on full images, {100 * b['own_subsets']:.1f}% on its own subsets")
+    lines += ["", "Child runs: one per trained model; `baseline_run_id` links each to the run it is compared with."]
+    return "\n".join(lines)

@@ -1,51 +1,76 @@
-"""One training trial: a model, a seed, a condition (full / backselect / random), input dropout.
+"""One training trial: a model, a seed, what its images show (full, or a stored pixel-subset with a
+fill), and input dropout.
 
-Plain torch, no Ray: Tune calls `run_trial` in a worker, tests call it directly. Finished trials
-leave `trials/<name>/result.json` (written last, atomically) beside their checkpoint, so a rerun
-skips them.
+Plain torch, no Ray: Tune calls `run_trial` in a worker, tests call it directly. A finished trial
+leaves `trials/<name>/result.json` (written last, atomically) beside its checkpoint, with the
+checkpoint's SHA-256; a rerun reuses it only while both read back whole, and retrains otherwise
+(with a warning), so a truncated or foreign checkpoint never poisons a summary.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from overinterp import fs
 from overinterp.models import ModelSpec, build, save_checkpoint
-from overinterp.training import TrainConfig, evaluate, train_model
+from overinterp.training import FILLS, TrainConfig, evaluate, train_model
 
-# backselect_positions: the BS mask's positions alone, no pixel values (the label-leak control)
-CONDITIONS = ("full", "backselect", "random", "backselect_positions")
+log = logging.getLogger(__name__)
+
+SHORT_SELECTOR = {"backselect": "bs"}  # condition labels: "bs-subset" reads better than "backselect-subset"
 
 
 @dataclass(frozen=True)
 class TrialSpec:
     model: str
     seed: int
-    condition: str  # one of CONDITIONS: what every train and test image shows the model
+    # "<store model tag>/<selector tag>" of the stored selections whose keep-masks this trial trains
+    # and tests on (e.g. "digits_cnn-s0/backselect", "none/random-seed0"); None: full images
+    subset: Optional[str] = None
+    fill: str = "mean"  # how removed pixels look: mean (0 after normalisation), road, positions (the mask alone)
     input_dropout: float = 0.0
 
     def __post_init__(self):
-        if self.condition not in CONDITIONS:
-            raise ValueError(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
+        if self.fill not in FILLS:
+            raise ValueError(f"fill must be one of {FILLS}, got {self.fill!r}")
+        if self.subset is None and self.fill != "mean":
+            raise ValueError("full-image trials have no fill")
+        if self.subset is not None and self.subset.count("/") != 1:
+            raise ValueError(f"subset must be '<model tag>/<selector tag>', got {self.subset!r}")
+
+    @property
+    def selector_tag(self) -> Optional[str]:
+        return None if self.subset is None else self.subset.split("/")[1]
 
     @property
     def name(self) -> str:
         drop = f"-drop{self.input_dropout:g}" if self.input_dropout else ""
-        return f"{path_safe(self.model)}-{self.condition}{drop}-s{self.seed}"
+        what = "full" if self.subset is None else self.selector_tag + ("" if self.fill == "mean" else f"-{self.fill}")
+        return f"{path_safe(self.model)}-{what}{drop}-s{self.seed}"
 
     @property
-    def mask_key(self) -> Optional[str]:
-        """Key of this trial's masks in the masks dict (None: full images)."""
-        return None if self.condition == "full" else f"{self.model}/{self.condition.removesuffix('_positions')}"
+    def condition(self) -> str:
+        """What the trial's images show, as a reviewer reads it: full, full+dropout, bs-subset,
+        bs-subset+road, bs-positions-only, random-subset, ..."""
+        if self.subset is None:
+            return "full+dropout" if self.input_dropout else "full"
+        sel = self.selector_tag.split("-")[0]
+        sel = SHORT_SELECTOR.get(sel, sel)
+        if self.fill == "positions":
+            return f"{sel}-positions-only"
+        return f"{sel}-subset" + ("" if self.fill == "mean" else f"+{self.fill}")
 
     @property
-    def positions_only(self) -> bool:
-        return self.condition.endswith("_positions")
+    def variant(self) -> str:
+        return "input-dropout" if self.input_dropout else "plain"
 
 
 def path_safe(name: str) -> str:
@@ -60,14 +85,34 @@ def checkpoint_path(out_dir: str, spec: TrialSpec) -> str:
     return fs.join(trial_dir(out_dir, spec), "model.pt")
 
 
+def _sha256(path: str) -> str:
+    return hashlib.sha256(fs.read_bytes(path)).hexdigest()
+
+
 def load_result(out_dir: str, spec: TrialSpec) -> Optional[dict]:
-    """The finished trial's result, or None if it has not finished."""
+    """The finished trial's result, or None if it must (re)run: not finished, or its result or
+    checkpoint does not read back whole (then a warning says why)."""
     path = fs.join(trial_dir(out_dir, spec), "result.json")
-    return fs.read_json(path) if fs.exists(path) else None
+    if not fs.exists(path):
+        return None
+    try:
+        result = fs.read_json(path)
+        ckpt = result["checkpoint"]
+        if not fs.exists(ckpt):
+            raise ValueError("its checkpoint is missing")
+        if result.get("checkpoint_sha256") != _sha256(ckpt):
+            raise ValueError("its checkpoint does not match the one it recorded (truncated or replaced)")
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        log.warning("trial %s in %s will be retrained: %s", spec.name, out_dir, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+    return result
 
 
 def pick_device(prefer_gpu: bool = True) -> torch.device:
     return torch.device("cuda" if prefer_gpu and torch.cuda.is_available() else "cpu")
+
+
+EpochReport = Callable[[int, float, float], None]  # (epoch, mean train loss, val accuracy) after every epoch
 
 
 def run_trial(
@@ -77,13 +122,15 @@ def run_trial(
     train_config: TrainConfig,
     out_dir: str,
     device: Optional[torch.device] = None,
-    on_epoch=None,
+    report: Optional[EpochReport] = None,
 ) -> dict:
     """Train one model and evaluate it on the test split under the trial's condition.
 
     Args:
         data: {"images": {split: (N, C, H, W) uint8}, "labels": {split: (N,)}, "mean", "std", "num_classes"}.
-        masks: {mask_key: {split: (N, HW) bool}} for the subset conditions.
+        masks: {subset key: {split: (N, HW) bool}} for the subset trials.
+        report: called after every epoch with the epoch, its mean loss and the accuracy on the
+            held-out split (the test split: no model is selected on it, it only shows progress).
     Returns:
         The result dict also written to trials/<name>/result.json.
     """
@@ -92,18 +139,25 @@ def run_trial(
     images = {s: torch.from_numpy(np.array(data["images"][s])).to(device) for s in ("train", "test")}
     labels = {s: torch.from_numpy(np.array(data["labels"][s])).long().to(device) for s in ("train", "test")}
     keep = {"train": None, "test": None}
-    if spec.mask_key is not None:
-        keep = {s: torch.from_numpy(np.array(masks[spec.mask_key][s])).to(device) for s in ("train", "test")}
+    if spec.subset is not None:
+        keep = {s: torch.from_numpy(np.array(masks[spec.subset][s])).to(device) for s in ("train", "test")}
     C = images["train"].shape[1]
     model_spec = ModelSpec(spec.model, int(data["num_classes"]), C, spec.input_dropout)
     torch.manual_seed(spec.seed)  # weight init
     model = build(model_spec).to(device)
     cfg = TrainConfig(**{**asdict(train_config), "seed": spec.seed})
-    # several GPUs given to this trial (--gpus-per-trial): split each batch across them
+    # several GPUs given to this trial: split each batch across them
     runner = torch.nn.DataParallel(model) if device.type == "cuda" and torch.cuda.device_count() > 1 else model
-    losses = train_model(runner, images["train"], labels["train"], data["mean"], data["std"], cfg, keep["train"], on_epoch,
-                         positions_only=spec.positions_only)
-    acc = evaluate(runner, images["test"], labels["test"], data["mean"], data["std"], keep["test"], positions_only=spec.positions_only)
+    val_accuracies: list[float] = []
+    on_epoch = None
+    if report is not None:
+        def on_epoch(epoch: int, loss: float) -> None:
+            val_accuracies.append(evaluate(runner, images["test"], labels["test"], data["mean"], data["std"], keep["test"], fill=spec.fill))
+            report(epoch, loss, val_accuracies[-1])
+            runner.train()
+
+    losses = train_model(runner, images["train"], labels["train"], data["mean"], data["std"], cfg, keep["train"], on_epoch, fill=spec.fill)
+    acc = evaluate(runner, images["test"], labels["test"], data["mean"], data["std"], keep["test"], fill=spec.fill)
     ckpt = checkpoint_path(out_dir, spec)
     save_checkpoint(ckpt, model_spec, model.cpu(), {"trial": asdict(spec)})
     result = {
@@ -111,9 +165,13 @@ def run_trial(
         "spec": asdict(spec),
         "accuracy": acc,
         "train_loss": losses[-1],
+        "losses": losses,
+        "val_accuracies": val_accuracies,
         "seconds": time.time() - t0,
+        "finished_at": time.time(),
         "device": str(device),
         "checkpoint": ckpt,
+        "checkpoint_sha256": _sha256(ckpt),
     }
     fs.write_json(fs.join(trial_dir(out_dir, spec), "result.json"), result)  # last: its presence means finished
     return result

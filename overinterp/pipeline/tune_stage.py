@@ -1,20 +1,22 @@
-"""Training trials on Ray Tune: one trial per (model, seed, condition, input dropout).
+"""Training trials on Ray Tune: one trial per TrialSpec (model, seed, subset and fill, input dropout).
 
 Every trial runs `trial.run_trial`, which writes its checkpoint and result.json into the run's
-out_dir; trials already finished there are not launched again. Tune's own storage (logs, trial
-state) goes to <out_dir>/tune.
+out_dir; trials already finished there are not launched again. Each trial asks for the planned
+resources (a whole GPU each where the cluster can have GPUs, unless the user asked for fractions),
+and reports every epoch to Tune. Tune's own storage (logs, trial state) goes to <out_dir>/tune.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from typing import Callable, Optional
 
 import torch
 from ray import tune
 
 from overinterp import fs
-from overinterp.pipeline.resources import Resources
+from overinterp.pipeline.resources import ResourcePlan, worker_device
 from overinterp.pipeline.trial import TrialSpec, load_result, run_trial
 from overinterp.training import TrainConfig
 
@@ -29,11 +31,14 @@ class _Progress(tune.Callback):
     def __init__(self, stage: str, total: int, done: int):
         self.stage, self.total, self.done, self.t0 = stage, total, done, time.time()
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
+        result = trial.last_result or {}
         name = TrialSpec(**trial.config["trial"]).name
-        print(f"[{self.stage}] {self.done}/{self.total} {name}: test accuracy {100 * result['accuracy']:.1f}% "
-              f"({result['seconds']:.0f} s; stage {time.time() - self.t0:.0f} s)", flush=True)
+        acc = result.get("accuracy")
+        acc_s = f"test accuracy {100 * acc:.1f}%" if acc is not None else "finished"
+        print(f"[{self.stage}] {self.done}/{self.total} {name}: {acc_s} ({result.get('seconds', 0):.0f} s; stage {time.time() - self.t0:.0f} s)",
+              flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[{self.stage}] FAILED {TrialSpec(**trial.config['trial']).name} (see {trial.local_path})", flush=True)
@@ -42,8 +47,40 @@ class _Progress(tune.Callback):
 def _trainable(config: dict, data=None, masks=None, train_config=None, out_dir=None):
     torch.set_num_threads(int(config["threads"]))
     spec = TrialSpec(**config["trial"])
-    result = run_trial(spec, data, masks, train_config, out_dir)
-    tune.report({"accuracy": result["accuracy"], "train_loss": result["train_loss"], "seconds": result["seconds"]})
+
+    def report(epoch: int, loss: float, val_accuracy: float) -> None:
+        tune.report({"epoch": epoch, "train_loss": loss, "val_accuracy": val_accuracy})
+
+    result = run_trial(spec, data, masks, train_config, out_dir, device=worker_device(), report=report)
+    tune.report({"epoch": len(result["losses"]) - 1, "accuracy": result["accuracy"], "train_loss": result["train_loss"],
+                 "seconds": result["seconds"], "done": True})
+
+
+def launch_trials(
+    stage: str,
+    pending: list[TrialSpec],
+    trainable: Callable,
+    out_dir: str,
+    resources: ResourcePlan,
+    total: int,
+    callbacks: Optional[list] = None,
+) -> None:
+    """Run `trainable` for each pending spec on Tune with the planned resources; raises TrialsFailed."""
+    trainable = tune.with_resources(trainable, resources.trial_request())
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([asdict(s) for s in pending]), "threads": max(1, int(resources.cpus_per_trial))},
+        # reuse_actors: one worker process trains many trials (saves ~5 s of start-up each)
+        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=resources.trial_concurrency),
+        run_config=tune.RunConfig(
+            name=stage, storage_path=fs.join(out_dir, "tune"), verbose=0,  # Tune writes to local paths and s3:// alike
+            callbacks=[_Progress(stage, total, total - len(pending)), *(callbacks or [])],
+        ),
+    )
+    grid = tuner.fit()
+    if grid.errors:
+        failed = [r.config["trial"] for r in grid if r.error]
+        raise TrialsFailed(f"[{stage}] {len(grid.errors)} trial(s) failed: {failed}; first error: {grid.errors[0]}")
 
 
 def run_trials(
@@ -53,37 +90,24 @@ def run_trials(
     masks: dict,
     train_config: TrainConfig,
     out_dir: str,
-    resources: Resources,
-    gpus_per_trial: int = 1,
+    resources: ResourcePlan,
+    callbacks: Optional[list] = None,
 ) -> dict[str, dict]:
-    """Run every unfinished trial on Tune; returns {trial name: result} for all specs.
-
-    gpus_per_trial: GPUs each trial gets where the cluster has GPUs (DataParallel inside).
+    """Run every unfinished in-memory trial on Tune; returns {trial name: result} for all specs.
 
     Raises TrialsFailed naming the failed trials; finished ones stay on disk for the rerun.
     """
     pending = [s for s in specs if load_result(out_dir, s) is None]
     print(f"[{stage}] {len(specs) - len(pending)} of {len(specs)} trials already finished in {out_dir}", flush=True)
     if pending:
-        per = {"cpu": 1, "gpu": gpus_per_trial if resources.use_gpu else 0}
-        trainable = tune.with_resources(
-            tune.with_parameters(_trainable, data=data, masks=masks, train_config=train_config, out_dir=out_dir), per
-        )
-        storage = fs.join(out_dir, "tune")  # Tune writes to local paths and s3:// alike
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search([asdict(s) for s in pending]), "threads": 1},
-            # reuse_actors: one worker process trains many trials (saves ~5 s of start-up each)
-            tune_config=tune.TuneConfig(metric="accuracy", mode="max", reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=stage, storage_path=storage, verbose=0,
-                callbacks=[_Progress(stage, len(specs), len(specs) - len(pending))],
-            ),
-        )
-        grid = tuner.fit()
-        if grid.errors:
-            failed = [r.config["trial"] for r in grid if r.error]
-            raise TrialsFailed(f"[{stage}] {len(grid.errors)} trial(s) failed: {failed}; first error: {grid.errors[0]}")
+        needed = {s.subset for s in pending if s.subset is not None}
+        trainable = tune.with_parameters(_trainable, data=data, masks={k: v for k, v in masks.items() if k in needed},
+                                         train_config=train_config, out_dir=out_dir)
+        launch_trials(stage, pending, trainable, out_dir, resources, len(specs), callbacks)
+    return collect_results(stage, specs, out_dir)
+
+
+def collect_results(stage: str, specs: list[TrialSpec], out_dir: str) -> dict[str, dict]:
     results = {}
     for s in specs:
         r = load_result(out_dir, s)

@@ -1,0 +1,216 @@
+"""The plan of a run, built once before any work: what is trained, selected and compared, with
+every store key and every baseline.
+
+    full-image trials  ->  selection jobs (source model x selector x split)  ->  random baseline
+                       ->  subset trials (model x seed x stored selection x fill)  ->  summary
+
+Both pipelines (`overinterp run` on in-memory data sets, `jobs/sis_imagenet.py` on streamed
+ImageNet-style data) build a Plan and hand it to the same driver (pipeline/driver.py), which walks it
+stage by stage. A new selector or fill is a new entry here, not a new branch in the driver. The plan
+imports no Ray, so `--dry-run` and the cost planner can print it before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from overinterp import fs
+from overinterp.pipeline.trial import TrialSpec, checkpoint_path, path_safe
+from overinterp.selection import selector_tag
+
+SPLITS = ("train", "test")
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class SelectionSource:
+    """A model to explain: one checkpoint, several averaged as a MeanEnsemble, or a registered model
+    built by name (a torchvision model with its weights)."""
+
+    tag: str  # the store's model name, e.g. digits_cnn-s0, digits_cnn-ens3, tv_resnet50
+    checkpoints: tuple[str, ...] = ()
+    model: Optional[dict] = None  # create_model kwargs: name, num_classes, weights
+    variant: str = "plain"  # plain | ensemble | input-dropout | pretrained
+    label: str = ""  # for tables: "plain (seed 0)", "mean ensemble of 3", ...
+
+    def load(self, device):
+        from overinterp.models import create_model, load_ensemble
+
+        if self.checkpoints:
+            return load_ensemble(list(self.checkpoints), device)
+        return create_model(**self.model).to(device).eval()
+
+
+@dataclass(frozen=True)
+class SelectionJob:
+    """One (source model, selector, split): rows in <root>/<source tag>/<selector tag>/<split>/."""
+
+    source: SelectionSource
+    selector: str
+    params_json: str  # canonical JSON of the selector's parameters
+    split: str
+
+    @property
+    def params(self) -> dict:
+        return json.loads(self.params_json)
+
+    @property
+    def tag(self) -> str:
+        return selector_tag(self.selector, self.params)
+
+    @property
+    def key(self) -> str:
+        """The subset key trials use: '<source tag>/<selector tag>'."""
+        return f"{self.source.tag}/{self.tag}"
+
+
+def canonical(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run does, in order; see the module docstring."""
+
+    dataset: str
+    shape: tuple[int, int, int]  # (C, H, W)
+    n_images: dict  # split -> images
+    num_classes: int
+    out_dir: str
+    fraction: float
+    tau: float
+    models: tuple[str, ...]  # architectures trained (on full images, then on subsets)
+    seeds: tuple[int, ...]
+    full_trials: tuple[TrialSpec, ...]
+    sources: dict  # model -> variant -> SelectionSource (the models whose selections are made)
+    selections: tuple[SelectionJob, ...]
+    random_params: dict  # the seeded random baseline's parameters
+    subset_trials: tuple[TrialSpec, ...]
+    primary: str  # selector tag whose SIS sizes and masked confidence the summary reports
+    fills: tuple[str, ...] = ("mean",)
+    streamed: bool = False  # ImageNet-style: images stream through Ray Data, never held whole
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def root(self) -> str:
+        return fs.join(self.out_dir, "selections")
+
+    @property
+    def hw(self) -> int:
+        return self.shape[1] * self.shape[2]
+
+    @property
+    def random_tag(self) -> str:
+        return selector_tag(RANDOM, self.random_params)
+
+    @property
+    def random_key(self) -> str:
+        return f"none/{self.random_tag}"
+
+    def baseline_of(self, spec: TrialSpec) -> Optional[TrialSpec]:
+        """The full-image trial a trial is compared with: same model and seed, no input dropout.
+        None for that trial itself, and for streamed runs (their baseline is the pretrained model)."""
+        base = TrialSpec(spec.model, spec.seed)
+        return None if spec == base or base not in self.full_trials else base
+
+    def subset_keys(self) -> list[str]:
+        return sorted({t.subset for t in self.subset_trials})
+
+    def selection_for(self, key: str, split: str) -> Optional[SelectionJob]:
+        return next((j for j in self.selections if j.key == key and j.split == split), None)
+
+    def describe(self) -> str:
+        """The stages, one line each, as printed at the start of a run (and by --dry-run)."""
+        c, h, w = self.shape
+        lines = [f"plan: {self.dataset}, {' + '.join(f'{n} {s}' for s, n in self.n_images.items())} images of {c}×{h}×{w}, "
+                 f"{self.num_classes} classes; subsets keep {100 * self.fraction:g}% of pixels; out {self.out_dir}"]
+        if self.full_trials:
+            lines.append(f"  1. train {len(self.full_trials)} full-image model(s): " + ", ".join(t.name for t in self.full_trials))
+        else:
+            lines.append("  1. full-image model: pretrained (" + ", ".join(s.tag for v in self.sources.values() for s in v.values()) + ")")
+        by_tag = {}
+        for j in self.selections:
+            by_tag.setdefault(j.tag, []).append(f"{j.source.tag}/{j.split}")
+        for tag, where in by_tag.items():
+            lines.append(f"  2. select {tag}: {', '.join(where)}")
+        lines.append(f"  3. random baseline {self.random_tag} on {', '.join(self.n_images)}")
+        lines.append(f"  4. train {len(self.subset_trials)} subset model(s): "
+                     + ", ".join(sorted({t.condition for t in self.subset_trials})) + f" x seeds {','.join(map(str, self.seeds))}")
+        lines.append("  5. compare: summary.json, summary.md, plots, MLflow")
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def small_sources(out_dir: str, model: str, seeds: tuple[int, ...], input_dropout: float) -> dict[str, SelectionSource]:
+    """The models whose SIS we measure: plain (first seed), ensemble of all seeds, input dropout."""
+    s0 = seeds[0]
+    out = {"plain": SelectionSource(f"{path_safe(model)}-s{s0}", (checkpoint_path(out_dir, TrialSpec(model, s0)),),
+                                    variant="plain", label=f"plain (seed {s0})")}
+    if len(seeds) > 1:
+        ckpts = tuple(checkpoint_path(out_dir, TrialSpec(model, s)) for s in seeds)
+        out["ensemble"] = SelectionSource(f"{path_safe(model)}-ens{len(seeds)}", ckpts, variant="ensemble",
+                                          label=f"mean ensemble of {len(seeds)}")
+    if input_dropout > 0:
+        spec = TrialSpec(model, s0, input_dropout=input_dropout)
+        out["input_dropout"] = SelectionSource(f"{path_safe(model)}-drop{input_dropout:g}-s{s0}", (checkpoint_path(out_dir, spec),),
+                                               variant="input-dropout", label=f"input dropout p={input_dropout:g} (seed {s0})")
+    return out
+
+
+def subset_trials(models, seeds, subset_keys: list[str], fills: tuple[str, ...], random_key: str) -> list[TrialSpec]:
+    """Every model x seed trained on each selection's subsets under each fill, on the positions
+    alone, and on the random baseline under each fill."""
+    specs = []
+    for m in models:
+        for s in seeds:
+            for key in subset_keys[m]:
+                specs += [TrialSpec(m, s, key, f) for f in fills]
+                specs.append(TrialSpec(m, s, key, "positions"))
+            specs += [TrialSpec(m, s, random_key, f) for f in fills]
+    return specs
+
+
+def plan_small(cfg, data) -> Plan:
+    """The plan of `overinterp run`: cfg a resolved RunConfig, data the loaded ImageDataset."""
+    sel_params = canonical({"k": cfg.pixels_per_step})
+    random_params = {"seed": cfg.random_seed}
+    full = [TrialSpec(m, s) for m in cfg.models for s in cfg.seeds]
+    if cfg.input_dropout > 0:
+        full += [TrialSpec(m, s, input_dropout=cfg.input_dropout) for m in cfg.models for s in cfg.seeds]
+    sources, selections, keys = {}, [], {}
+    for m in cfg.models:
+        sources[m] = small_sources(cfg.out_dir, m, cfg.seeds, cfg.input_dropout)
+        for variant, source in sources[m].items():
+            for split in SPLITS if variant == "plain" else ("test",):  # SIS of the mitigations: test images
+                selections.append(SelectionJob(source, cfg.selector, sel_params, split))
+        keys[m] = [f"{sources[m]['plain'].tag}/{selector_tag(cfg.selector, json.loads(sel_params))}"]
+    random_key = f"none/{selector_tag(RANDOM, random_params)}"
+    fills = ("mean",)
+    return Plan(
+        dataset=cfg.dataset, shape=data.shape, n_images={s: len(data.labels[s]) for s in SPLITS}, num_classes=data.num_classes,
+        out_dir=cfg.out_dir, fraction=cfg.fraction, tau=cfg.tau, models=tuple(cfg.models), seeds=tuple(cfg.seeds),
+        full_trials=tuple(full), sources=sources, selections=tuple(selections), random_params=random_params,
+        subset_trials=tuple(subset_trials(cfg.models, cfg.seeds, keys, fills, random_key)),
+        primary=selector_tag(cfg.selector, json.loads(sel_params)), fills=fills,
+    )
+
+
+def plan_stream(cfg, num_classes: int, n_images: dict) -> Plan:
+    """The plan of jobs/sis_imagenet.py: cfg a resolved ImageNetConfig. The explained model is
+    pretrained; the subset models are trained from scratch and compared with it."""
+    sel_params = canonical({"k": cfg.pixels_per_step})
+    random_params = {"seed": cfg.random_seed}
+    source = SelectionSource(path_safe(cfg.model), model={"name": cfg.model, "num_classes": num_classes, "weights": cfg.weights},
+                             variant="pretrained", label=f"pretrained {cfg.model} ({cfg.weights})")
+    selections = [SelectionJob(source, "bgsis", sel_params, split) for split in SPLITS]
+    key = f"{source.tag}/{selector_tag('bgsis', json.loads(sel_params))}"
+    random_key = f"none/{selector_tag(RANDOM, random_params)}"
+    S = cfg.image_size
+    return Plan(
+        dataset=f"imagefolder {cfg.train}", shape=(3, S, S), n_images=n_images, num_classes=num_classes, out_dir=cfg.out_dir,
+        fraction=cfg.fraction, tau=0.99, models=(cfg.train_model,), seeds=tuple(cfg.seeds), full_trials=(),
+        sources={cfg.train_model: {"pretrained": source}}, selections=tuple(selections), random_params=random_params,
+        subset_trials=tuple(subset_trials([cfg.train_model], cfg.seeds, {cfg.train_model: [key]}, ("mean",), random_key)),
+        primary=selector_tag("bgsis", json.loads(sel_params)), streamed=True,
+    )

@@ -1,0 +1,231 @@
+"""Training on pixel-subsets of data sets too big to hold: Ray Train inside each Ray Tune trial.
+
+Per trial, a Tune function trainable runs a Ray Train `TorchTrainer` (DDP: gloo on CPUs, NCCL on
+GPUs). Its data never sits whole anywhere: the *encoded* images of a split are joined by image_id
+with their keep-masks read from the Parquet store (Ray Data's hash join, disk-backed), decoded on
+the Ray Data workers, and streamed to each Train worker through `get_dataset_shard(...)
+.iter_torch_batches`. Each batch's mask is applied on the worker's device, before augmentation, so
+the mask moves with the image. Evaluation on the validation split is summed across workers.
+
+After every epoch rank 0 writes a checkpoint (model, optimiser, schedule, epoch) to the out URI and
+every worker reports; a worker lost mid-trial (a node taken back, a crash) restarts the worker group
+from the last checkpoint (Train's FailureConfig), and a trial whose whole Tune process died resumes
+the same way on the rerun (same run name and storage path). Each epoch re-reads and re-joins the
+encoded images: the price of never holding them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from overinterp import fs, store
+from overinterp.pipeline.images import decode_batch, drop_bad, is_parquet, read_encoded
+from overinterp.pipeline.trial import TrialSpec, checkpoint_path, trial_dir
+from overinterp.selection import n_keep, random_order
+
+MASK_COLUMN = "keep"  # (B, ceil(HW / 8)) uint8: the keep-mask, bit-packed (np.packbits order)
+
+
+def _keep_bits(batch: pa.Table, hw: int, fraction: float, split: str) -> dict:
+    """Store rows -> {image_id, keep}: the last ceil(fraction * HW) pixels of each order, packed."""
+    ids = batch.column("image_id").to_numpy()
+    steps_col = batch.column("removal_step")
+    if steps_col.null_count == len(ids):  # the random baseline: regenerated from (seed, split, id)
+        import json
+
+        seed = json.loads(batch.column("selector_params")[0].as_py())["seed"]
+        order = random_order(ids, hw, seed, split).numpy()
+        k = n_keep(fraction, hw)
+        keep = np.zeros((len(ids), hw), dtype=bool)
+        np.put_along_axis(keep, order[:, hw - k :], True, axis=1)
+    else:
+        steps = steps_col.combine_chunks().flatten().to_numpy().reshape(len(ids), hw)
+        keep = store.steps_to_keep(steps, fraction)
+    return {"image_id": ids, MASK_COLUMN: np.packbits(keep, axis=1)}
+
+
+def mask_rows(root: str, subset: str, split: str, hw: int, fraction: float) -> ray.data.Dataset:
+    """{image_id, keep} for every stored row of one selection; refuses repeated ids (run `store repair`)."""
+    model_tag, sel_tag = subset.split("/")
+    fsys, paths = store.shard_files(root, model_tag, sel_tag, split)
+    if not paths:
+        raise store.StoreError(f"no selections stored for {subset} {split} under {root}: rerun the selection stage")
+    ids = np.concatenate([store.read_shard(fsys, p, ["image_id"]).column("image_id").to_numpy() for p in paths])
+    if len(np.unique(ids)) != len(ids):
+        raise store.StoreError(f"{root}/{subset}/{split} holds repeated image ids: run `overinterp store repair --out {root.removesuffix('/selections')}`")
+    ds = ray.data.read_parquet(paths, filesystem=fsys, columns=["image_id", "removal_step", "selector_params"])
+    return ds.map_batches(_keep_bits, fn_kwargs={"hw": hw, "fraction": fraction, "split": split}, batch_format="pyarrow")
+
+
+IMAGES_PER_PARTITION = 5000  # join partitions: ~5,000 encoded ImageNet images (~0.5 GB) each
+
+
+def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int], size: int, root: str, subset: str,
+                  split: str, fraction: float, n_images: int) -> ray.data.Dataset:
+    """The images of one split that have a stored selection, decoded, each with its packed keep-mask."""
+    partitions = min(512, max(1, n_images // IMAGES_PER_PARTITION))
+    masks = mask_rows(root, subset, split, size * size, fraction)
+    encoded = read_encoded(source, classes, limit)
+    joined = encoded.join(masks, join_type="inner", num_partitions=partitions, on=("image_id",))
+    folder_root = "" if is_parquet(source) else fs.resolve(source)[1].rstrip("/")
+    decoded = joined.map_batches(decode_batch, fn_kwargs={"size": size, "keep_columns": (MASK_COLUMN,), "root": folder_root},
+                                 batch_format="numpy", batch_size=64)
+    # an image that decoded at selection time and not now (changed on disk) is dropped, not trained on as zeros
+    return drop_bad(decoded).select_columns(["image_id", "label", "image", MASK_COLUMN])
+
+
+def unpack_keep(packed: torch.Tensor, hw: int) -> torch.Tensor:
+    """(B, ceil(HW / 8)) uint8 -> (B, HW) bool, on packed's device (np.packbits bit order: MSB first)."""
+    shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
+    bits = (packed[:, :, None] >> shifts) & 1  # (B, nbytes, 8)
+    return bits.reshape(packed.shape[0], -1)[:, :hw].bool()
+
+
+def _train_loop(config: dict) -> None:
+    """Runs on every Train worker: DDP over streamed, masked batches; a checkpoint every epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from overinterp.models import ModelSpec, build
+    from overinterp.training import TrainConfig, augment_batch, prepare
+
+    torch.set_num_threads(int(config["threads"]))
+    spec = TrialSpec(**config["trial"])
+    tc = TrainConfig(**config["train"])
+    mean, std, hw = tuple(config["mean"]), tuple(config["std"]), int(config["hw"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(spec.seed)
+    model_spec = ModelSpec(spec.model, int(config["num_classes"]), 3, spec.input_dropout)
+    model = build(model_spec).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay)
+    milestones = sorted({max(1, int(m * tc.epochs)) for m in tc.milestones})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=tc.gamma)
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # a restarted worker group, or a rerun of a trial that died: go on from the last epoch
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["epoch"]) + 1
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    gen = torch.Generator().manual_seed(spec.seed * 1000 + rank)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(start, tc.epochs):
+        ddp.train()
+        gen.manual_seed(spec.seed * 1000 + rank + 7919 * epoch)  # augmentation replays identically after a restart
+        loss_sum = torch.zeros(2, device=device)  # (summed loss, images)
+        for batch in train_shard.iter_torch_batches(batch_size=tc.batch_size, device=device, drop_last=False):
+            if len(batch["label"]) == 1:
+                continue  # BatchNorm cannot train on one image (a split's last, short batch)
+            x = prepare(batch["image"], mean, std, unpack_keep(batch[MASK_COLUMN], hw), spec.fill)
+            if tc.augment:
+                x = augment_batch(x, gen)
+            loss = F.cross_entropy(ddp(x), batch["label"].long())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += torch.stack([loss.detach() * len(x), torch.tensor(float(len(x)), device=device)])
+        sched.step()
+        ddp.eval()
+        counts = torch.zeros(2, device=device)  # (correct, images) on this worker's share of val
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=tc.batch_size, device=device):
+                x = prepare(batch["image"], mean, std, unpack_keep(batch[MASK_COLUMN], hw), spec.fill)
+                counts += torch.stack([(ddp(x).argmax(1) == batch["label"]).sum().float(), torch.tensor(float(len(x)), device=device)])
+        if world > 1:
+            dist.all_reduce(counts)
+            dist.all_reduce(loss_sum)
+        metrics = {"epoch": epoch, "train_loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)),
+                   "val_accuracy": float(counts[0] / counts[1].clamp(min=1)), "val_images": int(counts[1]),
+                   "start_epoch": start}  # > 0: this worker group resumed from a checkpoint
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+                            "spec": asdict(model_spec)}, os.path.join(d, "state.pt"))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+
+
+def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_info: dict, out_dir: str, resources,
+                     use_cuda: bool, workers: int = 1, max_failures: int = 3) -> dict:
+    """One trial: a TorchTrainer over the trial's streams; writes trials/<name>/result.json and model.pt.
+
+    streams: {"train": Dataset, "val": Dataset} from `subset_stream`.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from overinterp.models import ModelSpec, save_checkpoint
+    from overinterp.pipeline.trial import _sha256
+
+    t0 = time.time()
+    callbacks = []
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    if _in_tune_session():
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())  # every epoch's metrics reach Tune (and MLflow) as they happen
+    per_worker = {"CPU": resources.cpus_per_trial}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_trial
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"trial": asdict(spec), "train": train_config, "threads": max(1, int(resources.cpus_per_trial)), **data_info},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker),
+        # NCCL needs CUDA; GPU nodes without it (a broken driver, or a simulated cluster) train with gloo
+        torch_config=TorchConfig(backend="nccl" if use_cuda else "gloo"),
+        datasets=streams,
+        run_config=RunConfig(name=spec.name, storage_path=fs.join(out_dir, "train-runs"), callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    model_spec = ModelSpec(**state["spec"])
+    from overinterp.models import build
+
+    model = build(model_spec)
+    model.load_state_dict(state["model"])
+    ckpt = checkpoint_path(out_dir, spec)
+    save_checkpoint(ckpt, model_spec, model, {"trial": asdict(spec)})
+    history = result.metrics_dataframe
+    out = {
+        "name": spec.name, "spec": asdict(spec), "accuracy": result.metrics["val_accuracy"], "train_loss": result.metrics["train_loss"],
+        "losses": [float(v) for v in history["train_loss"]] if history is not None else [result.metrics["train_loss"]],
+        "val_accuracies": [float(v) for v in history["val_accuracy"]] if history is not None else [result.metrics["val_accuracy"]],
+        "finished_at": time.time(),
+        "seconds": time.time() - t0, "device": "cuda" if use_cuda else "cpu", "workers": workers,
+        "resumed_from_epochs": sorted({int(v) for v in history["start_epoch"] if v > 0}) if history is not None else [],
+        "checkpoint": ckpt, "checkpoint_sha256": _sha256(ckpt), "val_images": result.metrics["val_images"],
+    }
+    fs.write_json(fs.join(trial_dir(out_dir, spec), "result.json"), out)
+    return out
+
+
+def cuda_on_gpu_workers(gpus: float) -> bool:
+    """Whether a task given GPUs finds CUDA there (False on GPU nodes without a working driver, and
+    on simulated clusters whose GPUs are Ray resources only)."""
+    @ray.remote(num_gpus=gpus, num_cpus=0)
+    def probe() -> bool:
+        return bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+
+    return ray.get(probe.remote())

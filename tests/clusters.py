@@ -1,0 +1,153 @@
+"""Simulated multi-node Ray clusters for tests: Ray's fake multi-node autoscaler, and helpers to
+sample which actors run where.
+
+The autoscaling cluster is shaped like cluster.yaml: a head with CPU 0 and a 1-GPU worker type with
+min_workers 0, started on demand. Its GPUs are Ray resources only (torch.cuda stays unavailable).
+It runs in its own temp dir and port, so the test session's own local Ray is untouched, and it is
+stopped by killing exactly the processes that carry its temp dir (`ray stop` would stop every Ray
+of this user, the session's included).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import yaml
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def autoscaler_config(gcs_port: int, gpu_workers: int = 3, worker_cpus: int = 1) -> dict:
+    """The whole fake_multinode config (Ray 2.60's wheel lacks the example it would extend)."""
+    return {
+        "cluster_name": "overinterp-fake",
+        "max_workers": gpu_workers,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": f"127.0.0.1:{gcs_port}",
+            "launch_multiple": True,
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
+        "auth": {},
+        "docker": {},
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "gpu-1x": {"resources": {"CPU": worker_cpus, "GPU": 1, "object_store_memory": 300_000_000}, "node_config": {},
+                       "min_workers": 0, "max_workers": gpu_workers},
+        },
+        **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                           "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
+    }
+
+
+def kill_processes_with(marker: str) -> int:
+    """SIGKILL every process whose command line contains `marker` (this cluster's temp dir)."""
+    killed = 0
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        pid = int(cmdline.split("/")[2])
+        if pid == os.getpid():
+            continue
+        try:
+            with open(cmdline, "rb") as f:
+                if marker.encode() in f.read():
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+        except (OSError, ProcessLookupError):
+            pass
+    return killed
+
+
+@dataclass
+class FakeCluster:
+    """A running fake autoscaling cluster: its address, dashboard and the environment to reach it."""
+
+    address: str
+    dashboard: str
+    temp_dir: str
+    env: dict
+    config_path: str
+
+    def stop(self) -> None:
+        for _ in range(3):  # fake worker nodes started late may escape the first sweep
+            if not kill_processes_with(self.temp_dir):
+                break
+            time.sleep(1)
+
+
+def start_fake_cluster(gpu_workers: int = 3) -> FakeCluster:
+    temp_dir = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    port, dash = free_port(), free_port()
+    config_path = os.path.join(temp_dir, "autoscaler.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump(autoscaler_config(port, gpu_workers), f)
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "PYTHONUNBUFFERED": "1"}
+    if not os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=0", f"--autoscaling-config={config_path}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
+    return FakeCluster(address, f"http://127.0.0.1:{dash}", temp_dir, {**env, "RAY_ADDRESS": address}, config_path)
+
+
+@dataclass
+class ActorSampler:
+    """Polls the cluster's actors and nodes (Ray's state API, through the dashboard) in a thread."""
+
+    dashboard: str
+    period_s: float = 0.5
+    samples: list = field(default_factory=list)  # (time, [actor dicts alive then])
+    gpu_nodes_seen: set = field(default_factory=set)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        from ray.util.state import list_actors, list_nodes
+
+        while not self._stop.is_set():
+            try:
+                actors = list_actors(address=self.dashboard, filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False)
+                nodes = list_nodes(address=self.dashboard, limit=100, raise_on_missing_output=False, detail=True)
+                self.samples.append((time.time(), [{"class_name": a.class_name, "node_id": a.node_id,
+                                                    "required_resources": dict(a.required_resources or {})} for a in actors]))
+                self.gpu_nodes_seen |= {n.node_id for n in nodes if n.state == "ALIVE" and (n.resources_total or {}).get("GPU", 0) > 0}
+            except Exception:  # the dashboard is briefly unreachable while nodes start: sample again
+                pass
+            self._stop.wait(self.period_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def concurrent(self, class_part: str) -> list[list[dict]]:
+        """Per sample, the alive actors whose class name contains `class_part`."""
+        return [[a for a in actors if class_part in a["class_name"]] for _, actors in self.samples]

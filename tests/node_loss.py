@@ -1,0 +1,91 @@
+"""Fault injection on a ray.cluster_utils.Cluster (a CPU-0 head and two worker nodes with one fake
+GPU each), run as a script by tests/test_multinode.py so the test process keeps its own Ray.
+
+    python tests/node_loss.py selection OUT      # remove a worker node while selection writes shards
+    python tests/node_loss.py train-worker OUT   # SIGKILL a Ray Train worker after its first checkpoint
+
+The job runs as its own driver process against the cluster; this script watches --out, injects the
+fault, waits for the job, and prints one JSON line describing what it did.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import ray
+from ray.cluster_utils import Cluster
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _wait_for(pattern: str, job: subprocess.Popen, timeout: float) -> list[str]:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        found = glob.glob(pattern)
+        if found:
+            return found
+        if job.poll() is not None:
+            raise SystemExit(f"the job ended ({job.returncode}) before {pattern} appeared:\n{job.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    raise SystemExit(f"{pattern} did not appear within {timeout} s")
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                if f.read().startswith(b"ray::RayTrainWorker"):
+                    pids.append(int(cmdline.split("/")[2]))
+        except OSError:
+            pass
+    return pids
+
+
+def main(mode: str, out: str) -> int:
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1"}
+    os.environ.update(RAY_AUTH_MODE="token")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cpus = 1 if mode == "selection" else 2
+    workers = [cluster.add_node(num_cpus=cpus, num_gpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    env["RAY_ADDRESS"] = cluster.address
+    if mode == "selection":
+        cmd = [sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--select-batch", "4", "--seeds", "0,1", "--input-dropout", "0",
+               "--out", out]
+    else:
+        cmd = [sys.executable, os.path.join(ROOT, "jobs", "sis_imagenet.py"), "--smoke-test", "--epochs", "4", "--max-workers", "1", "--out", out]
+    job = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    report = {"mode": mode}
+    try:
+        if mode == "selection":
+            shards = _wait_for(os.path.join(out, "selections", "digits_cnn-s0", "backselect", "train", "part-*.parquet"), job, 900)
+            report["shards_before_removal"] = len(shards)
+            cluster.remove_node(workers[0], allow_graceful=False)  # the node, its raylet and every actor on it
+            report["removed_node"] = workers[0].node_id
+        else:
+            ckpts = _wait_for(os.path.join(out, "train-runs", "*", "checkpoint_*"), job, 1200)
+            report["trial"] = os.path.basename(os.path.dirname(ckpts[0]))
+            pids = _train_worker_pids()
+            os.kill(pids[0], signal.SIGKILL)
+            report["killed_pid"] = pids[0]
+        output, _ = job.communicate(timeout=1500)
+        sys.stderr.write(output[-6000:])
+        if job.returncode != 0:
+            return job.returncode
+    finally:
+        if job.poll() is None:
+            job.kill()
+        cluster.shutdown()
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,158 @@
+"""Every bad input: one clear line on stderr, a non-zero exit, and nothing already in --out changed
+or lost. Most fail before Ray starts; none runs a stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from overinterp import store
+from overinterp.cli import main
+from overinterp.synthetic import write_imagefolder
+
+
+def _tree(out) -> dict:
+    """Every file under out with its content hash (what 'nothing changed or lost' compares)."""
+    found = {}
+    for d, _, files in os.walk(out):
+        for f in files:
+            p = os.path.join(d, f)
+            found[os.path.relpath(p, out)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return found
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    rc = main(["run", *argv])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def _one_line(err: str, prefix="overinterp: error: ") -> str:
+    assert err.startswith(prefix) and err.count("\n") == 1, err
+    return err
+
+
+def _existing_out(tmp_path):
+    """An --out holding a finished selection: what a bad input must leave alone."""
+    out = tmp_path / "out"
+    root = str(out / "selections")
+    for ids in ([0, 1], [2, 3]):
+        store.write_rows(root, model="digits_cnn-s0", selector="backselect", selector_params="{}", split="test",
+                         image_id=np.array(ids), label=np.array([0, 1]), order=torch.arange(4).expand(2, 4), height=2, width=2)
+    return out
+
+
+def test_corrupt_parquet_shard(tmp_path, capsys):
+    out = _existing_out(tmp_path)
+    shard = sorted((out / "selections").rglob("part-*.parquet"))[0]
+    shard.write_bytes(b"PAR1 not really")
+    before = _tree(out)
+    rc, err = _run(["--smoke", "--out", str(out)], capsys)
+    assert rc == 1 and str(shard) in _one_line(err) and "overinterp store repair --out" in err
+    assert _tree(out) == before
+
+
+def test_foreign_parquet_shard(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = _existing_out(tmp_path)
+    foreign = out / "selections" / "digits_cnn-s0" / "backselect" / "test" / "part-somebody-else.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), foreign)
+    before = _tree(out)
+    rc, err = _run(["--smoke", "--out", str(out)], capsys)
+    assert rc == 1 and str(foreign) in _one_line(err) and "schema version ?" in err
+    assert _tree(out) == before
+
+
+@pytest.fixture
+def folder_with_a_truncated_jpeg(tmp_path):
+    write_imagefolder(str(tmp_path / "data"), n_per_class=3, num_classes=2, size=16)
+    bad = tmp_path / "data" / "train" / "n00000000" / "00000.jpg"
+    bad.write_bytes(bad.read_bytes()[:120])
+    return tmp_path / "data", bad
+
+
+def test_truncated_jpeg_with_strict(folder_with_a_truncated_jpeg, tmp_path, capsys):
+    data, bad = folder_with_a_truncated_jpeg
+    rc, err = _run(["--dataset", "imagefolder", "--data-root", str(data), "--image-size", "16", "--strict", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 1 and str(bad) in _one_line(err) and "drop --strict" in err
+    assert not (tmp_path / "o").exists() or _tree(tmp_path / "o") == {}
+
+
+def test_empty_class_folder(tmp_path, capsys):
+    write_imagefolder(str(tmp_path / "data"), n_per_class=2, num_classes=2, size=16)
+    (tmp_path / "data" / "train" / "n00000009").mkdir()
+    rc, err = _run(["--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 1 and "n00000009" in _one_line(err)
+
+
+def test_data_root_without_images(tmp_path, capsys):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "val").mkdir()
+    rc, err = _run(["--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 1 and str(tmp_path / "data") in _one_line(err)
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "results.txt"
+    f.write_text("keep me")
+    rc, err = _run(["--smoke", "--out", str(f)], capsys)
+    assert rc == 2 and "is a file" in _one_line(err) and f.read_text() == "keep me"
+
+
+def test_out_is_read_only(capsys):
+    rc, err = _run(["--smoke", "--out", "/proc/overinterp-out"], capsys)  # read-only even for root
+    assert rc == 2 and "is not writable" in _one_line(err)
+
+
+def test_out_uri_without_credentials(capsys, monkeypatch):
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    t0 = time.time()
+    rc, err = _run(["--smoke", "--out", "s3://no-such-bucket/x?endpoint_override=127.0.0.1:9&scheme=http",
+                    "--tracking-uri", "sqlite:////tmp/overinterp-bad-inputs.db"], capsys)
+    assert rc == 2 and "cannot be reached" in _one_line(err) and "credentials" in err
+    assert time.time() - t0 < 60
+
+
+def test_unreachable_tracking_server(tmp_path, capsys):
+    t0 = time.time()
+    rc, err = _run(["--smoke", "--out", str(tmp_path / "o"), "--tracking-uri", "http://127.0.0.1:9"], capsys)
+    assert rc == 2 and "does not answer within 5 s" in _one_line(err)
+    assert time.time() - t0 < 15 and not (tmp_path / "o").exists()
+
+
+def test_unknown_names(tmp_path, capsys):
+    for argv, match in ((["--dataset", "mnist"], "unknown data set"), (["--models", "resnet21"], "unknown model")):
+        rc, err = _run([*argv, "--out", str(tmp_path / "o")], capsys)
+        assert rc == 2 and match in _one_line(err)
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
+    from overinterp.pipeline.lock import OutputLock
+
+    out = _existing_out(tmp_path)
+    before = _tree(out)
+    with OutputLock(str(out), "another overinterp run"):
+        rc, err = _run(["--smoke", "--out", str(out)], capsys)
+    assert rc == 2 and "is in use by another run (another overinterp run on host" in _one_line(err)
+    assert f"pid {os.getpid()}" in err and _tree(out) == before
+
+
+def test_a_dead_runs_lock_is_taken_over(tmp_path, caplog):
+    from overinterp.pipeline.lock import LOCK_NAME, OutputLock
+
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": os.uname().nodename, "pid": 2**22 + 12345, "started": 0, "renewed": time.time()}))
+    with caplog.at_level("WARNING"), OutputLock(str(tmp_path)) as lock:
+        assert lock.taken_over["pid"] == 2**22 + 12345
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert any("taking over the lock" in r.message for r in caplog.records)
+    assert not (tmp_path / LOCK_NAME).exists()  # released

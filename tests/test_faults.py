@@ -1,0 +1,143 @@
+"""Fault injection: a driver SIGKILLed in each stage, a Ray worker killed during selection, two runs
+on one --out. Each run is a real `overinterp run` process; afterwards the store passes `store check`
+and summary.json equals that of an undisturbed run.
+
+Marked `faults` (several minutes): `python -m pytest -m "not multinode and not faults"` skips them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from overinterp.store_check import check_store
+
+pytestmark = pytest.mark.faults
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["--smoke", "--seeds", "0,1", "--input-dropout", "0", "--select-batch", "8"]
+STAGES = {1: "training 2 full-image models", 2: "selection", 3: "training", 4: "summary"}
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+def _start(out: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(out: str, timeout=900) -> str:
+    p = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def _wait_line(proc: subprocess.Popen, needle: str, timeout=600) -> list[str]:
+    """Read the job's output until a line contains `needle`; returns the lines read."""
+    lines, t0 = [], time.time()
+    while time.time() - t0 < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the run ended before {needle!r}:\n{''.join(lines[-40:])}")
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} not seen in {timeout} s")
+
+
+def _summary(out: str) -> dict:
+    s = json.load(open(os.path.join(out, "summary.json")))
+    s.pop("mlflow_run_id")
+    return s
+
+
+def _store_clean(out: str) -> None:
+    reports = check_store(out)
+    assert reports and all(r.ok for r in reports), [r for r in reports if not r.ok]
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("undisturbed") / "out")
+    _finish(out)
+    return _summary(out)
+
+
+def _drain(proc):
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_driver_killed_in_each_stage(stage, undisturbed, tmp_path):
+    out = str(tmp_path / "out")
+    proc = _start(out)
+    _wait_line(proc, f"stage {stage}/4")
+    if stage == 2:  # inside selection: once a first shard is written
+        t0 = time.time()
+        while not glob.glob(os.path.join(out, "selections", "*", "*", "*", "part-*.parquet")) and time.time() - t0 < 300:
+            time.sleep(0.05)
+    _drain(proc)
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its local Ray dies with it
+    proc.wait(timeout=60)
+    printed = _finish(out)
+    assert "taking over the lock" in printed or not os.path.exists(os.path.join(out, ".overinterp.lock"))
+    assert _summary(out) == undisturbed
+    _store_clean(out)
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("overinterp")
+    parents = client.search_runs([exp.experiment_id], "tags.`overinterp.role` = 'parent'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the crashed run's parent, continued
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert len({c.info.run_name for c in children}) == len(children) == 8  # no trial twice
+
+
+def _selection_worker_pid() -> int | None:
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                if b"SelectionWorker" in f.read().split(b"\0")[0]:
+                    return int(cmdline.split("/")[2])
+        except OSError:
+            pass
+    return None
+
+
+def test_a_killed_selection_worker_is_retried_without_duplicates(undisturbed, tmp_path):
+    out = str(tmp_path / "out")
+    proc = _start(out)
+    _wait_line(proc, "stage 2/4")
+    pid, t0 = None, time.time()
+    while pid is None and time.time() - t0 < 300:
+        pid = _selection_worker_pid()
+        time.sleep(0.05)
+    assert pid is not None
+    _drain(proc)
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=900) == 0
+    assert _summary(out) == undisturbed
+    _store_clean(out)
+
+
+def test_two_runs_on_one_out(undisturbed, tmp_path):
+    out = str(tmp_path / "out")
+    first = _start(out)
+    _wait_line(first, "stage 1/4")
+    second = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "is in use by another run" in second.stderr and second.stderr.count("\n") == 1
+    _drain(first)
+    assert first.wait(timeout=900) == 0
+    assert _summary(out) == undisturbed
+    _store_clean(out)

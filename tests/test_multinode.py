@@ -1,0 +1,120 @@
+"""The pipeline on simulated multi-node clusters: Ray's fake autoscaler shaped like cluster.yaml, and
+ray.cluster_utils.Cluster for losing a node.
+
+Marked `multinode` (minutes each): `python -m pytest -m "not multinode and not faults"` is the quick loop.
+Every run here is a subprocess, as a user's driver would be: the test process keeps its own local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from clusters import ActorSampler, start_fake_cluster
+
+from overinterp import store
+
+pytestmark = pytest.mark.multinode
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERINTERP = [sys.executable, "-m", "overinterp.cli"]
+
+
+def _run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{cmd} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def _local_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def fake_cluster():
+    cluster = start_fake_cluster(gpu_workers=3)
+    yield cluster
+    cluster.stop()
+
+
+def _summary(out) -> dict:
+    s = json.load(open(os.path.join(out, "summary.json")))
+    s.pop("mlflow_run_id", None)
+    return s
+
+
+def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, tmp_path):
+    out = str(tmp_path / "cluster")
+    cmd = [*OVERINTERP, "run", "--smoke", "--select-batch", "8", "--seeds", "0,1", "--out", out]
+    with ActorSampler(fake_cluster.dashboard) as sampler:
+        p = _run([*cmd, "--ray-address", fake_cluster.address], fake_cluster.env)
+    assert "resources (autoscaler config" in p.stdout and "GPU actor(s)" in p.stdout  # planned from capacity, printed
+
+    selection = sampler.concurrent("SelectionWorker")
+    best = max(selection, key=lambda alive: len({a["node_id"] for a in alive}))
+    assert len({a["node_id"] for a in best}) >= 2, f"never 2 selection actors on different nodes at once: {[len(a) for a in selection]}"
+    seen = [a for alive in selection for a in alive]
+    assert seen and all(a["required_resources"].get("GPU", 0) >= 1 for a in seen)
+    trials = [a for alive in sampler.concurrent("ImplicitFunc") for a in alive]
+    assert trials and all(a["required_resources"].get("GPU", 0) >= 1 for a in trials)
+    assert len(sampler.gpu_nodes_seen) >= 2, "the autoscaler started fewer than 2 GPU workers"
+
+    # the same command on one node (the embedded local Ray) gives the same store and summary
+    local = str(tmp_path / "local")
+    _run([*cmd[:-1], local], _local_env())
+    assert _summary(out) == _summary(local)
+    for model, sel, split in store.list_selections(os.path.join(local, "selections")):
+        a = store.read_selections(os.path.join(out, "selections"), model, sel, split)
+        b = store.read_selections(os.path.join(local, "selections"), model, sel, split)
+        assert np.array_equal(a.image_id, b.image_id) and a.order.equal(b.order), (model, sel, split)
+
+
+@pytest.mark.parametrize("job", ["sis_cifar10.py", "sis_imagenet.py"])
+def test_jobs_smoke_tests_on_the_autoscaling_cluster(fake_cluster, tmp_path, job):
+    out = str(tmp_path / "out")
+    with ActorSampler(fake_cluster.dashboard) as sampler:
+        _run([sys.executable, os.path.join("jobs", job), "--smoke-test", "--out", out], fake_cluster.env)
+    summary = _summary(out)
+    assert summary["accuracy"]
+    selection = [a for alive in sampler.concurrent("SelectionWorker") for a in alive]
+    assert selection and all(a["required_resources"].get("GPU", 0) >= 1 for a in selection)
+    if job == "sis_imagenet.py":  # Train workers of the streamed trials hold the GPUs
+        workers = [a for alive in sampler.concurrent("RayTrainWorker") for a in alive]
+        assert workers and all(a["required_resources"].get("GPU", 0) >= 1 for a in workers)
+
+
+# --- losing workers ------------------------------------------------------------------------------
+
+
+def test_selection_survives_a_lost_node_exactly_once(tmp_path):
+    out = str(tmp_path / "out")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "node_loss.py"), "selection", out], env=_local_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert report["removed_node"] and report["shards_before_removal"] > 0
+    root = os.path.join(out, "selections")
+    for model, sel, split in store.list_selections(root):
+        fsys, paths = store.shard_files(root, model, sel, split)
+        ids = np.concatenate([store.read_shard(fsys, f, ["image_id"]).column("image_id").to_numpy() for f in paths])
+        assert len(ids) == len(np.unique(ids)), f"{model}/{sel}/{split}: an image stored twice"
+    for split, n in (("train", 96), ("test", 48)):
+        store.read_selections(root, "digits_cnn-s0", "backselect", split, expect_n=n)  # every image, once
+
+
+def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path):
+    out = str(tmp_path / "out")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "node_loss.py"), "train-worker", out], env=_local_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert report["killed_pid"]
+    result = json.load(open(os.path.join(out, "trials", report["trial"], "result.json")))
+    assert result["resumed_from_epochs"], "the trial restarted from scratch instead of its checkpoint"
+    assert len(result["losses"]) >= 3

@@ -1,0 +1,115 @@
+"""Resource planning from what a cluster can offer, and the embedded local Ray's reach."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from overinterp.config import ConfigError, ResourceFlags
+from overinterp.pipeline.resources import Capacity, NodeType, _node_types_from_yaml, plan_resources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AUTOSCALING = Capacity((NodeType("head", 0, 0, 1), NodeType("gpu-1x", 1, 1, 3)), "autoscaler config test")
+
+
+def test_cluster_yaml_capacity():
+    cap = _node_types_from_yaml(yaml.safe_load(open(os.path.join(ROOT, "cluster.yaml"))), "cluster.yaml")
+    types = {t.name: t for t in cap.node_types}
+    assert types["head"] == NodeType("head", 0, 0, 1)
+    assert types["gpu-1x"] == NodeType("gpu-1x", 8, 1, 8) and types["gpu-8x"] == NodeType("gpu-8x", 96, 8, 1)
+    plan = plan_resources(cap)
+    assert plan.use_gpu and plan.select_workers == 16 and plan.trial_concurrency == 16  # 8 x 1 GPU + 1 x 8 GPUs
+
+
+def test_gpus_that_can_exist_are_asked_for_before_any_node_is_up():
+    plan = plan_resources(AUTOSCALING)  # no worker is up yet: the head has CPU 0
+    assert plan.use_gpu and plan.select_workers == 3 and plan.trial_concurrency == 3
+    assert plan.worker_request() == {"num_gpus": 1.0}  # Ray Data adds 1 CPU to a GPU actor itself
+    assert plan.trial_request() == {"cpu": 1.0, "gpu": 1.0}  # a whole GPU per trial: none shared
+    assert "GPU actor(s)" in plan.describe() and plan.as_params()["resources.use_gpu"] is True
+
+
+def test_a_cluster_that_can_never_have_gpus_runs_on_cpus():
+    plan = plan_resources(Capacity((NodeType("local", 2, 0, 1),), "nodes alive now"))
+    assert not plan.use_gpu and plan.select_workers == 2 and plan.trial_concurrency == 2
+    assert plan.worker_request() == {"num_cpus": 1.0} and plan.trial_request() == {"cpu": 1.0, "gpu": 0.0}
+    with pytest.raises(ConfigError, match="can never have any"):
+        plan_resources(Capacity((NodeType("local", 2, 0, 1),), "nodes alive now"), ResourceFlags(gpus_per_worker=1))
+
+
+def test_flags_override_the_plan():
+    plan = plan_resources(AUTOSCALING, ResourceFlags(max_workers=2, gpus_per_trial=0.5))
+    assert plan.select_workers == 2 and plan.trial_concurrency == 2 and plan.gpus_per_trial == 0.5
+    two_cpus = Capacity((NodeType("gpu-1x", 2, 1, 3),), "test")
+    assert plan_resources(two_cpus, ResourceFlags(gpus_per_trial=0.5)).trial_concurrency == 6  # two trials share a GPU, as asked
+    assert plan_resources(AUTOSCALING, ResourceFlags(gpus_per_trial=0.5)).trial_concurrency == 3  # ... where each node has 2 CPUs for them
+    cpu = plan_resources(AUTOSCALING, ResourceFlags(gpus_per_worker=0))
+    assert not cpu.use_gpu and cpu.select_workers == 3
+    assert plan.overrides == {"max_workers": 2, "gpus_per_trial": 0.5} and "--max-workers 2" in plan.describe()
+    with pytest.raises(ConfigError, match="fits one worker"):
+        plan_resources(AUTOSCALING, ResourceFlags(cpus_per_worker=4))
+
+
+@pytest.mark.parametrize("flags, match", [({"max_workers": 0}, "--max-workers"), ({"gpus_per_trial": -1}, "--gpus-per-trial"),
+                                          ({"gpus_per_trial": 1.5}, "whole number"), ({"cpus_per_worker": 0}, "--cpus-per-worker 0")])
+def test_bad_resource_flags(flags, match):
+    with pytest.raises(ConfigError, match=match):
+        ResourceFlags(**flags)
+
+
+def test_streamed_trials_leave_a_cpu_for_ray_data():
+    local = plan_resources(Capacity((NodeType("local", 2, 0, 1),), "nodes alive now"))
+    assert local.streamed_trial_concurrency(1) == 1  # the other CPU reads, joins and decodes
+    assert plan_resources(AUTOSCALING).streamed_trial_concurrency(1) == 2
+
+
+LISTENERS = r'''
+import glob, json, os, socket, struct
+from overinterp.pipeline.resources import ray_init_local
+import ray
+ray_init_local(num_cpus=1)
+ray.get(ray.remote(lambda: 1).remote())
+session = ray._private.worker._global_node.get_session_dir_path()
+pids = set()
+for c in glob.glob("/proc/[0-9]*/cmdline"):
+    try:
+        if session.encode() in open(c, "rb").read() or int(c.split("/")[2]) == os.getpid():
+            pids.add(c.split("/")[2])
+    except OSError:
+        pass
+inodes = set()
+for pid in pids:
+    for fd in glob.glob(f"/proc/{pid}/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+found = []
+for table, fam in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
+    for line in open(table).read().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "0A" and f[9] in inodes:  # LISTEN
+            addr = f[1].split(":")[0]
+            raw = bytes.fromhex(addr)
+            ip = socket.inet_ntop(socket.AF_INET, raw[::-1]) if fam == 4 else socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i+4][::-1] for i in range(0, 16, 4)))
+            found.append(ip)
+print(json.dumps({"processes": len(pids), "listening": found}))
+ray.shutdown()
+'''
+
+
+def test_the_local_ray_listens_on_loopback_only():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    p = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert report["processes"] >= 3 and len(report["listening"]) >= 3  # the GCS, the raylet, the driver's core worker, ...
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in report["listening"]), report
