@@ -137,7 +137,7 @@ def machine(device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (Quantus's sparse solve uses one)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--images-32", type=int, default=64, help="images per case at 32x32")
     p.add_argument("--images-224", type=int, default=2, help="images per case at 224x224")
@@ -148,12 +148,13 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     t_start = time.time()
+    load_before = os.getloadavg()[0]  # 1-min load average: other tenants share these cores
     sizes = [(16, 8)] if args.quick else [(32, args.images_32), (224, args.images_224)]
     repeats = 1 if args.quick else args.repeats
     cases = [bench_case(s, frac, kind, n, repeats, device) for s, n in sizes for kind in args.masks for frac in (0.5, 0.9)]
     note = quantus_road_rgb_note()
     report = {"machine": machine(device), "device": str(device), "repeats": repeats, "cases": cases, "note": note,
-              "seconds": time.time() - t_start}
+              "seconds": time.time() - t_start, "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]}
 
     print(f"\nROAD fill on {device} ({report['machine']['cpu']}, {report['machine']['threads']} threads, torch {torch.__version__}, "
           f"quantus {report['machine']['quantus']}); RGB images; medians of {repeats} interleaved runs")
@@ -164,7 +165,7 @@ def main(argv=None):
               f"{c['ours_images_per_s']:>12,.1f}{c['speedup']:>9.1f}x{c['cg_iterations']:>10}{c['max_abs_diff']:>12.1e}"
               f"{c['mean_abs_diff']:>13.1e}")
     print(f"Note: {note}")
-    print(f"(benchmark took {report['seconds']:.0f} s)")
+    print(f"(benchmark took {report['seconds']:.0f} s; 1-min load average {load_before:.1f} before, {report['load_avg_after']:.1f} after)")
     line = json.dumps(report)
     print("BENCH_JSON " + line)
     if args.json_out:

@@ -30,10 +30,10 @@ gradients therefore converge, here for all images and channels at once as a batc
 systems (one step size per image and channel), each frozen once its residual is below
 tol · |b| (relative, Euclidean; tol = 1e-5 leaves per-pixel errors of ~1e-4 in normalised units
 against a float64 direct solve, `benchmarks/bench_road.py` — far below the noise, 0.01 / std ≈ 0.04).
-Iterations grow with the size of the removed regions, not with the image: at tol = 1e-5, 16 at 50%
-random removal, 40 at 90%, 56 at 95%, both at 32² and 224²; ~1.5 (H + W) for a single kept pixel in
-a corner (96 at 32², 640 at 224²), because CG needs ~√κ steps and κ grows with the square of a hole's
-diameter. The cap is max_iter (default 4 (H + W) + 64; a warning gives the residual if reached).
+Iterations grow with the size of the removed regions, not with the image: at tol = 1e-5, 15 at 50%
+random removal, 37 at 90%, 55 at 95% (32²; 14, 36, 54 at 224²); ~1.4 (H + W) for a single kept pixel
+in a corner (92 at 32², 634 at 224²), because CG needs ~√κ steps and κ grows with the square of a
+hole's diameter. The cap is max_iter (default 4 (H + W) + 64; a warning gives the residual if reached).
 An image with no kept pixel at all has A singular and b = 0; the reference's sparse solve fails
 there (a singular matrix: NaN). CG from 0 keeps such an image at 0 (its minimum-norm solution):
 removed pixels get the mean colour, then the noise.
@@ -50,7 +50,7 @@ from overinterp.selection.subsets import apply_mask
 
 FILLS = ("mean", "road")
 ROAD_NOISE_STD = 0.01  # σ in [0, 1] pixel units (Rong et al. 2022)
-CHECK_EVERY = 8  # CG iterations between convergence checks (the solver's only host sync)
+CHECK_EVERY = 8  # CG iterations between convergence checks on an accelerator (the solver's only host sync)
 
 
 def fill(
@@ -182,8 +182,9 @@ def solve_road(
     threshold = (tol * tol) * rr
     it = 0
     active = rr > threshold  # b = 0 (nothing removed, or nothing kept): solution 0, no iterations
+    check_every = 1 if x.device.type == "cpu" else CHECK_EVERY  # on a CPU the check costs nothing
     while it < max_iter:
-        if it % CHECK_EVERY == 0 and not bool(active.any()):  # host sync, once per CHECK_EVERY steps
+        if it % check_every == 0 and not bool(active.any()):  # host sync, once per check_every steps
             break
         stencil(p, tmp, q)
         torch.mul(p, a, out=Ap)
