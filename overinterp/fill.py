@@ -21,22 +21,23 @@ combination of known pixels), so we solve on the normalised values; the noise is
 [0, 1] pixel units, i.e. noise_std / std[c] in channel c of x when `std` is given. With std=None
 the noise is added in x's own units (what Quantus does on whatever array it is given).
 
-Solver. The system above, times 12, is A x_u = b with A = u ⊙ (S1 ⊙ p - S p) on the pixel grid,
-where S is the [1,2,1] ⊗ [1,2,1] stencil with zeros outside the image (S p = 12 W p + 4 p, and
+Solver. The system above, times 12, is A x_u = b with A p = u ⊙ (S1 ⊙ p - S p) on the pixel grid
+(p zero at kept pixels, u = 1 at removed ones), where S is the [1,2,1] ⊗ [1,2,1] stencil with zeros outside the image (S p = 12 W p + 4 p, and
 S1 = S applied to ones, so 12 d = S1 - 4). A is symmetric (w_uv = w_vu) and, when the image keeps at
 least one pixel, positive definite: every connected region of removed pixels borders a kept pixel
 (a region that borders none is the whole image), so A is irreducibly diagonally dominant. Conjugate
 gradients therefore converge, here for all images and channels at once as a batch of independent
 systems (one step size per image and channel), each frozen once its residual is below
-tol · |b| (relative, Euclidean; tol = 1e-5 leaves per-pixel errors of ~1e-4 in normalised units
-against a float64 direct solve, `benchmarks/bench_road.py` — far below the noise, 0.01 / std ≈ 0.04).
+tol · |b| (relative, Euclidean; tol = 1e-5 leaves per-pixel errors up to ~5e-4, mean ~1e-5, in
+normalised units against Quantus's direct solve, `benchmarks/bench_road.py` — far below the noise,
+0.01 / std ≈ 0.04).
 Iterations grow with the size of the removed regions, not with the image: at tol = 1e-5, 15 at 50%
 random removal, 37 at 90%, 55 at 95% (32²; 14, 36, 54 at 224²); ~1.4 (H + W) for a single kept pixel
 in a corner (92 at 32², 634 at 224²), because CG needs ~√κ steps and κ grows with the square of a
 hole's diameter. The cap is max_iter (default 4 (H + W) + 64; a warning gives the residual if reached).
-An image with no kept pixel at all has A singular and b = 0; the reference's sparse solve fails
-there (a singular matrix: NaN). CG from 0 keeps such an image at 0 (its minimum-norm solution):
-removed pixels get the mean colour, then the noise.
+An image with no kept pixel at all has A singular and b = 0. CG from 0 keeps it at 0 (the
+minimum-norm solution), as the reference's spsolve returns 0 for it; 0 is in the units of the input,
+so here the removed pixels get the mean colour (the reference, on [0, 1] images: black), then noise.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def fill(
     max_iter: Optional[int] = None,
 ) -> torch.Tensor:
     """Fill the pixels outside `keep` of normalised images.
+
+    From uint8 images as training has them: fill(normalize(images, mean, std), keep, how, std=std,
+    generator=gen) — the same keep mask `apply_mask` takes.
 
     Args:
         x: (N, C, H, W) float images, normalised (0 = the data set's mean colour).
