@@ -1,7 +1,9 @@
-"""The benchmark script runs (quick mode) and its engine agrees with the original strategy."""
+"""The benchmark scripts run (quick mode) and agree with their references."""
 
 import os
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
@@ -15,3 +17,13 @@ def test_bench_backselect_quick(tmp_path, capsys):
         assert row["exactness_full_runs"]["identical_orders"] and row["agreement_speed_steps"]["identical_orders"]
         assert row["engine_passes_per_s"] > 0 and 0 < row["efficiency"]
     assert report["approximations"][0]["overlap_5pct"] == 1.0
+
+
+def test_bench_road_quick(tmp_path, capsys):
+    pytest.importorskip("quantus")  # the reference, in the `benchmark` extra
+    import bench_road
+
+    report = bench_road.main(["--quick", "--device", "cpu", "--json-out", str(tmp_path / "r.json")])
+    assert (tmp_path / "r.json").exists() and "BENCH_JSON " in capsys.readouterr().out
+    for case in report["cases"]:
+        assert case["max_abs_diff"] < 1e-3 and case["kept_pixels_identical"] and case["ours_images_per_s"] > 0
