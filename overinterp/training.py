@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from overinterp.data import normalize
+from overinterp.fill import FILLS as PIXEL_FILLS, fill as fill_removed
 from overinterp.selection.subsets import apply_mask
 
 
@@ -70,11 +71,17 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.
 # so the mask's outline stops leaking the label; "positions" — no pixel values at all, the input is
 # the mask itself (1 where kept, on every channel): the control for how much a subset's layout
 # alone reveals the label.
-FILLS = ("mean", "road", "positions")
+FILLS = PIXEL_FILLS + ("positions",)
 
 
-def prepare(images: torch.Tensor, mean, std, keep: Optional[torch.Tensor], fill: str = "mean") -> torch.Tensor:
-    """uint8 (N, C, H, W) -> normalised float, with the pixels outside `keep` (N, HW) filled by `fill`."""
+def prepare(images: torch.Tensor, mean, std, keep: Optional[torch.Tensor], fill: str = "mean",
+            generator: Optional[torch.Generator] = None, seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> normalised float, with the pixels outside `keep` (N, HW) filled by `fill`.
+
+    ROAD's noise comes from `generator` (training: fresh noise every epoch, reproducible from the
+    seed) or from one seed per image (`seeds`, evaluation: an image's fill does not depend on its
+    batch). Neither: torch's global generator.
+    """
     if keep is None:
         return normalize(images, mean, std)
     if fill == "positions":
@@ -84,9 +91,7 @@ def prepare(images: torch.Tensor, mean, std, keep: Optional[torch.Tensor], fill:
     if fill == "mean":
         return apply_mask(x, keep)
     if fill == "road":
-        from overinterp.fill import road_fill
-
-        return road_fill(x, keep, std)
+        return fill_removed(x, keep, "road", std=std, generator=generator, seeds=seeds)
     raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
 
 
@@ -112,6 +117,7 @@ def train_model(
     device = images.device
     torch.manual_seed(config.seed)  # weight init happened before; this seeds dropout
     gen = torch.Generator().manual_seed(config.seed)
+    noise_gen = torch.Generator(device=device).manual_seed(config.seed)  # ROAD fill noise, drawn on the images' device
     opt = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
     )
@@ -128,7 +134,7 @@ def train_model(
             idx = perm[start : start + config.batch_size]
             if len(idx) == 1 and n > 1:
                 continue  # BatchNorm cannot train on one image; the shuffle drops a different one each epoch
-            x = prepare(images[idx], mean, std, None if keep is None else keep[idx], fill)
+            x = prepare(images[idx], mean, std, None if keep is None else keep[idx], fill, generator=noise_gen)
             if config.augment:
                 x = augment_batch(x, gen)
             loss = F.cross_entropy(model(x), labels[idx])
@@ -153,7 +159,8 @@ def predict(model: nn.Module, images: torch.Tensor, mean, std, keep: Optional[to
     preds = []
     for start in range(0, images.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        preds.append(model(prepare(images[sl], mean, std, None if keep is None else keep[sl], fill)).argmax(1))
+        seeds = range(start, min(start + batch_size, images.shape[0]))  # ROAD noise per image index: same for any batch size
+        preds.append(model(prepare(images[sl], mean, std, None if keep is None else keep[sl], fill, seeds=seeds)).argmax(1))
     return torch.cat(preds)
 
 

@@ -99,3 +99,24 @@ def test_positions_only_sees_the_mask_not_the_pixels(digits_small):
     train_model(m, xtr, ytr, d.mean, d.std, TrainConfig(epochs=1, lr=0.05), keep, fill="positions")
     k = keep[:len(yte)]
     assert evaluate(m, xte, yte, d.mean, d.std, k, fill="positions") == evaluate(m, 255 - xte, yte, d.mean, d.std, k, fill="positions")
+
+
+def test_road_fill_keeps_kept_pixels_and_predictions_do_not_depend_on_batch_size():
+    imgs = torch.randint(0, 256, (5, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    keep = torch.rand(5, 36, generator=torch.Generator().manual_seed(4)) < 0.3
+    mean, std = (0.4,), (0.3,)
+    x = prepare(imgs, mean, std, keep, fill="road", seeds=range(5))
+    full = prepare(imgs, mean, std, None)
+    k4 = keep.view(5, 1, 6, 6)
+    assert torch.equal(x[k4], full[k4])  # kept pixels bit for bit
+    assert (x[~k4] != 0).all()  # removed pixels imputed, not the mean colour
+    assert torch.equal(x, prepare(imgs, mean, std, keep, fill="road", seeds=range(5)))  # seeded: reproducible
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))
+    a = torch.tensor([0, 1, 2, 0, 1])
+    from overinterp.training import predict
+
+    assert torch.equal(predict(m, imgs, mean, std, keep, batch_size=2, fill="road"),
+                       predict(m, imgs, mean, std, keep, batch_size=5, fill="road"))
+    torch.manual_seed(0)
+    losses = train_model(m, imgs, a, mean, std, TrainConfig(epochs=2, batch_size=4, lr=0.01, augment=False), keep, fill="road")
+    assert len(losses) == 2 and all(l == l for l in losses)
