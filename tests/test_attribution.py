@@ -137,3 +137,16 @@ def test_resolved_parameters_and_tags():
         check_selector_params("perturbation", {"iters": 3})
     with pytest.raises(ValueError, match="seed must be an int >= 0"):
         check_selector_params("perturbation", {"seed": -1})
+
+
+def test_named_captum_classes_run_the_same_way_as_the_built_in_methods():
+    model = TinyConvNet(channels=2, seed=5).eval()
+    images = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    same = [
+        ("gradient", "captum:Saliency", {"importance": "abs"}),
+        ("ig", "captum:IntegratedGradients", {"baselines": 0.0}),
+        ("occlusion", "captum:Occlusion", {"sliding_window_shapes": [2, 1, 1], "strides": [2, 1, 1]}),  # JSON lists
+    ]
+    for built_in, named, params in same:
+        a, b = attribution_selection(model, images, built_in), attribution_selection(model, images, named, params=params)
+        assert torch.equal(a.order, b.order) and a.forward_passes == b.forward_passes

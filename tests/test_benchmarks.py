@@ -15,3 +15,14 @@ def test_bench_backselect_quick(tmp_path, capsys):
         assert row["exactness_full_runs"]["identical_orders"] and row["agreement_speed_steps"]["identical_orders"]
         assert row["engine_passes_per_s"] > 0 and 0 < row["efficiency"]
     assert report["approximations"][0]["overlap_5pct"] == 1.0
+
+
+def test_bench_selectors_quick(tmp_path, capsys):
+    import bench_selectors
+
+    report = bench_selectors.main(["--quick", "--json-out", str(tmp_path / "s.json")])
+    assert (tmp_path / "s.json").exists() and "BENCH_JSON " in capsys.readouterr().out
+    rows = {r["selector"]: r for r in report["rows"]}
+    assert rows["backselect (exact)"]["passes_per_image"] == 64 * 65 // 2 and rows["backselect (exact)"]["bs_cost_ratio"] == 1.0
+    assert rows["gradient"]["passes_per_image"] == 1 + 64 and rows["occlusion (window 1)"]["passes_per_image"] == 1 + 2 * 64
+    assert all(r["seconds_per_image"] > 0 for r in report["rows"])

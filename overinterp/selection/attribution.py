@@ -219,7 +219,8 @@ def _attribute(prob: _CountingProb, images, method: str, params: dict, target, c
             images, sliding_window_shapes=(C, w, w), strides=(C, 1, 1), baselines=0.0, target=target,
             perturbations_per_eval=max(1, chunk // B))
     cls = _captum_class(method)
-    kwargs = {k: v for k, v in params.items() if k != "importance"}
+    # JSON has no tuples; Captum wants them (window shapes, strides)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k != "importance"}
     sig = inspect.signature(cls.attribute).parameters
     if "feature_mask" in sig and "feature_mask" not in kwargs:  # one feature per pixel, all channels
         kwargs["feature_mask"] = torch.arange(H * W, device=images.device).view(1, 1, H, W)

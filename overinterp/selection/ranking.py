@@ -100,6 +100,23 @@ def ranking_curve(
     return _curve(scorer, images, order, target.to(images.device).long())
 
 
+def explain(scorer: Scorer, images: torch.Tensor, target: Optional[torch.Tensor]):
+    """(target, confidence, pred) on the unmasked images: B forward passes, not counted."""
+    with torch.inference_mode():
+        probs = scorer.probs(scorer.layout(images))
+    target, confidence, pred = explained_class(probs, target)
+    return target, confidence.float(), pred
+
+
+def scored_result(scorer: Scorer, images: torch.Tensor, importance: torch.Tensor, explained, forward_passes: int) -> SelectionResult:
+    """The result for (B, HW) importance scores, given `explain`'s (target, confidence, pred)."""
+    B, C, H, W = images.shape
+    target, confidence, pred = explained
+    order = order_from_importance(importance.to(images.device))
+    curve = _curve(scorer, images, order, target)
+    return SelectionResult(order, curve, pred, confidence, forward_passes + B * H * W, (1,) * (H * W))
+
+
 def result_from_scores(
     forward: ForwardFunc,
     images: torch.Tensor,
@@ -126,15 +143,9 @@ def result_from_scores(
     """
     check_images(images)
     B, C, H, W = images.shape
-    HW = H * W
-    if importance.shape != (B, HW):
-        raise ValueError(f"importance must be (B, HW) = {(B, HW)}, got {tuple(importance.shape)}")
+    if importance.shape != (B, H * W):
+        raise ValueError(f"importance must be (B, HW) = {(B, H * W)}, got {tuple(importance.shape)}")
     if chunk is not None:
         config = dataclasses.replace(config, chunk=chunk)
     scorer = Scorer(forward, config, images)
-    with torch.inference_mode():
-        probs = scorer.probs(scorer.layout(images))
-    target, confidence, pred = explained_class(probs, target)
-    order = order_from_importance(importance.to(images.device))
-    curve = _curve(scorer, images, order, target)
-    return SelectionResult(order, curve, pred, confidence.float(), forward_passes + B * HW, (1,) * HW)
+    return scored_result(scorer, images, importance, explain(scorer, images, target), forward_passes)
