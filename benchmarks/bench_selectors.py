@@ -9,8 +9,11 @@ medians of --repeats. On ResNet20, exact BS is timed over its first --bs-steps s
 (k = 1) over its first --bgsis-steps steps and both are extrapolated to the whole image by their
 number of forward passes / steps (marked "extrapolated"); everything else runs to the end.
 
+On a CPU shared with other jobs, run --threads 1: two OpenMP threads on two busy cores wait on
+each other at every barrier (measured 35x slower than one thread here, 2026-11-23).
+
 Prints a human table and one machine-readable line starting with BENCH_JSON.
-Usage: python benchmarks/bench_selectors.py [--repeats 3] [--device cpu] [--json-out FILE] [--quick]
+Usage: python benchmarks/bench_selectors.py [--threads 2] [--repeats 3] [--device cpu] [--json-out FILE] [--quick]
 """
 
 from __future__ import annotations
@@ -78,29 +81,36 @@ def bench_model(name, images, repeats, device, quick, bs_steps=None, bgsis_steps
     for _ in range(repeats):  # interleaved: every selector once per repeat
         for key, (run, kind) in runs.items():
             res, dt = timed(lambda: run(model, images), device)
+            print(f"[{name}] {key}: {dt:.2f} s for {B} images", file=sys.stderr, flush=True)
             times[key].append(dt)
             passes[key] = res.forward_passes
             if kind == "ranking":
                 curve_times[key].append(timed(lambda: ranking_curve(model, images, res.order, res.pred), device)[1])
+    full = {}  # per repeat: seconds per whole image (BS and BGSIS on ResNet20 extrapolated)
+    for key, (_, kind) in runs.items():
+        scale = 1.0
+        if kind == "bs" and bs_steps is not None:  # by forward passes: HW(HW+1)/2 per image
+            scale = HW * (HW + 1) // 2 / (passes[key] / B)
+        elif kind == "bgsis" and bgsis_steps is not None:  # by steps: HW steps of one pixel
+            scale = HW / bgsis_steps
+        full[key] = [t / B * scale for t in times[key]]
+    bs_key = next(k for k, (_, kind) in runs.items() if kind == "bs")
     rows = []
     for key, (_, kind) in runs.items():
-        per_image = statistics.median(times[key]) / B
         row = {"selector": key, "model": name, "input": f"{C}x{H}x{W}", "images": B, "passes_per_image": passes[key] / B,
-               "seconds_per_image": per_image, "extrapolated": False, "timed": "whole image"}
+               "seconds_per_image": statistics.median(full[key]), "runs_seconds_per_image": full[key],
+               # how many times cheaper than exact BS: the median of the per-repeat ratios (same load)
+               "bs_cost_ratio": statistics.median(b / t for b, t in zip(full[bs_key], full[key])),
+               "extrapolated": False, "timed": "whole image"}
         if kind == "ranking":
             row["curve_seconds_per_image"] = statistics.median(curve_times[key]) / B
-            row["ranking_seconds_per_image"] = per_image - row["curve_seconds_per_image"]
-        elif kind == "bs" and bs_steps is not None:  # extrapolate by forward passes: HW(HW+1)/2 per image
-            full = HW * (HW + 1) // 2
-            row.update(seconds_per_image=per_image * full / (passes[key] / B), passes_per_image=full, extrapolated=True,
-                       timed=f"first {bs_steps} steps")
-        elif kind == "bgsis" and bgsis_steps is not None:  # extrapolate by steps: HW steps of 1 pixel
-            row.update(seconds_per_image=per_image * HW / bgsis_steps, passes_per_image=HW + 2, extrapolated=True,
-                       timed=f"first {bgsis_steps} steps")
+            # the ranking's own share: total minus the curve timed right after it, per repeat
+            row["ranking_seconds_per_image"] = statistics.median((t - c) / B for t, c in zip(times[key], curve_times[key]))
+        elif kind == "bs" and bs_steps is not None:
+            row.update(passes_per_image=HW * (HW + 1) // 2, extrapolated=True, timed=f"first {bs_steps} steps")
+        elif kind == "bgsis" and bgsis_steps is not None:
+            row.update(passes_per_image=HW + 2, extrapolated=True, timed=f"first {bgsis_steps} steps")
         rows.append(row)
-    bs = next(r for r in rows if r["selector"].startswith("backselect"))
-    for r in rows:
-        r["bs_cost_ratio"] = bs["seconds_per_image"] / r["seconds_per_image"]  # how many times cheaper than exact BS
     return rows
 
 
@@ -132,7 +142,15 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="digits only, 2 images, 1 repeat, short optimisations (a smoke test)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads_before)  # a caller (the tests) keeps its own setting
+
+
+def run(args):
     device = torch.device(args.device)
     if args.quick:
         args.repeats, args.digits_images = 1, 2
@@ -147,7 +165,7 @@ def main(argv=None):
               "seconds": time.time() - t_start}
     m = report["machine"]
     print(f"\nSelector cost per image on {device} ({m['cpu']}, {m['threads']} threads, torch {m['torch']}, captum {m['captum']}); "
-          f"medians of {args.repeats} interleaved runs")
+          f"medians of {args.repeats} interleaved runs; BS cost / this = median of per-run ratios")
     print(f"{'model':<12}{'input':<8}{'selector':<22}{'fwd passes/img':>15}{'s/img':>10}{'curve s/img':>13}"
           f"{'ranking s/img':>15}{'BS cost / this':>16}  timed")
     for r in rows:

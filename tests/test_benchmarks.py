@@ -20,7 +20,7 @@ def test_bench_backselect_quick(tmp_path, capsys):
 def test_bench_selectors_quick(tmp_path, capsys):
     import bench_selectors
 
-    report = bench_selectors.main(["--quick", "--json-out", str(tmp_path / "s.json")])
+    report = bench_selectors.main(["--quick", "--threads", "1", "--json-out", str(tmp_path / "s.json")])
     assert (tmp_path / "s.json").exists() and "BENCH_JSON " in capsys.readouterr().out
     rows = {r["selector"]: r for r in report["rows"]}
     assert rows["backselect (exact)"]["passes_per_image"] == 64 * 65 // 2 and rows["backselect (exact)"]["bs_cost_ratio"] == 1.0
