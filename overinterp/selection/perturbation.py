@@ -52,10 +52,10 @@ class PerturbationParams:
     lr: float = 0.1  # Adam learning rate on the mask (mask units per step, roughly); authors and seed script
     l1_coeff: float = 0.01  # weight of mean|1 - m| over the low-res mask; seed script (authors: 1e-4 on the sum over 28x28)
     tv_coeff: float = 0.2  # weight of the total variation of the low-res mask; seed script (authors: 1e-2 on a sum)
-    tv_beta: float = 3.0  # exponent of the TV term; the paper, authors and seed script
+    tv_beta: float = 3.0  # exponent of the TV term; authors and seed script (and issue 11)
     mask_scale: int = 8  # mask side = image side / mask_scale, rounded: 28 at 224 px (authors' mask_scale=8, seed script 28x28)
     min_mask_side: int = 8  # ours: floor on the mask side (capped at the image side) so 32 px images get 8x8, 8 px images 8x8
-    blur_sigma: float = 10 / 224  # Gaussian σ as a fraction of the image side: 10 px at 224 (the paper's σ = 10; authors' radius 10)
+    blur_sigma: float = 10 / 224  # Gaussian σ as a fraction of the image side: 10 px at 224 (authors' blur radius 10 at 224 px)
     min_blur_sigma: float = 1.0  # ours: floor on σ, in pixels, so small images are blurred at all (σ would be 0.36 px at 8 px)
     blur_truncate: float = 3.0  # ours: kernel radius = ceil(blur_truncate · σ) pixels (61x61 at 224 px); edges replicated
     noise_std: float = 0.2  # std of the Gaussian noise added to the perturbed input each step, in normalised units; seed script
