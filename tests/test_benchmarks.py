@@ -27,3 +27,14 @@ def test_bench_road_quick(tmp_path, capsys):
     assert (tmp_path / "r.json").exists() and "BENCH_JSON " in capsys.readouterr().out
     for case in report["cases"]:
         assert case["max_abs_diff"] < 1e-3 and case["kept_pixels_identical"] and case["ours_images_per_s"] > 0
+
+
+def test_bench_selectors_quick(tmp_path, capsys):
+    import bench_selectors
+
+    report = bench_selectors.main(["--quick", "--threads", "1", "--json-out", str(tmp_path / "s.json")])
+    assert (tmp_path / "s.json").exists() and "BENCH_JSON " in capsys.readouterr().out
+    rows = {r["selector"]: r for r in report["rows"]}
+    assert rows["backselect (exact)"]["passes_per_image"] == 64 * 65 // 2 and rows["backselect (exact)"]["bs_cost_ratio"] == 1.0
+    assert rows["gradient"]["passes_per_image"] == 1 + 64 and rows["occlusion (window 1)"]["passes_per_image"] == 1 + 2 * 64
+    assert all(r["seconds_per_image"] > 0 for r in report["rows"])

@@ -1,0 +1,233 @@
+"""Attribution selectors: rank pixels by a Captum attribution of p(c), then compute the p(c) curve.
+
+Methods (`method` argument):
+- "gradient": vanilla gradient (captum Saliency), importance = sum over channels of |d p(c) / dx|.
+  Absolute, as in Simonyan et al. 2014 and Saliency's default: masking moves each channel to 0
+  from either side, so the sign of the gradient alone does not say whether removing a pixel
+  raises or lowers p(c); its magnitude is the sensitivity.
+- "ig": integrated gradients (captum IntegratedGradients) from the baseline 0 = the mean colour,
+  Captum's defaults (n_steps 50, Gauss-Legendre). Signed: the attributions sum to
+  p(c | x) − p(c | all masked), each pixel's share of what masking everything costs; a negative
+  pixel lowers p(c), so removing it first keeps p(c) high — the deletion reading of BS.
+- "occlusion": captum Occlusion with a window of `window` x `window` pixels over all channels,
+  stride 1, baseline 0. Signed: a pixel's score is p(c | x) − p(c | window masked), averaged over
+  the windows covering it; at window 1 these are exactly the scores of BS's first step.
+- "captum:<ClassName>": any class of captum.attr whose constructor takes only the forward
+  function (InputXGradient, FeatureAblation, DeepLift, GuidedBackprop, ShapleyValueSampling, ...).
+  Its parameters are keyword arguments of its `attribute()` (JSON values only), plus our own
+  "importance": "signed" (default) or "abs". Methods with a `feature_mask` get one feature per
+  pixel (all channels together), methods with `perturbations_per_eval` get the curve's chunk.
+  Sampling methods (Lime, KernelShap, ShapleyValueSampling, GradientShap) draw from torch's
+  global RNG and FeaturePermutation permutes across the batch, so their results depend on the
+  batch; the built-in methods do not (tests/test_attribution.py).
+
+Every method attributes the softmax probability p(c) of the explained class (as BS and BGSIS
+score it), is given the whole batch with per-image targets, and its importance per pixel is the
+sum over channels. Pixels are removed least important first, ties to the lowest index.
+
+forward_passes counts every image the model evaluated for the attribution (Captum's internal
+passes included: B for gradient, B·n_steps for ig, B·(1 + (H−w+1)(W−w+1)) for occlusion with window w; a pass with a
+backward counts once) plus B·HW for the curve; the unmasked prediction is not counted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from overinterp.selection.backselect import EngineConfig, ForwardFunc, Scorer, SelectionResult, widen
+from overinterp.selection.ranking import check_images, explain, scored_result
+
+ATTRIBUTION_METHODS = ("gradient", "ig", "occlusion")
+CAPTUM_PREFIX = "captum:"
+IG_METHODS = ("gausslegendre", "riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid")
+DEFAULT_PARAMS = {
+    "gradient": {},
+    "ig": {"n_steps": 50, "method": "gausslegendre"},  # Captum's IntegratedGradients defaults
+    "occlusion": {"window": 1},  # one pixel (all channels) per window: the finest ranking
+}
+_RESERVED = ("inputs", "target", "additional_forward_args")  # set by the selector, never by a user
+
+
+def _choices() -> str:
+    return f"{', '.join(ATTRIBUTION_METHODS)} or {CAPTUM_PREFIX}<ClassName> (a class of captum.attr, e.g. captum:InputXGradient)"
+
+
+def _positive_int(method: str, key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{method} {key} must be an int >= 1, got {value!r}")
+
+
+def _captum_class(method: str):
+    """The captum.attr class of "captum:<ClassName>", or a one-line ValueError."""
+    import captum.attr  # lazy: importing Captum takes seconds
+
+    name = method[len(CAPTUM_PREFIX):]
+    cls = getattr(captum.attr, name, None) if name.isidentifier() else None
+    if not (inspect.isclass(cls) and issubclass(cls, captum.attr.Attribution)):
+        raise ValueError(f"unknown Captum attribution {name!r}: name a class of captum.attr, e.g. captum:InputXGradient, captum:FeatureAblation")
+    required = [p for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if [p.name for p in required] not in (["forward_func"], ["model"]):
+        raise ValueError(f"captum:{name} is built from {', '.join(p.name for p in required)}, not from the model alone; choose a "
+                         "class built from the forward function (layer, neuron and wrapper methods do not rank input pixels)")
+    return cls
+
+
+def check_selector_params(name: str, params: Optional[dict] = None) -> dict:
+    """Validate a ranking selector's name and parameters; return them resolved, JSON-ready.
+
+    Handles "perturbation" (PerturbationParams fields plus "seed"), the attribution methods and
+    "captum:<ClassName>". Raises a one-line ValueError naming the fix; runs no model.
+    """
+    params = dict(params or {})
+    try:
+        json.dumps(params)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} parameters must be JSON values (numbers, strings, lists), got {params!r}") from None
+    if name == "perturbation":
+        from overinterp.selection.perturbation import PerturbationParams, perturbation_record
+
+        seed = params.pop("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"perturbation seed must be an int >= 0, got {seed!r}")
+        return perturbation_record(PerturbationParams.from_dict(params), seed)
+    if name in DEFAULT_PARAMS:
+        unknown = sorted(set(params) - set(DEFAULT_PARAMS[name]))
+        if unknown:
+            allowed = ", ".join(DEFAULT_PARAMS[name]) or "none"
+            raise ValueError(f"unknown {name} parameter(s) {', '.join(unknown)}: {name} takes {allowed}")
+        resolved = {**DEFAULT_PARAMS[name], **params}
+        if name == "ig":
+            _positive_int("ig", "n_steps", resolved["n_steps"])
+            if resolved["method"] not in IG_METHODS:
+                raise ValueError(f"ig method must be one of {', '.join(IG_METHODS)}, got {resolved['method']!r}")
+        if name == "occlusion":
+            _positive_int("occlusion", "window", resolved["window"])
+        return resolved
+    if name.startswith(CAPTUM_PREFIX):
+        cls = _captum_class(name)
+        importance = params.get("importance", "signed")
+        if importance not in ("signed", "abs"):
+            raise ValueError(f"{name} importance must be 'signed' or 'abs', got {importance!r}")
+        sig = inspect.signature(cls.attribute).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.values())
+        for key in params:
+            if key in _RESERVED or (key != "importance" and key not in sig and not takes_any):
+                accepted = ", ".join(k for k in sig if k not in ("self",) + _RESERVED)
+                raise ValueError(f"{name} does not take {key!r}: its attribute() takes {accepted} (and our 'importance')")
+        return {**params, "importance": importance}
+    raise ValueError(f"unknown attribution method {name!r}: choose one of {_choices()}")
+
+
+def selector_tag_params(name: str, params: Optional[dict] = None) -> dict:
+    """Short parameters for a store tag: ig -> {"n": 50} (ig-n50), perturbation -> {"it": 300},
+    gradient and occlusion at window 1 -> {}; anything changed from its default is added."""
+    resolved = check_selector_params(name, params)
+    if name == "perturbation":
+        from overinterp.selection.perturbation import PerturbationParams
+
+        seed = resolved.pop("seed")
+        return {**PerturbationParams(**resolved).tag_params(), **({"seed": seed} if seed else {})}
+    if name == "ig":
+        return {"n": resolved["n_steps"], **({"method": resolved["method"]} if resolved["method"] != "gausslegendre" else {})}
+    if name in DEFAULT_PARAMS:
+        return {k: v for k, v in resolved.items() if v != DEFAULT_PARAMS[name][k]}
+    return {k: v for k, v in resolved.items() if not (k == "importance" and v == "signed")}
+
+
+class _CountingProb(nn.Module):
+    """p = softmax(forward(x)) in fp32 or wider; counts the images it evaluates.
+
+    A Module (holding the model as a submodule when it is one) so hook-based Captum methods work.
+    """
+
+    def __init__(self, forward: ForwardFunc):
+        super().__init__()
+        self.inner = forward
+        self.images = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += x.shape[0]
+        return torch.softmax(widen(self.inner(x)), 1)
+
+
+def attribution_selection(
+    forward: ForwardFunc,
+    images: torch.Tensor,
+    method: str,
+    *,
+    target: Optional[torch.Tensor] = None,
+    params: Optional[dict] = None,
+    config: EngineConfig = EngineConfig(),
+    steps_per_pass: Optional[int] = None,
+) -> SelectionResult:
+    """Rank pixels by a Captum attribution of p(c) and compute the p(c) curve of the ranking.
+
+    Args:
+        forward: model in eval mode on the images' device, (N, C, H, W) -> logits (N, K).
+        images: (B, C, H, W) normalised floats; Captum gets the whole batch.
+        method: "gradient", "ig", "occlusion" or "captum:<ClassName>" (see the module docstring).
+        target: (B,) class to explain; default the prediction on the unmasked image.
+        params: the method's parameters (`check_selector_params`); None = defaults.
+        config: how the curve's (and occlusion's) forward passes are batched (EngineConfig).
+        steps_per_pass: ig only — interpolation steps per forward + backward pass (B·steps_per_pass
+            images at once); None = all n_steps at once. Bounds memory; any value gives every
+            image the same steps per pass whatever the batch, so batching never changes a result.
+    Returns:
+        SelectionResult: order (B, HW) least important first, curve (B, HW), step_sizes (1,)*HW.
+    """
+    resolved = check_selector_params(method, params)  # before any model work
+    if method == "perturbation":
+        raise ValueError("perturbation is not an attribution method: call meaningful_perturbation")
+    check_images(images)
+    if steps_per_pass is not None:
+        _positive_int("ig", "steps_per_pass", steps_per_pass)
+    B, C, H, W = images.shape
+    if method == "occlusion" and resolved["window"] > min(H, W):
+        raise ValueError(f"occlusion window must be at most the image side {min(H, W)}, got {resolved['window']}")
+    scorer = Scorer(forward, config, images)  # fixes the model's memory format before it runs
+    explained = explain(scorer, images, target)
+    prob = _CountingProb(forward)
+    attr = _attribute(prob, images, method, resolved, explained[0], scorer.chunk, steps_per_pass)
+    if attr.shape != images.shape:
+        raise ValueError(f"{method} returned attributions of shape {tuple(attr.shape)}, not one per input element "
+                         f"{tuple(images.shape)}: it does not rank pixels")
+    importance = attr.detach().sum(1).reshape(B, H * W)  # (B, HW): channels summed
+    return scored_result(scorer, images, importance, explained, prob.images)
+
+
+def _attribute(prob: _CountingProb, images, method: str, params: dict, target, chunk: int, steps_per_pass):
+    """(B, C, H, W) attributions of p(target) by the named method."""
+    import captum.attr as ca
+
+    B, C, H, W = images.shape
+    images = images.detach().requires_grad_(True)  # Captum would set it (with a warning) for gradient methods
+    if method == "gradient":
+        return ca.Saliency(prob).attribute(images, target=target, abs=True)
+    if method == "ig":
+        ibs = None if steps_per_pass is None else B * min(steps_per_pass, params["n_steps"])
+        return ca.IntegratedGradients(prob).attribute(
+            images, baselines=0.0, target=target, n_steps=params["n_steps"], method=params["method"], internal_batch_size=ibs)
+    if method == "occlusion":
+        w = params["window"]
+        return ca.Occlusion(prob).attribute(
+            images, sliding_window_shapes=(C, w, w), strides=(C, 1, 1), baselines=0.0, target=target,
+            perturbations_per_eval=max(1, chunk // B))
+    cls = _captum_class(method)
+    # JSON has no tuples; Captum wants them (window shapes, strides)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k != "importance"}
+    sig = inspect.signature(cls.attribute).parameters
+    if "feature_mask" in sig and "feature_mask" not in kwargs:  # one feature per pixel, all channels
+        kwargs["feature_mask"] = torch.arange(H * W, device=images.device).view(1, 1, H, W)
+    if "perturbations_per_eval" in sig and "perturbations_per_eval" not in kwargs:
+        kwargs["perturbations_per_eval"] = max(1, chunk // B)
+    if "baselines" in sig and sig["baselines"].default is inspect.Parameter.empty and "baselines" not in kwargs:
+        kwargs["baselines"] = torch.zeros_like(images[:1])  # the mean colour (e.g. GradientShap's distribution)
+    out = cls(prob).attribute(images, target=target, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out  # (attributions, delta) when a delta was asked for
+    return out.abs() if params["importance"] == "abs" else out
