@@ -15,3 +15,16 @@ def test_bench_backselect_quick(tmp_path, capsys):
         assert row["exactness_full_runs"]["identical_orders"] and row["agreement_speed_steps"]["identical_orders"]
         assert row["engine_passes_per_s"] > 0 and 0 < row["efficiency"]
     assert report["approximations"][0]["overlap_5pct"] == 1.0
+
+
+def test_exact_tail_quick(tmp_path, capsys):
+    import exact_tail
+
+    report = exact_tail.main(["--quick", "--json-out", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png")])
+    assert (tmp_path / "t.json").exists() and (tmp_path / "t.png").exists() and "BENCH_JSON " in capsys.readouterr().out
+    (res,) = report["results"]
+    exact = res["rows"][0]
+    assert exact["label"] == "exact BS" and exact["jaccard_mean"] == 1.0 and exact["fewer_passes"] == 1.0
+    assert exact["passes_per_image"] == 144 * 145 // 2  # 12x12 images
+    assert {r["tag"] for r in res["rows"]} >= {"backselect-k16-tail0.1", "bgsis-k16-tail0.05", "backselect-k64"}
+    assert all(0 <= r["jaccard_mean"] <= 1 for r in res["rows"])
