@@ -33,6 +33,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -314,7 +315,7 @@ def run_dataset(name: str, data: ImageDataset, args, engine: EngineConfig, cache
     # probe: exact BS on the first two pool images (kept: they are the first fidelity images)
     key = f"{name}-{H}x{W}-seed{args.seed}-epochs{args.model_epochs}"  # what the cached selections depend on
     probe = select(model, pool, EXACT, 2, 2, engine, cache, f"{key}/{EXACT.tag}")
-    sec_exact = probe["seconds"] / 2
+    sec_exact = probe["seconds"] / sum(len(o) for o in probe["order"])  # a resumed cache may hold more images
     with torch.inference_mode():  # a resumed cache must come from this very model
         conf = torch.softmax(model(pool[:2]), 1).max(1).values
     if not torch.allclose(conf, torch.cat(probe["confidence"])[:2].to(conf.dtype), atol=1e-5):
@@ -349,6 +350,15 @@ def run_dataset(name: str, data: ImageDataset, args, engine: EngineConfig, cache
                      "seconds_per_image": sec_fid / n_fid, "faster_wall": exact_sec_fid / sec_fid,
                      "passes_per_s": e["passes"] / e["seconds"], **fidelity(ref, e, n_fid, (H, W))})
 
+    control = None
+    if args.control_images:
+        # the noise floor: exact BS once more in float64 — same model, same images, only rounding
+        # differs; how far apart two exact runs' subsets can be says what a Jaccard can mean here
+        n_ctrl = min(args.control_images, n_fid)
+        log(f"{name}: control, exact BS in float64 on {n_ctrl} images")
+        m64 = copy.deepcopy(model).double()
+        ctrl = select(m64, pool.double(), EXACT, n_ctrl, args.batch, engine, cache, f"{key}/{EXACT.tag}-float64")
+        control = {"images": n_ctrl, "seconds_per_image": ctrl["seconds"] / n_ctrl, **fidelity(ref, ctrl, n_ctrl, (H, W))}
     log(f"{name}: subset accuracy, {args.folds}-fold CV over {n_pool} images, {args.seeds} seeds, {args.epochs} epochs")
     keeps = {"full images": None}
     for v in acc_v:
@@ -359,7 +369,8 @@ def run_dataset(name: str, data: ImageDataset, args, engine: EngineConfig, cache
         r["accuracy"] = acc.get(r["label"])
     return {"dataset": name, "input": f"{C}x{H}x{W}", "hw": hw, "model": "StridedCNN", "model_test_accuracy": model_acc,
             "chunk": chunk, "n_fidelity": n_fid, "n_extra": n_extra, "n_pool": n_pool, "plan": plan,
-            "accuracy": acc, "rows": rows, "decision": decide(rows, acc), "seconds": time.time() - t_start}
+            "accuracy": acc, "rows": rows, "control_float64": control, "decision": decide(rows, acc),
+            "selection_seconds": sum(e["seconds"] for e in entries.values()), "seconds": time.time() - t_start}
 
 
 def decide(rows: list[dict], acc: dict) -> dict:
@@ -404,6 +415,10 @@ def print_table(res: dict) -> None:
     for name in ("full images", "random 5%"):
         a = res["accuracy"][name]
         print(f"{name:<22}{'':>76}{a['mean']:.3f} ± {a['sd']:.3f}")
+    c = res["control_float64"]
+    if c:
+        print(f"control: exact BS in float64 vs float32 on {c['images']} images: Jaccard {c['jaccard_mean']:.3f} (min {c['jaccard_min']:.2f}), "
+              f"within 1 px {c['within_1px']:.2f}, SIS |d| median {c['sis_median_abs_diff']}")
     d = res["decision"]
     print(f"exact BS subset accuracy {ex['mean']:.3f} ± {ex['sd']:.3f} (seed SD); median SIS size (exact, tau {TAU}) "
           f"{res['rows'][0]['sis_median_exact']}")
@@ -438,6 +453,10 @@ def pareto_plot(results: list[dict], path: str) -> None:
                 best = r["jaccard_mean"]
                 line.append(r)
         ax.plot([r["fewer_passes"] for r in line], [r["jaccard_mean"] for r in line], color="k", lw=0.8, ls="--", label="Pareto front")
+        ctrl = res.get("control_float64")
+        if ctrl:
+            ax.axhline(ctrl["jaccard_mean"], color="tab:purple", lw=1.0, ls="-.",
+                       label=f"exact BS, float64 vs float32 ({ctrl['images']} images): the noise floor")
         ax.axhline(MIN_JACCARD, color="g", lw=0.8, ls=":")
         ax.axvline(MIN_FEWER, color="g", lw=0.8, ls=":")
         ax.scatter([1], [1], marker="*", s=120, color="k", label="exact BS", zorder=3)
@@ -446,7 +465,7 @@ def pareto_plot(results: list[dict], path: str) -> None:
         ax.set_ylabel("mean Jaccard of the 5% subset vs exact BS")
         ax.set_title(f"{res['dataset']} {res['input']}, {res['n_fidelity']} test images (target: right of 10×, above 0.95)", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
@@ -472,6 +491,7 @@ def main(argv=None):
     p.add_argument("--model-epochs", type=int, default=30)
     p.add_argument("--epochs", type=int, default=40, help="epochs of each subset model")
     p.add_argument("--folds", type=int, default=4)
+    p.add_argument("--control-images", type=int, default=8, help="images for the float64 exact-BS control (0: none)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
@@ -484,7 +504,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="12x12 images, 4 + 4 of them, 1 seed, 2 folds: a smoke test")
     args = p.parse_args(argv)
     if args.quick:
-        args.image_size, args.n_fidelity, args.n_extra, args.seeds, args.folds = 12, 4, 4, 1, 2
+        args.image_size, args.n_fidelity, args.n_extra, args.seeds, args.folds, args.control_images = 12, 4, 4, 1, 2, 2
         args.model_epochs, args.epochs, args.batch, args.chunk = 2, 2, 8, 256
         args.threads = args.threads or 1
     threads = torch.get_num_threads()

@@ -63,6 +63,12 @@ def params_json(params: dict) -> str:
 
 MODEL_SELECTORS = ("backselect", "bgsis")  # the selectors that explain a model (random needs none)
 
+# The exact tail stays off by default (exact BS when k = 1). BENCHMARKS.md, "Exact tail: fidelity vs
+# cost" (2026-11-23, 32x32 digits): no (F, k) had >= 10x fewer passes *and* a mean 5%-subset
+# Jaccard >= 0.95 against exact BS — the best at >= 10x, k = 16 with F = 0.1, is 0.44 (two exact BS
+# runs, float32 and float64, share 0.62) — so nothing earns the default.
+DEFAULT_EXACT_TAIL = 1.0
+
 
 def run_selector(name: str, forward, images, pixels_per_step: int, engine: EngineConfig = EngineConfig(),
                  exact_tail: float = 1.0) -> SelectionResult:
@@ -81,6 +87,6 @@ def run_selector(name: str, forward, images, pixels_per_step: int, engine: Engin
 __all__ = [
     "EngineConfig", "SelectionResult", "backward_selection", "brute_force_backward_selection",
     "NO_SIS", "apply_mask", "keep_mask", "n_keep", "random_order", "sis_mask", "sis_size", "tail_mask",
-    "SELECTORS", "MODEL_SELECTORS", "selector_tag", "selector_params", "params_json", "run_selector", "batched_gradient_sis",
+    "SELECTORS", "MODEL_SELECTORS", "DEFAULT_EXACT_TAIL", "selector_tag", "selector_params", "params_json", "run_selector", "batched_gradient_sis",
     "check_selector_args", "planned_forward_passes", "planned_backward_passes", "planned_steps", "step_plan", "tail_pixels",
 ]

@@ -398,9 +398,10 @@ def brute_force_backward_selection(forward: ForwardFunc, image: torch.Tensor, ma
         probs = torch.softmax(widen(forward(image[None])), 1)[0]
         c = int(probs.argmax())
         x = image.clone()
-        for p in masked:
+        gone = set(masked)
+        for p in gone:
             x[:, p // W, p % W] = 0.0
-        remaining = [p for p in range(H * W) if p not in set(masked)]
+        remaining = [p for p in range(H * W) if p not in gone]
         order, curve = [], []
         while remaining:
             best, best_p = None, -1.0
