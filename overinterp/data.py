@@ -99,11 +99,17 @@ def load_digits(root: str | None = None, download: bool = False, image_size: int
     Split: stratified and fixed — per class, a permutation seeded with DIGITS_SPLIT_SEED puts the
     first ceil(20%) of that class's images in test (364 test, 1,433 train). Pixel values 0..16 are
     scaled to 0..255. Normalisation constants are the train split's mean and std.
+
+    image_size: None keeps 8x8; S upsamples every image bilinearly to SxS (same split, uint8,
+    constants from the upsampled train split) — a real, trainable data set at CIFAR's 32x32 cost
+    for selection benchmarks. Named "digits{S}" then.
     """
     from sklearn.datasets import load_digits as _sk_digits
 
     bunch = _sk_digits()
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    if image_size is not None:
+        images = _upsample_uint8(images, image_size)  # (1797, 1, S, S)
     labels = bunch.target.astype(np.int64)
     rng = np.random.default_rng(DIGITS_SPLIT_SEED)
     is_test = np.zeros(len(labels), dtype=bool)
@@ -115,7 +121,18 @@ def load_digits(root: str | None = None, download: bool = False, image_size: int
     split_labels = {"train": labels[~is_test], "test": labels[is_test]}
     mean, std = _channel_stats(split_images["train"])
     classes = tuple(str(c) for c in range(10))
-    return ImageDataset("digits", split_images, split_labels, mean, std, classes)
+    return ImageDataset("digits" if image_size is None else f"digits{image_size}", split_images, split_labels, mean, std, classes)
+
+
+def _upsample_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, C, h, w) -> uint8 (N, C, size, size), bilinear (half-pixel centres), rounded."""
+    import torch.nn.functional as F
+
+    if size < 1:
+        raise DataError(f"--image-size must be >= 1, got {size}")
+    x = torch.from_numpy(images).float()
+    up = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return up.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 # --- CIFAR-10 / CIFAR-100 ----------------------------------------------------------------------

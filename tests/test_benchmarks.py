@@ -38,3 +38,16 @@ def test_bench_selectors_quick(tmp_path, capsys):
     assert rows["backselect (exact)"]["passes_per_image"] == 64 * 65 // 2 and rows["backselect (exact)"]["bs_cost_ratio"] == 1.0
     assert rows["gradient"]["passes_per_image"] == 1 + 64 and rows["occlusion (window 1)"]["passes_per_image"] == 1 + 2 * 64
     assert all(r["seconds_per_image"] > 0 for r in report["rows"])
+
+
+def test_exact_tail_quick(tmp_path, capsys):
+    import exact_tail
+
+    report = exact_tail.main(["--quick", "--json-out", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png")])
+    assert (tmp_path / "t.json").exists() and (tmp_path / "t.png").exists() and "BENCH_JSON " in capsys.readouterr().out
+    (res,) = report["results"]
+    exact = res["rows"][0]
+    assert exact["label"] == "exact BS" and exact["jaccard_mean"] == 1.0 and exact["fewer_passes"] == 1.0
+    assert exact["passes_per_image"] == 144 * 145 // 2  # 12x12 images
+    assert {r["tag"] for r in res["rows"]} >= {"backselect-k16-tail0.1", "bgsis-k16-tail0.05", "backselect-k64"}
+    assert all(0 <= r["jaccard_mean"] <= 1 for r in res["rows"])

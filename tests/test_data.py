@@ -37,6 +37,19 @@ def test_digits_fixed_stratified_split():
     assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
 
 
+def test_digits_upsampled_keep_split_and_labels():
+    d8, d32 = load_digits(), load_digits(image_size=32)
+    assert d32.images["train"].shape == (1433, 1, 32, 32) and d32.images["test"].shape == (364, 1, 32, 32)
+    assert d32.images["train"].dtype == np.uint8 and d32.name == "digits32" and d8.name == "digits"
+    assert np.array_equal(d32.labels["test"], d8.labels["test"]) and np.array_equal(d32.labels["train"], d8.labels["train"])
+    # the same digits: each 4x4 block's mean follows its 8x8 pixel (bilinear smooths the edges)
+    blocks = d32.images["test"].reshape(364, 1, 8, 4, 8, 4).astype(float).mean((3, 5))
+    assert np.corrcoef(blocks.ravel(), d8.images["test"].ravel())[0, 1] > 0.95
+    assert d32.images["test"].max() <= d8.images["test"].max()  # interpolation never overshoots
+    x = normalize(torch.from_numpy(d32.images["train"]), d32.mean, d32.std)
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+
+
 def test_normalize_roundtrip_and_mask_is_mean():
     imgs = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)

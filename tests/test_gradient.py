@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from conftest import TinyConvNet
-from overinterp.selection import batched_gradient_sis, run_selector, selector_tag
+from overinterp.selection import (
+    EngineConfig,
+    batched_gradient_sis,
+    brute_force_backward_selection,
+    planned_backward_passes,
+    planned_forward_passes,
+    run_selector,
+    selector_tag,
+)
 from test_selection import LinearScore
 
 
@@ -54,7 +62,7 @@ def test_linear_model_by_hand():
     assert res.order.tolist() == [[1, 3, 2, 0]]
     sig = lambda v: float(torch.sigmoid(torch.tensor(v)))
     assert res.curve[0].tolist() == pytest.approx([sig(4.5 - 1), sig(4.5), sig(4), sig(0)], abs=1e-6)
-    assert res.forward_passes == 1 * (4 + 2)
+    assert res.forward_passes == 1 * (4 + 1) and res.backward_passes == 4  # 4 gradient steps + the all-masked image
 
 
 def test_curve_is_constant_within_a_step_and_ends_all_masked():
@@ -76,3 +84,56 @@ def test_dispatch_and_tags():
     assert selector_tag("bgsis", {"k": 100}) == "bgsis-k100"
     with pytest.raises(ValueError, match="unknown model selector"):
         run_selector("random", model, x, 1)
+
+
+# --- exact tail -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k, tail, n_tail", [(3, 0.25, 4), (5, 0.5, 8), (1, 0.1, 2), (16, 0.3, 5)])
+def test_exact_tail_is_brute_force_bs_on_the_pixels_left(k, tail, n_tail):
+    model = TinyConvNet(channels=2, seed=4).eval()
+    images = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    res = batched_gradient_sis(model, images, pixels_per_step=k, exact_tail=tail, engine=EngineConfig(chunk=5))
+    bulk = 16 - n_tail
+    q, r = divmod(bulk, k)
+    assert res.step_sizes == (k,) * q + ((r,) if r else ()) + (1,) * n_tail
+    gradient_only = batched_gradient_sis(model, images, pixels_per_step=k)
+    for i in range(3):
+        # the gradient steps are the gradient rule (the twin), up to the shrunk last one
+        assert res.order[i, : q * k].tolist() == twin(model, images[i], k)[: q * k]
+        order, curve = brute_force_backward_selection(model, images[i], masked=res.order[i, :bulk].tolist())
+        assert res.order[i, bulk:].tolist() == order
+        assert res.curve[i, bulk:].tolist() == pytest.approx(curve, abs=1e-6)
+    assert torch.equal(res.order[:, : q * k], gradient_only.order[:, : q * k])
+    # the curve runs on across the switch: the last gradient step holds p(c) of the state it left
+    left = images * (~torch.zeros(3, 16, dtype=torch.bool).scatter_(1, res.order[:, :bulk], True)).view(3, 1, 4, 4)
+    p_left = torch.softmax(model(left), 1).gather(1, res.pred[:, None]).squeeze(1)
+    assert torch.allclose(res.curve[:, bulk - 1], p_left.float())
+    assert not res.curve.isnan().any()
+    assert res.forward_passes == planned_forward_passes("bgsis", 16, k, tail, batch=3)
+    assert res.backward_passes == planned_backward_passes("bgsis", 16, k, tail, batch=3) == 3 * (q + (1 if r else 0))
+
+
+def test_exact_tail_one_is_gradient_sis_bit_for_bit():
+    model = TinyConvNet(channels=1, seed=6).eval()
+    images = torch.randn(4, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    plain = batched_gradient_sis(model, images, pixels_per_step=3)
+    f1 = batched_gradient_sis(model, images, pixels_per_step=3, exact_tail=1.0)
+    assert torch.equal(plain.order, f1.order) and torch.equal(plain.curve, f1.curve) and plain.step_sizes == f1.step_sizes
+
+
+def test_exact_tail_batching_never_changes_the_result():
+    model = TinyConvNet(channels=1, seed=6).eval()
+    images = torch.randn(6, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    whole = batched_gradient_sis(model, images, pixels_per_step=3, exact_tail=0.4, engine=EngineConfig(chunk=11))
+    parts = [batched_gradient_sis(model, images[s : s + 2], pixels_per_step=3, exact_tail=0.4, engine=EngineConfig(chunk=4)) for s in (0, 2, 4)]
+    assert torch.equal(torch.cat([p.order for p in parts]), whole.order)
+    assert torch.allclose(torch.cat([p.curve for p in parts]), whole.curve)
+
+
+def test_dispatch_passes_the_tail():
+    model = TinyConvNet(channels=1).eval()
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    a = run_selector("bgsis", model, x, 4, exact_tail=0.5)
+    b = batched_gradient_sis(model, x, pixels_per_step=4, exact_tail=0.5)
+    assert torch.equal(a.order, b.order) and a.step_sizes == (4, 4) + (1,) * 8

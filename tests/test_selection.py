@@ -14,10 +14,14 @@ from overinterp.selection import (
     NO_SIS,
     EngineConfig,
     backward_selection,
+    batched_gradient_sis,
     brute_force_backward_selection,
     keep_mask,
     n_keep,
+    planned_forward_passes,
     random_order,
+    run_selector,
+    selector_params,
     selector_tag,
     sis_mask,
     sis_size,
@@ -120,7 +124,7 @@ def test_k_pixels_per_step_is_a_permutation_and_k1_is_exact():
 
 def test_engine_rejects_bad_input():
     model = TinyConvNet(channels=1).eval()
-    with pytest.raises(ValueError, match="pixels_per_step"):
+    with pytest.raises(ValueError, match="pixels-per-step"):
         backward_selection(model, torch.zeros(1, 1, 4, 4), pixels_per_step=0)
     with pytest.raises(ValueError, match="B, C, H, W"):
         backward_selection(model, torch.zeros(1, 4, 4))
@@ -229,3 +233,120 @@ def test_integer_images_are_rejected_before_any_forward_pass():
 
     with pytest.raises(ValueError, match="normalised floats"):
         backward_selection(forward, torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
+
+
+# --- exact tail -----------------------------------------------------------------------------
+
+
+def _tail_images(n=4, channels=2, seed=6):
+    return torch.randn(n, channels, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("k", [1, 3, 16])
+def test_exact_tail_one_is_the_selector_without_it(k):
+    model = TinyConvNet(channels=2, seed=3).eval()
+    images = _tail_images()
+    plain = backward_selection(model, images, pixels_per_step=k, config=EngineConfig(chunk=7))
+    f1 = backward_selection(model, images, pixels_per_step=k, exact_tail=1.0, config=EngineConfig(chunk=7))
+    assert torch.equal(plain.order, f1.order) and torch.equal(plain.curve, f1.curve)
+    assert plain.step_sizes == f1.step_sizes and plain.forward_passes == f1.forward_passes
+    if k == 1:  # today's exact BS: the brute-force twin, order for order
+        for i in range(len(images)):
+            order, curve = brute_force_backward_selection(model, images[i])
+            assert f1.order[i].tolist() == order and f1.curve[i].tolist() == pytest.approx(curve, abs=1e-6)  # curve is float32
+
+
+@pytest.mark.parametrize("tail", [0.05, 0.3, 0.99])
+def test_k1_is_exact_whatever_the_tail(tail):
+    model = TinyConvNet(channels=2, seed=3).eval()
+    images = _tail_images()
+    exact = backward_selection(model, images, config=EngineConfig(chunk=5))
+    res = backward_selection(model, images, exact_tail=tail, config=EngineConfig(chunk=5))
+    assert torch.equal(exact.order, res.order) and torch.equal(exact.curve, res.curve)
+    assert selector_tag("backselect", selector_params("backselect", 1, tail)) == "backselect"
+
+
+@pytest.mark.parametrize("k, tail, n_tail", [(3, 0.25, 4), (5, 0.25, 4), (4, 0.5, 8), (16, 0.1, 2), (2, 0.01, 1)])
+def test_last_removals_are_exact_bs_from_where_the_k_steps_left_off(k, tail, n_tail):
+    """The tail is brute-force BS restricted to the pixels the k-steps left (class c from the
+    unmasked image); the k-steps before it follow the k-step rule (compared with F = 1)."""
+    model = TinyConvNet(channels=2, seed=3).eval()
+    images = _tail_images()
+    res = backward_selection(model, images, pixels_per_step=k, exact_tail=tail, config=EngineConfig(chunk=7))
+    bulk = 16 - n_tail
+    assert res.step_sizes[len(res.step_sizes) - n_tail :] == (1,) * n_tail and sum(res.step_sizes[: len(res.step_sizes) - n_tail]) == bulk
+    for i in range(len(images)):
+        done = res.order[i, :bulk].tolist()
+        order, curve = brute_force_backward_selection(model, images[i], masked=done)
+        assert res.order[i, bulk:].tolist() == order
+        assert res.curve[i, bulk:].tolist() == pytest.approx(curve, abs=1e-6)
+    # the k-steps are the k-step rule: identical to k per step all the way, up to the last k-step,
+    # which is shrunk so it lands exactly on the tail (its pixels are the top-scoring of that step)
+    full_k = backward_selection(model, images, pixels_per_step=k, config=EngineConfig(chunk=7))
+    whole = bulk - bulk % k
+    assert torch.equal(res.order[:, :whole], full_k.order[:, :whole]) and torch.equal(res.curve[:, :whole], full_k.curve[:, :whole])
+
+
+def test_exact_tail_step_sizes_and_canonical_order():
+    model = TinyConvNet(channels=1, seed=2).eval()
+    images = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    res = backward_selection(model, images, pixels_per_step=5, exact_tail=0.25)  # 16 px: 5, 5, 2 then 4 x 1
+    assert res.step_sizes == (5, 5, 2, 1, 1, 1, 1)
+    assert res.forward_passes == 3 * (16 + 11 + 6 + 3 + (4 + 3 + 2 + 1)) == planned_forward_passes("backselect", 16, 5, 0.25, batch=3)
+    start = 0
+    for size in res.step_sizes:  # within a step: ascending pixel id, one p(c)
+        step = res.order[:, start : start + size]
+        assert torch.equal(step, step.sort(1).values)
+        assert (res.curve[:, start : start + size] == res.curve[:, start : start + 1]).all()
+        start += size
+    for row in res.order:
+        assert sorted(row.tolist()) == list(range(16))
+
+
+@pytest.mark.parametrize("h, w", [(4, 4), (3, 5), (6, 6)])
+def test_exact_bs_evaluates_hw_hw_plus_1_over_2_images(h, w):
+    model = TinyConvNet(channels=1, seed=1).eval()
+    res = backward_selection(model, torch.randn(2, 1, h, w, dtype=torch.float64), config=EngineConfig(chunk=64))
+    hw = h * w
+    assert res.forward_passes == 2 * hw * (hw + 1) // 2 == planned_forward_passes("backselect", hw, batch=2)
+
+
+def _never_called(x):
+    raise AssertionError("bad arguments must fail before the model runs")
+
+
+@pytest.mark.parametrize("k, tail, match", [
+    (0, 1.0, "--pixels-per-step must be an integer >= 1, got 0"),
+    (2.5, 1.0, "--pixels-per-step must be an integer >= 1, got 2.5"),
+    (True, 1.0, "--pixels-per-step"),
+    (4, 0, r"--exact-tail must be in \(0, 1\], got 0 \(0.1 keeps the last 10% exact"),
+    (4, 1.5, r"--exact-tail must be in \(0, 1\], got 1.5"),
+    (4, -0.1, "--exact-tail"),
+    (4, float("nan"), "--exact-tail"),
+    (4, "0.1", "--exact-tail"),
+])
+def test_bad_k_or_tail_is_one_line_before_any_work(k, tail, match):
+    images = torch.zeros(2, 1, 4, 4)
+    calls = [
+        lambda: backward_selection(_never_called, images, pixels_per_step=k, exact_tail=tail),
+        lambda: batched_gradient_sis(_never_called, images, pixels_per_step=k, exact_tail=tail),
+        lambda: run_selector("backselect", _never_called, images, k, exact_tail=tail),
+        lambda: run_selector("bgsis", _never_called, images, k, exact_tail=tail),
+        lambda: selector_params("backselect", k, tail),
+        lambda: planned_forward_passes("bgsis", 16, k, tail),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=match) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+def test_exact_tail_tags_never_mix():
+    tag = lambda name, k, f: selector_tag(name, selector_params(name, k, f))
+    assert tag("backselect", 16, 0.1) == "backselect-k16-tail0.1"
+    assert tag("bgsis", 100, 0.05) == "bgsis-k100-tail0.05"
+    # tail 1 (off) keeps the tags the store already holds
+    assert tag("backselect", 1, 1.0) == "backselect" and tag("backselect", 4, 1.0) == "backselect-k4"
+    assert tag("bgsis", 100, 1.0) == "bgsis-k100" == selector_tag("bgsis", {"k": 100})
+    assert selector_tag("backselect", {"k": 4, "tail": 1}) == "backselect-k4"
+    assert len({tag("backselect", k, f) for k in (4, 16) for f in (0.05, 0.1, 1.0)}) == 6

@@ -14,6 +14,11 @@ are removed together; the curve then holds p(c) after the whole step for each of
 from one extra forward pass of the new masked images. Pixels removed in one step are listed in
 ascending pixel index: they left together, so no order among them exists, and this canonical
 order is what the Parquet store keeps (it stores the step of each pixel, see overinterp/store.py).
+
+With exact_tail = F < 1 the k-steps stop when ceil(F·HW) pixels remain and exact BS (k = 1)
+removes the rest: the paper uses only the tail of the order (the 5% subset, an SIS), while the
+first steps, which remove pixels that hardly matter, cost most of the passes. The step plan and its
+cost in forward passes are in selection/cost.py.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import math
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+from overinterp.selection.cost import check_selector_args, step_plan
 
 
 def widen(logits: torch.Tensor) -> torch.Tensor:
@@ -59,10 +66,14 @@ class SelectionResult:
     curve: torch.Tensor  # (B, HW) float32 p(c) after each removal
     pred: torch.Tensor  # (B,) int64 predicted class c on the unmasked image
     confidence: torch.Tensor  # (B,) float32 p(c) on the unmasked image
-    forward_passes: int  # candidate images scored (excludes the initial prediction)
+    # images the model evaluated for the selection (all B images together): candidates, re-scores
+    # of k-steps, gradient-step forwards — everything after the one prediction per unmasked image
+    # (and the chunk autotuner's timing runs); selection/cost.py gives it in advance
+    forward_passes: int
     # pixels removed at each step, shared by the batch (lock-step); sums to the pixels removed.
     # Within a step `order` is ascending by pixel id and `curve` is constant (p(c) after the step).
     step_sizes: tuple[int, ...] = ()
+    backward_passes: int = 0  # images back-propagated (bgsis: one per image per gradient step)
 
     def cpu(self) -> "SelectionResult":
         return dataclasses.replace(self, order=self.order.cpu(), curve=self.curve.cpu(), pred=self.pred.cpu(),
@@ -276,6 +287,7 @@ def backward_selection(
     images: torch.Tensor,
     *,
     pixels_per_step: int = 1,
+    exact_tail: float = 1.0,
     config: EngineConfig = EngineConfig(),
     target: Optional[torch.Tensor] = None,
     progress: Optional[ProgressFunc] = None,
@@ -288,18 +300,21 @@ def backward_selection(
             put it in eval mode and on the images' device first.
         images: (B, C, H, W) normalised float images on the model's device (their dtype is kept).
         pixels_per_step: k pixels removed per step; 1 is exact BS, k > 1 an approximation.
+        exact_tail: F in (0, 1]. F < 1: remove k per step until ceil(F·HW) pixels remain (the last
+            k-step shrunk to land there), then exact BS (k = 1) to the end. F = 1 (default): k per
+            step to the end — bit for bit the selector without this option. See selection/cost.py.
         config: chunking, memory format, autocast and compile (see EngineConfig).
         target: (B,) class to explain; default the predicted class.
         progress: called after every step with (pixels removed, HW).
         max_steps: for benchmarks — stop after this many steps; order is -1 and curve NaN beyond.
 
     Returns:
-        SelectionResult with order/curve (B, HW) on the images' device.
+        SelectionResult with order/curve (B, HW) on the images' device; forward_passes counts the
+        images the model evaluated (`planned_forward_passes` gives it in advance).
     """
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    if pixels_per_step < 1:
-        raise ValueError(f"pixels_per_step must be >= 1, got {pixels_per_step}")
+    check_selector_args(pixels_per_step, exact_tail)
     device = images.device
     B, C, H, W = images.shape
     HW = H * W
@@ -308,47 +323,74 @@ def backward_selection(
     scorer = Scorer(forward, config, images)  # after the input checks: it times forward passes
     order = torch.full((B, HW), -1, dtype=torch.long, device=device)
     curve = torch.full((B, HW), float("nan"), dtype=torch.float32, device=device)
-    rows = torch.arange(B, device=device)[:, None]
     with torch.inference_mode():
         x = images.permute(0, 2, 3, 1).reshape(B, HW, C).clone()  # (B, HW, C) current masked images
         probs = scorer.probs(scorer.layout(images))
         target, confidence, pred = explained_class(probs, target)
         remaining = torch.arange(HW, device=device).expand(B, HW).clone()  # (B, R) ascending pixel ids
-        removed, passes, steps = 0, 0, 0
-        sizes: list[int] = []
-        while removed < HW and (max_steps is None or steps < max_steps):
-            R = HW - removed
-            scores = _score_step(scorer, x, remaining, target, (C, H, W))  # (B, R)
-            passes += B * R
-            k = min(pixels_per_step, R)
-            if k == 1:
-                best_score, pos = scores.max(1, keepdim=True)  # first max = lowest pixel id (ascending)
-            else:
-                # stable descending sort keeps equal scores in ascending pixel order; the step's k
-                # pixels are then listed by position (= ascending pixel id), the canonical order
-                pos = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].sort(1).values
-            chosen = remaining.gather(1, pos)  # (B, k) pixel ids
-            x[rows, chosen] = 0.0
-            order[:, removed : removed + k] = chosen
-            if k == 1:
-                curve[:, removed : removed + 1] = best_score
-            else:
-                imgs = x.view(B, H, W, C).permute(0, 3, 1, 2)
-                curve[:, removed : removed + k] = scorer.target_probs(imgs, target)[:, None]
-                passes += B
-            keep = torch.ones_like(remaining, dtype=torch.bool).scatter_(1, pos, False)
-            remaining = remaining[keep].view(B, R - k)  # boolean gather preserves ascending order
-            removed += k
-            steps += 1
-            sizes.append(k)
-            if progress is not None:
-                progress(removed, HW)
-    return SelectionResult(order, curve, pred, confidence, passes, tuple(sizes))
+        plan = step_plan(HW, pixels_per_step, exact_tail)
+        passes, sizes = run_steps(scorer, x, remaining, target, order, curve, 0, plan[:max_steps], (C, H, W), progress)
+    return SelectionResult(order, curve, pred, confidence, passes, sizes)
 
 
-def brute_force_backward_selection(forward: ForwardFunc, image: torch.Tensor) -> tuple[list[int], list[float]]:
+def run_steps(
+    scorer: Scorer,
+    x: torch.Tensor,
+    remaining: torch.Tensor,
+    target: torch.Tensor,
+    order: torch.Tensor,
+    curve: torch.Tensor,
+    removed: int,
+    plan: list[int],
+    shape: tuple[int, int, int],
+    progress: Optional[ProgressFunc] = None,
+) -> tuple[int, tuple[int, ...]]:
+    """The BS loop from any state: remove plan[t] pixels at step t, writing order/curve in place.
+
+    x: (B, HW, C) current masked images (updated in place); remaining: (B, R) pixel ids not yet
+    masked, ascending, the same count R for every image; removed: HW - R, the position in
+    order/curve the next step writes to. A step of 1 is exact BS; a step of k > 1 removes the k
+    best-scoring pixels together and re-scores the new images for the curve.
+    Returns (images evaluated, the step sizes taken). Call under torch.inference_mode().
+    """
+    B = x.shape[0]
+    C, H, W = shape
+    HW = H * W
+    rows = torch.arange(B, device=x.device)[:, None]
+    passes = 0
+    for k in plan:
+        R = HW - removed
+        scores = _score_step(scorer, x, remaining, target, shape)  # (B, R)
+        passes += B * R
+        if k == 1:
+            best_score, pos = scores.max(1, keepdim=True)  # first max = lowest pixel id (ascending)
+        else:
+            # stable descending sort keeps equal scores in ascending pixel order; the step's k
+            # pixels are then listed by position (= ascending pixel id), the canonical order
+            pos = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].sort(1).values
+        chosen = remaining.gather(1, pos)  # (B, k) pixel ids
+        x[rows, chosen] = 0.0
+        order[:, removed : removed + k] = chosen
+        if k == 1:
+            curve[:, removed : removed + 1] = best_score
+        else:
+            imgs = x.view(B, H, W, C).permute(0, 3, 1, 2)
+            curve[:, removed : removed + k] = scorer.target_probs(imgs, target)[:, None]
+            passes += B
+        keep = torch.ones_like(remaining, dtype=torch.bool).scatter_(1, pos, False)
+        remaining = remaining[keep].view(B, R - k)  # boolean gather preserves ascending order
+        removed += k
+        if progress is not None:
+            progress(removed, HW)
+    return passes, tuple(plan)
+
+
+def brute_force_backward_selection(forward: ForwardFunc, image: torch.Tensor, masked: Sequence[int] = ()) -> tuple[list[int], list[float]]:
     """The reference twin: one image (C, H, W), one candidate per forward pass, plain Python.
 
+    masked: pixel ids already removed (set to 0, never candidates) — the state an exact tail starts
+    from; the class c is still the one predicted on the unmasked image.
+    Returns the order and curve of the pixels not in `masked`.
     Exists for tests: every fast path must reproduce its order exactly.
     """
     C, H, W = image.shape
@@ -356,7 +398,10 @@ def brute_force_backward_selection(forward: ForwardFunc, image: torch.Tensor) ->
         probs = torch.softmax(widen(forward(image[None])), 1)[0]
         c = int(probs.argmax())
         x = image.clone()
-        remaining = list(range(H * W))
+        gone = set(masked)
+        for p in gone:
+            x[:, p // W, p % W] = 0.0
+        remaining = [p for p in range(H * W) if p not in gone]
         order, curve = [], []
         while remaining:
             best, best_p = None, -1.0
@@ -371,4 +416,3 @@ def brute_force_backward_selection(forward: ForwardFunc, image: torch.Tensor) ->
             order.append(best)
             curve.append(best_p)
     return order, curve
-

@@ -10,6 +10,11 @@ p(c) after each step. Ties in the gradient go to the lowest pixel index.
 
 Cost: ceil(HW / k) steps of one forward + backward on B images, against HW(HW+1)/2 forward passes
 per image for exact BS; 299 px at k = 100 is 895 steps (the original example).
+
+With exact_tail = F < 1 the gradient steps stop when ceil(F·HW) pixels remain and the BS engine
+(backselect.run_steps) finishes exactly, one pixel per step: the last ceil(F·HW) removals — the
+part of the order an SIS or a pixel subset is made of — are exact backward selection from the
+state the gradient steps left. Cost in selection/cost.py.
 """
 
 from __future__ import annotations
@@ -18,7 +23,17 @@ from typing import Optional
 
 import torch
 
-from overinterp.selection.backselect import ForwardFunc, ProgressFunc, SelectionResult, explained_class, widen
+from overinterp.selection.backselect import (
+    EngineConfig,
+    ForwardFunc,
+    ProgressFunc,
+    Scorer,
+    SelectionResult,
+    explained_class,
+    run_steps,
+    widen,
+)
+from overinterp.selection.cost import check_selector_args, step_plan, tail_pixels
 
 
 def batched_gradient_sis(
@@ -26,6 +41,8 @@ def batched_gradient_sis(
     images: torch.Tensor,
     *,
     pixels_per_step: int = 100,
+    exact_tail: float = 1.0,
+    engine: EngineConfig = EngineConfig(),
     target: Optional[torch.Tensor] = None,
     progress: Optional[ProgressFunc] = None,
     max_steps: Optional[int] = None,
@@ -36,29 +53,36 @@ def batched_gradient_sis(
         forward: model in eval mode on the images' device, (N, C, H, W) -> logits (N, K).
         images: (B, C, H, W) normalised floats.
         pixels_per_step: k pixels masked per step.
+        exact_tail: F in (0, 1]. F < 1: gradient steps until ceil(F·HW) pixels remain (the last
+            one shrunk to land there), then exact backward selection on those pixels (the BS
+            engine, one pixel per step) to the end. F = 1 (default): gradient steps to the end.
+        engine: how the exact tail runs (chunking, memory format; see EngineConfig). Unused at F = 1.
         target: (B,) class to explain; default the prediction on the unmasked image.
-        max_steps: for benchmarks — stop after this many steps (order -1 / curve NaN beyond).
+        max_steps: for benchmarks — stop after this many steps, gradient and exact together
+            (order -1 / curve NaN beyond).
     Returns:
         SelectionResult: order (B, HW), curve (B, HW) with p(c) after the step each pixel was
-        masked in, forward_passes = images x steps (each with one backward pass).
+        masked in; forward_passes = images x (gradient steps + 1) + the exact tail's candidates,
+        backward_passes = images x gradient steps (selection/cost.py gives both in advance).
     """
     if images.dim() != 4 or not images.is_floating_point():
         raise ValueError(f"images must be normalised floats (B, C, H, W), got {tuple(images.shape)} {images.dtype}")
-    if pixels_per_step < 1:
-        raise ValueError(f"pixels_per_step must be >= 1, got {pixels_per_step}")
+    check_selector_args(pixels_per_step, exact_tail)
     B, C, H, W = images.shape
     HW = H * W
     device = images.device
+    full_plan = step_plan(HW, pixels_per_step, exact_tail)
+    n_gradient = len(full_plan) - tail_pixels(HW, exact_tail)  # the tail's steps are one pixel each
+    plan = full_plan[:max_steps]
+    gradient_plan, tail_plan = plan[:n_gradient], plan[n_gradient:]
     with torch.no_grad():
         probs = torch.softmax(widen(forward(images)), 1)
     target, confidence, pred = explained_class(probs, target)
     masked = torch.zeros(B, HW, dtype=torch.bool, device=device)
     order = torch.full((B, HW), -1, dtype=torch.long, device=device)
     curve = torch.full((B, HW), float("nan"), dtype=torch.float32, device=device)
-    removed, steps, last = 0, 0, slice(0, 0)
-    sizes: list[int] = []
-    while removed < HW and (max_steps is None or steps < max_steps):
-        k = min(pixels_per_step, HW - removed)
+    removed, last = 0, slice(0, 0)
+    for k in gradient_plan:
         mask = masked.to(images.dtype).view(B, 1, H, W).requires_grad_(True)
         p = torch.softmax(widen(forward((1 - mask) * images)), 1).gather(1, target[:, None]).squeeze(1)  # (B,)
         curve[:, last] = p.detach()[:, None]  # this forward sees the state after the previous step
@@ -72,12 +96,21 @@ def batched_gradient_sis(
         order[:, removed : removed + k] = chosen
         last = slice(removed, removed + k)
         removed += k
-        steps += 1
-        sizes.append(k)
         if progress is not None:
             progress(removed, HW)
-    with torch.no_grad():  # p(c) after the last step (everything masked, unless stopped early)
-        final = torch.softmax(widen(forward(images * (~masked).to(images.dtype).view(B, 1, H, W))), 1).gather(1, target[:, None])
-    curve[:, last] = final
-    # one forward per step (each with a backward) plus the unmasked and the all-masked forward
-    return SelectionResult(order, curve, pred, confidence, forward_passes=B * (steps + 2), step_sizes=tuple(sizes))
+    steps = len(gradient_plan)
+    passes = B * steps
+    if steps:
+        with torch.no_grad():  # p(c) after the last gradient step (everything masked, without a tail)
+            after = torch.softmax(widen(forward(images * (~masked).to(images.dtype).view(B, 1, H, W))), 1).gather(1, target[:, None])
+        curve[:, last] = after
+        passes += B
+    if tail_plan:
+        # the exact tail: the BS engine from this state, scoring only the pixels still visible
+        scorer = Scorer(forward, engine, images)
+        with torch.inference_mode():
+            x = (images * (~masked).to(images.dtype).view(B, 1, H, W)).permute(0, 2, 3, 1).reshape(B, HW, C).clone()  # (B, HW, C)
+            remaining = torch.arange(HW, device=device).expand(B, HW)[~masked].view(B, HW - removed)  # (B, R) ascending
+            tail_passes, _ = run_steps(scorer, x, remaining, target, order, curve, removed, tail_plan, (C, H, W), progress)
+        passes += tail_passes
+    return SelectionResult(order, curve, pred, confidence, forward_passes=passes, step_sizes=tuple(plan), backward_passes=B * steps)

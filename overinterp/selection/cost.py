@@ -1,0 +1,123 @@
+"""What a selector costs before it runs: its step plan and the images the model will evaluate.
+
+Pure arithmetic (no torch), shared by the engine — which walks `step_plan` — and by anything that
+plans a run (a cost planner, an ETA). The counts here equal the engines' counters exactly
+(tests/test_cost.py checks them against `SelectionResult.forward_passes` / `backward_passes`).
+
+The exact tail (`exact_tail` = F in (0, 1]): a fast rule removes pixels until ceil(F·HW) remain
+(never fewer than 1; the last fast step is shrunk so it stops exactly there), then exact backward
+selection (one pixel per step, every remaining pixel scored) removes the rest. F = 1 turns the tail
+off: the selector runs its own rule to the end, exactly as without this option — exact BS for
+backselect with k = 1, k pixels per step or gradient steps otherwise. (So F = 1 means "no switch",
+not "all exact": an exact run is backselect with k = 1, whatever F.)
+
+Forward passes count images the model evaluates for the selection, beyond the one prediction on
+each unmasked image that every selector makes first (to know the class c it explains); the chunk
+autotuner's timing runs are not counted either. Per image:
+- backselect: every remaining pixel's candidate at every step, plus one re-score of the new masked
+  image after each step that removed more than one pixel (its p(c) for the curve). Exact BS:
+  HW + (HW - 1) + ... + 1 = HW(HW + 1)/2 (524,800 at 32×32).
+- bgsis: one forward (with one backward) per gradient step, plus one forward of the state after
+  the last gradient step (its p(c) for the curve); then the exact tail's candidates, n(n + 1)/2.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+TAIL_SELECTORS = ("backselect", "bgsis")  # the selectors that take pixels_per_step and exact_tail
+
+
+def check_pixels_per_step(pixels_per_step) -> None:
+    """Raise a one-line ValueError unless k is an integer >= 1."""
+    if isinstance(pixels_per_step, bool) or not isinstance(pixels_per_step, numbers.Integral) or pixels_per_step < 1:
+        raise ValueError(f"--pixels-per-step must be an integer >= 1, got {pixels_per_step!r} (1 is exact backward selection)")
+
+
+def check_exact_tail(exact_tail) -> None:
+    """Raise a one-line ValueError unless F is a number in (0, 1]."""
+    ok = isinstance(exact_tail, numbers.Real) and not isinstance(exact_tail, bool) and 0.0 < exact_tail <= 1.0
+    if not ok:
+        raise ValueError(f"--exact-tail must be in (0, 1], got {exact_tail!r} (0.1 keeps the last 10% exact; 1 turns the exact tail off)")
+
+
+def check_selector_args(pixels_per_step, exact_tail) -> None:
+    """Validate k and F together (before any model call)."""
+    check_pixels_per_step(pixels_per_step)
+    check_exact_tail(exact_tail)
+
+
+def tail_pixels(hw: int, exact_tail: float) -> int:
+    """Pixels the exact tail removes: ceil(F·HW), at least 1, for F < 1; 0 for F = 1 (no tail).
+
+    The 1e-9 guards float products such as 0.1 · 1000 = 100.00000000000001 (-> 100, not 101).
+    """
+    if exact_tail >= 1.0:
+        return 0
+    return min(hw, max(1, math.ceil(exact_tail * hw - 1e-9)))
+
+
+def step_plan(hw: int, pixels_per_step: int, exact_tail: float = 1.0) -> list[int]:
+    """Pixels removed at each step, in order: the fast steps (k each, the last one shrunk so that
+    exactly `tail_pixels` remain), then the exact tail (1 each). Sums to hw.
+
+    With F = 1 this is today's plan: min(k, remaining) per step to the end.
+    """
+    n = tail_pixels(hw, exact_tail)
+    q, r = divmod(hw - n, pixels_per_step)
+    return [pixels_per_step] * q + ([r] if r else []) + [1] * n
+
+
+def _fast_phase(hw: int, k: int, n: int) -> tuple[int, int, int]:
+    """(steps, candidates per image, steps removing more than one pixel) of the fast phase that
+    takes hw pixels down to n remaining, k per step with a shrunk last step."""
+    q, r = divmod(hw - n, k)
+    candidates = q * hw - k * q * (q - 1) // 2 + (hw - q * k if r else 0)  # sum of remaining before each step
+    multi = (q if k > 1 else 0) + (1 if r > 1 else 0)
+    return q + (1 if r else 0), candidates, multi
+
+
+def _check_plan_args(selector: str, hw: int, pixels_per_step: int, exact_tail: float, batch: int) -> None:
+    if selector not in TAIL_SELECTORS + ("random",):
+        raise ValueError(f"unknown selector {selector!r}: choose one of backselect, bgsis, random")
+    if isinstance(hw, bool) or not isinstance(hw, numbers.Integral) or hw < 1:
+        raise ValueError(f"hw must be an integer >= 1 (pixels per image, H·W), got {hw!r}")
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 0:
+        raise ValueError(f"batch must be an integer >= 0 (images), got {batch!r}")
+    check_selector_args(pixels_per_step, exact_tail)
+
+
+def planned_steps(selector: str, hw: int, pixels_per_step: int = 1, exact_tail: float = 1.0) -> int:
+    """Sequential steps of one run (images of a batch advance in lock-step): len(step_plan)."""
+    _check_plan_args(selector, hw, pixels_per_step, exact_tail, 1)
+    if selector == "random":
+        return 0
+    n = tail_pixels(hw, exact_tail)
+    return _fast_phase(hw, pixels_per_step, n)[0] + n
+
+
+def planned_forward_passes(selector: str, hw: int, pixels_per_step: int = 1, exact_tail: float = 1.0, batch: int = 1) -> int:
+    """Images the model evaluates to select on `batch` images of hw pixels (closed form).
+
+    Equals `SelectionResult.forward_passes` of a full run (see the module docstring for what counts).
+    Examples: ("backselect", 1024, 1) -> 524,800; ("backselect", 16, 3) -> 66;
+    ("bgsis", 299 * 299, 100) -> 895 + 1 = 896.
+    """
+    _check_plan_args(selector, hw, pixels_per_step, exact_tail, batch)
+    if selector == "random":
+        return 0
+    n = tail_pixels(hw, exact_tail)
+    steps, candidates, multi = _fast_phase(hw, pixels_per_step, n)
+    tail = n * (n + 1) // 2
+    if selector == "backselect":
+        return batch * (candidates + multi + tail)
+    return batch * (steps + (1 if steps else 0) + tail)  # bgsis: gradient steps, the state after them, the tail
+
+
+def planned_backward_passes(selector: str, hw: int, pixels_per_step: int = 1, exact_tail: float = 1.0, batch: int = 1) -> int:
+    """Backward passes (images): one per gradient step for bgsis, none for backselect."""
+    _check_plan_args(selector, hw, pixels_per_step, exact_tail, batch)
+    if selector != "bgsis":
+        return 0
+    return batch * _fast_phase(hw, pixels_per_step, tail_pixels(hw, exact_tail))[0]
