@@ -181,7 +181,7 @@ def select(model, images: torch.Tensor, v: Variant, n: int, batch: int, engine: 
     for start in range(done, n, batch):
         x = images[start : min(start + batch, n)]
         t0 = time.perf_counter()
-        res = run_selector(v.selector, model, x, v.k, engine, exact_tail=v.tail)
+        res = run_selector(v.selector, model, x, {"k": v.k, "tail": v.tail}, engine)
         dt = time.perf_counter() - t0
         entry["order"].append(res.order.to(torch.int16))
         entry["curve"].append(res.curve)

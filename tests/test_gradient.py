@@ -80,10 +80,10 @@ def test_curve_is_constant_within_a_step_and_ends_all_masked():
 def test_dispatch_and_tags():
     model = TinyConvNet(channels=1).eval()
     x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
-    assert torch.equal(run_selector("bgsis", model, x, 4).order, batched_gradient_sis(model, x, pixels_per_step=4).order)
+    assert torch.equal(run_selector("bgsis", model, x, {"k": 4}).order, batched_gradient_sis(model, x, pixels_per_step=4).order)
     assert selector_tag("bgsis", {"k": 100}) == "bgsis-k100"
-    with pytest.raises(ValueError, match="unknown model selector"):
-        run_selector("random", model, x, 1)
+    with pytest.raises(ValueError, match="unknown selector .random."):
+        run_selector("random", model, x, {"k": 1})
 
 
 # --- exact tail -----------------------------------------------------------------------------
@@ -134,6 +134,6 @@ def test_exact_tail_batching_never_changes_the_result():
 def test_dispatch_passes_the_tail():
     model = TinyConvNet(channels=1).eval()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
-    a = run_selector("bgsis", model, x, 4, exact_tail=0.5)
+    a = run_selector("bgsis", model, x, {"k": 4, "tail": 0.5})
     b = batched_gradient_sis(model, x, pixels_per_step=4, exact_tail=0.5)
     assert torch.equal(a.order, b.order) and a.step_sizes == (4, 4) + (1,) * 8

@@ -1,5 +1,6 @@
 """Backward selection against its brute-force twin, and the subset functions on hand-made cases."""
 
+import json
 import math
 
 import numpy as np
@@ -21,6 +22,7 @@ from overinterp.selection import (
     planned_forward_passes,
     random_order,
     run_selector,
+    params_json,
     selector_params,
     selector_tag,
     sis_mask,
@@ -330,8 +332,8 @@ def test_bad_k_or_tail_is_one_line_before_any_work(k, tail, match):
     calls = [
         lambda: backward_selection(_never_called, images, pixels_per_step=k, exact_tail=tail),
         lambda: batched_gradient_sis(_never_called, images, pixels_per_step=k, exact_tail=tail),
-        lambda: run_selector("backselect", _never_called, images, k, exact_tail=tail),
-        lambda: run_selector("bgsis", _never_called, images, k, exact_tail=tail),
+        lambda: run_selector("backselect", _never_called, images, {"k": k, "tail": tail}),
+        lambda: run_selector("bgsis", _never_called, images, {"k": k, "tail": tail}),
         lambda: selector_params("backselect", k, tail),
         lambda: planned_forward_passes("bgsis", 16, k, tail),
     ]
@@ -350,3 +352,40 @@ def test_exact_tail_tags_never_mix():
     assert tag("bgsis", 100, 1.0) == "bgsis-k100" == selector_tag("bgsis", {"k": 100})
     assert selector_tag("backselect", {"k": 4, "tail": 1}) == "backselect-k4"
     assert len({tag("backselect", k, f) for k in (4, 16) for f in (0.05, 0.1, 1.0)}) == 6
+
+
+# --- the registry: every selector through one dispatch -------------------------------------------
+
+@pytest.mark.parametrize("name, options, tag", [
+    ("gradient", None, "gradient"),
+    ("ig", {"n_steps": 8}, "ig-n8"),
+    ("occlusion", {"window": 2}, "occlusion-window2"),
+    ("perturbation", {"iterations": 5}, "perturbation-it5"),
+    ("captum:InputXGradient", None, "captum_InputXGradient"),
+])
+def test_ranking_selectors_dispatch_store_and_tag(tiny_net, name, options, tag):
+    from overinterp.selection import attribution_selection, meaningful_perturbation, PerturbationParams
+
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    params = selector_params(name, options=options)
+    assert selector_tag(name, params) == tag
+    res = run_selector(name, tiny_net, x, json.loads(params_json(params)))  # what a worker gets back from the row
+    if name == "perturbation":
+        seed = params.pop("seed")
+        direct = meaningful_perturbation(tiny_net, x, params=PerturbationParams(**params), seed=seed)
+    else:
+        direct = attribution_selection(tiny_net, x, name, params=params)
+    assert torch.equal(res.order, direct.order) and torch.equal(res.curve, direct.curve)
+    assert res.order.shape == (3, 16) and list(res.step_sizes) == [1] * 16
+
+
+@pytest.mark.parametrize("name, options, match", [
+    ("saliency", None, "unknown selector 'saliency': choose from backselect, bgsis, perturbation"),
+    ("captum:NoSuchMethod", None, "NoSuchMethod"),
+    ("ig", {"n_step": 3}, "unknown ig parameter"),
+    ("backselect", {"window": 3}, "backselect takes --pixels-per-step and --exact-tail"),
+])
+def test_bad_selector_names_and_options_are_one_line(name, options, match):
+    with pytest.raises(ValueError, match=match) as err:
+        selector_params(name, options=options)
+    assert "\n" not in str(err.value)

@@ -52,7 +52,7 @@ class SelectionWorker:
         batch = {k: np.asarray(v)[good] for k, v in batch.items() if k in ("image_id", "label", "image")}
         images = torch.from_numpy(np.array(batch["image"])).to(self.device)  # (B, C, H, W) uint8
         x = normalize(images, self.mean, self.std)
-        res = run_selector(self.selector, self.model, x, self.params["k"], self.engine).cpu()
+        res = run_selector(self.selector, self.model, x, self.params, self.engine).cpu()
         _, _, H, W = images.shape
         n = len(batch["image_id"])
         store.write_rows(
