@@ -91,7 +91,7 @@ def sis_table(summary: dict) -> str:
 
 def summary_markdown(summary: dict) -> str:
     if summary.get("baseline"):  # a pretrained explained model (jobs/sis_imagenet.py)
-        return pretrained_markdown(summary)
+        return pretrained_markdown(summary) + plots_markdown(summary.get("plots"))
     parts = [
         f"# Overinterpretation on {summary['dataset']}",
         "## Accuracy of models trained and tested on pixel-subsets (the paper's Table 1 shape)",
@@ -105,7 +105,25 @@ def summary_markdown(summary: dict) -> str:
             rows.append(f"| {model} | {m['median_confidence']:.3f} | {100 * m['accuracy']:.1f} |")
         parts.append(f"## Confidence with {100 * (1 - summary['fraction']):g}% of pixels masked")
         parts.append("\n".join(rows))
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(parts) + "\n" + plots_markdown(summary.get("plots"))
+
+
+def plot_caption(file: str) -> str:
+    """'sis_sizes.png' -> 'SIS sizes', 'accuracy_by_condition.png' -> 'Accuracy by condition'."""
+    stem = file.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    words = stem.replace("_", " ").replace("-", " ").split()
+    words = [w.upper() if w.lower() in ("sis", "bs", "road") else w for w in words]
+    return " ".join(words)[:1].upper() + " ".join(words)[1:]
+
+
+def plots_markdown(plots: Optional[list[str]]) -> str:
+    """A '## Plots' section embedding each PNG (file names relative to summary.md); '' for none."""
+    if not plots:
+        return ""
+    lines = ["", "## Plots", ""]
+    for file in plots:
+        lines += [f"![{plot_caption(file)}]({file})", ""]
+    return "\n".join(lines)
 
 
 def pretrained_markdown(summary: dict) -> str:
