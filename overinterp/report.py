@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import statistics
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
 from overinterp.selection import NO_SIS, sis_size
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 
 def condition_title(condition: str, pct: str) -> str:
     """'bs-subset' -> 'BS 5% subsets', 'bs-positions-only' -> 'BS 5% positions only', ..."""
@@ -87,7 +91,7 @@ def sis_table(summary: dict) -> str:
 
 def summary_markdown(summary: dict) -> str:
     if summary.get("baseline"):  # a pretrained explained model (jobs/sis_imagenet.py)
-        return pretrained_markdown(summary)
+        return pretrained_markdown(summary) + plots_markdown(summary.get("plots"))
     parts = [
         f"# Overinterpretation on {summary['dataset']}",
         "## Accuracy of models trained and tested on pixel-subsets (the paper's Table 1 shape)",
@@ -101,7 +105,25 @@ def summary_markdown(summary: dict) -> str:
             rows.append(f"| {model} | {m['median_confidence']:.3f} | {100 * m['accuracy']:.1f} |")
         parts.append(f"## Confidence with {100 * (1 - summary['fraction']):g}% of pixels masked")
         parts.append("\n".join(rows))
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(parts) + "\n" + plots_markdown(summary.get("plots"))
+
+
+def plot_caption(file: str) -> str:
+    """'sis_sizes.png' -> 'SIS sizes', 'accuracy_by_condition.png' -> 'Accuracy by condition'."""
+    stem = file.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    words = stem.replace("_", " ").replace("-", " ").split()
+    words = [w.upper() if w.lower() in ("sis", "bs", "road") else w for w in words]
+    return " ".join(words)[:1].upper() + " ".join(words)[1:]
+
+
+def plots_markdown(plots: Optional[list[str]]) -> str:
+    """A '## Plots' section embedding each PNG (file names relative to summary.md); '' for none."""
+    if not plots:
+        return ""
+    lines = ["", "## Plots", ""]
+    for file in plots:
+        lines += [f"![{plot_caption(file)}]({file})", ""]
+    return "\n".join(lines)
 
 
 def pretrained_markdown(summary: dict) -> str:
@@ -120,29 +142,36 @@ def pretrained_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_gallery(
-    path: str,
+def gallery_figure(
     images: np.ndarray,
     panels: dict[str, np.ndarray],
     titles: Optional[list[str]] = None,
-) -> None:
-    """A PNG grid: one row per image, the original beside each masked version.
-
-    images: (N, H, W, C) uint8 originals; panels: {column title: (N, H, W, C) uint8}.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    empty_labels: Optional[dict[str, list[bool]]] = None,
+    tau: Optional[float] = None,
+) -> Figure:
+    """The matplotlib Figure save_gallery writes; see there."""
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch
 
     n, cols = len(images), 1 + len(panels)
-    fig, axes = plt.subplots(n, cols, figsize=(2.0 * cols, 2.0 * n), squeeze=False)
+    empty_labels = empty_labels or {}
+    unknown = set(empty_labels) - set(panels)
+    if unknown:
+        raise ValueError(f"empty_labels names columns {sorted(unknown)} that are not panels; panels are {list(panels)}")
+    for title, flags in empty_labels.items():
+        if len(flags) != n:
+            raise ValueError(f"empty_labels[{title!r}] has {len(flags)} flags for {n} images; give one per image")
+    no_sis = "no SIS at τ" + (f"={tau:g}" if tau is not None else "")
+    fig = Figure(figsize=(2.0 * cols, 2.0 * n))
+    axes = fig.subplots(n, cols, squeeze=False)
     columns = {"original": images, **panels}
     for r in range(n):
         for c, (title, imgs) in enumerate(columns.items()):
             ax = axes[r, c]
             img = imgs[r]
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=255, interpolation="nearest")
+            if empty_labels.get(title, [False] * n)[r]:  # an all-masked panel would otherwise read as a bug
+                ax.text(0.5, 0.5, no_sis, transform=ax.transAxes, ha="center", va="center", fontsize=8,
+                        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -150,5 +179,21 @@ def save_gallery(
             if c == 0 and titles:
                 ax.set_ylabel(titles[r], fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def save_gallery(
+    path: str,
+    images: np.ndarray,
+    panels: dict[str, np.ndarray],
+    titles: Optional[list[str]] = None,
+    empty_labels: Optional[dict[str, list[bool]]] = None,
+    tau: Optional[float] = None,
+) -> None:
+    """A PNG grid: one row per image, the original beside each masked version.
+
+    images: (N, H, W, C) uint8 originals; panels: {column title: (N, H, W, C) uint8}.
+    empty_labels: {column title: N flags}, True where that panel is empty because the image has no
+        SIS at tau; such panels say "no SIS at τ=<tau>" in their centre instead of showing a blank.
+    """
+    gallery_figure(images, panels, titles, empty_labels, tau).savefig(path, dpi=100)
