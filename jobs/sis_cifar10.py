@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         scratch = tempfile.mkdtemp(prefix="sis_cifar10-smoke-")
         write_cifar(scratch, n_train=20, n_test=10)
         fixed.update(data_root=scratch, smoke=True, models=("resnet20",), seeds=(0, 1), epochs=1,
-                     selector="bgsis", pixels_per_step=128, select_batch=8, gallery=2)
+                     selectors=("bgsis",), fills=("mean",), pixels_per_step=128, select_batch=8, gallery=2)
         if args.out_dir == DEFAULTS.out_dir:
             fixed["out_dir"] = os.path.join(scratch, "out")
     try:

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-model", default=None, help="architecture trained on the subsets (default: --model)")
     p.add_argument("--image-size", type=int, default=d.image_size, help="square crop side: 224, or 299 for Inception v3")
     p.add_argument("--pixels-per-step", type=int, default=d.pixels_per_step, help="BGSIS k: pixels masked per step")
+    p.add_argument("--exact-tail", type=float, default=d.exact_tail, help="F in (0, 1]: BGSIS until F·HW pixels remain, then exact backward selection (1: off)")
     p.add_argument("--fraction", type=float, default=d.fraction, help="pixel-subset size, in (0, 1]")
     p.add_argument("--seeds", type=_csv_ints, default=d.seeds, help="comma-separated training seeds")
     p.add_argument("--epochs", type=int, default=d.epochs)

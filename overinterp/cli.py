@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from overinterp.config import ConfigError, RunConfig
-from overinterp.selection import MODEL_SELECTORS
 
 
 def _csv(kind):
@@ -21,6 +20,18 @@ def _csv(kind):
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {s!r}")
 
     return parse
+
+
+def _json_object(s: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r} ({e.msg})")
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError(f'expected a JSON object of objects such as {{"ig": {{"n_steps": 20}}}}, got {s!r}')
+    return value
 
 
 def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), dataset_flag: bool = True) -> None:
@@ -35,9 +46,18 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     r.add_argument("--fraction", type=float, default=d.fraction, help="pixel-subset size as a fraction of pixels, in (0, 1]")
     r.add_argument("--tau", type=float, default=d.tau, help="SIS confidence threshold, in [0, 1]")
     r.add_argument("--input-dropout", type=float, default=d.input_dropout, help="p of the input-dropout variant (0 disables it)")
-    r.add_argument("--selector", default=d.selector, choices=MODEL_SELECTORS,
-                   help="backselect: backward selection (exact at k = 1); bgsis: Batched Gradient SIS, for large images")
+    r.add_argument("--selectors", "--selector", dest="selectors", type=_csv(str), default=d.selectors,
+                   help="comma-separated pixel selectors to compare, the first one primary: backselect (backward selection, exact at "
+                        "k = 1), bgsis (Batched Gradient SIS, for large images), perturbation (meaningful perturbation), gradient, "
+                        "ig (integrated gradients), occlusion, or captum:<ClassName> (any captum.attr method)")
+    r.add_argument("--selector-options", type=_json_object, default=d.selector_options,
+                   help='JSON: selector -> its parameters, e.g. \'{"ig": {"n_steps": 20}, "perturbation": {"iterations": 100}}\'')
     r.add_argument("--pixels-per-step", type=int, default=d.pixels_per_step, help="k pixels removed per selection step (backselect: 1 = exact)")
+    r.add_argument("--exact-tail", type=float, default=d.exact_tail,
+                   help="F in (0, 1]: backselect/bgsis remove k pixels per step until F·HW remain, then exact backward selection (1: off)")
+    r.add_argument("--fill", dest="fills", type=_csv(str), default=d.fills,
+                   help="comma-separated: how removed pixels look to subset models: mean (0 after normalisation, the paper) "
+                        "and/or road (noisy linear imputation, so the mask's shape leaks less); positions-only runs beside them")
     r.add_argument("--compile", action="store_true", help="torch.compile the model for selection (~2x on CPU for ResNets, ~30 s to compile)")
     r.add_argument("--autocast", choices=("bf16", "fp16"), default=None, help="GPU selection under autocast: faster, not exact (see BENCHMARKS.md)")
     r.add_argument("--random-seed", type=int, default=d.random_seed, help="seed of the random-subset baseline")

@@ -16,7 +16,8 @@ from typing import Optional
 from overinterp import fs
 from overinterp.data import DataError, check_dataset_args
 from overinterp.models import ModelError, check_model_name
-from overinterp.selection import MODEL_SELECTORS
+from overinterp.selection import DEFAULT_EXACT_TAIL, selector_params
+from overinterp.training import FILLS
 
 
 # The user's MLflow server, read once at import: mlflow.set_tracking_uri() itself writes this variable,
@@ -109,6 +110,10 @@ DEFAULT_MODELS = {
 DEFAULT_EPOCHS = {"digits": 30, "cifar10": 200, "cifar100": 200, "imagefolder": 90}
 DEFAULT_AUGMENT = {"digits": False, "cifar10": True, "cifar100": True, "imagefolder": True}
 SMOKE_SIZES = (96, 48)  # train, test images kept by --smoke
+# The default comparison: backward selection (the paper) against a mask-optimising and two gradient
+# attribution selectors; all four finish on digits in minutes on 2 CPU cores (BENCHMARKS.md).
+DEFAULT_SELECTORS = ("backselect", "perturbation", "gradient", "ig")
+PIXEL_FILLS = tuple(f for f in FILLS if f != "positions")  # positions-only is a control that always runs
 
 
 @dataclass(frozen=True)
@@ -128,8 +133,13 @@ class RunConfig:
     fraction: float = 0.05  # pixel-subset size, fraction of HW in (0, 1]
     tau: float = 0.99  # SIS threshold in [0, 1]
     input_dropout: float = 0.2  # p of the input-dropout variant (keep_prob 0.8)
-    selector: str = "backselect"  # backselect (exact at k = 1) or bgsis (Batched Gradient SIS)
-    pixels_per_step: int = 1  # k pixels removed per selection step; backselect at k = 1 is exact
+    # Pixel selectors compared on the same models; the first is the primary one (SIS sizes of the
+    # mitigations, masked confidence, gallery). See overinterp/selection/__init__.py.
+    selectors: tuple[str, ...] = DEFAULT_SELECTORS
+    selector_options: dict = field(default_factory=dict)  # selector -> its parameters, e.g. {"ig": {"n_steps": 20}}
+    pixels_per_step: int = 1  # k pixels removed per step by backselect/bgsis; backselect at k = 1 is exact
+    exact_tail: float = DEFAULT_EXACT_TAIL  # F: backselect/bgsis go exact once F·HW pixels remain (1: off)
+    fills: tuple[str, ...] = ("mean", "road")  # how removed pixels look to subset models (positions-only always runs too)
     compile: bool = False  # torch.compile the model inside selection (pays off on large runs)
     autocast: Optional[str] = None  # "bf16"/"fp16" selection on GPUs: faster, not exact
     random_seed: int = 0  # seed of the random-subset baseline
@@ -162,12 +172,12 @@ class RunConfig:
             raise ConfigError("--seeds needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"--seeds must be distinct, got {list(self.seeds)}")
-        if self.selector not in MODEL_SELECTORS:
-            raise ConfigError(f"--selector must be one of {', '.join(MODEL_SELECTORS)}, got {self.selector!r}")
+        self.selection_params()  # names, k, F and options: one line each, before any work
+        bad_fills = [f for f in self.fills if f not in PIXEL_FILLS]
+        if not self.fills or bad_fills or len(set(self.fills)) != len(self.fills):
+            raise ConfigError(f"--fill takes distinct values from {', '.join(PIXEL_FILLS)} (comma-separated), got {','.join(self.fills) or 'nothing'}")
         if self.autocast not in (None, "bf16", "fp16"):
             raise ConfigError(f"--autocast must be bf16 or fp16, got {self.autocast!r}")
-        if self.pixels_per_step < 1:
-            raise ConfigError(f"--pixels-per-step must be >= 1, got {self.pixels_per_step}")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1 or self.select_batch < 1:
@@ -179,6 +189,19 @@ class RunConfig:
         if self.gallery < 0:
             raise ConfigError(f"--gallery must be >= 0, got {self.gallery}")
         _check_resource_flags(self)
+
+    def selection_params(self) -> dict[str, dict]:
+        """selector -> the parameters its rows are stored with; ConfigError naming the fix."""
+        if not self.selectors or len(set(self.selectors)) != len(self.selectors):
+            raise ConfigError(f"--selectors needs distinct selector names, got {','.join(self.selectors) or 'nothing'}")
+        stray = sorted(set(self.selector_options) - set(self.selectors))
+        if stray:
+            raise ConfigError(f"--selector-options names {', '.join(stray)}, which --selectors does not run")
+        try:
+            return {name: selector_params(name, self.pixels_per_step, self.exact_tail, self.selector_options.get(name))
+                    for name in self.selectors}
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def check(self) -> None:
         """Names and paths: data set, its root, every model. Raises ConfigError naming the fix."""
@@ -204,7 +227,9 @@ class RunConfig:
         )
 
     # Fields a rerun may change without invalidating finished work in the same out_dir.
-    REUSABLE_CHANGES = ("tau", "tracking_uri", "experiment", "gallery", "extra", "out_dir", "select_batch", "strict", *RESOURCE_FIELDS)
+    # Selectors and fills are among them: their work is stored under its own selector tag / trial name.
+    REUSABLE_CHANGES = ("tau", "tracking_uri", "experiment", "gallery", "extra", "out_dir", "select_batch", "strict",
+                        "selectors", "selector_options", "pixels_per_step", "exact_tail", "fills", *RESOURCE_FIELDS)
 
     def resource_flags(self) -> dict:
         return {k: getattr(self, k) for k in RESOURCE_FIELDS}
@@ -246,6 +271,7 @@ class ImageNetConfig:
     train_model: Optional[str] = None  # architecture trained on the subsets; default: model
     image_size: int = 224  # 299 for Inception v3
     pixels_per_step: int = 100  # BGSIS k
+    exact_tail: float = DEFAULT_EXACT_TAIL  # F: exact BS once F·HW pixels remain (1: BGSIS to the end)
     fraction: float = 0.1  # subsets keep the last 10% of pixels (the paper's ImageNet setting)
     seeds: tuple[int, ...] = (0,)
     epochs: int = 16
@@ -271,6 +297,7 @@ class ImageNetConfig:
             raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction} (the paper uses 0.1 on ImageNet)")
         if self.pixels_per_step < 1:
             raise ConfigError(f"--pixels-per-step must be >= 1, got {self.pixels_per_step} (the paper uses 100 at 299 px)")
+        self.selection_params()
         if self.image_size < 16:
             raise ConfigError(f"--image-size must be >= 16, got {self.image_size}")
         if self.workers_per_trial < 1 or self.epochs < 1 or self.batch_size < 1 or self.select_batch < 1:
@@ -297,10 +324,18 @@ class ImageNetConfig:
             raise ConfigError(f"--weights {self.weights} is not a file: give a state_dict file or a torchvision weights name (DEFAULT)")
         _check_outputs(self.out_dir, self.tracking_uri)
 
+    def selection_params(self) -> dict:
+        """BGSIS's stored parameters ({"k": k}, plus {"tail": F} when F < 1); ConfigError naming the fix."""
+        try:
+            return selector_params("bgsis", self.pixels_per_step, self.exact_tail)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     def resolved(self) -> "ImageNetConfig":
         return dataclasses.replace(self, train_model=self.train_model or self.model, **_resolve_outputs(self.out_dir, self.tracking_uri))
 
-    REUSABLE_CHANGES = ("tracking_uri", "experiment", "out_dir", "select_batch", "workers_per_trial", "strict", *RESOURCE_FIELDS)
+    REUSABLE_CHANGES = ("tracking_uri", "experiment", "out_dir", "select_batch", "workers_per_trial", "strict", "pixels_per_step",
+                        "exact_tail", *RESOURCE_FIELDS)  # k and F: stored under their own selector tag
 
     def resource_flags(self) -> dict:
         return {k: getattr(self, k) for k in RESOURCE_FIELDS}

@@ -63,6 +63,9 @@ def accuracy_table(summary: dict) -> str:
     test accuracy mean ± std over seeds. Input-dropout models are reported in the SIS table."""
     pct = f"{100 * summary['fraction']:g}"
     conds = sorted({c for a in summary["accuracy"].values() for c in a if c != "full+dropout"}, key=condition_order)
+    primary = [r["condition"] for comp in summary.get("comparison", {}).values() for r in comp["selectors"] if r["selector"] == summary["selector"]]
+    if primary:  # several selectors: this table shows the primary one; the comparison table has them all
+        conds = [c for c in conds if c == "full" or c.startswith((primary[0] + "-", "random-"))]
     head = "| model | " + " | ".join(condition_title(c, pct) for c in conds) + " |"
     lines = [head, "|" + "---|" * (len(conds) + 1)]
     for model, accs in summary["accuracy"].items():
@@ -89,6 +92,34 @@ def sis_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(summary: dict, model: str) -> str:
+    """Markdown: one row per selector and the random floor, as `compare_selectors` summarises them."""
+    comp = summary["comparison"][model]
+    pct = f"{100 * summary['fraction']:g}%"
+    fills = summary.get("fills", ["mean"])
+    head = (["selector"] + [f"trained on {pct} subsets, {f.upper() if f == 'road' else f} fill (%)" for f in fills]
+            + ["positions only (%)", f"full model on the {pct} subsets (%)", "median p(c) on them",
+               f"median SIS at τ={summary['tau']:g} (px, % of pixels)", "median p(c), SIS dilated 3×3"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cells(row: dict) -> list[str]:
+        return [mean_std(row["accuracy"].get(f, [])) for f in fills] + [
+            mean_std(row["positions"]) if row.get("positions") else "–",
+            f"{100 * row['full_model_accuracy']:.1f}", f"{row['median_confidence']:.3f}"]
+
+    for row in comp["selectors"]:
+        size = ("–" if not row["images_with_sis"] else f"{row['median_sis_size']:.0f} ({100 * row['median_sis_fraction']:.1f}%)")
+        dil = row["dilated_median_confidence"]
+        lines.append(f"| {row['selector']} | " + " | ".join(cells(row) + [size, "–" if dil != dil else f"{dil:.3f}"]) + " |")
+    lines.append(f"| random (floor) | " + " | ".join(cells(comp["random"]) + ["–", "–"]) + " |")
+    lines.append(f"\nModels trained and tested on each selector's {pct} subsets of {model}-{comp['model_tag'].rsplit('-', 1)[-1]}'s "
+                 "test/train images (mean ± std over seeds). Positions only: the mask alone, no pixel values — where it nearly "
+                 "matches the filled subsets, the subset's layout, not its pixel values, carries the label. ROAD fill imputes "
+                 "removed pixels from their neighbours so the mask's outline leaks less. Dilation: p(c) after restoring each "
+                 "SIS pixel's 3×3 neighbourhood; a drop below τ means the SIS works like an adversarial pattern.")
+    return "\n".join(lines)
+
+
 def summary_markdown(summary: dict) -> str:
     if summary.get("baseline"):  # a pretrained explained model (jobs/sis_imagenet.py)
         return pretrained_markdown(summary) + plots_markdown(summary.get("plots"))
@@ -99,8 +130,10 @@ def summary_markdown(summary: dict) -> str:
         "## Sufficient input subsets of the full-image models",
         sis_table(summary),
     ]
+    for model in summary.get("comparison", {}):
+        parts += [f"## Which pixels carry the signal: selectors compared on {model}", comparison_table(summary, model)]
     if summary.get("masked_confidence"):
-        rows = ["| model | median p(c) on its own BS subsets (test) | accuracy of the full-image model on them (%) |", "|---|---|---|"]
+        rows = [f"| model | median p(c) on its own {summary['selector']} subsets (test) | accuracy of the full-image model on them (%) |", "|---|---|---|"]
         for model, m in summary["masked_confidence"].items():
             rows.append(f"| {model} | {m['median_confidence']:.3f} | {100 * m['accuracy']:.1f} |")
         parts.append(f"## Confidence with {100 * (1 - summary['fraction']):g}% of pixels masked")

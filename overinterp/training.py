@@ -164,6 +164,21 @@ def predict(model: nn.Module, images: torch.Tensor, mean, std, keep: Optional[to
     return torch.cat(preds)
 
 
+@torch.inference_mode()
+def class_confidence(model: nn.Module, images: torch.Tensor, mean, std, target: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                     batch_size: int = 1024, fill: str = "mean") -> torch.Tensor:
+    """(N,) softmax probability of class target[i] for each (optionally masked) uint8 image."""
+    model.eval()
+    target = torch.as_tensor(target)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        seeds = range(start, min(start + batch_size, images.shape[0]))
+        logits = model(prepare(images[sl], mean, std, None if keep is None else keep[sl], fill, seeds=seeds))
+        out.append(torch.softmax(logits.double(), 1).gather(1, target[sl].view(-1, 1).to(logits.device)).squeeze(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, keep: Optional[torch.Tensor] = None,
              fill: str = "mean") -> float:
     """Top-1 accuracy in [0, 1] on (optionally masked) images."""

@@ -57,7 +57,7 @@ def main(mode: str, out: str) -> int:
     cluster.wait_for_nodes()
     env["RAY_ADDRESS"] = cluster.address
     if mode == "selection":
-        cmd = [sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--select-batch", "4", "--seeds", "0,1", "--input-dropout", "0",
+        cmd = [sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--select-batch", "4", "--seeds", "0,1", "--input-dropout", "0", "--selectors", "backselect", "--fill", "mean",
                "--out", out]
     else:
         cmd = [sys.executable, os.path.join(ROOT, "jobs", "sis_imagenet.py"), "--smoke-test", "--epochs", "4", "--max-workers", "1", "--out", out]

@@ -19,6 +19,15 @@ from overinterp.cli import build_parser, config_from_args, main
         (["--tau", "2"], "--tau must be in [0, 1]"),
         (["--dataset", "cifar10"], "--data-root"),
         (["--dataset", "cifar10", "--data-root", "/no/such/dir"], "does not exist"),
+        (["--selectors", "backselect,saliency"], "unknown selector 'saliency'"),
+        (["--selectors", "captum:NoSuchMethod"], "NoSuchMethod"),
+        (["--selectors", "backselect,backselect"], "--selectors needs distinct"),
+        (["--selector-options", '{"ig": {"n_steps": 0}}', "--selectors", "ig"], "n_steps"),
+        (["--selector-options", '{"ig": {"n_steps": 5}}', "--selectors", "backselect"], "which --selectors does not run"),
+        (["--fill", "road,blur"], "--fill takes distinct values from mean, road"),
+        (["--exact-tail", "0"], "--exact-tail must be in (0, 1]"),
+        (["--exact-tail", "1.5"], "--exact-tail"),
+        (["--pixels-per-step", "0"], "--pixels-per-step must be an integer >= 1"),
     ],
 )
 def test_bad_input_is_one_line_before_work(argv, match, tmp_path, capsys):
@@ -33,6 +42,13 @@ def test_flags_become_the_config():
     args = build_parser().parse_args(["run", "--models", "resnet20,vgg16_bn", "--seeds", "3,4", "--fraction", "0.1", "--no-augment"])
     c = config_from_args(args)
     assert c.models == ("resnet20", "vgg16_bn") and c.seeds == (3, 4) and c.fraction == 0.1 and c.augment is False
+    args = build_parser().parse_args(["run", "--selectors", "gradient,captum:InputXGradient", "--fill", "road", "--exact-tail", "0.1",
+                                      "--selector-options", '{"gradient": {}}'])
+    c = config_from_args(args)
+    assert c.selectors == ("gradient", "captum:InputXGradient") and c.fills == ("road",) and c.exact_tail == 0.1
+    assert c.selection_params() == {"gradient": {}, "captum:InputXGradient": {"importance": "signed"}}
+    old = config_from_args(build_parser().parse_args(["run", "--selector", "bgsis", "--pixels-per-step", "4", "--exact-tail", "0.5"]))
+    assert old.selectors == ("bgsis",) and old.selection_params() == {"bgsis": {"k": 4, "tail": 0.5}}  # the old flag still works
 
 
 def test_console_script_fails_fast_without_ray():

@@ -23,7 +23,7 @@ from overinterp.store_check import check_store
 
 pytestmark = pytest.mark.faults
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--smoke", "--seeds", "0,1", "--input-dropout", "0", "--select-batch", "8"]
+ARGS = ["--smoke", "--seeds", "0,1", "--input-dropout", "0", "--select-batch", "8", "--selectors", "backselect", "--fill", "mean"]
 STAGES = {1: "training 2 full-image models", 2: "selection", 3: "training", 4: "summary"}
 
 

@@ -51,7 +51,7 @@ def _summary(out) -> dict:
 
 def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, tmp_path):
     out = str(tmp_path / "cluster")
-    cmd = [*OVERINTERP, "run", "--smoke", "--select-batch", "8", "--seeds", "0,1", "--out", out]
+    cmd = [*OVERINTERP, "run", "--smoke", "--select-batch", "8", "--seeds", "0,1", "--selectors", "backselect", "--fill", "mean", "--out", out]
     with ActorSampler(fake_cluster.dashboard) as sampler:
         p = _run([*cmd, "--ray-address", fake_cluster.address], fake_cluster.env)
     assert "resources (autoscaler config" in p.stdout and "GPU actor(s)" in p.stdout  # planned from capacity, printed

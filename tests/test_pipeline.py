@@ -18,7 +18,7 @@ N_TRAIN, N_TEST = SMOKE_SIZES
 @pytest.fixture(scope="module")
 def smoke_run(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = RunConfig(smoke=True, seeds=(0, 1), out_dir=str(out))
+    cfg = RunConfig(smoke=True, seeds=(0, 1), out_dir=str(out))  # the default selectors and fills: the whole comparison
     summary = run_pipeline(cfg)
     return cfg, out, summary
 
@@ -41,8 +41,20 @@ def test_outputs(smoke_run):
         assert len(accs) == 2 and all(0 <= a <= 1 for a in accs)
     assert set(summary["sis"]["digits_cnn"]) == {"plain", "ensemble", "input_dropout"}
     assert summary["n_keep"] == 4 and summary["hw"] == 64
-    assert "| digits_cnn |" in (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text()
+    assert "| digits_cnn |" in md and "## Which pixels carry the signal" in md
     assert (out / "gallery.png").stat().st_size > 1000
+    for plot in ("accuracy.png", "confidence_vs_removed.png", "sis_sizes.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in md
+    comp = summary["comparison"]["digits_cnn"]
+    assert [r["selector"] for r in comp["selectors"]] == ["backselect", "perturbation-it300", "gradient", "ig-n50"] == summary["selectors"]
+    for row in comp["selectors"] + [comp["random"]]:
+        assert set(row["accuracy"]) == {"mean", "road"} and all(len(v) == 2 for v in row["accuracy"].values())
+        assert 0 <= row["full_model_accuracy"] <= 1 and 0 <= row["median_confidence"] <= 1
+    for row in comp["selectors"]:
+        assert len(row["positions"]) == 2 and row["forward_passes_per_image"] > 0
+        assert row["images_with_sis"] == 0 or 0 <= row["dilated_median_confidence"] <= 1
+    assert comp["selectors"][0]["forward_passes_per_image"] == 64 * 65 // 2  # exact BS on 8x8
     root = str(out / "selections")
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
         sel = store.read_selections(root, "digits_cnn-s0", "backselect", split, expect_n=n)
@@ -75,7 +87,8 @@ def test_mlflow_parent_and_children(smoke_run):
 
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_name = {c.info.run_name: c for c in children}
-    assert len(children) == len(by_name) == 2 * 2 + 3 * 2  # full (+ dropout), and 3 subset conditions, 2 seeds each
+    # full (+ dropout), and per seed: 4 selectors x (mean, ROAD, positions only) + random x (mean, ROAD)
+    assert len(children) == len(by_name) == 2 * 2 + 2 * (4 * 3 + 2)
     for c in children:
         seed = c.data.tags["seed"]
         assert c.data.params["train.seed"] == c.data.params["trial.seed"] == seed
@@ -90,7 +103,11 @@ def test_mlflow_parent_and_children(smoke_run):
             base = client.get_run(c.data.tags["baseline_run_id"])
             assert base.info.run_name == f"digits_cnn-full-s{seed}" and base.data.tags["condition"] == "full"
             assert c.data.metrics["baseline_accuracy"] == pytest.approx(base.data.metrics["accuracy"])
-    assert {c.data.tags["condition"] for c in children} == {"full", "full+dropout", "bs-subset", "random-subset", "bs-positions-only"}
+    assert {c.data.tags["condition"] for c in children} == {"full", "full+dropout", "random-subset", "random-subset+road"} | {
+        f"{sel}-{what}" for sel in ("bs", "perturbation", "gradient", "ig") for what in ("subset", "subset+road", "positions-only")}
+    assert by_name["digits_cnn-ig-n50-road-s1"].data.tags["selector"] == "ig-n50"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.md", "gallery.png", "accuracy.png", "confidence_vs_removed.png", "sis_sizes.png"} <= artifacts
     assert by_name["digits_cnn-full-drop0.2-s1"].data.tags["variant"] == "input-dropout"
     model_uri = f"runs:/{by_name['digits_cnn-full-s0'].info.run_id}/model"
     import mlflow.pytorch

@@ -389,3 +389,14 @@ def test_bad_selector_names_and_options_are_one_line(name, options, match):
     with pytest.raises(ValueError, match=match) as err:
         selector_params(name, options=options)
     assert "\n" not in str(err.value)
+
+
+def test_dilate_keep_grows_each_pixel_to_its_3x3_neighbourhood():
+    from overinterp.selection.subsets import dilate_keep
+
+    keep = torch.zeros(2, 16, dtype=torch.bool)
+    keep[0, 0] = True  # corner (0, 0) of a 4x4 image
+    keep[1, 5] = True  # inner pixel (1, 1)
+    out = dilate_keep(keep, 4, 4)
+    assert sorted(out[0].nonzero().flatten().tolist()) == [0, 1, 4, 5]
+    assert sorted(out[1].nonzero().flatten().tolist()) == [0, 1, 2, 4, 5, 6, 8, 9, 10]

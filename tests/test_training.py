@@ -120,3 +120,15 @@ def test_road_fill_keeps_kept_pixels_and_predictions_do_not_depend_on_batch_size
     torch.manual_seed(0)
     losses = train_model(m, imgs, a, mean, std, TrainConfig(epochs=2, batch_size=4, lr=0.01, augment=False), keep, fill="road")
     assert len(losses) == 2 and all(l == l for l in losses)
+
+
+def test_class_confidence_is_the_softmax_of_the_target_class():
+    from overinterp.training import class_confidence
+
+    imgs = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    target = torch.tensor([0, 1, 2, 2, 1])
+    keep = torch.rand(5, 16, generator=torch.Generator().manual_seed(2)) < 0.5
+    got = class_confidence(m, imgs, (0.5,), (0.2,), target, keep, batch_size=2)
+    want = torch.softmax(m(prepare(imgs, (0.5,), (0.2,), keep)).double(), 1)[torch.arange(5), target]
+    assert torch.allclose(got, want)

@@ -81,7 +81,8 @@ def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
     def compare():
         summary = backend.summarize(full, subsets, baseline)  # a pretrained model's baseline is measured here
         local = tempfile.mkdtemp(prefix="overinterp-report-")
-        files = write_summary(plan, summary, local) + backend.reports(summary, local)
+        reports = backend.reports(summary, local)  # first: it lists its plots in the summary, which summary.md embeds
+        files = write_summary(plan, summary, local) + reports
         if tracker is not None:
             tracker.log_results(plan, full, subsets, summary, files, backend.models_to_log())
             summary["mlflow_run_id"] = tracker.run_id

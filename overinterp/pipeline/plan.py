@@ -172,8 +172,14 @@ def subset_trials(models, seeds, subset_keys: list[str], fills: tuple[str, ...],
 
 
 def plan_small(cfg, data) -> Plan:
-    """The plan of `overinterp run`: cfg a resolved RunConfig, data the loaded ImageDataset."""
-    sel_params = canonical({"k": cfg.pixels_per_step})
+    """The plan of `overinterp run`: cfg a resolved RunConfig, data the loaded ImageDataset.
+
+    Every selector explains each model's plain (first-seed) model on train and test images; the
+    primary selector (the first) also explains the ensemble and the input-dropout model on the
+    test images (their SIS sizes: the paper's mitigations).
+    """
+    params = {name: canonical(p) for name, p in cfg.selection_params().items()}
+    primary = cfg.selectors[0]
     random_params = {"seed": cfg.random_seed}
     full = [TrialSpec(m, s) for m in cfg.models for s in cfg.seeds]
     if cfg.input_dropout > 0:
@@ -181,25 +187,29 @@ def plan_small(cfg, data) -> Plan:
     sources, selections, keys = {}, [], {}
     for m in cfg.models:
         sources[m] = small_sources(cfg.out_dir, m, cfg.seeds, cfg.input_dropout)
-        for variant, source in sources[m].items():
-            for split in SPLITS if variant == "plain" else ("test",):  # SIS of the mitigations: test images
-                selections.append(SelectionJob(source, cfg.selector, sel_params, split))
-        keys[m] = [f"{sources[m]['plain'].tag}/{selector_tag(cfg.selector, json.loads(sel_params))}"]
+        keys[m] = []
+        for name in cfg.selectors:
+            for variant, source in sources[m].items():
+                if variant != "plain" and name != primary:
+                    continue
+                for split in SPLITS if variant == "plain" else ("test",):  # SIS of the mitigations: test images
+                    selections.append(SelectionJob(source, name, params[name], split))
+            keys[m].append(f"{sources[m]['plain'].tag}/{selector_tag(name, json.loads(params[name]))}")
     random_key = f"none/{selector_tag(RANDOM, random_params)}"
-    fills = ("mean",)
+    fills = tuple(cfg.fills)
     return Plan(
         dataset=cfg.dataset, shape=data.shape, n_images={s: len(data.labels[s]) for s in SPLITS}, num_classes=data.num_classes,
         out_dir=cfg.out_dir, fraction=cfg.fraction, tau=cfg.tau, models=tuple(cfg.models), seeds=tuple(cfg.seeds),
         full_trials=tuple(full), sources=sources, selections=tuple(selections), random_params=random_params,
         subset_trials=tuple(subset_trials(cfg.models, cfg.seeds, keys, fills, random_key)),
-        primary=selector_tag(cfg.selector, json.loads(sel_params)), fills=fills,
+        primary=selector_tag(primary, json.loads(params[primary])), fills=fills,
     )
 
 
 def plan_stream(cfg, num_classes: int, n_images: dict) -> Plan:
     """The plan of jobs/sis_imagenet.py: cfg a resolved ImageNetConfig. The explained model is
     pretrained; the subset models are trained from scratch and compared with it."""
-    sel_params = canonical({"k": cfg.pixels_per_step})
+    sel_params = canonical(cfg.selection_params())
     random_params = {"seed": cfg.random_seed}
     source = SelectionSource(path_safe(cfg.model), model={"name": cfg.model, "num_classes": num_classes, "weights": cfg.weights},
                              variant="pretrained", label=f"pretrained {cfg.model} ({cfg.weights})")

@@ -33,9 +33,10 @@ from overinterp.pipeline.select_stage import select_in_memory, write_random
 from overinterp.pipeline.trial import TrialSpec
 from overinterp.pipeline.tune_stage import run_trials
 from overinterp.report import save_gallery, sis_stats
-from overinterp.selection import apply_mask, keep_mask, n_keep, sis_mask
+from overinterp.selection import apply_mask, keep_mask, n_keep, selector_tag, sis_mask, sis_size, tail_mask
+from overinterp.selection.subsets import dilate_keep
 from overinterp.selection.backselect import EngineConfig
-from overinterp.training import TrainConfig, evaluate
+from overinterp.training import TrainConfig, class_confidence, evaluate
 
 
 def load_data(cfg: RunConfig) -> ImageDataset:
@@ -73,15 +74,18 @@ class InMemoryBackend:
         return run_trials("subsets", specs, self.data_dict, masks, self.train_cfg, self.cfg.out_dir, self.resources, self.callbacks)
 
     def summarize(self, full: dict, subsets: dict, baseline: dict) -> dict:
-        """summary.json's content: per-seed accuracies, SIS sizes, confidence on masked inputs."""
+        """summary.json's content: per-seed accuracies, SIS sizes, confidence on masked inputs, and
+        the selector comparison."""
         cfg, plan, data = self.cfg, self.plan, self.data
         hw = plan.hw
         test_x, test_y = torch.from_numpy(data.images["test"]), torch.from_numpy(data.labels["test"])
         summary = {
             "dataset": cfg.dataset, "smoke": cfg.smoke, "fraction": cfg.fraction, "n_keep": n_keep(cfg.fraction, hw), "hw": hw,
             "tau": cfg.tau, "seeds": list(cfg.seeds), "models": list(cfg.models), "selector": plan.primary,
+            "selectors": list(dict.fromkeys(j.tag for j in plan.selections)),  # primary first
+            "fills": list(plan.fills), "num_classes": data.num_classes,
             "accuracy": accuracy_by_condition(plan, full, subsets), "variant_accuracy": {}, "sis": {}, "masked_confidence": {},
-            "skipped_images": [list(s) for s in getattr(data, "skipped", ())],
+            "comparison": {}, "skipped_images": [list(s) for s in getattr(data, "skipped", ())],
         }
         for m in cfg.models:
             summary["sis"][m], summary["variant_accuracy"][m] = {}, {}
@@ -92,14 +96,59 @@ class InMemoryBackend:
                 summary["sis"][m][variant] = stats
                 model = load_ensemble(list(source.checkpoints))
                 summary["variant_accuracy"][m][variant] = evaluate(model, test_x, test_y, data.mean, data.std)
-                if variant == "plain":
-                    k = n_keep(cfg.fraction, hw)
-                    conf_on_subset = sel.curve[:, hw - k - 1] if k < hw else sel.confidence
-                    summary["masked_confidence"][m] = {
-                        "median_confidence": float(conf_on_subset.median()),
-                        "accuracy": evaluate(model, test_x, test_y, data.mean, data.std, keep_mask(sel.order, cfg.fraction)),
-                    }
+            summary["comparison"][m] = self.compare_selectors(m, summary["accuracy"][m])
+            primary_row = next(r for r in summary["comparison"][m]["selectors"] if r["selector"] == plan.primary)
+            summary["masked_confidence"][m] = {"median_confidence": primary_row["median_confidence"], "accuracy": primary_row["full_model_accuracy"]}
         return summary
+
+    def compare_selectors(self, model_name: str, accuracy: dict) -> dict:
+        """One row per selector, and the random floor: accuracy of models trained on its subsets under
+        each fill and on its positions alone (lists over seeds), the full-image model's accuracy and
+        median p(c) on those subsets (test images, mean fill), the median SIS size at tau, and the
+        median p(c) once each SIS pixel's 3x3 neighbourhood is restored ("dilation")."""
+        cfg, plan, data = self.cfg, self.plan, self.data
+        H, W = plan.shape[1:]
+        test_x, test_y = torch.from_numpy(data.images["test"]), torch.from_numpy(data.labels["test"])
+        source = plan.sources[model_name]["plain"]
+        model = load_ensemble(list(source.checkpoints))
+        seed = cfg.seeds[0]
+
+        def accuracies(key: str) -> dict:
+            by_fill = {f: accuracy.get(TrialSpec(model_name, seed, key, f).condition, []) for f in plan.fills}
+            return {"accuracy": by_fill, "positions": accuracy.get(TrialSpec(model_name, seed, key, "positions").condition)}
+
+        rows = []
+        for job in plan.selections:
+            if job.source != source or job.split != "test":
+                continue
+            sel = store.read_selections(plan.root, source.tag, job.tag, "test", len(test_x))
+            keep = keep_mask(sel.order, cfg.fraction)
+            k = int(keep[0].sum())
+            on_subset = sel.curve[:, plan.hw - k - 1] if k < plan.hw else sel.confidence
+            sis = sis_mask(sel.order, sel.curve, sel.confidence, cfg.tau)
+            has_sis = sis.any(1)
+            pred = torch.as_tensor(sel.pred)
+            dilated = class_confidence(model, test_x[has_sis], data.mean, data.std, pred[has_sis], dilate_keep(sis[has_sis], H, W))
+            stats = sis_stats(sel.curve, sel.confidence, cfg.tau)
+            rows.append({
+                "selector": job.tag, "condition": TrialSpec(model_name, seed, job.key).condition.rsplit("-subset", 1)[0],
+                **accuracies(job.key),
+                "full_model_accuracy": evaluate(model, test_x, test_y, data.mean, data.std, keep),
+                "median_confidence": float(on_subset.median()),
+                "median_sis_size": stats["median_size"], "median_sis_fraction": stats["median_fraction"],
+                "images_with_sis": stats["n_with_sis"],
+                "dilated_median_confidence": float(dilated.median()) if len(dilated) else float("nan"),
+                "forward_passes_per_image": float(np.median(sel.forward_passes)) if sel.forward_passes is not None else None,
+            })
+        rnd = store.read_selections(plan.root, "none", plan.random_tag, "test", len(test_x))
+        keep = keep_mask(rnd.order, cfg.fraction)
+        primary = store.read_selections(plan.root, source.tag, plan.primary, "test", len(test_x))
+        random_row = {
+            "selector": plan.random_tag, "condition": "random", **accuracies(plan.random_key),
+            "full_model_accuracy": evaluate(model, test_x, test_y, data.mean, data.std, keep),
+            "median_confidence": float(class_confidence(model, test_x, data.mean, data.std, primary.pred, keep).median()),
+        }
+        return {"model_tag": source.tag, "selectors": rows, "random": random_row}
 
     def dataset_input(self) -> dict:
         import hashlib
@@ -126,27 +175,67 @@ class InMemoryBackend:
         return {spec.name: (load_checkpoint(checkpoint_path(self.cfg.out_dir, spec)), example) for spec in self.plan.full_trials}
 
     def reports(self, summary: dict, local_dir: str) -> list[str]:
-        """gallery.png: test images beside their subsets, written to out_dir; local copies returned."""
+        """gallery.png (test images beside each selector's subsets, the random subset and the
+        primary selector's SIS) and the plots, written to out_dir; local copies returned. The plot
+        files are also listed in summary["plots"], so summary.md embeds them."""
         cfg, plan, data = self.cfg, self.plan, self.data
-        n = min(cfg.gallery, len(data.labels["test"]))
-        if n == 0:
-            return []
         m = cfg.models[0]
-        plain = plan.sources[m]["plain"].tag
-        sel = store.read_selections(plan.root, plain, plan.primary, "test")
+        source = plan.sources[m]["plain"]
+        tags = [t for t in summary["selectors"]]
+        sels = {t: store.read_selections(plan.root, source.tag, t, "test") for t in tags}
         rnd = store.read_selections(plan.root, "none", plan.random_tag, "test")
-        x = normalize(torch.from_numpy(data.images["test"][:n]), data.mean, data.std)
-        pct = f"{100 * cfg.fraction:g}%"
-        panels = {
-            f"{plan.primary} {pct} ({m})": denormalize_uint8(apply_mask(x, keep_mask(sel.order[:n], cfg.fraction)), data.mean, data.std),
-            f"random {pct}": denormalize_uint8(apply_mask(x, keep_mask(rnd.order[:n], cfg.fraction)), data.mean, data.std),
-            f"SIS τ={cfg.tau:g}": denormalize_uint8(apply_mask(x, sis_mask(sel.order[:n], sel.curve[:n], sel.confidence[:n], cfg.tau)), data.mean, data.std),
-        }
-        titles = [f"{data.classes[int(sel.label[i])]} → {data.classes[int(sel.pred[i])]} ({sel.confidence[i]:.2f})" for i in range(n)]
-        path = os.path.join(local_dir, "gallery.png")
-        save_gallery(path, denormalize_uint8(x, data.mean, data.std), panels, titles)
-        copy_out([path], cfg.out_dir)
-        return [path]
+        paths = self.plots(summary, sels, rnd, local_dir)
+        n = min(cfg.gallery, len(data.labels["test"]))
+        if n:
+            x = normalize(torch.from_numpy(data.images["test"][:n]), data.mean, data.std)
+            pct = f"{100 * cfg.fraction:g}%"
+
+            def shown(keep):
+                return denormalize_uint8(apply_mask(x, keep), data.mean, data.std)
+
+            panels = {f"{t} {pct}": shown(keep_mask(sels[t].order[:n], cfg.fraction)) for t in tags}
+            panels[f"random {pct}"] = shown(keep_mask(rnd.order[:n], cfg.fraction))
+            primary = sels[plan.primary]
+            sis = sis_mask(primary.order[:n], primary.curve[:n], primary.confidence[:n], cfg.tau)
+            sis_title = f"SIS τ={cfg.tau:g} ({plan.primary})"
+            panels[sis_title] = shown(sis)
+            titles = [f"{data.classes[int(primary.label[i])]} → {data.classes[int(primary.pred[i])]} ({primary.confidence[i]:.2f})" for i in range(n)]
+            path = os.path.join(local_dir, "gallery.png")
+            save_gallery(path, denormalize_uint8(x, data.mean, data.std), panels, titles,
+                         empty_labels={sis_title: (~sis.any(1)).tolist()}, tau=cfg.tau)
+            paths.append(path)
+        copy_out(paths, cfg.out_dir)
+        return paths
+
+    def plots(self, summary: dict, sels: dict, rnd, local_dir: str, max_images: int = 512) -> list[str]:
+        """accuracy.png, confidence_vs_removed.png, sis_sizes.png (see overinterp/plots.py)."""
+        from overinterp.plots import plot_accuracy_by_condition, plot_confidence_vs_removed, plot_sis_size_histograms
+
+        cfg, plan, data = self.cfg, self.plan, self.data
+        m = cfg.models[0]
+        paths = [plot_accuracy_by_condition(summary, os.path.join(local_dir, "accuracy.png"))]
+        curves = {}
+        for tag, sel in sels.items():  # p(c) after t removals, t = 0..HW (the unmasked image first)
+            curves[f"{tag}"] = torch.cat([sel.confidence[:, None], sel.curve], 1)[:max_images].numpy()
+        # The random baseline has no curve: p(c) of the explained class at 21 removed fractions.
+        n = min(max_images, len(rnd.order))
+        x = torch.from_numpy(data.images["test"][:n])
+        target = sels[plan.primary].pred[:n]
+        model = load_ensemble(list(plan.sources[m]["plain"].checkpoints))
+        fractions = np.linspace(0, 1, 21)
+        random_curve = [class_confidence(model, x, data.mean, data.std, target,
+                                         tail_mask(rnd.order[:n], torch.full((n,), plan.hw - int(round(f * plan.hw)))))
+                        for f in fractions]
+        curves["random"] = torch.stack(random_curve, 1).numpy()
+        paths.append(plot_confidence_vs_removed(curves, os.path.join(local_dir, "confidence_vs_removed.png"),
+                                                title=f"{m}: median p(c) as pixels are removed (test images)"))
+        sizes = {}
+        for variant, source in plan.sources[m].items():
+            sel = store.read_selections(plan.root, source.tag, plan.primary, "test")
+            sizes[source.label] = sis_size(sel.curve, sel.confidence, cfg.tau).numpy()
+        paths.append(plot_sis_size_histograms(sizes, plan.hw, os.path.join(local_dir, "sis_sizes.png"), cfg.tau))
+        summary["plots"] = [os.path.basename(p) for p in paths]
+        return paths
 
 
 def prepare_run(config: RunConfig, ray_address: str | None = None):

@@ -81,3 +81,16 @@ def apply_mask(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mask normalised images: x (N, C, H, W), keep (N, HW) bool -> pixels not kept set to 0."""
     N, C, H, W = x.shape
     return x * keep.view(N, 1, H, W).to(x.dtype)
+
+
+def dilate_keep(keep: torch.Tensor, height: int, width: int, radius: int = 1) -> torch.Tensor:
+    """(N, HW) bool -> (N, HW) bool: every kept pixel's (2r+1)×(2r+1) neighbourhood kept too.
+
+    The critique of SIS on gradient-selected subsets: restore the true pixels around each SIS pixel
+    (r = 1: 3×3) and see whether the model's confidence holds. If it collapses when *more* of the
+    real image is shown, the subset works like an adversarial pattern rather than evidence.
+    """
+    n = keep.shape[0]
+    grid = keep.view(n, 1, height, width).float()
+    grown = torch.nn.functional.max_pool2d(grid, 2 * radius + 1, stride=1, padding=radius)
+    return grown.view(n, height * width) > 0
