@@ -1,4 +1,5 @@
-"""The closed-form cost of a selector equals what the engines count, for every (HW, k, F)."""
+"""The closed-form cost of a selector equals what the engines count, for every (HW, k, F), and for the
+ranking selectors (gradient, ig, occlusion, perturbation) at several sizes and parameters."""
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from overinterp.selection import (
     step_plan,
     tail_pixels,
 )
+from overinterp.selection.cost import planned_passes
 
 TAILS = (1.0, 0.99, 0.5, 0.2, 0.1, 0.05)
 
@@ -91,3 +93,86 @@ def test_bad_plan_arguments():
         planned_forward_passes("backselect", 0)
     with pytest.raises(ValueError, match="--exact-tail"):
         planned_steps("bgsis", 16, 4, 0.0)
+
+
+class CountingModel(torch.nn.Module):
+    """A tiny linear classifier that counts the images it back-propagates (a gradient hook on its
+    logits): the ranking engines report no backward passes, so the test counts them itself."""
+
+    def __init__(self, c, h, w):
+        super().__init__()
+        self.fc = torch.nn.Linear(c * h * w, 3)
+        torch.nn.init.normal_(self.fc.weight, generator=torch.Generator().manual_seed(c * h * w))
+        self.backward_images = 0
+
+    def forward(self, x):
+        out = self.fc(x.flatten(1))
+        if out.requires_grad:
+            out.register_hook(self._count)
+        return out
+
+    def _count(self, grad):
+        self.backward_images += grad.shape[0]
+
+
+RANKING_CASES = [
+    ("gradient", None),
+    ("ig", {"n_steps": 3}),
+    ("ig", {"n_steps": 5, "method": "riemann_trapezoid"}),
+    ("occlusion", None),
+    ("occlusion", {"window": 2}),
+    ("occlusion", {"window": 3}),
+    ("perturbation", {"iterations": 3}),
+]
+
+
+@pytest.mark.parametrize("h, w", [(3, 4), (4, 4)])
+@pytest.mark.parametrize("method, params", RANKING_CASES)
+def test_ranking_formulas_equal_the_counters(h, w, method, params):
+    from overinterp.selection.attribution import attribution_selection
+    from overinterp.selection.perturbation import PerturbationParams, meaningful_perturbation
+
+    images = torch.randn(2, 2, h, w, generator=torch.Generator().manual_seed(7))
+    model = CountingModel(2, h, w)
+    if method == "perturbation":
+        res = meaningful_perturbation(model, images, params=PerturbationParams(**params), config=EngineConfig(chunk=8))
+    else:
+        res = attribution_selection(model, images, method, params=params, config=EngineConfig(chunk=8))
+    assert res.forward_passes == planned_forward_passes(method, (h, w), batch=2, params=params)
+    assert model.backward_images == planned_backward_passes(method, (h, w), batch=2, params=params)
+    assert len(res.step_sizes) == planned_steps(method, (h, w))
+    assert planned_passes(method, (h, w), params, batch=2) == (res.forward_passes, model.backward_images)
+
+
+def test_ig_steps_per_pass_do_not_change_the_count():
+    from overinterp.selection.attribution import attribution_selection
+
+    images = torch.randn(3, 1, 3, 3, generator=torch.Generator().manual_seed(1))
+    model = CountingModel(1, 3, 3)
+    res = attribution_selection(model, images, "ig", params={"n_steps": 7}, config=EngineConfig(chunk=8), steps_per_pass=2)
+    assert res.forward_passes == planned_forward_passes("ig", 9, batch=3, params={"n_steps": 7}) == 3 * (7 + 9)
+    assert model.backward_images == 3 * 7
+
+
+def test_known_ranking_costs():
+    assert planned_passes("gradient", 1024) == (1 + 1024, 1)
+    assert planned_passes("ig", 1024) == (50 + 1024, 50)  # Captum's default n_steps
+    assert planned_passes("perturbation", (32, 32)) == (300 + 1 + 1024, 300)  # the authors' 300 Adam steps
+    assert planned_passes("occlusion", (32, 32), {"window": 4}) == (1 + 29 * 29 + 1024, 0)
+    assert planned_passes("occlusion", 1024) == (1 + 1024 + 1024, 0)  # window 1: one position per pixel
+    assert planned_passes("backselect", 1024, {"k": 16, "tail": 0.1}) == (planned_forward_passes("backselect", 1024, 16, 0.1), 0)
+    assert planned_passes("bgsis", (299, 299), {"k": 100}, batch=2) == (2 * 896, 2 * 895)
+    assert planned_passes("random", 1024, {"seed": 0}) == (0, 0)
+
+
+def test_bad_ranking_arguments():
+    with pytest.raises(ValueError, match=r"needs the image's \(H, W\)"):
+        planned_forward_passes("occlusion", 16, params={"window": 2})
+    with pytest.raises(ValueError, match="at most the image side 3"):
+        planned_passes("occlusion", (3, 8), {"window": 4})
+    with pytest.raises(ValueError, match="unknown ig parameter"):
+        planned_passes("ig", 16, {"steps": 4})
+    with pytest.raises(ValueError, match="time a few images"):
+        planned_passes("captum:InputXGradient", 16)
+    with pytest.raises(ValueError, match="backselect takes k and tail"):
+        planned_passes("backselect", 16, {"k": 2, "seed": 1})

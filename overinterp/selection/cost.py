@@ -1,8 +1,11 @@
 """What a selector costs before it runs: its step plan and the images the model will evaluate.
 
-Pure arithmetic (no torch), shared by the engine — which walks `step_plan` — and by anything that
-plans a run (a cost planner, an ETA). The counts here equal the engines' counters exactly
-(tests/test_cost.py checks them against `SelectionResult.forward_passes` / `backward_passes`).
+Pure arithmetic (no tensors; the ranking selectors' parameters are resolved by
+attribution.check_selector_params, imported only when one is planned), shared by the engine —
+which walks `step_plan` — and by anything that plans a run (costplan.py: passes and an ETA). The
+counts here equal the engines' counters exactly (tests/test_cost.py checks them against
+`SelectionResult.forward_passes` / `backward_passes`, and counts the ranking selectors' backward
+passes itself).
 
 The exact tail (`exact_tail` = F in (0, 1]): a fast rule removes pixels until ceil(F·HW) remain
 (never fewer than 1; the last fast step is shrunk so it stops exactly there), then exact backward
@@ -19,6 +22,14 @@ autotuner's timing runs are not counted either. Per image:
   HW + (HW - 1) + ... + 1 = HW(HW + 1)/2 (524,800 at 32×32).
 - bgsis: one forward (with one backward) per gradient step, plus one forward of the state after
   the last gradient step (its p(c) for the curve); then the exact tail's candidates, n(n + 1)/2.
+- the ranking selectors (attribution.py, perturbation.py) rank once, then score the HW prefixes of
+  their order (the p(c) curve, HW passes): gradient 1 + HW (one forward with a backward);
+  ig n_steps + HW (n_steps interpolated images, each back-propagated); occlusion with window w
+  1 + (H − w + 1)(W − w + 1) + HW (the unoccluded image and one per window position, no backward);
+  perturbation iterations + 1 + HW (each Adam step a forward with a backward, then the final mask).
+  Their engines count a pass with a backward once, in forward_passes, and report backward_passes
+  0; `planned_backward_passes` gives the backward passes they really run (tests/test_cost.py
+  counts them with a gradient hook), which an ETA needs.
 """
 
 from __future__ import annotations
@@ -27,6 +38,9 @@ import math
 import numbers
 
 TAIL_SELECTORS = ("backselect", "bgsis")  # the selectors that take pixels_per_step and exact_tail
+# selectors that rank once, then score the p(c) curve; their parameters are attribution.check_selector_params's
+RANKING_SELECTORS = ("gradient", "ig", "occlusion", "perturbation")
+PLANNED_SELECTORS = TAIL_SELECTORS + ("random",) + RANKING_SELECTORS
 
 
 def check_pixels_per_step(pixels_per_step) -> None:
@@ -78,46 +92,109 @@ def _fast_phase(hw: int, k: int, n: int) -> tuple[int, int, int]:
     return q + (1 if r else 0), candidates, multi
 
 
-def _check_plan_args(selector: str, hw: int, pixels_per_step: int, exact_tail: float, batch: int) -> None:
-    if selector not in TAIL_SELECTORS + ("random",):
-        raise ValueError(f"unknown selector {selector!r}: choose one of backselect, bgsis, random")
-    if isinstance(hw, bool) or not isinstance(hw, numbers.Integral) or hw < 1:
-        raise ValueError(f"hw must be an integer >= 1 (pixels per image, H·W), got {hw!r}")
+def _check_plan_args(selector: str, hw, pixels_per_step: int, exact_tail: float, batch: int) -> tuple[int, int]:
+    """Validate the arguments of the planners; return the image's (H, W), H = 1 when given as HW."""
+    if isinstance(selector, str) and selector.startswith("captum:"):
+        raise ValueError(f"no cost formula for {selector}: its internal passes depend on the Captum method; time a few images "
+                         f"instead, or plan one of {', '.join(PLANNED_SELECTORS)}")
+    if selector not in PLANNED_SELECTORS:
+        raise ValueError(f"unknown selector {selector!r}: choose one of {', '.join(PLANNED_SELECTORS)}")
+    size = tuple(hw) if isinstance(hw, (tuple, list)) else (1, hw)
+    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in size):
+        raise ValueError(f"hw must be an integer >= 1 (pixels per image, H·W) or a pair (H, W), got {hw!r}")
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 0:
         raise ValueError(f"batch must be an integer >= 0 (images), got {batch!r}")
     check_selector_args(pixels_per_step, exact_tail)
+    return int(size[0]), int(size[1])
 
 
-def planned_steps(selector: str, hw: int, pixels_per_step: int = 1, exact_tail: float = 1.0) -> int:
-    """Sequential steps of one run (images of a batch advance in lock-step): len(step_plan)."""
-    _check_plan_args(selector, hw, pixels_per_step, exact_tail, 1)
+def _ranking_passes(selector: str, size: tuple[int, int], params, given_as_hw: bool) -> tuple[int, int]:
+    """(forward, backward) passes per image of a ranking selector (see the module docstring)."""
+    from overinterp.selection.attribution import check_selector_params  # lazy: it imports torch and Captum's names
+
+    p = check_selector_params(selector, params)  # resolved with the defaults; one-line ValueError
+    H, W = size
+    curve = H * W
+    if selector == "gradient":
+        return 1 + curve, 1
+    if selector == "ig":
+        return p["n_steps"] + curve, p["n_steps"]
+    if selector == "perturbation":
+        return p["iterations"] + 1 + curve, p["iterations"]
+    w = p["window"]  # occlusion
+    if w > 1 and given_as_hw:
+        raise ValueError(f"occlusion with window {w} needs the image's (H, W), not its HW: pass hw=(H, W)")
+    if w > min(H, W):
+        raise ValueError(f"occlusion window must be at most the image side {min(H, W)}, got {w}")
+    return 1 + (H - w + 1) * (W - w + 1) + curve, 0
+
+
+def planned_steps(selector: str, hw, pixels_per_step: int = 1, exact_tail: float = 1.0) -> int:
+    """Sequential steps of one run (images of a batch advance in lock-step): len(step_plan).
+
+    The ranking selectors remove one pixel per step of their curve: HW steps.
+    """
+    H, W = _check_plan_args(selector, hw, pixels_per_step, exact_tail, 1)
+    hw = H * W
     if selector == "random":
         return 0
+    if selector in RANKING_SELECTORS:
+        return hw
     n = tail_pixels(hw, exact_tail)
     return _fast_phase(hw, pixels_per_step, n)[0] + n
 
 
-def planned_forward_passes(selector: str, hw: int, pixels_per_step: int = 1, exact_tail: float = 1.0, batch: int = 1) -> int:
+def planned_forward_passes(selector: str, hw, pixels_per_step: int = 1, exact_tail: float = 1.0, batch: int = 1, *,
+                           params=None) -> int:
     """Images the model evaluates to select on `batch` images of hw pixels (closed form).
 
     Equals `SelectionResult.forward_passes` of a full run (see the module docstring for what counts).
+    hw: H·W, or (H, W) (needed by occlusion with a window > 1).
+    params: the ranking selectors' parameters (attribution.check_selector_params; None = defaults);
+        backselect and bgsis take k and F instead.
     Examples: ("backselect", 1024, 1) -> 524,800; ("backselect", 16, 3) -> 66;
-    ("bgsis", 299 * 299, 100) -> 895 + 1 = 896.
+    ("bgsis", 299 * 299, 100) -> 895 + 1 = 896; ("ig", 1024) -> 50 + 1,024.
     """
-    _check_plan_args(selector, hw, pixels_per_step, exact_tail, batch)
+    H, W = _check_plan_args(selector, hw, pixels_per_step, exact_tail, batch)
+    hw_pixels = H * W
     if selector == "random":
         return 0
-    n = tail_pixels(hw, exact_tail)
-    steps, candidates, multi = _fast_phase(hw, pixels_per_step, n)
+    if selector in RANKING_SELECTORS:
+        return batch * _ranking_passes(selector, (H, W), params, not isinstance(hw, (tuple, list)))[0]
+    n = tail_pixels(hw_pixels, exact_tail)
+    steps, candidates, multi = _fast_phase(hw_pixels, pixels_per_step, n)
     tail = n * (n + 1) // 2
     if selector == "backselect":
         return batch * (candidates + multi + tail)
     return batch * (steps + (1 if steps else 0) + tail)  # bgsis: gradient steps, the state after them, the tail
 
 
-def planned_backward_passes(selector: str, hw: int, pixels_per_step: int = 1, exact_tail: float = 1.0, batch: int = 1) -> int:
-    """Backward passes (images): one per gradient step for bgsis, none for backselect."""
-    _check_plan_args(selector, hw, pixels_per_step, exact_tail, batch)
+def planned_backward_passes(selector: str, hw, pixels_per_step: int = 1, exact_tail: float = 1.0, batch: int = 1, *,
+                            params=None) -> int:
+    """Backward passes (images back-propagated): one per gradient step for bgsis, none for
+    backselect, occlusion and random; 1 for gradient, n_steps for ig, iterations for perturbation
+    (those engines report 0: they count a pass with a backward once, as a forward pass)."""
+    H, W = _check_plan_args(selector, hw, pixels_per_step, exact_tail, batch)
+    if selector in RANKING_SELECTORS:
+        return batch * _ranking_passes(selector, (H, W), params, not isinstance(hw, (tuple, list)))[1]
     if selector != "bgsis":
         return 0
-    return batch * _fast_phase(hw, pixels_per_step, tail_pixels(hw, exact_tail))[0]
+    return batch * _fast_phase(H * W, pixels_per_step, tail_pixels(H * W, exact_tail))[0]
+
+
+def planned_passes(selector: str, hw, params=None, batch: int = 1) -> tuple[int, int]:
+    """(forward, backward) passes of a selector on `batch` images, from its parameters as stored
+    (SelectionJob.params): {"k": k, "tail": F} for backselect and bgsis (k 1 and F 1 when absent),
+    the method's own for the ranking selectors, anything for random (0, 0)."""
+    params = dict(params or {})
+    if selector in TAIL_SELECTORS:
+        k, tail = params.pop("k", 1), params.pop("tail", 1.0)
+        if params:
+            raise ValueError(f"unknown {selector} parameter(s) {', '.join(sorted(params))}: {selector} takes k and tail")
+        args = (selector, hw, k, tail, batch)
+        return planned_forward_passes(*args), planned_backward_passes(*args)
+    if selector == "random":
+        _check_plan_args(selector, hw, 1, 1.0, batch)
+        return 0, 0
+    return (planned_forward_passes(selector, hw, batch=batch, params=params),
+            planned_backward_passes(selector, hw, batch=batch, params=params))

@@ -1,0 +1,544 @@
+"""Know the cost before paying for it: forward passes and an ETA for every stage, a budget guard.
+
+    calibrate_forward_rate / calibrate_train_rate   images/s of the real model on the device
+    estimate_selection / estimate_training           counts (selection/cost.py) × rates -> ETA
+    plan_cost                                        the whole run's Plan -> CostPlan
+    check_budget + alternatives_for                  refuse a plan over --max-hours, naming faster ones
+
+Everything but the calibration is arithmetic, so a dry run prints the cost without touching a GPU
+and the tests check the ETAs exactly. No Ray, no MLflow: `CostPlan.as_params()` is a flat dict the
+pipeline logs.
+
+The ETA model: a stage's images are spread over its workers in select batches (or its trials over
+the trials that run at once), so the busiest worker's share, not the average, sets the wall time;
+the stages run one after the other (pipeline/driver.py), so their ETAs add up. Left out: loading
+and compiling models, the chunk autotuner, evaluation after training (one forward pass over the
+test split per trial), the random baseline and the summary — seconds next to what is counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from overinterp.selection.cost import planned_passes
+
+if TYPE_CHECKING:  # plan.py imports no Ray either, but the dry run should not need the pipeline package
+    from overinterp.pipeline.plan import Plan
+
+# A backward pass costs about two forward passes: it multiplies by each weight's transpose to get
+# the input gradient and again to get the weight gradient (the usual 3× forward for a training
+# step, Kaplan et al. 2020). Only the ETA uses it; the pass counts stay separate.
+BACKWARD_COST = 2.0
+
+Rates = Union[float, Mapping[str, float]]  # one rate for every model, or one per model name
+
+
+# ---------------------------------------------------------------------------------------------
+# Durations
+
+
+def format_duration(seconds: float) -> str:
+    """Human-readable duration: '< 1 s', '42 s', '1 min 12 s', '5 h 3 min', '19 h', '3.5 days',
+    '3.2 years', '∞'. Precision falls with size: no one plans a 3-year run to the minute."""
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"a duration must be >= 0 seconds, got {seconds!r}")
+    if math.isinf(seconds):
+        return "∞"
+    if seconds < 1:
+        return "< 1 s"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        m, s = divmod(s, 60)
+        return f"{m} min {s} s" if s else f"{m} min"
+    hours = seconds / 3600
+    if hours < 10:
+        h, m = divmod(round(seconds / 60), 60)
+        return f"{h} h {m} min" if m else f"{h} h"
+    if hours < 48:
+        return f"{round(hours)} h"
+    days = hours / 24
+    if days < 365:
+        return f"{days:.1f} days" if days < 10 else f"{round(days)} days"
+    years = days / 365.25
+    return f"{years:.1f} years" if years < 100 else f"{round(years):,} years"
+
+
+def format_rate(x: float) -> str:
+    """'12,000' at 100 and above, three significant digits below ('2.5', '0.0417')."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: images per second of the real model on the device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # GPU work is asynchronous: time it only once it has finished
+
+
+def _autocast(autocast: Optional[str], device: torch.device):
+    if autocast is None:
+        return contextlib.nullcontext()
+    if autocast not in ("bf16", "fp16"):
+        raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {autocast!r}")
+    if device.type != "cuda":
+        raise ValueError("autocast (bf16/fp16) is supported on CUDA only; drop it on CPU")
+    return torch.autocast("cuda", dtype=torch.bfloat16 if autocast == "bf16" else torch.float16)
+
+
+def _time_calls(step: Callable[[], object], device: torch.device, seconds: float, warmup: int = 2, min_calls: int = 3) -> float:
+    """Seconds per call of `step`, averaged over calls until `seconds` have passed (at least
+    `min_calls`), after `warmup` untimed calls (cuDNN autotuning, allocator, lazy init)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        step()
+        calls += 1
+        if calls >= min_calls:
+            _sync(device)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds:
+                return elapsed / calls
+
+
+def _check_calibration(shape, batch: int, seconds: float) -> None:
+    if len(tuple(shape)) != 3 or any(int(v) < 1 for v in shape):
+        raise ValueError(f"shape must be (C, H, W) of positive sizes, got {shape!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1 (images per forward pass), got {batch!r}")
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+
+
+def calibrate_forward_rate(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    shape: Sequence[int],
+    device: Union[str, torch.device],
+    batch: int,
+    *,
+    autocast: Optional[str] = None,
+    channels_last: bool = True,
+    seconds: float = 1.0,
+) -> float:
+    """Images per second of batched inference, as selection runs it (selection/backselect.Scorer).
+
+    Args:
+        model: an nn.Module (timed on a copy in eval mode, so the caller's model keeps its memory
+            format and its BatchNorm statistics; the copy holds a second set of weights on the
+            device while it runs) or any (N, C, H, W) -> logits callable.
+        shape: (C, H, W) of one image; the inputs are random normalised images.
+        device: where to time it (the selection workers' kind of device).
+        batch: images per forward pass — the selection's chunk (EngineConfig.chunk, or what the
+            autotuner picks: the largest that fits on GPUs).
+        autocast: None (fp32), "bf16" or "fp16" (CUDA only), as EngineConfig.autocast.
+        channels_last: NHWC inputs and weights, as EngineConfig.channels_last.
+        seconds: how long to time, after a warm-up of two calls.
+    Returns:
+        images / second (softmax included); > 0.
+    """
+    _check_calibration(shape, batch, seconds)
+    device = torch.device(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if isinstance(model, nn.Module):
+        model = copy.deepcopy(model).to(device=device, memory_format=fmt).eval()
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device).contiguous(memory_format=fmt)
+
+    def step():
+        with torch.inference_mode(), _autocast(autocast, device):
+            return torch.softmax(model(x).float(), 1)
+
+    return batch / _time_calls(step, device, seconds)
+
+
+def calibrate_train_rate(
+    model: nn.Module,
+    shape: Sequence[int],
+    num_classes: int,
+    device: Union[str, torch.device],
+    batch: int,
+    *,
+    lr: float = 0.1,
+    seconds: float = 1.0,
+) -> float:
+    """Images per second of training steps (forward, cross-entropy, backward, SGD with Nesterov
+    momentum, as training.train_model) on random images and labels.
+
+    The model trains in place (moved to `device` for it, then back) and gets back exactly what it
+    had: its state_dict (weights and BatchNorm statistics), its .grad tensors, its train/eval mode
+    and torch's global RNG (dropout draws from it). `lr` matters only for numerics (a large one
+    can overflow a tiny model); the time per step does not depend on it.
+
+    Returns:
+        images / second; > 0.
+    """
+    _check_calibration(shape, batch, seconds)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=gen).to(device)
+    y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+    home = next(model.parameters()).device
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+    was_training = model.training
+    model.to(device)  # in place: the same Parameter objects, moved back below
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model.train()
+            per_call = _time_calls(step, device, seconds)
+    finally:
+        model.to(home)
+        with torch.no_grad():
+            model.load_state_dict(saved)
+        for p, g in grads:
+            p.grad = g
+        model.train(was_training)
+    return batch / per_call
+
+
+# ---------------------------------------------------------------------------------------------
+# Costs
+
+
+@dataclass(frozen=True)
+class SelectionCost:
+    """One selection job (source model × selector × split): passes and wall time."""
+
+    model: str  # the explained model's architecture, e.g. digits_cnn, tv:resnet50
+    variant: str  # plain | ensemble | input-dropout | pretrained
+    selector: str  # the selector's store tag, e.g. backselect, bgsis-k100
+    split: str
+    n_images: int
+    hw: int  # pixels per image, H·W
+    forward_per_image: int  # selection/cost.py: planned passes of one image
+    backward_per_image: int
+    workers: int  # selection actors the job runs on (at most one per select batch)
+    rate: float  # forward passes (images) per second of one worker
+    eta_seconds: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}/{self.variant} {self.selector} {self.split}"
+
+    @property
+    def forward_passes(self) -> int:
+        return self.n_images * self.forward_per_image
+
+    @property
+    def backward_passes(self) -> int:
+        return self.n_images * self.backward_per_image
+
+    @property
+    def total_passes(self) -> int:
+        return self.forward_passes + self.backward_passes
+
+    def describe(self) -> str:
+        per = f"{self.forward_per_image:,} passes" + (f" + {self.backward_per_image:,} backward" if self.backward_per_image else "")
+        total = f"{self.forward_passes:,} passes" + (f" + {self.backward_passes:,} backward" if self.backward_per_image else "")
+        return (f"selection  {self.label}  {self.n_images:,} img × {per} = {total}  ≈ {format_duration(self.eta_seconds)} "
+                f"on {self.workers} worker{'s' if self.workers != 1 else ''} at {format_rate(self.rate)} img/s each")
+
+
+@dataclass(frozen=True)
+class TrainingCost:
+    """The trials of one architecture in one training stage."""
+
+    model: str  # architecture trained, e.g. digits_cnn
+    stage: str  # "full-image" | "subsets"
+    trials: int
+    epochs: int
+    images: int  # training images per epoch of one trial
+    concurrency: int  # trials at once
+    rate: float  # training images per second of one trial
+    eta_seconds: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.stage}"
+
+    @property
+    def total_images(self) -> int:
+        return self.trials * self.epochs * self.images
+
+    def describe(self) -> str:
+        return (f"training   {self.label}  {self.trials} trial{'s' if self.trials != 1 else ''} × {self.epochs} epochs × "
+                f"{self.images:,} img = {self.total_images:,} images  ≈ {format_duration(self.eta_seconds)} "
+                f"on {self.concurrency} at once at {format_rate(self.rate)} img/s each")
+
+
+@dataclass(frozen=True)
+class CostPlan:
+    """The cost of a whole run: its selection jobs and training stages, in the order they run."""
+
+    selections: tuple[SelectionCost, ...] = ()
+    trainings: tuple[TrainingCost, ...] = ()
+
+    @property
+    def selection_seconds(self) -> float:
+        return sum(c.eta_seconds for c in self.selections)
+
+    @property
+    def training_seconds(self) -> float:
+        return sum(c.eta_seconds for c in self.trainings)
+
+    @property
+    def eta_seconds(self) -> float:
+        return self.selection_seconds + self.training_seconds  # the stages run one after the other
+
+    @property
+    def forward_passes(self) -> int:
+        return sum(c.forward_passes for c in self.selections)
+
+    @property
+    def backward_passes(self) -> int:
+        return sum(c.backward_passes for c in self.selections)
+
+    def describe(self) -> str:
+        """One line per job and stage, then the total; printed at the start of a run and by --dry-run."""
+        lines = ["cost (calibrated rates; a backward pass counted as "
+                 f"{BACKWARD_COST:g} forward passes):"]
+        lines += ["  " + c.describe() for c in self.trainings if c.stage == "full-image"]
+        lines += ["  " + c.describe() for c in self.selections]
+        lines += ["  " + c.describe() for c in self.trainings if c.stage != "full-image"]
+        lines.append(f"  total      ≈ {format_duration(self.eta_seconds)} (selection {self.forward_passes:,} passes "
+                     + (f"+ {self.backward_passes:,} backward " if self.backward_passes else "")
+                     + f"≈ {format_duration(self.selection_seconds)}, training ≈ {format_duration(self.training_seconds)})")
+        return "\n".join(lines)
+
+    def as_params(self) -> dict:
+        """Flat {key: str | number} for MLflow params: totals, then each job's passes, rate and ETA."""
+        out = {"cost.eta_s": round(self.eta_seconds, 1), "cost.eta": format_duration(self.eta_seconds),
+               "cost.selection_eta_s": round(self.selection_seconds, 1), "cost.training_eta_s": round(self.training_seconds, 1),
+               "cost.forward_passes": self.forward_passes, "cost.backward_passes": self.backward_passes,
+               "cost.backward_cost": BACKWARD_COST}
+        for c in self.selections:
+            key = _key(f"cost.select.{c.model}.{c.variant}.{c.selector}.{c.split}")
+            out.update({f"{key}.images": c.n_images, f"{key}.passes_per_image": c.forward_per_image,
+                        f"{key}.backward_per_image": c.backward_per_image, f"{key}.workers": c.workers,
+                        f"{key}.rate": round(c.rate, 1), f"{key}.eta_s": round(c.eta_seconds, 1)})
+        for c in self.trainings:
+            key = _key(f"cost.train.{c.model}.{c.stage}")
+            out.update({f"{key}.trials": c.trials, f"{key}.epochs": c.epochs, f"{key}.images": c.images,
+                        f"{key}.concurrency": c.concurrency, f"{key}.rate": round(c.rate, 1), f"{key}.eta_s": round(c.eta_seconds, 1)})
+        return out
+
+
+def _key(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-/]", "_", s)  # what every MLflow version accepts in a param key
+
+
+def _positive(name: str, value, integer: bool = True) -> None:
+    bad = isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float))
+    if bad or not (value >= 1 if integer else value > 0) or (not integer and math.isinf(value)):
+        raise ValueError(f"{name} must be {'an int >= 1' if integer else 'a finite number > 0'}, got {value!r}")
+
+
+def estimate_selection(
+    model: str,
+    variant: str,
+    selector: str,
+    split: str,
+    *,
+    params: Optional[dict] = None,
+    n_images: int,
+    hw: Union[int, tuple[int, int]],
+    rate: float,
+    workers: int = 1,
+    select_batch: Optional[int] = None,
+    tag: Optional[str] = None,
+) -> SelectionCost:
+    """The cost of one selection job: planned passes (selection/cost.py) at `rate` on `workers`.
+
+    Args:
+        selector, params: as a SelectionJob holds them ({"k": 4} for backselect k = 4).
+        n_images: images to select.
+        hw: H·W, or (H, W) (occlusion with a window > 1 needs it).
+        rate: forward passes (images) per second of one worker (`calibrate_forward_rate`).
+        workers: selection actors available; the job uses at most one per select batch.
+        select_batch: images per actor call (RunConfig.select_batch). The busiest worker selects
+            ceil(batches / workers) batches, which sets the ETA; None spreads images evenly.
+        tag: the selector's store tag for the label (default: the selector's name).
+    Returns:
+        SelectionCost; eta = busiest worker's images × (forward + BACKWARD_COST × backward) / rate.
+    """
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 0:
+        raise ValueError(f"n_images must be an int >= 0, got {n_images!r}")
+    _positive("workers", workers)
+    _positive("rate", rate, integer=False)
+    if select_batch is not None:
+        _positive("select_batch", select_batch)
+    fwd, bwd = planned_passes(selector, hw, params)
+    if select_batch is None:
+        used = min(workers, max(n_images, 1))
+        busiest = n_images / used
+    else:
+        batches = math.ceil(n_images / select_batch)
+        used = max(1, min(workers, batches))
+        busiest = min(n_images, math.ceil(batches / used) * select_batch)
+    pixels = hw[0] * hw[1] if isinstance(hw, (tuple, list)) else hw
+    return SelectionCost(model, variant, tag or selector, split, n_images, pixels, fwd, bwd, used, float(rate),
+                         busiest * (fwd + BACKWARD_COST * bwd) / rate)
+
+
+def estimate_training(model: str, stage: str, *, trials: int, epochs: int, images: int, rate: float,
+                      concurrency: int = 1) -> TrainingCost:
+    """The cost of `trials` trials of one architecture, `concurrency` at once: they run in
+    ceil(trials / concurrency) waves of epochs × images / rate seconds each.
+
+    rate: training images per second of one trial (`calibrate_train_rate`; trials that share a GPU
+        share its rate, so calibrate with them sharing or divide).
+    """
+    for name, value in (("trials", trials), ("images", images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    _positive("epochs", epochs)
+    _positive("concurrency", concurrency)
+    _positive("rate", rate, integer=False)
+    used = max(1, min(concurrency, trials))
+    return TrainingCost(model, stage, trials, epochs, images, used, float(rate), math.ceil(trials / used) * epochs * images / rate)
+
+
+def _rate_of(rates: Rates, name: str, what: str) -> float:
+    if isinstance(rates, Mapping):
+        if name not in rates:
+            raise ValueError(f"no {what} rate for model {name!r}: give one of {', '.join(map(repr, rates)) or 'none given'} for it")
+        return rates[name]
+    return rates
+
+
+def plan_cost(
+    plan: "Plan",
+    *,
+    forward_rates: Rates,
+    train_rates: Rates,
+    select_workers: int,
+    trial_concurrency: int,
+    epochs: int,
+    select_batch: Optional[int] = None,
+) -> CostPlan:
+    """The cost of a run's Plan (pipeline/plan.py).
+
+    Args:
+        forward_rates: one worker's forward images/s, per architecture name (a Plan's models, or a
+            pretrained source's model name such as "tv:resnet50"), or one number for all. An
+            ensemble of n checkpoints runs n forward passes per image: its rate is the member's / n.
+        train_rates: one trial's training images/s, per architecture name, or one number.
+        select_workers / trial_concurrency: ResourcePlan.select_workers / .trial_concurrency
+            (streamed runs: ResourcePlan.streamed_trial_concurrency(workers_per_trial)).
+        epochs: training epochs per trial; select_batch: images per selection call.
+    """
+    selections = []
+    by_tag = {s.tag: (arch, s) for arch, variants in plan.sources.items() for s in variants.values()}
+    for job in plan.selections:
+        arch, source = by_tag.get(job.source.tag, (None, job.source))
+        name = source.model["name"] if source.model else arch
+        rate = _rate_of(forward_rates, name, "forward") / max(1, len(source.checkpoints))
+        selections.append(estimate_selection(name, source.variant, job.selector, job.split, params=job.params,
+                                             n_images=plan.n_images[job.split], hw=tuple(plan.shape[1:]), rate=rate,
+                                             workers=select_workers, select_batch=select_batch, tag=job.tag))
+    trainings = []
+    for stage, specs in (("full-image", plan.full_trials), ("subsets", plan.subset_trials)):
+        for arch in dict.fromkeys(t.model for t in specs):  # architectures in plan order
+            n = sum(1 for t in specs if t.model == arch)
+            trainings.append(estimate_training(arch, stage, trials=n, epochs=epochs, images=plan.n_images["train"],
+                                               rate=_rate_of(train_rates, arch, "training"), concurrency=trial_concurrency))
+    return CostPlan(tuple(selections), tuple(trainings))
+
+
+# ---------------------------------------------------------------------------------------------
+# The budget guard
+
+
+class BudgetExceeded(ValueError):
+    """The plan's ETA is over --max-hours; the message names faster settings and their ETAs."""
+
+
+def _flag(label: str) -> str:
+    return label.split(" ", 1)[0]
+
+
+def check_budget(plan: CostPlan, max_hours: float, alternatives: Sequence[tuple[str, CostPlan]] = ()) -> None:
+    """Raise BudgetExceeded when the plan needs more than `max_hours`; 0 turns the guard off.
+
+    alternatives: (flag as the user would type it, e.g. "--pixels-per-step 64", its CostPlan), as
+        `alternatives_for` gives them, least drastic first. The message keeps those faster than
+        the plan and, per flag, the first that fits the budget, else that flag's fastest.
+    """
+    if isinstance(max_hours, bool) or not isinstance(max_hours, (int, float)) or not max_hours >= 0:
+        raise ValueError(f"--max-hours must be a number >= 0 (0 turns the budget guard off), got {max_hours!r}")
+    budget = max_hours * 3600
+    if max_hours == 0 or plan.eta_seconds <= budget:
+        return
+    chosen: dict[str, tuple[str, CostPlan]] = {}
+    for label, alt in alternatives:
+        if alt.eta_seconds >= plan.eta_seconds:
+            continue
+        flag = _flag(label)
+        best = chosen.get(flag)
+        if best is None or (best[1].eta_seconds > budget and alt.eta_seconds < best[1].eta_seconds):
+            chosen[flag] = (label, alt)
+    tries = ", ".join(f"{label} (≈ {format_duration(alt.eta_seconds)})" for label, alt in chosen.values())
+    raise BudgetExceeded(f"the plan needs ≈ {format_duration(plan.eta_seconds)} (> --max-hours {max_hours:g})"
+                         + (f": try {tries}" if tries else "") + "; --max-hours 0 turns this guard off")
+
+
+STANDARD_PIXELS_PER_STEP = (16, 64, 256)
+FAST_SELECTOR = "bgsis"
+WORKER_FACTOR = 4
+
+
+def alternatives_for(reestimate: Callable[[dict], Optional[CostPlan]], current: Mapping) -> list[tuple[str, CostPlan]]:
+    """The standard faster settings, each re-estimated, least drastic first within a flag.
+
+    Args:
+        reestimate: overrides -> the CostPlan of the run with them (None: not applicable). Keys:
+            "selector", "pixels_per_step", "image_size", "max_workers" — the RunConfig / CLI names.
+        current: the run's values of those keys; a key left out (e.g. image_size for a data set of
+            fixed size) is not tried.
+    Returns:
+        [(flag, plan)], e.g. ("--selector bgsis", ...), ("--pixels-per-step 16", ...),
+        ("--image-size 112", ...), ("--max-workers 16", ...).
+    """
+    tries: list[tuple[str, dict]] = []
+    if "selector" in current and current["selector"] != FAST_SELECTOR:
+        tries.append((f"--selector {FAST_SELECTOR}", {"selector": FAST_SELECTOR}))
+    if "pixels_per_step" in current:
+        tries += [(f"--pixels-per-step {k}", {"pixels_per_step": k}) for k in STANDARD_PIXELS_PER_STEP if k > current["pixels_per_step"]]
+    if current.get("image_size"):
+        size = current["image_size"]
+        for s in sorted({size // 2, 32}, reverse=True):
+            if 0 < s < size:
+                tries.append((f"--image-size {s}", {"image_size": s}))
+    if current.get("max_workers"):
+        w = WORKER_FACTOR * current["max_workers"]
+        tries.append((f"--max-workers {w}", {"max_workers": w}))
+    out = []
+    for label, overrides in tries:
+        plan = reestimate(overrides)
+        if plan is not None:
+            out.append((label, plan))
+    return out

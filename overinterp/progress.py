@@ -1,0 +1,112 @@
+"""One progress display for selection (passes) and training (images, trials).
+
+On a terminal it is a tqdm bar; in a log (not a TTY, or enabled=False) it is a plain line at most
+every `interval` seconds, and one at the end:
+
+    selection: 1,234,000 / 5,000,000 passes (24.7%), 12,000 passes/s, ETA 5 min 13 s
+
+so a run's log stays readable (tqdm's carriage returns turn a log file into one endless line).
+Updates are counted under a lock, so a callback in the driver thread (Ray Data batches arriving,
+Tune results) and any other thread may call `update`. The rate is the mean since the start, which
+is what an ETA needs when every unit costs about the same (a pass, a training image).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Callable, Optional, TextIO
+
+from overinterp.costplan import format_duration, format_rate
+
+UNITS = ("passes", "images", "trials")
+
+
+class Progress:
+    """Progress of `total` units: `update(n)` as they finish, `close()` (or a `with` block) at the end.
+
+    Args:
+        total: units expected (None: unknown — no percentage, no ETA).
+        unit: "passes", "images" or "trials".
+        desc: what is running, e.g. "selection" or "training digits_cnn".
+        enabled: False forces the plain lines even on a terminal.
+        file: where to write (stderr by default, like tqdm).
+        interval: seconds between plain lines, at least.
+        clock: seconds, monotonic (tests pass a fake one).
+    """
+
+    def __init__(self, total: Optional[int], unit: str = "passes", desc: str = "", *, enabled: bool = True,
+                 file: Optional[TextIO] = None, interval: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 0):
+            raise ValueError(f"total must be an int >= 0 or None, got {total!r}")
+        if not interval >= 0:
+            raise ValueError(f"interval must be >= 0 seconds, got {interval!r}")
+        self.total, self.unit, self.desc = total, unit, desc
+        self.file = sys.stderr if file is None else file
+        self.interval, self.clock = interval, clock
+        self.done = 0
+        self.closed = False
+        self._lock = threading.Lock()
+        self._start = self._last = clock()
+        self._bar = None
+        isatty = getattr(self.file, "isatty", None)
+        if enabled and isatty is not None and isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit=f" {unit}", desc=desc, file=self.file, unit_scale=True, dynamic_ncols=True,
+                             mininterval=0.5)
+
+    def update(self, n: int = 1) -> None:
+        """Count n more finished units; prints a plain line when `interval` has passed since the last."""
+        with self._lock:
+            if self.closed:
+                return
+            self.done += n
+            if self._bar is not None:
+                self._bar.update(n)
+                return
+            now = self.clock()
+            if now - self._last >= self.interval:
+                self._last = now
+                self._write(self.line(now))
+
+    def line(self, now: Optional[float] = None) -> str:
+        """The plain progress line as of `now` (default: the clock)."""
+        now = self.clock() if now is None else now
+        elapsed = now - self._start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        head = f"{self.desc}: " if self.desc else ""
+        if self.total is None:
+            return f"{head}{self.done:,} {self.unit}, {format_rate(rate)} {self.unit}/s"
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        left = max(self.total - self.done, 0)
+        eta = format_duration(left / rate) if rate > 0 else ("0 s" if not left else "?")
+        return f"{head}{self.done:,} / {self.total:,} {self.unit} ({pct:.1f}%), {format_rate(rate)} {self.unit}/s, ETA {eta}"
+
+    def close(self) -> None:
+        """Finish: the bar closes, or a last plain line gives the count and the time taken."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self._bar is not None:
+                self._bar.close()
+                return
+            now = self.clock()
+            elapsed = now - self._start
+            rate = self.done / elapsed if elapsed > 0 else 0.0
+            head = f"{self.desc}: " if self.desc else ""
+            of = f" / {self.total:,}" if self.total is not None else ""
+            self._write(f"{head}{self.done:,}{of} {self.unit} in {format_duration(elapsed)}, {format_rate(rate)} {self.unit}/s")
+
+    def _write(self, text: str) -> None:
+        print(text, file=self.file, flush=True)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
