@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from overinterp.config import ConfigError, RunConfig
+from overinterp.config import SMOKE_IMAGE_SIZE, SMOKE_MAX_PASSES, SMOKE_SIZES, ConfigError, RunConfig
 
 
 def _csv(kind):
@@ -70,7 +70,13 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     r.add_argument("--tracking-uri", default=d.tracking_uri, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)")
     r.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
     r.add_argument("--gallery", type=int, default=d.gallery, help="test images in gallery.png")
-    r.add_argument("--smoke", action="store_true", help="tiny subsample and 2 epochs: checks the wiring in seconds")
+    r.add_argument("--smoke", action="store_true",
+                   help=f"a wiring check on any data set: {SMOKE_SIZES[0]} train / {SMOKE_SIZES[1]} test images, 2 epochs, small models "
+                        f"(digits_cnn; resnet20 otherwise), ImageFolder images at {SMOKE_IMAGE_SIZE} px, and k raised until "
+                        f"backselect/bgsis plan at most {SMOKE_MAX_PASSES:,} forward passes per image")
+    r.add_argument("--max-hours", type=float, default=d.max_hours,
+                   help="refuse to start when the planned ETA is longer (0: no limit); the error names faster settings")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (stages, resources, forward passes, ETA) and exit")
     r.add_argument("--strict", action="store_true", help="stop at the first image that does not decode (default: skip it and list it in summary.json)")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray, or RAY_ADDRESS)")
     add_resource_arguments(r)
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"overinterp: error: {e}", file=sys.stderr)
         return 2
-    return execute(config, args.ray_address)
+    return execute(config, args.ray_address, dry_run=args.dry_run)
 
 
 def store_command(action: str, out: str) -> int:
@@ -148,13 +154,14 @@ def one_line_errors(prog: str, fn):
     """Run fn(); a bad setting (ConfigError) is one line on stderr and exit 2; bad files or data
     (a corrupt shard or image, an unreadable data set, failed trials) one line and exit 1. Anything
     else is a bug and keeps its traceback. Returns (exit status or None, fn's result)."""
+    from overinterp.costplan import BudgetExceeded
     from overinterp.data import DataError
     from overinterp.fs import OutputError
     from overinterp.store import StoreError
 
     try:
         return None, fn()
-    except ConfigError as e:
+    except (ConfigError, BudgetExceeded) as e:
         print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
         return 2, None
     except (DataError, StoreError, OutputError) as e:
@@ -173,19 +180,21 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def execute(config: RunConfig, ray_address: str | None = None, prog: str = "overinterp") -> int:
-    """Check, run the pipeline, print the tables; errors as `one_line_errors` says."""
+def execute(config: RunConfig, ray_address: str | None = None, prog: str = "overinterp", dry_run: bool = False) -> int:
+    """Check, run the pipeline (or only plan it), print the tables; errors as `one_line_errors` says."""
     from overinterp.report import summary_markdown
 
     def run():
         config.check()
         from overinterp.pipeline.run import run_pipeline  # Ray/MLflow load only once the input is valid
 
-        return run_pipeline(config, ray_address=ray_address)
+        return run_pipeline(config, ray_address=ray_address, dry_run=dry_run)
 
     status, summary = one_line_errors(prog, run)
     if status is not None:
         return status
+    if dry_run:
+        return 0
     print()
     print(summary_markdown(summary))
     resolved = config.resolved()

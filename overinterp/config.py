@@ -110,6 +110,13 @@ DEFAULT_MODELS = {
 DEFAULT_EPOCHS = {"digits": 30, "cifar10": 200, "cifar100": 200, "imagefolder": 90}
 DEFAULT_AUGMENT = {"digits": False, "cifar10": True, "cifar100": True, "imagefolder": True}
 SMOKE_SIZES = (96, 48)  # train, test images kept by --smoke
+# --smoke is a wiring check on any data set: small models, ImageFolder images cut to 16 px, and k
+# raised until backselect/bgsis plan at most SMOKE_MAX_PASSES forward passes per image (the ranking
+# selectors stay under it at these sizes: HW + their own passes). Stated in --help.
+SMOKE_MAX_PASSES = 5000
+SMOKE_IMAGE_SIZE = 16
+SMOKE_MODELS = {"digits": ("digits_cnn",), "cifar10": ("resnet20",), "cifar100": ("resnet20",), "imagefolder": ("resnet20",)}
+DATASET_SIDE = {"digits": 8, "cifar10": 32, "cifar100": 32}  # fixed image sides; imagefolder: --image-size
 # The default comparison: backward selection (the paper) against a mask-optimising and two gradient
 # attribution selectors; all four finish on digits in minutes on 2 CPU cores (BENCHMARKS.md).
 DEFAULT_SELECTORS = ("backselect", "perturbation", "gradient", "ig")
@@ -151,7 +158,8 @@ class RunConfig:
     out_dir: str = "overinterp-out"
     tracking_uri: Optional[str] = None  # default: sqlite:///<out_dir>/mlflow.db
     experiment: str = "overinterp"
-    smoke: bool = False  # tiny subsample, 2 epochs: checks the wiring in seconds
+    smoke: bool = False  # tiny subsample, 2 epochs, small sizes: checks the wiring (see SMOKE_*)
+    max_hours: float = 24.0  # the budget guard: refuse a run whose planned ETA is longer (0: no guard)
     gallery: int = 6  # test images pictured with their subsets
     strict: bool = False  # an image that does not decode stops the run (default: skipped and recorded)
     # resources (None: planned from what the cluster can offer, see pipeline/resources.py)
@@ -188,6 +196,8 @@ class RunConfig:
             raise ConfigError(f"--image-size must be >= 8 pixels, got {self.image_size}")
         if self.gallery < 0:
             raise ConfigError(f"--gallery must be >= 0, got {self.gallery}")
+        if not self.max_hours >= 0:
+            raise ConfigError(f"--max-hours must be >= 0 (0 turns the budget guard off), got {self.max_hours}")
         _check_resource_flags(self)
 
     def selection_params(self) -> dict[str, dict]:
@@ -218,18 +228,37 @@ class RunConfig:
 
         Tracking defaults to $MLFLOW_TRACKING_URI, else a SQLite file in a local out_dir.
         """
+        smoke = self.smoke_settings() if self.smoke else {}
         return dataclasses.replace(
             self,
-            models=tuple(self.models) or DEFAULT_MODELS[self.dataset],
+            models=tuple(self.models) or (SMOKE_MODELS if self.smoke else DEFAULT_MODELS)[self.dataset],
             epochs=self.epochs or (2 if self.smoke else DEFAULT_EPOCHS[self.dataset]),
+            **smoke,
             augment=DEFAULT_AUGMENT[self.dataset] if self.augment is None else self.augment,
             **_resolve_outputs(self.out_dir, self.tracking_uri),
         )
 
+    def smoke_settings(self) -> dict:
+        """What --smoke changes beyond the subsample and the epochs: the image size of a folder and
+        the k that keeps backselect/bgsis within SMOKE_MAX_PASSES forward passes per image."""
+        from overinterp.selection.cost import planned_forward_passes
+
+        out = {}
+        side = DATASET_SIDE.get(self.dataset)
+        if side is None:
+            side = out["image_size"] = min(self.image_size or SMOKE_IMAGE_SIZE, SMOKE_IMAGE_SIZE)
+        k = self.pixels_per_step
+        removal = [s for s in self.selectors if s in ("backselect", "bgsis")]
+        while removal and k < side * side and max(planned_forward_passes(s, side * side, k, self.exact_tail) for s in removal) > SMOKE_MAX_PASSES:
+            k *= 2
+        if k != self.pixels_per_step:
+            out["pixels_per_step"] = k
+        return out
+
     # Fields a rerun may change without invalidating finished work in the same out_dir.
     # Selectors and fills are among them: their work is stored under its own selector tag / trial name.
     REUSABLE_CHANGES = ("tau", "tracking_uri", "experiment", "gallery", "extra", "out_dir", "select_batch", "strict",
-                        "selectors", "selector_options", "pixels_per_step", "exact_tail", "fills", *RESOURCE_FIELDS)
+                        "selectors", "selector_options", "pixels_per_step", "exact_tail", "fills", "max_hours", *RESOURCE_FIELDS)
 
     def resource_flags(self) -> dict:
         return {k: getattr(self, k) for k in RESOURCE_FIELDS}

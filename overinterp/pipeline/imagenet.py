@@ -94,7 +94,7 @@ class StreamBackend:
     def select(self, job: SelectionJob) -> None:
         ds = read_images(self._path(job.split), self.cfg.image_size, self.classes, self.cfg.max_images, self.cfg.strict)
         _, skipped = select_stream(job, ds, self.plan.root, IMAGENET_MEAN, IMAGENET_STD, self.resources,
-                                   select_batch=self.cfg.select_batch, total=self.plan.n_images[job.split])
+                                   select_batch=self.cfg.select_batch, total=self.plan.n_images[job.split], hw=self.plan.shape[1:])
         self.skipped[job.split] = skipped
         if skipped:
             log(f"{job.split}: {skipped_line(skipped)}")

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
+from typing import Optional
 
 import numpy as np
 import torch
 
 from overinterp import fs, store
+from overinterp.costplan import format_duration
 from overinterp.config import SMOKE_SIZES, RunConfig, check_reuse
 from overinterp.data import ImageDataset, denormalize_uint8, load_dataset, normalize
 from overinterp.models import load_ensemble
@@ -47,12 +49,13 @@ def load_data(cfg: RunConfig) -> ImageDataset:
 class InMemoryBackend:
     """The driver's steps for a data set held in memory."""
 
-    def __init__(self, cfg: RunConfig, plan: Plan, data: ImageDataset, resources: ResourcePlan, callbacks=None):
+    def __init__(self, cfg: RunConfig, plan: Plan, data: ImageDataset, resources: ResourcePlan, callbacks=None, cost=None):
         self.cfg, self.plan, self.data, self.resources = cfg, plan, data, resources
         self.train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment=cfg.augment)
         self.data_dict = {"images": data.images, "labels": data.labels, "mean": data.mean, "std": data.std, "num_classes": data.num_classes}
         self.engine = EngineConfig(compile=cfg.compile, autocast=cfg.autocast if resources.use_gpu else None)
         self.callbacks = callbacks or []
+        self.cost = cost  # the CostPlan printed at the start (training progress reports against it)
 
     def train_full(self, specs: list[TrialSpec]) -> dict:
         return run_trials("full", specs, self.data_dict, {}, self.train_cfg, self.cfg.out_dir, self.resources, self.callbacks)
@@ -239,39 +242,49 @@ class InMemoryBackend:
 
 
 def prepare_run(config: RunConfig, ray_address: str | None = None):
-    """Check the config, load the data, build the plan, connect to Ray and plan resources."""
+    """Check the config, load the data, build the plan, connect to Ray and plan resources. Writes
+    nothing to --out (the budget guard and --dry-run must leave it untouched)."""
     config.check()
     cfg = config.resolved()
-    store.validate_shards(fs.join(cfg.out_dir, "selections"))  # a corrupt shard stops us before any work
     log(f"loading {cfg.dataset}{' (smoke subsample)' if cfg.smoke else ''}")
     data = load_data(cfg)
     plan = plan_small(cfg, data)
-    check_reuse(cfg, fs.join(cfg.out_dir, "config.json"))
     ensure_ray(ray_address)
     resources = plan_resources(discover_capacity(), ResourceFlags(**cfg.resource_flags()))
     return cfg, data, plan, resources
 
 
-def run_pipeline(config: RunConfig, ray_address: str | None = None) -> dict:
+def run_pipeline(config: RunConfig, ray_address: str | None = None, dry_run: bool = False) -> Optional[dict]:
     """Run (or resume) the whole pipeline; returns the summary also written to summary.json.
 
-    The run holds the lock of its --out throughout (a second run on it stops at once).
+    First the plan: stages, resources, forward passes and an ETA from a short calibration; a plan
+    over --max-hours stops here (BudgetExceeded), and so does --dry-run (returns None). The run
+    holds the lock of its --out throughout (a second run on it stops at once).
     """
     import time
 
+    from overinterp.pipeline.costing import plan_and_guard
     from overinterp.pipeline.lock import OutputLock
 
     t0 = time.time()
-    config.check()
-    with OutputLock(config.resolved().out_dir, "overinterp run") as lock:
-        cfg, data, plan, resources = prepare_run(config, ray_address)
-        log(plan.describe())
-        log(resources.describe())
-        if cfg.autocast and not resources.use_gpu:
-            log(f"--autocast {cfg.autocast} needs GPUs; this cluster has none, so selection runs exact fp32 on CPU")
+    cfg, data, plan, resources = prepare_run(config, ray_address)
+    log(plan.describe())
+    log(resources.describe())
+    if cfg.autocast and not resources.use_gpu:
+        log(f"--autocast {cfg.autocast} needs GPUs; this cluster has none, so selection runs exact fp32 on CPU")
+    cost, notes = plan_and_guard(cfg, data, plan, resources)
+    cost_text = cost.describe() + "".join(f"\n  note: {n}" for n in notes)
+    log(cost_text)
+    if dry_run:
+        log("dry run: nothing selected, trained or written")
+        return None
+    with OutputLock(cfg.out_dir, "overinterp run") as lock:
+        store.validate_shards(fs.join(cfg.out_dir, "selections"))  # a corrupt shard stops us before any work
+        check_reuse(cfg, fs.join(cfg.out_dir, "config.json"))
         from overinterp.pipeline.tracking import Tracker  # MLflow only where tracking happens
 
         with Tracker(cfg, cfg.dataset, resources, previous_holder=lock.taken_over) as tracker:
-            summary = run_plan(plan, InMemoryBackend(cfg, plan, data, resources, [tracker.trial_logger()]), tracker)
-    log(f"done in {time.time() - t0:.0f} s")
+            tracker.log_plan("\n".join([plan.describe(), resources.describe(), cost_text]), cost)
+            summary = run_plan(plan, InMemoryBackend(cfg, plan, data, resources, [tracker.trial_logger()], cost), tracker)
+    log(f"done in {time.time() - t0:.0f} s (planned {format_duration(cost.eta_seconds)})")
     return summary

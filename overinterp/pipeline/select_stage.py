@@ -23,6 +23,7 @@ from ray.data import ActorPoolStrategy
 from overinterp import store
 from overinterp.data import normalize
 from overinterp.pipeline.plan import SelectionJob, SelectionSource
+from overinterp.progress import Progress
 from overinterp.pipeline.resources import ResourcePlan, worker_device
 from overinterp.selection import EngineConfig, params_json, run_selector, selector_tag
 
@@ -82,7 +83,7 @@ def select_in_memory(job: SelectionJob, images: np.ndarray, labels: np.ndarray, 
     todo = [i for i in range(len(labels)) if i not in done]
     items = [{"image_id": i, "label": int(labels[i]), "image": images[i]} for i in todo]
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(todo) / select_batch))) if items else None
-    return select_stream(job, ds, root, mean, std, resources, engine, select_batch, done=done, total=len(labels))
+    return select_stream(job, ds, root, mean, std, resources, engine, select_batch, done=done, total=len(labels), hw=images.shape[2:])
 
 
 def select_stream(
@@ -96,11 +97,13 @@ def select_stream(
     select_batch: int = 64,
     done: Optional[set] = None,
     total: Optional[int] = None,
+    hw: Optional[tuple[int, int]] = None,
 ) -> tuple[int, list[tuple[str, str]]]:
     """Run a model selector over a Dataset of {image_id, label, image[, path, error]} rows.
 
-    Images whose id is already in the store are skipped. Returns (images selected now, (path,
-    reason) of the rows that failed to decode).
+    Images whose id is already in the store are skipped. Progress is shown in forward passes done
+    out of planned (hw given and the selector has a pass formula), else in images. Returns (images
+    selected now, (path, reason) of the rows that failed to decode).
     """
     if done is None:
         done = store.done_ids(root, job.source.tag, job.tag, job.split)
@@ -124,12 +127,27 @@ def select_stream(
         compute=ActorPoolStrategy(min_size=1, max_size=workers),
         **resources.worker_request(),
     )
+    per_image = _planned_passes(job, hw)
+    unit, scale = ("passes", per_image) if per_image else ("images", 1)
     n, skipped = 0, []
-    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        bad = out["error"] != ""
-        n += int((~bad).sum())
-        skipped += list(zip(out["path"][bad].tolist(), out["error"][bad].tolist()))
+    with Progress(None if n_todo is None else n_todo * scale, unit, f"selection {job.tag} {job.source.tag}/{job.split}") as bar:
+        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            bad = out["error"] != ""
+            n += int((~bad).sum())
+            bar.update(int((~bad).sum()) * scale)
+            skipped += list(zip(out["path"][bad].tolist(), out["error"][bad].tolist()))
     return n, sorted(skipped)
+
+
+def _planned_passes(job: SelectionJob, hw: Optional[tuple[int, int]]) -> Optional[int]:
+    """Forward passes per image the selector plans (a backward pass counted as BACKWARD_COST), or None."""
+    from overinterp.costplan import BACKWARD_COST
+    from overinterp.selection.cost import PLANNED_SELECTORS, planned_passes
+
+    if hw is None or job.selector not in PLANNED_SELECTORS:
+        return None
+    fwd, bwd = planned_passes(job.selector, tuple(hw), job.params)
+    return int(fwd + BACKWARD_COST * bwd)
 
 
 def _drop_done(batch: dict, done: np.ndarray) -> dict:

@@ -126,6 +126,13 @@ class Tracker:
             mlflow.set_tag("overinterp.took_over_from_pid", str(self.previous_holder.get("pid")))
         return self
 
+    def log_plan(self, text: str, cost) -> None:
+        """The printed plan as plan.txt, its numbers (passes, ETAs) as metrics: a resumed run's new
+        ETA may differ, and MLflow params cannot change."""
+        mlflow.log_text(text, "plan.txt")
+        numbers = {k: float(v) for k, v in cost.as_params().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        mlflow.log_metrics({k if k.startswith("plan.") else f"plan.{k}": v for k, v in numbers.items()})
+
     def _params(self) -> dict:
         params = {k: _param(v) for k, v in asdict(self.config).items()}
         if self.resources is not None:

@@ -1,0 +1,130 @@
+"""The cost of a run before it starts: forward passes per selection job, an ETA from a short
+calibration on the device selection will use, the budget guard, and progress against the plan.
+
+The arithmetic lives in overinterp/costplan.py (passes: overinterp/selection/cost.py); this module
+measures the rates and ties the plan to the run's config and resources.
+
+Rates. A GPU run's rates come from a Ray task holding what one selection actor holds (the driver
+has no GPU on a cluster); a CPU run measures in the driver with the threads a worker gets. The rate
+at another --image-size (for the guard's alternatives) is scaled by the pixel count — forward cost
+grows about linearly with it for convolutional nets — rather than measured again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from overinterp.costplan import BudgetExceeded, CostPlan, alternatives_for, calibrate_forward_rate, calibrate_train_rate, check_budget, plan_cost
+from overinterp.pipeline.plan import Plan, plan_small
+from overinterp.pipeline.resources import ResourcePlan
+from overinterp.selection import is_model_selector
+from overinterp.selection.cost import PLANNED_SELECTORS
+
+CALIBRATION_SECONDS = 0.5  # per model and kind of pass: the whole calibration stays within seconds
+
+
+def calibration_batch(hw: int) -> int:
+    """Images per timed pass: about what the engine's chunks hold (many small images, few large)."""
+    return max(2, min(256, 65536 // hw))
+
+
+def _measure(models: dict, shape, num_classes: int, batch: int, train_batch: int, threads: int, device: Optional[str] = None) -> dict:
+    """{arch: (forward images/s, training images/s)} of freshly built (untrained) models."""
+    from overinterp.models import ModelSpec, build
+
+    torch.set_num_threads(max(1, threads))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = {}
+    for arch, spec in models.items():
+        model = build(ModelSpec(*spec)) if isinstance(spec, tuple) else _pretrained_shape(spec)
+        fwd = calibrate_forward_rate(model, shape, dev, batch, seconds=CALIBRATION_SECONDS, channels_last=dev.type == "cuda")
+        train = calibrate_train_rate(model, shape, num_classes, dev, train_batch, seconds=CALIBRATION_SECONDS)
+        out[arch] = (fwd, train)
+    return out
+
+
+def _pretrained_shape(spec: dict):
+    from overinterp.models import create_model
+
+    return create_model(spec["name"], num_classes=spec["num_classes"], weights=None)  # weights do not change the speed
+
+
+def measure_rates(plan: Plan, resources: ResourcePlan, train_batch: int) -> dict:
+    """{arch: (forward, training) images/s} on the device one selection worker has."""
+    c = plan.shape[0]
+    models = {m: (m, plan.num_classes, c) for m in plan.models}
+    for variants in plan.sources.values():
+        for s in variants.values():
+            if s.model:
+                models[s.model["name"]] = s.model
+    batch = calibration_batch(plan.hw)
+    args = (models, plan.shape, plan.num_classes, batch, min(train_batch, batch), resources.torch_threads())  # small at 224 px: seconds
+    if not resources.use_gpu:
+        threads = torch.get_num_threads()
+        try:
+            return _measure(*args, device="cpu")
+        finally:
+            torch.set_num_threads(threads)
+    import ray
+
+    task = ray.remote(_measure).options(**resources.worker_request())
+    return ray.get(task.remote(*args))
+
+
+def costable(plan: Plan) -> tuple[Plan, list[str]]:
+    """The plan without the selections whose cost has no formula (captum:<Class>), and notes."""
+    keep = tuple(j for j in plan.selections if j.selector in PLANNED_SELECTORS)
+    skipped = sorted({j.selector for j in plan.selections if j not in keep and is_model_selector(j.selector)})
+    notes = [f"{s}: no pass formula, not in the ETA (time a few images to know)" for s in skipped]
+    return dataclasses.replace(plan, selections=keep), notes
+
+
+def cost_of(plan: Plan, rates: dict, resources: ResourcePlan, epochs: int, select_batch: int,
+            select_workers: Optional[int] = None) -> CostPlan:
+    plan, _ = costable(plan)
+    return plan_cost(plan, forward_rates={m: r[0] for m, r in rates.items()}, train_rates={m: r[1] for m, r in rates.items()},
+                     select_workers=select_workers or resources.select_workers, trial_concurrency=resources.trial_concurrency,
+                     epochs=epochs, select_batch=select_batch)
+
+
+def plan_and_guard(cfg, data, plan: Plan, resources: ResourcePlan) -> tuple[CostPlan, list[str]]:
+    """Measure, cost the run, and refuse it (BudgetExceeded, one line with faster choices and their
+    ETAs) when its ETA is over --max-hours. Returns the cost plan and notes to print."""
+    rates = measure_rates(plan, resources, cfg.batch_size)
+    cost = cost_of(plan, rates, resources, cfg.epochs, cfg.select_batch)
+    _, notes = costable(plan)
+    if cfg.max_hours and cost.eta_seconds > cfg.max_hours * 3600:
+        def reestimate(overrides: dict) -> Optional[CostPlan]:
+            changes, scaled, workers = {}, rates, None
+            if "selector" in overrides:
+                changes["selectors"] = (overrides["selector"],)
+            if "pixels_per_step" in overrides:
+                changes["pixels_per_step"] = overrides["pixels_per_step"]
+            shape = plan.shape
+            if "image_size" in overrides:
+                s = overrides["image_size"]
+                shape = (plan.shape[0], s, s)
+                factor = plan.hw / (s * s)
+                scaled = {m: (f * factor, t * factor) for m, (f, t) in rates.items()}
+            if "max_workers" in overrides:
+                workers = overrides["max_workers"]
+            try:
+                new_cfg = dataclasses.replace(cfg, **changes)
+            except ValueError:
+                return None
+            fake = SimpleNamespace(shape=shape, num_classes=plan.num_classes, labels={s: [0] * n for s, n in plan.n_images.items()})
+            return cost_of(plan_small(new_cfg, fake), scaled, resources, cfg.epochs, cfg.select_batch, workers)
+
+        current = {"selector": cfg.selectors[0] if len(cfg.selectors) == 1 else "several", "pixels_per_step": cfg.pixels_per_step,
+                   "max_workers": resources.select_workers}
+        if cfg.dataset == "imagefolder":
+            current["image_size"] = plan.shape[1]
+        check_budget(cost, cfg.max_hours, alternatives_for(reestimate, current))
+    return cost, notes
+
+
+__all__ = ["BudgetExceeded", "plan_and_guard", "measure_rates", "cost_of", "calibration_batch"]
