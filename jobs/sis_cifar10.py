@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"sis_cifar10.py: error: {e}", file=sys.stderr)
         return 2
-    return execute(config, args.ray_address or os.environ.get("RAY_ADDRESS"), prog="sis_cifar10.py", dry_run=args.dry_run)
+    return execute(config, args.ray_address or os.environ.get("RAY_ADDRESS"), prog="sis_cifar10.py", dry_run=args.dry_run, verbose=args.verbose)
 
 
 if __name__ == "__main__":

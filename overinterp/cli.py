@@ -79,6 +79,7 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     r.add_argument("--dry-run", action="store_true", help="print the plan (stages, resources, forward passes, ETA) and exit")
     r.add_argument("--strict", action="store_true", help="stop at the first image that does not decode (default: skip it and list it in summary.json)")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray, or RAY_ADDRESS)")
+    r.add_argument("-v", "--verbose", action="store_true", help="also print Ray's, Tune's and MLflow's logs, and one line per trial")
     add_resource_arguments(r)
 
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"overinterp: error: {e}", file=sys.stderr)
         return 2
-    return execute(config, args.ray_address, dry_run=args.dry_run)
+    return execute(config, args.ray_address, dry_run=args.dry_run, verbose=args.verbose)
 
 
 def store_command(action: str, out: str) -> int:
@@ -180,12 +181,16 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def execute(config: RunConfig, ray_address: str | None = None, prog: str = "overinterp", dry_run: bool = False) -> int:
+def execute(config: RunConfig, ray_address: str | None = None, prog: str = "overinterp", dry_run: bool = False,
+            verbose: bool = False) -> int:
     """Check, run the pipeline (or only plan it), print the tables; errors as `one_line_errors` says."""
     from overinterp.report import summary_markdown
 
     def run():
         config.check()
+        from overinterp.pipeline import terminal
+
+        terminal.configure(verbose)
         from overinterp.pipeline.run import run_pipeline  # Ray/MLflow load only once the input is valid
 
         return run_pipeline(config, ray_address=ray_address, dry_run=dry_run)

@@ -33,7 +33,7 @@ from overinterp.pipeline.driver import accuracy_by_condition, log, run_plan
 from overinterp.pipeline.images import check_folder, is_parquet, list_classes, read_images
 from overinterp.pipeline.plan import Plan, SelectionJob, plan_stream
 from overinterp.pipeline.resources import ResourcePlan, discover_capacity, ensure_ray, plan_resources, worker_device
-from overinterp.pipeline.select_stage import select_stream, write_random
+from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, select_stream, write_random
 from overinterp.pipeline.train_stream import MASK_COLUMN, cuda_on_gpu_workers, run_stream_trial, subset_stream, unpack_keep
 from overinterp.pipeline.trial import TrialSpec, load_result
 from overinterp.pipeline.tune_stage import collect_results, launch_trials
@@ -145,10 +145,18 @@ class StreamBackend:
                             f"{self.source.tag}/{self.plan.primary}", "test", self.cfg.fraction, self.plan.n_images["test"])
         out = val.map_batches(EvalWorker, fn_constructor_kwargs={"model": self.source.model, "hw": self.plan.hw}, batch_size=self.cfg.batch_size,
                               batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=self.resources.select_workers),
+                              max_restarts=0,  # as selection (select_stream): a lost worker reruns the pass, not the actor
                               **self.resources.worker_request())
-        full = own = n = 0
-        for b in out.iter_batches(batch_size=None, batch_format="numpy"):
-            full, own, n = full + int(b["full"].sum()), own + int(b["own"].sum()), n + len(b["full"])
+        for attempt in range(1, SELECTION_ATTEMPTS + 1):
+            full = own = n = 0
+            try:
+                for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+                    full, own, n = full + int(b["full"].sum()), own + int(b["own"].sum()), n + len(b["full"])
+                break
+            except Exception as e:
+                if attempt == SELECTION_ATTEMPTS or not lost_worker(e):
+                    raise
+                log(f"baseline: a worker was lost ({type(lost_worker(e)).__name__}); evaluating again (attempt {attempt + 1})")
         return {"full": full / max(n, 1), "own_subsets": own / max(n, 1), "images": n}
 
     def summarize(self, full: dict, subsets: dict, baseline: dict) -> dict:

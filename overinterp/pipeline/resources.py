@@ -245,13 +245,16 @@ def ray_init_local(num_cpus: Optional[int] = None) -> None:
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
     """Connect to the cluster at `address` (or $RAY_ADDRESS, as under `ray job submit`), else start
     the embedded local Ray once."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
-    else:
-        ray_init_local(num_cpus)
+    from overinterp.pipeline import terminal
+
+    if not ray.is_initialized():
+        terminal.configure(terminal.VERBOSE)  # environment for Ray's processes, before they start
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        else:
+            ray_init_local(num_cpus)
+    terminal.quiet_ray_data()
 
 
 def worker_device():

@@ -104,16 +104,56 @@ def select_stream(
     Images whose id is already in the store are skipped. Progress is shown in forward passes done
     out of planned (hw given and the selector has a pass formula), else in images. Returns (images
     selected now, (path, reason) of the rows that failed to decode).
+
+    Lost workers. Ray Data's actors are created with max_restarts=0: Ray does not restart an actor
+    whose node or process died. (Ray Data passes each actor its map function as an object-store
+    reference; Ray warns — the `E ... core_worker.cc` line of ray-project/ray#53727 — that a
+    restarted actor cannot be rebuilt if that object is lost. Here the driver owns it, so the warning
+    was a false alarm, but restarts are not needed either.) Instead, a batch lost with its worker
+    fails the pass, and this function runs the selection again, up to SELECTION_ATTEMPTS times, on
+    the images not yet in the store: shards are written per batch and atomically under content
+    names, so nothing finished is redone and no image is stored twice.
     """
-    if done is None:
-        done = store.done_ids(root, job.source.tag, job.tag, job.split)
+    n, skipped = 0, []
+    for attempt in range(1, SELECTION_ATTEMPTS + 1):
+        if done is None or attempt > 1:
+            done = store.done_ids(root, job.source.tag, job.tag, job.split)
+        todo_ds = ds
         if ds is not None and done:
-            ds = ds.map_batches(_drop_done, fn_kwargs={"done": np.array(sorted(done), dtype=np.int64)}, batch_format="numpy")
-    of = f" of {total}" if total is not None else ""
-    print(f"[{job.tag} {job.source.tag}/{job.split}] {len(done)}{of} images already selected"
-          + (f"; {total - len(done)} to go" if total is not None else ""), flush=True)
-    if ds is None:
-        return 0, []
+            todo_ds = ds.map_batches(_drop_done, fn_kwargs={"done": np.array(sorted(done), dtype=np.int64)}, batch_format="numpy")
+        of = f" of {total}" if total is not None else ""
+        print(f"[{job.tag} {job.source.tag}/{job.split}] {len(done)}{of} images already selected"
+              + (f"; {total - len(done)} to go" if total is not None else ""), flush=True)
+        if todo_ds is None or (total is not None and len(done) >= total):
+            return n, sorted(skipped)
+        try:
+            n_now, skipped_now = _select_pass(job, todo_ds, root, mean, std, resources, engine, select_batch, total, done, hw)
+            return n + n_now, sorted(skipped + skipped_now)
+        except Exception as e:
+            if attempt == SELECTION_ATTEMPTS or not lost_worker(e):
+                raise
+            print(f"[{job.tag} {job.source.tag}/{job.split}] a selection worker was lost ({type(lost_worker(e)).__name__}); "
+                  f"selecting the images not yet stored again (attempt {attempt + 1} of {SELECTION_ATTEMPTS})", flush=True)
+    return n, sorted(skipped)
+
+
+SELECTION_ATTEMPTS = 3
+
+
+def lost_worker(e: BaseException) -> Optional[BaseException]:
+    """The error in e's chain that says a worker process or node died (Ray wraps it), else None."""
+    lost = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.WorkerCrashedError,
+            ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError)
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, lost):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
+def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw):
     n_todo = (total - len(done)) if total is not None else None
     workers = resources.select_workers if n_todo is None else min(resources.select_workers, max(1, math.ceil(n_todo / select_batch)))
     ds = ds.map_batches(
@@ -125,6 +165,7 @@ def select_stream(
         batch_size=select_batch,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=1, max_size=workers),
+        max_restarts=0,  # a lost actor is not rebuilt by Ray; select_stream selects its images again (see there)
         **resources.worker_request(),
     )
     per_image = _planned_passes(job, hw)
@@ -136,7 +177,7 @@ def select_stream(
             n += int((~bad).sum())
             bar.update(int((~bad).sum()) * scale)
             skipped += list(zip(out["path"][bad].tolist(), out["error"][bad].tolist()))
-    return n, sorted(skipped)
+    return n, skipped
 
 
 def _planned_passes(job: SelectionJob, hw: Optional[tuple[int, int]]) -> Optional[int]:

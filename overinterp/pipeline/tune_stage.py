@@ -26,19 +26,31 @@ class TrialsFailed(RuntimeError):
 
 
 class _Progress(tune.Callback):
-    """One line per finished trial instead of Tune's status tables."""
+    """A progress bar of finished trials instead of Tune's status tables (with -v: one line per
+    trial, its accuracy and time)."""
 
     def __init__(self, stage: str, total: int, done: int):
+        from overinterp.progress import Progress
+
         self.stage, self.total, self.done, self.t0 = stage, total, done, time.time()
+        self.bar = Progress(total - done, "trials", f"training ({stage})")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        from overinterp.pipeline import terminal
+
         self.done += 1
+        self.bar.update(1)
+        if not terminal.VERBOSE:
+            return
         result = trial.last_result or {}
         name = TrialSpec(**trial.config["trial"]).name
         acc = result.get("accuracy")
         acc_s = f"test accuracy {100 * acc:.1f}%" if acc is not None else "finished"
         print(f"[{self.stage}] {self.done}/{self.total} {name}: {acc_s} ({result.get('seconds', 0):.0f} s; stage {time.time() - self.t0:.0f} s)",
               flush=True)
+
+    def on_experiment_end(self, trials, **info):
+        self.bar.close()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[{self.stage}] FAILED {TrialSpec(**trial.config['trial']).name} (see {trial.local_path})", flush=True)
