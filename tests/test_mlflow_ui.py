@@ -66,7 +66,7 @@ def browser():
 @pytest.fixture(scope="module")
 def smoke_out(browser, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("mlflow_ui") / "out")
-    p = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--out", out], env=_env(), cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--seeds", "0,1", "--selectors", "backselect", "--fill", "mean", "--out", out], env=_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return out
@@ -210,13 +210,16 @@ def test_runs_view_shows_parent_children_and_metric_columns(page, ui, store, tmp
         shutil.copyfile(tmp_path / "mlflow-runs.png", DOCS_SCREENSHOT)
 
 
-def test_a_saved_view_tag_pins_the_columns(page, ui, store):
+def test_the_saved_view_every_run_writes_pins_the_columns(page, ui, store):
     """MLflow has no per-experiment default view, but a saved view is an experiment tag
-    `mlflow.sharedViewState.<id>`; written from Python it is listed under Views and opened by link."""
-    view_id, name = "overinterp-accuracies", "overinterp accuracies"
-    state = {"selectedColumns": [f"metrics.`{m}`" for m in CHILD_METRICS] + [f"tags.`{t}`" for t in SHOWN_TAGS]}
-    store["client"].set_experiment_tag(store["experiment_id"], f"mlflow.sharedViewState.{view_id}",
-                                       json.dumps({"name": name, "createdAt": int(time.time() * 1000), "state": json.dumps(state)}))
+    `mlflow.sharedViewState.<id>`: every run writes "accuracies", listed under Views and opened by link."""
+    from overinterp.pipeline.tracking import SAVED_VIEW_COLUMNS, SAVED_VIEW_KEY
+
+    view_id = name = SAVED_VIEW_KEY
+    exp = store["client"].get_experiment(store["experiment_id"])
+    state = json.loads(json.loads(exp.tags[f"mlflow.sharedViewState.{view_id}"])["state"])
+    assert state["selectedColumns"] == list(SAVED_VIEW_COLUMNS)
+    assert {f"metrics.`{m}`" for m in CHILD_METRICS} | {f"tags.`{t}`" for t in SHOWN_TAGS} <= set(SAVED_VIEW_COLUMNS)
     page.goto(f"{ui}/#/experiments/{store['experiment_id']}/runs?workflowType=machine_learning&viewStateShareKey={view_id}")
     page.get_by_text(store["parent"].info.run_name, exact=True).wait_for()
     _close_assistant(page)
