@@ -39,6 +39,12 @@ if TYPE_CHECKING:  # plan.py imports no Ray either, but the dry run should not n
 # the input gradient and again to get the weight gradient (the usual 3× forward for a training
 # step, Kaplan et al. 2020). Only the ETA uses it; the pass counts stay separate.
 BACKWARD_COST = 2.0
+# Fixed costs beside the passes, measured on the 2-core machine of BENCHMARKS.md (digits smoke run:
+# ~10 s from a selection job's submission to its first batch — Ray Data planning and actor start,
+# model load; ~1 s per trial for Tune's scheduling, the data hand-over and evaluation). They dominate
+# small runs and vanish in large ones.
+JOB_START_S = 10.0
+TRIAL_START_S = 1.0
 
 Rates = Union[float, Mapping[str, float]]  # one rate for every model, or one per model name
 
@@ -370,6 +376,7 @@ def estimate_selection(
     workers: int = 1,
     select_batch: Optional[int] = None,
     tag: Optional[str] = None,
+    start_s: float = 0.0,
 ) -> SelectionCost:
     """The cost of one selection job: planned passes (selection/cost.py) at `rate` on `workers`.
 
@@ -400,12 +407,13 @@ def estimate_selection(
         used = max(1, min(workers, batches))
         busiest = min(n_images, math.ceil(batches / used) * select_batch)
     pixels = hw[0] * hw[1] if isinstance(hw, (tuple, list)) else hw
+    start = start_s if n_images else 0.0  # a job's fixed start-up (JOB_START_S in plan_cost)
     return SelectionCost(model, variant, tag or selector, split, n_images, pixels, fwd, bwd, used, float(rate),
-                         busiest * (fwd + BACKWARD_COST * bwd) / rate)
+                         start + busiest * (fwd + BACKWARD_COST * bwd) / rate)
 
 
 def estimate_training(model: str, stage: str, *, trials: int, epochs: int, images: int, rate: float,
-                      concurrency: int = 1) -> TrainingCost:
+                      concurrency: int = 1, start_s: float = 0.0) -> TrainingCost:
     """The cost of `trials` trials of one architecture, `concurrency` at once: they run in
     ceil(trials / concurrency) waves of epochs × images / rate seconds each.
 
@@ -419,7 +427,8 @@ def estimate_training(model: str, stage: str, *, trials: int, epochs: int, image
     _positive("concurrency", concurrency)
     _positive("rate", rate, integer=False)
     used = max(1, min(concurrency, trials))
-    return TrainingCost(model, stage, trials, epochs, images, used, float(rate), math.ceil(trials / used) * epochs * images / rate)
+    waves = math.ceil(trials / used)
+    return TrainingCost(model, stage, trials, epochs, images, used, float(rate), waves * (start_s + epochs * images / rate))
 
 
 def _rate_of(rates: Rates, name: str, what: str) -> float:
@@ -459,13 +468,15 @@ def plan_cost(
         rate = _rate_of(forward_rates, name, "forward") / max(1, len(source.checkpoints))
         selections.append(estimate_selection(name, source.variant, job.selector, job.split, params=job.params,
                                              n_images=plan.n_images[job.split], hw=tuple(plan.shape[1:]), rate=rate,
-                                             workers=select_workers, select_batch=select_batch, tag=job.tag))
+                                             workers=select_workers, select_batch=select_batch, tag=job.tag,
+                                             start_s=JOB_START_S))
     trainings = []
     for stage, specs in (("full-image", plan.full_trials), ("subsets", plan.subset_trials)):
         for arch in dict.fromkeys(t.model for t in specs):  # architectures in plan order
             n = sum(1 for t in specs if t.model == arch)
             trainings.append(estimate_training(arch, stage, trials=n, epochs=epochs, images=plan.n_images["train"],
-                                               rate=_rate_of(train_rates, arch, "training"), concurrency=trial_concurrency))
+                                               rate=_rate_of(train_rates, arch, "training"), concurrency=trial_concurrency,
+                                               start_s=TRIAL_START_S))
     return CostPlan(tuple(selections), tuple(trainings))
 
 

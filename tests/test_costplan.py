@@ -83,8 +83,9 @@ def test_bad_estimates():
 def _small_plan():
     from overinterp.pipeline.plan import plan_small
 
-    cfg = SimpleNamespace(pixels_per_step=1, random_seed=0, models=("digits_cnn",), seeds=(0, 1), input_dropout=0.2,
-                          out_dir="/tmp/x", selector="backselect", dataset="digits", fraction=0.05, tau=0.99)
+    from overinterp.config import RunConfig
+
+    cfg = RunConfig(models=("digits_cnn",), seeds=(0, 1), input_dropout=0.2, out_dir="/tmp/x", selectors=("backselect",), fills=("mean",))
     data = SimpleNamespace(shape=(1, 4, 4), labels={"train": [0] * 8, "test": [0] * 4}, num_classes=10)
     return plan_small(cfg, data)
 
@@ -93,15 +94,16 @@ def test_plan_cost_of_a_small_plan():
     plan = _small_plan()
     cost = plan_cost(plan, forward_rates={"digits_cnn": 136.0}, train_rates=16.0, select_workers=1, trial_concurrency=2, epochs=2)
     by_label = {c.label: c.eta_seconds for c in cost.selections}
-    # 136 passes per 4x4 image at 136 img/s: 1 s an image; the ensemble of 2 runs at half the rate
-    assert by_label == {"digits_cnn/plain backselect train": 8.0, "digits_cnn/plain backselect test": 4.0,
-                        "digits_cnn/ensemble backselect test": 8.0, "digits_cnn/input-dropout backselect test": 4.0}
+    # 136 passes per 4x4 image at 136 img/s: 1 s an image; the ensemble of 2 runs at half the rate; each job
+    # starts in JOB_START_S (10 s) and each wave of trials in TRIAL_START_S (1 s)
+    assert by_label == {"digits_cnn/plain backselect train": 18.0, "digits_cnn/plain backselect test": 14.0,
+                        "digits_cnn/ensemble backselect test": 18.0, "digits_cnn/input-dropout backselect test": 14.0}
     # full: 4 trials (2 seeds, plain and input dropout) in 2 waves of 2 epochs × 8 images / 16 img/s;
     # subsets: 6 trials (subset, positions, random per seed) in 3 waves
-    assert [(t.stage, t.trials, t.eta_seconds) for t in cost.trainings] == [("full-image", 4, 2.0), ("subsets", 6, 3.0)]
-    assert cost.eta_seconds == 24.0 + 5.0 and cost.forward_passes == (8 + 4 + 4 + 4) * 136
+    assert [(t.stage, t.trials, t.eta_seconds) for t in cost.trainings] == [("full-image", 4, 4.0), ("subsets", 6, 6.0)]
+    assert cost.eta_seconds == 64.0 + 10.0 and cost.forward_passes == (8 + 4 + 4 + 4) * 136
     params = cost.as_params()
-    assert params["cost.eta_s"] == 29.0 and params["cost.select.digits_cnn.ensemble.backselect.test.eta_s"] == 8.0
+    assert params["cost.eta_s"] == 74.0 and params["cost.select.digits_cnn.ensemble.backselect.test.eta_s"] == 18.0
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-/]+", k) and isinstance(v, (str, int, float)) for k, v in params.items())
     with pytest.raises(ValueError, match="no forward rate for model 'digits_cnn'"):
         plan_cost(plan, forward_rates={"resnet20": 1.0}, train_rates=1.0, select_workers=1, trial_concurrency=1, epochs=1)

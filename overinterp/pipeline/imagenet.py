@@ -143,10 +143,12 @@ class StreamBackend:
         """Top-1 of the pretrained model on the full validation images and on its own subsets."""
         val = subset_stream(self.cfg.val, self.classes, self.cfg.max_images, self.cfg.image_size, self.plan.root,
                             f"{self.source.tag}/{self.plan.primary}", "test", self.cfg.fraction, self.plan.n_images["test"])
-        out = val.map_batches(EvalWorker, fn_constructor_kwargs={"model": self.source.model, "hw": self.plan.hw}, batch_size=self.cfg.batch_size,
-                              batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=self.resources.select_workers),
-                              max_restarts=0,  # as selection (select_stream): a lost worker reruns the pass, not the actor
-                              **self.resources.worker_request())
+        with warnings.catch_warnings():  # max_restarts has no named parameter yet (see select_stage._select_pass)
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            out = val.map_batches(EvalWorker, fn_constructor_kwargs={"model": self.source.model, "hw": self.plan.hw}, batch_size=self.cfg.batch_size,
+                                  batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=self.resources.select_workers),
+                                  max_restarts=0,  # as selection (select_stream): a lost worker reruns the pass, not the actor
+                                  **self.resources.worker_request())
         for attempt in range(1, SELECTION_ATTEMPTS + 1):
             full = own = n = 0
             try:

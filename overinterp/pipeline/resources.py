@@ -239,7 +239,11 @@ def ray_init_local(num_cpus: Optional[int] = None) -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    from overinterp.pipeline import terminal
+
+    # Workers' own stdout/stderr reach the terminal with -v only (always in /tmp/ray/session_latest/logs);
+    # their errors reach the driver as Ray errors either way.
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=terminal.VERBOSE)
 
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:

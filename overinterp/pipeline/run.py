@@ -246,6 +246,7 @@ def prepare_run(config: RunConfig, ray_address: str | None = None):
     nothing to --out (the budget guard and --dry-run must leave it untouched)."""
     config.check()
     cfg = config.resolved()
+    store.validate_shards(fs.join(cfg.out_dir, "selections"))  # a corrupt shard stops us before any work (it only reads)
     log(f"loading {cfg.dataset}{' (smoke subsample)' if cfg.smoke else ''}")
     data = load_data(cfg)
     plan = plan_small(cfg, data)
@@ -279,7 +280,6 @@ def run_pipeline(config: RunConfig, ray_address: str | None = None, dry_run: boo
         log("dry run: nothing selected, trained or written")
         return None
     with OutputLock(cfg.out_dir, "overinterp run") as lock:
-        store.validate_shards(fs.join(cfg.out_dir, "selections"))  # a corrupt shard stops us before any work
         check_reuse(cfg, fs.join(cfg.out_dir, "config.json"))
         from overinterp.pipeline.tracking import Tracker  # MLflow only where tracking happens
 

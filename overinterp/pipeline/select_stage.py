@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict
 from typing import Optional
 
@@ -156,7 +157,23 @@ def lost_worker(e: BaseException) -> Optional[BaseException]:
 def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw):
     n_todo = (total - len(done)) if total is not None else None
     workers = resources.select_workers if n_todo is None else min(resources.select_workers, max(1, math.ceil(n_todo / select_batch)))
-    ds = ds.map_batches(
+    with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray 2.60 flags every **ray_remote_args
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers)
+    per_image = _planned_passes(job, hw)
+    unit, scale = ("passes", per_image) if per_image else ("images", 1)
+    n, skipped = 0, []
+    with Progress(None if n_todo is None else n_todo * scale, unit, f"selection {job.tag} {job.source.tag}/{job.split}") as bar:
+        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            bad = out["error"] != ""
+            n += int((~bad).sum())
+            bar.update(int((~bad).sum()) * scale)
+            skipped += list(zip(out["path"][bad].tolist(), out["error"][bad].tolist()))
+    return n, skipped
+
+
+def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers):
+    return ds.map_batches(
         SelectionWorker,
         fn_constructor_kwargs=dict(
             source=asdict(job.source), root=root, split=job.split, mean=mean, std=std, selector=job.selector,
@@ -168,16 +185,6 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
         max_restarts=0,  # a lost actor is not rebuilt by Ray; select_stream selects its images again (see there)
         **resources.worker_request(),
     )
-    per_image = _planned_passes(job, hw)
-    unit, scale = ("passes", per_image) if per_image else ("images", 1)
-    n, skipped = 0, []
-    with Progress(None if n_todo is None else n_todo * scale, unit, f"selection {job.tag} {job.source.tag}/{job.split}") as bar:
-        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            bad = out["error"] != ""
-            n += int((~bad).sum())
-            bar.update(int((~bad).sum()) * scale)
-            skipped += list(zip(out["path"][bad].tolist(), out["error"][bad].tolist()))
-    return n, skipped
 
 
 def _planned_passes(job: SelectionJob, hw: Optional[tuple[int, int]]) -> Optional[int]:

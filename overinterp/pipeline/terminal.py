@@ -19,6 +19,7 @@ VERBOSE = False
 # Logger -> level when not verbose.
 QUIET_LOGGERS = {
     "ray.data": logging.WARNING,  # "Starting execution of Dataset ..." and its plan, per dataset
+    "ray.data._internal.progress": logging.ERROR,  # "Progress bars disabled": ours replace them
     "ray._private.authentication.authentication_token_setup": logging.ERROR,  # "Token authentication is enabled"
     "ray.tune": logging.ERROR,  # result tables and "The `process_trial_result` operation took 1.067 s" on a busy machine
     "ray.train": logging.WARNING,

@@ -30,14 +30,18 @@ class _Progress(tune.Callback):
     trial, its accuracy and time)."""
 
     def __init__(self, stage: str, total: int, done: int):
-        from overinterp.progress import Progress
-
         self.stage, self.total, self.done, self.t0 = stage, total, done, time.time()
-        self.bar = Progress(total - done, "trials", f"training ({stage})")
+        self.bar = None  # made in the driver when the first trial ends: Tune pickles its callbacks, a bar holds a lock
+
+    def __getstate__(self):
+        return {**self.__dict__, "bar": None}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         from overinterp.pipeline import terminal
+        from overinterp.progress import Progress
 
+        if self.bar is None:
+            self.bar = Progress(self.total - self.done, "trials", f"training ({self.stage})")
         self.done += 1
         self.bar.update(1)
         if not terminal.VERBOSE:
@@ -50,7 +54,8 @@ class _Progress(tune.Callback):
               flush=True)
 
     def on_experiment_end(self, trials, **info):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[{self.stage}] FAILED {TrialSpec(**trial.config['trial']).name} (see {trial.local_path})", flush=True)
