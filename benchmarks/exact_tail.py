@@ -163,7 +163,7 @@ class Cache:
 
     def __init__(self, path: str | None):
         self.path = path
-        self.data: dict = torch.load(path, weights_only=False) if path and os.path.exists(path) else {}
+        self.data: dict = torch.load(path, weights_only=True) if path and os.path.exists(path) else {}  # tensors and plain values only
 
     def get(self, key: str) -> dict:
         return self.data.setdefault(key, {"order": [], "curve": [], "confidence": [], "seconds": 0.0, "passes": 0, "backward": 0})

@@ -157,12 +157,13 @@ def one_line_errors(prog: str, fn):
     else is a bug and keeps its traceback. Returns (exit status or None, fn's result)."""
     from overinterp.costplan import BudgetExceeded
     from overinterp.data import DataError
+    from overinterp.models import ModelError
     from overinterp.fs import OutputError
     from overinterp.store import StoreError
 
     try:
         return None, fn()
-    except (ConfigError, BudgetExceeded) as e:
+    except (ConfigError, BudgetExceeded, ModelError) as e:
         print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
         return 2, None
     except (DataError, StoreError, OutputError) as e:

@@ -109,3 +109,20 @@ def test_cifar10_bad_input(capsys, tmp_path):
     assert sis_cifar10.main(["--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content", [b"not a torch file", "pickle"])
+def test_imagenet_weights_that_are_not_a_state_dict_are_one_line(content, tmp_path, capsys):
+    import pickle
+
+    weights = tmp_path / "w.pt"
+    if content == "pickle":  # a torch file whose pickle holds an arbitrary object: refused by weights_only, never run
+        torch.save({"model": object.__new__(torch.nn.Module)}, weights, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    else:
+        weights.write_bytes(content)
+    write_imagefolder(str(tmp_path / "data"), n_per_class=2, num_classes=3, size=20)
+    argv = ["--train", str(tmp_path / "data" / "train"), "--val", str(tmp_path / "data" / "val"), "--model", "tv:resnet18",
+            "--weights", str(weights), "--out", str(tmp_path / "out")]
+    assert sis_imagenet.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--weights {weights}" in err and "state_dict" in err

@@ -73,7 +73,13 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, weights: str
     if weights is None or os.path.isfile(weights):
         model = tvm.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
         if weights is not None:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(weights, map_location="cpu", weights_only=True)  # never runs code from the file
+            except Exception as e:  # not a torch file, or one holding more than tensors (an unpickling error)
+                raise ModelError(f"--weights {weights} is not a state_dict file torch can load safely "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): save model.state_dict() with torch.save") from e
+            if not isinstance(state, dict):
+                raise ModelError(f"--weights {weights} holds a {type(state).__name__}, not a state_dict: save model.state_dict() with torch.save")
             state = state.get("state_dict", state)
             try:
                 model.load_state_dict(state)

@@ -251,7 +251,7 @@ class Tracker:
         with mlflow.start_run(run_id=run_id, nested=True):
             # the pt2 format (torch.export of the graph, traced on the example) needs no pickle to load
             mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example.numpy(), out), input_example=example.numpy(),
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                                     serialization_format="pt2", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         self.client.set_tag(run_id, "overinterp.model_logged", "1")
 
 
