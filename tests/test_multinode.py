@@ -59,6 +59,8 @@ def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, t
     selection = sampler.concurrent("SelectionWorker")
     best = max(selection, key=lambda alive: len({a["node_id"] for a in alive}))
     assert len({a["node_id"] for a in best}) >= 2, f"never 2 selection actors on different nodes at once: {[len(a) for a in selection]}"
+    print(f"SPREAD most selection actors alive at once: {len(best)} on {len({a['node_id'] for a in best})} nodes; "
+          f"GPU nodes started: {len(sampler.gpu_nodes_seen)}")  # quoted in the closing note (pytest -s)
     seen = [a for alive in selection for a in alive]
     assert seen and all(a["required_resources"].get("GPU", 0) >= 1 for a in seen)
     trials = [a for alive in sampler.concurrent("ImplicitFunc") for a in alive]
@@ -106,6 +108,7 @@ def test_selection_survives_a_lost_node_exactly_once(tmp_path):
         assert len(ids) == len(np.unique(ids)), f"{model}/{sel}/{split}: an image stored twice"
     for split, n in (("train", 96), ("test", 48)):
         store.read_selections(root, "digits_cnn-s0", "backselect", split, expect_n=n)  # every image, once
+    print(f"NODE-LOSS {json.dumps(report)}: every image of train (96) and test (48) stored exactly once")
 
 
 def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path):
