@@ -38,6 +38,7 @@ from overinterp.report import save_gallery, sis_stats
 from overinterp.selection import apply_mask, keep_mask, n_keep, selector_tag, sis_mask, sis_size, tail_mask
 from overinterp.selection.subsets import dilate_keep
 from overinterp.selection.backselect import EngineConfig
+from overinterp.fill import fill as fill_removed
 from overinterp.training import TrainConfig, class_confidence, evaluate
 
 
@@ -197,6 +198,10 @@ class InMemoryBackend:
                 return denormalize_uint8(apply_mask(x, keep), data.mean, data.std)
 
             panels = {f"{t} {pct}": shown(keep_mask(sels[t].order[:n], cfg.fraction)) for t in tags}
+            if "road" in plan.fills:  # the primary selector's subsets as the ROAD-filled models see them
+                keep = keep_mask(sels[plan.primary].order[:n], cfg.fraction)
+                road = fill_removed(x, keep, "road", std=data.std, seeds=range(n))
+                panels[f"{plan.primary} {pct}, ROAD fill"] = denormalize_uint8(road, data.mean, data.std)
             panels[f"random {pct}"] = shown(keep_mask(rnd.order[:n], cfg.fraction))
             primary = sels[plan.primary]
             sis = sis_mask(primary.order[:n], primary.curve[:n], primary.confidence[:n], cfg.tau)
