@@ -80,7 +80,8 @@ def test_mlflow_parent_and_children(smoke_run):
     m = parent.data.metrics
     assert {"digits_cnn.full.accuracy_mean", "digits_cnn.full.accuracy_std", "digits_cnn.bs-subset.accuracy_std",
             "digits_cnn.plain.images_with_sis", "digits_cnn.ensemble.accuracy", "digits_cnn.input_dropout.accuracy",
-            "digits_cnn.masked.median_confidence"} <= set(m)
+            "digits_cnn.masked.median_confidence", "digits_cnn.selector.ig-n50.full_model_accuracy",
+            "digits_cnn.selector.random-seed0.median_confidence", "digits_cnn.selector.backselect.median_confidence"} <= set(m)
     for variant, sis in summary["sis"]["digits_cnn"].items():  # SIS sizes wherever some image has a SIS (2 epochs: few do)
         assert (f"digits_cnn.{variant}.median_sis_pixels" in m) == (sis["n_with_sis"] > 0)
     assert parent.inputs.dataset_inputs[0].dataset.name == "digits-smoke" and parent.inputs.dataset_inputs[0].dataset.digest

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -58,7 +59,8 @@ def _param(v) -> str:
 
 
 def _metric_key(k: str) -> str:
-    return k.replace(":", "_").replace("+", "_plus_")
+    """MLflow keys take letters, digits, _ - . / and spaces: '+' spelled out, anything else '_'."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", k.replace("+", "_plus_"))
 
 
 def fingerprint_digest(config) -> str:
@@ -313,6 +315,12 @@ def summary_metrics(summary: dict) -> dict:
     for model, c in summary.get("masked_confidence", {}).items():
         m[f"{model}.masked.median_confidence"] = c["median_confidence"]
         m[f"{model}.masked.accuracy"] = c["accuracy"]
+    for model, comp in summary.get("comparison", {}).items():  # the selector table, one metric per cell
+        for row in comp["selectors"] + [comp["random"]]:
+            for key in ("full_model_accuracy", "median_confidence", "median_sis_size", "dilated_median_confidence"):
+                value = row.get(key)
+                if value is not None and value == value:  # NaN: no image had a SIS
+                    m[f"{model}.selector.{row['selector']}.{key}"] = value
     for name, value in summary.get("baseline", {}).items():
         m[f"baseline.{name}"] = value
     return m
