@@ -91,9 +91,10 @@ def cost_of(plan: Plan, rates: dict, resources: ResourcePlan, epochs: int, selec
                      epochs=epochs, select_batch=select_batch)
 
 
-def plan_and_guard(cfg, data, plan: Plan, resources: ResourcePlan) -> tuple[CostPlan, list[str]]:
+def plan_and_guard(cfg, data, plan: Plan, resources: ResourcePlan, enforce: bool = True) -> tuple[CostPlan, list[str]]:
     """Measure, cost the run, and refuse it (BudgetExceeded, one line with faster choices and their
-    ETAs) when its ETA is over --max-hours. Returns the cost plan and notes to print."""
+    ETAs) when its ETA is over --max-hours. Returns the cost plan and notes to print; with
+    enforce=False (--dry-run) the refusal becomes the last note instead."""
     rates = measure_rates(plan, resources, cfg.batch_size)
     cost = cost_of(plan, rates, resources, cfg.epochs, cfg.select_batch)
     _, notes = costable(plan)
@@ -123,7 +124,12 @@ def plan_and_guard(cfg, data, plan: Plan, resources: ResourcePlan) -> tuple[Cost
                    "max_workers": resources.select_workers}
         if cfg.dataset == "imagefolder":
             current["image_size"] = plan.shape[1]
-        check_budget(cost, cfg.max_hours, alternatives_for(reestimate, current))
+        try:
+            check_budget(cost, cfg.max_hours, alternatives_for(reestimate, current))
+        except BudgetExceeded as e:
+            if enforce:
+                raise
+            notes.append(f"a real run would stop here: {e}")
     return cost, notes
 
 
