@@ -121,6 +121,7 @@ class ActorSampler:
     period_s: float = 0.5
     samples: list = field(default_factory=list)  # (time, [actor dicts alive then])
     gpu_nodes_seen: set = field(default_factory=set)
+    errors: list = field(default_factory=list)  # why samples failed (a dashboard too slow to answer on a busy machine)
 
     def __post_init__(self):
         self._stop = threading.Event()
@@ -136,8 +137,8 @@ class ActorSampler:
                 self.samples.append((time.time(), [{"class_name": a.class_name, "node_id": a.node_id,
                                                     "required_resources": dict(a.required_resources or {})} for a in actors]))
                 self.gpu_nodes_seen |= {n.node_id for n in nodes if n.state == "ALIVE" and (n.resources_total or {}).get("GPU", 0) > 0}
-            except Exception:  # the dashboard is briefly unreachable while nodes start: sample again
-                pass
+            except Exception as e:  # the dashboard is briefly unreachable while nodes start: sample again
+                self.errors.append(f"{type(e).__name__}: {str(e)[:200]}")
             self._stop.wait(self.period_s)
 
     def __enter__(self):

@@ -57,6 +57,7 @@ def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, t
     assert "resources (autoscaler config" in p.stdout and "GPU actor(s)" in p.stdout  # planned from capacity, printed
 
     selection = sampler.concurrent("SelectionWorker")
+    assert any(selection), f"no selection actor seen in {len(sampler.samples)} samples; sampling errors: {sampler.errors[-3:]}"
     best = max(selection, key=lambda alive: len({a["node_id"] for a in alive}))
     assert len({a["node_id"] for a in best}) >= 2, f"never 2 selection actors on different nodes at once: {[len(a) for a in selection]}"
     print(f"SPREAD most selection actors alive at once: {len(best)} on {len({a['node_id'] for a in best})} nodes; "
@@ -85,7 +86,8 @@ def test_jobs_smoke_tests_on_the_autoscaling_cluster(fake_cluster, tmp_path, job
     summary = _summary(out)
     assert summary["accuracy"]
     selection = [a for alive in sampler.concurrent("SelectionWorker") for a in alive]
-    assert selection and all(a["required_resources"].get("GPU", 0) >= 1 for a in selection)
+    assert selection, f"no selection actor seen in {len(sampler.samples)} samples; sampling errors: {sampler.errors[-3:]}"
+    assert all(a["required_resources"].get("GPU", 0) >= 1 for a in selection)
     if job == "sis_imagenet.py":  # Train workers of the streamed trials hold the GPUs
         workers = [a for alive in sampler.concurrent("RayTrainWorker") for a in alive]
         assert workers and all(a["required_resources"].get("GPU", 0) >= 1 for a in workers)
