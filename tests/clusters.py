@@ -113,41 +113,63 @@ def start_fake_cluster(gpu_workers: int = 3) -> FakeCluster:
     return FakeCluster(address, f"http://127.0.0.1:{dash}", temp_dir, {**env, "RAY_ADDRESS": address}, config_path)
 
 
+SAMPLER = r"""
+import json, sys, time
+from ray.util.state import list_actors, list_nodes
+dashboard, path, period = sys.argv[1], sys.argv[2], float(sys.argv[3])
+with open(path, "a") as f:
+    while True:
+        try:
+            actors = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False)
+            nodes = list_nodes(address=dashboard, limit=100, raise_on_missing_output=False, detail=True)
+            rec = {"actors": [{"class_name": a.class_name, "node_id": a.node_id, "required_resources": dict(a.required_resources or {})}
+                              for a in actors],
+                   "gpu_nodes": [n.node_id for n in nodes if n.state == "ALIVE" and (n.resources_total or {}).get("GPU", 0) > 0]}
+        except Exception as e:  # the dashboard is briefly unreachable while nodes start: sample again
+            rec = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        f.write(json.dumps({"t": time.time(), **rec}) + "\n")
+        f.flush()
+        time.sleep(period)
+"""
+
+
 @dataclass
 class ActorSampler:
-    """Polls the cluster's actors and nodes (Ray's state API, through the dashboard) in a thread."""
+    """Polls the cluster's actors and nodes (Ray's state API, through the dashboard) from a separate
+    process with the cluster's environment: the dashboard wants the cluster's auth token, and this
+    test process's Ray may have settled on another auth mode already."""
 
     dashboard: str
+    env: dict
     period_s: float = 0.5
     samples: list = field(default_factory=list)  # (time, [actor dicts alive then])
     gpu_nodes_seen: set = field(default_factory=set)
     errors: list = field(default_factory=list)  # why samples failed (a dashboard too slow to answer on a busy machine)
 
-    def __post_init__(self):
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        from ray.util.state import list_actors, list_nodes
-
-        while not self._stop.is_set():
-            try:
-                actors = list_actors(address=self.dashboard, filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False)
-                nodes = list_nodes(address=self.dashboard, limit=100, raise_on_missing_output=False, detail=True)
-                self.samples.append((time.time(), [{"class_name": a.class_name, "node_id": a.node_id,
-                                                    "required_resources": dict(a.required_resources or {})} for a in actors]))
-                self.gpu_nodes_seen |= {n.node_id for n in nodes if n.state == "ALIVE" and (n.resources_total or {}).get("GPU", 0) > 0}
-            except Exception as e:  # the dashboard is briefly unreachable while nodes start: sample again
-                self.errors.append(f"{type(e).__name__}: {str(e)[:200]}")
-            self._stop.wait(self.period_s)
-
     def __enter__(self):
-        self._thread.start()
+        fd, self._path = tempfile.mkstemp(prefix="actor-samples-", suffix=".jsonl")
+        os.close(fd)
+        self._proc = subprocess.Popen([sys.executable, "-c", SAMPLER, self.dashboard, self._path, str(self.period_s)], env=self.env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=30)
+        import json
+
+        self._proc.terminate()
+        self._proc.wait(timeout=30)
+        with open(self._path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # the last line, cut by terminate()
+                if "error" in rec:
+                    self.errors.append(rec["error"])
+                else:
+                    self.samples.append((rec["t"], rec["actors"]))
+                    self.gpu_nodes_seen |= set(rec["gpu_nodes"])
+        os.remove(self._path)
 
     def concurrent(self, class_part: str) -> list[list[dict]]:
         """Per sample, the alive actors whose class name contains `class_part`."""

@@ -52,7 +52,7 @@ def _summary(out) -> dict:
 def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, tmp_path):
     out = str(tmp_path / "cluster")
     cmd = [*OVERINTERP, "run", "--smoke", "--select-batch", "8", "--seeds", "0,1", "--selectors", "backselect", "--fill", "mean", "--out", out]
-    with ActorSampler(fake_cluster.dashboard) as sampler:
+    with ActorSampler(fake_cluster.dashboard, fake_cluster.env) as sampler:
         p = _run([*cmd, "--ray-address", fake_cluster.address], fake_cluster.env)
     assert "resources (autoscaler config" in p.stdout and "GPU actor(s)" in p.stdout  # planned from capacity, printed
 
@@ -81,7 +81,7 @@ def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, t
 @pytest.mark.parametrize("job", ["sis_cifar10.py", "sis_imagenet.py"])
 def test_jobs_smoke_tests_on_the_autoscaling_cluster(fake_cluster, tmp_path, job):
     out = str(tmp_path / "out")
-    with ActorSampler(fake_cluster.dashboard) as sampler:
+    with ActorSampler(fake_cluster.dashboard, fake_cluster.env) as sampler:
         _run([sys.executable, os.path.join("jobs", job), "--smoke-test", "--out", out], fake_cluster.env)
     summary = _summary(out)
     assert summary["accuracy"]
