@@ -181,7 +181,8 @@ def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, wo
         ),
         batch_size=select_batch,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=1, max_size=workers),
+        # all planned actors asked for at once, so an autoscaler starts their nodes together; work starts with the first
+        compute=ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers),
         max_restarts=0,  # a lost actor is not rebuilt by Ray; select_stream selects its images again (see there)
         **resources.worker_request(),
     )
