@@ -84,7 +84,8 @@ def select_in_memory(job: SelectionJob, images: np.ndarray, labels: np.ndarray, 
     todo = [i for i in range(len(labels)) if i not in done]
     items = [{"image_id": i, "label": int(labels[i]), "image": images[i]} for i in todo]
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(todo) / select_batch))) if items else None
-    return select_stream(job, ds, root, mean, std, resources, engine, select_batch, done=done, total=len(labels), hw=images.shape[2:])
+    return select_stream(job, ds, root, mean, std, resources, engine, select_batch, done=done, total=len(labels), hw=images.shape[2:],
+                         eager=True)
 
 
 def select_stream(
@@ -99,6 +100,7 @@ def select_stream(
     done: Optional[set] = None,
     total: Optional[int] = None,
     hw: Optional[tuple[int, int]] = None,
+    eager: bool = False,
 ) -> tuple[int, list[tuple[str, str]]]:
     """Run a model selector over a Dataset of {image_id, label, image[, path, error]} rows.
 
@@ -116,19 +118,21 @@ def select_stream(
     names, so nothing finished is redone and no image is stored twice.
     """
     n, skipped = 0, []
+    prefiltered = done is not None  # the caller's ds already leaves out the images in `done`
     for attempt in range(1, SELECTION_ATTEMPTS + 1):
         if done is None or attempt > 1:
             done = store.done_ids(root, job.source.tag, job.tag, job.split)
         todo_ds = ds
-        if ds is not None and done:
+        if ds is not None and done and not (prefiltered and attempt == 1):
             todo_ds = ds.map_batches(_drop_done, fn_kwargs={"done": np.array(sorted(done), dtype=np.int64)}, batch_format="numpy")
+            eager = False  # the filter runs as CPU tasks: actors must not take every CPU first
         of = f" of {total}" if total is not None else ""
         print(f"[{job.tag} {job.source.tag}/{job.split}] {len(done)}{of} images already selected"
               + (f"; {total - len(done)} to go" if total is not None else ""), flush=True)
         if todo_ds is None or (total is not None and len(done) >= total):
             return n, sorted(skipped)
         try:
-            n_now, skipped_now = _select_pass(job, todo_ds, root, mean, std, resources, engine, select_batch, total, done, hw)
+            n_now, skipped_now = _select_pass(job, todo_ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager)
             return n + n_now, sorted(skipped + skipped_now)
         except Exception as e:
             if attempt == SELECTION_ATTEMPTS or not lost_worker(e):
@@ -154,12 +158,12 @@ def lost_worker(e: BaseException) -> Optional[BaseException]:
     return None
 
 
-def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw):
+def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager=False):
     n_todo = (total - len(done)) if total is not None else None
     workers = resources.select_workers if n_todo is None else min(resources.select_workers, max(1, math.ceil(n_todo / select_batch)))
     with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray 2.60 flags every **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers)
+        ds = _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager)
     per_image = _planned_passes(job, hw)
     unit, scale = ("passes", per_image) if per_image else ("images", 1)
     n, skipped = 0, []
@@ -172,7 +176,7 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
     return n, skipped
 
 
-def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers):
+def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager=False):
     return ds.map_batches(
         SelectionWorker,
         fn_constructor_kwargs=dict(
@@ -181,8 +185,10 @@ def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, wo
         ),
         batch_size=select_batch,
         batch_format="numpy",
-        # all planned actors asked for at once, so an autoscaler starts their nodes together; work starts with the first
-        compute=ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers),
+        # in-memory inputs need no CPU to read: ask for every planned actor at once, so an autoscaler starts
+        # their nodes together. Streamed inputs are read by CPU tasks: grow from one actor, or the actors
+        # could hold every CPU the readers need (a deadlock on a small cluster).
+        compute=ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers if eager else 1),
         max_restarts=0,  # a lost actor is not rebuilt by Ray; select_stream selects its images again (see there)
         **resources.worker_request(),
     )
