@@ -17,6 +17,7 @@ keep-masks on the Ray Data workers, evaluation streams them again.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict
 
 import numpy as np
