@@ -87,16 +87,21 @@ def _smoke_inputs(fmt: str) -> dict:
                 pixels_per_step=64, epochs=1, batch_size=8, select_batch=6, smoke=True, out_dir=os.path.join(scratch, "out"))
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def config_fields(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """ImageNetConfig's fields from the parsed flags; with --smoke-test, the smoke inputs are the
+    defaults and any flag the user gave (--epochs 4, --out DIR) wins."""
     fields = {k: v for k, v in vars(args).items() if k in ImageNetConfig.__dataclass_fields__}
     if args.smoke_test:
         smoke = _smoke_inputs(args.smoke_format)
-        if args.out_dir != ImageNetConfig(train="", val="").out_dir:
-            smoke.pop("out_dir")
-        fields.update(smoke)
-    elif not (args.train and args.val):
+        fields.update({k: v for k, v in smoke.items() if k not in fields or fields[k] == parser.get_default(k)})
+    return fields
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    fields = config_fields(parser, args)
+    if not args.smoke_test and not (args.train and args.val):
         parser.print_usage(sys.stderr)
         print("sis_imagenet.py: error: --train and --val are required (or --smoke-test)", file=sys.stderr)
         return 2

@@ -5,6 +5,19 @@ import torch
 import torch.nn as nn
 
 
+@pytest.fixture(autouse=True)
+def _restore_tracking_uri():
+    """mlflow.set_tracking_uri() (called by every in-process run) writes $MLFLOW_TRACKING_URI, and
+    jobs started later as subprocesses inherit it: they would log into an earlier test's database
+    instead of <out>/mlflow.db. Restore the variable after each test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session: 2 CPUs, no dashboard, on loopback (the embedded

@@ -2,7 +2,8 @@
 GPU each), run as a script by tests/test_multinode.py so the test process keeps its own Ray.
 
     python tests/node_loss.py selection OUT      # remove a worker node while selection writes shards
-    python tests/node_loss.py train-worker OUT   # SIGKILL a Ray Train worker after its first checkpoint
+    python tests/node_loss.py train-worker OUT   # SIGKILL a Ray Train worker after its first checkpoint;
+                                                 # ends once that trial has finished
 
 The job runs as its own driver process against the cluster; this script watches --out, injects the
 fault, waits for the job, and prints one JSON line describing what it did.
@@ -49,8 +50,7 @@ def _train_worker_pids() -> list[int]:
 
 
 def main(mode: str, out: str) -> int:
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1"}
-    os.environ.update(RAY_AUTH_MODE="token")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     cpus = 1 if mode == "selection" else 2
     workers = [cluster.add_node(num_cpus=cpus, num_gpus=1) for _ in range(2)]
@@ -70,14 +70,18 @@ def main(mode: str, out: str) -> int:
             cluster.remove_node(workers[0], allow_graceful=False)  # the node, its raylet and every actor on it
             report["removed_node"] = workers[0].node_id
         else:
-            ckpts = _wait_for(os.path.join(out, "train-runs", "*", "checkpoint_*"), job, 1200)
-            report["trial"] = os.path.basename(os.path.dirname(ckpts[0]))
-            pids = _train_worker_pids()
+            # a registered checkpoint (its directory appears before Train records it): the snapshot
+            snapshots = _wait_for(os.path.join(out, "train-runs", "*", "checkpoint_manager_snapshot.json"), job, 1200)
+            report["trial"] = os.path.basename(os.path.dirname(snapshots[0]))
+            pids = _train_worker_pids()  # --max-workers 1: one trial at a time, so this trial's worker
             os.kill(pids[0], signal.SIGKILL)
             report["killed_pid"] = pids[0]
+            # that trial finishing is the proof; the job's other trials would only add minutes
+            _wait_for(os.path.join(out, "trials", report["trial"], "result.json"), job, 1200)
+            job.terminate()
         output, _ = job.communicate(timeout=1500)
         sys.stderr.write(output[-6000:])
-        if job.returncode != 0:
+        if mode == "selection" and job.returncode != 0:
             return job.returncode
     finally:
         if job.poll() is None:

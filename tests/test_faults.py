@@ -68,37 +68,59 @@ def _store_clean(out: str) -> None:
     assert reports and all(r.ok for r in reports), [r for r in reports if not r.ok]
 
 
-@pytest.fixture(scope="module")
-def undisturbed(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("undisturbed") / "out")
-    _finish(out)
-    return _summary(out)
-
-
 def _drain(proc):
     threading.Thread(target=proc.stdout.read, daemon=True).start()
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3, 4])
-def test_driver_killed_in_each_stage(stage, undisturbed, tmp_path):
+def _lock_taken_over(printed: str, out: str) -> bool:
+    return "taking over the lock" in printed or not os.path.exists(os.path.join(out, ".overinterp.lock"))
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory):
+    """The reference run, which is also the two-runs-on-one-out case: a second run on the same --out,
+    started while the first trains, is refused; the first finishes undisturbed."""
+    out = str(tmp_path_factory.mktemp("undisturbed") / "out")
+    first = _start(out)
+    _wait_line(first, "stage 1/4")
+    second = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    _drain(first)
+    assert first.wait(timeout=900) == 0
+    return {"out": out, "summary": _summary(out), "second": second}
+
+
+def test_two_runs_on_one_out(undisturbed):
+    second = undisturbed["second"]
+    assert second.returncode == 2 and "is in use by another run" in second.stderr and second.stderr.count("\n") == 1
+    _store_clean(undisturbed["out"])  # and its summary is the reference every other test compares with
+
+
+def test_driver_killed_in_each_stage(undisturbed, tmp_path):
+    """One --out: its driver SIGKILLed in stage 1, the rerun killed in stage 2, and so on; the last
+    rerun finishes with the undisturbed run's results, one MLflow parent, and no trial twice."""
     out = str(tmp_path / "out")
-    proc = _start(out)
-    _wait_line(proc, f"stage {stage}/4")
-    if stage == 2:  # inside selection: once a first shard is written
-        t0 = time.time()
-        while not glob.glob(os.path.join(out, "selections", "*", "*", "*", "part-*.parquet")) and time.time() - t0 < 300:
-            time.sleep(0.05)
-    _drain(proc)
-    os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its local Ray dies with it
-    proc.wait(timeout=60)
+    for stage in STAGES:
+        proc = _start(out)
+        printed = "".join(_wait_line(proc, f"stage {stage}/4"))
+        if stage > 1:  # a rerun after a kill takes the dead driver's lock over
+            assert _lock_taken_over(printed, out), printed[-2000:]
+        if stage == 2:  # inside selection: once a first shard is written
+            t0 = time.time()
+            while not glob.glob(os.path.join(out, "selections", "*", "*", "*", "part-*.parquet")) and time.time() - t0 < 300:
+                time.sleep(0.05)
+        _drain(proc)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its local Ray dies with it
+        proc.wait(timeout=60)
     printed = _finish(out)
-    assert "taking over the lock" in printed or not os.path.exists(os.path.join(out, ".overinterp.lock"))
-    assert _summary(out) == undisturbed
+    assert _lock_taken_over(printed, out)
+    assert _summary(out) == undisturbed["summary"]
     _store_clean(out)
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     exp = client.get_experiment_by_name("overinterp")
+    assert exp is not None, "the runs were logged somewhere else than <out>/mlflow.db"
     parents = client.search_runs([exp.experiment_id], "tags.`overinterp.role` = 'parent'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the crashed run's parent, continued
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the crashed runs' parent, continued
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert len({c.info.run_name for c in children}) == len(children) == 8  # no trial twice
 
@@ -126,18 +148,5 @@ def test_a_killed_selection_worker_is_retried_without_duplicates(undisturbed, tm
     _drain(proc)
     os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=900) == 0
-    assert _summary(out) == undisturbed
-    _store_clean(out)
-
-
-def test_two_runs_on_one_out(undisturbed, tmp_path):
-    out = str(tmp_path / "out")
-    first = _start(out)
-    _wait_line(first, "stage 1/4")
-    second = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert second.returncode == 2 and "is in use by another run" in second.stderr and second.stderr.count("\n") == 1
-    _drain(first)
-    assert first.wait(timeout=900) == 0
-    assert _summary(out) == undisturbed
+    assert _summary(out) == undisturbed["summary"]
     _store_clean(out)

@@ -62,6 +62,16 @@ def test_bad_files_are_rows_with_reasons(ray_session, damaged_folder):
         materialize(read_images(damaged_folder, 16))  # zero images never reach training unnoticed
 
 
+def test_ids_already_selected_are_left_out_before_decoding(ray_session, damaged_folder):
+    """A rerun's skip_ids: images already selected are not decoded again (the truncated JPEG among them
+    is then no bad row either)."""
+    listed = {r["path"]: r["image_id"] for r in read_images(damaged_folder, 16).select_columns(["path", "image_id"]).take_all()}
+    skip = sorted({listed["n00000000/00000.jpg"], *sorted(listed.values())[:4]})
+    rows = read_images(damaged_folder, 16, skip_ids=np.array(skip, dtype=np.int64)).take_all()
+    assert sorted(r["image_id"] for r in rows) == sorted(set(listed.values()) - set(skip))
+    assert all(r["error"] == "" or r["path"] == "n00000001/notes.jpg" for r in rows)
+
+
 @pytest.mark.ray
 def test_strict_makes_the_first_bad_file_fatal(ray_session, damaged_folder):
     with pytest.raises(SourceError) as e:

@@ -126,3 +126,11 @@ def test_imagenet_weights_that_are_not_a_state_dict_are_one_line(content, tmp_pa
     assert sis_imagenet.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--weights {weights}" in err and "state_dict" in err
+
+
+def test_imagenet_smoke_settings_yield_to_flags_given(tmp_path):
+    parser = sis_imagenet.build_parser()
+    smoke = sis_imagenet.config_fields(parser, parser.parse_args(["--smoke-test"]))
+    given = sis_imagenet.config_fields(parser, parser.parse_args(["--smoke-test", "--epochs", "4", "--out", str(tmp_path)]))
+    assert smoke["epochs"] == 1 and smoke["model"] == "tv:resnet18"
+    assert given["epochs"] == 4 and given["out_dir"] == str(tmp_path) and given["model"] == "tv:resnet18"

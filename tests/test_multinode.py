@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -43,6 +42,13 @@ def fake_cluster():
     cluster.stop()
 
 
+def _gpus(actor: dict) -> float:
+    """GPUs an actor holds. Actors in a placement group (Tune trials, Train workers) list theirs as
+    `GPU_group_<pg>` and `GPU_group_<bundle>_<pg>` (the same GPU twice), others as `GPU`."""
+    held = actor["required_resources"]
+    return max([held.get("GPU", 0)] + [v for k, v in held.items() if k.startswith("GPU_group_")])
+
+
 def _summary(out) -> dict:
     s = json.load(open(os.path.join(out, "summary.json")))
     s.pop("mlflow_run_id", None)
@@ -63,9 +69,9 @@ def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, t
     print(f"SPREAD most selection actors alive at once: {len(best)} on {len({a['node_id'] for a in best})} nodes; "
           f"GPU nodes started: {len(sampler.gpu_nodes_seen)}")  # quoted in the closing note (pytest -s)
     seen = [a for alive in selection for a in alive]
-    assert seen and all(a["required_resources"].get("GPU", 0) >= 1 for a in seen)
+    assert seen and all(_gpus(a) >= 1 for a in seen)
     trials = [a for alive in sampler.concurrent("ImplicitFunc") for a in alive]
-    assert trials and all(a["required_resources"].get("GPU", 0) >= 1 for a in trials)
+    assert trials and all(_gpus(a) >= 1 for a in trials)
     assert len(sampler.gpu_nodes_seen) >= 2, "the autoscaler started fewer than 2 GPU workers"
 
     # the same command on one node (the embedded local Ray) gives the same store and summary
@@ -87,10 +93,10 @@ def test_jobs_smoke_tests_on_the_autoscaling_cluster(fake_cluster, tmp_path, job
     assert summary["accuracy"]
     selection = [a for alive in sampler.concurrent("SelectionWorker") for a in alive]
     assert selection, f"no selection actor seen in {len(sampler.samples)} samples; sampling errors: {sampler.errors[-3:]}"
-    assert all(a["required_resources"].get("GPU", 0) >= 1 for a in selection)
+    assert all(_gpus(a) >= 1 for a in selection)
     if job == "sis_imagenet.py":  # Train workers of the streamed trials hold the GPUs
         workers = [a for alive in sampler.concurrent("RayTrainWorker") for a in alive]
-        assert workers and all(a["required_resources"].get("GPU", 0) >= 1 for a in workers)
+        assert workers and all(_gpus(a) >= 1 for a in workers)
 
 
 # --- losing workers ------------------------------------------------------------------------------

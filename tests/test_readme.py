@@ -46,7 +46,7 @@ def test_flags_named_in_prose_exist(flag):
 
     from overinterp.cli import build_parser
 
-    ray_flags = {"--working-dir", "--address"}  # `ray job submit`'s own
+    ray_flags = {"--working-dir", "--address", "--autoscaling-config"}  # `ray job submit`'s and `ray start`'s own
     run = build_parser()._subparsers._group_actions[0].choices["run"]
     ours = {o for p in (sis_cifar10.build_parser(), sis_imagenet.build_parser(), run) for a in p._actions for o in a.option_strings}
     assert flag in ours | ray_flags, f"README names {flag}, which no command accepts"

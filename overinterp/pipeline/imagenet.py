@@ -22,7 +22,6 @@ from dataclasses import asdict
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
 import torch
 from ray.data import ActorPoolStrategy
 
@@ -93,9 +92,11 @@ class StreamBackend:
         return {}
 
     def select(self, job: SelectionJob) -> None:
-        ds = read_images(self._path(job.split), self.cfg.image_size, self.classes, self.cfg.max_images, self.cfg.strict)
-        _, skipped = select_stream(job, ds, self.plan.root, IMAGENET_MEAN, IMAGENET_STD, self.resources,
-                                   select_batch=self.cfg.select_batch, total=self.plan.n_images[job.split], hw=self.plan.shape[1:])
+        done = store.done_ids(self.plan.root, job.source.tag, job.tag, job.split)  # a rerun decodes only the rest
+        ds = read_images(self._path(job.split), self.cfg.image_size, self.classes, self.cfg.max_images, self.cfg.strict,
+                         skip_ids=np.array(sorted(done), dtype=np.int64))
+        _, skipped = select_stream(job, ds, self.plan.root, IMAGENET_MEAN, IMAGENET_STD, self.resources, select_batch=self.cfg.select_batch,
+                                   done=done, total=self.plan.n_images[job.split], hw=self.plan.shape[1:])
         self.skipped[job.split] = skipped
         if skipped:
             log(f"{job.split}: {skipped_line(skipped)}")

@@ -16,7 +16,6 @@ is the in-memory backend. Every stage skips what the out_dir already holds, so a
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from typing import Optional
 
 import numpy as np
@@ -35,7 +34,7 @@ from overinterp.pipeline.select_stage import select_in_memory, write_random
 from overinterp.pipeline.trial import TrialSpec
 from overinterp.pipeline.tune_stage import run_trials
 from overinterp.report import save_gallery, sis_stats
-from overinterp.selection import apply_mask, keep_mask, n_keep, selector_tag, sis_mask, sis_size, tail_mask
+from overinterp.selection import apply_mask, keep_mask, n_keep, sis_mask, sis_size, tail_mask
 from overinterp.selection.subsets import dilate_keep
 from overinterp.selection.backselect import EngineConfig
 from overinterp.fill import fill as fill_removed

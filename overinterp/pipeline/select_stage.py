@@ -2,10 +2,10 @@
 the random baseline is written by the driver (it needs no model).
 
 Each actor loads its model once (in __init__) on its assigned GPU, or on CPU where it was given none.
-The pool starts with one actor and grows to the planned size as the autoscaler adds nodes. Ray Data
-restarts an actor lost with its node and retries its batch elsewhere; shards are named by their
-content (overinterp/store.py), so a retried batch rewrites its own shard and every image ends up in
-the store once. A rerun selects only the image ids not yet in the store.
+The pool grows to the planned size as the autoscaler adds nodes. A worker lost with its node fails
+the pass, and the stage selects the images not yet stored again (select_stream); shards are named by
+their content (overinterp/store.py), so a batch done twice rewrites its own shard and every image
+ends up in the store once. A rerun selects only the image ids not yet in the store.
 """
 
 from __future__ import annotations
@@ -32,8 +32,12 @@ from overinterp.selection import EngineConfig, params_json, run_selector, select
 class SelectionWorker:
     """Ray Data actor: (image_id, label, image) batches in, Parquet shards out."""
 
-    def __init__(self, source: dict, root: str, split: str, mean, std, selector: str, params: dict, engine: dict, threads: int):
+    def __init__(self, source: dict, root: str, split: str, mean, std, selector: str, params: dict, engine: dict, threads: int,
+                 skip_ids: Optional[np.ndarray] = None):
         torch.set_num_threads(threads)
+        # (S,) sorted int64: ids already in the store, dropped here rather than by a Ray Data filter
+        # task — that task would need a CPU, and on a node whose CPUs the actors hold it never runs
+        self.skip_ids = skip_ids if skip_ids is not None and len(skip_ids) else None
         self.device = worker_device()
         self.model = SelectionSource(**source).load(self.device)
         self.tag, self.root, self.split = source["tag"], root, split
@@ -43,7 +47,13 @@ class SelectionWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
+        if self.skip_ids is not None:
+            keep = ~np.isin(np.asarray(batch["image_id"]), self.skip_ids)
+            batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
         n_in = len(batch["image_id"])
+        if n_in == 0:
+            return {"image_id": np.zeros(0, np.int64), "error": np.zeros(0, object), "path": np.zeros(0, object),
+                    "node": np.zeros(0, object), "seconds": np.zeros(0)}
         errors = np.asarray(batch["error"], dtype=object) if "error" in batch else np.full(n_in, "", dtype=object)
         paths = np.asarray(batch["path"], dtype=object) if "path" in batch else np.full(n_in, "", dtype=object)
         out = {"image_id": np.asarray(batch["image_id"]), "error": errors, "path": paths,
@@ -122,17 +132,14 @@ def select_stream(
     for attempt in range(1, SELECTION_ATTEMPTS + 1):
         if done is None or attempt > 1:
             done = store.done_ids(root, job.source.tag, job.tag, job.split)
-        todo_ds = ds
-        if ds is not None and done and not (prefiltered and attempt == 1):
-            todo_ds = ds.map_batches(_drop_done, fn_kwargs={"done": np.array(sorted(done), dtype=np.int64)}, batch_format="numpy")
-            eager = False  # the filter runs as CPU tasks: actors must not take every CPU first
+        skip = None if (prefiltered and attempt == 1) or not done else np.array(sorted(done), dtype=np.int64)
         of = f" of {total}" if total is not None else ""
         print(f"[{job.tag} {job.source.tag}/{job.split}] {len(done)}{of} images already selected"
               + (f"; {total - len(done)} to go" if total is not None else ""), flush=True)
-        if todo_ds is None or (total is not None and len(done) >= total):
+        if ds is None or (total is not None and len(done) >= total):
             return n, sorted(skipped)
         try:
-            n_now, skipped_now = _select_pass(job, todo_ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager)
+            n_now, skipped_now = _select_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager, skip)
             return n + n_now, sorted(skipped + skipped_now)
         except Exception as e:
             if attempt == SELECTION_ATTEMPTS or not lost_worker(e):
@@ -158,12 +165,12 @@ def lost_worker(e: BaseException) -> Optional[BaseException]:
     return None
 
 
-def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager=False):
+def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager=False, skip=None):
     n_todo = (total - len(done)) if total is not None else None
     workers = resources.select_workers if n_todo is None else min(resources.select_workers, max(1, math.ceil(n_todo / select_batch)))
     with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray 2.60 flags every **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager)
+        ds = _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager, skip)
     per_image = _planned_passes(job, hw)
     unit, scale = ("passes", per_image) if per_image else ("images", 1)
     n, skipped = 0, []
@@ -176,12 +183,12 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
     return n, skipped
 
 
-def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager=False):
+def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager=False, skip=None):
     return ds.map_batches(
         SelectionWorker,
         fn_constructor_kwargs=dict(
             source=asdict(job.source), root=root, split=job.split, mean=mean, std=std, selector=job.selector,
-            params=job.params, engine=asdict(engine), threads=resources.torch_threads(),
+            params=job.params, engine=asdict(engine), threads=resources.torch_threads(), skip_ids=skip,
         ),
         batch_size=select_batch,
         batch_format="numpy",
@@ -203,12 +210,6 @@ def _planned_passes(job: SelectionJob, hw: Optional[tuple[int, int]]) -> Optiona
         return None
     fwd, bwd = planned_passes(job.selector, tuple(hw), job.params)
     return int(fwd + BACKWARD_COST * bwd)
-
-
-def _drop_done(batch: dict, done: np.ndarray) -> dict:
-    """Batch-wise filter: keep the rows whose image_id is not in the sorted array `done`."""
-    keep = ~np.isin(batch["image_id"], done)
-    return {k: v[keep] for k, v in batch.items()}
 
 
 def write_random(root: str, split: str, labels: np.ndarray, height: int, width: int, params: dict, select_batch: int,
