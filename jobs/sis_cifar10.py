@@ -8,7 +8,7 @@ models trained on the 5% BS subsets and on random 5% subsets; the paper's Table 
         --data-root /shared/cifar --out s3://BUCKET/overinterp/cifar10 --tracking-uri http://127.0.0.1:5000
 
 Rerunning with the same --out resumes: finished trials and selected images are not redone.
---smoke-test runs the whole job in seconds on 2 CPUs, on a tiny synthetic data set written in
+--smoke-test runs the whole job in a few minutes on 2 CPUs, on a tiny synthetic data set written in
 CIFAR-10's real on-disk format (Batched Gradient SIS instead of exact BS, 1 epoch).
 """
 
@@ -30,7 +30,7 @@ DEFAULTS = RunConfig(dataset="cifar10", models=("resnet20", "resnet18", "vgg16_b
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sis_cifar10.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p, DEFAULTS, dataset_flag=False)
-    p.add_argument("--smoke-test", action="store_true", help="tiny synthetic CIFAR-10 files, 2 CPUs, seconds")
+    p.add_argument("--smoke-test", action="store_true", help="tiny synthetic CIFAR-10 files: a wiring check, minutes on 2 CPUs")
     return p
 
 

@@ -12,7 +12,7 @@ pretrained model's accuracy in MLflow.
         --out s3://BUCKET/overinterp/imagenet --tracking-uri http://127.0.0.1:5000
 
 Rerunning with the same --out resumes: images already in the store and finished trials are skipped.
---smoke-test runs it in seconds on 2 CPUs on a tiny synthetic data set written as JPEG/PNG folders
+--smoke-test runs it in a few minutes on 2 CPUs on a tiny synthetic data set written as JPEG/PNG folders
 (or, with --smoke-format parquet, as Parquet of encoded images) and tv:resnet18 weights written to
 a local file.
 """
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     add_resource_arguments(p)
-    p.add_argument("--smoke-test", action="store_true", help="tiny synthetic data, tv:resnet18 from a local weights file, seconds on 2 CPUs")
+    p.add_argument("--smoke-test", action="store_true", help="tiny synthetic data, tv:resnet18 from a local weights file: a wiring check, minutes on 2 CPUs")
     p.add_argument("--smoke-format", choices=("folder", "parquet"), default="folder", help="--smoke-test data layout")
     return p
 

@@ -5,6 +5,18 @@ import torch
 import torch.nn as nn
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `benchmark` run whole benchmark scripts (minutes each): only when asked for by
+    `-m benchmark` (or any -m expression naming the marker positively)."""
+    expr = config.option.markexpr or ""
+    if "benchmark" in expr and "not benchmark" not in expr:
+        return
+    skip = pytest.mark.skip(reason="a benchmark script's quick run: select it with -m benchmark")
+    for item in items:
+        if "benchmark" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _restore_tracking_uri():
     """mlflow.set_tracking_uri() (called by every in-process run) writes $MLFLOW_TRACKING_URI, and

@@ -1,9 +1,9 @@
 """benchmarks/driver_rss.py runs (quick mode: the ImageNet job twice, on 16 and 32 images per split)
 and reports the driver's peak RSS for both sizes.
 
-Marked `faults`, like the other tests that run whole jobs as subprocesses (two full runs of
-jobs/sis_imagenet.py: several minutes on 2 CPUs): `python -m pytest -m "not multinode and not faults"`
-skips it. It checks that the figures exist, not what they are: memory is for BENCHMARKS.md.
+Marked `benchmark` (two full runs of jobs/sis_imagenet.py: about 12 minutes on 2 CPUs), so it runs
+only when selected: `python -m pytest -m benchmark`. It checks that the figures exist, not what
+they are: memory is for BENCHMARKS.md.
 """
 
 import json
@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-pytestmark = pytest.mark.faults
+pytestmark = pytest.mark.benchmark
 
 
 def test_driver_rss_quick(tmp_path, capsys):

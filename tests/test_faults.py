@@ -2,7 +2,7 @@
 on one --out. Each run is a real `overinterp run` process; afterwards the store passes `store check`
 and summary.json equals that of an undisturbed run.
 
-Marked `faults` (several minutes): `python -m pytest -m "not multinode and not faults"` skips them.
+Marked `faults` (several minutes): `python -m pytest -m "not multinode and not faults and not browser"` skips them.
 """
 
 from __future__ import annotations

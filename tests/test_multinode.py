@@ -1,7 +1,7 @@
 """The pipeline on simulated multi-node clusters: Ray's fake autoscaler shaped like cluster.yaml, and
 ray.cluster_utils.Cluster for losing a node.
 
-Marked `multinode` (minutes each): `python -m pytest -m "not multinode and not faults"` is the quick loop.
+Marked `multinode` (minutes each): `python -m pytest -m "not multinode and not faults and not browser"` is the quick loop.
 Every run here is a subprocess, as a user's driver would be: the test process keeps its own local Ray.
 """
 
