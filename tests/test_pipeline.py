@@ -5,6 +5,8 @@ import json
 import os
 
 import mlflow
+import mlflow.artifacts
+import mlflow.models
 import pytest
 
 from overinterp import store
@@ -72,6 +74,7 @@ def test_mlflow_parent_and_children(smoke_run):
 
     cfg, out, summary = smoke_run
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")  # for the runs:/ URI below
     exp = client.get_experiment_by_name("overinterp")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens in the model-training view
     parent = client.get_run(summary["mlflow_run_id"])
@@ -82,9 +85,22 @@ def test_mlflow_parent_and_children(smoke_run):
             "digits_cnn.plain.images_with_sis", "digits_cnn.ensemble.accuracy", "digits_cnn.input_dropout.accuracy",
             "digits_cnn.masked.median_confidence", "digits_cnn.selector.ig-n50.full_model_accuracy",
             "digits_cnn.selector.random-seed0.median_confidence", "digits_cnn.selector.backselect.median_confidence"} <= set(m)
-    for variant, sis in summary["sis"]["digits_cnn"].items():  # SIS sizes wherever some image has a SIS (2 epochs: few do)
-        assert (f"digits_cnn.{variant}.median_sis_pixels" in m) == (sis["n_with_sis"] > 0)
-    assert parent.inputs.dataset_inputs[0].dataset.name == "digits-smoke" and parent.inputs.dataset_inputs[0].dataset.digest
+    for variant, sis in summary["sis"]["digits_cnn"].items():  # SIS sizes wherever some image has a SIS (2 epochs: few do;
+        # test_summary_metrics_of_known_sis_sizes checks the values where the smoke run may have none)
+        assert m[f"digits_cnn.{variant}.images_with_sis"] == sis["n_with_sis"]
+        for key, field in (("median_sis_pixels", "median_size"), ("median_sis_fraction", "median_fraction")):
+            assert (f"digits_cnn.{variant}.{key}" in m) == (sis["n_with_sis"] > 0)
+            if sis["n_with_sis"]:
+                assert m[f"digits_cnn.{variant}.{key}"] == pytest.approx(sis[field])
+    # the cost plan (tracking.log_plan) and the resource plan (issue 8)
+    assert m["plan.cost.eta_s"] > 0 and m["plan.cost.forward_passes"] > 0
+    assert any(k.startswith("plan.cost.select.") for k in m) and any(k.startswith("plan.cost.train.") for k in m)
+    assert [k for k in parent.data.params if k.startswith("resources.")], sorted(parent.data.params)
+    (data_input,) = parent.inputs.dataset_inputs
+    ds = data_input.dataset
+    assert ds.name == "digits-smoke" and len(ds.digest) == 16
+    # scikit-learn's bundled file the digits are read from
+    assert ds.source_type == "local" and json.loads(ds.source)["uri"].endswith(os.path.join("sklearn", "datasets", "data", "digits.csv.gz"))
 
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_name = {c.info.run_name: c for c in children}
@@ -108,13 +124,55 @@ def test_mlflow_parent_and_children(smoke_run):
         f"{sel}-{what}" for sel in ("bs", "perturbation", "gradient", "ig") for what in ("subset", "subset+road", "positions-only")}
     assert by_name["digits_cnn-ig-n50-road-s1"].data.tags["selector"] == "ig-n50"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"summary.md", "gallery.png", "accuracy.png", "confidence_vs_removed.png", "sis_sizes.png"} <= artifacts
+    assert artifacts == {"summary.md", "summary.json", "gallery.png", "accuracy.png", "confidence_vs_removed.png", "sis_sizes.png",
+                         "plan.txt"}, artifacts  # summary_table.md is gone: summary.md holds the tables
+    assert not (out / "summary_table.md").exists()
+    plan_txt = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/plan.txt")
+    assert "cost (" in plan_txt and "selection" in plan_txt
     assert by_name["digits_cnn-full-drop0.2-s1"].data.tags["variant"] == "input-dropout"
-    model_uri = f"runs:/{by_name['digits_cnn-full-s0'].info.run_id}/model"
-    import mlflow.pytorch
 
-    logged = mlflow.pytorch.load_model(model_uri)
-    assert logged is not None and by_name["digits_cnn-full-s0"].data.tags["overinterp.model_logged"] == "1"
+
+def test_full_image_models_are_logged_with_their_signature(smoke_run):
+    """Every full-image model (plain and input dropout, each seed) is an MLflow PyTorch model whose
+    signature takes (B, 1, 8, 8) normalised digits and returns (B, 10) logits; subset models are not."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    cfg, out, summary = smoke_run
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("overinterp")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}'")
+    full = {c.info.run_name: c for c in children if c.data.tags["condition"] in ("full", "full+dropout")}
+    assert sorted(full) == ["digits_cnn-full-drop0.2-s0", "digits_cnn-full-drop0.2-s1", "digits_cnn-full-s0", "digits_cnn-full-s1"]
+    for c in children:
+        assert (c.data.tags.get("overinterp.model_logged") == "1") == (c.info.run_name in full), c.info.run_name
+    for name, c in full.items():
+        info = mlflow.models.get_model_info(f"runs:/{c.info.run_id}/model")
+        assert info.signature is not None, name
+        (inp,), (outp,) = info.signature.inputs.inputs, info.signature.outputs.inputs
+        assert tuple(inp.shape) == (-1, 1, 8, 8) and tuple(outp.shape) == (-1, 10), (name, inp.shape, outp.shape)
+    model = mlflow.pytorch.load_model(f"runs:/{full['digits_cnn-full-s0'].info.run_id}/model")
+    assert tuple(model(torch.zeros(3, 1, 8, 8)).shape) == (3, 10)
+
+
+def test_summary_metrics_of_known_sis_sizes():
+    """The parent's metrics from a hand-built summary: SIS medians only where some image has a SIS."""
+    from overinterp.pipeline.tracking import _metric_key, summary_metrics
+
+    summary = {"accuracy": {"cnn": {"full": [0.9, 0.7], "full+dropout": [0.8], "bs-subset": []}},
+               "sis": {"cnn": {"plain": {"n_with_sis": 3, "median_size": 5, "median_fraction": 5 / 64},
+                               "ensemble": {"n_with_sis": 0, "median_size": float("nan"), "median_fraction": float("nan")}}},
+               "variant_accuracy": {"cnn": {"plain": 0.9, "ensemble": 0.95}},
+               "masked_confidence": {"cnn": {"median_confidence": 0.6, "accuracy": 0.5}}}
+    m = {_metric_key(k): v for k, v in summary_metrics(summary).items()}
+    assert m["cnn.full.accuracy_mean"] == pytest.approx(0.8) and m["cnn.full.accuracy_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert m["cnn.full_plus_dropout.accuracy_std"] == 0.0 and "cnn.bs-subset.accuracy_mean" not in m
+    assert m["cnn.plain.median_sis_pixels"] == 5 and m["cnn.plain.median_sis_fraction"] == pytest.approx(5 / 64)
+    assert m["cnn.plain.images_with_sis"] == 3 and m["cnn.ensemble.images_with_sis"] == 0
+    assert "cnn.ensemble.median_sis_pixels" not in m and "cnn.ensemble.median_sis_fraction" not in m  # no NaN metrics
+    assert m["cnn.ensemble.accuracy"] == 0.95 and m["cnn.masked.median_confidence"] == 0.6 and m["cnn.masked.accuracy"] == 0.5
 
 
 def test_rerun_reuses_finished_work(smoke_run, capsys):
