@@ -146,7 +146,7 @@ def test_the_driver_sees_passes_before_the_batch_ends_and_none_twice(ray_session
     ray.kill(counter)
 
 
-def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, monkeypatch):
+def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, monkeypatch, capsys):
     """Through Ray Data: the bar ends at the planned passes, and no count it was asked to show (batches
     finished + in flight) ever exceeded them — a batch is never counted twice."""
     import numpy as np
@@ -177,3 +177,5 @@ def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, m
     total = 3 * planned_forward_passes("backselect", 64, 4)
     assert n == 3 and store.done_ids(str(tmp_path), "m", "backselect-k4", "test") == {0, 1, 2}
     assert asked and max(asked) <= total and asked[-1] == total
+    # wall time beside the passes (issue 12)
+    assert "[backselect-k4 m/test] selected 3 images in " in capsys.readouterr().out

@@ -28,6 +28,7 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from overinterp import store
+from overinterp.costplan import format_duration, format_rate
 from overinterp.data import normalize
 from overinterp.pipeline.plan import SelectionJob, SelectionSource
 from overinterp.progress import Progress
@@ -259,7 +260,7 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
     with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray 2.60 flags every **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager, skip, counter, pass_scale)
-    n, skipped = 0, []
+    n, skipped, worker_s, t0 = 0, [], 0.0, time.monotonic()
     bar = Progress(None if n_todo is None else n_todo * scale, unit, f"selection {job.tag} {job.source.tag}/{job.split}")
     stop = threading.Event()
     watcher = None
@@ -272,6 +273,7 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
             bad = out["error"] != ""
             n += int((~bad).sum())
             bar.update_to(n * scale)  # the batch's in-flight count was cleared before its result existed
+            worker_s += float(np.asarray(out["seconds"])[~bad].sum())
             skipped += list(zip(out["path"][bad].tolist(), out["error"][bad].tolist()))
     finally:
         stop.set()
@@ -279,6 +281,10 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
             watcher.join()
             ray.kill(counter)
         bar.close()
+    if n:  # wall time beside the passes (issue 12); per image: what one worker spent on it, start-up excluded
+        per = f", {format_rate(per_image * n / worker_s)} passes/s per worker" if per_image and worker_s > 0 else ""
+        print(f"[{job.tag} {job.source.tag}/{job.split}] selected {n} images in {format_duration(time.monotonic() - t0)} wall, "
+              f"{worker_s / n:.3g} worker-s per image{per}", flush=True)
     return n, skipped
 
 
