@@ -112,7 +112,9 @@ DEFAULT_AUGMENT = {"digits": False, "cifar10": True, "cifar100": True, "imagefol
 SMOKE_SIZES = (96, 48)  # train, test images kept by --smoke
 # --smoke is a wiring check on any data set: small models, ImageFolder images cut to 16 px, and k
 # raised until backselect/bgsis plan at most SMOKE_MAX_PASSES forward passes per image (the ranking
-# selectors stay under it at these sizes: HW + their own passes). Stated in --help.
+# selectors stay under it at these sizes: HW + their own passes). Stated in --help. What no k can
+# bring under it (an exact tail of 0.5 at 16 px is 8,256 passes alone; large --selector-options) is
+# refused before any work, naming the fix.
 SMOKE_MAX_PASSES = 5000
 SMOKE_IMAGE_SIZE = 16
 SMOKE_MODELS = {"digits": ("digits_cnn",), "cifar10": ("resnet20",), "cifar100": ("resnet20",), "imagefolder": ("resnet20",)}
@@ -253,7 +255,29 @@ class RunConfig:
             k *= 2
         if k != self.pixels_per_step:
             out["pixels_per_step"] = k
+        self._check_smoke_passes(side, k)
         return out
+
+    def _check_smoke_passes(self, side: int, k: int) -> None:
+        """ConfigError unless every selector plans at most SMOKE_MAX_PASSES forward passes per image
+        at the smoke's size and k (an exact tail, or a ranking selector's options, can exceed it
+        whatever k is): the bound --help states is kept, or the run is refused before any work."""
+        from overinterp.selection.cost import planned_forward_passes, planned_passes
+
+        hw = side * side
+        params = dataclasses.replace(self, pixels_per_step=k).selection_params()
+        for name, p in params.items():
+            passes = planned_passes(name, hw, p)[0]
+            if passes <= SMOKE_MAX_PASSES:
+                continue
+            head = (f"--smoke keeps every selector within {SMOKE_MAX_PASSES:,} forward passes per image (see --help), but {name} plans "
+                    f"{passes:,} at {side}×{side} px")
+            if name in ("backselect", "bgsis") and self.exact_tail < 1:
+                fits = [j / 100 for j in range(int(self.exact_tail * 100), 0, -1)
+                        if planned_forward_passes(name, hw, k, j / 100) <= SMOKE_MAX_PASSES]
+                fix = f"--exact-tail {fits[0]:g} or less" if fits else "no --exact-tail"
+                raise ConfigError(f"{head} with --exact-tail {self.exact_tail:g} even at k = {k}: use {fix} with --smoke, or drop --smoke")
+            raise ConfigError(f"{head} with its --selector-options: give it fewer (or drop them) with --smoke, or drop --smoke")
 
     # Fields a rerun may change without invalidating finished work in the same out_dir.
     # Selectors and fills are among them: their work is stored under its own selector tag / trial name.

@@ -34,10 +34,13 @@ class Progress:
         file: where to write (stderr by default, like tqdm).
         interval: seconds between plain lines, at least.
         clock: seconds, monotonic (tests pass a fake one).
+        start: the clock's time the work began (default: now). A bar made after the work started
+            (training's, at the first finished trial) passes it, so rate and ETA count from then.
     """
 
     def __init__(self, total: Optional[int], unit: str = "passes", desc: str = "", *, enabled: bool = True,
-                 file: Optional[TextIO] = None, interval: float = 10.0, clock: Callable[[], float] = time.monotonic):
+                 file: Optional[TextIO] = None, interval: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 start: Optional[float] = None):
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
         if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 0):
@@ -50,7 +53,9 @@ class Progress:
         self.done = 0
         self.closed = False
         self._lock = threading.Lock()
-        self._start = self._last = clock()
+        now = clock()
+        self._start = now if start is None else min(start, now)
+        self._last = now
         self._bar = None
         isatty = getattr(self.file, "isatty", None)
         if enabled and isatty is not None and isatty():
@@ -58,20 +63,32 @@ class Progress:
 
             self._bar = tqdm(total=total, unit=f" {unit}", desc=desc, file=self.file, unit_scale=True, dynamic_ncols=True,
                              mininterval=0.5)
+            self._bar.start_t -= now - self._start  # tqdm's own clock (time.time): the same elapsed time
 
     def update(self, n: int = 1) -> None:
         """Count n more finished units; prints a plain line when `interval` has passed since the last."""
         with self._lock:
-            if self.closed:
-                return
-            self.done += n
-            if self._bar is not None:
-                self._bar.update(n)
-                return
-            now = self.clock()
-            if now - self._last >= self.interval:
-                self._last = now
-                self._write(self.line(now))
+            self._add(n)
+
+    def update_to(self, n: int) -> None:
+        """Move on to n units done, if that is more than counted (never back, never past the total):
+        for a count polled from elsewhere (passes of batches still running, see select_stage)."""
+        with self._lock:
+            target = int(n) if self.total is None else min(int(n), self.total)
+            if target > self.done:
+                self._add(target - self.done)
+
+    def _add(self, n: int) -> None:  # under self._lock
+        if self.closed:
+            return
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = self.clock()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._write(self.line(now))
 
     def line(self, now: Optional[float] = None) -> str:
         """The plain progress line as of `now` (default: the clock)."""

@@ -84,3 +84,19 @@ def test_store_check_and_repair_commands(tmp_path, capsys):
     assert "rewrote" in printed and "all 1 selections are consistent" in printed
     assert main(["store", "check", "--out", str(tmp_path / "nothing")]) == 2
     assert "holds no selections/ folder" in capsys.readouterr().err
+
+
+def test_smoke_with_a_tail_past_its_pass_bound_is_refused_in_one_line(tmp_path, capsys):
+    """`--smoke --exact-tail 0.5` on a folder planned 8,513 passes per image at 16 px, above the
+    5,000 --help states: now a one-line error naming the fix, before any work."""
+    import os
+
+    from overinterp.synthetic import write_imagefolder
+
+    write_imagefolder(str(tmp_path / "f"), n_per_class=2, num_classes=2, size=20)
+    out = tmp_path / "out"
+    code = main(["run", "--smoke", "--dataset", "imagefolder", "--data-root", str(tmp_path / "f"), "--exact-tail", "0.5", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "backselect plans 8,513 at 16×16 px" in err and "use --exact-tail 0.37 or less with --smoke" in err
+    assert not os.path.exists(out)

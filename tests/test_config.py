@@ -54,3 +54,29 @@ def test_reuse_check(tmp_path):
     with pytest.raises(ConfigError, match=r"other settings \(fraction\)"):
         check_reuse(RunConfig(out_dir=str(tmp_path), fraction=0.1).resolved(), path)
     assert json.load(open(path))["fraction"] == 0.05
+
+
+@pytest.mark.parametrize("kwargs, planned", [
+    (dict(dataset="imagefolder", exact_tail=0.5), "backselect plans 8,513 at 16×16 px with --exact-tail 0.5 even at k = 256: "
+                                                  "use --exact-tail 0.37 or less"),
+    (dict(dataset="cifar10", exact_tail=0.1, selectors=("bgsis",)), "bgsis plans 5,358 at 32×32 px with --exact-tail 0.1 even at k = 1024: "
+                                                                    "use --exact-tail 0.09 or less"),  # 103·104/2 + 2
+    (dict(dataset="digits", selector_options={"perturbation": {"iterations": 10_000}}), "perturbation plans 10,065 at 8×8 px"),
+])
+def test_smoke_refuses_what_exceeds_its_stated_pass_bound(tmp_path, kwargs, planned):
+    """k is raised to keep --smoke within SMOKE_MAX_PASSES; an exact tail (or a selector's options)
+    can exceed it whatever k is: refused in one line naming the fix, not run past the bound."""
+    from overinterp.config import SMOKE_MAX_PASSES
+
+    with pytest.raises(ConfigError, match=f"--smoke keeps every selector within {SMOKE_MAX_PASSES:,} forward passes") as e:
+        RunConfig(smoke=True, data_root=str(tmp_path), **kwargs).resolved()
+    assert planned in str(e.value) and "\n" not in str(e.value)
+
+
+def test_smoke_within_the_bound_with_a_fitting_tail(tmp_path):
+    from overinterp.config import SMOKE_MAX_PASSES
+    from overinterp.selection.cost import planned_passes
+
+    cfg = RunConfig(dataset="imagefolder", data_root=str(tmp_path), smoke=True, exact_tail=0.37).resolved()
+    for name, params in cfg.selection_params().items():
+        assert planned_passes(name, 16 * 16, params)[0] <= SMOKE_MAX_PASSES, name

@@ -95,3 +95,47 @@ def test_bad_arguments():
         Progress(1, "steps")
     with pytest.raises(ValueError, match="total must be an int >= 0"):
         Progress(-1)
+
+
+def test_start_time_counts_from_when_the_work_began():
+    clock, out = Clock(), io.StringIO()
+    clock.t = 50.0
+    p = Progress(100, "images", "x", file=out, clock=clock, start=10.0)  # made 40 s after the work began
+    p.update(20)
+    assert p.line() == "x: 20 / 100 images (20.0%), 0.5 images/s, ETA 2 min 40 s"
+    p.close()
+    assert out.getvalue().splitlines()[-1] == "x: 20 / 100 images in 40 s, 0.5 images/s"
+
+
+def test_tqdm_bar_starts_at_the_start_time_too():
+    import time
+
+    out = Terminal()
+    p = Progress(10, "trials", "t", file=out, clock=time.monotonic, start=time.monotonic() - 100)
+    assert p._bar.format_dict["elapsed"] >= 100
+    p.close()
+
+
+def test_update_to_moves_on_never_back_nor_past_the_total():
+    clock, out = Clock(), io.StringIO()
+    p = Progress(1000, "passes", file=out, interval=0, clock=clock)
+    p.update_to(300)
+    p.update_to(200)  # a poll that saw less (a batch's count cleared before its result arrived): no step back
+    assert p.done == 300
+    p.update(100)
+    p.update_to(5000)
+    assert p.done == 1000
+
+
+def test_training_bar_counts_from_the_launch_not_the_first_finished_trial():
+    """Tune's callback makes its bar when the first trial ends (a bar cannot be pickled); its rate
+    and ETA must still count from the launch."""
+    pytest.importorskip("ray.tune")
+    from overinterp.pipeline.tune_stage import _Progress
+
+    clock = Clock()
+    cb = _Progress("subsets", total=4, done=0, clock=clock)  # launched at t = 0
+    clock.t = 100.0  # the first trial ends 100 s later
+    cb.on_trial_complete(0, [], trial=None)
+    assert cb.bar.line() == "training (subsets): 1 / 4 trials (25.0%), 0.01 trials/s, ETA 5 min"
+    cb.bar.close()

@@ -41,3 +41,141 @@ def test_a_selection_worker_drops_ids_already_stored(ray_session, tmp_path):
     assert out["image_id"].tolist() == [0, 2] and len(out["seconds"]) == 2
     assert store.done_ids(str(tmp_path), "m", "backselect-k4", "test") == {0, 2}
     assert len(worker({"image_id": np.array([1, 3]), "label": np.zeros(2, np.int64), "image": images[:2]})["image_id"]) == 0
+
+
+# --- progress from inside a batch: worker -> PassCounter -> driver's bar --------------------------
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+class _FakeCounter:
+    """A PassCounter's interface without Ray: records what a worker sends."""
+
+    def __init__(self):
+        self.sent = []
+        self.add = _Remote(lambda key, n: self.sent.append(n))
+        self.clear = _Remote(lambda key: self.sent.append("clear"))
+
+
+def test_a_worker_forwards_passes_at_most_every_interval(monkeypatch):
+    import overinterp.pipeline.select_stage as ss
+
+    monkeypatch.setattr(ss.ray, "get", lambda ref, **kw: ref)  # the fake counter's calls return values, not refs
+    clock, counter = _Clock(), _FakeCounter()
+    f = ss.PassForwarder(counter, scale=1.5, interval=2.0, clock=clock)
+    f.start()
+    for t in range(10):  # 100 passes every 0.5 s for 5 s
+        clock.t = 0.5 * t
+        f(100)
+    assert counter.sent == [750.0, 600.0]  # at 2.0 s (5 calls) and 4.0 s (4 more), scaled; 100 still pending
+    f.finish()
+    assert counter.sent[-1] == "clear" and f.pending == 0
+
+
+def test_the_driver_polls_finished_plus_in_flight_never_back():
+    import io
+    import threading
+
+    from overinterp.pipeline.select_stage import watch_in_flight
+    from overinterp.progress import Progress
+
+    bar = Progress(10_000, "passes", file=io.StringIO(), interval=1e9)
+    # (finished batches' passes, in-flight passes) per poll: a batch of 5000 runs, its count is
+    # cleared before its result reaches the driver (a poll in between sees neither), then counted
+    polls = [(0, 1200.0), (0, 3400.0), (0, 0.0), (5000, 0.0), (5000, 800.0), ("boom", None)]
+    stop, shown, now = threading.Event(), [], {}
+
+    def finished():
+        now["poll"] = polls.pop(0)
+        return now["poll"][0] if polls else 0
+
+    def in_flight():
+        if not polls:
+            stop.set()
+            raise RuntimeError("counter gone")  # a lost counter: the poll is skipped, nothing raised
+        return now["poll"][1]
+
+    update_to = bar.update_to
+    bar.update_to = lambda n: (update_to(n), shown.append(bar.done))
+    watch_in_flight(bar, finished, in_flight, stop, interval=0)
+    assert shown == [1200, 3400, 3400, 5000, 5800]
+
+
+def test_the_driver_sees_passes_before_the_batch_ends_and_none_twice(ray_session, tmp_path, monkeypatch):
+    """A real PassCounter actor: while the worker's batch runs, the counter already holds some of its
+    passes; once the batch returns, its count is cleared (the driver counts the batch from its result)."""
+    from dataclasses import asdict
+
+    import numpy as np
+    import ray
+
+    import overinterp.pipeline.select_stage as ss
+    from overinterp.pipeline.plan import SelectionSource
+    from overinterp.selection import EngineConfig, planned_forward_passes, selector_params
+
+    monkeypatch.setattr(ss, "FORWARD_EVERY", 0.0)  # report every chunk: deterministic
+    counter = ray.remote(num_cpus=0)(ss.PassCounter).remote()
+    source = SelectionSource(tag="m", model={"name": "digits_cnn", "num_classes": 10, "in_channels": 1})
+    worker = ss.SelectionWorker(asdict(source), str(tmp_path), "test", (0.5,), (0.25,), "backselect", selector_params("backselect", 4),
+                                asdict(EngineConfig(chunk=16)), threads=1, counter=counter)
+    model, seen = worker.model, []
+
+    def watched(x):  # the driver's view, read from inside the batch at every forward pass
+        seen.append(ray.get(counter.total.remote()))
+        return model(x)
+
+    worker.model = watched
+    images = np.random.default_rng(0).integers(0, 256, (2, 1, 8, 8), dtype=np.uint8)
+    worker({"image_id": np.arange(2), "label": np.zeros(2, np.int64), "image": images})
+    total = planned_forward_passes("backselect", 64, 4, batch=2)
+    assert any(0 < s < total for s in seen) and seen == sorted(seen)  # intermediate counts, growing
+    assert ray.get(counter.total.remote()) == 0  # cleared before the result: never counted twice
+    ray.kill(counter)
+
+
+def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, monkeypatch, capsys):
+    """Through Ray Data: the bar ends at the planned passes, and no count it was asked to show (batches
+    finished + in flight) ever exceeded them — a batch is never counted twice."""
+    import numpy as np
+
+    import overinterp.pipeline.select_stage as ss
+    from overinterp import store
+    from overinterp.pipeline.plan import SelectionJob, SelectionSource
+    from overinterp.pipeline.resources import ResourcePlan
+    from overinterp.selection import EngineConfig, params_json, planned_forward_passes, selector_params
+    from overinterp.progress import Progress
+
+    asked = []
+
+    class Recording(Progress):
+        def update_to(self, n):
+            asked.append(n)
+            super().update_to(n)
+
+    monkeypatch.setattr(ss, "Progress", Recording)
+    monkeypatch.setattr(ss, "POLL_EVERY", 0.05)
+    source = SelectionSource(tag="m", model={"name": "digits_cnn", "num_classes": 10, "in_channels": 1})
+    job = SelectionJob(source, "backselect", params_json(selector_params("backselect", 4)), "test")
+    resources = ResourcePlan(use_gpu=False, select_workers=1, cpus_per_worker=1, gpus_per_worker=0, trial_concurrency=1,
+                             cpus_per_trial=1, gpus_per_trial=0, capacity="test")
+    images = np.random.default_rng(0).integers(0, 256, (3, 1, 8, 8), dtype=np.uint8)
+    n, _ = ss.select_in_memory(job, images, np.zeros(3, np.int64), (0.5,), (0.25,), str(tmp_path), resources,
+                               EngineConfig(chunk=16), select_batch=1)
+    total = 3 * planned_forward_passes("backselect", 64, 4)
+    assert n == 3 and store.done_ids(str(tmp_path), "m", "backselect-k4", "test") == {0, 1, 2}
+    assert asked and max(asked) <= total and asked[-1] == total
+    # wall time beside the passes (issue 12)
+    assert "[backselect-k4 m/test] selected 3 images in " in capsys.readouterr().out

@@ -400,3 +400,32 @@ def test_dilate_keep_grows_each_pixel_to_its_3x3_neighbourhood():
     out = dilate_keep(keep, 4, 4)
     assert sorted(out[0].nonzero().flatten().tolist()) == [0, 1, 4, 5]
     assert sorted(out[1].nonzero().flatten().tolist()) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+
+
+# --- progress from inside a batch: on_passes ----------------------------------------------------
+
+@pytest.mark.parametrize("name, options", [
+    ("backselect", {"k": 1}),
+    ("backselect", {"k": 3}),
+    ("backselect", {"k": 4, "tail": 0.25}),
+    ("bgsis", {"k": 3}),
+    ("bgsis", {"k": 4, "tail": 0.25}),
+    ("gradient", None),
+    ("ig", {"n_steps": 4}),
+    ("occlusion", {"window": 2}),
+    ("perturbation", {"iterations": 3}),
+])
+def test_on_passes_reports_every_pass_as_it_is_made(tiny_net, name, options):
+    """The callback's calls sum to the engine's own pass counter, in more than one call (so a long
+    batch reports before it returns), each a Python int (no tensor: no host sync)."""
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if name in ("backselect", "bgsis"):
+        params = selector_params(name, options["k"], options.get("tail", 1.0))
+    else:
+        params = selector_params(name, options=options)
+    calls = []
+    res = run_selector(name, tiny_net, x, params, EngineConfig(chunk=5), on_passes=calls.append)
+    assert sum(calls) == res.forward_passes > 0
+    assert len(calls) > 1 and all(type(n) is int and n > 0 for n in calls)
+    plain = run_selector(name, tiny_net, x, params, EngineConfig(chunk=5))
+    assert torch.equal(plain.order, res.order) and plain.forward_passes == res.forward_passes

@@ -6,15 +6,21 @@ The pool grows to the planned size as the autoscaler adds nodes. A worker lost w
 the pass, and the stage selects the images not yet stored again (select_stream); shards are named by
 their content (overinterp/store.py), so a batch done twice rewrites its own shard and every image
 ends up in the store once. A rerun selects only the image ids not yet in the store.
+
+Progress is shown in planned passes, from inside a batch too: the engines call on_passes as they
+go, each actor forwards the counts every FORWARD_EVERY s to a PassCounter actor, and a driver
+thread adds them to the finished batches' passes every POLL_EVERY s.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
+import uuid
 import warnings
 from dataclasses import asdict
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import ray
@@ -22,6 +28,7 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from overinterp import store
+from overinterp.costplan import format_duration, format_rate
 from overinterp.data import normalize
 from overinterp.pipeline.plan import SelectionJob, SelectionSource
 from overinterp.progress import Progress
@@ -33,8 +40,10 @@ class SelectionWorker:
     """Ray Data actor: (image_id, label, image) batches in, Parquet shards out."""
 
     def __init__(self, source: dict, root: str, split: str, mean, std, selector: str, params: dict, engine: dict, threads: int,
-                 skip_ids: Optional[np.ndarray] = None):
+                 skip_ids: Optional[np.ndarray] = None, counter=None, pass_scale: float = 1.0):
         torch.set_num_threads(threads)
+        # passes made inside a batch go to the driver's PassCounter (if any), at most every FORWARD_EVERY s
+        self.passes = PassForwarder(counter, scale=pass_scale) if counter is not None else None
         # (S,) sorted int64: ids already in the store, dropped here rather than by a Ray Data filter
         # task — that task would need a CPU, and on a node whose CPUs the actors hold it never runs
         self.skip_ids = skip_ids if skip_ids is not None and len(skip_ids) else None
@@ -64,7 +73,13 @@ class SelectionWorker:
         batch = {k: np.asarray(v)[good] for k, v in batch.items() if k in ("image_id", "label", "image")}
         images = torch.from_numpy(np.array(batch["image"])).to(self.device)  # (B, C, H, W) uint8
         x = normalize(images, self.mean, self.std)
-        res = run_selector(self.selector, self.model, x, self.params, self.engine).cpu()
+        if self.passes is not None:
+            self.passes.start()
+        try:
+            res = run_selector(self.selector, self.model, x, self.params, self.engine, on_passes=self.passes).cpu()
+        finally:
+            if self.passes is not None:
+                self.passes.finish()  # before the batch's result exists: the driver never counts it twice
         _, _, H, W = images.shape
         n = len(batch["image_id"])
         store.write_rows(
@@ -85,6 +100,76 @@ class SelectionWorker:
             width=W,
         )
         return {**out, "seconds": np.full(n_in, (time.perf_counter() - t0) / n)}
+
+
+FORWARD_EVERY = 2.0  # seconds between a worker's reports of passes made inside a batch
+POLL_EVERY = 2.0  # seconds between the driver's reads of those reports
+
+
+class PassCounter:
+    """Ray actor (no CPU) of the passes made in the batches still running, per worker; the driver
+    adds it to the passes of the finished batches for its bar (progress inside a batch: exact BS on
+    one 32x32 image is 524,800 passes, minutes to hours)."""
+
+    def __init__(self):
+        self.in_flight: dict[str, float] = {}
+
+    def add(self, worker: str, passes: float) -> None:
+        self.in_flight[worker] = self.in_flight.get(worker, 0.0) + passes
+
+    def clear(self, worker: str) -> None:
+        self.in_flight.pop(worker, None)
+
+    def total(self) -> float:
+        return sum(self.in_flight.values())
+
+
+class PassForwarder:
+    """A worker's on_passes callback: adds up the engine's counts and sends them to a PassCounter at
+    most every `interval` seconds (one small remote call, never waited on).
+
+    scale: planned units per forward pass (bgsis: a backward pass counts BACKWARD_COST, and the
+    engine reports forward passes only). `finish` clears this worker's count and waits for it, so
+    the batch is counted by the driver only once its result arrives, never twice.
+    """
+
+    def __init__(self, counter, scale: float = 1.0, interval: Optional[float] = None, clock: Callable[[], float] = time.monotonic):
+        self.counter, self.scale, self.clock = counter, scale, clock
+        self.interval = FORWARD_EVERY if interval is None else interval
+        self.key = uuid.uuid4().hex  # this worker, in the counter
+        self.pending = 0
+        self.last = clock()
+
+    def start(self) -> None:
+        self.pending, self.last = 0, self.clock()
+
+    def __call__(self, n: int) -> None:
+        self.pending += n
+        now = self.clock()
+        if now - self.last >= self.interval:
+            self.counter.add.remote(self.key, self.pending * self.scale)
+            self.pending, self.last = 0, now
+
+    def finish(self) -> None:
+        self.pending = 0
+        try:
+            ray.get(self.counter.clear.remote(self.key))
+        except ray.exceptions.RayActorError:  # the pass ended (failed) and the driver dropped its counter
+            pass
+
+
+def watch_in_flight(bar: Progress, finished: Callable[[], int], in_flight: Callable[[], float], stop: threading.Event,
+                    interval: float = POLL_EVERY) -> None:
+    """Until `stop` is set: every `interval` s move the bar on to finished() + in_flight() (the
+    passes of the finished batches and those the workers reported from the running ones). Run in a
+    driver thread; finished() is read first, so a batch that just ended is at worst counted late."""
+    while not stop.wait(interval):
+        done = finished()
+        try:
+            running = in_flight()
+        except Exception:  # noqa: BLE001 — progress only: a counter lost with the pass must not hide its real error
+            continue
+        bar.update_to(int(done + running))
 
 
 def select_in_memory(job: SelectionJob, images: np.ndarray, labels: np.ndarray, mean, std, root: str, resources: ResourcePlan,
@@ -168,27 +253,49 @@ def lost_worker(e: BaseException) -> Optional[BaseException]:
 def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager=False, skip=None):
     n_todo = (total - len(done)) if total is not None else None
     workers = resources.select_workers if n_todo is None else min(resources.select_workers, max(1, math.ceil(n_todo / select_batch)))
-    with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray 2.60 flags every **ray_remote_args
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager, skip)
     per_image = _planned_passes(job, hw)
     unit, scale = ("passes", per_image) if per_image else ("images", 1)
-    n, skipped = 0, []
-    with Progress(None if n_todo is None else n_todo * scale, unit, f"selection {job.tag} {job.source.tag}/{job.split}") as bar:
+    counter = ray.remote(num_cpus=0)(PassCounter).remote() if per_image else None
+    pass_scale = per_image / max(1, _planned_passes(job, hw, forward_only=True)) if per_image else 1.0
+    with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray 2.60 flags every **ray_remote_args
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager, skip, counter, pass_scale)
+    n, skipped, worker_s, t0 = 0, [], 0.0, time.monotonic()
+    bar = Progress(None if n_todo is None else n_todo * scale, unit, f"selection {job.tag} {job.source.tag}/{job.split}")
+    stop = threading.Event()
+    watcher = None
+    if counter is not None:
+        watcher = threading.Thread(target=watch_in_flight, daemon=True, name="selection-progress",
+                                   args=(bar, lambda: n * scale, lambda: ray.get(counter.total.remote(), timeout=POLL_EVERY), stop))
+        watcher.start()
+    try:
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             bad = out["error"] != ""
             n += int((~bad).sum())
-            bar.update(int((~bad).sum()) * scale)
+            bar.update_to(n * scale)  # the batch's in-flight count was cleared before its result existed
+            worker_s += float(np.asarray(out["seconds"])[~bad].sum())
             skipped += list(zip(out["path"][bad].tolist(), out["error"][bad].tolist()))
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
+            ray.kill(counter)
+        bar.close()
+    if n:  # wall time beside the passes (issue 12); per image: what one worker spent on it, start-up excluded
+        per = f", {format_rate(per_image * n / worker_s)} passes/s per worker" if per_image and worker_s > 0 else ""
+        print(f"[{job.tag} {job.source.tag}/{job.split}] selected {n} images in {format_duration(time.monotonic() - t0)} wall, "
+              f"{worker_s / n:.3g} worker-s per image{per}", flush=True)
     return n, skipped
 
 
-def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager=False, skip=None):
+def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager=False, skip=None, counter=None,
+                   pass_scale=1.0):
     return ds.map_batches(
         SelectionWorker,
         fn_constructor_kwargs=dict(
             source=asdict(job.source), root=root, split=job.split, mean=mean, std=std, selector=job.selector,
             params=job.params, engine=asdict(engine), threads=resources.torch_threads(), skip_ids=skip,
+            counter=counter, pass_scale=pass_scale,
         ),
         batch_size=select_batch,
         batch_format="numpy",
@@ -201,15 +308,16 @@ def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, wo
     )
 
 
-def _planned_passes(job: SelectionJob, hw: Optional[tuple[int, int]]) -> Optional[int]:
-    """Forward passes per image the selector plans (a backward pass counted as BACKWARD_COST), or None."""
+def _planned_passes(job: SelectionJob, hw: Optional[tuple[int, int]], forward_only: bool = False) -> Optional[int]:
+    """Forward passes per image the selector plans (a backward pass counted as BACKWARD_COST unless
+    forward_only), or None."""
     from overinterp.costplan import BACKWARD_COST
     from overinterp.selection.cost import PLANNED_SELECTORS, planned_passes
 
     if hw is None or job.selector not in PLANNED_SELECTORS:
         return None
     fwd, bwd = planned_passes(job.selector, tuple(hw), job.params)
-    return int(fwd + BACKWARD_COST * bwd)
+    return int(fwd) if forward_only else int(fwd + BACKWARD_COST * bwd)
 
 
 def write_random(root: str, split: str, labels: np.ndarray, height: int, width: int, params: dict, select_batch: int,

@@ -29,8 +29,10 @@ class _Progress(tune.Callback):
     """A progress bar of finished trials instead of Tune's status tables (with -v: one line per
     trial, its accuracy and time)."""
 
-    def __init__(self, stage: str, total: int, done: int):
-        self.stage, self.total, self.done, self.t0 = stage, total, done, time.time()
+    def __init__(self, stage: str, total: int, done: int, clock: Callable[[], float] = time.time):
+        # wall-clock seconds (not monotonic): Tune pickles its callbacks, and t0 must mean the same after
+        self.stage, self.total, self.done, self.clock = stage, total, done, clock
+        self.t0 = clock()  # the launch: the bar's rate and ETA count from here, not from the first finished trial
         self.bar = None  # made in the driver when the first trial ends: Tune pickles its callbacks, a bar holds a lock
 
     def __getstate__(self):
@@ -41,7 +43,7 @@ class _Progress(tune.Callback):
         from overinterp.progress import Progress
 
         if self.bar is None:
-            self.bar = Progress(self.total - self.done, "trials", f"training ({self.stage})")
+            self.bar = Progress(self.total - self.done, "trials", f"training ({self.stage})", clock=self.clock, start=self.t0)
         self.done += 1
         self.bar.update(1)
         if not terminal.VERBOSE:

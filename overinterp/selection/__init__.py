@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Optional
 
 from overinterp.selection.attribution import (
     ATTRIBUTION_METHODS,
@@ -25,6 +26,7 @@ from overinterp.selection.attribution import (
 )
 from overinterp.selection.backselect import (
     EngineConfig,
+    PassesFunc,
     SelectionResult,
     backward_selection,
     brute_force_backward_selection,
@@ -115,25 +117,29 @@ def params_json(params: dict) -> str:
 DEFAULT_EXACT_TAIL = 1.0
 
 
-def run_selector(name: str, forward, images, params: dict, engine: EngineConfig = EngineConfig()) -> SelectionResult:
+def run_selector(name: str, forward, images, params: dict, engine: EngineConfig = EngineConfig(),
+                 on_passes: Optional[PassesFunc] = None) -> SelectionResult:
     """Dispatch to a model selector by name: (B, C, H, W) normalised images -> SelectionResult.
 
     `params` as `selector_params` makes them (the row's stored parameters). They are checked before
     the model runs (one-line ValueError naming the fix). Every selector explains the prediction on
-    the unmasked image and gives each image the same result alone or in any batch.
+    the unmasked image and gives each image the same result alone or in any batch. on_passes(n) is
+    called as forward passes are made, from inside the batch (see backselect.PassesFunc); its calls
+    sum to the result's forward_passes.
     """
     check_selector_name(name)
     if name in REMOVAL_SELECTORS:
         k, tail = params.get("k", 1), params.get("tail", 1.0)
         check_selector_args(k, tail)
         if name == "backselect":
-            return backward_selection(forward, images, pixels_per_step=k, exact_tail=tail, config=engine)
-        return batched_gradient_sis(forward, images, pixels_per_step=k, exact_tail=tail, engine=engine)
+            return backward_selection(forward, images, pixels_per_step=k, exact_tail=tail, config=engine, on_passes=on_passes)
+        return batched_gradient_sis(forward, images, pixels_per_step=k, exact_tail=tail, engine=engine, on_passes=on_passes)
     resolved = check_selector_params(name, params)
     if name == "perturbation":
         seed = resolved.pop("seed")
-        return meaningful_perturbation(forward, images, params=PerturbationParams(**resolved), seed=seed, config=engine)
-    return attribution_selection(forward, images, name, params=resolved, config=engine)
+        return meaningful_perturbation(forward, images, params=PerturbationParams(**resolved), seed=seed, config=engine,
+                                       on_passes=on_passes)
+    return attribution_selection(forward, images, name, params=resolved, config=engine, on_passes=on_passes)
 
 
 __all__ = [

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from overinterp.selection.backselect import EngineConfig, ForwardFunc, Scorer, SelectionResult, widen
+from overinterp.selection.backselect import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, widen
 from overinterp.selection.ranking import check_images, explain, scored_result
 
 ATTRIBUTION_METHODS = ("gradient", "ig", "occlusion")
@@ -141,19 +141,24 @@ def selector_tag_params(name: str, params: Optional[dict] = None) -> dict:
 
 
 class _CountingProb(nn.Module):
-    """p = softmax(forward(x)) in fp32 or wider; counts the images it evaluates.
+    """p = softmax(forward(x)) in fp32 or wider; counts the images it evaluates (and tells
+    on_passes of each call's, a shape: no host sync).
 
     A Module (holding the model as a submodule when it is one) so hook-based Captum methods work.
     """
 
-    def __init__(self, forward: ForwardFunc):
+    def __init__(self, forward: ForwardFunc, on_passes: Optional[PassesFunc] = None):
         super().__init__()
         self.inner = forward
         self.images = 0
+        self.on_passes = on_passes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.images += x.shape[0]
-        return torch.softmax(widen(self.inner(x)), 1)
+        out = torch.softmax(widen(self.inner(x)), 1)
+        if self.on_passes is not None:
+            self.on_passes(int(x.shape[0]))
+        return out
 
 
 def attribution_selection(
@@ -165,6 +170,7 @@ def attribution_selection(
     params: Optional[dict] = None,
     config: EngineConfig = EngineConfig(),
     steps_per_pass: Optional[int] = None,
+    on_passes: Optional[PassesFunc] = None,
 ) -> SelectionResult:
     """Rank pixels by a Captum attribution of p(c) and compute the p(c) curve of the ranking.
 
@@ -178,6 +184,8 @@ def attribution_selection(
         steps_per_pass: ig only — interpolation steps per forward + backward pass (B·steps_per_pass
             images at once); None = all n_steps at once. Bounds memory; any value gives every
             image the same steps per pass whatever the batch, so batching never changes a result.
+        on_passes: called with the forward passes made, per model call of the attribution and per
+            chunk of the curve (see backselect.PassesFunc).
     Returns:
         SelectionResult: order (B, HW) least important first, curve (B, HW), step_sizes (1,)*HW.
     """
@@ -192,13 +200,13 @@ def attribution_selection(
         raise ValueError(f"occlusion window must be at most the image side {min(H, W)}, got {resolved['window']}")
     scorer = Scorer(forward, config, images)  # fixes the model's memory format before it runs
     explained = explain(scorer, images, target)
-    prob = _CountingProb(forward)
+    prob = _CountingProb(forward, on_passes)
     attr = _attribute(prob, images, method, resolved, explained[0], scorer.chunk, steps_per_pass)
     if attr.shape != images.shape:
         raise ValueError(f"{method} returned attributions of shape {tuple(attr.shape)}, not one per input element "
                          f"{tuple(images.shape)}: it does not rank pixels")
     importance = attr.detach().sum(1).reshape(B, H * W)  # (B, HW): channels summed
-    return scored_result(scorer, images, importance, explained, prob.images)
+    return scored_result(scorer, images, importance, explained, prob.images, on_passes)
 
 
 def _attribute(prob: _CountingProb, images, method: str, params: dict, target, chunk: int, steps_per_pass):

@@ -56,6 +56,10 @@ def explained_class(probs: torch.Tensor, target: Optional[torch.Tensor]):
 
 ForwardFunc = Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) normalised -> (N, K) logits
 ProgressFunc = Callable[[int, int], None]  # (pixels removed so far, HW) per step
+# forward passes just made (images evaluated, a Python int the engine counts anyway: no host sync),
+# called per step or chunk, so a long batch can report progress before it returns; the calls sum
+# to SelectionResult.forward_passes
+PassesFunc = Callable[[int], None]
 
 
 @dataclass
@@ -254,7 +258,8 @@ def compiled(forward: ForwardFunc) -> ForwardFunc:
     return _COMPILED[forward]
 
 
-def _score_step(scorer: Scorer, x_nhwc: torch.Tensor, remaining: torch.Tensor, target: torch.Tensor, shape) -> torch.Tensor:
+def _score_step(scorer: Scorer, x_nhwc: torch.Tensor, remaining: torch.Tensor, target: torch.Tensor, shape,
+                on_passes: Optional[PassesFunc] = None) -> torch.Tensor:
     """p(c) for every (image, remaining pixel) candidate of one step.
 
     x_nhwc: (B, HW, C) current masked images; remaining: (B, R) pixel indices, ascending.
@@ -279,6 +284,8 @@ def _score_step(scorer: Scorer, x_nhwc: torch.Tensor, remaining: torch.Tensor, t
         if not scorer.config.channels_last:
             imgs = imgs.contiguous()
         scores[start:stop] = scorer.target_probs(imgs, target[b])
+        if on_passes is not None:  # per chunk: one step of a 224-px image is minutes of CPU
+            on_passes(stop - start)
     return scores.view(B, R)
 
 
@@ -292,6 +299,7 @@ def backward_selection(
     target: Optional[torch.Tensor] = None,
     progress: Optional[ProgressFunc] = None,
     max_steps: Optional[int] = None,
+    on_passes: Optional[PassesFunc] = None,
 ) -> SelectionResult:
     """Run backward selection on a batch of images until every pixel is masked.
 
@@ -307,6 +315,7 @@ def backward_selection(
         target: (B,) class to explain; default the predicted class.
         progress: called after every step with (pixels removed, HW).
         max_steps: for benchmarks — stop after this many steps; order is -1 and curve NaN beyond.
+        on_passes: called with the forward passes made, per chunk of candidates (see PassesFunc).
 
     Returns:
         SelectionResult with order/curve (B, HW) on the images' device; forward_passes counts the
@@ -329,7 +338,8 @@ def backward_selection(
         target, confidence, pred = explained_class(probs, target)
         remaining = torch.arange(HW, device=device).expand(B, HW).clone()  # (B, R) ascending pixel ids
         plan = step_plan(HW, pixels_per_step, exact_tail)
-        passes, sizes = run_steps(scorer, x, remaining, target, order, curve, 0, plan[:max_steps], (C, H, W), progress)
+        passes, sizes = run_steps(scorer, x, remaining, target, order, curve, 0, plan[:max_steps], (C, H, W), progress,
+                                  on_passes)
     return SelectionResult(order, curve, pred, confidence, passes, sizes)
 
 
@@ -344,6 +354,7 @@ def run_steps(
     plan: list[int],
     shape: tuple[int, int, int],
     progress: Optional[ProgressFunc] = None,
+    on_passes: Optional[PassesFunc] = None,
 ) -> tuple[int, tuple[int, ...]]:
     """The BS loop from any state: remove plan[t] pixels at step t, writing order/curve in place.
 
@@ -360,7 +371,7 @@ def run_steps(
     passes = 0
     for k in plan:
         R = HW - removed
-        scores = _score_step(scorer, x, remaining, target, shape)  # (B, R)
+        scores = _score_step(scorer, x, remaining, target, shape, on_passes)  # (B, R)
         passes += B * R
         if k == 1:
             best_score, pos = scores.max(1, keepdim=True)  # first max = lowest pixel id (ascending)
@@ -377,6 +388,8 @@ def run_steps(
             imgs = x.view(B, H, W, C).permute(0, 3, 1, 2)
             curve[:, removed : removed + k] = scorer.target_probs(imgs, target)[:, None]
             passes += B
+            if on_passes is not None:
+                on_passes(B)
         keep = torch.ones_like(remaining, dtype=torch.bool).scatter_(1, pos, False)
         remaining = remaining[keep].view(B, R - k)  # boolean gather preserves ascending order
         removed += k

@@ -26,6 +26,7 @@ import torch
 from overinterp.selection.backselect import (
     EngineConfig,
     ForwardFunc,
+    PassesFunc,
     ProgressFunc,
     Scorer,
     SelectionResult,
@@ -46,6 +47,7 @@ def batched_gradient_sis(
     target: Optional[torch.Tensor] = None,
     progress: Optional[ProgressFunc] = None,
     max_steps: Optional[int] = None,
+    on_passes: Optional[PassesFunc] = None,
 ) -> SelectionResult:
     """Run Batched Gradient SIS until every pixel is masked.
 
@@ -60,6 +62,8 @@ def batched_gradient_sis(
         target: (B,) class to explain; default the prediction on the unmasked image.
         max_steps: for benchmarks — stop after this many steps, gradient and exact together
             (order -1 / curve NaN beyond).
+        on_passes: called with the forward passes made, per gradient step (B) and per chunk of the
+            exact tail (see backselect.PassesFunc); backward passes are not reported.
     Returns:
         SelectionResult: order (B, HW), curve (B, HW) with p(c) after the step each pixel was
         masked in; forward_passes = images x (gradient steps + 1) + the exact tail's candidates,
@@ -98,6 +102,8 @@ def batched_gradient_sis(
         removed += k
         if progress is not None:
             progress(removed, HW)
+        if on_passes is not None:
+            on_passes(B)
     steps = len(gradient_plan)
     passes = B * steps
     if steps:
@@ -105,12 +111,15 @@ def batched_gradient_sis(
             after = torch.softmax(widen(forward(images * (~masked).to(images.dtype).view(B, 1, H, W))), 1).gather(1, target[:, None])
         curve[:, last] = after
         passes += B
+        if on_passes is not None:
+            on_passes(B)
     if tail_plan:
         # the exact tail: the BS engine from this state, scoring only the pixels still visible
         scorer = Scorer(forward, engine, images)
         with torch.inference_mode():
             x = (images * (~masked).to(images.dtype).view(B, 1, H, W)).permute(0, 2, 3, 1).reshape(B, HW, C).clone()  # (B, HW, C)
             remaining = torch.arange(HW, device=device).expand(B, HW)[~masked].view(B, HW - removed)  # (B, R) ascending
-            tail_passes, _ = run_steps(scorer, x, remaining, target, order, curve, removed, tail_plan, (C, H, W), progress)
+            tail_passes, _ = run_steps(scorer, x, remaining, target, order, curve, removed, tail_plan, (C, H, W), progress,
+                                     on_passes)
         passes += tail_passes
     return SelectionResult(order, curve, pred, confidence, forward_passes=passes, step_sizes=tuple(plan), backward_passes=B * steps)

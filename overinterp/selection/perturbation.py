@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from overinterp.selection.backselect import EngineConfig, ForwardFunc, Scorer, SelectionResult, widen
+from overinterp.selection.backselect import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, widen
 from overinterp.selection.ranking import check_images, explain, scored_result
 
 # Sources: "authors" = Fong & Vedaldi's code (github.com/ruthcfong/perturb_explanations,
@@ -132,8 +132,9 @@ def optimise_masks(
     target: torch.Tensor,
     params: PerturbationParams = PerturbationParams(),
     seed: int = 0,
+    on_passes: Optional[PassesFunc] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Learn the deletion masks of B images at once.
+    """Learn the deletion masks of B images at once (on_passes hears of B passes per iteration).
 
     Returns:
         mask (B, 1, h, w) in [0, 1] (1 = keep), and p(target) (B,) float32 on the image perturbed
@@ -167,8 +168,12 @@ def optimise_masks(
             opt.step()
             with torch.no_grad():
                 mask.clamp_(0, 1)
+            if on_passes is not None:
+                on_passes(B)
     with torch.no_grad():
         final = torch.softmax(widen(forward(perturbed(mask))), 1)[rows, target].float()
+    if on_passes is not None:
+        on_passes(B)
     return mask.detach(), final
 
 
@@ -180,6 +185,7 @@ def meaningful_perturbation(
     target: Optional[torch.Tensor] = None,
     seed: int = 0,
     config: EngineConfig = EngineConfig(),
+    on_passes: Optional[PassesFunc] = None,
 ) -> SelectionResult:
     """Rank pixels by meaningful perturbation (deletion), then compute the p(c) curve of the ranking.
 
@@ -190,6 +196,8 @@ def meaningful_perturbation(
         target: (B,) class to explain; default the prediction on the unmasked image.
         seed: seeds the input noise (a function of seed and step only).
         config: how the curve's candidates are batched (see EngineConfig).
+        on_passes: called with the forward passes made, per iteration and per chunk of the curve
+            (see backselect.PassesFunc).
     Returns:
         SelectionResult: order (B, HW) least important first, curve (B, HW), step_sizes (1,)*HW;
         forward_passes = B·iterations (each also one backward pass, not counted separately)
@@ -201,9 +209,9 @@ def meaningful_perturbation(
     B, C, H, W = images.shape
     scorer = Scorer(forward, config, images)  # fixes the model's memory format before it runs
     explained = explain(scorer, images, target)
-    mask, _ = optimise_masks(forward, images, explained[0], params, seed)
+    mask, _ = optimise_masks(forward, images, explained[0], params, seed, on_passes)
     importance = 1 - F.interpolate(mask, size=(H, W), mode="bilinear", align_corners=False).view(B, H * W)
-    return scored_result(scorer, images, importance, explained, B * (params.iterations + 1))
+    return scored_result(scorer, images, importance, explained, B * (params.iterations + 1), on_passes)
 
 
 def perturbation_record(params: PerturbationParams, seed: int = 0) -> dict:

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from overinterp.selection.backselect import EngineConfig, ForwardFunc, Scorer, SelectionResult, explained_class
+from overinterp.selection.backselect import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, explained_class
 
 
 def check_images(images: torch.Tensor) -> None:
@@ -45,7 +45,8 @@ def ranks(order: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _curve(scorer: Scorer, images: torch.Tensor, order: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _curve(scorer: Scorer, images: torch.Tensor, order: torch.Tensor, target: torch.Tensor,
+           on_passes: Optional[PassesFunc] = None) -> torch.Tensor:
     B, C, H, W = images.shape
     HW = H * W
     device = images.device
@@ -66,6 +67,8 @@ def _curve(scorer: Scorer, images: torch.Tensor, order: torch.Tensor, target: to
             if not scorer.config.channels_last:
                 imgs = imgs.contiguous()
             curve[start : start + len(idx)] = scorer.target_probs(imgs, target[b]).float()
+            if on_passes is not None:
+                on_passes(len(idx))
     return curve.view(B, HW)
 
 
@@ -108,12 +111,14 @@ def explain(scorer: Scorer, images: torch.Tensor, target: Optional[torch.Tensor]
     return target, confidence.float(), pred
 
 
-def scored_result(scorer: Scorer, images: torch.Tensor, importance: torch.Tensor, explained, forward_passes: int) -> SelectionResult:
-    """The result for (B, HW) importance scores, given `explain`'s (target, confidence, pred)."""
+def scored_result(scorer: Scorer, images: torch.Tensor, importance: torch.Tensor, explained, forward_passes: int,
+                  on_passes: Optional[PassesFunc] = None) -> SelectionResult:
+    """The result for (B, HW) importance scores, given `explain`'s (target, confidence, pred);
+    on_passes hears of the curve's passes per chunk (the caller reported the ranking's own)."""
     B, C, H, W = images.shape
     target, confidence, pred = explained
     order = order_from_importance(importance.to(images.device))
-    curve = _curve(scorer, images, order, target)
+    curve = _curve(scorer, images, order, target, on_passes)
     return SelectionResult(order, curve, pred, confidence, forward_passes + B * H * W, (1,) * (H * W))
 
 
