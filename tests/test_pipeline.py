@@ -46,6 +46,12 @@ def test_outputs(smoke_run):
     md = (out / "summary.md").read_text()
     assert "| digits_cnn |" in md and "## Which pixels carry the signal" in md
     assert (out / "gallery.png").stat().st_size > 1000
+    # a gallery column per selector, then the primary's subsets under ROAD fill, random, the primary's SIS
+    pct, primary = f"{100 * summary['fraction']:g}%", summary["selector"]
+    assert summary["fills"] == ["mean", "road"] and primary == "backselect"
+    assert summary["gallery_columns"] == on_disk["gallery_columns"] == [
+        "original", *(f"{t} {pct}" for t in summary["selectors"]), f"{primary} {pct}, ROAD fill", f"random {pct}",
+        f"SIS τ={summary['tau']:g} ({primary})"]
     for plot in ("accuracy.png", "confidence_vs_removed.png", "sis_sizes.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in md
     comp = summary["comparison"]["digits_cnn"]

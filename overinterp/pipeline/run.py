@@ -197,7 +197,8 @@ class InMemoryBackend:
     def reports(self, summary: dict, local_dir: str) -> list[str]:
         """gallery.png (test images beside each selector's subsets, the random subset and the
         primary selector's SIS) and the plots, written to out_dir; local copies returned. The plot
-        files are also listed in summary["plots"], so summary.md embeds them."""
+        files are also listed in summary["plots"], so summary.md embeds them, and the gallery's
+        column titles in summary["gallery_columns"]."""
         cfg, plan, data = self.cfg, self.plan, self.data
         m = cfg.models[0]
         source = plan.sources[m]["plain"]
@@ -206,6 +207,7 @@ class InMemoryBackend:
         rnd = self._selections("none", plan.random_tag, "test")
         paths = self.plots(summary, sels, rnd, local_dir)
         n = min(cfg.gallery, len(data.labels["test"]))
+        summary["gallery_columns"] = []  # none without a gallery
         if n:
             x = normalize(torch.from_numpy(data.images["test"][:n]), data.mean, data.std)
             pct = f"{100 * cfg.fraction:g}%"
@@ -228,6 +230,7 @@ class InMemoryBackend:
             save_gallery(path, denormalize_uint8(x, data.mean, data.std), panels, titles,
                          empty_labels={sis_title: (~sis.any(1)).tolist()}, tau=cfg.tau)
             paths.append(path)
+            summary["gallery_columns"] = ["original", *panels]  # left to right, as gallery.png titles them
         copy_out(paths, cfg.out_dir)
         self._read.clear()  # the last reader: the selections need not outlive the summary
         return paths
