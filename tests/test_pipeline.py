@@ -46,6 +46,12 @@ def test_outputs(smoke_run):
     md = (out / "summary.md").read_text()
     assert "| digits_cnn |" in md and "## Which pixels carry the signal" in md
     assert (out / "gallery.png").stat().st_size > 1000
+    # a gallery column per selector, then the primary's subsets under ROAD fill, random, the primary's SIS
+    pct, primary = f"{100 * summary['fraction']:g}%", summary["selector"]
+    assert summary["fills"] == ["mean", "road"] and primary == "backselect"
+    assert summary["gallery_columns"] == on_disk["gallery_columns"] == [
+        "original", *(f"{t} {pct}" for t in summary["selectors"]), f"{primary} {pct}, ROAD fill", f"random {pct}",
+        f"SIS τ={summary['tau']:g} ({primary})"]
     for plot in ("accuracy.png", "confidence_vs_removed.png", "sis_sizes.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in md
     comp = summary["comparison"]["digits_cnn"]
@@ -155,6 +161,33 @@ def test_full_image_models_are_logged_with_their_signature(smoke_run):
         assert tuple(inp.shape) == (-1, 1, 8, 8) and tuple(outp.shape) == (-1, 10), (name, inp.shape, outp.shape)
     model = mlflow.pytorch.load_model(f"runs:/{full['digits_cnn-full-s0'].info.run_id}/model")
     assert tuple(model(torch.zeros(3, 1, 8, 8)).shape) == (3, 10)
+
+
+def test_the_summary_reads_each_stored_selection_once(smoke_run, monkeypatch, tmp_path):
+    """summarize and reports (SIS sizes, the selector table, the gallery, the plots) read each test
+    selection they use once between them, and give the run's summary again."""
+    from collections import Counter
+
+    from overinterp.pipeline import run
+    from overinterp.pipeline.trial import load_result
+
+    cfg, out, summary = smoke_run
+    rcfg, data, plan, resources = run.prepare_run(cfg)
+    full = {s.name: load_result(rcfg.out_dir, s) for s in plan.full_trials}
+    subsets = {s.name: load_result(rcfg.out_dir, s) for s in plan.subset_trials}
+    reads, real = Counter(), store.read_selections
+    monkeypatch.setattr(store, "read_selections", lambda root, model, sel, split, *a, **kw: (
+        reads.update([(model, sel, split)]), real(root, model, sel, split, *a, **kw))[1])
+    monkeypatch.setattr(run, "copy_out", lambda paths, out_dir: None)  # the run's own gallery and plots stay as they are
+    backend = run.InMemoryBackend(rcfg, plan, data, resources)
+    again = backend.summarize(full, subsets, {})
+    backend.reports(again, str(tmp_path))
+    sources = plan.sources["digits_cnn"]
+    expected = ({(sources["plain"].tag, t, "test") for t in summary["selectors"]}
+                | {(s.tag, plan.primary, "test") for s in sources.values()} | {("none", plan.random_tag, "test")})
+    assert len(expected) == 4 + 2 + 1 and reads == dict.fromkeys(expected, 1)
+    run_summary = {k: v for k, v in summary.items() if k != "mlflow_run_id"}
+    assert json.dumps(again, sort_keys=True) == json.dumps(run_summary, sort_keys=True)  # NaN-safe, unlike ==
 
 
 def test_summary_metrics_of_known_sis_sizes():

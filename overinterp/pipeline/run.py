@@ -56,6 +56,23 @@ class InMemoryBackend:
         self.engine = EngineConfig(compile=cfg.compile, autocast=cfg.autocast if resources.use_gpu else None)
         self.callbacks = callbacks or []
         self.cost = cost  # the CostPlan printed at the start (training progress reports against it)
+        self._read: dict[tuple[str, str, str], tuple[store.Selections, int | None]] = {}  # see _selections
+
+    def _selections(self, source_tag: str, tag: str, split: str, n: int | None = None) -> store.Selections:
+        """One (model, selector, split) of the store, read once per run: the summary, the selector
+        table, the gallery and the plots all look at the same test selections. Where n is given the
+        ids must be 0..n-1: store.read_selections checks it on the first read, and this does where an
+        earlier caller gave no count. The tensors are shared between callers: read, never modify."""
+        key = (source_tag, tag, split)
+        if key not in self._read:
+            self._read[key] = (store.read_selections(self.plan.root, source_tag, tag, split, n), n)
+        sel, checked_n = self._read[key]
+        if n is not None and n != checked_n:
+            if not np.array_equal(sel.image_id, np.arange(n)):  # the ids come sorted
+                where = store.selection_dir(self.plan.root, source_tag, tag, split)
+                raise store.StoreError(f"{where} holds {len(sel.image_id)} of {n} images: rerun the selection stage")
+            self._read[key] = (sel, n)
+        return sel
 
     def train_full(self, specs: list[TrialSpec]) -> dict:
         return run_trials("full", specs, self.data_dict, {}, self.train_cfg, self.cfg.out_dir, self.resources, self.callbacks)
@@ -93,7 +110,7 @@ class InMemoryBackend:
         for m in cfg.models:
             summary["sis"][m], summary["variant_accuracy"][m] = {}, {}
             for variant, source in plan.sources[m].items():
-                sel = store.read_selections(plan.root, source.tag, plan.primary, "test", len(test_y))
+                sel = self._selections(source.tag, plan.primary, "test", len(test_y))
                 stats = sis_stats(sel.curve, sel.confidence, cfg.tau)
                 stats.update(label=source.label, model_tag=source.tag)
                 summary["sis"][m][variant] = stats
@@ -124,7 +141,7 @@ class InMemoryBackend:
         for job in plan.selections:
             if job.source != source or job.split != "test":
                 continue
-            sel = store.read_selections(plan.root, source.tag, job.tag, "test", len(test_x))
+            sel = self._selections(source.tag, job.tag, "test", len(test_x))
             keep = keep_mask(sel.order, cfg.fraction)
             k = int(keep[0].sum())
             on_subset = sel.curve[:, plan.hw - k - 1] if k < plan.hw else sel.confidence
@@ -143,9 +160,9 @@ class InMemoryBackend:
                 "dilated_median_confidence": float(dilated.median()) if len(dilated) else float("nan"),
                 "forward_passes_per_image": float(np.median(sel.forward_passes)) if sel.forward_passes is not None else None,
             })
-        rnd = store.read_selections(plan.root, "none", plan.random_tag, "test", len(test_x))
+        rnd = self._selections("none", plan.random_tag, "test", len(test_x))
         keep = keep_mask(rnd.order, cfg.fraction)
-        primary = store.read_selections(plan.root, source.tag, plan.primary, "test", len(test_x))
+        primary = self._selections(source.tag, plan.primary, "test", len(test_x))
         random_row = {
             "selector": plan.random_tag, "condition": "random", **accuracies(plan.random_key),
             "full_model_accuracy": evaluate(model, test_x, test_y, data.mean, data.std, keep),
@@ -180,15 +197,17 @@ class InMemoryBackend:
     def reports(self, summary: dict, local_dir: str) -> list[str]:
         """gallery.png (test images beside each selector's subsets, the random subset and the
         primary selector's SIS) and the plots, written to out_dir; local copies returned. The plot
-        files are also listed in summary["plots"], so summary.md embeds them."""
+        files are also listed in summary["plots"], so summary.md embeds them, and the gallery's
+        column titles in summary["gallery_columns"]."""
         cfg, plan, data = self.cfg, self.plan, self.data
         m = cfg.models[0]
         source = plan.sources[m]["plain"]
         tags = [t for t in summary["selectors"]]
-        sels = {t: store.read_selections(plan.root, source.tag, t, "test") for t in tags}
-        rnd = store.read_selections(plan.root, "none", plan.random_tag, "test")
+        sels = {t: self._selections(source.tag, t, "test") for t in tags}
+        rnd = self._selections("none", plan.random_tag, "test")
         paths = self.plots(summary, sels, rnd, local_dir)
         n = min(cfg.gallery, len(data.labels["test"]))
+        summary["gallery_columns"] = []  # none without a gallery
         if n:
             x = normalize(torch.from_numpy(data.images["test"][:n]), data.mean, data.std)
             pct = f"{100 * cfg.fraction:g}%"
@@ -211,7 +230,9 @@ class InMemoryBackend:
             save_gallery(path, denormalize_uint8(x, data.mean, data.std), panels, titles,
                          empty_labels={sis_title: (~sis.any(1)).tolist()}, tau=cfg.tau)
             paths.append(path)
+            summary["gallery_columns"] = ["original", *panels]  # left to right, as gallery.png titles them
         copy_out(paths, cfg.out_dir)
+        self._read.clear()  # the last reader: the selections need not outlive the summary
         return paths
 
     def plots(self, summary: dict, sels: dict, rnd, local_dir: str, max_images: int = 512) -> list[str]:
@@ -238,7 +259,7 @@ class InMemoryBackend:
                                                 title=f"{m}: median p(c) as pixels are removed (test images)"))
         sizes = {}
         for variant, source in plan.sources[m].items():
-            sel = store.read_selections(plan.root, source.tag, plan.primary, "test")
+            sel = self._selections(source.tag, plan.primary, "test")
             sizes[source.label] = sis_size(sel.curve, sel.confidence, cfg.tau).numpy()
         paths.append(plot_sis_size_histograms(sizes, plan.hw, os.path.join(local_dir, "sis_sizes.png"), cfg.tau))
         summary["plots"] = [os.path.basename(p) for p in paths]
