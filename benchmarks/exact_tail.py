@@ -4,7 +4,9 @@ On digits upsampled to 32x32 (`load_digits(image_size=32)`) and a small CNN trai
 every selector runs on the same test images as exact BS (k = 1):
   backselect, k per step until ceil(F·HW) pixels remain, then exact — F in {0.05, 0.1, 0.2, 0.5},
       k in {4, 16, 64}; and k per step to the end (F = 1, today's approximation), k in {4, 16, 64};
-  bgsis (k = 16) with F in {0.05, 0.1, 0.2} and without a tail.
+  bgsis (k = 16) with F in {0.05, 0.1, 0.2} and without a tail;
+  or, with --grid bgsis, exact BS against bgsis over the whole grid (k in {4, 16, 64}, F in
+      {0.05, 0.1, 0.2, 0.5} and without a tail).
 Reported per selector, against exact on the same images:
   forward passes (the engines' counters; equal to selection/cost.py's plan) and wall time, as ratios;
   mean Jaccard overlap of the 5% subsets (52 of 1,024 pixels); median |SIS size - exact's| at
@@ -113,8 +115,12 @@ class Variant:
 EXACT = Variant("backselect", 1, 1.0)
 
 
-def variants() -> list[Variant]:
+def variants(grid: str = "backselect") -> list[Variant]:
+    """Exact BS first, then the selectors compared with it. grid "backselect": the k-per-step grid
+    (k x F, and k without a tail) and BGSIS at k = 16; "bgsis": the same k x F grid for BGSIS."""
     out = [EXACT]
+    if grid == "bgsis":
+        return out + [Variant("bgsis", k, f) for f in (*TAILS, 1.0) for k in KS]
     out += [Variant("backselect", k, f) for f in TAILS for k in KS]
     out += [Variant("backselect", k, 1.0) for k in KS]
     out += [Variant("bgsis", BGSIS_K, f) for f in BGSIS_TAILS] + [Variant("bgsis", BGSIS_K, 1.0)]
@@ -303,7 +309,7 @@ def run_dataset(name: str, data: ImageDataset, args, engine: EngineConfig, cache
     log(f"{name}: {C}x{H}x{W}, training the selection model ({args.model_epochs} epochs, seed {args.seed})")
     model, model_acc = train_selection_model(data, args.model_epochs, args.seed)
     log(f"{name}: selection model test accuracy {model_acc:.3f}")
-    all_v = variants()
+    all_v = variants(args.grid)
     acc_v = [v for v in all_v if v == EXACT or fewer(v, hw) >= MIN_FEWER]
     pool_idx = stratified_pool(data.labels["test"], len(data.labels["test"]), args.seed)
     pool_u8 = torch.from_numpy(data.images["test"][pool_idx])
@@ -501,6 +507,8 @@ def main(argv=None):
     p.add_argument("--cache", default=None, help="file to keep selections in (a rerun resumes from it)")
     p.add_argument("--json-out", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--grid", choices=("backselect", "bgsis"), default="backselect",
+                   help="backselect: the k x F grid of k-per-step BS (and BGSIS k=16); bgsis: the same grid for BGSIS")
     p.add_argument("--quick", action="store_true", help="12x12 images, 4 + 4 of them, 1 seed, 2 folds: a smoke test")
     args = p.parse_args(argv)
     if args.quick:
