@@ -46,6 +46,12 @@ def autoscaler_config(gcs_port: int, gpu_workers: int = 3, worker_cpus: int = 1)
             "use_node_id_as_ip": True,
             "disable_node_updaters": True,
             "disable_launch_config_check": True,
+            # Launch nodes inside the autoscaler's update, not in its background launcher thread. With the
+            # thread, an update reads the node list, then the launch counter after the launcher has
+            # finished (a 1.3 s update on a busy machine): the launched nodes are in neither, it launches
+            # one more than max_workers, and then terminates a node "(max_workers_per_type)", with
+            # whatever trial had been placed there (seen: a full-image trial killed 12 s into the smoke run).
+            "foreground_node_launch": True,
         },
         "auth": {},
         "docker": {},

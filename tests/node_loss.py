@@ -22,6 +22,10 @@ import time
 import ray
 from ray.cluster_utils import Cluster
 
+SELECT_BATCH = 4
+TRAIN_IMAGES = 96  # the smoke run's train split
+LOST_LINE = "a selection worker was lost"  # what select_stage.select_stream prints before it selects again
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -57,7 +61,7 @@ def main(mode: str, out: str) -> int:
     cluster.wait_for_nodes()
     env["RAY_ADDRESS"] = cluster.address
     if mode == "selection":
-        cmd = [sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--select-batch", "4", "--seeds", "0,1", "--input-dropout", "0", "--selectors", "backselect", "--fill", "mean",
+        cmd = [sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--select-batch", str(SELECT_BATCH), "--seeds", "0,1", "--input-dropout", "0", "--selectors", "backselect", "--fill", "mean",
                "--out", out]
     else:
         cmd = [sys.executable, os.path.join(ROOT, "jobs", "sis_imagenet.py"), "--smoke-test", "--epochs", "4", "--max-workers", "1", "--out", out]
@@ -65,8 +69,11 @@ def main(mode: str, out: str) -> int:
     report = {"mode": mode}
     try:
         if mode == "selection":
-            shards = _wait_for(os.path.join(out, "selections", "digits_cnn-s0", "backselect", "train", "part-*.parquet"), job, 900)
-            report["shards_before_removal"] = len(shards)
+            shards = os.path.join(out, "selections", "digits_cnn-s0", "backselect", "train", "part-*.parquet")
+            _wait_for(shards, job, 900)
+            # one shard per batch: fewer shards than batches means the split was still being selected
+            report["shards_before_removal"] = len(glob.glob(shards))
+            report["train_batches"] = -(-TRAIN_IMAGES // SELECT_BATCH)
             cluster.remove_node(workers[0], allow_graceful=False)  # the node, its raylet and every actor on it
             report["removed_node"] = workers[0].node_id
         else:
@@ -81,6 +88,8 @@ def main(mode: str, out: str) -> int:
             job.terminate()
         output, _ = job.communicate(timeout=1500)
         sys.stderr.write(output[-6000:])
+        if mode == "selection":
+            report["lost_worker_lines"] = [ln.strip() for ln in output.splitlines() if LOST_LINE in ln]
         if mode == "selection" and job.returncode != 0:
             return job.returncode
     finally:

@@ -55,7 +55,13 @@ def _summary(out) -> dict:
     return s
 
 
-def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, tmp_path):
+def _say(capsys, line: str) -> None:
+    """A line for the closing note, in a plain `python -m pytest` run's output too (not only with -s)."""
+    with capsys.disabled():
+        print(f"\n{line}", flush=True)
+
+
+def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, tmp_path, capsys):
     out = str(tmp_path / "cluster")
     cmd = [*OVERINTERP, "run", "--smoke", "--select-batch", "8", "--seeds", "0,1", "--selectors", "backselect", "--fill", "mean", "--out", out]
     with ActorSampler(fake_cluster.dashboard, fake_cluster.env) as sampler:
@@ -66,13 +72,16 @@ def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, t
     assert any(selection), f"no selection actor seen in {len(sampler.samples)} samples; sampling errors: {sampler.errors[-3:]}"
     best = max(selection, key=lambda alive: len({a["node_id"] for a in alive}))
     assert len({a["node_id"] for a in best}) >= 2, f"never 2 selection actors on different nodes at once: {[len(a) for a in selection]}"
-    print(f"SPREAD most selection actors alive at once: {len(best)} on {len({a['node_id'] for a in best})} nodes; "
-          f"GPU nodes started: {len(sampler.gpu_nodes_seen)}")  # quoted in the closing note (pytest -s)
+    _say(capsys, f"SPREAD most selection actors alive at once: {len(best)} on {len({a['node_id'] for a in best})} nodes; "
+                 f"GPU nodes started: {len(sampler.gpu_nodes_seen)}")
     seen = [a for alive in selection for a in alive]
     assert seen and all(_gpus(a) >= 1 for a in seen)
     trials = [a for alive in sampler.concurrent("ImplicitFunc") for a in alive]
     assert trials and all(_gpus(a) >= 1 for a in trials)
     assert len(sampler.gpu_nodes_seen) >= 2, "the autoscaler started fewer than 2 GPU workers"
+    # it never launched past max_workers and then killed a node with its trial (see clusters.autoscaler_config)
+    monitor = open(os.path.join(fake_cluster.temp_dir, "session_latest", "logs", "monitor.log")).read()
+    assert "(max_workers_per_type)" not in monitor, "the autoscaler launched more than max_workers and terminated a node"
 
     # the same command on one node (the embedded local Ray) gives the same store and summary
     local = str(tmp_path / "local")
@@ -102,13 +111,14 @@ def test_jobs_smoke_tests_on_the_autoscaling_cluster(fake_cluster, tmp_path, job
 # --- losing workers ------------------------------------------------------------------------------
 
 
-def test_selection_survives_a_lost_node_exactly_once(tmp_path):
+def test_selection_survives_a_lost_node_exactly_once(tmp_path, capsys):
     out = str(tmp_path / "out")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "node_loss.py"), "selection", out], env=_local_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     report = json.loads(p.stdout.strip().splitlines()[-1])
-    assert report["removed_node"] and report["shards_before_removal"] > 0
+    assert report["removed_node"] and 0 < report["shards_before_removal"] < report["train_batches"], report  # removed mid-selection
+    assert report["lost_worker_lines"], f"the job never said it lost a selection worker: {p.stderr[-3000:]}"
     root = os.path.join(out, "selections")
     for model, sel, split in store.list_selections(root):
         fsys, paths = store.shard_files(root, model, sel, split)
@@ -116,7 +126,7 @@ def test_selection_survives_a_lost_node_exactly_once(tmp_path):
         assert len(ids) == len(np.unique(ids)), f"{model}/{sel}/{split}: an image stored twice"
     for split, n in (("train", 96), ("test", 48)):
         store.read_selections(root, "digits_cnn-s0", "backselect", split, expect_n=n)  # every image, once
-    print(f"NODE-LOSS {json.dumps(report)}: every image of train (96) and test (48) stored exactly once")
+    _say(capsys, f"NODE-LOSS {json.dumps(report)}: every image of train (96) and test (48) stored exactly once")
 
 
 def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path):

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
+from ray.train import DataConfig
 
 from overinterp import fs, store
 from overinterp.pipeline.images import decode_batch, drop_bad, is_parquet, read_encoded
@@ -141,12 +142,17 @@ def _train_loop(config: dict) -> None:
             opt.step()
             loss_sum += torch.stack([loss.detach() * len(x), torch.tensor(float(len(x)), device=device)])
         sched.step()
-        ddp.eval()
+        model.eval()
+        if world > 1:  # every worker evaluates rank 0's BatchNorm statistics, those checkpointed below
+            for b in model.buffers():
+                dist.broadcast(b, src=0)
         counts = torch.zeros(2, device=device)  # (correct, images) on this worker's share of val
         with torch.no_grad():
+            # the plain module, not ddp: DDP's forward broadcasts buffers (a collective), and val shares
+            # may differ by a batch between workers (see _TrainEqualValWhole), which would hang it
             for batch in val_shard.iter_torch_batches(batch_size=tc.batch_size, device=device):
                 x = prepare(batch["image"], mean, std, unpack_keep(batch[MASK_COLUMN], hw), spec.fill)
-                counts += torch.stack([(ddp(x).argmax(1) == batch["label"]).sum().float(), torch.tensor(float(len(x)), device=device)])
+                counts += torch.stack([(model(x).argmax(1) == batch["label"]).sum().float(), torch.tensor(float(len(x)), device=device)])
         if world > 1:
             dist.all_reduce(counts)
             dist.all_reduce(loss_sum)
@@ -160,6 +166,27 @@ def _train_loop(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)
+
+
+class _TrainEqualValWhole(DataConfig):
+    """Train's DataConfig, but val is split with equal=False.
+
+    Train splits every dataset with `streaming_split(equal=True)`, which drops rows so that each
+    worker gets as many: right for train (DDP steps in lockstep, so workers need equal batch counts),
+    but it would leave up to world-1 val images out of the accuracy. Evaluation has no collective per
+    batch, so val shares may differ by a few rows, and every image counts once.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = super().configure({k: v for k, v in datasets.items() if k != "val"}, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val = datasets["val"].copy(datasets["val"])
+            if val.name is None:
+                val.set_name("val")
+            val.context.execution_options = self.default_ingest_options()
+            for i, split in enumerate(val.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
+                output[i]["val"] = split
+        return output
 
 
 def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_info: dict, out_dir: str, resources,
@@ -181,7 +208,11 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
     if _in_tune_session():
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        callbacks.append(TuneReportCallback())  # every epoch's metrics reach Tune (and MLflow) as they happen
+        # Every epoch's metrics reach Tune live, as each ray.train.report happens (Train V2's bridge: the
+        # trial's Tune session gets rank 0's metrics), so the driver's MLflow TrialLogger logs
+        # train_loss and val_accuracy per epoch while the trainer runs; the trainable's final report
+        # (imagenet.py) only adds the test accuracy.
+        callbacks.append(TuneReportCallback())
     per_worker = {"CPU": resources.cpus_per_trial}
     if resources.use_gpu:
         per_worker["GPU"] = resources.gpus_per_trial
@@ -192,6 +223,7 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
         # NCCL needs CUDA; GPU nodes without it (a broken driver, or a simulated cluster) train with gloo
         torch_config=TorchConfig(backend="nccl" if use_cuda else "gloo"),
         datasets=streams,
+        dataset_config=_TrainEqualValWhole(),
         run_config=RunConfig(name=spec.name, storage_path=fs.join(out_dir, "train-runs"), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )

@@ -8,6 +8,7 @@ and reports every epoch to Tune. Tune's own storage (logs, trial state) goes to 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
 from typing import Callable, Optional
@@ -21,8 +22,38 @@ from overinterp.pipeline.trial import TrialSpec, load_result, run_trial
 from overinterp.training import TrainConfig
 
 
+# Tune restarts a failed trial this many times (a lost node, a preempted worker) before it counts as
+# failed; trials resume from the checkpoint they wrote to out_dir. A deterministic bug also costs
+# this many reruns before it is reported: Tune's FailureConfig cannot tell the two apart.
+TRIAL_RETRIES = 2
+
+
 class TrialsFailed(RuntimeError):
     pass
+
+
+def _trial_name(result) -> str:
+    """The spec's name; a trial that failed before it reported anything has no config in its Result
+    (the config travels with reported metrics), so then Tune's trial directory name, which holds the
+    trial id and its parameters."""
+    config = result.config or {}
+    if "trial" in config:
+        return TrialSpec(**config["trial"]).name
+    return os.path.basename(str(result.path).rstrip("/")) if result.path else "a trial with no directory"
+
+
+def _one_line(error: BaseException) -> str:
+    """`Type: first line` of an error; for a Ray task error, of the exception it wraps."""
+    cause = getattr(error, "cause", None) or error
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    return f"{type(cause).__name__}: {lines[0][:300] if lines else '(no message)'}"
+
+
+def failure_message(stage: str, results: list) -> str:
+    """One line naming each failed trial of a ResultGrid and the first error."""
+    failed = [r for r in results if r.error is not None]
+    return (f"[{stage}] {len(failed)} of {len(results)} trial(s) failed after {TRIAL_RETRIES} retries each: "
+            f"{', '.join(_trial_name(r) for r in failed)}; first error: {_one_line(failed[0].error)}")
 
 
 class _Progress(tune.Callback):
@@ -93,13 +124,13 @@ def launch_trials(
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=resources.trial_concurrency),
         run_config=tune.RunConfig(
             name=stage, storage_path=fs.join(out_dir, "tune"), verbose=0,  # Tune writes to local paths and s3:// alike
+            failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),  # a trial whose node is lost runs again
             callbacks=[_Progress(stage, total, total - len(pending)), *(callbacks or [])],
         ),
     )
     grid = tuner.fit()
     if grid.errors:
-        failed = [r.config["trial"] for r in grid if r.error]
-        raise TrialsFailed(f"[{stage}] {len(grid.errors)} trial(s) failed: {failed}; first error: {grid.errors[0]}")
+        raise TrialsFailed(failure_message(stage, list(grid)))
 
 
 def run_trials(
