@@ -113,3 +113,35 @@ def test_the_local_ray_listens_on_loopback_only():
     report = json.loads(p.stdout.strip().splitlines()[-1])
     assert report["processes"] >= 3 and len(report["listening"]) >= 3  # the GCS, the raylet, the driver's core worker, ...
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in report["listening"]), report
+
+
+OTHER_CLUSTER = r'''
+import json
+import ray
+from ray._private.utils import write_ray_address
+from ray.cluster_utils import Cluster
+
+# someone else's Ray on this machine, announced the way `ray start` does (ray_current_cluster)
+other = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"someone_elses": 1}, "include_dashboard": False})
+write_ray_address(other.address)
+from overinterp.pipeline.resources import ensure_ray
+ensure_ray()
+print(json.dumps(ray.cluster_resources()))
+ray.shutdown()
+other.shutdown()
+'''
+
+
+def test_the_embedded_ray_never_joins_another_cluster_on_the_machine():
+    """A plain ray.init() joins the last cluster `ray start` announced: without --ray-address (or
+    $RAY_ADDRESS) overinterp must start its own. Ray's temp dir is private to this test."""
+    import json
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    p = subprocess.run([sys.executable, "-c", OTHER_CLUSTER], capture_output=True, text=True, timeout=300,
+                       env={**env, "TMPDIR": tmp, "RAY_TMPDIR": tmp})
+    assert p.returncode == 0, p.stderr[-3000:]
+    resources = json.loads(p.stdout.strip().splitlines()[-1])
+    assert "someone_elses" not in resources, resources

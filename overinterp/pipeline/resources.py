@@ -243,7 +243,11 @@ def ray_init_local(num_cpus: Optional[int] = None) -> None:
 
     # Workers' own stdout/stderr reach the terminal with -v only (always in /tmp/ray/session_latest/logs);
     # their errors reach the driver as Ray errors either way.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=terminal.VERBOSE)
+    # address="local": always a new instance of our own. With no address, ray.init() joins the last
+    # cluster `ray start` announced on this machine (its ray_current_cluster file): someone else's
+    # Ray, its resources and its users, which only an address the user gives may reach.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=terminal.VERBOSE)
 
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
