@@ -108,8 +108,10 @@ def undisturbed(tmp_path_factory):
     _wait_line(first, "stage 1/4")
     second = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
-    _drain(first)
-    assert first.wait(timeout=900) == 0
+    printed = _collect(first)
+    rc = first.wait(timeout=900)
+    time.sleep(0.5)  # the reader thread takes the last lines
+    assert rc == 0, "".join(printed[-60:])
     return {"out": out, "summary": _summary(out), "second": second}
 
 
