@@ -133,22 +133,46 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def store_command(action: str, out: str) -> int:
-    """`overinterp store check|repair --out DIR`: exit 0 when the store is clean (after repair)."""
-    from overinterp import fs
-    from overinterp.store_check import check_store, repair_store, report_table
+    """`overinterp store check|repair --out DIR`: exit 0 when the store is clean (after repair).
 
-    if not fs.exists(fs.join(out, "selections")):
-        print(f"overinterp: error: {out} holds no selections/ folder: give the --out of a run", file=sys.stderr)
-        return 2
-    if action == "repair":
-        actions = repair_store(out)
-        print("\n".join(actions) if actions else "nothing to repair")
-    reports = check_store(out)
-    print(report_table(reports))
-    bad = [r for r in reports if not r.ok]
-    print(f"{len(bad)} of {len(reports)} selections need attention" + ("; missing ids are redone by rerunning the same command" if any(r.missing for r in bad) else "")
-          if bad else f"all {len(reports)} selections are consistent")
-    return 1 if bad else 0
+    repair holds the --out's lock (a run or another repair on it is refused, exit 2); check only
+    reads, so it runs beside a live run, with a warning that the store may be changing. Errors are
+    one line, as `one_line_errors` maps them (an unreachable URI: exit 2)."""
+
+    def work() -> int:
+        from overinterp import fs
+        from overinterp.pipeline.lock import LockHeld, OutputLock
+        from overinterp.store_check import check_store, repair_store, report_table
+
+        try:
+            has_store = fs.exists(fs.join(out, "selections"))
+        except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+            raise ConfigError(f"--out {out} cannot be reached ({_first_line(e)}): check the URI and this machine's credentials") from e
+        if not has_store:
+            raise ConfigError(f"{out} holds no selections/ folder: give the --out of a run")
+
+        def check() -> int:
+            reports = check_store(out)
+            print(report_table(reports))
+            bad = [r for r in reports if not r.ok]
+            print(f"{len(bad)} of {len(reports)} selections need attention"
+                  + ("; missing ids are redone by rerunning the same command" if any(r.missing for r in bad) else "")
+                  if bad else f"all {len(reports)} selections are consistent")
+            return 1 if bad else 0
+
+        if action == "check":
+            try:
+                OutputLock(out).check_free()
+            except LockHeld as e:
+                print(f"overinterp: warning: {e}; the store may change while it is checked", file=sys.stderr)
+            return check()
+        with OutputLock(out, "overinterp store repair"):
+            actions = repair_store(out)
+            print("\n".join(actions) if actions else "nothing to repair")
+            return check()
+
+    status, result = one_line_errors("overinterp", work)
+    return result if status is None else status
 
 
 def one_line_errors(prog: str, fn):

@@ -84,20 +84,30 @@ def test_truncated_jpeg_with_strict(folder_with_a_truncated_jpeg, tmp_path, caps
     rc, err = _run(["--dataset", "imagefolder", "--data-root", str(data), "--image-size", "16", "--strict", "--out", str(tmp_path / "o")], capsys)
     assert rc == 1 and str(bad) in _one_line(err) and "drop --strict" in err
     assert not (tmp_path / "o").exists() or _tree(tmp_path / "o") == {}
+    out = _existing_out(tmp_path)  # and an --out that already holds work is left as it was
+    before = _tree(out)
+    rc, err = _run(["--dataset", "imagefolder", "--data-root", str(data), "--image-size", "16", "--strict", "--out", str(out)], capsys)
+    assert rc == 1 and str(bad) in _one_line(err) and _tree(out) == before
 
 
 def test_empty_class_folder(tmp_path, capsys):
     write_imagefolder(str(tmp_path / "data"), n_per_class=2, num_classes=2, size=16)
     (tmp_path / "data" / "train" / "n00000009").mkdir()
-    rc, err = _run(["--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "o")], capsys)
+    out = _existing_out(tmp_path)
+    before = _tree(out)
+    rc, err = _run(["--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--out", str(out)], capsys)
     assert rc == 1 and "n00000009" in _one_line(err)
+    assert _tree(out) == before
 
 
 def test_data_root_without_images(tmp_path, capsys):
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "val").mkdir()
-    rc, err = _run(["--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "o")], capsys)
+    out = _existing_out(tmp_path)
+    before = _tree(out)
+    rc, err = _run(["--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--out", str(out)], capsys)
     assert rc == 1 and str(tmp_path / "data") in _one_line(err)
+    assert _tree(out) == before
 
 
 def test_out_is_a_file(tmp_path, capsys):
@@ -112,15 +122,46 @@ def test_out_is_read_only(capsys):
     assert rc == 2 and "is not writable" in _one_line(err)
 
 
-def test_out_uri_without_credentials(capsys, monkeypatch):
+def test_out_is_a_read_only_folder_with_content(tmp_path):
+    """A real --out holding work, made read-only: by its permission bits for a normal user; for root
+    (whom permission bits do not stop) by a read-only bind mount in a private mount namespace."""
+    import shutil
+    import subprocess
+    import sys
+
+    out = _existing_out(tmp_path)
+    before = _tree(out)
+    cli = [sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--out", str(out), "--tracking-uri", f"sqlite:///{tmp_path}/t.db"]
+    if os.geteuid() != 0:
+        out.chmod(0o555)
+        argv = cli
+    elif shutil.which("unshare") and subprocess.run(["unshare", "-m", "true"]).returncode == 0:
+        argv = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(out), *cli]
+    else:
+        pytest.skip("running as root without mount namespaces: no way to make a folder read-only")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        out.chmod(0o755)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith(f"overinterp: error: --out {out} is not writable ({out}: Read-only file system" if os.geteuid() == 0
+                               else f"overinterp: error: --out {out} is not writable ({out}: Permission denied"), p.stderr
+    assert p.stderr.count("\n") == 1 and "choose a folder you can write to" in p.stderr
+    assert _tree(out) == before and not (tmp_path / "t.db").exists()
+
+
+def test_out_uri_without_credentials(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         monkeypatch.delenv(k, raising=False)
     t0 = time.time()
     rc, err = _run(["--smoke", "--out", "s3://no-such-bucket/x?endpoint_override=127.0.0.1:9&scheme=http",
-                    "--tracking-uri", "sqlite:////tmp/overinterp-bad-inputs.db"], capsys)
+                    "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], capsys)
     assert rc == 2 and "cannot be reached" in _one_line(err) and "credentials" in err
     assert time.time() - t0 < 60
+    assert os.listdir(tmp_path) == []  # nothing written locally either: no tracking store, no staging files
 
 
 def test_unreachable_tracking_server(tmp_path, capsys):
@@ -128,17 +169,31 @@ def test_unreachable_tracking_server(tmp_path, capsys):
     rc, err = _run(["--smoke", "--out", str(tmp_path / "o"), "--tracking-uri", "http://127.0.0.1:9"], capsys)
     assert rc == 2 and "does not answer within 5 s" in _one_line(err)
     assert time.time() - t0 < 15 and not (tmp_path / "o").exists()
+    out = _existing_out(tmp_path)
+    before = _tree(out)
+    rc, err = _run(["--smoke", "--out", str(out), "--tracking-uri", "http://127.0.0.1:9"], capsys)
+    assert rc == 2 and "does not answer within 5 s" in _one_line(err) and _tree(out) == before
 
 
 def test_unknown_names(tmp_path, capsys):
-    for argv, match in ((["--dataset", "mnist"], "unknown data set"), (["--models", "resnet21"], "unknown model")):
-        rc, err = _run([*argv, "--out", str(tmp_path / "o")], capsys)
+    out = _existing_out(tmp_path)
+    before = _tree(out)
+    for argv, match in ((["--dataset", "mnist"], "unknown data set 'mnist'"), (["--models", "resnet21"], "unknown model 'resnet21'")):
+        rc, err = _run([*argv, "--out", str(out)], capsys)
         assert rc == 2 and match in _one_line(err)
+    assert _tree(out) == before
 
 
-def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys, monkeypatch):
+    """Refused at once: before the data is loaded, Ray starts or the ETA is calibrated."""
+    from overinterp.pipeline import run as run_module
     from overinterp.pipeline.lock import OutputLock
 
+    def too_late(*a, **k):
+        raise AssertionError("the lock is checked only after the expensive work started")
+
+    monkeypatch.setattr(run_module, "load_data", too_late)
+    monkeypatch.setattr(run_module, "ensure_ray", too_late)
     out = _existing_out(tmp_path)
     before = _tree(out)
     with OutputLock(str(out), "another overinterp run"):

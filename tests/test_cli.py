@@ -100,3 +100,47 @@ def test_smoke_with_a_tail_past_its_pass_bound_is_refused_in_one_line(tmp_path, 
     assert code == 2 and err.count("\n") == 1, err
     assert "backselect plans 8,513 at 16×16 px" in err and "use --exact-tail 0.37 or less with --smoke" in err
     assert not os.path.exists(out)
+
+
+def _store_with_a_repeat(tmp_path):
+    import numpy as np
+    import torch
+
+    from overinterp import store
+
+    for ids in ([0, 1], [1, 2]):  # image 1 twice, identical rows
+        store.write_rows(str(tmp_path / "selections"), model="m", selector="backselect", selector_params="{}", split="test",
+                         image_id=np.array(ids), label=np.zeros(2), order=torch.arange(4).expand(2, 4), height=2, width=2)
+
+
+def _files(root) -> dict:
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_store_repair_is_refused_while_a_run_holds_the_out(tmp_path, capsys):
+    from overinterp.pipeline.lock import OutputLock
+
+    _store_with_a_repeat(tmp_path)
+    with OutputLock(str(tmp_path), "overinterp run"):
+        before = _files(tmp_path)
+        assert main(["store", "repair", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"overinterp: error: {tmp_path} is in use by another run (overinterp run on host ") and err.count("\n") == 1
+        assert f"pid {os.getpid()}" in err and _files(tmp_path) == before  # nothing repaired, nothing quarantined
+        assert main(["store", "check", "--out", str(tmp_path)]) == 1  # check only reads: it runs, with a warning
+        captured = capsys.readouterr()
+        assert captured.err.startswith("overinterp: warning: ") and "the store may change while it is checked" in captured.err
+        assert "| m | backselect | test | 3 | 2 | 1 | 0 | 0 | 0 |" in captured.out
+    assert main(["store", "repair", "--out", str(tmp_path)]) == 0  # once the run is gone
+    assert not (tmp_path / ".overinterp.lock").exists()
+
+
+def test_store_commands_on_an_unreachable_uri_are_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    for action in ("check", "repair"):
+        assert main(["store", action, "--out", "s3://no-such-bucket/x?endpoint_override=127.0.0.1:9&scheme=http"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("overinterp: error: --out s3://no-such-bucket/x") and err.count("\n") == 1
+        assert "cannot be reached" in err and "credentials" in err

@@ -72,6 +72,29 @@ def _drain(proc):
     threading.Thread(target=proc.stdout.read, daemon=True).start()
 
 
+def _collect(proc) -> list[str]:
+    """Read the rest of the job's output in the background; the list fills as lines arrive."""
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    return lines
+
+
+def _store_has_no_repeats(out: str) -> None:
+    """What `overinterp store check` reports after a kill: missing ids are allowed (the rerun selects
+    them), repeated or conflicting rows and unreadable files are not."""
+    if not os.path.isdir(os.path.join(out, "selections")):
+        return  # killed before any selection was written
+    reports = check_store(out)
+    assert all(r.repeated == r.conflicting == 0 and not r.unreadable for r in reports), [r for r in reports if not r.ok]
+
+
+def _parents(out: str) -> list:
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("overinterp")
+    assert exp is not None, "the runs were logged somewhere else than <out>/mlflow.db"
+    return client.search_runs([exp.experiment_id], "tags.`overinterp.role` = 'parent'")
+
+
 def _lock_taken_over(printed: str, out: str) -> bool:
     return "taking over the lock" in printed or not os.path.exists(os.path.join(out, ".overinterp.lock"))
 
@@ -85,8 +108,10 @@ def undisturbed(tmp_path_factory):
     _wait_line(first, "stage 1/4")
     second = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
-    _drain(first)
-    assert first.wait(timeout=900) == 0
+    printed = _collect(first)
+    rc = first.wait(timeout=900)
+    time.sleep(0.5)  # the reader thread takes the last lines
+    assert rc == 0, "".join(printed[-60:])
     return {"out": out, "summary": _summary(out), "second": second}
 
 
@@ -112,15 +137,18 @@ def test_driver_killed_in_each_stage(undisturbed, tmp_path):
         _drain(proc)
         os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its local Ray dies with it
         proc.wait(timeout=60)
+        _store_has_no_repeats(out)
+        parents = _parents(out)  # each rerun continued the first driver's parent: still one
+        assert [p.info.status for p in parents] == ["RUNNING"], [(p.info.run_id, p.info.status) for p in parents]
     printed = _finish(out)
     assert _lock_taken_over(printed, out)
     assert _summary(out) == undisturbed["summary"]
     _store_clean(out)
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     exp = client.get_experiment_by_name("overinterp")
-    assert exp is not None, "the runs were logged somewhere else than <out>/mlflow.db"
-    parents = client.search_runs([exp.experiment_id], "tags.`overinterp.role` = 'parent'")
+    parents = _parents(out)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the crashed runs' parent, continued
+    assert "overinterp.resumed_at" in parents[0].data.tags
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert len({c.info.run_name for c in children}) == len(children) == 8  # no trial twice
 
@@ -145,8 +173,11 @@ def test_a_killed_selection_worker_is_retried_without_duplicates(undisturbed, tm
         pid = _selection_worker_pid()
         time.sleep(0.05)
     assert pid is not None
-    _drain(proc)
+    lines = _collect(proc)
     os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=900) == 0
+    time.sleep(0.5)  # the reader thread takes the last lines
+    lost = [line for line in lines if "a selection worker was lost (" in line]
+    assert lost and "selecting the images not yet stored again (attempt 2 of 3)" in lost[0], "".join(lines[-40:])
     assert _summary(out) == undisturbed["summary"]
     _store_clean(out)

@@ -107,3 +107,79 @@ def test_torchvision_weights_enum_is_resolved_before_any_download():
         create_model("tv:resnet18", num_classes=10, weights="ResNet18_Weights.IMAGENET1K_V1")
     with pytest.raises(ModelError, match="predict 1000 classes"):
         create_model("tv:resnet18", num_classes=10, weights="DEFAULT")
+
+
+class _Payload:
+    """Unpickling this creates a marker file (builtins.open, no shell): proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _cached_weights_path(tmp_path, monkeypatch, enum_name: str) -> str:
+    import os
+    from urllib.parse import urlparse
+
+    import torchvision.models as tvm
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = tvm.get_weight(enum_name).url
+    path = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(urlparse(url).path)
+    path.parent.mkdir(parents=True)
+    return str(path)
+
+
+def test_named_weights_with_a_crafted_pickle_are_refused_and_never_executed(tmp_path, monkeypatch):
+    import pickle
+
+    path = _cached_weights_path(tmp_path, monkeypatch, "ResNet18_Weights.IMAGENET1K_V1")
+    marker = tmp_path / "pwned"
+    with open(path, "wb") as f:
+        pickle.dump({"fc.weight": _Payload(str(marker))}, f)
+    with pytest.raises(ModelError) as e:
+        create_model("tv:resnet18", num_classes=1000, weights="ResNet18_Weights.IMAGENET1K_V1")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"the cached weights {path} are not a state_dict torch can load safely")
+    assert msg.endswith("delete the file so that it is downloaded again")
+    assert not marker.exists()
+
+
+def test_named_weights_load_from_the_cache(tmp_path, monkeypatch):
+    """The happy path without a download: a genuine state_dict under the cached file's name. Its
+    hash does not match the name's prefix, and it loads anyway: torch.hub checks the hash only when
+    it downloads (check_hash=True), so a cached file is trusted for its content; weights_only=True
+    is what keeps a planted one from running code (the test above)."""
+    import torchvision.models as tvm
+
+    path = _cached_weights_path(tmp_path, monkeypatch, "ResNet18_Weights.IMAGENET1K_V1")
+    src = tvm.resnet18(num_classes=1000)
+    torch.save(src.state_dict(), path)
+    dst = create_model("tv:resnet18", num_classes=1000, weights="ResNet18_Weights.IMAGENET1K_V1")
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+
+
+def test_googlenet_named_weights_get_the_builders_kwargs(tmp_path, monkeypatch):
+    """As torchvision's builder does with weights: transform_input on, the auxiliary heads loaded
+    from the file and then dropped."""
+    import torchvision.models as tvm
+
+    path = _cached_weights_path(tmp_path, monkeypatch, "GoogLeNet_Weights.IMAGENET1K_V1")
+    src = tvm.GoogLeNet(num_classes=1000, aux_logits=True, transform_input=True, init_weights=False)
+    torch.save(src.state_dict(), path)
+    dst = create_model("tv:googlenet", num_classes=1000, weights="GoogLeNet_Weights.IMAGENET1K_V1").eval()
+    assert dst.transform_input and not dst.aux_logits and dst.aux1 is None and dst.aux2 is None
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(src.eval()(x), dst(x))
+
+
+def test_named_weights_that_do_not_fit_are_one_line(tmp_path, monkeypatch):
+    import torchvision.models as tvm
+
+    path = _cached_weights_path(tmp_path, monkeypatch, "ResNet18_Weights.IMAGENET1K_V1")
+    torch.save(tvm.resnet34(num_classes=1000).state_dict(), path)
+    with pytest.raises(ModelError, match=r"^the cached weights .* do not fit resnet18: .*delete the file") as e:
+        create_model("tv:resnet18", num_classes=1000, weights="ResNet18_Weights.IMAGENET1K_V1")
+    assert "\n" not in str(e.value)

@@ -92,7 +92,52 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, weights: str
         raise ModelError(f"--weights {weights!r} is neither a file nor a torchvision weights name for {tv_name}") from e
     if num_classes != len(enum.meta["categories"]):
         raise ModelError(f"weights {weights} predict {len(enum.meta['categories'])} classes, the data set has {num_classes}")
-    return tvm.get_model(tv_name, weights=enum, **{k: v for k, v in kwargs.items() if k != "init_weights"})
+    return _torchvision_pretrained(tvm, tv_name, enum)
+
+
+def _torchvision_pretrained(tvm, tv_name: str, enum) -> nn.Module:
+    """A torchvision model with its named weights, loaded without unpickling code.
+
+    torchvision's builders load named weights through torch.hub with weights_only=False, so a file
+    planted in $TORCH_HOME/hub/checkpoints would run code. Here the model is built with weights=None
+    and the kwargs its builder sets when weights are given (torchvision 0.29: inception_v3 and
+    googlenet, vit_*, maxvit), and the file is loaded with weights_only=True. check_hash verifies the
+    file's hash prefix only when torch.hub downloads it; a cached file is trusted for its content
+    (weights_only makes that safe) but not checked again.
+    """
+    from urllib.error import URLError
+    from urllib.parse import urlparse
+
+    kwargs: dict = {"num_classes": len(enum.meta["categories"])}
+    aux = tv_name in ("inception_v3", "googlenet")
+    if aux:  # the pretrained files hold the auxiliary heads; they are dropped after loading, as torchvision does
+        kwargs.update(transform_input=True, aux_logits=True, init_weights=False)
+    elif tv_name.startswith("vit_"):
+        kwargs["image_size"] = enum.meta["min_size"][0]
+    elif tv_name.startswith("maxvit"):
+        kwargs["input_size"] = enum.meta["min_size"]
+    model = tvm.get_model(tv_name, weights=None, **kwargs)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(enum.url).path))
+    try:
+        state = torch.hub.load_state_dict_from_url(enum.url, map_location="cpu", check_hash=True, weights_only=True)
+    except (URLError, OSError) as e:
+        raise ModelError(f"cannot download the weights {enum} from {enum.url} ({type(e).__name__}): "
+                         f"put the file at {cached}, or pass --weights a local state_dict file") from e
+    except Exception as e:  # an unpickling error (a file holding more than tensors) or a damaged file
+        raise ModelError(f"the cached weights {cached} are not a state_dict torch can load safely "
+                         f"({type(e).__name__}): delete the file so that it is downloaded again") from e
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelError(f"the cached weights {cached} do not fit {tv_name}: {str(e).splitlines()[0]}: "
+                         f"delete the file so that it is downloaded again") from e
+    if aux:
+        model.aux_logits = False
+        if tv_name == "inception_v3":
+            model.AuxLogits = None
+        else:
+            model.aux1 = model.aux2 = None
+    return model
 
 
 class InputDropout(nn.Module):

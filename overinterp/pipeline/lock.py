@@ -14,10 +14,19 @@ run that finds another holder's lock there gives up. Two runs starting within th
 still both read back their own write on an eventually consistent store: the lock guards against
 the realistic case (a second submission minutes later, or a forgotten one still running), not
 against a deliberate race.
+
+Taking over a stale lock is atomic on local paths: under an flock on `.overinterp.lock.takeover`
+(created at the first takeover and left in place: removing it would reopen the race), the run reads
+the lock again and replaces it only if it is still byte for byte the one judged stale. Two reruns
+that both judged the same dead holder stale cannot both win: the second finds the first's new lock
+and is refused. Runs that find no lock do not need the flock: O_EXCL decides between them. A file
+system without flock support falls back to the unserialised takeover, with a warning. Object
+stores delete the stale lock and write their own, with the limits above.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -33,6 +42,7 @@ from overinterp.config import ConfigError
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".overinterp.lock"
+TAKEOVER_SUFFIX = ".takeover"  # <out>/.overinterp.lock.takeover: flocked while a stale lock is replaced; left in place
 RENEW_S = 30.0
 LEASE_S = 120.0
 CONFIRM_S = 2.0
@@ -66,13 +76,28 @@ class OutputLock:
     def _doc(self) -> bytes:
         return json.dumps({**self.me, "renewed": time.time()}).encode()
 
-    def read(self) -> Optional[dict]:
+    def _read_raw(self) -> Optional[bytes]:
         try:
-            return json.loads(fs.read_bytes(self.path))
+            return fs.read_bytes(self.path)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except OSError:
+            return b""
+
+    @staticmethod
+    def _parse(raw: Optional[bytes]) -> Optional[dict]:
+        if raw is None:
+            return None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
             return {"host": "?", "pid": -1, "started": 0, "renewed": 0}  # unreadable: treated as stale after the lease
+        return doc
+
+    def read(self) -> Optional[dict]:
+        return self._parse(self._read_raw())
 
     def _stale(self, holder: dict) -> Optional[str]:
         """Why the holder is gone, or None while it may be alive."""
@@ -100,17 +125,43 @@ class OutputLock:
             f.write(self._doc())
         return True
 
+    def _take_over_local(self, stale: bytes) -> bool:
+        """Replace the lock judged stale with this run's; False when it is no longer that lock."""
+        _, p = fs.resolve(self.path)
+        fd = os.open(p + TAKEOVER_SUFFIX, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # one takeover at a time; the kernel drops it if this process dies
+            except OSError as e:  # a file system without locks: O_EXCL alone decides, and two takeovers may both win
+                log.warning("cannot serialise the takeover of %s's lock (%s)", self.out_dir, e)
+            try:
+                with open(p, "rb") as f:
+                    now = f.read()
+            except FileNotFoundError:
+                now = None
+            if now != stale:
+                return False  # another run took it over first (or the holder renewed): judge again
+            os.unlink(p)
+            return self._create_local()
+        finally:
+            os.close(fd)  # releases the flock
+
     def acquire(self) -> "OutputLock":
         local = not fs.is_uri(self.out_dir)
         for _ in range(3):  # a stale holder removed by a third run in between: try again
-            holder = self.read()
+            raw = self._read_raw()
+            holder = self._parse(raw)
             if holder is not None:
                 why = self._stale(holder)
                 if why is None:
                     raise self._held_error(holder)
+                if local and not self._take_over_local(raw):
+                    continue  # another run took it over first: read what is there now
                 log.warning("taking over the lock of %s from %s (pid %s on %s): %s", self.out_dir, holder.get("command"), holder.get("pid"),
                             holder.get("host"), why)
                 self.taken_over = holder
+                if local:
+                    break
                 fs.delete(self.path)
             if local:
                 if self._create_local():
@@ -127,6 +178,12 @@ class OutputLock:
         self._thread = threading.Thread(target=self._renew, name="overinterp-lock", daemon=True)
         self._thread.start()
         return self
+
+    def check_free(self) -> None:
+        """Raise LockHeld while a live run holds the lock; writes nothing (a dry run may call it)."""
+        holder = self.read()
+        if holder is not None and self._stale(holder) is None:
+            raise self._held_error(holder)
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_S):

@@ -269,8 +269,11 @@ class InMemoryBackend:
 def prepare_run(config: RunConfig, ray_address: str | None = None):
     """Check the config, load the data, build the plan, connect to Ray and plan resources. Writes
     nothing to --out (the budget guard and --dry-run must leave it untouched)."""
+    from overinterp.pipeline.lock import OutputLock
+
     config.check()
     cfg = config.resolved()
+    OutputLock(cfg.out_dir).check_free()  # a live run on this --out stops us before data, Ray and calibration (reads only)
     store.validate_shards(fs.join(cfg.out_dir, "selections"))  # a corrupt shard stops us before any work (it only reads)
     log(f"loading {cfg.dataset}{' (smoke subsample)' if cfg.smoke else ''}")
     data = load_data(cfg)
