@@ -240,6 +240,29 @@ def test_a_truncated_checkpoint_is_retrained_with_a_warning(smoke_run, caplog):
     assert again["accuracy"] == summary["accuracy"]  # the same seeds train the same model
 
 
+def test_a_garbage_checkpoint_is_retrained_through_the_command_line(smoke_run, capfd, caplog):
+    """Random bytes where a finished trial's model.pt was (not a truncated file): `overinterp run`
+    with the same flags warns, retrains that trial alone and exits 0; no other trial's result and no
+    stored selection is touched."""
+    from overinterp.cli import main
+
+    cfg, out, summary = smoke_run
+    trial = out / "trials" / "digits_cnn-gradient-s1"
+    (trial / "model.pt").write_bytes(os.urandom(4096))
+    before = _mtimes(out)
+    with caplog.at_level("WARNING", logger="overinterp.pipeline.trial"):
+        code = main(["run", "--smoke", "--seeds", "0,1", "--out", str(out)])
+    printed = capfd.readouterr()
+    warned = [r.getMessage() for r in caplog.records if r.name == "overinterp.pipeline.trial"]
+    warned += [l for l in (printed.out + printed.err).splitlines() if "will be retrained" in l]
+    assert code == 0, printed.err[-2000:]
+    assert warned and all("digits_cnn-gradient-s1" in w and "will be retrained" in w for w in warned), warned
+    after = _mtimes(out)
+    assert {p for p in before if after.get(p) != before[p]} == {str(trial / "result.json")}  # that trial alone
+    assert set(after) == set(before)
+    assert json.load(open(out / "summary.json"))["accuracy"] == summary["accuracy"]
+
+
 def test_other_settings_in_same_out_dir_are_refused(smoke_run):
     cfg, out, _ = smoke_run
     with pytest.raises(ConfigError, match="other settings"):
