@@ -136,6 +136,11 @@ def test_mlflow_parent_and_children(smoke_run):
     plan_txt = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/plan.txt")
     assert "cost (" in plan_txt and "selection" in plan_txt
     assert by_name["digits_cnn-full-drop0.2-s1"].data.tags["variant"] == "input-dropout"
+    # real durations: a full-image run ends when its training did (before the subset models started),
+    # not when the summary logged its model
+    full = [c for c in children if c.data.tags["condition"] in ("full", "full+dropout")]
+    first_subset = min(c.info.start_time for c in children if c not in full)
+    assert all(c.info.end_time <= first_subset for c in full), [(c.info.run_name, c.info.end_time - first_subset) for c in full]
 
 
 def test_full_image_models_are_logged_with_their_signature(smoke_run):

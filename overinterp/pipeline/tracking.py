@@ -231,7 +231,10 @@ class Tracker:
             elif not plan.full_trials:
                 self.client.set_tag(run_id, "baseline_run_id", self.parent_id)  # the pretrained model's accuracy lives on the parent
             if models and spec.name in models and self.client.get_run(run_id).data.tags.get("overinterp.model_logged") != "1":
+                ended = self.client.get_run(run_id).info
                 self._log_model(run_id, *models[spec.name])
+                if ended.status == "FINISHED":  # logging reopens the run: keep the trial's own end, not the summary's
+                    self.client.set_terminated(run_id, "FINISHED", end_time=ended.end_time)
             status = self.client.get_run(run_id).info.status
             if status != "FINISHED":
                 end = r.get("finished_at")
