@@ -520,6 +520,7 @@ def check_budget(plan: CostPlan, max_hours: float, alternatives: Sequence[tuple[
 STANDARD_PIXELS_PER_STEP = (16, 64, 256)
 FAST_SELECTOR = "bgsis"
 WORKER_FACTOR = 4
+PILOT_DIVISORS = (2, 10, 100, 1000)  # --max-images tried: a half, a tenth, ... of the images
 
 
 def alternatives_for(reestimate: Callable[[dict], Optional[CostPlan]], current: Mapping) -> list[tuple[str, CostPlan]]:
@@ -527,12 +528,13 @@ def alternatives_for(reestimate: Callable[[dict], Optional[CostPlan]], current: 
 
     Args:
         reestimate: overrides -> the CostPlan of the run with them (None: not applicable). Keys:
-            "selector", "pixels_per_step", "image_size", "max_workers" — the RunConfig / CLI names.
+            "selector", "pixels_per_step", "image_size", "max_workers", "max_images" — the config / CLI
+            names.
         current: the run's values of those keys; a key left out (e.g. image_size for a data set of
             fixed size) is not tried.
     Returns:
         [(flag, plan)], e.g. ("--selector bgsis", ...), ("--pixels-per-step 16", ...),
-        ("--image-size 112", ...), ("--max-workers 16", ...).
+        ("--image-size 112", ...), ("--max-workers 16", ...), ("--max-images 1000", ...).
     """
     tries: list[tuple[str, dict]] = []
     if "selector" in current and current["selector"] != FAST_SELECTOR:
@@ -547,6 +549,9 @@ def alternatives_for(reestimate: Callable[[dict], Optional[CostPlan]], current: 
     if current.get("max_workers"):
         w = WORKER_FACTOR * current["max_workers"]
         tries.append((f"--max-workers {w}", {"max_workers": w}))
+    if current.get("max_images"):  # a pilot on fewer images (sis_imagenet.py)
+        n = current["max_images"]
+        tries += [(f"--max-images {m}", {"max_images": m}) for m in dict.fromkeys(n // d for d in PILOT_DIVISORS) if 0 < m < n]
     out = []
     for label, overrides in tries:
         plan = reestimate(overrides)

@@ -173,6 +173,10 @@ def test_alternatives_for_tries_the_standard_settings():
     # a fixed-size data set on bgsis at k = 256 with no --max-workers: nothing to try
     assert alternatives_for(reestimate, {"selector": "bgsis", "pixels_per_step": 256, "image_size": None}) == []
     assert [l for l, _ in alternatives_for(reestimate, {"image_size": 48})] == ["--image-size 32", "--image-size 24"]
+    # sis_imagenet.py's pilot: a half, a tenth, ... of the images, never 0 nor all of them
+    assert [l for l, _ in alternatives_for(reestimate, {"max_images": 1281})] == ["--max-images 640", "--max-images 128", "--max-images 12",
+                                                                                  "--max-images 1"]
+    assert [l for l, _ in alternatives_for(reestimate, {"max_images": 3})] == ["--max-images 1"]
 
 
 def test_the_guard_on_real_estimates():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -84,23 +84,38 @@ def costable(plan: Plan) -> tuple[Plan, list[str]]:
 
 
 def cost_of(plan: Plan, rates: dict, resources: ResourcePlan, epochs: int, select_batch: int,
-            select_workers: Optional[int] = None) -> CostPlan:
+            select_workers: Optional[int] = None, trial_concurrency: Optional[int] = None) -> CostPlan:
     plan, _ = costable(plan)
     return plan_cost(plan, forward_rates={m: r[0] for m, r in rates.items()}, train_rates={m: r[1] for m, r in rates.items()},
-                     select_workers=select_workers or resources.select_workers, trial_concurrency=resources.trial_concurrency,
-                     epochs=epochs, select_batch=select_batch)
+                     select_workers=select_workers or resources.select_workers,
+                     trial_concurrency=trial_concurrency or resources.trial_concurrency, epochs=epochs, select_batch=select_batch)
 
 
-def plan_and_guard(cfg, data, plan: Plan, resources: ResourcePlan, enforce: bool = True) -> tuple[CostPlan, list[str]]:
+def replan_small(cfg, plan: Plan, shape: tuple, n_images: dict) -> Plan:
+    """`overinterp run`'s plan with other settings, images of `shape` and `n_images` per split."""
+    fake = SimpleNamespace(shape=shape, num_classes=plan.num_classes, labels={s: [0] * n for s, n in n_images.items()})
+    return plan_small(cfg, fake)
+
+
+def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = True, *, replan: Callable = replan_small,
+                   trial_concurrency: Optional[int] = None) -> tuple[CostPlan, list[str]]:
     """Measure, cost the run, and refuse it (BudgetExceeded, one line with faster choices and their
     ETAs) when its ETA is over --max-hours. Returns the cost plan and notes to print; with
-    enforce=False (--dry-run) the refusal becomes the last note instead."""
+    enforce=False (--dry-run) the refusal becomes the last note instead.
+
+    cfg: a resolved RunConfig or ImageNetConfig (epochs, batch_size, select_batch, pixels_per_step,
+        max_hours; selectors for RunConfig).
+    replan: (cfg with the alternative's settings, this plan, shape, n_images) -> its Plan: `replan_small` for
+        `overinterp run`; sis_imagenet.py passes plan_stream's.
+    trial_concurrency: trials at once (default resources.trial_concurrency; streamed runs:
+        resources.streamed_trial_concurrency(workers_per_trial)).
+    """
     rates = measure_rates(plan, resources, cfg.batch_size)
-    cost = cost_of(plan, rates, resources, cfg.epochs, cfg.select_batch)
+    cost = cost_of(plan, rates, resources, cfg.epochs, cfg.select_batch, trial_concurrency=trial_concurrency)
     _, notes = costable(plan)
     if cfg.max_hours and cost.eta_seconds > cfg.max_hours * 3600:
         def reestimate(overrides: dict) -> Optional[CostPlan]:
-            changes, scaled, workers = {}, rates, None
+            changes, scaled, workers, n_images = {}, rates, None, plan.n_images
             if "selector" in overrides:
                 changes["selectors"] = (overrides["selector"],)
             if "pixels_per_step" in overrides:
@@ -113,17 +128,22 @@ def plan_and_guard(cfg, data, plan: Plan, resources: ResourcePlan, enforce: bool
                 scaled = {m: (f * factor, t * factor) for m, (f, t) in rates.items()}
             if "max_workers" in overrides:
                 workers = overrides["max_workers"]
+            if "max_images" in overrides:
+                n_images = {s: min(n, overrides["max_images"]) for s, n in plan.n_images.items()}
             try:
                 new_cfg = dataclasses.replace(cfg, **changes)
             except ValueError:
                 return None
-            fake = SimpleNamespace(shape=shape, num_classes=plan.num_classes, labels={s: [0] * n for s, n in plan.n_images.items()})
-            return cost_of(plan_small(new_cfg, fake), scaled, resources, cfg.epochs, cfg.select_batch, workers)
+            return cost_of(replan(new_cfg, plan, shape, n_images), scaled, resources, cfg.epochs, cfg.select_batch, workers,
+                           trial_concurrency)
 
-        current = {"selector": cfg.selectors[0] if len(cfg.selectors) == 1 else "several", "pixels_per_step": cfg.pixels_per_step,
-                   "max_workers": resources.select_workers}
-        if cfg.dataset == "imagefolder":
+        current = {"pixels_per_step": cfg.pixels_per_step, "max_workers": resources.select_workers}
+        if hasattr(cfg, "selectors"):
+            current["selector"] = cfg.selectors[0] if len(cfg.selectors) == 1 else "several"
+        if plan.streamed or getattr(cfg, "dataset", None) == "imagefolder":
             current["image_size"] = plan.shape[1]
+        if plan.streamed:
+            current["max_images"] = max(plan.n_images.values())
         try:
             check_budget(cost, cfg.max_hours, alternatives_for(reestimate, current))
         except BudgetExceeded as e:

@@ -301,7 +301,7 @@ def run_pipeline(config: RunConfig, ray_address: str | None = None, dry_run: boo
     log(resources.describe())
     if cfg.autocast and not resources.use_gpu:
         log(f"--autocast {cfg.autocast} needs GPUs; this cluster has none, so selection runs exact fp32 on CPU")
-    cost, notes = plan_and_guard(cfg, data, plan, resources, enforce=not dry_run)
+    cost, notes = plan_and_guard(cfg, plan, resources, enforce=not dry_run)
     cost_text = cost.describe() + "".join(f"\n  note: {n}" for n in notes)
     log(cost_text)
     if dry_run:
