@@ -14,7 +14,9 @@ pretrained model's accuracy in MLflow.
 Rerunning with the same --out resumes: images already in the store and finished trials are skipped.
 --smoke-test runs it in a few minutes on 2 CPUs on a tiny synthetic data set written as JPEG/PNG folders
 (or, with --smoke-format parquet, as Parquet of encoded images) and tv:resnet18 weights written to
-a local file.
+a local file. Before any work it prints the plan: stages, resources, BGSIS passes and training
+images with ETAs from a short calibration; --dry-run stops there, and a plan over --max-hours
+(default 24) stops there with faster settings that fit.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite in --out)")
     p.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--max-hours", type=float, default=d.max_hours,
+                   help="refuse to start when the planned ETA is longer (0: no limit); the error names faster settings")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (stages, resources, forward passes, ETA) and exit, writing nothing")
     add_resource_arguments(p)
     p.add_argument("--smoke-test", action="store_true", help="tiny synthetic data, tv:resnet18 from a local weights file: a wiring check, minutes on 2 CPUs")
     p.add_argument("--smoke-format", choices=("folder", "parquet"), default="folder", help="--smoke-test data layout")
@@ -115,11 +120,13 @@ def main(argv=None) -> int:
         config.check()
         from overinterp.pipeline.imagenet import run_imagenet  # Ray/MLflow once input is valid
 
-        return run_imagenet(config, args.ray_address or os.environ.get("RAY_ADDRESS"))
+        return run_imagenet(config, args.ray_address or os.environ.get("RAY_ADDRESS"), dry_run=args.dry_run)
 
     status, summary = one_line_errors("sis_imagenet.py", run)
     if status is not None:
         return status
+    if args.dry_run:
+        return 0
     from overinterp.pipeline.imagenet import imagenet_markdown
 
     print()

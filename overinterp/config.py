@@ -340,6 +340,7 @@ class ImageNetConfig:
     experiment: str = "overinterp-imagenet"
     smoke: bool = False
     strict: bool = False  # an image that does not decode stops the run (default: skipped and recorded)
+    max_hours: float = 24.0  # the budget guard: refuse a run whose planned ETA is longer (0: no guard)
     max_workers: Optional[int] = None
     gpus_per_worker: Optional[float] = None
     cpus_per_worker: Optional[float] = None
@@ -348,6 +349,8 @@ class ImageNetConfig:
     def __post_init__(self):
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction} (the paper uses 0.1 on ImageNet)")
+        if not self.max_hours >= 0:
+            raise ConfigError(f"--max-hours must be >= 0 (0 turns the budget guard off), got {self.max_hours}")
         if self.pixels_per_step < 1:
             raise ConfigError(f"--pixels-per-step must be >= 1, got {self.pixels_per_step} (the paper uses 100 at 299 px)")
         self.selection_params()
@@ -388,7 +391,7 @@ class ImageNetConfig:
         return dataclasses.replace(self, train_model=self.train_model or self.model, **_resolve_outputs(self.out_dir, self.tracking_uri))
 
     REUSABLE_CHANGES = ("tracking_uri", "experiment", "out_dir", "select_batch", "workers_per_trial", "strict", "pixels_per_step",
-                        "exact_tail", *RESOURCE_FIELDS)  # k and F: stored under their own selector tag
+                        "exact_tail", "max_hours", *RESOURCE_FIELDS)  # k and F: stored under their own selector tag
 
     def resource_flags(self) -> dict:
         return {k: getattr(self, k) for k in RESOURCE_FIELDS}

@@ -16,9 +16,11 @@ keep-masks on the Ray Data workers, evaluation streams them again.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import asdict
+from typing import Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,6 +29,7 @@ from ray.data import ActorPoolStrategy
 
 from overinterp import fs, store
 from overinterp.config import ImageNetConfig, ResourceFlags, check_reuse
+from overinterp.costplan import format_duration
 from overinterp.data import IMAGENET_MEAN, IMAGENET_STD, skipped_line, skipped_summary
 from overinterp.models import create_model
 from overinterp.pipeline.driver import accuracy_by_condition, log, run_plan
@@ -201,10 +204,14 @@ def store_count(root: str, model: str, selector: str, split: str) -> int:
 
 
 def prepare_imagenet(config: ImageNetConfig, ray_address: str | None = None):
+    """Check the config, count the images, build the plan, connect to Ray and plan resources.
+    Writes nothing to --out (the budget guard and --dry-run must leave it untouched)."""
+    from overinterp.pipeline.lock import OutputLock
+
     config.check()
     cfg = config.resolved()
-    store.validate_shards(fs.join(cfg.out_dir, "selections"))  # a corrupt shard stops us before any work
-    check_reuse(cfg, fs.join(cfg.out_dir, "config.json"))
+    OutputLock(cfg.out_dir).check_free()  # a live run on this --out stops us before Ray and calibration (reads only)
+    store.validate_shards(fs.join(cfg.out_dir, "selections"))  # a corrupt shard stops us before any work (it only reads)
     classes = None if is_parquet(cfg.train) else list_classes(cfg.train)
     num_classes = cfg.num_classes or (len(classes) if classes else 1000)
     create_model(cfg.model, num_classes, weights=cfg.weights)  # fail now, not in an actor, if the weights do not fit
@@ -215,21 +222,40 @@ def prepare_imagenet(config: ImageNetConfig, ray_address: str | None = None):
     return cfg, classes, plan, resources
 
 
-def run_imagenet(config: ImageNetConfig, ray_address: str | None = None) -> dict:
-    """Run (or resume) the ImageNet study; returns the summary also written to summary.json."""
+def replan_stream(cfg: ImageNetConfig, plan: Plan, shape: tuple, n_images: dict) -> Plan:
+    """The budget guard's re-plan (pipeline/costing.py): this job with other settings, size and counts."""
+    return plan_stream(dataclasses.replace(cfg, image_size=shape[1]), plan.num_classes, n_images)
+
+
+def run_imagenet(config: ImageNetConfig, ray_address: str | None = None, dry_run: bool = False) -> Optional[dict]:
+    """Run (or resume) the ImageNet study; returns the summary also written to summary.json.
+
+    First the plan: stages, resources, passes and an ETA from a short calibration on the selection
+    device; a plan over --max-hours stops here (BudgetExceeded), and so does --dry-run (returns
+    None), both before anything is written to --out.
+    """
+    from overinterp.pipeline.costing import plan_and_guard
     from overinterp.pipeline.lock import OutputLock
 
     t0 = time.time()
-    config.check()
-    with OutputLock(config.resolved().out_dir, "sis_imagenet.py") as lock:
-        cfg, classes, plan, resources = prepare_imagenet(config, ray_address)
-        log(plan.describe())
-        log(resources.describe())
+    cfg, classes, plan, resources = prepare_imagenet(config, ray_address)
+    log(plan.describe())
+    log(resources.describe())
+    cost, notes = plan_and_guard(cfg, plan, resources, enforce=not dry_run, replan=replan_stream,
+                                 trial_concurrency=resources.streamed_trial_concurrency(cfg.workers_per_trial))
+    cost_text = cost.describe() + "".join(f"\n  note: {n}" for n in notes)
+    log(cost_text)
+    if dry_run:
+        log("dry run: nothing selected, trained or written")
+        return None
+    with OutputLock(cfg.out_dir, "sis_imagenet.py") as lock:
+        check_reuse(cfg, fs.join(cfg.out_dir, "config.json"))
         from overinterp.pipeline.tracking import Tracker
 
         with Tracker(cfg, "imagenet", resources, previous_holder=lock.taken_over) as tracker:
+            tracker.log_plan("\n".join([plan.describe(), resources.describe(), cost_text]), cost)
             summary = run_plan(plan, StreamBackend(cfg, plan, classes, resources, [tracker.trial_logger()]), tracker)
-    log(f"done in {time.time() - t0:.0f} s")
+    log(f"done in {time.time() - t0:.0f} s (planned {format_duration(cost.eta_seconds)})")
     return summary
 
 
