@@ -66,6 +66,10 @@ def test_imagenet_folder_of_jpegs_and_resume(ray_session, tmp_path, resnet18_wei
     runs = mlflow.search_runs(experiment_names=["overinterp-imagenet"])
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
     assert len(children) == 3 and (children["metrics.baseline_accuracy"] == summary["baseline"]["full"]).all()
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()].iloc[0]
+    assert parent["metrics.plan.cost.eta_s"] > 0 and parent["metrics.plan.cost.forward_passes"] > 0  # the cost plan, as run_pipeline logs it
+    plan_txt = mlflow.artifacts.load_text(f"runs:/{parent['run_id']}/plan.txt")
+    assert "resources (" in plan_txt and "cost (" in plan_txt and "selection  tv:resnet18/pretrained bgsis-k64 train" in plan_txt
     assert set(summary["accuracy"]["tv:resnet18"]) == {"bgsis-subset", "random-subset", "bgsis-positions-only"}
     result = json.load(open(os.path.join(out, "trials", "tv_resnet18-bgsis-k64-s0", "result.json")))
     assert result["val_images"] == 12 and len(result["losses"]) == 1  # a Ray Train run: every val image, one epoch
@@ -118,6 +122,7 @@ def test_imagenet_ddp_two_workers_evaluate_every_val_image_and_log_each_epoch(ra
         (["--train", ".", "--val", ".", "--model", "resnet20"], "small-image model"),
         (["--train", ".", "--val", ".", "--fraction", "0"], "--fraction must be in (0, 1]"),
         (["--train", ".", "--val", ".", "--weights", "missing/w.pt"], "is not a file"),
+        (["--train", ".", "--val", ".", "--max-hours", "-1"], "--max-hours must be >= 0 (0 turns the budget guard off)"),
     ],
 )
 def test_imagenet_bad_input(argv, match, capsys):
