@@ -292,19 +292,26 @@ class RunConfig:
         return {k: v for k, v in asdict(self).items() if k not in self.REUSABLE_CHANGES}
 
 
+def refuse_other_settings(config: RunConfig, path: str) -> bool:
+    """ConfigError if `path` (an out_dir's config.json) records other settings; True when it records
+    these, False when there is none. Reads only: safe before a dry run or the budget guard."""
+    if not fs.exists(path):
+        return False
+    fp = json.loads(json.dumps(config.fingerprint()))  # tuples -> lists, as stored
+    old = fs.read_json(path)
+    diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
+    if diff:
+        raise ConfigError(
+            f"{config.out_dir} holds a run with other settings ({', '.join(diff)}): "
+            "use a new --out directory, or the same settings to resume it"
+        )
+    return True
+
+
 def check_reuse(config: RunConfig, path: str) -> None:
     """Refuse to mix work from different settings in one out_dir; record the settings otherwise."""
-    fp = json.loads(json.dumps(config.fingerprint()))  # tuples -> lists, as stored
-    if fs.exists(path):
-        old = fs.read_json(path)
-        diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
-        if diff:
-            raise ConfigError(
-                f"{config.out_dir} holds a run with other settings ({', '.join(diff)}): "
-                "use a new --out directory, or the same settings to resume it"
-            )
-        return
-    fs.write_json(path, fp)
+    if not refuse_other_settings(config, path):
+        fs.write_json(path, json.loads(json.dumps(config.fingerprint())))
 
 
 @dataclass(frozen=True)

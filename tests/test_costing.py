@@ -71,3 +71,17 @@ def test_smoke_on_a_folder_stays_within_the_stated_passes(ray_session, tmp_path,
             assert sel.curve.shape[1] == 16 * 16  # the folder cut to the smoke's 16 px
             rows += len(sel.forward_passes)
     assert rows > 0 and "backselect-k8" in printed  # k raised from 1 to keep exact BS (32,896 passes at 16²) in bounds
+
+
+def test_dry_run_on_an_out_with_other_settings_is_refused_before_any_work(tmp_path, capsys):
+    """config.json records the settings an --out was made with: a dry run (or a real one) with other
+    settings is refused in one line before data, Ray or calibration, and the file stays as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"dataset": "digits", "fraction": 0.5}')
+    before = (out / "config.json").read_bytes()
+    code = main(["run", "--dry-run", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "holds a run with other settings (" in err and "fraction" in err and "use a new --out directory" in err
+    assert sorted(os.listdir(out)) == ["config.json"] and (out / "config.json").read_bytes() == before

@@ -28,7 +28,7 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from overinterp import fs, store
-from overinterp.config import ImageNetConfig, ResourceFlags, check_reuse
+from overinterp.config import ImageNetConfig, ResourceFlags, check_reuse, refuse_other_settings
 from overinterp.costplan import format_duration
 from overinterp.data import IMAGENET_MEAN, IMAGENET_STD, skipped_line, skipped_summary
 from overinterp.models import create_model
@@ -212,6 +212,7 @@ def prepare_imagenet(config: ImageNetConfig, ray_address: str | None = None):
     cfg = config.resolved()
     OutputLock(cfg.out_dir).check_free()  # a live run on this --out stops us before Ray and calibration (reads only)
     store.validate_shards(fs.join(cfg.out_dir, "selections"))  # a corrupt shard stops us before any work (it only reads)
+    refuse_other_settings(cfg, fs.join(cfg.out_dir, "config.json"))  # other settings stop us (and a dry run) before any work
     classes = None if is_parquet(cfg.train) else list_classes(cfg.train)
     num_classes = cfg.num_classes or (len(classes) if classes else 1000)
     create_model(cfg.model, num_classes, weights=cfg.weights)  # fail now, not in an actor, if the weights do not fit

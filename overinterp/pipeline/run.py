@@ -23,7 +23,7 @@ import torch
 
 from overinterp import fs, store
 from overinterp.costplan import format_duration
-from overinterp.config import SMOKE_SIZES, RunConfig, check_reuse
+from overinterp.config import SMOKE_SIZES, RunConfig, check_reuse, refuse_other_settings
 from overinterp.data import ImageDataset, denormalize_uint8, load_dataset, normalize
 from overinterp.models import load_ensemble
 from overinterp.pipeline.driver import accuracy_by_condition, copy_out, log, masks_from_store, run_plan
@@ -275,6 +275,7 @@ def prepare_run(config: RunConfig, ray_address: str | None = None):
     cfg = config.resolved()
     OutputLock(cfg.out_dir).check_free()  # a live run on this --out stops us before data, Ray and calibration (reads only)
     store.validate_shards(fs.join(cfg.out_dir, "selections"))  # a corrupt shard stops us before any work (it only reads)
+    refuse_other_settings(cfg, fs.join(cfg.out_dir, "config.json"))  # other settings stop us (and a dry run) before any work
     log(f"loading {cfg.dataset}{' (smoke subsample)' if cfg.smoke else ''}")
     data = load_data(cfg)
     plan = plan_small(cfg, data)
