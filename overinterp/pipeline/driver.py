@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 from overinterp import fs
 from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob
@@ -48,6 +48,37 @@ class Stages:
         out = fn(*args)
         log(f"stage {self.n}/{self.total} done in {time.time() - t0:.0f} s")
         return out
+
+
+def run_job(cfg, plan: Plan, resources, make_backend: Callable, *, holder: str, dataset: str, t0: float,
+            dry_run: bool = False, **guard) -> Optional[dict]:
+    """What both entry points do once their plan and resources are known: print them with the cost
+    plan (refused over --max-hours, before anything is written), stop there for --dry-run (None),
+    else hold the --out lock, record the settings, and walk the plan under an MLflow parent.
+
+    make_backend(callbacks, cost) -> the Backend; holder: the lock holder's name ("overinterp run");
+    dataset: the parent's data-set name; t0: when the job started; guard: plan_and_guard's options.
+    """
+    from overinterp.config import check_reuse
+    from overinterp.costplan import format_duration
+    from overinterp.pipeline.costing import plan_and_guard
+    from overinterp.pipeline.lock import OutputLock
+
+    cost, notes = plan_and_guard(cfg, plan, resources, enforce=not dry_run, **guard)
+    cost_text = cost.describe() + "".join(f"\n  note: {n}" for n in notes)
+    log(cost_text)
+    if dry_run:
+        log("dry run: nothing selected, trained or written")
+        return None
+    with OutputLock(cfg.out_dir, holder) as lock:
+        check_reuse(cfg, fs.join(cfg.out_dir, "config.json"))
+        from overinterp.pipeline.tracking import Tracker  # MLflow only where tracking happens
+
+        with Tracker(cfg, dataset, resources, previous_holder=lock.taken_over) as tracker:
+            tracker.log_plan("\n".join([plan.describe(), resources.describe(), cost_text]), cost)
+            summary = run_plan(plan, make_backend([tracker.trial_logger()], cost), tracker)
+    log(f"done in {time.time() - t0:.0f} s (planned {format_duration(cost.eta_seconds)})")
+    return summary
 
 
 def accuracy_by_condition(plan: Plan, full: dict, subsets: dict) -> dict:

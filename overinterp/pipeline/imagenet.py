@@ -28,11 +28,10 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from overinterp import fs, store
-from overinterp.config import ImageNetConfig, ResourceFlags, check_reuse, refuse_other_settings
-from overinterp.costplan import format_duration
+from overinterp.config import ImageNetConfig, ResourceFlags, refuse_other_settings
 from overinterp.data import IMAGENET_MEAN, IMAGENET_STD, skipped_line, skipped_summary
 from overinterp.models import create_model
-from overinterp.pipeline.driver import accuracy_by_condition, log, run_plan
+from overinterp.pipeline.driver import accuracy_by_condition, log, run_job
 from overinterp.pipeline.images import check_folder, is_parquet, list_classes, read_images
 from overinterp.pipeline.plan import Plan, SelectionJob, plan_stream
 from overinterp.pipeline.resources import ResourcePlan, discover_capacity, ensure_ray, plan_resources, worker_device
@@ -235,29 +234,13 @@ def run_imagenet(config: ImageNetConfig, ray_address: str | None = None, dry_run
     device; a plan over --max-hours stops here (BudgetExceeded), and so does --dry-run (returns
     None), both before anything is written to --out.
     """
-    from overinterp.pipeline.costing import plan_and_guard
-    from overinterp.pipeline.lock import OutputLock
-
     t0 = time.time()
     cfg, classes, plan, resources = prepare_imagenet(config, ray_address)
     log(plan.describe())
     log(resources.describe())
-    cost, notes = plan_and_guard(cfg, plan, resources, enforce=not dry_run, replan=replan_stream,
-                                 trial_concurrency=resources.streamed_trial_concurrency(cfg.workers_per_trial))
-    cost_text = cost.describe() + "".join(f"\n  note: {n}" for n in notes)
-    log(cost_text)
-    if dry_run:
-        log("dry run: nothing selected, trained or written")
-        return None
-    with OutputLock(cfg.out_dir, "sis_imagenet.py") as lock:
-        check_reuse(cfg, fs.join(cfg.out_dir, "config.json"))
-        from overinterp.pipeline.tracking import Tracker
-
-        with Tracker(cfg, "imagenet", resources, previous_holder=lock.taken_over) as tracker:
-            tracker.log_plan("\n".join([plan.describe(), resources.describe(), cost_text]), cost)
-            summary = run_plan(plan, StreamBackend(cfg, plan, classes, resources, [tracker.trial_logger()]), tracker)
-    log(f"done in {time.time() - t0:.0f} s (planned {format_duration(cost.eta_seconds)})")
-    return summary
+    return run_job(cfg, plan, resources, lambda callbacks, cost: StreamBackend(cfg, plan, classes, resources, callbacks),
+                   holder="sis_imagenet.py", dataset="imagenet", t0=t0, dry_run=dry_run,
+                   replan=replan_stream, trial_concurrency=resources.streamed_trial_concurrency(cfg.workers_per_trial))
 
 
 def imagenet_markdown(summary: dict) -> str:

@@ -22,11 +22,10 @@ import numpy as np
 import torch
 
 from overinterp import fs, store
-from overinterp.costplan import format_duration
-from overinterp.config import SMOKE_SIZES, RunConfig, check_reuse, refuse_other_settings
+from overinterp.config import SMOKE_SIZES, RunConfig, refuse_other_settings
 from overinterp.data import ImageDataset, denormalize_uint8, load_dataset, normalize
 from overinterp.models import load_ensemble
-from overinterp.pipeline.driver import accuracy_by_condition, copy_out, log, masks_from_store, run_plan
+from overinterp.pipeline.driver import accuracy_by_condition, copy_out, log, masks_from_store, run_job
 from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob, plan_small
 from overinterp.config import ResourceFlags
 from overinterp.pipeline.resources import ResourcePlan, discover_capacity, ensure_ray, plan_resources
@@ -293,27 +292,11 @@ def run_pipeline(config: RunConfig, ray_address: str | None = None, dry_run: boo
     """
     import time
 
-    from overinterp.pipeline.costing import plan_and_guard
-    from overinterp.pipeline.lock import OutputLock
-
     t0 = time.time()
     cfg, data, plan, resources = prepare_run(config, ray_address)
     log(plan.describe())
     log(resources.describe())
     if cfg.autocast and not resources.use_gpu:
         log(f"--autocast {cfg.autocast} needs GPUs; this cluster has none, so selection runs exact fp32 on CPU")
-    cost, notes = plan_and_guard(cfg, plan, resources, enforce=not dry_run)
-    cost_text = cost.describe() + "".join(f"\n  note: {n}" for n in notes)
-    log(cost_text)
-    if dry_run:
-        log("dry run: nothing selected, trained or written")
-        return None
-    with OutputLock(cfg.out_dir, "overinterp run") as lock:
-        check_reuse(cfg, fs.join(cfg.out_dir, "config.json"))
-        from overinterp.pipeline.tracking import Tracker  # MLflow only where tracking happens
-
-        with Tracker(cfg, cfg.dataset, resources, previous_holder=lock.taken_over) as tracker:
-            tracker.log_plan("\n".join([plan.describe(), resources.describe(), cost_text]), cost)
-            summary = run_plan(plan, InMemoryBackend(cfg, plan, data, resources, [tracker.trial_logger()], cost), tracker)
-    log(f"done in {time.time() - t0:.0f} s (planned {format_duration(cost.eta_seconds)})")
-    return summary
+    return run_job(cfg, plan, resources, lambda callbacks, cost: InMemoryBackend(cfg, plan, data, resources, callbacks, cost),
+                   holder="overinterp run", dataset=cfg.dataset, t0=t0, dry_run=dry_run)
