@@ -23,8 +23,10 @@ from overinterp.training import TrainConfig
 
 
 # Tune restarts a failed trial this many times (a lost node, a preempted worker) before it counts as
-# failed; trials resume from the checkpoint they wrote to out_dir. A deterministic bug also costs
-# this many reruns before it is reported: Tune's FailureConfig cannot tell the two apart.
+# failed. An in-memory trial (run_trial) starts again from epoch 0: it writes its checkpoint only when
+# it ends; a streamed trial (train_stream) resumes from its last per-epoch checkpoint in out_dir. A
+# deterministic bug also costs this many reruns before it is reported: Tune's FailureConfig cannot
+# tell the two apart.
 TRIAL_RETRIES = 2
 
 
