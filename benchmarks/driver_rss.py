@@ -1,7 +1,7 @@
 """Driver memory of the ImageNet job vs data set size: peak RSS of `jobs/sis_imagenet.py` on a
 synthetic ImageFolder of N and of 8·N images per split.
 
-The job's claim (overinterp/pipeline/imagenet.py): the driver never holds the images — selection
+The job's claim (overinterp/pipeline/stream.py): the driver never holds the images — selection
 streams them through Ray Data actors, training joins encoded images with keep-masks on the Ray
 Data workers, evaluation streams them again. If that holds, the driver's peak RSS is the same at N
 and 8·N up to what genuinely scales with N on the driver (file listings, image ids, one row per

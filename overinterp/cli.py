@@ -1,7 +1,9 @@
-"""`overinterp run`: the whole pipeline from the command line.
+"""`overinterp run`: the whole pipeline from the command line, on any source.
 
-Flags are turned into a RunConfig and checked (names, ranges, paths) before anything is loaded;
-a bad value is one line on stderr naming the fix, exit status 2.
+One parser for every entry point: jobs/sis_cifar10.py and jobs/sis_imagenet.py are presets of the
+paper's settings over `add_run_arguments`. Flags are turned into a RunConfig (checked on
+construction); the checks that touch the world run once in the driver's preflight. A bad value is
+one line on stderr naming the fix, exit status 2.
 """
 
 from __future__ import annotations
@@ -36,12 +38,23 @@ def _json_object(s: str) -> dict:
 
 def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), dataset_flag: bool = True) -> None:
     """The flags of a pipeline run, with defaults from `d` (the jobs pass their own)."""
+    s = r.add_argument_group("source", "a named data set, or --train/--val paths or URIs (s3://...)")
     if dataset_flag:
-        r.add_argument("--dataset", default=d.dataset, help="digits (embedded), cifar10, cifar100, imagefolder")
-    r.add_argument("--data-root", default=d.data_root, help="folder of cifar10/cifar100/imagefolder data")
-    r.add_argument("--download", action="store_true", help="download CIFAR into --data-root (needs internet)")
-    r.add_argument("--image-size", type=int, default=d.image_size, help="imagefolder: square crop side (default 224)")
+        s.add_argument("--dataset", default=d.dataset, help="digits (embedded), cifar10, cifar100, imagefolder, parquet")
+    s.add_argument("--data-root", default=d.data_root,
+                   help="folder of the data set: CIFAR's files; imagefolder: train/<class>/ and val/<class>/; parquet: train*.parquet and val*.parquet")
+    s.add_argument("--train", default=d.train, help="train images: an ImageFolder split (<path>/<class>/<image>) or Parquet of encoded images")
+    s.add_argument("--val", default=d.val, help="validation images, same layout as --train")
+    s.add_argument("--download", action="store_true", help="download CIFAR into --data-root (needs internet)")
+    s.add_argument("--image-size", type=int, default=d.image_size, help="imagefolder/parquet: square crop side (default 224)")
+    s.add_argument("--num-classes", type=int, default=d.num_classes, help="parquet: classes (default 1000; a folder's are its class folders)")
+    s.add_argument("--max-images", type=int, default=d.max_images, help="per split: a pilot on the first N images")
+    s.add_argument("--stream", action=argparse.BooleanOptionalAction, default=d.stream,
+                   help="stream the images through Ray Data (default: decided by the data set's size; Parquet and --train/--val stream)")
     r.add_argument("--models", type=_csv(str), default=d.models, help="comma-separated model names (default: the data set's; see `overinterp models`)")
+    r.add_argument("--pretrained", default=d.pretrained,
+                   help="explain this pretrained torchvision model (tv:<name>) instead of training full-image models; it is the baseline")
+    r.add_argument("--weights", default=d.weights, help="the pretrained model's weights: DEFAULT, an enum name (ResNet50_Weights.IMAGENET1K_V2) or a state_dict file")
     r.add_argument("--seeds", type=_csv(int), default=d.seeds, help="comma-separated training seeds")
     r.add_argument("--fraction", type=float, default=d.fraction, help="pixel-subset size as a fraction of pixels, in (0, 1]")
     r.add_argument("--tau", type=float, default=d.tau, help="SIS confidence threshold, in [0, 1]")
@@ -64,6 +77,7 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     r.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (default per data set: digits 30, CIFAR 200)")
     r.add_argument("--batch-size", type=int, default=d.batch_size)
     r.add_argument("--lr", type=float, default=d.lr)
+    r.add_argument("--workers-per-trial", type=int, default=d.workers_per_trial, help="streamed runs: Ray Train workers (DDP) per trial")
     r.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment, help="random crop + flip (default: on for CIFAR)")
     r.add_argument("--select-batch", type=int, default=d.select_batch, help="images per selection task and Parquet shard")
     r.add_argument("--out", dest="out_dir", default=d.out_dir, help="output directory or URI (s3://...); rerun with the same one to resume")
@@ -212,13 +226,12 @@ def execute(config: RunConfig, ray_address: str | None = None, prog: str = "over
     from overinterp.report import summary_markdown
 
     def run():
-        config.check()
         from overinterp.pipeline import terminal
 
         terminal.configure(verbose)
-        from overinterp.pipeline.run import run_pipeline  # Ray/MLflow load only once the input is valid
+        from overinterp.pipeline.driver import run as run_pipeline  # Ray/MLflow load only once the flags are valid
 
-        return run_pipeline(config, ray_address=ray_address, dry_run=dry_run)
+        return run_pipeline(config, ray_address=ray_address, dry_run=dry_run, holder=prog)
 
     status, summary = one_line_errors(prog, run)
     if status is not None:

@@ -186,14 +186,14 @@ def test_unknown_names(tmp_path, capsys):
 
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys, monkeypatch):
     """Refused at once: before the data is loaded, Ray starts or the ETA is calibrated."""
-    from overinterp.pipeline import run as run_module
+    from overinterp.pipeline import memory, resources
     from overinterp.pipeline.lock import OutputLock
 
     def too_late(*a, **k):
         raise AssertionError("the lock is checked only after the expensive work started")
 
-    monkeypatch.setattr(run_module, "load_data", too_late)
-    monkeypatch.setattr(run_module, "ensure_ray", too_late)
+    monkeypatch.setattr(memory, "load_data", too_late)
+    monkeypatch.setattr(resources, "ensure_ray", too_late)
     out = _existing_out(tmp_path)
     before = _tree(out)
     with OutputLock(str(out), "another overinterp run"):

@@ -1,10 +1,8 @@
-"""RunConfig: impossible values and names fail at the boundary, naming the fix."""
-
-import json
+"""RunConfig: impossible values fail on construction, naming the fix, without touching the world."""
 
 import pytest
 
-from overinterp.config import ConfigError, RunConfig, check_reuse
+from overinterp.config import ConfigError, RunConfig
 
 
 @pytest.mark.parametrize(
@@ -26,34 +24,47 @@ def test_bad_values(kwargs, match):
         RunConfig(**kwargs)
 
 
-def test_bad_names_and_paths(tmp_path):
+def test_bad_names_fail_on_construction():
     with pytest.raises(ConfigError, match="unknown data set"):
-        RunConfig(dataset="mnist").check()
-    with pytest.raises(ConfigError, match="unknown model"):
-        RunConfig(models=("resnet21",)).check()
-    with pytest.raises(ConfigError, match="--data-root"):
-        RunConfig(dataset="cifar10").check()
+        RunConfig(dataset="mnist")
     with pytest.raises(ConfigError, match="sqlite"):
-        RunConfig(tracking_uri="file:///tmp/mlruns").check()
-    RunConfig(models=("tv:resnet50",)).check()  # torchvision names are accepted
+        RunConfig(tracking_uri="file:///tmp/mlruns")
+    with pytest.raises(ConfigError, match="--train and --val go together"):
+        RunConfig(train="a")
+    with pytest.raises(ConfigError, match="--stream takes imagefolder or parquet"):
+        RunConfig(dataset="cifar10", stream=True)
+    with pytest.raises(ConfigError, match="Parquet sources always stream"):
+        RunConfig(dataset="parquet", stream=False)
+    with pytest.raises(ConfigError, match="is not a torchvision model"):
+        RunConfig(pretrained="resnet20")
 
 
 def test_resolved_fills_defaults(tmp_path):
     c = RunConfig(dataset="digits", out_dir=str(tmp_path)).resolved()
-    assert c.models == ("digits_cnn",) and c.epochs == 30 and c.augment is False
+    assert c.models == ("digits_cnn",) and c.epochs == 30 and c.augment is False and c.pretrained is None
     assert c.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
     assert RunConfig(smoke=True).resolved().epochs == 2
 
 
-def test_reuse_check(tmp_path):
-    path = str(tmp_path / "config.json")
-    a = RunConfig(out_dir=str(tmp_path)).resolved()
-    check_reuse(a, path)
-    check_reuse(a, path)  # same settings: fine
-    check_reuse(RunConfig(out_dir=str(tmp_path), tau=0.5, gallery=2).resolved(), path)  # summary-only changes: fine
-    with pytest.raises(ConfigError, match=r"other settings \(fraction\)"):
-        check_reuse(RunConfig(out_dir=str(tmp_path), fraction=0.1).resolved(), path)
-    assert json.load(open(path))["fraction"] == 0.05
+@pytest.mark.parametrize("kwargs, source", [
+    (dict(), "digits"),
+    (dict(dataset="imagefolder", data_root="photos"), "imagefolder"),
+    (dict(train="s3://b/train", val="s3://b/val"), "imagefolder"),
+    (dict(train="t.parquet", val="v.parquet"), "parquet"),
+    (dict(dataset="parquet", train="t", val="v"), "parquet"),
+])
+def test_the_source_kind(kwargs, source):
+    assert RunConfig(**kwargs).source == source
+    assert RunConfig(**kwargs).resolved().dataset == source
+
+
+def test_a_pretrained_model_is_explained_and_trained_by_default():
+    c = RunConfig(train="t", val="v", pretrained="tv:resnet18").resolved()
+    assert c.pretrained == "tv:resnet18" and c.weights == "DEFAULT" and c.models == ("tv:resnet18",) and c.image_size == 224
+    c = RunConfig(train="t", val="v", models=("tv:resnet50",), weights="w.pt").resolved()
+    assert c.pretrained == "tv:resnet50" and c.weights == "w.pt"
+    with pytest.raises(ConfigError, match="--weights needs the model"):
+        RunConfig(train="t", val="v", weights="w.pt")
 
 
 @pytest.mark.parametrize("kwargs, planned", [

@@ -11,7 +11,7 @@ import pytest
 
 from overinterp import store
 from overinterp.config import SMOKE_SIZES, ConfigError, RunConfig
-from overinterp.pipeline.run import run_pipeline
+from overinterp.pipeline.driver import run as run_pipeline
 
 pytestmark = pytest.mark.ray
 N_TRAIN, N_TEST = SMOKE_SIZES
@@ -173,11 +173,12 @@ def test_the_summary_reads_each_stored_selection_once(smoke_run, monkeypatch, tm
     selection they use once between them, and give the run's summary again."""
     from collections import Counter
 
-    from overinterp.pipeline import run
+    from overinterp.pipeline import memory as run
+    from overinterp.pipeline.driver import prepare
     from overinterp.pipeline.trial import load_result
 
     cfg, out, summary = smoke_run
-    rcfg, data, plan, resources = run.prepare_run(cfg)
+    rcfg, data, plan, resources = prepare(cfg)
     full = {s.name: load_result(rcfg.out_dir, s) for s in plan.full_trials}
     subsets = {s.name: load_result(rcfg.out_dir, s) for s in plan.subset_trials}
     reads, real = Counter(), store.read_selections

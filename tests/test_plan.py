@@ -1,21 +1,17 @@
 """The plan: every selector x source x split once, every trial with its store key and baseline."""
 
-from types import SimpleNamespace
-
-import numpy as np
-
 from overinterp.config import RunConfig
-from overinterp.pipeline.plan import plan_small
+from overinterp.pipeline.plan import make_plan
 
 
-def _data(n_train=10, n_test=6):
-    return SimpleNamespace(shape=(1, 8, 8), num_classes=3, labels={"train": np.zeros(n_train), "test": np.zeros(n_test)})
+def _plan(cfg):
+    return make_plan(cfg, (1, 8, 8), {"train": 10, "test": 6}, 3)
 
 
 def test_selectors_fills_and_exact_tail_become_plan_entries(tmp_path):
     cfg = RunConfig(out_dir=str(tmp_path), seeds=(0, 1), selectors=("backselect", "ig", "captum:InputXGradient"),
                     pixels_per_step=16, exact_tail=0.1, fills=("mean", "road"), selector_options={"ig": {"n_steps": 8}}).resolved()
-    plan = plan_small(cfg, _data())
+    plan = _plan(cfg)
     jobs = {(j.source.variant, j.tag, j.split) for j in plan.selections}
     assert jobs == {
         ("plain", "backselect-k16-tail0.1", "train"), ("plain", "backselect-k16-tail0.1", "test"),
@@ -35,9 +31,21 @@ def test_selectors_fills_and_exact_tail_become_plan_entries(tmp_path):
 
 
 def test_selector_and_fill_changes_reuse_the_out_dir(tmp_path):
-    from overinterp.config import check_reuse
+    from overinterp.pipeline.preflight import record_settings
 
-    path = str(tmp_path / "config.json")
-    check_reuse(RunConfig(out_dir=str(tmp_path), selectors=("backselect",), fills=("mean",)).resolved(), path)
+    record_settings(RunConfig(out_dir=str(tmp_path), selectors=("backselect",), fills=("mean",)).resolved())
     # adding a selector or a fill adds work under new store tags / trial names: finished work stays valid
-    check_reuse(RunConfig(out_dir=str(tmp_path), selectors=("backselect", "gradient"), fills=("mean", "road"), exact_tail=0.5).resolved(), path)
+    record_settings(RunConfig(out_dir=str(tmp_path), selectors=("backselect", "gradient"), fills=("mean", "road"), exact_tail=0.5).resolved())
+
+
+def test_a_pretrained_model_is_explained_once_and_is_every_trial_s_baseline(tmp_path):
+    cfg = RunConfig(train="t", val="v", pretrained="tv:resnet18", models=("tv:resnet18", "resnet20"), seeds=(0,),
+                    selectors=("bgsis", "gradient"), pixels_per_step=16, fills=("mean",), out_dir=str(tmp_path)).resolved()
+    plan = make_plan(cfg, (3, 16, 16), {"train": 10, "test": 6}, 3)
+    assert plan.full_trials == ()
+    assert {(j.source.tag, j.tag, j.split) for j in plan.selections} == {
+        ("tv_resnet18", "bgsis-k16", "train"), ("tv_resnet18", "bgsis-k16", "test"),
+        ("tv_resnet18", "gradient", "train"), ("tv_resnet18", "gradient", "test")}  # once, not once per trained model
+    assert {t.subset for t in plan.subset_trials} == {"tv_resnet18/bgsis-k16", "tv_resnet18/gradient", "none/random-seed0"}
+    assert {t.model for t in plan.subset_trials} == {"tv:resnet18", "resnet20"}
+    assert all(plan.baseline_of(t) is None for t in plan.subset_trials)  # the pretrained model is the baseline

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from overinterp.costplan import BudgetExceeded, CostPlan, alternatives_for, calibrate_forward_rate, calibrate_train_rate, check_budget, plan_cost
-from overinterp.pipeline.plan import Plan, plan_small
+from overinterp.pipeline.plan import Plan, make_plan
 from overinterp.pipeline.resources import ResourcePlan
 from overinterp.selection import is_model_selector
 from overinterp.selection.cost import PLANNED_SELECTORS
@@ -93,8 +93,7 @@ def cost_of(plan: Plan, rates: dict, resources: ResourcePlan, epochs: int, selec
 
 def replan_small(cfg, plan: Plan, shape: tuple, n_images: dict) -> Plan:
     """`overinterp run`'s plan with other settings, images of `shape` and `n_images` per split."""
-    fake = SimpleNamespace(shape=shape, num_classes=plan.num_classes, labels={s: [0] * n for s, n in n_images.items()})
-    return plan_small(cfg, fake)
+    return make_plan(cfg, shape, n_images, plan.num_classes)
 
 
 def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = True, *, replan: Callable = replan_small,
@@ -103,10 +102,9 @@ def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = Tru
     ETAs) when its ETA is over --max-hours. Returns the cost plan and notes to print; with
     enforce=False (--dry-run) the refusal becomes the last note instead.
 
-    cfg: a resolved RunConfig or ImageNetConfig (epochs, batch_size, select_batch, pixels_per_step,
+    cfg: a resolved RunConfig (epochs, batch_size, select_batch, pixels_per_step,
         max_hours; selectors for RunConfig).
-    replan: (cfg with the alternative's settings, this plan, shape, n_images) -> its Plan: `replan_small` for
-        `overinterp run`; sis_imagenet.py passes plan_stream's.
+    replan: (cfg with the alternative's settings, this plan, shape, n_images) -> its Plan.
     trial_concurrency: trials at once (default resources.trial_concurrency; streamed runs:
         resources.streamed_trial_concurrency(workers_per_trial)).
     """
@@ -140,7 +138,7 @@ def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = Tru
         current = {"pixels_per_step": cfg.pixels_per_step, "max_workers": resources.select_workers}
         if hasattr(cfg, "selectors"):
             current["selector"] = cfg.selectors[0] if len(cfg.selectors) == 1 else "several"
-        if plan.streamed or getattr(cfg, "dataset", None) == "imagefolder":
+        if plan.streamed or getattr(cfg, "dataset", None) in ("imagefolder", "parquet"):
             current["image_size"] = plan.shape[1]
         if plan.streamed:
             current["max_images"] = max(plan.n_images.values())

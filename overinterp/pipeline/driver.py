@@ -1,9 +1,11 @@
-"""The one driver both pipelines share: it walks a Plan stage by stage.
+"""The driver of every run: prepare (preflight -> source -> plan -> Ray and resources), then walk
+the Plan stage by stage.
 
-A backend supplies the data-specific steps: `run.InMemoryBackend` (digits, CIFAR, small folders:
-images in memory, Tune trials) and `imagenet.StreamBackend` (ImageNet-style sources streamed
-through Ray Data, Ray Train trials). Everything else — stage order, what is skipped on a rerun, the
-summary's shape, reports and tracking — lives here once.
+The source decides the data backend: `memory.InMemoryBackend` holds the images (digits, CIFAR, an
+ImageFolder that fits in memory) and trains with Ray Tune; `stream.StreamBackend` streams them
+through Ray Data (any ImageFolder or Parquet source, local or s3://) and trains with Ray Train
+inside Tune trials. A backend only moves data and calls stages; everything else — stage order, what
+is skipped on a rerun, the summary's shape, reports and tracking — lives here once.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ import time
 from typing import Callable, Optional, Protocol
 
 from overinterp import fs
-from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob
+from overinterp.config import IN_MEMORY_ONLY, RunConfig
+from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob, make_plan
+from overinterp.pipeline.analysis import write_summary
+from overinterp.pipeline.terminal import log
 from overinterp.pipeline.trial import TrialSpec
-
-
-def log(msg: str) -> None:
-    print(f"[overinterp {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 class Backend(Protocol):
@@ -59,10 +60,10 @@ def run_job(cfg, plan: Plan, resources, make_backend: Callable, *, holder: str, 
     make_backend(callbacks, cost) -> the Backend; holder: the lock holder's name ("overinterp run");
     dataset: the parent's data-set name; t0: when the job started; guard: plan_and_guard's options.
     """
-    from overinterp.config import check_reuse
     from overinterp.costplan import format_duration
     from overinterp.pipeline.costing import plan_and_guard
     from overinterp.pipeline.lock import OutputLock
+    from overinterp.pipeline.preflight import record_settings
 
     cost, notes = plan_and_guard(cfg, plan, resources, enforce=not dry_run, **guard)
     cost_text = cost.describe() + "".join(f"\n  note: {n}" for n in notes)
@@ -71,7 +72,7 @@ def run_job(cfg, plan: Plan, resources, make_backend: Callable, *, holder: str, 
         log("dry run: nothing selected, trained or written")
         return None
     with OutputLock(cfg.out_dir, holder) as lock:
-        check_reuse(cfg, fs.join(cfg.out_dir, "config.json"))
+        record_settings(cfg)
         from overinterp.pipeline.tracking import Tracker  # MLflow only where tracking happens
 
         with Tracker(cfg, dataset, resources, previous_holder=lock.taken_over) as tracker:
@@ -79,15 +80,6 @@ def run_job(cfg, plan: Plan, resources, make_backend: Callable, *, holder: str, 
             summary = run_plan(plan, make_backend([tracker.trial_logger()], cost), tracker)
     log(f"done in {time.time() - t0:.0f} s (planned {format_duration(cost.eta_seconds)})")
     return summary
-
-
-def accuracy_by_condition(plan: Plan, full: dict, subsets: dict) -> dict:
-    """{model: {condition: [accuracy per seed, in plan.seeds order]}}."""
-    out = {}
-    for spec in list(plan.full_trials) + list(plan.subset_trials):
-        result = (full if spec in plan.full_trials else subsets)[spec.name]
-        out.setdefault(spec.model, {}).setdefault(spec.condition, {})[spec.seed] = result["accuracy"]
-    return {m: {c: [v[s] for s in plan.seeds if s in v] for c, v in conds.items()} for m, conds in out.items()}
 
 
 def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
@@ -122,37 +114,95 @@ def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
     return stages.run("summary", compare)
 
 
-def write_summary(plan: Plan, summary: dict, local_dir: str) -> list[str]:
-    """summary.json and summary.md into out_dir (path or URI); returns local copies for MLflow."""
-    from overinterp.report import summary_markdown
-
-    paths = []
-    for name, text in (("summary.json", json.dumps(summary, indent=1, sort_keys=True)), ("summary.md", summary_markdown(summary))):
-        path = os.path.join(local_dir, name)
-        with open(path, "w") as f:
-            f.write(text)
-        fs.write_text(fs.join(plan.out_dir, name), text)
-        paths.append(path)
-    return paths
+# An in-memory run holds the uint8 images in the driver, in Ray's object store (once per trial
+# wave) and as float32 batches in each trial: in memory only while the uint8 images take at most
+# this fraction of the machine's memory, streamed otherwise.
+IN_MEMORY_SHARE = 1 / 32
 
 
-def copy_out(paths: list[str], out_dir: str) -> None:
-    for p in paths:
-        with open(p, "rb") as f:
-            fs.write_bytes(fs.join(out_dir, os.path.basename(p)), f.read())
+def machine_memory() -> int:
+    """Bytes of physical memory on this machine."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def masks_from_store(plan: Plan, keys: list[str], n: dict, expect: Optional[dict] = None) -> dict:
-    """{subset key: {split: (N, HW) bool keep-mask}} read back from the store, validated complete."""
-    from overinterp import store
-    from overinterp.selection import keep_mask
+def choose_backend(cfg: RunConfig, n_images: Optional[int], side: int, memory: Optional[int] = None) -> tuple[bool, str]:
+    """(stream?, the reason as one line). digits and CIFAR are held in memory; Parquet and
+    --train/--val sources stream; a --data-root ImageFolder is held when its uint8 images fit
+    IN_MEMORY_SHARE of the memory. --stream / --no-stream decide where given."""
+    if cfg.dataset in IN_MEMORY_ONLY:
+        return False, f"{cfg.dataset} is held in memory"
+    size = "" if n_images is None else f"{n_images:,} images of 3×{side}×{side} = {n_images * 3 * side * side / 2**20:,.0f} MiB as uint8"
+    if cfg.stream is not None:
+        return cfg.stream, f"{'streamed' if cfg.stream else 'in memory'}, as --{'' if cfg.stream else 'no-'}stream asks ({size})"
+    if cfg.dataset == "parquet" or cfg.data_root is None or fs.is_uri(cfg.data_root):
+        return True, f"streamed through Ray Data (a {'Parquet' if cfg.dataset == 'parquet' else '--train/--val'} source{'; ' + size if size else ''})"
+    budget = (memory or machine_memory()) * IN_MEMORY_SHARE
+    fits = n_images * 3 * side * side <= budget
+    return (not fits), (f"{'in memory' if fits else 'streamed'}: {size} {'fits' if fits else 'exceeds'} "
+                        f"{budget / 2**20:,.0f} MiB ({IN_MEMORY_SHARE:.0%} of this machine's memory; --{'' if fits else 'no-'}stream overrides)")
 
-    masks = {}
-    for key in keys:
-        model_tag, sel_tag = key.split("/")
-        masks[key] = {}
-        for split in SPLITS:
-            ids = None if expect is None else expect[split]
-            sel = store.read_selections(plan.root, model_tag, sel_tag, split, expect_n=None if ids is not None else n[split], expect_ids=ids)
-            masks[key][split] = keep_mask(sel.order, plan.fraction).numpy()
-    return masks
+
+def prepare(config: RunConfig, ray_address: Optional[str] = None):
+    """Preflight, open the source (in memory or streamed), plan, connect to Ray and plan resources.
+
+    Returns (cfg, source, plan, resources): cfg resolved with `stream` decided; source the loaded
+    ImageDataset or the StreamSource. Writes nothing to --out (the budget guard and --dry-run must
+    leave it untouched)."""
+    import dataclasses
+
+    from overinterp.config import ResourceFlags
+    from overinterp.pipeline.preflight import preflight
+    from overinterp.pipeline.resources import discover_capacity, ensure_ray, plan_resources
+
+    cfg = preflight(config)
+    n_images, side = None, cfg.image_size or 0
+    if cfg.dataset == "imagefolder" and cfg.stream is None and cfg.data_root and not fs.is_uri(cfg.data_root):
+        from overinterp.pipeline.stream import count_folder  # a listing: nothing is decoded
+
+        n_images = sum(count_folder(p) for p in (cfg.train, cfg.val))
+    stream, why = choose_backend(cfg, n_images, side)
+    cfg = dataclasses.replace(cfg, stream=stream)
+    log(f"source: {cfg.train or cfg.data_root or cfg.dataset}: {why}")
+    if stream:
+        from overinterp.pipeline.stream import StreamSource
+
+        source = StreamSource.open(cfg)
+        plan = make_plan(cfg, source.shape, source.n_images, source.num_classes)
+    else:
+        from overinterp.pipeline.memory import load_data
+
+        log(f"loading {cfg.dataset}{' (smoke subsample)' if cfg.smoke else ''}")
+        source = load_data(cfg)
+        plan = make_plan(cfg, source.shape, {s: len(source.labels[s]) for s in SPLITS}, source.num_classes)
+    ensure_ray(ray_address)
+    resources = plan_resources(discover_capacity(), ResourceFlags(**cfg.resource_flags()))
+    return cfg, source, plan, resources
+
+
+def run(config: RunConfig, ray_address: Optional[str] = None, dry_run: bool = False, holder: str = "overinterp run") -> Optional[dict]:
+    """Run (or resume) the whole pipeline on any source; returns the summary also written to summary.json.
+
+    First the plan: stages, resources, forward passes and an ETA from a short calibration; a plan
+    over --max-hours stops here (BudgetExceeded), and so does --dry-run (returns None). The run
+    holds the lock of its --out throughout (a second run on it stops at once).
+    """
+    t0 = time.time()
+    cfg, source, plan, resources = prepare(config, ray_address)
+    log(plan.describe())
+    log(resources.describe())
+    if cfg.autocast and not resources.use_gpu:
+        log(f"--autocast {cfg.autocast} needs GPUs; this cluster has none, so selection runs exact fp32 on CPU")
+    if cfg.stream:
+        from overinterp.pipeline.stream import StreamBackend
+
+        def make_backend(callbacks, cost):
+            return StreamBackend(cfg, plan, source, resources, callbacks)
+        concurrency = resources.streamed_trial_concurrency(cfg.workers_per_trial)
+    else:
+        from overinterp.pipeline.memory import InMemoryBackend
+
+        def make_backend(callbacks, cost):
+            return InMemoryBackend(cfg, plan, source, resources, callbacks, cost)
+        concurrency = None
+    return run_job(cfg, plan, resources, make_backend, holder=holder, dataset=cfg.dataset, t0=t0, dry_run=dry_run,
+                   trial_concurrency=concurrency)

@@ -4,9 +4,8 @@ every store key and every baseline.
     full-image trials  ->  selection jobs (source model x selector x split)  ->  random baseline
                        ->  subset trials (model x seed x stored selection x fill)  ->  summary
 
-Both pipelines (`overinterp run` on in-memory data sets, `jobs/sis_imagenet.py` on streamed
-ImageNet-style data) build a Plan and hand it to the same driver (pipeline/driver.py), which walks it
-stage by stage. A new selector or fill is a new entry here, not a new branch in the driver. The plan
+Every run, in memory or streamed, builds its Plan with `make_plan` and hands it to the driver
+(pipeline/driver.py), which walks it stage by stage. A new selector or fill is a new entry here, not a new branch in the driver. The plan
 imports no Ray, so `--dry-run` and the cost planner can print it before anything starts.
 """
 
@@ -111,7 +110,7 @@ class Plan:
 
     def baseline_of(self, spec: TrialSpec) -> Optional[TrialSpec]:
         """The full-image trial a trial is compared with: same model and seed, no input dropout.
-        None for that trial itself, and for streamed runs (their baseline is the pretrained model)."""
+        None for that trial itself, and where a pretrained model is explained (it is the baseline)."""
         base = TrialSpec(spec.model, spec.seed)
         return None if spec == base or base not in self.full_trials else base
 
@@ -171,56 +170,49 @@ def subset_trials(models, seeds, subset_keys: list[str], fills: tuple[str, ...],
     return specs
 
 
-def plan_small(cfg, data) -> Plan:
-    """The plan of `overinterp run`: cfg a resolved RunConfig, data the loaded ImageDataset.
+def make_plan(cfg, shape: tuple[int, int, int], n_images: dict, num_classes: int) -> Plan:
+    """The plan of a run: cfg a resolved RunConfig, images of `shape` (C, H, W), `n_images` per split.
 
-    Every selector explains each model's plain (first-seed) model on train and test images; the
-    primary selector (the first) also explains the ensemble and the input-dropout model on the
-    test images (their SIS sizes: the paper's mitigations).
+    Without a pretrained model, every model is trained on full images per seed (and with input
+    dropout); every selector explains each model's plain (first-seed) model on train and test
+    images, and the primary selector (the first) also explains the seeds' mean ensemble and the
+    input-dropout model on the test images (their SIS sizes: the paper's mitigations). With a
+    pretrained model (--pretrained/--weights), that model is the one explained and the baseline
+    every trained model is compared with.
     """
     params = {name: canonical(p) for name, p in cfg.selection_params().items()}
     primary = cfg.selectors[0]
     random_params = {"seed": cfg.random_seed}
-    full = [TrialSpec(m, s) for m in cfg.models for s in cfg.seeds]
-    if cfg.input_dropout > 0:
-        full += [TrialSpec(m, s, input_dropout=cfg.input_dropout) for m in cfg.models for s in cfg.seeds]
-    sources, selections, keys = {}, [], {}
+    full: list[TrialSpec] = []
+    if cfg.pretrained:
+        source = SelectionSource(path_safe(cfg.pretrained), model={"name": cfg.pretrained, "num_classes": num_classes, "weights": cfg.weights},
+                                 variant="pretrained", label=f"pretrained {cfg.pretrained} ({cfg.weights})")
+        sources = {m: {"pretrained": source} for m in cfg.models}
+    else:
+        full = [TrialSpec(m, s) for m in cfg.models for s in cfg.seeds]
+        if cfg.input_dropout > 0:
+            full += [TrialSpec(m, s, input_dropout=cfg.input_dropout) for m in cfg.models for s in cfg.seeds]
+        sources = {m: small_sources(cfg.out_dir, m, cfg.seeds, cfg.input_dropout) for m in cfg.models}
+    selections, keys = [], {}
     for m in cfg.models:
-        sources[m] = small_sources(cfg.out_dir, m, cfg.seeds, cfg.input_dropout)
+        explained = next(iter(sources[m].values()))  # plain (first seed) or pretrained
         keys[m] = []
         for name in cfg.selectors:
-            for variant, source in sources[m].items():
-                if variant != "plain" and name != primary:
+            for source in sources[m].values():
+                if source != explained and name != primary:
                     continue
-                for split in SPLITS if variant == "plain" else ("test",):  # SIS of the mitigations: test images
-                    selections.append(SelectionJob(source, name, params[name], split))
-            keys[m].append(f"{sources[m]['plain'].tag}/{selector_tag(name, json.loads(params[name]))}")
+                for split in SPLITS if source == explained else ("test",):  # SIS of the mitigations: test images
+                    job = SelectionJob(source, name, params[name], split)
+                    if job not in selections:  # a pretrained model explained once for every trained model
+                        selections.append(job)
+            keys[m].append(f"{explained.tag}/{selector_tag(name, json.loads(params[name]))}")
     random_key = f"none/{selector_tag(RANDOM, random_params)}"
     fills = tuple(cfg.fills)
+    dataset = cfg.dataset if cfg.train is None or cfg.data_root else f"{cfg.dataset} {cfg.train}"
     return Plan(
-        dataset=cfg.dataset, shape=data.shape, n_images={s: len(data.labels[s]) for s in SPLITS}, num_classes=data.num_classes,
+        dataset=dataset, shape=tuple(shape), n_images=dict(n_images), num_classes=num_classes,
         out_dir=cfg.out_dir, fraction=cfg.fraction, tau=cfg.tau, models=tuple(cfg.models), seeds=tuple(cfg.seeds),
         full_trials=tuple(full), sources=sources, selections=tuple(selections), random_params=random_params,
         subset_trials=tuple(subset_trials(cfg.models, cfg.seeds, keys, fills, random_key)),
-        primary=selector_tag(primary, json.loads(params[primary])), fills=fills,
-    )
-
-
-def plan_stream(cfg, num_classes: int, n_images: dict) -> Plan:
-    """The plan of jobs/sis_imagenet.py: cfg a resolved ImageNetConfig. The explained model is
-    pretrained; the subset models are trained from scratch and compared with it."""
-    sel_params = canonical(cfg.selection_params())
-    random_params = {"seed": cfg.random_seed}
-    source = SelectionSource(path_safe(cfg.model), model={"name": cfg.model, "num_classes": num_classes, "weights": cfg.weights},
-                             variant="pretrained", label=f"pretrained {cfg.model} ({cfg.weights})")
-    selections = [SelectionJob(source, "bgsis", sel_params, split) for split in SPLITS]
-    key = f"{source.tag}/{selector_tag('bgsis', json.loads(sel_params))}"
-    random_key = f"none/{selector_tag(RANDOM, random_params)}"
-    S = cfg.image_size
-    return Plan(
-        dataset=f"imagefolder {cfg.train}", shape=(3, S, S), n_images=n_images, num_classes=num_classes, out_dir=cfg.out_dir,
-        fraction=cfg.fraction, tau=0.99, models=(cfg.train_model,), seeds=tuple(cfg.seeds), full_trials=(),
-        sources={cfg.train_model: {"pretrained": source}}, selections=tuple(selections), random_params=random_params,
-        subset_trials=tuple(subset_trials([cfg.train_model], cfg.seeds, {cfg.train_model: [key]}, ("mean",), random_key)),
-        primary=selector_tag("bgsis", json.loads(sel_params)), streamed=True,
+        primary=selector_tag(primary, json.loads(params[primary])), fills=fills, streamed=bool(cfg.stream),
     )

@@ -11,6 +11,7 @@ MLflow creating its tables).
 from __future__ import annotations
 
 import logging
+import time
 import os
 import warnings
 
@@ -54,3 +55,7 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False  # "Starting execution of Dataset ..." and its plan
     for name, level in QUIET_LOGGERS.items():  # ray.init resets the "ray" loggers' handlers and levels
         logging.getLogger(name).setLevel(level)
+
+
+def log(msg: str) -> None:
+    print(f"[overinterp {time.strftime('%H:%M:%S')}] {msg}", flush=True)

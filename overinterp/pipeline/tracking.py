@@ -85,7 +85,7 @@ def saved_view_tag(created_ms: int = 0) -> tuple[str, str]:
 class Tracker:
     """Logs a pipeline run; a context manager around the whole run (see the module docstring).
 
-    config: RunConfig or ImageNetConfig (tracking_uri, experiment, out_dir, fingerprint()).
+    config: RunConfig (tracking_uri, experiment, out_dir, fingerprint()).
     previous_holder: the lock document of a dead run this run took the output from, if any.
     """
 

@@ -70,14 +70,25 @@ def mask_rows(root: str, subset: str, split: str, hw: int, fraction: float) -> r
 IMAGES_PER_PARTITION = 5000  # join partitions: ~5,000 encoded ImageNet images (~0.5 GB) each
 
 
-def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int], size: int, root: str, subset: str,
+def _keep_all(batch: dict, hw: int) -> dict:
+    """Full images: every pixel kept, packed like a stored keep-mask."""
+    n = len(batch["image_id"])
+    return {**batch, MASK_COLUMN: np.packbits(np.ones((n, hw), dtype=bool), axis=1)}
+
+
+def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int], size: int, root: str, subset: Optional[str],
                   split: str, fraction: float, n_images: int) -> ray.data.Dataset:
-    """The images of one split that have a stored selection, decoded, each with its packed keep-mask."""
+    """The images of one split that have a stored selection, decoded, each with its packed keep-mask;
+    subset None: every image of the split, with every pixel kept (full-image trials)."""
+    encoded = read_encoded(source, classes, limit)
+    folder_root = "" if is_parquet(source) else fs.resolve(source)[1].rstrip("/")
+    if subset is None:
+        decoded = encoded.map_batches(decode_batch, fn_kwargs={"size": size, "root": folder_root}, batch_format="numpy", batch_size=64)
+        decoded = drop_bad(decoded).map_batches(_keep_all, fn_kwargs={"hw": size * size}, batch_format="numpy", batch_size=64)
+        return decoded.select_columns(["image_id", "label", "image", MASK_COLUMN])
     partitions = min(512, max(1, n_images // IMAGES_PER_PARTITION))
     masks = mask_rows(root, subset, split, size * size, fraction)
-    encoded = read_encoded(source, classes, limit)
     joined = encoded.join(masks, join_type="inner", num_partitions=partitions, on=("image_id",))
-    folder_root = "" if is_parquet(source) else fs.resolve(source)[1].rstrip("/")
     decoded = joined.map_batches(decode_batch, fn_kwargs={"size": size, "keep_columns": (MASK_COLUMN,), "root": folder_root},
                                  batch_format="numpy", batch_size=64)
     # an image that decoded at selection time and not now (changed on disk) is dropped, not trained on as zeros

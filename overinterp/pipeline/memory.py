@@ -1,4 +1,5 @@
-"""`overinterp run`: the paper's pipeline on a data set held in memory (digits, CIFAR, small folders).
+"""The in-memory data backend: the paper's pipeline on a data set held in the driver (digits, CIFAR,
+an ImageFolder that fits in memory).
 
 1. train full-image models (model x seed, plus an input-dropout variant) — Ray Tune;
 2. selection on every train and test image with each model's first seed, and on the test images with
@@ -9,8 +10,8 @@
 4. compare: the paper's Table 1 shape, SIS sizes, a gallery — summary.json / summary.md / gallery.png,
    MLflow.
 
-The plan (pipeline/plan.py) says what; the shared driver (pipeline/driver.py) walks it; this module
-is the in-memory backend. Every stage skips what the out_dir already holds, so a rerun resumes.
+The plan (pipeline/plan.py) says what; the driver (pipeline/driver.py) walks it; this module
+holds the images and hands them to the stages. Every stage skips what the out_dir already holds, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ import numpy as np
 import torch
 
 from overinterp import fs, store
-from overinterp.config import SMOKE_SIZES, RunConfig, refuse_other_settings
+from overinterp.config import SMOKE_SIZES, RunConfig
 from overinterp.data import ImageDataset, denormalize_uint8, load_dataset, normalize
 from overinterp.models import load_ensemble
-from overinterp.pipeline.driver import accuracy_by_condition, copy_out, log, masks_from_store, run_job
-from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob, plan_small
-from overinterp.config import ResourceFlags
-from overinterp.pipeline.resources import ResourcePlan, discover_capacity, ensure_ray, plan_resources
+from overinterp.pipeline.analysis import accuracy_by_condition, copy_out
+from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob
+from overinterp.pipeline.resources import ResourcePlan
 from overinterp.pipeline.select_stage import select_in_memory, write_random
 from overinterp.pipeline.trial import TrialSpec
 from overinterp.pipeline.tune_stage import run_trials
@@ -265,38 +265,14 @@ class InMemoryBackend:
         return paths
 
 
-def prepare_run(config: RunConfig, ray_address: str | None = None):
-    """Check the config, load the data, build the plan, connect to Ray and plan resources. Writes
-    nothing to --out (the budget guard and --dry-run must leave it untouched)."""
-    from overinterp.pipeline.lock import OutputLock
-
-    config.check()
-    cfg = config.resolved()
-    OutputLock(cfg.out_dir).check_free()  # a live run on this --out stops us before data, Ray and calibration (reads only)
-    store.validate_shards(fs.join(cfg.out_dir, "selections"))  # a corrupt shard stops us before any work (it only reads)
-    refuse_other_settings(cfg, fs.join(cfg.out_dir, "config.json"))  # other settings stop us (and a dry run) before any work
-    log(f"loading {cfg.dataset}{' (smoke subsample)' if cfg.smoke else ''}")
-    data = load_data(cfg)
-    plan = plan_small(cfg, data)
-    ensure_ray(ray_address)
-    resources = plan_resources(discover_capacity(), ResourceFlags(**cfg.resource_flags()))
-    return cfg, data, plan, resources
-
-
-def run_pipeline(config: RunConfig, ray_address: str | None = None, dry_run: bool = False) -> Optional[dict]:
-    """Run (or resume) the whole pipeline; returns the summary also written to summary.json.
-
-    First the plan: stages, resources, forward passes and an ETA from a short calibration; a plan
-    over --max-hours stops here (BudgetExceeded), and so does --dry-run (returns None). The run
-    holds the lock of its --out throughout (a second run on it stops at once).
-    """
-    import time
-
-    t0 = time.time()
-    cfg, data, plan, resources = prepare_run(config, ray_address)
-    log(plan.describe())
-    log(resources.describe())
-    if cfg.autocast and not resources.use_gpu:
-        log(f"--autocast {cfg.autocast} needs GPUs; this cluster has none, so selection runs exact fp32 on CPU")
-    return run_job(cfg, plan, resources, lambda callbacks, cost: InMemoryBackend(cfg, plan, data, resources, callbacks, cost),
-                   holder="overinterp run", dataset=cfg.dataset, t0=t0, dry_run=dry_run)
+def masks_from_store(plan: Plan, keys: list[str], n: dict, expect: Optional[dict] = None) -> dict:
+    """{subset key: {split: (N, HW) bool keep-mask}} read back from the store, validated complete."""
+    masks = {}
+    for key in keys:
+        model_tag, sel_tag = key.split("/")
+        masks[key] = {}
+        for split in SPLITS:
+            ids = None if expect is None else expect[split]
+            sel = store.read_selections(plan.root, model_tag, sel_tag, split, expect_n=None if ids is not None else n[split], expect_ids=ids)
+            masks[key][split] = keep_mask(sel.order, plan.fraction).numpy()
+    return masks

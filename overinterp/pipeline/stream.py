@@ -1,14 +1,14 @@
-"""Batched Gradient SIS on ImageNet-style data, then models trained on the pixel-subsets: the
-streamed backend of the shared driver (pipeline/driver.py).
+"""The streamed data backend: any ImageFolder or Parquet source (local or s3://), never held whole.
 
-1. images stream from a folder tree or Parquet (local or s3://) through Ray Data to GPU actors that
-   run BGSIS with a pretrained torchvision model and write Parquet shards; undecodable files are
-   skipped and recorded;
-2. the seeded random baseline is written for the same image ids;
-3. Ray Tune trials each run a Ray Train TorchTrainer (pipeline/train_stream.py) on the subsets of
-   the train images, tested on the same kind of subsets of the validation images;
-4. the pretrained model is evaluated on the full validation images and on its own subsets (the
-   baseline every trained model is compared with); MLflow logs each trial against it.
+1. full-image models are trained as Ray Tune trials that each run a Ray Train TorchTrainer
+   (pipeline/train_stream.py), or a pretrained torchvision model is taken as the explained one;
+2. images stream through Ray Data to GPU actors that run each selector with each explained model
+   and write Parquet shards; undecodable files are skipped and recorded; the seeded random
+   baseline is written for the same image ids;
+3. the subset models are trained the same way on the subsets of the train images, tested on the
+   same kind of subsets of the validation images;
+4. a pretrained model is evaluated on the full validation images and on its own subsets (the
+   baseline every trained model is compared with); MLflow logs each trial against its baseline.
 
 The driver never holds the images: selection streams them, training joins encoded images with their
 keep-masks on the Ray Data workers, evaluation streams them again.
@@ -16,10 +16,8 @@ keep-masks on the Ray Data workers, evaluation streams them again.
 
 from __future__ import annotations
 
-import dataclasses
-import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -28,14 +26,15 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from overinterp import fs, store
-from overinterp.config import ImageNetConfig, ResourceFlags, refuse_other_settings
+from overinterp.config import SMOKE_SIZES, RunConfig
 from overinterp.data import IMAGENET_MEAN, IMAGENET_STD, skipped_line, skipped_summary
 from overinterp.models import create_model
-from overinterp.pipeline.driver import accuracy_by_condition, log, run_job
+from overinterp.pipeline.analysis import accuracy_by_condition
 from overinterp.pipeline.images import check_folder, is_parquet, list_classes, read_images
-from overinterp.pipeline.plan import Plan, SelectionJob, plan_stream
-from overinterp.pipeline.resources import ResourcePlan, discover_capacity, ensure_ray, plan_resources, worker_device
+from overinterp.pipeline.plan import Plan, SelectionJob
+from overinterp.pipeline.resources import ResourcePlan, worker_device
 from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, select_stream, write_random
+from overinterp.pipeline.terminal import log
 from overinterp.pipeline.train_stream import MASK_COLUMN, cuda_on_gpu_workers, run_stream_trial, subset_stream, unpack_keep
 from overinterp.pipeline.trial import TrialSpec, load_result
 from overinterp.pipeline.tune_stage import collect_results, launch_trials
@@ -60,6 +59,40 @@ def count_images(path: str, classes, limit) -> int:
     return min(n, limit) if limit else n
 
 
+def count_folder(path: str, classes: Optional[list[str]] = None) -> int:
+    """Images of an ImageFolder split, from its listing (classes: the train split's)."""
+    return sum(check_folder(path, classes or list_classes(path)).values())
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """What the driver knows of a streamed source before any image is decoded: listings and footers."""
+
+    train: str
+    val: str
+    classes: Optional[list]  # an ImageFolder's class folders (the train split's); None for Parquet
+    num_classes: int
+    n_images: dict  # split -> images (capped by --max-images, or the smoke sizes)
+    shape: tuple  # (C, H, W) after resize and centre crop
+    limits: dict  # split -> the first N images read (None: all)
+
+    @classmethod
+    def open(cls, cfg: RunConfig) -> "StreamSource":
+        classes = None if is_parquet(cfg.train) else list_classes(cfg.train)
+        num_classes = cfg.num_classes or (len(classes) if classes else 1000)
+        if cfg.pretrained:
+            create_model(cfg.pretrained, num_classes, weights=cfg.weights)  # fail now, not in an actor, if the weights do not fit
+        limits = {"train": cfg.max_images, "test": cfg.max_images}
+        if cfg.smoke:
+            limits = {s: min(n, cfg.max_images or n) for s, n in zip(("train", "test"), SMOKE_SIZES)}
+        n_images = {"train": count_images(cfg.train, classes, limits["train"]), "test": count_images(cfg.val, classes, limits["test"])}
+        S = cfg.image_size
+        return cls(cfg.train, cfg.val, classes, num_classes, n_images, (3, S, S), limits)
+
+    def path(self, split: str) -> str:
+        return self.train if split == "train" else self.val
+
+
 class EvalWorker:
     """Ray Data actor: correct predictions of the pretrained model on full and on subset images."""
 
@@ -81,22 +114,21 @@ class EvalWorker:
 class StreamBackend:
     """The driver's steps for data streamed through Ray Data."""
 
-    def __init__(self, cfg: ImageNetConfig, plan: Plan, classes, resources: ResourcePlan, callbacks=None):
-        self.cfg, self.plan, self.classes, self.resources = cfg, plan, classes, resources
-        self.source = plan.sources[cfg.train_model]["pretrained"]
+    def __init__(self, cfg: RunConfig, plan: Plan, source: StreamSource, resources: ResourcePlan, callbacks=None):
+        self.cfg, self.plan, self.data, self.resources = cfg, plan, source, resources
+        self.explained = next(iter(plan.sources[cfg.models[0]].values()))  # plain (first seed) or pretrained
         self.skipped: dict[str, list] = {}
         self.callbacks = callbacks or []
 
-    def _path(self, split: str) -> str:
-        return getattr(self.cfg, SPLIT_FIELD[split])
+    def _read(self, split: str, **kwargs):
+        return read_images(self.data.path(split), self.cfg.image_size, self.data.classes, self.data.limits[split], self.cfg.strict, **kwargs)
 
-    def train_full(self, specs):  # the explained model is pretrained: nothing to train
-        return {}
+    def train_full(self, specs: list[TrialSpec]) -> dict:
+        return self._train("full", specs)
 
     def select(self, job: SelectionJob) -> None:
         done = store.done_ids(self.plan.root, job.source.tag, job.tag, job.split)  # a rerun decodes only the rest
-        ds = read_images(self._path(job.split), self.cfg.image_size, self.classes, self.cfg.max_images, self.cfg.strict,
-                         skip_ids=np.array(sorted(done), dtype=np.int64))
+        ds = self._read(job.split, skip_ids=np.array(sorted(done), dtype=np.int64))
         _, skipped = select_stream(job, ds, self.plan.root, IMAGENET_MEAN, IMAGENET_STD, self.resources, select_batch=self.cfg.select_batch,
                                    done=done, total=self.plan.n_images[job.split], hw=self.plan.shape[1:])
         self.skipped[job.split] = skipped
@@ -105,22 +137,26 @@ class StreamBackend:
 
     def write_random(self, split: str) -> None:
         """For exactly the images the model selection kept (bad files excluded), ids from the store."""
-        fsys, paths = store.shard_files(self.plan.root, self.source.tag, self.plan.primary, split)
+        fsys, paths = store.shard_files(self.plan.root, self.explained.tag, self.plan.primary, split)
         rows = [store.read_shard(fsys, p, ["image_id", "label"]) for p in paths]
         ids = np.concatenate([r.column("image_id").to_numpy() for r in rows])
         labels = np.concatenate([r.column("label").to_numpy() for r in rows])
         S = self.cfg.image_size
         write_random(self.plan.root, split, labels, S, S, self.plan.random_params, self.cfg.select_batch, ids)
 
-    def _streams(self, subset: str) -> dict:
-        cfg = self.cfg
-        return {name: subset_stream(self._path(split), self.classes, cfg.max_images, cfg.image_size, self.plan.root, subset, split,
+    def _streams(self, subset: Optional[str]) -> dict:
+        """{"train", "val"} datasets of one trial: the images with their keep-masks (all pixels for full images)."""
+        cfg, data = self.cfg, self.data
+        return {name: subset_stream(data.path(split), data.classes, data.limits[split], cfg.image_size, self.plan.root, subset, split,
                                     cfg.fraction, self.plan.n_images[split]) for name, split in (("train", "train"), ("val", "test"))}
 
     def train_subsets(self, specs: list[TrialSpec]) -> dict:
+        return self._train("subsets", specs)
+
+    def _train(self, stage: str, specs: list[TrialSpec]) -> dict:
         cfg, res = self.cfg, self.resources
         pending = [s for s in specs if load_result(cfg.out_dir, s) is None]
-        print(f"[subsets] {len(specs) - len(pending)} of {len(specs)} trials already finished in {cfg.out_dir}", flush=True)
+        print(f"[{stage}] {len(specs) - len(pending)} of {len(specs)} trials already finished in {cfg.out_dir}", flush=True)
         if pending:
             use_cuda = res.use_gpu and cuda_on_gpu_workers(res.gpus_per_trial)
             if res.use_gpu and not use_cuda:
@@ -140,16 +176,19 @@ class StreamBackend:
             # the trial itself only drives its trainer: the Train workers hold the CPUs and GPUs
             driver_res = ResourcePlan(**{**asdict(res), "cpus_per_trial": 0, "gpus_per_trial": 0,
                                          "trial_concurrency": res.streamed_trial_concurrency(cfg.workers_per_trial)})
-            launch_trials("subsets", pending, trainable, cfg.out_dir, driver_res, len(specs), self.callbacks)
-        return collect_results("subsets", specs, cfg.out_dir)
+            launch_trials(stage, pending, trainable, cfg.out_dir, driver_res, len(specs), self.callbacks)
+        return collect_results(stage, specs, cfg.out_dir)
 
     def baseline(self) -> dict:
-        """Top-1 of the pretrained model on the full validation images and on its own subsets."""
-        val = subset_stream(self.cfg.val, self.classes, self.cfg.max_images, self.cfg.image_size, self.plan.root,
-                            f"{self.source.tag}/{self.plan.primary}", "test", self.cfg.fraction, self.plan.n_images["test"])
+        """Top-1 of a pretrained explained model on the full validation images and on its own subsets
+        ({} where the full-image models were trained: they are the baselines)."""
+        if not self.explained.model:
+            return {}
+        val = subset_stream(self.data.val, self.data.classes, self.data.limits["test"], self.cfg.image_size, self.plan.root,
+                            f"{self.explained.tag}/{self.plan.primary}", "test", self.cfg.fraction, self.plan.n_images["test"])
         with warnings.catch_warnings():  # max_restarts has no named parameter yet (see select_stage._select_pass)
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            out = val.map_batches(EvalWorker, fn_constructor_kwargs={"model": self.source.model, "hw": self.plan.hw}, batch_size=self.cfg.batch_size,
+            out = val.map_batches(EvalWorker, fn_constructor_kwargs={"model": self.explained.model, "hw": self.plan.hw}, batch_size=self.cfg.batch_size,
                                   batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=self.resources.select_workers),
                                   max_restarts=0,  # as selection (select_stream): a lost worker reruns the pass, not the actor
                                   **self.resources.worker_request())
@@ -169,12 +208,16 @@ class StreamBackend:
         cfg, plan = self.cfg, self.plan
         baseline = baseline or self.baseline()
         return {
-            "dataset": plan.dataset, "model": cfg.model, "weights": cfg.weights, "train_model": cfg.train_model, "selector": plan.primary,
+            "dataset": plan.dataset, "model": self.explained.model["name"] if self.explained.model else self.explained.tag,
+            "weights": cfg.weights, "train_model": cfg.models[0], "models": list(cfg.models), "selector": plan.primary,
             "fraction": cfg.fraction, "n_keep": n_keep(cfg.fraction, plan.hw), "hw": plan.hw, "seeds": list(cfg.seeds),
-            "images": {s: int(store_count(plan.root, self.source.tag, plan.primary, s)) for s in ("train", "test")},
+            "images": {s: int(store_count(plan.root, self.explained.tag, plan.primary, s)) for s in ("train", "test")},
             "baseline": baseline,
             "accuracy": accuracy_by_condition(plan, full, subsets),
             "skipped_images": {s: skipped_summary(v) for s, v in self.skipped.items()},
+            "tau": cfg.tau, "num_classes": plan.num_classes, "fills": list(plan.fills),
+            "selectors": list(dict.fromkeys(j.tag for j in plan.selections)),
+            "sis": {}, "variant_accuracy": {}, "masked_confidence": {}, "comparison": {},
         }
 
     def reports(self, summary: dict, local_dir: str) -> list[str]:
@@ -186,65 +229,18 @@ class StreamBackend:
 
         import pyarrow.fs as pafs
 
-        f, p = fs.resolve(self.cfg.train)
+        f, p = fs.resolve(self.data.train)
         info = f.get_file_info(p)
         entries = [info] if info.type == pafs.FileType.File else f.get_file_info(pafs.FileSelector(p, recursive=True))
         h = hashlib.sha256()
         for e in sorted((e for e in entries if e.type == pafs.FileType.File), key=lambda e: e.path):
             h.update(f"{e.path[len(p):]}:{e.size}".encode())
-        return {"name": f"imagenet-{self.cfg.max_images or 'all'}", "source": self.cfg.train, "digest": h.hexdigest()[:16]}
+        return {"name": f"{self.cfg.dataset}-{self.cfg.max_images or 'all'}", "source": self.data.train, "digest": h.hexdigest()[:16]}
 
     def models_to_log(self) -> dict:
-        return {}  # the explained model is a published pretrained one; subset models stay as checkpoints
+        return {}  # streamed models stay as checkpoints in --out (a published pretrained model is not re-logged)
 
 
 def store_count(root: str, model: str, selector: str, split: str) -> int:
     return len(store.done_ids(root, model, selector, split))
-
-
-def prepare_imagenet(config: ImageNetConfig, ray_address: str | None = None):
-    """Check the config, count the images, build the plan, connect to Ray and plan resources.
-    Writes nothing to --out (the budget guard and --dry-run must leave it untouched)."""
-    from overinterp.pipeline.lock import OutputLock
-
-    config.check()
-    cfg = config.resolved()
-    OutputLock(cfg.out_dir).check_free()  # a live run on this --out stops us before Ray and calibration (reads only)
-    store.validate_shards(fs.join(cfg.out_dir, "selections"))  # a corrupt shard stops us before any work (it only reads)
-    refuse_other_settings(cfg, fs.join(cfg.out_dir, "config.json"))  # other settings stop us (and a dry run) before any work
-    classes = None if is_parquet(cfg.train) else list_classes(cfg.train)
-    num_classes = cfg.num_classes or (len(classes) if classes else 1000)
-    create_model(cfg.model, num_classes, weights=cfg.weights)  # fail now, not in an actor, if the weights do not fit
-    n_images = {"train": count_images(cfg.train, classes, cfg.max_images), "test": count_images(cfg.val, classes, cfg.max_images)}
-    plan = plan_stream(cfg, num_classes, n_images)
-    ensure_ray(ray_address)
-    resources = plan_resources(discover_capacity(), ResourceFlags(**cfg.resource_flags()))
-    return cfg, classes, plan, resources
-
-
-def replan_stream(cfg: ImageNetConfig, plan: Plan, shape: tuple, n_images: dict) -> Plan:
-    """The budget guard's re-plan (pipeline/costing.py): this job with other settings, size and counts."""
-    return plan_stream(dataclasses.replace(cfg, image_size=shape[1]), plan.num_classes, n_images)
-
-
-def run_imagenet(config: ImageNetConfig, ray_address: str | None = None, dry_run: bool = False) -> Optional[dict]:
-    """Run (or resume) the ImageNet study; returns the summary also written to summary.json.
-
-    First the plan: stages, resources, passes and an ETA from a short calibration on the selection
-    device; a plan over --max-hours stops here (BudgetExceeded), and so does --dry-run (returns
-    None), both before anything is written to --out.
-    """
-    t0 = time.time()
-    cfg, classes, plan, resources = prepare_imagenet(config, ray_address)
-    log(plan.describe())
-    log(resources.describe())
-    return run_job(cfg, plan, resources, lambda callbacks, cost: StreamBackend(cfg, plan, classes, resources, callbacks),
-                   holder="sis_imagenet.py", dataset="imagenet", t0=t0, dry_run=dry_run,
-                   replan=replan_stream, trial_concurrency=resources.streamed_trial_concurrency(cfg.workers_per_trial))
-
-
-def imagenet_markdown(summary: dict) -> str:
-    from overinterp.report import summary_markdown
-
-    return summary_markdown(summary)
 
