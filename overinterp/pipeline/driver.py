@@ -19,19 +19,23 @@ from typing import Callable, Optional, Protocol
 from overinterp import fs
 from overinterp.config import IN_MEMORY_ONLY, RunConfig
 from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob, make_plan
-from overinterp.pipeline.analysis import write_summary
+from overinterp.pipeline.analysis import Analysis, TestImages, write_summary
 from overinterp.pipeline.terminal import log
 from overinterp.pipeline.trial import TrialSpec
 
 
 class Backend(Protocol):
+    """Data access and stage calls, nothing else: the analysis is `analysis.Analysis`, the same for both."""
+
+    cfg: RunConfig
+
     def train_full(self, specs: list[TrialSpec]) -> dict[str, dict]: ...
-    def baseline(self) -> dict: ...  # a pretrained explained model's accuracy (streamed runs)
     def select(self, job: SelectionJob) -> None: ...
     def write_random(self, split: str) -> None: ...
     def train_subsets(self, specs: list[TrialSpec]) -> dict[str, dict]: ...
-    def summarize(self, full: dict, subsets: dict, baseline: dict) -> dict: ...
-    def reports(self, summary: dict, local_dir: str) -> list[str]: ...
+    def baseline(self) -> dict: ...  # a pretrained explained model's accuracy on the whole test split ({} otherwise)
+    def test_images(self) -> TestImages: ...  # the test images the analysis looks at
+    def skipped_images(self): ...  # image files that did not decode, as summary.json lists them
     def dataset_input(self) -> dict: ...  # {name, source, digest[, images, labels]} for MLflow's dataset input
     def models_to_log(self) -> dict: ...  # {trial name: (model, example input)} of the full-image models
 
@@ -87,7 +91,7 @@ def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
     if tracker is not None:
         tracker.log_data(backend.dataset_input())
     stages = Stages(4 if plan.full_trials else 3)
-    full, baseline = {}, {}
+    full = {}
     if plan.full_trials:
         full = stages.run(f"training {len(plan.full_trials)} full-image models", backend.train_full, list(plan.full_trials))
 
@@ -102,9 +106,10 @@ def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
                          backend.train_subsets, list(plan.subset_trials))
 
     def compare():
-        summary = backend.summarize(full, subsets, baseline)  # a pretrained model's baseline is measured here
+        analysis = Analysis(backend.cfg, plan, backend.test_images())
+        summary = analysis.summary(full, subsets, backend.baseline(), backend.skipped_images())
         local = tempfile.mkdtemp(prefix="overinterp-report-")
-        reports = backend.reports(summary, local)  # first: it lists its plots in the summary, which summary.md embeds
+        reports = analysis.reports(summary, local)  # first: it lists its plots in the summary, which summary.md embeds
         files = write_summary(plan, summary, local) + reports
         if tracker is not None:
             tracker.log_results(plan, full, subsets, summary, files, backend.models_to_log())

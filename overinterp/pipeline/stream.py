@@ -29,8 +29,8 @@ from overinterp import fs, store
 from overinterp.config import SMOKE_SIZES, RunConfig
 from overinterp.data import IMAGENET_MEAN, IMAGENET_STD, skipped_line, skipped_summary
 from overinterp.models import create_model
-from overinterp.pipeline.analysis import accuracy_by_condition
-from overinterp.pipeline.images import check_folder, is_parquet, list_classes, read_images
+from overinterp.pipeline.analysis import TestImages
+from overinterp.pipeline.images import check_folder, drop_bad, is_parquet, list_classes, read_images
 from overinterp.pipeline.plan import Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan, worker_device
 from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, select_stream, write_random
@@ -38,10 +38,11 @@ from overinterp.pipeline.terminal import log
 from overinterp.pipeline.train_stream import MASK_COLUMN, cuda_on_gpu_workers, run_stream_trial, subset_stream, unpack_keep
 from overinterp.pipeline.trial import TrialSpec, load_result
 from overinterp.pipeline.tune_stage import collect_results, launch_trials
-from overinterp.selection import n_keep
 from overinterp.training import TrainConfig, prepare
 
-SPLIT_FIELD = {"train": "train", "test": "val"}  # store split -> config field
+# Test images the analysis (SIS sizes, the selector table, plots, gallery) decodes into the driver:
+# a bounded sample; the trained models' accuracies come from their trials over the whole split.
+ANALYSIS_IMAGES = 2000
 
 
 def count_images(path: str, classes, limit) -> int:
@@ -204,24 +205,25 @@ class StreamBackend:
                 log(f"baseline: a worker was lost ({type(lost_worker(e)).__name__}); evaluating again (attempt {attempt + 1})")
         return {"full": full / max(n, 1), "own_subsets": own / max(n, 1), "images": n}
 
-    def summarize(self, full: dict, subsets: dict, baseline: dict) -> dict:
-        cfg, plan = self.cfg, self.plan
-        baseline = baseline or self.baseline()
-        return {
-            "dataset": plan.dataset, "model": self.explained.model["name"] if self.explained.model else self.explained.tag,
-            "weights": cfg.weights, "train_model": cfg.models[0], "models": list(cfg.models), "selector": plan.primary,
-            "fraction": cfg.fraction, "n_keep": n_keep(cfg.fraction, plan.hw), "hw": plan.hw, "seeds": list(cfg.seeds),
-            "images": {s: int(store_count(plan.root, self.explained.tag, plan.primary, s)) for s in ("train", "test")},
-            "baseline": baseline,
-            "accuracy": accuracy_by_condition(plan, full, subsets),
-            "skipped_images": {s: skipped_summary(v) for s, v in self.skipped.items()},
-            "tau": cfg.tau, "num_classes": plan.num_classes, "fills": list(plan.fills),
-            "selectors": list(dict.fromkeys(j.tag for j in plan.selections)),
-            "sis": {}, "variant_accuracy": {}, "masked_confidence": {}, "comparison": {},
-        }
+    def test_images(self) -> TestImages:
+        """The first ANALYSIS_IMAGES images of the test split with a stored selection, decoded into the
+        driver: the analysis's sample (bounded, whatever the split's size)."""
+        stored = store.done_ids(self.plan.root, self.explained.tag, self.plan.primary, "test")
+        want = min(ANALYSIS_IMAGES, self.plan.n_images["test"])
+        ds = drop_bad(read_images(self.data.val, self.cfg.image_size, self.data.classes, self.data.limits["test"]))
+        ids, images, labels = [], [], []
+        for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
+            keep = np.isin(b["image_id"], np.fromiter(stored, np.int64, len(stored)))
+            ids.append(b["image_id"][keep]), images.append(b["image"][keep]), labels.append(b["label"][keep])
+            if sum(len(i) for i in ids) >= want:
+                break
+        ids, images, labels = (np.concatenate(a) for a in (ids, images, labels))
+        order = np.argsort(ids, kind="stable")[:want]
+        classes = tuple(self.data.classes) if self.data.classes else tuple(str(c) for c in range(self.plan.num_classes))
+        return TestImages(ids[order], images[order], labels[order].astype(np.int64), IMAGENET_MEAN, IMAGENET_STD, classes, len(stored))
 
-    def reports(self, summary: dict, local_dir: str) -> list[str]:
-        return []
+    def skipped_images(self) -> dict:
+        return {s: skipped_summary(v) for s, v in self.skipped.items()}
 
     def dataset_input(self) -> dict:
         """Source and digest of the train split, from its listing (names and sizes: nothing is read)."""
@@ -239,8 +241,4 @@ class StreamBackend:
 
     def models_to_log(self) -> dict:
         return {}  # streamed models stay as checkpoints in --out (a published pretrained model is not re-logged)
-
-
-def store_count(root: str, model: str, selector: str, split: str) -> int:
-    return len(store.done_ids(root, model, selector, split))
 
