@@ -16,7 +16,7 @@ from typing import Optional
 from overinterp import fs
 from overinterp.data import DataError, check_dataset_args
 from overinterp.models import ModelError, check_model_name
-from overinterp.selection import DEFAULT_EXACT_TAIL, selector_params
+from overinterp.selection.params import DEFAULT_EXACT_TAIL, REMOVAL_SELECTORS, selector_params
 from overinterp.training import FILLS
 
 
@@ -250,7 +250,7 @@ class RunConfig:
         if side is None:
             side = out["image_size"] = min(self.image_size or SMOKE_IMAGE_SIZE, SMOKE_IMAGE_SIZE)
         k = self.pixels_per_step
-        removal = [s for s in self.selectors if s in ("backselect", "bgsis")]
+        removal = [s for s in self.selectors if s in REMOVAL_SELECTORS]
         while removal and k < side * side and max(planned_forward_passes(s, side * side, k, self.exact_tail) for s in removal) > SMOKE_MAX_PASSES:
             k *= 2
         if k != self.pixels_per_step:
@@ -272,7 +272,7 @@ class RunConfig:
                 continue
             head = (f"--smoke keeps every selector within {SMOKE_MAX_PASSES:,} forward passes per image (see --help), but {name} plans "
                     f"{passes:,} at {side}×{side} px")
-            if name in ("backselect", "bgsis") and self.exact_tail < 1:
+            if name in REMOVAL_SELECTORS and self.exact_tail < 1:
                 fits = [j / 100 for j in range(int(self.exact_tail * 100), 0, -1)
                         if planned_forward_passes(name, hw, k, j / 100) <= SMOKE_MAX_PASSES]
                 fix = f"--exact-tail {fits[0]:g} or less" if fits else "no --exact-tail"

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from conftest import TinyConvNet
 from overinterp.selection import (
     NO_SIS,
+    REMOVAL_SELECTORS,
     EngineConfig,
     backward_selection,
     batched_gradient_sis,
@@ -209,7 +210,7 @@ def test_compiled_engine_matches_brute_force():
 
 
 def test_chunk_tuning_is_bounded_and_cached():
-    from overinterp.selection.backselect import _TUNED, max_chunk, tune_chunk
+    from overinterp.selection.engine import _TUNED, max_chunk, tune_chunk
 
     model = TinyConvNet(channels=1, dtype=torch.float32).eval()
     sample = torch.randn(2, 1, 4, 4)
@@ -419,7 +420,7 @@ def test_on_passes_reports_every_pass_as_it_is_made(tiny_net, name, options):
     """The callback's calls sum to the engine's own pass counter, in more than one call (so a long
     batch reports before it returns), each a Python int (no tensor: no host sync)."""
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    if name in ("backselect", "bgsis"):
+    if name in REMOVAL_SELECTORS:
         params = selector_params(name, options["k"], options.get("tail", 1.0))
     else:
         params = selector_params(name, options=options)

@@ -35,7 +35,7 @@ from overinterp.pipeline.tune_stage import run_trials
 from overinterp.report import save_gallery, sis_stats
 from overinterp.selection import apply_mask, keep_mask, n_keep, sis_mask, sis_size, tail_mask
 from overinterp.selection.subsets import dilate_keep
-from overinterp.selection.backselect import EngineConfig
+from overinterp.selection.engine import EngineConfig
 from overinterp.fill import fill as fill_removed
 from overinterp.training import TrainConfig, class_confidence, evaluate
 
