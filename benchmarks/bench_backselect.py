@@ -40,7 +40,7 @@ from overinterp.selection import (  # noqa: E402
     batched_gradient_sis,
     keep_mask,
 )
-from overinterp.selection.backselect import compiled, forward_rate, max_chunk, tune_chunk  # noqa: E402
+from overinterp.selection.engine import compiled, forward_rate, max_chunk, tune_chunk  # noqa: E402
 from overinterp.selection.original import original_backward_selection  # noqa: E402
 from overinterp.training import TrainConfig, train_model  # noqa: E402
 

@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from overinterp.data import DataError, ImageDataset, load_cifar10, load_digits, normalize  # noqa: E402
 from overinterp.selection import (  # noqa: E402
     NO_SIS,
+    REMOVAL_SELECTORS,
     EngineConfig,
     keep_mask,
     planned_backward_passes,
@@ -65,7 +66,7 @@ from overinterp.selection import (  # noqa: E402
     selector_tag,
     sis_size,
 )
-from overinterp.selection.backselect import max_chunk, tune_chunk  # noqa: E402
+from overinterp.selection.engine import max_chunk, tune_chunk  # noqa: E402
 from overinterp.training import TrainConfig, evaluate, train_model  # noqa: E402
 
 TAILS = (0.05, 0.1, 0.2, 0.5)
@@ -507,7 +508,7 @@ def main(argv=None):
     p.add_argument("--cache", default=None, help="file to keep selections in (a rerun resumes from it)")
     p.add_argument("--json-out", default=None)
     p.add_argument("--plot", default=None)
-    p.add_argument("--grid", choices=("backselect", "bgsis"), default="backselect",
+    p.add_argument("--grid", choices=REMOVAL_SELECTORS, default="backselect",
                    help="backselect: the k x F grid of k-per-step BS (and BGSIS k=16); bgsis: the same grid for BGSIS")
     p.add_argument("--quick", action="store_true", help="12x12 images, 4 + 4 of them, 1 seed, 2 folds: a smoke test")
     args = p.parse_args(argv)

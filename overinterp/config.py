@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from overinterp import fs
-from overinterp.selection import DEFAULT_EXACT_TAIL, REMOVAL_SELECTORS, selector_params
+from overinterp.selection.params import DEFAULT_EXACT_TAIL, REMOVAL_SELECTORS, selector_params
 
 
 # The user's MLflow server, read once at import: mlflow.set_tracking_uri() itself writes this variable,

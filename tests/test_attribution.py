@@ -8,12 +8,8 @@ import torch
 
 from conftest import TinyConvNet
 from overinterp.selection import backward_selection
-from overinterp.selection.attribution import (
-    ATTRIBUTION_METHODS,
-    attribution_selection,
-    check_selector_params,
-    selector_tag_params,
-)
+from overinterp.selection.attribution import attribution_selection
+from overinterp.selection.params import ATTRIBUTION_METHODS, check_selector_params, selector_tag_params
 from test_selection import LinearScore
 
 sig = lambda v: 1 / (1 + math.exp(-v))

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overinterp.selection import (
+    REMOVAL_SELECTORS,
     EngineConfig,
     backward_selection,
     batched_gradient_sis,
@@ -61,7 +62,7 @@ def test_closed_form_equals_the_sum_over_the_plan(hw, k, tail):
     plan = step_plan(hw, k, tail)
     n = tail_pixels(hw, tail)
     assert sum(plan) == hw and plan[len(plan) - n :] == [1] * n and all(1 <= s <= k for s in plan)
-    for selector in ("backselect", "bgsis"):
+    for selector in REMOVAL_SELECTORS:
         assert planned_forward_passes(selector, hw, k, tail) == _passes_by_summing(selector, hw, k, tail)
         assert planned_forward_passes(selector, hw, k, tail, batch=3) == 3 * planned_forward_passes(selector, hw, k, tail)
 

@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from conftest import TinyConvNet
-from overinterp.selection.perturbation import (
-    PerturbationParams,
-    gaussian_blur,
-    meaningful_perturbation,
-    optimise_masks,
-    perturbation_record,
-)
+from overinterp.selection.params import PerturbationParams, perturbation_record
+from overinterp.selection.perturbation import gaussian_blur, meaningful_perturbation, optimise_masks
 from test_selection import LinearScore
 
 

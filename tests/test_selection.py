@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from conftest import TinyConvNet
 from overinterp.selection import (
     NO_SIS,
+    REMOVAL_SELECTORS,
     EngineConfig,
     backward_selection,
     batched_gradient_sis,
@@ -209,7 +210,7 @@ def test_compiled_engine_matches_brute_force():
 
 
 def test_chunk_tuning_is_bounded_and_cached():
-    from overinterp.selection.backselect import _TUNED, max_chunk, tune_chunk
+    from overinterp.selection.engine import _TUNED, max_chunk, tune_chunk
 
     model = TinyConvNet(channels=1, dtype=torch.float32).eval()
     sample = torch.randn(2, 1, 4, 4)
@@ -391,6 +392,61 @@ def test_bad_selector_names_and_options_are_one_line(name, options, match):
     assert "\n" not in str(err.value)
 
 
+def test_selector_names_and_parameters_import_without_torch():
+    """Configuration and planning check selectors and count passes without loading torch."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, overinterp.selection.params, overinterp.selection.cost, overinterp.selection as s; "
+            "s.selector_params('ig'); s.planned_passes('backselect', 16, {'k': 2}); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_listed_selector_runs_through_one_dispatch_and_has_a_pass_formula(tiny_net):
+    """The one list (params.SELECTORS) is what run_selector dispatches and cost.py plans: each
+    model selector runs with its default parameters and makes exactly the passes planned for it;
+    random is planned (no passes) but explains no model; captum:<ClassName> runs without a formula."""
+    from overinterp.selection import (
+        CAPTUM_PREFIX,
+        MODEL_SELECTORS,
+        RANDOM,
+        RANKING_SELECTORS,
+        SELECTORS,
+        is_model_selector,
+        planned_passes,
+    )
+
+    assert SELECTORS == REMOVAL_SELECTORS + RANKING_SELECTORS + (RANDOM,) and len(set(SELECTORS)) == len(SELECTORS)
+    assert MODEL_SELECTORS == REMOVAL_SELECTORS + RANKING_SELECTORS
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for name in MODEL_SELECTORS:
+        options = {"iterations": 2} if name == "perturbation" else None  # keeps the test fast
+        params = selector_params(name, 2, 0.5) if name in REMOVAL_SELECTORS else selector_params(name, options=options)
+        res = run_selector(name, tiny_net, x, params, EngineConfig(chunk=4))
+        assert res.order.shape == (2, 9) and sorted(res.order[0].tolist()) == list(range(9)), name
+        forward, backward = planned_passes(name, (3, 3), params, batch=2)
+        assert res.forward_passes == forward, name
+        if name in REMOVAL_SELECTORS:  # the ranking engines count a pass with a backward as a forward pass only
+            assert res.backward_passes == backward, name
+    assert planned_passes(RANDOM, (3, 3), {"seed": 0}) == (0, 0) and not is_model_selector(RANDOM)
+    with pytest.raises(ValueError, match="unknown selector 'random'"):
+        run_selector(RANDOM, tiny_net, x, {"seed": 0})
+    captum = CAPTUM_PREFIX + "InputXGradient"
+    assert is_model_selector(captum) and captum not in SELECTORS
+    assert run_selector(captum, tiny_net, x, selector_params(captum)).order.shape == (2, 9)
+    with pytest.raises(ValueError, match="no cost formula"):
+        planned_passes(captum, (3, 3))
+    for entry in (lambda: selector_params("saliency"), lambda: planned_passes("saliency", (3, 3)),
+                  lambda: run_selector("saliency", tiny_net, x, {})):
+        with pytest.raises(ValueError, match="unknown selector 'saliency'"):
+            entry()
+
+
 def test_dilate_keep_grows_each_pixel_to_its_3x3_neighbourhood():
     from overinterp.selection.subsets import dilate_keep
 
@@ -419,7 +475,7 @@ def test_on_passes_reports_every_pass_as_it_is_made(tiny_net, name, options):
     """The callback's calls sum to the engine's own pass counter, in more than one call (so a long
     batch reports before it returns), each a Python int (no tensor: no host sync)."""
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    if name in ("backselect", "bgsis"):
+    if name in REMOVAL_SELECTORS:
         params = selector_params(name, options["k"], options.get("tail", 1.0))
     else:
         params = selector_params(name, options=options)

@@ -21,8 +21,7 @@ import torch
 from overinterp.costplan import BudgetExceeded, CostPlan, alternatives_for, calibrate_forward_rate, calibrate_train_rate, check_budget, plan_cost
 from overinterp.pipeline.plan import Plan, make_plan
 from overinterp.pipeline.resources import ResourcePlan
-from overinterp.selection import is_model_selector
-from overinterp.selection.cost import PLANNED_SELECTORS
+from overinterp.selection import SELECTORS, is_model_selector
 
 CALIBRATION_SECONDS = 0.5  # per model and kind of pass: the whole calibration stays within seconds
 
@@ -77,7 +76,7 @@ def measure_rates(plan: Plan, resources: ResourcePlan, train_batch: int) -> dict
 
 def costable(plan: Plan) -> tuple[Plan, list[str]]:
     """The plan without the selections whose cost has no formula (captum:<Class>), and notes."""
-    keep = tuple(j for j in plan.selections if j.selector in PLANNED_SELECTORS)
+    keep = tuple(j for j in plan.selections if j.selector in SELECTORS)
     skipped = sorted({j.selector for j in plan.selections if j not in keep and is_model_selector(j.selector)})
     notes = [f"{s}: no pass formula, not in the ETA (time a few images to know)" for s in skipped]
     return dataclasses.replace(plan, selections=keep), notes

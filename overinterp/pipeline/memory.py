@@ -32,7 +32,7 @@ from overinterp.pipeline.select_stage import select_in_memory, write_random
 from overinterp.pipeline.trial import TrialSpec
 from overinterp.pipeline.tune_stage import run_trials
 from overinterp.selection import keep_mask
-from overinterp.selection.backselect import EngineConfig
+from overinterp.selection.engine import EngineConfig
 from overinterp.training import TrainConfig
 
 

@@ -17,10 +17,9 @@ from typing import Optional
 
 from overinterp import fs
 from overinterp.pipeline.trial import TrialSpec, checkpoint_path, path_safe
-from overinterp.selection import selector_tag
+from overinterp.selection import RANDOM, selector_tag
 
 SPLITS = ("train", "test")
-RANDOM = "random"
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from overinterp.data import normalize
 from overinterp.pipeline.plan import SelectionJob, SelectionSource
 from overinterp.progress import Progress
 from overinterp.pipeline.resources import ResourcePlan, worker_device
-from overinterp.selection import EngineConfig, params_json, run_selector, selector_tag
+from overinterp.selection import RANDOM, EngineConfig, params_json, run_selector, selector_tag
 
 
 class SelectionWorker:
@@ -312,9 +312,9 @@ def _planned_passes(job: SelectionJob, hw: Optional[tuple[int, int]], forward_on
     """Forward passes per image the selector plans (a backward pass counted as BACKWARD_COST unless
     forward_only), or None."""
     from overinterp.costplan import BACKWARD_COST
-    from overinterp.selection.cost import PLANNED_SELECTORS, planned_passes
+    from overinterp.selection import SELECTORS, planned_passes
 
-    if hw is None or job.selector not in PLANNED_SELECTORS:
+    if hw is None or job.selector not in SELECTORS:
         return None
     fwd, bwd = planned_passes(job.selector, tuple(hw), job.params)
     return int(fwd) if forward_only else int(fwd + BACKWARD_COST * bwd)
@@ -327,7 +327,7 @@ def write_random(root: str, split: str, labels: np.ndarray, height: int, width: 
 
     image_ids: the ids of `labels`' images (default 0..N-1).
     """
-    tag = selector_tag("random", params)
+    tag = selector_tag(RANDOM, params)
     ids_all = np.arange(len(labels), dtype=np.int64) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
     done = np.array(sorted(store.done_ids(root, "none", tag, split)), dtype=np.int64)
     todo = np.flatnonzero(~np.isin(ids_all, done))  # positions

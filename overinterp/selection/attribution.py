@@ -20,6 +20,7 @@ Methods (`method` argument):
   Sampling methods (Lime, KernelShap, ShapleyValueSampling, GradientShap) draw from torch's
   global RNG and FeaturePermutation permutes across the batch, so their results depend on the
   batch; the built-in methods do not (tests/test_attribution.py).
+Names, parameters and their defaults are checked in params.py (`check_selector_params`).
 
 Every method attributes the softmax probability p(c) of the explained class (as BS and BGSIS
 score it), is given the whole batch with per-image targets, and its importance per pixel is the
@@ -33,111 +34,14 @@ backward counts once) plus B·HW for the curve; the unmasked prediction is not c
 from __future__ import annotations
 
 import inspect
-import json
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from overinterp.selection.backselect import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, widen
+from overinterp.selection.engine import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, widen
+from overinterp.selection.params import captum_class, check_selector_params, positive_int
 from overinterp.selection.ranking import check_images, explain, scored_result
-
-ATTRIBUTION_METHODS = ("gradient", "ig", "occlusion")
-CAPTUM_PREFIX = "captum:"
-IG_METHODS = ("gausslegendre", "riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid")
-DEFAULT_PARAMS = {
-    "gradient": {},
-    "ig": {"n_steps": 50, "method": "gausslegendre"},  # Captum's IntegratedGradients defaults
-    "occlusion": {"window": 1},  # one pixel (all channels) per window: the finest ranking
-}
-_RESERVED = ("inputs", "target", "additional_forward_args")  # set by the selector, never by a user
-
-
-def _choices() -> str:
-    return f"{', '.join(ATTRIBUTION_METHODS)} or {CAPTUM_PREFIX}<ClassName> (a class of captum.attr, e.g. captum:InputXGradient)"
-
-
-def _positive_int(method: str, key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{method} {key} must be an int >= 1, got {value!r}")
-
-
-def _captum_class(method: str):
-    """The captum.attr class of "captum:<ClassName>", or a one-line ValueError."""
-    import captum.attr  # lazy: importing Captum takes seconds
-
-    name = method[len(CAPTUM_PREFIX):]
-    cls = getattr(captum.attr, name, None) if name.isidentifier() else None
-    if not (inspect.isclass(cls) and issubclass(cls, captum.attr.Attribution)):
-        raise ValueError(f"unknown Captum attribution {name!r}: name a class of captum.attr, e.g. captum:InputXGradient, captum:FeatureAblation")
-    required = [p for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
-                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if [p.name for p in required] not in (["forward_func"], ["model"]):
-        raise ValueError(f"captum:{name} is built from {', '.join(p.name for p in required)}, not from the model alone; choose a "
-                         "class built from the forward function (layer, neuron and wrapper methods do not rank input pixels)")
-    return cls
-
-
-def check_selector_params(name: str, params: Optional[dict] = None) -> dict:
-    """Validate a ranking selector's name and parameters; return them resolved, JSON-ready.
-
-    Handles "perturbation" (PerturbationParams fields plus "seed"), the attribution methods and
-    "captum:<ClassName>". Raises a one-line ValueError naming the fix; runs no model.
-    """
-    params = dict(params or {})
-    try:
-        json.dumps(params)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} parameters must be JSON values (numbers, strings, lists), got {params!r}") from None
-    if name == "perturbation":
-        from overinterp.selection.perturbation import PerturbationParams, perturbation_record
-
-        seed = params.pop("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"perturbation seed must be an int >= 0, got {seed!r}")
-        return perturbation_record(PerturbationParams.from_dict(params), seed)
-    if name in DEFAULT_PARAMS:
-        unknown = sorted(set(params) - set(DEFAULT_PARAMS[name]))
-        if unknown:
-            allowed = ", ".join(DEFAULT_PARAMS[name]) or "none"
-            raise ValueError(f"unknown {name} parameter(s) {', '.join(unknown)}: {name} takes {allowed}")
-        resolved = {**DEFAULT_PARAMS[name], **params}
-        if name == "ig":
-            _positive_int("ig", "n_steps", resolved["n_steps"])
-            if resolved["method"] not in IG_METHODS:
-                raise ValueError(f"ig method must be one of {', '.join(IG_METHODS)}, got {resolved['method']!r}")
-        if name == "occlusion":
-            _positive_int("occlusion", "window", resolved["window"])
-        return resolved
-    if name.startswith(CAPTUM_PREFIX):
-        cls = _captum_class(name)
-        importance = params.get("importance", "signed")
-        if importance not in ("signed", "abs"):
-            raise ValueError(f"{name} importance must be 'signed' or 'abs', got {importance!r}")
-        sig = inspect.signature(cls.attribute).parameters
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.values())
-        for key in params:
-            if key in _RESERVED or (key != "importance" and key not in sig and not takes_any):
-                accepted = ", ".join(k for k in sig if k not in ("self",) + _RESERVED)
-                raise ValueError(f"{name} does not take {key!r}: its attribute() takes {accepted} (and our 'importance')")
-        return {**params, "importance": importance}
-    raise ValueError(f"unknown attribution method {name!r}: choose one of {_choices()}")
-
-
-def selector_tag_params(name: str, params: Optional[dict] = None) -> dict:
-    """Short parameters for a store tag: ig -> {"n": 50} (ig-n50), perturbation -> {"it": 300},
-    gradient and occlusion at window 1 -> {}; anything changed from its default is added."""
-    resolved = check_selector_params(name, params)
-    if name == "perturbation":
-        from overinterp.selection.perturbation import PerturbationParams
-
-        seed = resolved.pop("seed")
-        return {**PerturbationParams(**resolved).tag_params(), **({"seed": seed} if seed else {})}
-    if name == "ig":
-        return {"n": resolved["n_steps"], **({"method": resolved["method"]} if resolved["method"] != "gausslegendre" else {})}
-    if name in DEFAULT_PARAMS:
-        return {k: v for k, v in resolved.items() if v != DEFAULT_PARAMS[name][k]}
-    return {k: v for k, v in resolved.items() if not (k == "importance" and v == "signed")}
 
 
 class _CountingProb(nn.Module):
@@ -185,7 +89,7 @@ def attribution_selection(
             images at once); None = all n_steps at once. Bounds memory; any value gives every
             image the same steps per pass whatever the batch, so batching never changes a result.
         on_passes: called with the forward passes made, per model call of the attribution and per
-            chunk of the curve (see backselect.PassesFunc).
+            chunk of the curve (see engine.PassesFunc).
     Returns:
         SelectionResult: order (B, HW) least important first, curve (B, HW), step_sizes (1,)*HW.
     """
@@ -194,7 +98,7 @@ def attribution_selection(
         raise ValueError("perturbation is not an attribution method: call meaningful_perturbation")
     check_images(images)
     if steps_per_pass is not None:
-        _positive_int("ig", "steps_per_pass", steps_per_pass)
+        positive_int("ig", "steps_per_pass", steps_per_pass)
     B, C, H, W = images.shape
     if method == "occlusion" and resolved["window"] > min(H, W):
         raise ValueError(f"occlusion window must be at most the image side {min(H, W)}, got {resolved['window']}")
@@ -226,7 +130,7 @@ def _attribute(prob: _CountingProb, images, method: str, params: dict, target, c
         return ca.Occlusion(prob).attribute(
             images, sliding_window_shapes=(C, w, w), strides=(C, 1, 1), baselines=0.0, target=target,
             perturbations_per_eval=max(1, chunk // B))
-    cls = _captum_class(method)
+    cls = captum_class(method)
     # JSON has no tuples; Captum wants them (window shapes, strides)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k != "importance"}
     sig = inspect.signature(cls.attribute).parameters

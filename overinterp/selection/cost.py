@@ -1,11 +1,11 @@
-"""What a selector costs before it runs: its step plan and the images the model will evaluate.
+"""What a selector costs before it runs: the steps it takes and the images the model will evaluate.
 
-Pure arithmetic (no tensors; the ranking selectors' parameters are resolved by
-attribution.check_selector_params, imported only when one is planned), shared by the engine —
-which walks `step_plan` — and by anything that plans a run (costplan.py: passes and an ETA). The
-counts here equal the engines' counters exactly (tests/test_cost.py checks them against
-`SelectionResult.forward_passes` / `backward_passes`, and counts the ranking selectors' backward
-passes itself).
+Pure arithmetic (no torch; names and parameters are checked and resolved by params.py), for
+anything that plans a run (costplan.py: passes and an ETA) and for the engine's step plan
+(backselect.step_plan, which stops the fast steps at `tail_pixels`). Every named selector of
+params.SELECTORS has a formula; captum:<ClassName> has none. The counts here equal the engines'
+counters exactly (tests/test_cost.py checks them against `SelectionResult.forward_passes` /
+`backward_passes`, and counts the ranking selectors' backward passes itself).
 
 The exact tail (`exact_tail` = F in (0, 1]): a fast rule removes pixels until ceil(F·HW) remain
 (never fewer than 1; the last fast step is shrunk so it stops exactly there), then exact backward
@@ -37,29 +37,16 @@ from __future__ import annotations
 import math
 import numbers
 
-TAIL_SELECTORS = ("backselect", "bgsis")  # the selectors that take pixels_per_step and exact_tail
-# selectors that rank once, then score the p(c) curve; their parameters are attribution.check_selector_params's
-RANKING_SELECTORS = ("gradient", "ig", "occlusion", "perturbation")
-PLANNED_SELECTORS = TAIL_SELECTORS + ("random",) + RANKING_SELECTORS
-
-
-def check_pixels_per_step(pixels_per_step) -> None:
-    """Raise a one-line ValueError unless k is an integer >= 1."""
-    if isinstance(pixels_per_step, bool) or not isinstance(pixels_per_step, numbers.Integral) or pixels_per_step < 1:
-        raise ValueError(f"--pixels-per-step must be an integer >= 1, got {pixels_per_step!r} (1 is exact backward selection)")
-
-
-def check_exact_tail(exact_tail) -> None:
-    """Raise a one-line ValueError unless F is a number in (0, 1]."""
-    ok = isinstance(exact_tail, numbers.Real) and not isinstance(exact_tail, bool) and 0.0 < exact_tail <= 1.0
-    if not ok:
-        raise ValueError(f"--exact-tail must be in (0, 1], got {exact_tail!r} (0.1 keeps the last 10% exact; 1 turns the exact tail off)")
-
-
-def check_selector_args(pixels_per_step, exact_tail) -> None:
-    """Validate k and F together (before any model call)."""
-    check_pixels_per_step(pixels_per_step)
-    check_exact_tail(exact_tail)
+from overinterp.selection.params import (
+    CAPTUM_PREFIX,
+    RANDOM,
+    RANKING_SELECTORS,
+    REMOVAL_SELECTORS,
+    SELECTORS,
+    check_selector_args,
+    check_selector_params,
+    removal_args,
+)
 
 
 def tail_pixels(hw: int, exact_tail: float) -> int:
@@ -70,17 +57,6 @@ def tail_pixels(hw: int, exact_tail: float) -> int:
     if exact_tail >= 1.0:
         return 0
     return min(hw, max(1, math.ceil(exact_tail * hw - 1e-9)))
-
-
-def step_plan(hw: int, pixels_per_step: int, exact_tail: float = 1.0) -> list[int]:
-    """Pixels removed at each step, in order: the fast steps (k each, the last one shrunk so that
-    exactly `tail_pixels` remain), then the exact tail (1 each). Sums to hw.
-
-    With F = 1 this is today's plan: min(k, remaining) per step to the end.
-    """
-    n = tail_pixels(hw, exact_tail)
-    q, r = divmod(hw - n, pixels_per_step)
-    return [pixels_per_step] * q + ([r] if r else []) + [1] * n
 
 
 def _fast_phase(hw: int, k: int, n: int) -> tuple[int, int, int]:
@@ -94,11 +70,11 @@ def _fast_phase(hw: int, k: int, n: int) -> tuple[int, int, int]:
 
 def _check_plan_args(selector: str, hw, pixels_per_step: int, exact_tail: float, batch: int) -> tuple[int, int]:
     """Validate the arguments of the planners; return the image's (H, W), H = 1 when given as HW."""
-    if isinstance(selector, str) and selector.startswith("captum:"):
+    if isinstance(selector, str) and selector.startswith(CAPTUM_PREFIX):
         raise ValueError(f"no cost formula for {selector}: its internal passes depend on the Captum method; time a few images "
-                         f"instead, or plan one of {', '.join(PLANNED_SELECTORS)}")
-    if selector not in PLANNED_SELECTORS:
-        raise ValueError(f"unknown selector {selector!r}: choose one of {', '.join(PLANNED_SELECTORS)}")
+                         f"instead, or plan one of {', '.join(SELECTORS)}")
+    if selector not in SELECTORS:
+        raise ValueError(f"unknown selector {selector!r}: choose one of {', '.join(SELECTORS)}")
     size = tuple(hw) if isinstance(hw, (tuple, list)) else (1, hw)
     if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in size):
         raise ValueError(f"hw must be an integer >= 1 (pixels per image, H·W) or a pair (H, W), got {hw!r}")
@@ -110,8 +86,6 @@ def _check_plan_args(selector: str, hw, pixels_per_step: int, exact_tail: float,
 
 def _ranking_passes(selector: str, size: tuple[int, int], params, given_as_hw: bool) -> tuple[int, int]:
     """(forward, backward) passes per image of a ranking selector (see the module docstring)."""
-    from overinterp.selection.attribution import check_selector_params  # lazy: it imports torch and Captum's names
-
     p = check_selector_params(selector, params)  # resolved with the defaults; one-line ValueError
     H, W = size
     curve = H * W
@@ -136,7 +110,7 @@ def planned_steps(selector: str, hw, pixels_per_step: int = 1, exact_tail: float
     """
     H, W = _check_plan_args(selector, hw, pixels_per_step, exact_tail, 1)
     hw = H * W
-    if selector == "random":
+    if selector == RANDOM:
         return 0
     if selector in RANKING_SELECTORS:
         return hw
@@ -150,14 +124,14 @@ def planned_forward_passes(selector: str, hw, pixels_per_step: int = 1, exact_ta
 
     Equals `SelectionResult.forward_passes` of a full run (see the module docstring for what counts).
     hw: H·W, or (H, W) (needed by occlusion with a window > 1).
-    params: the ranking selectors' parameters (attribution.check_selector_params; None = defaults);
+    params: the ranking selectors' parameters (params.check_selector_params; None = defaults);
         backselect and bgsis take k and F instead.
     Examples: ("backselect", 1024, 1) -> 524,800; ("backselect", 16, 3) -> 66;
     ("bgsis", 299 * 299, 100) -> 895 + 1 = 896; ("ig", 1024) -> 50 + 1,024.
     """
     H, W = _check_plan_args(selector, hw, pixels_per_step, exact_tail, batch)
     hw_pixels = H * W
-    if selector == "random":
+    if selector == RANDOM:
         return 0
     if selector in RANKING_SELECTORS:
         return batch * _ranking_passes(selector, (H, W), params, not isinstance(hw, (tuple, list)))[0]
@@ -186,14 +160,11 @@ def planned_passes(selector: str, hw, params=None, batch: int = 1) -> tuple[int,
     """(forward, backward) passes of a selector on `batch` images, from its parameters as stored
     (SelectionJob.params): {"k": k, "tail": F} for backselect and bgsis (k 1 and F 1 when absent),
     the method's own for the ranking selectors, anything for random (0, 0)."""
-    params = dict(params or {})
-    if selector in TAIL_SELECTORS:
-        k, tail = params.pop("k", 1), params.pop("tail", 1.0)
-        if params:
-            raise ValueError(f"unknown {selector} parameter(s) {', '.join(sorted(params))}: {selector} takes k and tail")
+    if selector in REMOVAL_SELECTORS:
+        k, tail = removal_args(selector, params)
         args = (selector, hw, k, tail, batch)
         return planned_forward_passes(*args), planned_backward_passes(*args)
-    if selector == "random":
+    if selector == RANDOM:
         _check_plan_args(selector, hw, 1, 1.0, batch)
         return 0, 0
     return (planned_forward_passes(selector, hw, batch=batch, params=params),

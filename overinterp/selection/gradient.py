@@ -23,7 +23,9 @@ from typing import Optional
 
 import torch
 
-from overinterp.selection.backselect import (
+from overinterp.selection.backselect import run_steps, step_plan
+from overinterp.selection.cost import tail_pixels
+from overinterp.selection.engine import (
     EngineConfig,
     ForwardFunc,
     PassesFunc,
@@ -31,10 +33,9 @@ from overinterp.selection.backselect import (
     Scorer,
     SelectionResult,
     explained_class,
-    run_steps,
     widen,
 )
-from overinterp.selection.cost import check_selector_args, step_plan, tail_pixels
+from overinterp.selection.params import check_selector_args
 
 
 def batched_gradient_sis(
@@ -63,7 +64,7 @@ def batched_gradient_sis(
         max_steps: for benchmarks — stop after this many steps, gradient and exact together
             (order -1 / curve NaN beyond).
         on_passes: called with the forward passes made, per gradient step (B) and per chunk of the
-            exact tail (see backselect.PassesFunc); backward passes are not reported.
+            exact tail (see engine.PassesFunc); backward passes are not reported.
     Returns:
         SelectionResult: order (B, HW), curve (B, HW) with p(c) after the step each pixel was
         masked in; forward_passes = images x (gradient steps + 1) + the exact tail's candidates,

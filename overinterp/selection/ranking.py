@@ -9,7 +9,7 @@ selection records after each removal, so SIS at tau, keep-masks and every report
 Cost: HW forward passes per image (one per prefix of the order), batched like backward
 selection: the B·HW candidates are built on the model's device from the pixels' ranks
 (pixel j is masked in candidate t iff rank[j] < t + 1) and scored in chunks sized to memory
-(backselect's `Scorer`). Nothing leaves the device.
+(engine.py's `Scorer`). Nothing leaves the device.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from overinterp.selection.backselect import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, explained_class
+from overinterp.selection.engine import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, explained_class
 
 
 def check_images(images: torch.Tensor) -> None:
