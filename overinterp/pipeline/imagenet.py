@@ -16,7 +16,6 @@ keep-masks on the Ray Data workers, evaluation streams them again.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from dataclasses import asdict
@@ -222,11 +221,6 @@ def prepare_imagenet(config: ImageNetConfig, ray_address: str | None = None):
     return cfg, classes, plan, resources
 
 
-def replan_stream(cfg: ImageNetConfig, plan: Plan, shape: tuple, n_images: dict) -> Plan:
-    """The budget guard's re-plan (pipeline/costing.py): this job with other settings, size and counts."""
-    return plan_stream(dataclasses.replace(cfg, image_size=shape[1]), plan.num_classes, n_images)
-
-
 def run_imagenet(config: ImageNetConfig, ray_address: str | None = None, dry_run: bool = False) -> Optional[dict]:
     """Run (or resume) the ImageNet study; returns the summary also written to summary.json.
 
@@ -240,7 +234,7 @@ def run_imagenet(config: ImageNetConfig, ray_address: str | None = None, dry_run
     log(resources.describe())
     return run_job(cfg, plan, resources, lambda callbacks, cost: StreamBackend(cfg, plan, classes, resources, callbacks),
                    holder="sis_imagenet.py", dataset="imagenet", t0=t0, dry_run=dry_run,
-                   replan=replan_stream, trial_concurrency=resources.streamed_trial_concurrency(cfg.workers_per_trial))
+                   trial_concurrency=resources.streamed_trial_concurrency(cfg.workers_per_trial))
 
 
 def imagenet_markdown(summary: dict) -> str:
