@@ -1,7 +1,6 @@
 """The plan before the work: --dry-run on every kind of data set, the budget guard, --smoke's
 stated pass bound. In-process through the session's local Ray."""
 
-import dataclasses
 import os
 import re
 from types import SimpleNamespace
@@ -10,10 +9,9 @@ import numpy as np
 import pytest
 
 from overinterp.cli import main
-from overinterp.config import SMOKE_MAX_PASSES, ImageNetConfig, RunConfig
+from overinterp.config import SMOKE_MAX_PASSES
 from overinterp.costplan import reprice
 from overinterp.pipeline.costing import knobs_of, plan_cost
-from overinterp.pipeline.plan import plan_small, plan_stream
 from overinterp.pipeline.resources import ResourcePlan
 
 pytestmark = pytest.mark.ray
@@ -23,11 +21,27 @@ RESOURCES = ResourcePlan(use_gpu=False, select_workers=2, cpus_per_worker=1, gpu
                          gpus_per_trial=0, capacity="test")
 
 
+# The two helpers below are the only places that build configs and plans.
+
+
 def _small_plan(side=4, n_train=8, n_test=4, **changes):
+    """(cfg, plan) of `overinterp run` on 1×side×side images: digits_cnn, seeds 0 and 1, input dropout."""
+    from overinterp.config import RunConfig
+    from overinterp.pipeline.plan import plan_small
+
     settings = dict(models=("digits_cnn",), seeds=(0, 1), input_dropout=0.2, out_dir="/tmp/x", selectors=("backselect",), fills=("mean",))
     cfg = RunConfig(**{**settings, **changes}).resolved()
     data = SimpleNamespace(shape=(1, side, side), labels={"train": [0] * n_train, "test": [0] * n_test}, num_classes=10)
     return cfg, plan_small(cfg, data)
+
+
+def _stream_plan(image_size, n_images, **changes):
+    """(cfg, plan) of a streamed run explaining a pretrained tv:resnet18 (10 classes)."""
+    from overinterp.config import ImageNetConfig
+    from overinterp.pipeline.plan import plan_stream
+
+    cfg = ImageNetConfig(train="/t", val="/v", model="tv:resnet18", out_dir="/tmp/y", image_size=image_size, **changes).resolved()
+    return cfg, plan_stream(cfg, 10, n_images)
 
 
 def test_plan_cost_of_a_small_plan():
@@ -72,12 +86,11 @@ def test_repricing_the_rows_equals_planning_the_run_again():
     _same(reprice(cost, max_workers=8), _cost(plan, workers=8))
     cfg, plan = _small_plan(side=16, dataset="imagefolder", image_size=16)
     _same(reprice(_cost(plan, knobs_of(cfg, plan, RESOURCES)), image_size=8), _cost(_small_plan(side=8)[1], scale=4.0))
-    stream = ImageNetConfig(train="/t", val="/v", model="tv:resnet18", out_dir="/tmp/y", image_size=32, max_images=9, pixels_per_step=4,
-                            exact_tail=0.05).resolved()
-    plan = plan_stream(stream, 10, {"train": 9, "test": 7})
+    opts = dict(max_images=9, pixels_per_step=4, exact_tail=0.05)
+    stream, plan = _stream_plan(32, {"train": 9, "test": 7}, **opts)
     cost = _cost(plan, knobs_of(stream, plan, RESOURCES))
-    _same(reprice(cost, max_images=4), _cost(plan_stream(stream, 10, {"train": 4, "test": 4})))
-    _same(reprice(cost, image_size=16), _cost(plan_stream(dataclasses.replace(stream, image_size=16), 10, {"train": 9, "test": 7}), scale=4.0))
+    _same(reprice(cost, max_images=4), _cost(_stream_plan(32, {"train": 4, "test": 4}, **opts)[1]))
+    _same(reprice(cost, image_size=16), _cost(_stream_plan(16, {"train": 9, "test": 7}, **opts)[1], scale=4.0))
 
 
 def test_knobs_offer_what_the_run_can_change():
@@ -88,8 +101,8 @@ def test_knobs_offer_what_the_run_can_change():
     assert knobs_of(cfg, plan, RESOURCES).selectors == ()  # --selector bgsis would leave --selector-options naming ig
     cfg, plan = _small_plan(side=16, dataset="imagefolder", image_size=16)
     assert (knobs_of(cfg, plan, RESOURCES).image_size, knobs_of(cfg, plan, RESOURCES).min_image_size) == (16, 8)
-    stream = ImageNetConfig(train="/t", val="/v", model="tv:resnet18", out_dir="/tmp/y", image_size=32).resolved()
-    k = knobs_of(stream, plan_stream(stream, 10, {"train": 5, "test": 9}), RESOURCES)
+    stream, plan = _stream_plan(32, {"train": 5, "test": 9})
+    k = knobs_of(stream, plan, RESOURCES)
     assert (k.selectors, k.pixels_per_step, k.image_size, k.min_image_size, k.max_images) == ((), 100, 32, 16, 9)
 
 
