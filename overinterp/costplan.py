@@ -1,13 +1,16 @@
-"""Know the cost before paying for it: forward passes and an ETA for every stage, a budget guard.
+"""Know the cost before paying for it: rates, an ETA for every stage, and the budget guard.
 
     calibrate_forward_rate / calibrate_train_rate   images/s of the real model on the device
-    estimate_selection / estimate_training           counts (selection/cost.py) × rates -> ETA
-    plan_cost                                        the whole run's Plan -> CostPlan
-    check_budget + alternatives_for                  refuse a plan over --max-hours, naming faster ones
+    estimate_selection / estimate_training           passes (selection/cost.py) × rates -> one row's ETA
+    CostPlan                                         a run's rows, in the order they run, and its Knobs
+    reprice + alternatives_for                       the same rows under other settings (k, selector, ...)
+    check_budget                                     refuse a plan over --max-hours, naming faster ones
 
 Everything but the calibration is arithmetic, so a dry run prints the cost without touching a GPU
-and the tests check the ETAs exactly. No Ray, no MLflow: `CostPlan.as_params()` is a flat dict the
-pipeline logs.
+and the tests check the ETAs exactly. Each row keeps what it was priced from, so the guard prices a
+faster setting from the CostPlan alone. The pipeline builds the rows from its Plan and measured
+rates (pipeline/costing.py); nothing here imports Ray, MLflow or the pipeline: `CostPlan.as_params()`
+is a flat dict the pipeline logs.
 
 The ETA model: a stage's images are spread over its workers in select batches (or its trials over
 the trials that run at once), so the busiest worker's share, not the average, sets the wall time;
@@ -20,33 +23,30 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import re
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from overinterp.selection import REMOVAL_SELECTORS, selector_params, selector_tag
 from overinterp.selection.cost import planned_passes
-
-if TYPE_CHECKING:  # plan.py imports no Ray either, but the dry run should not need the pipeline package
-    from overinterp.pipeline.plan import Plan
 
 # A backward pass costs about two forward passes: it multiplies by each weight's transpose to get
 # the input gradient and again to get the weight gradient (the usual 3× forward for a training
 # step, Kaplan et al. 2020). Only the ETA uses it; the pass counts stay separate.
 BACKWARD_COST = 2.0
-# Fixed costs beside the passes, measured on the 2-core machine of BENCHMARKS.md (digits smoke run:
+# Fixed costs beside the passes (a pipeline's selection job, a training trial), measured on the 2-core machine of BENCHMARKS.md (digits smoke run:
 # ~10 s from a selection job's submission to its first batch — Ray Data planning and actor start,
 # model load; ~1 s per trial for Tune's scheduling, the data hand-over and evaluation). They dominate
 # small runs and vanish in large ones.
 JOB_START_S = 10.0
 TRIAL_START_S = 1.0
-
-Rates = Union[float, Mapping[str, float]]  # one rate for every model, or one per model name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,28 +227,41 @@ def calibrate_train_rate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Costs
+# Costs: one row per selection job and per training stage, each able to price itself again
 
 
 @dataclass(frozen=True)
 class SelectionCost:
-    """One selection job (source model × selector × split): passes and wall time."""
+    """One selection job (source model × selector × split): passes and wall time.
+
+    Besides the result it keeps what it was priced from (selector, params, images, size, rate,
+    workers offered, select batch, start-up), so `repriced` prices the same job under other settings.
+    """
 
     model: str  # the explained model's architecture, e.g. digits_cnn, tv:resnet50
     variant: str  # plain | ensemble | input-dropout | pretrained
-    selector: str  # the selector's store tag, e.g. backselect, bgsis-k100
+    selector: str  # the selector's name, e.g. backselect, bgsis, ig
+    params: Mapping = field(hash=False)  # its parameters as a SelectionJob holds them: {"k": 100} for bgsis-k100
+    tag: str  # the selector's store tag, e.g. backselect, bgsis-k100
     split: str
     n_images: int
-    hw: int  # pixels per image, H·W
+    size: Union[int, tuple[int, int]]  # H·W, or (H, W)
     forward_per_image: int  # selection/cost.py: planned passes of one image
     backward_per_image: int
+    max_workers: int  # selection actors offered to the job
     workers: int  # selection actors the job runs on (at most one per select batch)
+    select_batch: Optional[int]  # images per actor call; None: images spread evenly
     rate: float  # forward passes (images) per second of one worker
+    start_s: float  # the job's fixed start-up, seconds
     eta_seconds: float
 
     @property
+    def hw(self) -> int:
+        return self.size[0] * self.size[1] if isinstance(self.size, tuple) else self.size
+
+    @property
     def label(self) -> str:
-        return f"{self.model}/{self.variant} {self.selector} {self.split}"
+        return f"{self.model}/{self.variant} {self.tag} {self.split}"
 
     @property
     def forward_passes(self) -> int:
@@ -261,6 +274,16 @@ class SelectionCost:
     @property
     def total_passes(self) -> int:
         return self.forward_passes + self.backward_passes
+
+    def repriced(self, **changes) -> "SelectionCost":
+        """This job with some of `estimate_selection`'s arguments changed (the tag follows the
+        selector and its params)."""
+        args = dict(model=self.model, variant=self.variant, selector=self.selector, split=self.split, params=self.params,
+                    n_images=self.n_images, hw=self.size, rate=self.rate, workers=self.max_workers,
+                    select_batch=self.select_batch, start_s=self.start_s)
+        args.update(changes)
+        retag = "selector" in changes or "params" in changes
+        return estimate_selection(**args, tag=selector_tag(args["selector"], dict(args["params"])) if retag else self.tag)
 
     def describe(self) -> str:
         per = f"{self.forward_per_image:,} passes" + (f" + {self.backward_per_image:,} backward" if self.backward_per_image else "")
@@ -278,8 +301,14 @@ class TrainingCost:
     trials: int
     epochs: int
     images: int  # training images per epoch of one trial
+    max_concurrency: int  # trials the stage may run at once
     concurrency: int  # trials at once
     rate: float  # training images per second of one trial
+    start_s: float  # each trial's fixed start-up, seconds
+    # The subsets stage trains on each selector's stored subsets: `selections` of them, `per_selection`
+    # trials each (seeds × fills and positions), so a run with fewer selectors has fewer trials.
+    selections: int
+    per_selection: int
     eta_seconds: float
 
     @property
@@ -290,6 +319,13 @@ class TrainingCost:
     def total_images(self) -> int:
         return self.trials * self.epochs * self.images
 
+    def repriced(self, **changes) -> "TrainingCost":
+        """These trials with some of `estimate_training`'s arguments changed."""
+        args = dict(trials=self.trials, epochs=self.epochs, images=self.images, rate=self.rate, concurrency=self.max_concurrency,
+                    start_s=self.start_s, selections=self.selections, per_selection=self.per_selection)
+        args.update(changes)
+        return estimate_training(self.model, self.stage, **args)
+
     def describe(self) -> str:
         return (f"training   {self.label}  {self.trials} trial{'s' if self.trials != 1 else ''} × {self.epochs} epochs × "
                 f"{self.images:,} img = {self.total_images:,} images  ≈ {format_duration(self.eta_seconds)} "
@@ -297,11 +333,27 @@ class TrainingCost:
 
 
 @dataclass(frozen=True)
+class Knobs:
+    """The run's values of the settings the budget guard may change, as the user gives them. A
+    setting left at None (or no selectors) does not apply to the run and is not offered."""
+
+    selectors: tuple[str, ...] = ()  # --selector: the run's selectors, where switching them is possible
+    pixels_per_step: Optional[int] = None  # --pixels-per-step k of the removal selectors
+    exact_tail: float = 1.0  # F, kept by a selector switched to bgsis
+    image_size: Optional[int] = None  # --image-size: square side in pixels (folders and streamed runs)
+    min_image_size: int = 1  # the smallest --image-size the run's config accepts
+    max_workers: Optional[int] = None  # --max-workers: selection actors
+    max_images: Optional[int] = None  # --max-images: images per split (streamed runs' pilot)
+
+
+@dataclass(frozen=True)
 class CostPlan:
-    """The cost of a whole run: its selection jobs and training stages, in the order they run."""
+    """The cost of a whole run: its selection jobs and training stages, in the order they run, and
+    the settings the budget guard may change (`knobs`)."""
 
     selections: tuple[SelectionCost, ...] = ()
     trainings: tuple[TrainingCost, ...] = ()
+    knobs: Knobs = Knobs()
 
     @property
     def selection_seconds(self) -> float:
@@ -342,7 +394,7 @@ class CostPlan:
                "cost.forward_passes": self.forward_passes, "cost.backward_passes": self.backward_passes,
                "cost.backward_cost": BACKWARD_COST}
         for c in self.selections:
-            key = _key(f"cost.select.{c.model}.{c.variant}.{c.selector}.{c.split}")
+            key = _key(f"cost.select.{c.model}.{c.variant}.{c.tag}.{c.split}")
             out.update({f"{key}.images": c.n_images, f"{key}.passes_per_image": c.forward_per_image,
                         f"{key}.backward_per_image": c.backward_per_image, f"{key}.workers": c.workers,
                         f"{key}.rate": round(c.rate, 1), f"{key}.eta_s": round(c.eta_seconds, 1)})
@@ -363,13 +415,18 @@ def _positive(name: str, value, integer: bool = True) -> None:
         raise ValueError(f"{name} must be {'an int >= 1' if integer else 'a finite number > 0'}, got {value!r}")
 
 
+def _count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
 def estimate_selection(
     model: str,
     variant: str,
     selector: str,
     split: str,
     *,
-    params: Optional[dict] = None,
+    params: Optional[Mapping] = None,
     n_images: int,
     hw: Union[int, tuple[int, int]],
     rate: float,
@@ -389,15 +446,16 @@ def estimate_selection(
         select_batch: images per actor call (RunConfig.select_batch). The busiest worker selects
             ceil(batches / workers) batches, which sets the ETA; None spreads images evenly.
         tag: the selector's store tag for the label (default: the selector's name).
+        start_s: the job's fixed start-up (JOB_START_S for a pipeline's job), paid when it has images.
     Returns:
-        SelectionCost; eta = busiest worker's images × (forward + BACKWARD_COST × backward) / rate.
+        SelectionCost; eta = start + busiest worker's images × (forward + BACKWARD_COST × backward) / rate.
     """
-    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 0:
-        raise ValueError(f"n_images must be an int >= 0, got {n_images!r}")
+    _count("n_images", n_images)
     _positive("workers", workers)
     _positive("rate", rate, integer=False)
     if select_batch is not None:
         _positive("select_batch", select_batch)
+    params = dict(params or {})
     fwd, bwd = planned_passes(selector, hw, params)
     if select_batch is None:
         used = min(workers, max(n_images, 1))
@@ -406,78 +464,114 @@ def estimate_selection(
         batches = math.ceil(n_images / select_batch)
         used = max(1, min(workers, batches))
         busiest = min(n_images, math.ceil(batches / used) * select_batch)
-    pixels = hw[0] * hw[1] if isinstance(hw, (tuple, list)) else hw
-    start = start_s if n_images else 0.0  # a job's fixed start-up (JOB_START_S in plan_cost)
-    return SelectionCost(model, variant, tag or selector, split, n_images, pixels, fwd, bwd, used, float(rate),
-                         start + busiest * (fwd + BACKWARD_COST * bwd) / rate)
+    size = tuple(hw) if isinstance(hw, (tuple, list)) else hw
+    start = start_s if n_images else 0.0
+    return SelectionCost(model, variant, selector, params, tag or selector, split, n_images, size, fwd, bwd, workers, used,
+                         select_batch, float(rate), start_s, start + busiest * (fwd + BACKWARD_COST * bwd) / rate)
 
 
 def estimate_training(model: str, stage: str, *, trials: int, epochs: int, images: int, rate: float,
-                      concurrency: int = 1, start_s: float = 0.0) -> TrainingCost:
+                      concurrency: int = 1, start_s: float = 0.0, selections: int = 0, per_selection: int = 0) -> TrainingCost:
     """The cost of `trials` trials of one architecture, `concurrency` at once: they run in
-    ceil(trials / concurrency) waves of epochs × images / rate seconds each.
+    ceil(trials / concurrency) waves of start_s + epochs × images / rate seconds each.
 
     rate: training images per second of one trial (`calibrate_train_rate`; trials that share a GPU
         share its rate, so calibrate with them sharing or divide).
+    selections, per_selection: the subsets stage's stored selections and the trials on each (0 for
+        the full-image stage); what switching selectors changes.
     """
-    for name, value in (("trials", trials), ("images", images)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    for name, value in (("trials", trials), ("images", images), ("selections", selections), ("per_selection", per_selection)):
+        _count(name, value)
     _positive("epochs", epochs)
     _positive("concurrency", concurrency)
     _positive("rate", rate, integer=False)
     used = max(1, min(concurrency, trials))
     waves = math.ceil(trials / used)
-    return TrainingCost(model, stage, trials, epochs, images, used, float(rate), waves * (start_s + epochs * images / rate))
+    return TrainingCost(model, stage, trials, epochs, images, concurrency, used, float(rate), start_s, selections, per_selection,
+                        waves * (start_s + epochs * images / rate))
 
 
-def _rate_of(rates: Rates, name: str, what: str) -> float:
-    if isinstance(rates, Mapping):
-        if name not in rates:
-            raise ValueError(f"no {what} rate for model {name!r}: give one of {', '.join(map(repr, rates)) or 'none given'} for it")
-        return rates[name]
-    return rates
+# ---------------------------------------------------------------------------------------------
+# Other settings: the same run priced again, from its rows alone
 
 
-def plan_cost(
-    plan: "Plan",
-    *,
-    forward_rates: Rates,
-    train_rates: Rates,
-    select_workers: int,
-    trial_concurrency: int,
-    epochs: int,
-    select_batch: Optional[int] = None,
-) -> CostPlan:
-    """The cost of a run's Plan (pipeline/plan.py).
+def reprice(plan: CostPlan, *, selector: Optional[str] = None, pixels_per_step: Optional[int] = None,
+            image_size: Optional[int] = None, max_workers: Optional[int] = None, max_images: Optional[int] = None) -> CostPlan:
+    """The cost of the run with other settings (the CLI's names; None keeps the run's):
 
-    Args:
-        forward_rates: one worker's forward images/s, per architecture name (a Plan's models, or a
-            pretrained source's model name such as "tv:resnet50"), or one number for all. An
-            ensemble of n checkpoints runs n forward passes per image: its rate is the member's / n.
-        train_rates: one trial's training images/s, per architecture name, or one number.
-        select_workers / trial_concurrency: ResourcePlan.select_workers / .trial_concurrency
-            (streamed runs: ResourcePlan.streamed_trial_concurrency(workers_per_trial)).
-        epochs: training epochs per trial; select_batch: images per selection call.
+    selector: every job runs it (with the run's k and F), once per source model, variant and split,
+        and the subsets stage trains on that one selection.
+    pixels_per_step: k of the removal selectors' jobs (selection/cost.py's formulas).
+    image_size: square images of that side; every rate scales by the pixel ratio (forward and
+        training cost grow about linearly with the pixels for convolutional nets) rather than being
+        measured again. Needs the run's knobs.image_size.
+    max_workers: selection actors offered; max_images: images per split, capped.
+    Raises ValueError where a setting cannot apply (e.g. an occlusion window above the new side).
     """
-    selections = []
-    by_tag = {s.tag: (arch, s) for arch, variants in plan.sources.items() for s in variants.values()}
-    for job in plan.selections:
-        arch, source = by_tag.get(job.source.tag, (None, job.source))
-        name = source.model["name"] if source.model else arch
-        rate = _rate_of(forward_rates, name, "forward") / max(1, len(source.checkpoints))
-        selections.append(estimate_selection(name, source.variant, job.selector, job.split, params=job.params,
-                                             n_images=plan.n_images[job.split], hw=tuple(plan.shape[1:]), rate=rate,
-                                             workers=select_workers, select_batch=select_batch, tag=job.tag,
-                                             start_s=JOB_START_S))
-    trainings = []
-    for stage, specs in (("full-image", plan.full_trials), ("subsets", plan.subset_trials)):
-        for arch in dict.fromkeys(t.model for t in specs):  # architectures in plan order
-            n = sum(1 for t in specs if t.model == arch)
-            trainings.append(estimate_training(arch, stage, trials=n, epochs=epochs, images=plan.n_images["train"],
-                                               rate=_rate_of(train_rates, arch, "training"), concurrency=trial_concurrency,
-                                               start_s=TRIAL_START_S))
-    return CostPlan(tuple(selections), tuple(trainings))
+    knobs, sels, trains = plan.knobs, plan.selections, plan.trainings
+    if selector is not None:
+        params = selector_params(selector, knobs.pixels_per_step or 1, knobs.exact_tail)
+        jobs = {(c.model, c.variant, c.split): c.repriced(selector=selector, params=params) for c in sels}
+        sels = tuple(jobs.values())  # the run's first selector's jobs (it alone also explains the other variants)
+        trains = tuple(t.repriced(trials=t.trials - (t.selections - 1) * t.per_selection, selections=1) if t.selections > 1 else t
+                       for t in trains)
+        knobs = dataclasses.replace(knobs, selectors=(selector,))
+    if pixels_per_step is not None:
+        sels = tuple(c.repriced(params={**c.params, "k": pixels_per_step}) if c.selector in REMOVAL_SELECTORS else c for c in sels)
+        knobs = dataclasses.replace(knobs, pixels_per_step=pixels_per_step)
+    if image_size is not None:
+        if not knobs.image_size:
+            raise ValueError("--image-size does not apply to this run: its data set has a fixed image size")
+        factor = knobs.image_size ** 2 / image_size ** 2  # fewer pixels, proportionally faster passes
+        sels = tuple(c.repriced(hw=(image_size, image_size), rate=c.rate * factor) for c in sels)
+        trains = tuple(t.repriced(rate=t.rate * factor) for t in trains)
+        knobs = dataclasses.replace(knobs, image_size=image_size)
+    if max_workers is not None:
+        sels = tuple(c.repriced(workers=max_workers) for c in sels)
+        knobs = dataclasses.replace(knobs, max_workers=max_workers)
+    if max_images is not None:
+        sels = tuple(c.repriced(n_images=min(c.n_images, max_images)) for c in sels)
+        trains = tuple(t.repriced(images=min(t.images, max_images)) for t in trains)
+        knobs = dataclasses.replace(knobs, max_images=max_images)
+    return CostPlan(sels, trains, knobs)
+
+
+STANDARD_PIXELS_PER_STEP = (16, 64, 256)
+FAST_SELECTOR = "bgsis"
+WORKER_FACTOR = 4
+PILOT_DIVISORS = (2, 10, 100, 1000)  # --max-images tried: a half, a tenth, ... of the images
+
+
+def alternatives_for(plan: CostPlan) -> list[tuple[str, CostPlan]]:
+    """The standard faster settings the plan's knobs allow, each priced by `reprice`, least drastic
+    first within a flag; a setting that cannot apply to the plan is left out.
+
+    Returns:
+        [(flag, plan)], e.g. ("--selector bgsis", ...), ("--pixels-per-step 16", ...),
+        ("--image-size 112", ...), ("--max-workers 16", ...), ("--max-images 1000", ...).
+    """
+    k = plan.knobs
+    tries: list[tuple[str, dict]] = []
+    if k.selectors and k.selectors != (FAST_SELECTOR,):
+        tries.append((f"--selector {FAST_SELECTOR}", {"selector": FAST_SELECTOR}))
+    if k.pixels_per_step is not None:
+        tries += [(f"--pixels-per-step {n}", {"pixels_per_step": n}) for n in STANDARD_PIXELS_PER_STEP if n > k.pixels_per_step]
+    if k.image_size:
+        for s in sorted({k.image_size // 2, 32}, reverse=True):
+            if max(1, k.min_image_size) <= s < k.image_size:
+                tries.append((f"--image-size {s}", {"image_size": s}))
+    if k.max_workers:
+        tries.append((f"--max-workers {WORKER_FACTOR * k.max_workers}", {"max_workers": WORKER_FACTOR * k.max_workers}))
+    if k.max_images:  # a pilot on fewer images (sis_imagenet.py)
+        n = k.max_images
+        tries += [(f"--max-images {m}", {"max_images": m}) for m in dict.fromkeys(n // d for d in PILOT_DIVISORS) if 0 < m < n]
+    out = []
+    for label, settings in tries:
+        try:
+            out.append((label, reprice(plan, **settings)))
+        except ValueError:
+            continue  # e.g. an occlusion window wider than the smaller image: not a choice to offer
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,12 +586,12 @@ def _flag(label: str) -> str:
     return label.split(" ", 1)[0]
 
 
-def check_budget(plan: CostPlan, max_hours: float, alternatives: Sequence[tuple[str, CostPlan]] = ()) -> None:
+def check_budget(plan: CostPlan, max_hours: float, alternatives: Optional[Sequence[tuple[str, CostPlan]]] = None) -> None:
     """Raise BudgetExceeded when the plan needs more than `max_hours`; 0 turns the guard off.
 
-    alternatives: (flag as the user would type it, e.g. "--pixels-per-step 64", its CostPlan), as
-        `alternatives_for` gives them, least drastic first. The message keeps those faster than
-        the plan and, per flag, the first that fits the budget, else that flag's fastest.
+    alternatives: (flag as the user would type it, e.g. "--pixels-per-step 64", its CostPlan), least
+        drastic first; None: `alternatives_for(plan)`. The message keeps those faster than the plan
+        and, per flag, the first that fits the budget, else that flag's fastest.
     """
     if isinstance(max_hours, bool) or not isinstance(max_hours, (int, float)) or not max_hours >= 0:
         raise ValueError(f"--max-hours must be a number >= 0 (0 turns the budget guard off), got {max_hours!r}")
@@ -505,7 +599,7 @@ def check_budget(plan: CostPlan, max_hours: float, alternatives: Sequence[tuple[
     if max_hours == 0 or plan.eta_seconds <= budget:
         return
     chosen: dict[str, tuple[str, CostPlan]] = {}
-    for label, alt in alternatives:
+    for label, alt in alternatives_for(plan) if alternatives is None else alternatives:
         if alt.eta_seconds >= plan.eta_seconds:
             continue
         flag = _flag(label)
@@ -515,46 +609,3 @@ def check_budget(plan: CostPlan, max_hours: float, alternatives: Sequence[tuple[
     tries = ", ".join(f"{label} (≈ {format_duration(alt.eta_seconds)})" for label, alt in chosen.values())
     raise BudgetExceeded(f"the plan needs ≈ {format_duration(plan.eta_seconds)} (> --max-hours {max_hours:g})"
                          + (f": try {tries}" if tries else "") + "; --max-hours 0 turns this guard off")
-
-
-STANDARD_PIXELS_PER_STEP = (16, 64, 256)
-FAST_SELECTOR = "bgsis"
-WORKER_FACTOR = 4
-PILOT_DIVISORS = (2, 10, 100, 1000)  # --max-images tried: a half, a tenth, ... of the images
-
-
-def alternatives_for(reestimate: Callable[[dict], Optional[CostPlan]], current: Mapping) -> list[tuple[str, CostPlan]]:
-    """The standard faster settings, each re-estimated, least drastic first within a flag.
-
-    Args:
-        reestimate: overrides -> the CostPlan of the run with them (None: not applicable). Keys:
-            "selector", "pixels_per_step", "image_size", "max_workers", "max_images" — the config / CLI
-            names.
-        current: the run's values of those keys; a key left out (e.g. image_size for a data set of
-            fixed size) is not tried.
-    Returns:
-        [(flag, plan)], e.g. ("--selector bgsis", ...), ("--pixels-per-step 16", ...),
-        ("--image-size 112", ...), ("--max-workers 16", ...), ("--max-images 1000", ...).
-    """
-    tries: list[tuple[str, dict]] = []
-    if "selector" in current and current["selector"] != FAST_SELECTOR:
-        tries.append((f"--selector {FAST_SELECTOR}", {"selector": FAST_SELECTOR}))
-    if "pixels_per_step" in current:
-        tries += [(f"--pixels-per-step {k}", {"pixels_per_step": k}) for k in STANDARD_PIXELS_PER_STEP if k > current["pixels_per_step"]]
-    if current.get("image_size"):
-        size = current["image_size"]
-        for s in sorted({size // 2, 32}, reverse=True):
-            if 0 < s < size:
-                tries.append((f"--image-size {s}", {"image_size": s}))
-    if current.get("max_workers"):
-        w = WORKER_FACTOR * current["max_workers"]
-        tries.append((f"--max-workers {w}", {"max_workers": w}))
-    if current.get("max_images"):  # a pilot on fewer images (sis_imagenet.py)
-        n = current["max_images"]
-        tries += [(f"--max-images {m}", {"max_images": m}) for m in dict.fromkeys(n // d for d in PILOT_DIVISORS) if 0 < m < n]
-    out = []
-    for label, overrides in tries:
-        plan = reestimate(overrides)
-        if plan is not None:
-            out.append((label, plan))
-    return out

@@ -2,14 +2,109 @@
 stated pass bound. In-process through the session's local Ray."""
 
 import os
+import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from overinterp.cli import main
 from overinterp.config import SMOKE_MAX_PASSES
+from overinterp.costplan import reprice
+from overinterp.pipeline.costing import knobs_of, plan_cost
+from overinterp.pipeline.resources import ResourcePlan
 
 pytestmark = pytest.mark.ray
+
+
+RESOURCES = ResourcePlan(use_gpu=False, select_workers=2, cpus_per_worker=1, gpus_per_worker=0, trial_concurrency=2, cpus_per_trial=1,
+                         gpus_per_trial=0, capacity="test")
+
+
+# The two helpers below are the only places that build configs and plans.
+
+
+def _small_plan(side=4, n_train=8, n_test=4, **changes):
+    """(cfg, plan) of `overinterp run` on 1×side×side images: digits_cnn, seeds 0 and 1, input dropout."""
+    from overinterp.config import RunConfig
+    from overinterp.pipeline.plan import make_plan
+
+    settings = dict(models=("digits_cnn",), seeds=(0, 1), input_dropout=0.2, out_dir="/tmp/x", selectors=("backselect",), fills=("mean",))
+    cfg = RunConfig(**{**settings, **changes}).resolved()
+    return cfg, make_plan(cfg, (1, side, side), {"train": n_train, "test": n_test}, 10)
+
+
+def _stream_plan(image_size, n_images, **changes):
+    """(cfg, plan) of a streamed run explaining a pretrained tv:resnet18 (10 classes)."""
+    from overinterp.config import RunConfig
+    from overinterp.pipeline.plan import make_plan
+
+    settings = dict(train="/t", val="/v", pretrained="tv:resnet18", selectors=("bgsis",), pixels_per_step=100, fraction=0.1, seeds=(0,),
+                    input_dropout=0.0, fills=("mean",), stream=True, out_dir="/tmp/y", image_size=image_size)
+    cfg = RunConfig(**{**settings, **changes}).resolved()
+    return cfg, make_plan(cfg, (3, image_size, image_size), n_images, 10)
+
+
+def test_plan_cost_of_a_small_plan():
+    _, plan = _small_plan()
+    cost = plan_cost(plan, forward_rates={"digits_cnn": 136.0}, train_rates=16.0, select_workers=1, trial_concurrency=2, epochs=2)
+    by_label = {c.label: c.eta_seconds for c in cost.selections}
+    # 136 passes per 4x4 image at 136 img/s: 1 s an image; the ensemble of 2 runs at half the rate; each job
+    # starts in JOB_START_S (10 s) and each wave of trials in TRIAL_START_S (1 s)
+    assert by_label == {"digits_cnn/plain backselect train": 18.0, "digits_cnn/plain backselect test": 14.0,
+                        "digits_cnn/ensemble backselect test": 18.0, "digits_cnn/input-dropout backselect test": 14.0}
+    # full: 4 trials (2 seeds, plain and input dropout) in 2 waves of 2 epochs × 8 images / 16 img/s;
+    # subsets: 6 trials (subset, positions, random per seed) in 3 waves
+    assert [(t.stage, t.trials, t.eta_seconds) for t in cost.trainings] == [("full-image", 4, 4.0), ("subsets", 6, 6.0)]
+    assert [(t.selections, t.per_selection) for t in cost.trainings] == [(0, 0), (1, 4)]
+    assert cost.eta_seconds == 64.0 + 10.0 and cost.forward_passes == (8 + 4 + 4 + 4) * 136
+    params = cost.as_params()
+    assert params["cost.eta_s"] == 74.0 and params["cost.select.digits_cnn.ensemble.backselect.test.eta_s"] == 18.0
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-/]+", k) and isinstance(v, (str, int, float)) for k, v in params.items())
+    with pytest.raises(ValueError, match="no forward rate for model 'digits_cnn'"):
+        plan_cost(plan, forward_rates={"resnet20": 1.0}, train_rates=1.0, select_workers=1, trial_concurrency=1, epochs=1)
+
+
+def _cost(plan, knobs=None, workers=2, scale=1.0):
+    return plan_cost(plan, forward_rates={"digits_cnn": 1000.0 * scale, "tv:resnet18": 500.0 * scale}, train_rates=100.0 * scale,
+                     select_workers=workers, trial_concurrency=2, epochs=2, select_batch=3, **({"knobs": knobs} if knobs else {}))
+
+
+def _same(a, b):
+    assert [c.label for c in a.selections] == [c.label for c in b.selections]
+    assert [(t.label, t.trials) for t in a.trainings] == [(t.label, t.trials) for t in b.trainings]
+    assert a.eta_seconds == pytest.approx(b.eta_seconds, rel=1e-12) and a.forward_passes == b.forward_passes
+
+
+def test_repricing_the_rows_equals_planning_the_run_again():
+    """The guard's alternatives come from the CostPlan alone; each equals the cost of the Plan the
+    pipeline would build with that setting (rates scaled by the pixels at another image size)."""
+    changes = dict(selectors=("backselect", "ig", "captum:Saliency"), pixels_per_step=2, exact_tail=0.5, fills=("mean", "road"))
+    cfg, plan = _small_plan(side=8, **changes)
+    cost = _cost(plan, knobs_of(cfg, plan, RESOURCES))
+    _same(reprice(cost, selector="bgsis"), _cost(_small_plan(side=8, **{**changes, "selectors": ("bgsis",)})[1]))
+    _same(reprice(cost, pixels_per_step=16), _cost(_small_plan(side=8, **{**changes, "pixels_per_step": 16})[1]))
+    _same(reprice(cost, max_workers=8), _cost(plan, workers=8))
+    cfg, plan = _small_plan(side=16, dataset="imagefolder", image_size=16)
+    _same(reprice(_cost(plan, knobs_of(cfg, plan, RESOURCES)), image_size=8), _cost(_small_plan(side=8)[1], scale=4.0))
+    opts = dict(max_images=9, pixels_per_step=4, exact_tail=0.05)
+    stream, plan = _stream_plan(32, {"train": 9, "test": 7}, **opts)
+    cost = _cost(plan, knobs_of(stream, plan, RESOURCES))
+    _same(reprice(cost, max_images=4), _cost(_stream_plan(32, {"train": 4, "test": 4}, **opts)[1]))
+    _same(reprice(cost, image_size=16), _cost(_stream_plan(16, {"train": 9, "test": 7}, **opts)[1], scale=4.0))
+
+
+def test_knobs_offer_what_the_run_can_change():
+    cfg, plan = _small_plan()
+    k = knobs_of(cfg, plan, RESOURCES)
+    assert (k.selectors, k.pixels_per_step, k.image_size, k.max_workers, k.max_images) == (("backselect",), 1, None, 2, None)
+    cfg, plan = _small_plan(selectors=("backselect", "ig"), selector_options={"ig": {"n_steps": 8}})
+    assert knobs_of(cfg, plan, RESOURCES).selectors == ()  # --selector bgsis would leave --selector-options naming ig
+    cfg, plan = _small_plan(side=16, dataset="imagefolder", image_size=16)
+    assert (knobs_of(cfg, plan, RESOURCES).image_size, knobs_of(cfg, plan, RESOURCES).min_image_size) == (16, 8)
+    stream, plan = _stream_plan(32, {"train": 5, "test": 9})
+    k = knobs_of(stream, plan, RESOURCES)
+    assert (k.selectors, k.pixels_per_step, k.image_size, k.min_image_size, k.max_images) == (("bgsis",), 100, 32, 8, 9)
 
 
 def _no_work(out):

@@ -2,7 +2,6 @@
 
 import math
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from overinterp.costplan import (
     BACKWARD_COST,
     BudgetExceeded,
     CostPlan,
+    Knobs,
     alternatives_for,
     calibrate_forward_rate,
     calibrate_train_rate,
@@ -19,7 +19,7 @@ from overinterp.costplan import (
     estimate_selection,
     estimate_training,
     format_duration,
-    plan_cost,
+    reprice,
 )
 
 HOUR = 3600.0
@@ -80,35 +80,6 @@ def test_bad_estimates():
         estimate_training("m", "subsets", trials=1, epochs=0, images=1, rate=1)
 
 
-def _small_plan():
-    from overinterp.pipeline.plan import plan_small
-
-    from overinterp.config import RunConfig
-
-    cfg = RunConfig(models=("digits_cnn",), seeds=(0, 1), input_dropout=0.2, out_dir="/tmp/x", selectors=("backselect",), fills=("mean",))
-    data = SimpleNamespace(shape=(1, 4, 4), labels={"train": [0] * 8, "test": [0] * 4}, num_classes=10)
-    return plan_small(cfg, data)
-
-
-def test_plan_cost_of_a_small_plan():
-    plan = _small_plan()
-    cost = plan_cost(plan, forward_rates={"digits_cnn": 136.0}, train_rates=16.0, select_workers=1, trial_concurrency=2, epochs=2)
-    by_label = {c.label: c.eta_seconds for c in cost.selections}
-    # 136 passes per 4x4 image at 136 img/s: 1 s an image; the ensemble of 2 runs at half the rate; each job
-    # starts in JOB_START_S (10 s) and each wave of trials in TRIAL_START_S (1 s)
-    assert by_label == {"digits_cnn/plain backselect train": 18.0, "digits_cnn/plain backselect test": 14.0,
-                        "digits_cnn/ensemble backselect test": 18.0, "digits_cnn/input-dropout backselect test": 14.0}
-    # full: 4 trials (2 seeds, plain and input dropout) in 2 waves of 2 epochs × 8 images / 16 img/s;
-    # subsets: 6 trials (subset, positions, random per seed) in 3 waves
-    assert [(t.stage, t.trials, t.eta_seconds) for t in cost.trainings] == [("full-image", 4, 4.0), ("subsets", 6, 6.0)]
-    assert cost.eta_seconds == 64.0 + 10.0 and cost.forward_passes == (8 + 4 + 4 + 4) * 136
-    params = cost.as_params()
-    assert params["cost.eta_s"] == 74.0 and params["cost.select.digits_cnn.ensemble.backselect.test.eta_s"] == 18.0
-    assert all(re.fullmatch(r"[A-Za-z0-9_.\-/]+", k) and isinstance(v, (str, int, float)) for k, v in params.items())
-    with pytest.raises(ValueError, match="no forward rate for model 'digits_cnn'"):
-        plan_cost(plan, forward_rates={"resnet20": 1.0}, train_rates=1.0, select_workers=1, trial_concurrency=1, epochs=1)
-
-
 @pytest.mark.parametrize("seconds, text", [
     (0, "< 1 s"), (0.4, "< 1 s"), (42, "42 s"), (59.6, "1 min"), (72, "1 min 12 s"), (120, "2 min"), (313.4, "5 min 13 s"),
     (5 * HOUR, "5 h"), (5 * HOUR + 180, "5 h 3 min"), (19 * HOUR, "19 h"), (3.5 * 24 * HOUR, "3.5 days"),
@@ -159,48 +130,93 @@ def test_budget_guard_passes():
         check_budget(_plan_of(1), -1)
 
 
-def test_alternatives_for_tries_the_standard_settings():
-    asked = []
+def _row(selector="backselect", k=1, variant="plain", split="test", side=8, n=10, rate=100.0, workers=1, **kw):
+    params = {"k": k} if selector in ("backselect", "bgsis") else {}
+    return estimate_selection("m", variant, selector, split, params=params, n_images=n, hw=(side, side), rate=rate, workers=workers,
+                              **kw)
 
-    def reestimate(overrides):
-        asked.append(overrides)
-        return None if overrides == {"pixels_per_step": 256} else _plan_of(len(asked))
 
-    current = {"selector": "backselect", "pixels_per_step": 16, "image_size": 224, "max_workers": 4}
-    labels = [label for label, _ in alternatives_for(reestimate, current)]
-    assert labels == ["--selector bgsis", "--pixels-per-step 64", "--image-size 112", "--image-size 32", "--max-workers 16"]
-    assert {"pixels_per_step": 256} in asked  # asked, not applicable, skipped
-    # a fixed-size data set on bgsis at k = 256 with no --max-workers: nothing to try
-    assert alternatives_for(reestimate, {"selector": "bgsis", "pixels_per_step": 256, "image_size": None}) == []
-    assert [l for l, _ in alternatives_for(reestimate, {"image_size": 48})] == ["--image-size 32", "--image-size 24"]
+def test_alternatives_follow_the_knobs():
+    plan = CostPlan((_row(),), knobs=Knobs(selectors=("backselect",), pixels_per_step=16, image_size=224, min_image_size=8, max_workers=4))
+    assert [label for label, _ in alternatives_for(plan)] == ["--selector bgsis", "--pixels-per-step 64", "--pixels-per-step 256",
+                                                              "--image-size 112", "--image-size 32", "--max-workers 16"]
+    # nothing applies: bgsis alone at k = 256, a fixed image size, no knobs given
+    assert alternatives_for(CostPlan((_row("bgsis", 256),), knobs=Knobs(selectors=("bgsis",), pixels_per_step=256))) == []
+    assert alternatives_for(CostPlan((_row(),))) == []
+    sizes = lambda side, least: [l for l, _ in alternatives_for(CostPlan((_row(side=side),), knobs=Knobs(image_size=side, min_image_size=least)))]
+    assert sizes(48, 1) == ["--image-size 32", "--image-size 24"]
+    assert sizes(16, 16) == [] and sizes(16, 8) == ["--image-size 8"]  # never below what the config accepts
     # sis_imagenet.py's pilot: a half, a tenth, ... of the images, never 0 nor all of them
-    assert [l for l, _ in alternatives_for(reestimate, {"max_images": 1281})] == ["--max-images 640", "--max-images 128", "--max-images 12",
-                                                                                  "--max-images 1"]
-    assert [l for l, _ in alternatives_for(reestimate, {"max_images": 3})] == ["--max-images 1"]
+    pilots = lambda n: [l for l, _ in alternatives_for(CostPlan((_row(n=n),), knobs=Knobs(max_images=n)))]
+    assert pilots(1281) == ["--max-images 640", "--max-images 128", "--max-images 12", "--max-images 1"]
+    assert pilots(3) == ["--max-images 1"]
+
+
+def test_reprice_pixels_per_step_changes_the_removal_selectors_only():
+    plan = CostPlan((_row("backselect", 1), _row("ig")), knobs=Knobs(pixels_per_step=1))
+    bs, ig = reprice(plan, pixels_per_step=4).selections
+    # 8x8 at k = 4: 16 steps over 64, 60, ..., 4 remaining = 544 candidates + 16 re-scores
+    assert (bs.params, bs.tag, bs.forward_per_image) == ({"k": 4}, "backselect-k4", 544 + 16)
+    assert ig == plan.selections[1] and reprice(plan, pixels_per_step=4).knobs.pixels_per_step == 4
+
+
+def test_reprice_selector_runs_it_once_per_model_variant_and_split():
+    rows = (_row("backselect", variant="plain", split="train"), _row("backselect", variant="plain"),
+            _row("backselect", variant="ensemble"), _row("ig", variant="plain", split="train"), _row("ig", variant="plain"))
+    # subsets stage: 2 seeds × 3 selections (backselect, ig and a captum class without a row) × (2 fills + positions)
+    # = 18 trials, plus 2 seeds × 2 fills on the random baseline
+    train = estimate_training("m", "subsets", trials=22, epochs=1, images=10, rate=10.0, concurrency=2, selections=3, per_selection=6)
+    full = estimate_training("m", "full-image", trials=2, epochs=1, images=10, rate=10.0, concurrency=2)
+    plan = CostPlan(rows, (full, train), Knobs(selectors=("backselect", "ig", "captum:Saliency"), pixels_per_step=16, exact_tail=0.5))
+    alt = reprice(plan, selector="bgsis")
+    assert [(c.variant, c.split, c.tag) for c in alt.selections] == [("plain", "train", "bgsis-k16-tail0.5"), ("plain", "test", "bgsis-k16-tail0.5"),
+                                                                      ("ensemble", "test", "bgsis-k16-tail0.5")]
+    assert alt.selections[0].params == {"k": 16, "tail": 0.5}
+    assert [(t.trials, t.selections) for t in alt.trainings] == [(2, 0), (22 - 2 * 6, 1)]
+    assert alt.trainings[1].eta_seconds == 5 * 1.0  # 10 trials, 2 at once: 5 waves of 10 images at 10 img/s
+    assert alt.knobs.selectors == ("bgsis",) and alternatives_for(alt)[0][0] != "--selector bgsis"
+
+
+def test_reprice_image_size_scales_the_rates_by_the_pixels():
+    train = estimate_training("m", "subsets", trials=1, epochs=1, images=100, rate=10.0)
+    plan = CostPlan((_row(side=64, rate=100.0),), (train,), Knobs(image_size=64))
+    alt = reprice(plan, image_size=32)
+    (sel,), (t,) = alt.selections, alt.trainings
+    assert sel.size == (32, 32) and sel.rate == 400.0 and t.rate == 40.0 and t.eta_seconds == 2.5
+    assert sel.forward_per_image == 1024 * 1025 // 2 and alt.knobs.image_size == 32
+    with pytest.raises(ValueError, match="fixed image size"):
+        reprice(CostPlan((_row(),)), image_size=4)
+    # a setting that cannot apply is not offered: an occlusion window of 5 does not fit 4 px images
+    occ = estimate_selection("m", "plain", "occlusion", "test", params={"window": 5}, n_images=1, hw=(8, 8), rate=1.0)
+    assert [l for l, _ in alternatives_for(CostPlan((occ,), knobs=Knobs(image_size=8)))] == []
+
+
+def test_reprice_workers_and_images():
+    train = estimate_training("m", "subsets", trials=1, epochs=1, images=100, rate=10.0)
+    plan = CostPlan((_row(n=100, select_batch=10, workers=2),), (train,), Knobs(max_workers=2, max_images=100))
+    assert plan.selections[0].workers == 2
+    more = reprice(plan, max_workers=8).selections[0]
+    assert (more.workers, more.max_workers) == (8, 8) and more.eta_seconds == 20 * 2080 / 100  # 2 batches of 10 on the busiest
+    pilot = reprice(plan, max_images=10)
+    assert pilot.selections[0].n_images == 10 and pilot.selections[0].workers == 1 and pilot.trainings[0].images == 10
 
 
 def test_the_guard_on_real_estimates():
-    """alternatives_for + check_budget on estimates of exact BS over 64x64 images."""
-
-    def reestimate(o):
-        side = o.get("image_size", 64)
-        sel = estimate_selection("m", "plain", o.get("selector", "backselect"), "test", params={"k": o.get("pixels_per_step", 1)},
-                                 n_images=1000, hw=side * side, rate=1000.0, workers=o.get("max_workers", 1))
-        return CostPlan((sel,))
-
-    current = {"selector": "backselect", "pixels_per_step": 1, "image_size": 64, "max_workers": 1}
-    plan = reestimate({})
+    """check_budget lists the alternatives it prices itself: exact BS over 64x64 images."""
+    plan = CostPlan((estimate_selection("m", "plain", "backselect", "test", params={"k": 1}, n_images=1000, hw=(64, 64), rate=1000.0),),
+                    knobs=Knobs(selectors=("backselect",), pixels_per_step=1, image_size=64, max_workers=1))
     assert plan.eta_seconds == 4096 * 4097 // 2  # 1,000 images at 1,000 img/s: 97 days
-    alts = dict(alternatives_for(reestimate, current))
+    alts = dict(alternatives_for(plan))
     with pytest.raises(BudgetExceeded) as e:
-        check_budget(plan, 24, list(alts.items()))
+        check_budget(plan, 24)
     msg = str(e.value)
     assert msg.startswith(f"the plan needs ≈ {format_duration(plan.eta_seconds)} (> --max-hours 24): try --selector bgsis (≈ ")
     for label in ("--selector bgsis", "--pixels-per-step 256", "--image-size 32", "--max-workers 4"):
         assert f"{label} (≈ {format_duration(alts[label].eta_seconds)})" in msg
-    # k = 16 (6.1 days) and 64 (37 h) do not fit, 256 does (9 h 41 min); 32 px still needs 6.1 days
+    # k = 16 (6.1 days) and 64 (37 h) do not fit, 256 does (9 h 41 min); 32 px: 524,800 passes at 4,000 img/s
     assert "--pixels-per-step 16 " not in msg and "--pixels-per-step 64 " not in msg
-    assert "--pixels-per-step 256 (≈ 9 h 41 min)" in msg and "--image-size 32 (≈ 6.1 days)" in msg
+    assert "--pixels-per-step 256 (≈ 9 h 41 min)" in msg and "--image-size 32 (≈ 36 h)" in msg
+    assert alts["--image-size 32"].eta_seconds == 1000 * (1024 * 1025 // 2) / 4000
 
 
 def _tiny():

@@ -1,25 +1,34 @@
-"""The cost of a run before it starts: forward passes per selection job, an ETA from a short
-calibration on the device selection will use, the budget guard, and progress against the plan.
+"""The cost of a run before it starts: its Plan and resources turned into the rows of a CostPlan,
+priced at rates measured on the device selection will use, then the budget guard.
 
-The arithmetic lives in overinterp/costplan.py (passes: overinterp/selection/cost.py); this module
-measures the rates and ties the plan to the run's config and resources.
+The arithmetic, the guard and its faster alternatives live in overinterp/costplan.py (passes:
+overinterp/selection/cost.py); this module measures the rates and ties the rows to the run's Plan,
+config and resources: which settings (costplan.Knobs) the guard may offer for this run.
 
 Rates. A GPU run's rates come from a Ray task holding what one selection actor holds (the driver
-has no GPU on a cluster); a CPU run measures in the driver with the threads a worker gets. The rate
-at another --image-size (for the guard's alternatives) is scaled by the pixel count — forward cost
-grows about linearly with it for convolutional nets — rather than measured again.
+has no GPU on a cluster); a CPU run measures in the driver with the threads a worker gets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Mapping, Optional, Union
 
 import torch
 
-from overinterp.costplan import BudgetExceeded, CostPlan, alternatives_for, calibrate_forward_rate, calibrate_train_rate, check_budget, plan_cost
-from overinterp.pipeline.plan import Plan, make_plan
+from overinterp.costplan import (
+    JOB_START_S,
+    TRIAL_START_S,
+    BudgetExceeded,
+    CostPlan,
+    Knobs,
+    calibrate_forward_rate,
+    calibrate_train_rate,
+    check_budget,
+    estimate_selection,
+    estimate_training,
+)
+from overinterp.pipeline.plan import Plan
 from overinterp.pipeline.resources import ResourcePlan
 from overinterp.selection import SELECTORS, is_model_selector
 
@@ -82,72 +91,113 @@ def costable(plan: Plan) -> tuple[Plan, list[str]]:
     return dataclasses.replace(plan, selections=keep), notes
 
 
-def cost_of(plan: Plan, rates: dict, resources: ResourcePlan, epochs: int, select_batch: int,
-            select_workers: Optional[int] = None, trial_concurrency: Optional[int] = None) -> CostPlan:
+Rates = Union[float, Mapping[str, float]]  # one rate for every model, or one per model name
+
+
+def _rate_of(rates: Rates, name: str, what: str) -> float:
+    if isinstance(rates, Mapping):
+        if name not in rates:
+            raise ValueError(f"no {what} rate for model {name!r}: give one of {', '.join(map(repr, rates)) or 'none given'} for it")
+        return rates[name]
+    return rates
+
+
+def plan_cost(
+    plan: Plan,
+    *,
+    forward_rates: Rates,
+    train_rates: Rates,
+    select_workers: int,
+    trial_concurrency: int,
+    epochs: int,
+    select_batch: Optional[int] = None,
+    knobs: Knobs = Knobs(),
+) -> CostPlan:
+    """The cost of a run's Plan: one row per selection job with a pass formula, one per
+    architecture and training stage.
+
+    Args:
+        forward_rates: one worker's forward images/s, per architecture name (a Plan's models, or a
+            pretrained source's model name such as "tv:resnet50"), or one number for all. An
+            ensemble of n checkpoints runs n forward passes per image: its rate is the member's / n.
+        train_rates: one trial's training images/s, per architecture name, or one number.
+        select_workers / trial_concurrency: ResourcePlan.select_workers / .trial_concurrency
+            (streamed runs: ResourcePlan.streamed_trial_concurrency(workers_per_trial)).
+        epochs: training epochs per trial; select_batch: images per selection call.
+        knobs: the settings the budget guard may change for this run (`knobs_of`).
+    """
     plan, _ = costable(plan)
-    return plan_cost(plan, forward_rates={m: r[0] for m, r in rates.items()}, train_rates={m: r[1] for m, r in rates.items()},
-                     select_workers=select_workers or resources.select_workers,
-                     trial_concurrency=trial_concurrency or resources.trial_concurrency, epochs=epochs, select_batch=select_batch)
+    selections = []
+    by_tag = {s.tag: (arch, s) for arch, variants in plan.sources.items() for s in variants.values()}
+    for job in plan.selections:
+        arch, source = by_tag.get(job.source.tag, (None, job.source))
+        name = source.model["name"] if source.model else arch
+        rate = _rate_of(forward_rates, name, "forward") / max(1, len(source.checkpoints))
+        selections.append(estimate_selection(name, source.variant, job.selector, job.split, params=job.params,
+                                             n_images=plan.n_images[job.split], hw=tuple(plan.shape[1:]), rate=rate,
+                                             workers=select_workers, select_batch=select_batch, tag=job.tag,
+                                             start_s=JOB_START_S))
+    trainings = []
+    for stage, specs in (("full-image", plan.full_trials), ("subsets", plan.subset_trials)):
+        for arch in dict.fromkeys(t.model for t in specs):  # architectures in plan order
+            mine = [t for t in specs if t.model == arch]
+            on_selections = [t.subset for t in mine if t.subset and t.subset != plan.random_key]
+            per_key = {k: on_selections.count(k) for k in on_selections}  # trials on each stored selection
+            trainings.append(estimate_training(arch, stage, trials=len(mine), epochs=epochs, images=plan.n_images["train"],
+                                               rate=_rate_of(train_rates, arch, "training"), concurrency=trial_concurrency,
+                                               start_s=TRIAL_START_S, selections=len(per_key),
+                                               per_selection=max(per_key.values(), default=0)))
+    return CostPlan(tuple(selections), tuple(trainings), knobs)
 
 
-def replan_small(cfg, plan: Plan, shape: tuple, n_images: dict) -> Plan:
-    """`overinterp run`'s plan with other settings, images of `shape` and `n_images` per split."""
-    return make_plan(cfg, shape, n_images, plan.num_classes)
+def _accepts(cfg, **changes) -> bool:
+    try:
+        dataclasses.replace(cfg, **changes)
+    except ValueError:  # ConfigError: the config's own checks
+        return False
+    return True
 
 
-def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = True, *, replan: Callable = replan_small,
+def knobs_of(cfg, plan: Plan, resources: ResourcePlan) -> Knobs:
+    """The settings the budget guard may offer this run: --selector on `overinterp run` (unless
+    --selector-options names a selector it would drop), --pixels-per-step and --max-workers on
+    every run, --image-size on folders and streamed runs, --max-images on streamed runs."""
+    selectors = tuple(cfg.selectors)
+    sized = plan.streamed or cfg.dataset in ("imagefolder", "parquet")
+    side = plan.shape[1]
+    return Knobs(
+        selectors=selectors if selectors and _accepts(cfg, selectors=("bgsis",)) else (),
+        pixels_per_step=cfg.pixels_per_step, exact_tail=cfg.exact_tail,
+        image_size=side if sized else None,
+        min_image_size=next((s for s in range(1, side) if _accepts(cfg, image_size=s)), side) if sized else 1,
+        max_workers=resources.select_workers,
+        max_images=max(plan.n_images.values()) if plan.streamed else None,
+    )
+
+
+def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = True, *,
                    trial_concurrency: Optional[int] = None) -> tuple[CostPlan, list[str]]:
     """Measure, cost the run, and refuse it (BudgetExceeded, one line with faster choices and their
     ETAs) when its ETA is over --max-hours. Returns the cost plan and notes to print; with
     enforce=False (--dry-run) the refusal becomes the last note instead.
 
-    cfg: a resolved RunConfig (epochs, batch_size, select_batch, pixels_per_step,
-        max_hours; selectors for RunConfig).
-    replan: (cfg with the alternative's settings, this plan, shape, n_images) -> its Plan.
+    cfg: a resolved RunConfig or ImageNetConfig (epochs, batch_size, select_batch, pixels_per_step,
+        exact_tail, max_hours; selectors for RunConfig).
     trial_concurrency: trials at once (default resources.trial_concurrency; streamed runs:
         resources.streamed_trial_concurrency(workers_per_trial)).
     """
     rates = measure_rates(plan, resources, cfg.batch_size)
-    cost = cost_of(plan, rates, resources, cfg.epochs, cfg.select_batch, trial_concurrency=trial_concurrency)
+    cost = plan_cost(plan, forward_rates={m: r[0] for m, r in rates.items()}, train_rates={m: r[1] for m, r in rates.items()},
+                     select_workers=resources.select_workers, trial_concurrency=trial_concurrency or resources.trial_concurrency,
+                     epochs=cfg.epochs, select_batch=cfg.select_batch, knobs=knobs_of(cfg, plan, resources))
     _, notes = costable(plan)
-    if cfg.max_hours and cost.eta_seconds > cfg.max_hours * 3600:
-        def reestimate(overrides: dict) -> Optional[CostPlan]:
-            changes, scaled, workers, n_images = {}, rates, None, plan.n_images
-            if "selector" in overrides:
-                changes["selectors"] = (overrides["selector"],)
-            if "pixels_per_step" in overrides:
-                changes["pixels_per_step"] = overrides["pixels_per_step"]
-            shape = plan.shape
-            if "image_size" in overrides:
-                s = overrides["image_size"]
-                shape = (plan.shape[0], s, s)
-                factor = plan.hw / (s * s)
-                scaled = {m: (f * factor, t * factor) for m, (f, t) in rates.items()}
-            if "max_workers" in overrides:
-                workers = overrides["max_workers"]
-            if "max_images" in overrides:
-                n_images = {s: min(n, overrides["max_images"]) for s, n in plan.n_images.items()}
-            try:
-                new_cfg = dataclasses.replace(cfg, **changes)
-            except ValueError:
-                return None
-            return cost_of(replan(new_cfg, plan, shape, n_images), scaled, resources, cfg.epochs, cfg.select_batch, workers,
-                           trial_concurrency)
-
-        current = {"pixels_per_step": cfg.pixels_per_step, "max_workers": resources.select_workers}
-        if hasattr(cfg, "selectors"):
-            current["selector"] = cfg.selectors[0] if len(cfg.selectors) == 1 else "several"
-        if plan.streamed or getattr(cfg, "dataset", None) in ("imagefolder", "parquet"):
-            current["image_size"] = plan.shape[1]
-        if plan.streamed:
-            current["max_images"] = max(plan.n_images.values())
-        try:
-            check_budget(cost, cfg.max_hours, alternatives_for(reestimate, current))
-        except BudgetExceeded as e:
-            if enforce:
-                raise
-            notes.append(f"a real run would stop here: {e}")
+    try:
+        check_budget(cost, cfg.max_hours)
+    except BudgetExceeded as e:
+        if enforce:
+            raise
+        notes.append(f"a real run would stop here: {e}")
     return cost, notes
 
 
-__all__ = ["BudgetExceeded", "plan_and_guard", "measure_rates", "cost_of", "calibration_batch"]
+__all__ = ["BudgetExceeded", "plan_and_guard", "plan_cost", "knobs_of", "measure_rates", "calibration_batch"]
