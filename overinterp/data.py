@@ -405,18 +405,29 @@ def load_imagefolder(root: str | None = None, download: bool = False, image_size
         raise DataError("imagefolder needs --data-root DIR with train/<class>/ and val/<class>/ sub-folders")
     if download:
         raise DataError("imagefolder cannot be downloaded: drop --download and point --data-root at a local folder")
-    size = image_size or 224
     base = Path(root)
     test_dir = "val" if (base / "val").is_dir() else "test"
     layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image>"
     for d in ("train", test_dir):
         if not (base / d).is_dir():
             raise DataError(f"--data-root {root} has no {d}/ folder: {layout}")
-    classes = tuple(_class_folders(base / "train"))
+    return load_imagefolder_splits(str(base / "train"), str(base / test_dir), image_size, strict)
+
+
+def load_imagefolder_splits(train: str, val: str, image_size: int | None = None, strict: bool = False) -> ImageDataset:
+    """Two ImageFolder splits, <train>/<class>/<image> and <val>/<class>/<image>, held in memory
+    (`load_imagefolder` for the rules); paths in messages and `skipped` are relative to their parent."""
+    size = image_size or 224
+    split_dirs = {"train": Path(train), "test": Path(val)}
+    base = Path(os.path.commonpath([train, val]))
+    root = str(base)
+    layout = f"expected {train}/<class>/<image> and {val}/<class>/<image>"
+    classes = tuple(_class_folders(split_dirs["train"]))
     if not classes:
-        raise DataError(f"{root}/train has no class sub-folders: {layout}")
+        raise DataError(f"{train} has no class sub-folders: {layout}")
     files: dict[str, list[tuple[int, Path]]] = {}
-    for split, d in (("train", "train"), ("test", test_dir)):
+    dirs = [(split, d.relative_to(base).as_posix()) for split, d in split_dirs.items()]
+    for split, d in dirs:
         present = _class_folders(base / d)
         for cls in present:
             if cls not in classes:
@@ -431,7 +442,7 @@ def load_imagefolder(root: str | None = None, download: bool = False, image_size
             raise DataError(f"no images under {root}/{d}/: {layout}")
 
     images, labels, skipped = {}, {}, []
-    for split, d in (("train", "train"), ("test", test_dir)):
+    for split, d in dirs:
         imgs, labs = [], []
         for label, f in files[split]:
             try:

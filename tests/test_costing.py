@@ -3,7 +3,6 @@ stated pass bound. In-process through the session's local Ray."""
 
 import os
 import re
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

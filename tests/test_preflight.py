@@ -61,3 +61,17 @@ def test_settings_are_recorded_and_other_settings_refused(tmp_path):
     assert json.load(open(tmp_path / "config.json"))["fraction"] == 0.05
     with pytest.raises(ConfigError, match=r"other settings \(fraction\)"):  # preflight says so before any work
         preflight(RunConfig(out_dir=str(tmp_path), fraction=0.1))
+
+
+def test_the_backend_is_chosen_by_size():
+    from overinterp.pipeline.driver import IN_MEMORY_SHARE, choose_backend
+
+    folder = RunConfig(dataset="imagefolder", data_root="photos").resolved()
+    fits = int(1e9 * IN_MEMORY_SHARE) // (3 * 224 * 224)
+    assert choose_backend(folder, fits, 224, memory=10**9)[0] is False
+    stream, why = choose_backend(folder, fits + 1, 224, memory=10**9)
+    assert stream is True and "exceeds" in why and "--no-stream overrides" in why
+    assert choose_backend(RunConfig().resolved(), None, 8) == (False, "digits is held in memory")
+    assert choose_backend(RunConfig(train="t", val="v").resolved(), None, 224)[0] is True
+    assert choose_backend(RunConfig(dataset="imagefolder", data_root="photos", stream=True).resolved(), 10, 224)[0] is True
+    assert choose_backend(RunConfig(train="t", val="v", stream=False).resolved(), 10, 224)[0] is False

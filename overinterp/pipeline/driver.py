@@ -138,7 +138,7 @@ def choose_backend(cfg: RunConfig, n_images: Optional[int], side: int, memory: O
         return False, f"{cfg.dataset} is held in memory"
     size = "" if n_images is None else f"{n_images:,} images of 3×{side}×{side} = {n_images * 3 * side * side / 2**20:,.0f} MiB as uint8"
     if cfg.stream is not None:
-        return cfg.stream, f"{'streamed' if cfg.stream else 'in memory'}, as --{'' if cfg.stream else 'no-'}stream asks ({size})"
+        return cfg.stream, f"{'streamed' if cfg.stream else 'in memory'}, as --{'' if cfg.stream else 'no-'}stream asks"
     if cfg.dataset == "parquet" or cfg.data_root is None or fs.is_uri(cfg.data_root):
         return True, f"streamed through Ray Data (a {'Parquet' if cfg.dataset == 'parquet' else '--train/--val'} source{'; ' + size if size else ''})"
     budget = (memory or machine_memory()) * IN_MEMORY_SHARE
@@ -167,7 +167,7 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
         n_images = sum(count_folder(p) for p in (cfg.train, cfg.val))
     stream, why = choose_backend(cfg, n_images, side)
     cfg = dataclasses.replace(cfg, stream=stream)
-    log(f"source: {cfg.train or cfg.data_root or cfg.dataset}: {why}")
+    log(f"source: {cfg.dataset} {cfg.data_root or cfg.train or ''}".rstrip() + f": {why}")
     if stream:
         from overinterp.pipeline.stream import StreamSource
 

@@ -24,7 +24,7 @@ import torch
 
 from overinterp import fs, store
 from overinterp.config import SMOKE_SIZES, RunConfig
-from overinterp.data import ImageDataset, load_dataset, normalize
+from overinterp.data import ImageDataset, load_dataset, load_imagefolder_splits, normalize
 from overinterp.pipeline.analysis import TestImages
 from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan
@@ -37,7 +37,11 @@ from overinterp.training import TrainConfig
 
 
 def load_data(cfg: RunConfig) -> ImageDataset:
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size, strict=cfg.strict)
+    """The data set in memory: by name, or the --train/--val ImageFolder splits."""
+    if cfg.data_root is None and cfg.train is not None:
+        data = load_imagefolder_splits(cfg.train, cfg.val, cfg.image_size, strict=cfg.strict)
+    else:
+        data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size, strict=cfg.strict)
     return data.subsample(*SMOKE_SIZES) if cfg.smoke else data
 
 
