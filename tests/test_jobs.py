@@ -119,7 +119,7 @@ def test_imagenet_ddp_two_workers_evaluate_every_val_image_and_log_each_epoch(ra
     [
         ([], "--train and --val are required"),
         (["--train", "/no/such", "--val", "/no/such"], "--train /no/such does not exist"),
-        (["--train", ".", "--val", ".", "--model", "resnet20"], "small-image model"),
+        (["--train", ".", "--val", ".", "--model", "resnet20"], "--pretrained resnet20 is not a torchvision model"),
         (["--train", ".", "--val", ".", "--fraction", "0"], "--fraction must be in (0, 1]"),
         (["--train", ".", "--val", ".", "--weights", "missing/w.pt"], "is not a file"),
         (["--train", ".", "--val", ".", "--max-hours", "-1"], "--max-hours must be >= 0 (0 turns the budget guard off)"),
@@ -157,5 +157,5 @@ def test_imagenet_smoke_settings_yield_to_flags_given(tmp_path):
     parser = sis_imagenet.build_parser()
     smoke = sis_imagenet.config_fields(parser, parser.parse_args(["--smoke-test"]))
     given = sis_imagenet.config_fields(parser, parser.parse_args(["--smoke-test", "--epochs", "4", "--out", str(tmp_path)]))
-    assert smoke["epochs"] == 1 and smoke["model"] == "tv:resnet18"
-    assert given["epochs"] == 4 and given["out_dir"] == str(tmp_path) and given["model"] == "tv:resnet18"
+    assert smoke["epochs"] == 1 and smoke["pretrained"] == "tv:resnet18"
+    assert given["epochs"] == 4 and given["out_dir"] == str(tmp_path) and given["pretrained"] == "tv:resnet18"
