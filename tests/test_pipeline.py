@@ -169,12 +169,13 @@ def test_full_image_models_are_logged_with_their_signature(smoke_run):
 
 
 def test_the_summary_reads_each_stored_selection_once(smoke_run, monkeypatch, tmp_path):
-    """summarize and reports (SIS sizes, the selector table, the gallery, the plots) read each test
-    selection they use once between them, and give the run's summary again."""
+    """The analysis (SIS sizes, the selector table, the gallery, the plots) reads each test
+    selection it uses once, and gives the run's summary again."""
     from collections import Counter
 
-    from overinterp.pipeline import memory as run
+    from overinterp.pipeline import analysis
     from overinterp.pipeline.driver import prepare
+    from overinterp.pipeline.memory import InMemoryBackend
     from overinterp.pipeline.trial import load_result
 
     cfg, out, summary = smoke_run
@@ -184,10 +185,11 @@ def test_the_summary_reads_each_stored_selection_once(smoke_run, monkeypatch, tm
     reads, real = Counter(), store.read_selections
     monkeypatch.setattr(store, "read_selections", lambda root, model, sel, split, *a, **kw: (
         reads.update([(model, sel, split)]), real(root, model, sel, split, *a, **kw))[1])
-    monkeypatch.setattr(run, "copy_out", lambda paths, out_dir: None)  # the run's own gallery and plots stay as they are
-    backend = run.InMemoryBackend(rcfg, plan, data, resources)
-    again = backend.summarize(full, subsets, {})
-    backend.reports(again, str(tmp_path))
+    monkeypatch.setattr(analysis, "copy_out", lambda paths, out_dir: None)  # the run's own gallery and plots stay as they are
+    backend = InMemoryBackend(rcfg, plan, data, resources)
+    study = analysis.Analysis(rcfg, plan, backend.test_images())
+    again = study.summary(full, subsets, backend.baseline(), backend.skipped_images())
+    study.reports(again, str(tmp_path))
     sources = plan.sources["digits_cnn"]
     expected = ({(sources["plain"].tag, t, "test") for t in summary["selectors"]}
                 | {(s.tag, plan.primary, "test") for s in sources.values()} | {("none", plan.random_tag, "test")})
