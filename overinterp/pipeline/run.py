@@ -32,7 +32,7 @@ from overinterp.pipeline.resources import ResourcePlan, discover_capacity, ensur
 from overinterp.pipeline.select_stage import select_in_memory, write_random
 from overinterp.pipeline.trial import TrialSpec
 from overinterp.pipeline.tune_stage import run_trials
-from overinterp.report import save_gallery, sis_stats
+from overinterp.report import plot_accuracy_by_condition, plot_confidence_vs_removed, plot_sis_size_histograms, save_gallery, sis_stats
 from overinterp.selection import apply_mask, keep_mask, n_keep, sis_mask, sis_size, tail_mask
 from overinterp.selection.subsets import dilate_keep
 from overinterp.selection.backselect import EngineConfig
@@ -235,9 +235,7 @@ class InMemoryBackend:
         return paths
 
     def plots(self, summary: dict, sels: dict, rnd, local_dir: str, max_images: int = 512) -> list[str]:
-        """accuracy.png, confidence_vs_removed.png, sis_sizes.png (see overinterp/plots.py)."""
-        from overinterp.plots import plot_accuracy_by_condition, plot_confidence_vs_removed, plot_sis_size_histograms
-
+        """accuracy.png, confidence_vs_removed.png, sis_sizes.png (see overinterp/report/figures.py)."""
         cfg, plan, data = self.cfg, self.plan, self.data
         m = cfg.models[0]
         paths = [plot_accuracy_by_condition(summary, os.path.join(local_dir, "accuracy.png"))]
