@@ -1,10 +1,12 @@
 """The plan: every selector x source x split once, every trial with its store key and baseline."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
-from overinterp.config import RunConfig
+from overinterp.config import ConfigError, RunConfig, check_reuse, refuse_other_settings
 from overinterp.pipeline.plan import plan_small
 
 
@@ -34,10 +36,54 @@ def test_selectors_fills_and_exact_tail_become_plan_entries(tmp_path):
         assert plan.baseline_of(t).subset is None and plan.baseline_of(t).seed == t.seed
 
 
-def test_selector_and_fill_changes_reuse_the_out_dir(tmp_path):
-    from overinterp.config import check_reuse
+def _keys(plan) -> set:
+    """Where the plan's finished work lives: selection store keys per split, and trial names with their inputs."""
+    return ({("selection", j.key, j.split) for j in plan.selections}
+            | {("trial", t.name, t.subset, t.fill) for t in plan.full_trials + plan.subset_trials})
 
+
+def test_selector_and_fill_changes_reuse_the_out_dir(tmp_path):
     path = str(tmp_path / "config.json")
-    check_reuse(RunConfig(out_dir=str(tmp_path), selectors=("backselect",), fills=("mean",)).resolved(), path)
-    # adding a selector or a fill adds work under new store tags / trial names: finished work stays valid
-    check_reuse(RunConfig(out_dir=str(tmp_path), selectors=("backselect", "gradient"), fills=("mean", "road"), exact_tail=0.5).resolved(), path)
+    first = RunConfig(out_dir=str(tmp_path), seeds=(0, 1), selectors=("backselect",), fills=("mean",)).resolved()
+    check_reuse(first, path)
+    recorded = open(path).read()
+    more = RunConfig(out_dir=str(tmp_path), seeds=(0, 1), selectors=("backselect", "gradient"), fills=("mean", "road"),
+                     selector_options={"gradient": {}}).resolved()
+    assert refuse_other_settings(more, path) is True  # config.json records these settings
+    check_reuse(more, path)
+    assert open(path).read() == recorded  # and keeps recording them
+    # every key and trial name of the first run is in the second, unchanged: its finished work is found, not redone
+    before, after = plan_small(first, _data()), plan_small(more, _data())
+    assert _keys(before) < _keys(after) and after.sources == before.sources and after.primary == before.primary
+    added = _keys(after) - _keys(before)
+    assert {k[1] for k in added if k[0] == "selection"} == {"digits_cnn-s0/gradient"}
+    assert all(k[3] == "road" or "/gradient" in k[2] for k in added if k[0] == "trial")  # new work: the new selector, the new fill
+
+
+def test_a_new_k_or_tail_is_stored_under_its_own_selector_tag(tmp_path):
+    """pixels_per_step and exact_tail may change on a recorded out_dir because they name the store tag:
+    the run selects again under the new tag instead of reading selections made with the old settings."""
+    path = str(tmp_path / "config.json")
+    first = RunConfig(out_dir=str(tmp_path), selectors=("backselect",), pixels_per_step=16, exact_tail=0.1).resolved()
+    check_reuse(first, path)
+    for change in ({"exact_tail": 0.5}, {"pixels_per_step": 8}):
+        other = replace(first, **change)
+        assert refuse_other_settings(other, path) is True
+        old, new = {j.key for j in plan_small(first, _data()).selections}, {j.key for j in plan_small(other, _data()).selections}
+        assert old.isdisjoint(new), change
+
+
+@pytest.mark.parametrize("change", [{"seeds": (0, 1, 2)}, {"fraction": 0.1}, {"epochs": 3}, {"models": ("digits_mlp",)},
+                                    {"input_dropout": 0.5}])
+def test_other_settings_on_a_recorded_out_dir_are_refused(tmp_path, change):
+    path = str(tmp_path / "config.json")
+    first = RunConfig(out_dir=str(tmp_path), seeds=(0, 1), epochs=2).resolved()
+    check_reuse(first, path)
+    recorded = open(path).read()
+    (field,) = change
+    assert field not in RunConfig.REUSABLE_CHANGES
+    with pytest.raises(ConfigError, match=rf"other settings \({field}\)"):
+        refuse_other_settings(replace(first, **change), path)
+    with pytest.raises(ConfigError, match=field):
+        check_reuse(replace(first, **change), path)
+    assert open(path).read() == recorded  # the record of the finished work stays as it was
