@@ -1,5 +1,6 @@
 """The plan: every selector x source x split once, every trial with its store key and baseline."""
 
+import os
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -14,10 +15,27 @@ def _data(n_train=10, n_test=6):
     return SimpleNamespace(shape=(1, 8, 8), num_classes=3, labels={"train": np.zeros(n_train), "test": np.zeros(n_test)})
 
 
+def _plan(cfg):
+    return plan_small(cfg, _data())
+
+
+def _settings(cfg) -> str:
+    return os.path.join(cfg.out_dir, "config.json")
+
+
+def _record(cfg):
+    """What a run does under its --out lock: refuse other settings, record these where none are."""
+    check_reuse(cfg, _settings(cfg))
+
+
+def _refuse(cfg) -> bool:
+    return refuse_other_settings(cfg, _settings(cfg))
+
+
 def test_selectors_fills_and_exact_tail_become_plan_entries(tmp_path):
     cfg = RunConfig(out_dir=str(tmp_path), seeds=(0, 1), selectors=("backselect", "ig", "captum:InputXGradient"),
                     pixels_per_step=16, exact_tail=0.1, fills=("mean", "road"), selector_options={"ig": {"n_steps": 8}}).resolved()
-    plan = plan_small(cfg, _data())
+    plan = _plan(cfg)
     jobs = {(j.source.variant, j.tag, j.split) for j in plan.selections}
     assert jobs == {
         ("plain", "backselect-k16-tail0.1", "train"), ("plain", "backselect-k16-tail0.1", "test"),
@@ -43,17 +61,16 @@ def _keys(plan) -> set:
 
 
 def test_selector_and_fill_changes_reuse_the_out_dir(tmp_path):
-    path = str(tmp_path / "config.json")
     first = RunConfig(out_dir=str(tmp_path), seeds=(0, 1), selectors=("backselect",), fills=("mean",)).resolved()
-    check_reuse(first, path)
-    recorded = open(path).read()
+    _record(first)
+    recorded = open(_settings(first)).read()
     more = RunConfig(out_dir=str(tmp_path), seeds=(0, 1), selectors=("backselect", "gradient"), fills=("mean", "road"),
                      selector_options={"gradient": {}}).resolved()
-    assert refuse_other_settings(more, path) is True  # config.json records these settings
-    check_reuse(more, path)
-    assert open(path).read() == recorded  # and keeps recording them
+    assert _refuse(more) is True  # config.json records these settings
+    _record(more)
+    assert open(_settings(more)).read() == recorded  # and keeps recording them
     # every key and trial name of the first run is in the second, unchanged: its finished work is found, not redone
-    before, after = plan_small(first, _data()), plan_small(more, _data())
+    before, after = _plan(first), _plan(more)
     assert _keys(before) < _keys(after) and after.sources == before.sources and after.primary == before.primary
     added = _keys(after) - _keys(before)
     assert {k[1] for k in added if k[0] == "selection"} == {"digits_cnn-s0/gradient"}
@@ -63,27 +80,25 @@ def test_selector_and_fill_changes_reuse_the_out_dir(tmp_path):
 def test_a_new_k_or_tail_is_stored_under_its_own_selector_tag(tmp_path):
     """pixels_per_step and exact_tail may change on a recorded out_dir because they name the store tag:
     the run selects again under the new tag instead of reading selections made with the old settings."""
-    path = str(tmp_path / "config.json")
     first = RunConfig(out_dir=str(tmp_path), selectors=("backselect",), pixels_per_step=16, exact_tail=0.1).resolved()
-    check_reuse(first, path)
+    _record(first)
     for change in ({"exact_tail": 0.5}, {"pixels_per_step": 8}):
         other = replace(first, **change)
-        assert refuse_other_settings(other, path) is True
-        old, new = {j.key for j in plan_small(first, _data()).selections}, {j.key for j in plan_small(other, _data()).selections}
+        assert _refuse(other) is True
+        old, new = {j.key for j in _plan(first).selections}, {j.key for j in _plan(other).selections}
         assert old.isdisjoint(new), change
 
 
 @pytest.mark.parametrize("change", [{"seeds": (0, 1, 2)}, {"fraction": 0.1}, {"epochs": 3}, {"models": ("digits_mlp",)},
                                     {"input_dropout": 0.5}])
 def test_other_settings_on_a_recorded_out_dir_are_refused(tmp_path, change):
-    path = str(tmp_path / "config.json")
     first = RunConfig(out_dir=str(tmp_path), seeds=(0, 1), epochs=2).resolved()
-    check_reuse(first, path)
-    recorded = open(path).read()
+    _record(first)
+    recorded = open(_settings(first)).read()
     (field,) = change
     assert field not in RunConfig.REUSABLE_CHANGES
     with pytest.raises(ConfigError, match=rf"other settings \({field}\)"):
-        refuse_other_settings(replace(first, **change), path)
+        _refuse(replace(first, **change))
     with pytest.raises(ConfigError, match=field):
-        check_reuse(replace(first, **change), path)
-    assert open(path).read() == recorded  # the record of the finished work stays as it was
+        _record(replace(first, **change))
+    assert open(_settings(first)).read() == recorded  # the record of the finished work stays as it was
