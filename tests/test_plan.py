@@ -1,11 +1,29 @@
 """The plan: every selector x source x split once, every trial with its store key and baseline."""
 
-from overinterp.config import RunConfig
+from dataclasses import replace
+
+import pytest
+
+from overinterp.config import ConfigError, RunConfig
 from overinterp.pipeline.plan import make_plan
+from overinterp.pipeline.preflight import record_settings, refuse_other_settings
 
 
 def _plan(cfg):
     return make_plan(cfg, (1, 8, 8), {"train": 10, "test": 6}, 3)
+
+
+def _settings(cfg) -> str:
+    return f"{cfg.out_dir}/config.json"
+
+
+def _record(cfg):
+    """What a run does under its --out lock: refuse other settings, record these where none are."""
+    record_settings(cfg)
+
+
+def _refuse(cfg) -> bool:
+    return refuse_other_settings(cfg)
 
 
 def test_selectors_fills_and_exact_tail_become_plan_entries(tmp_path):
@@ -30,12 +48,54 @@ def test_selectors_fills_and_exact_tail_become_plan_entries(tmp_path):
         assert plan.baseline_of(t).subset is None and plan.baseline_of(t).seed == t.seed
 
 
-def test_selector_and_fill_changes_reuse_the_out_dir(tmp_path):
-    from overinterp.pipeline.preflight import record_settings
+def _keys(plan) -> set:
+    """Where the plan's finished work lives: selection store keys per split, and trial names with their inputs."""
+    return ({("selection", j.key, j.split) for j in plan.selections}
+            | {("trial", t.name, t.subset, t.fill) for t in plan.full_trials + plan.subset_trials})
 
-    record_settings(RunConfig(out_dir=str(tmp_path), selectors=("backselect",), fills=("mean",)).resolved())
-    # adding a selector or a fill adds work under new store tags / trial names: finished work stays valid
-    record_settings(RunConfig(out_dir=str(tmp_path), selectors=("backselect", "gradient"), fills=("mean", "road"), exact_tail=0.5).resolved())
+
+def test_selector_and_fill_changes_reuse_the_out_dir(tmp_path):
+    first = RunConfig(out_dir=str(tmp_path), seeds=(0, 1), selectors=("backselect",), fills=("mean",)).resolved()
+    _record(first)
+    recorded = open(_settings(first)).read()
+    more = RunConfig(out_dir=str(tmp_path), seeds=(0, 1), selectors=("backselect", "gradient"), fills=("mean", "road"),
+                     selector_options={"gradient": {}}).resolved()
+    assert _refuse(more) is True  # config.json records these settings
+    _record(more)
+    assert open(_settings(more)).read() == recorded  # and keeps recording them
+    # every key and trial name of the first run is in the second, unchanged: its finished work is found, not redone
+    before, after = _plan(first), _plan(more)
+    assert _keys(before) < _keys(after) and after.sources == before.sources and after.primary == before.primary
+    added = _keys(after) - _keys(before)
+    assert {k[1] for k in added if k[0] == "selection"} == {"digits_cnn-s0/gradient"}
+    assert all(k[3] == "road" or "/gradient" in k[2] for k in added if k[0] == "trial")  # new work: the new selector, the new fill
+
+
+def test_a_new_k_or_tail_is_stored_under_its_own_selector_tag(tmp_path):
+    """pixels_per_step and exact_tail may change on a recorded out_dir because they name the store tag:
+    the run selects again under the new tag instead of reading selections made with the old settings."""
+    first = RunConfig(out_dir=str(tmp_path), selectors=("backselect",), pixels_per_step=16, exact_tail=0.1).resolved()
+    _record(first)
+    for change in ({"exact_tail": 0.5}, {"pixels_per_step": 8}):
+        other = replace(first, **change)
+        assert _refuse(other) is True
+        old, new = {j.key for j in _plan(first).selections}, {j.key for j in _plan(other).selections}
+        assert old.isdisjoint(new), change
+
+
+@pytest.mark.parametrize("change", [{"seeds": (0, 1, 2)}, {"fraction": 0.1}, {"epochs": 3}, {"models": ("digits_mlp",)},
+                                    {"input_dropout": 0.5}])
+def test_other_settings_on_a_recorded_out_dir_are_refused(tmp_path, change):
+    first = RunConfig(out_dir=str(tmp_path), seeds=(0, 1), epochs=2).resolved()
+    _record(first)
+    recorded = open(_settings(first)).read()
+    (field,) = change
+    assert field not in RunConfig.REUSABLE_CHANGES
+    with pytest.raises(ConfigError, match=rf"other settings \({field}\)"):
+        _refuse(replace(first, **change))
+    with pytest.raises(ConfigError, match=field):
+        _record(replace(first, **change))
+    assert open(_settings(first)).read() == recorded  # the record of the finished work stays as it was
 
 
 def test_a_pretrained_model_is_explained_once_and_is_every_trial_s_baseline(tmp_path):

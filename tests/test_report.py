@@ -1,6 +1,23 @@
+"""overinterp/report/tables.py and stats.py: the markdown tables and the numbers they share with the figures."""
+
+import math
+
+import numpy as np
+import pytest
 import torch
 
-from overinterp.report import accuracy_table, mean_std, sis_stats
+from overinterp.report import (
+    accuracy_bars, accuracy_table, condition_order, condition_title, lower_median, mean_std, plot_caption,
+    seed_mean_std, sis_stats, sis_table, summary_markdown,
+)
+
+
+def test_seed_mean_std_in_percent_with_sample_std():
+    m, s = seed_mean_std([0.9, 1.0])
+    assert m == pytest.approx(95.0) and s == pytest.approx(100 * 0.1 / math.sqrt(2))  # ddof=1
+    m, s = seed_mean_std([0.5])
+    assert m == 50.0 and math.isnan(s)
+    assert all(math.isnan(v) for v in seed_mean_std([]))
 
 
 def test_mean_std():
@@ -9,11 +26,42 @@ def test_mean_std():
     assert mean_std([]) == "–"
 
 
+def test_table_and_bars_show_the_same_numbers():
+    summary = {"fraction": 0.05, "n_keep": 4, "hw": 64,
+               "accuracy": {"cnn": {"full": [0.91, 0.95, 0.9], "bs-subset": [0.3, 0.41]}}}
+    bars = accuracy_bars(summary)
+    cells = [f"{m:.1f} ± {s:.1f}" for m, s in zip(bars["mean"][0], bars["std"][0])]
+    assert f"| cnn | {' | '.join(cells)} |" in accuracy_table(summary)
+
+
+def test_lower_median():
+    assert lower_median(np.array([4, 1, 3, 2])) == 2.0  # the lower of 2 and 3: an observed size
+    assert lower_median(np.array([5, 1, 3])) == 3.0
+    assert math.isnan(lower_median(np.array([])))
+
+
 def test_sis_stats_counts_images_without_sis():
     curve = torch.tensor([[0.1, 0.2, 0.995, 0.1], [0.1, 0.1, 0.1, 0.1]])
     s = sis_stats(curve, torch.tensor([0.999, 0.5]), 0.99)
     # image 0: k=1 -> curve[2] = 0.995 >= 0.99, size 1; image 1 has no SIS
-    assert s["n_with_sis"] == 1 and s["median_size"] == 1 and s["median_fraction"] == 0.25
+    assert s == {"tau": 0.99, "n_images": 2, "n_with_sis": 1, "median_size": 1.0, "median_fraction": 0.25}
+
+
+def test_sis_stats_median_is_the_lower_one_and_nan_without_any_sis():
+    # p(c) after 1..4 removals; SIS size k: curve[HW - k - 1] >= tau (the last k pixels kept), k = HW: the unmasked image
+    curve = torch.tensor([[0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.95, 0.1], [0.1, 0.95, 0.1, 0.1], [0.95, 0.1, 0.1, 0.1]])
+    s = sis_stats(curve, torch.tensor([0.95, 0.95, 0.95, 0.95]), 0.9)
+    assert s["n_with_sis"] == 4 and s["median_size"] == 2.0 and s["median_fraction"] == 0.5  # sizes 4, 1, 2, 3
+    none = sis_stats(torch.zeros(2, 4), torch.zeros(2), 0.9)
+    assert none["n_with_sis"] == 0 and math.isnan(none["median_size"]) and math.isnan(none["median_fraction"])
+
+
+def test_condition_titles_and_order():
+    conds = ["random-subset", "bs-positions-only", "bs-subset+road", "full+dropout", "bs-subset", "full"]
+    assert sorted(conds, key=condition_order) == ["full", "bs-subset", "bs-subset+road", "random-subset",
+                                                  "bs-positions-only", "full+dropout"]
+    assert [condition_title(c, "5") for c in ("full", "full+dropout", "bs-subset+road", "gradient-positions-only")] == [
+        "full images", "full images, input dropout", "BS 5% subsets, ROAD fill", "gradient 5% positions only"]
 
 
 def test_accuracy_table_shape():
@@ -24,4 +72,31 @@ def test_accuracy_table_shape():
     assert ("| model | full images | BS 5% subsets | BS 5% subsets, ROAD fill | random 5% subsets | BS 5% positions only |"
             in table)
     assert "| resnet20 | 91.0 ± 1.4 | 81.0 ± 1.4 | 60.0 ± 0.0 | 51.0 ± 1.4 | 70.0 ± 0.0 |" in table
-    assert "52 of 1024 pixels" in table and "Positions only" in table
+    assert "52 of 1024 pixels" in table and "Positions only" in table and "full images, input dropout" not in table
+
+
+SUMMARY = {
+    "dataset": "digits", "fraction": 0.05, "n_keep": 4, "hw": 64, "tau": 0.9,
+    "accuracy": {"cnn": {"full": [0.9]}}, "variant_accuracy": {"cnn": {"plain": 0.9}},
+    "sis": {"cnn": {"plain": {"label": "plain", "n_with_sis": 1, "n_images": 2, "median_size": 3.0, "median_fraction": 3 / 64},
+                    "ensemble": {"label": "mean ensemble", "n_with_sis": 0, "n_images": 2, "median_size": math.nan,
+                                 "median_fraction": math.nan}}},
+}
+
+
+def test_sis_table_rows():
+    lines = sis_table(SUMMARY).splitlines()
+    assert lines[2:] == ["| cnn | plain | 90.0 | 3 (4.7%) | 1 / 2 |", "| cnn | mean ensemble | – | – | 0 / 2 |"]
+
+
+def test_summary_markdown_embeds_plots():
+    plain = summary_markdown(SUMMARY)
+    assert plain.startswith("# Overinterpretation on digits") and "## Plots" not in plain and "![" not in plain
+    md = summary_markdown({**SUMMARY, "plots": ["accuracy_by_condition.png", "sis_sizes.png"]})
+    assert md.startswith(plain)  # the tables unchanged, the plots after them
+    assert md[len(plain):] == "\n## Plots\n\n![Accuracy by condition](accuracy_by_condition.png)\n\n![SIS sizes](sis_sizes.png)\n"
+
+
+def test_plot_caption():
+    assert plot_caption("out/sis_sizes.png") == "SIS sizes"
+    assert plot_caption("confidence_vs_removed.png") == "Confidence vs removed"

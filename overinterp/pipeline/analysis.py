@@ -20,7 +20,8 @@ from overinterp.data import denormalize_uint8, normalize
 from overinterp.fill import fill as fill_removed
 from overinterp.pipeline.plan import Plan
 from overinterp.pipeline.trial import TrialSpec
-from overinterp.report import save_gallery, sis_stats
+from overinterp.report import (plot_accuracy_by_condition, plot_confidence_vs_removed, plot_sis_size_histograms, save_gallery,
+                               sis_stats)
 from overinterp.selection import apply_mask, keep_mask, n_keep, sis_mask, sis_size, tail_mask
 from overinterp.selection.subsets import dilate_keep
 from overinterp.training import class_confidence, evaluate
@@ -232,9 +233,7 @@ class Analysis:
         return paths
 
     def plots(self, summary: dict, sels: dict, rnd, local_dir: str, max_images: int = 512) -> list[str]:
-        """accuracy.png, confidence_vs_removed.png, sis_sizes.png (see overinterp/plots.py)."""
-        from overinterp.plots import plot_accuracy_by_condition, plot_confidence_vs_removed, plot_sis_size_histograms
-
+        """accuracy.png, confidence_vs_removed.png, sis_sizes.png (see overinterp/report/figures.py)."""
         cfg, plan, test = self.cfg, self.plan, self.test
         m = cfg.models[0]
         source = next(iter(plan.sources[m].values()))

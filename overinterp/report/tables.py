@@ -1,17 +1,16 @@
-"""Results as people read them: the paper's Table 1 shape, SIS sizes, and a picture gallery."""
+"""Results as people read them, in markdown: the paper's Table 1 shape (accuracy by training
+condition), SIS sizes of the mitigations, the selector comparison, and the '## Plots' section that
+embeds the figures (report/figures.py draws them).
+
+Every function takes a run's summary dict (summary.json) or parts of it and returns text.
+"""
 
 from __future__ import annotations
 
-import statistics
-from typing import TYPE_CHECKING, Optional
+import math
+from typing import Optional
 
-import numpy as np
-import torch
-
-from overinterp.selection import NO_SIS, sis_size
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from overinterp.report.stats import seed_mean_std
 
 
 def condition_title(condition: str, pct: str) -> str:
@@ -30,32 +29,16 @@ def condition_title(condition: str, pct: str) -> str:
 
 
 def condition_order(condition: str) -> tuple:
-    """full first, then model-selected subsets, then random, then positions-only controls."""
+    """full first, then model-selected subsets, then random, then positions-only controls, then input dropout."""
     return (condition != "full", condition.startswith("full+"), "positions" in condition, condition.startswith("random"), condition)
 
 
 def mean_std(values: list[float]) -> str:
-    """'97.5 ± 0.3' in percent (std over seeds; '± n/a' for one seed)."""
+    """'97.5 ± 0.3' in percent (std over seeds; '± n/a' for one seed); '–' for none."""
     if not values:
         return "–"
-    m = 100 * statistics.fmean(values)
-    s = f"{100 * statistics.stdev(values):.1f}" if len(values) > 1 else "n/a"
-    return f"{m:.1f} ± {s}"
-
-
-def sis_stats(curve: torch.Tensor, confidence: torch.Tensor, tau: float) -> dict:
-    """Median SIS size at tau over the images that have one, in pixels and as a fraction of HW."""
-    sizes = sis_size(curve, confidence, tau)
-    have = sizes[sizes != NO_SIS].double()
-    hw = curve.shape[1]
-    med = float(have.median()) if len(have) else float("nan")  # lower median for even counts
-    return {
-        "tau": tau,
-        "n_images": int(len(sizes)),
-        "n_with_sis": int(len(have)),
-        "median_size": med,
-        "median_fraction": med / hw if len(have) else float("nan"),
-    }
+    m, s = seed_mean_std(values)
+    return f"{m:.1f} ± " + ("n/a" if math.isnan(s) else f"{s:.1f}")
 
 
 def accuracy_table(summary: dict) -> str:
@@ -121,6 +104,7 @@ def comparison_table(summary: dict, model: str) -> str:
 
 
 def summary_markdown(summary: dict) -> str:
+    """summary.md: every table of a run's summary, then its plots (a pretrained run: its own shape)."""
     if summary.get("baseline"):  # a pretrained explained model (jobs/sis_imagenet.py)
         return pretrained_markdown(summary) + plots_markdown(summary.get("plots"))
     parts = [
@@ -160,6 +144,7 @@ def plots_markdown(plots: Optional[list[str]]) -> str:
 
 
 def pretrained_markdown(summary: dict) -> str:
+    """The head of summary.md for a pretrained explained model: its baseline, then the accuracy table."""
     pct = f"{100 * summary['fraction']:g}%"
     b = summary["baseline"]
     lines = [
@@ -173,60 +158,3 @@ def pretrained_markdown(summary: dict) -> str:
         accuracy_table(summary),
     ]
     return "\n".join(lines) + "\n"
-
-
-def gallery_figure(
-    images: np.ndarray,
-    panels: dict[str, np.ndarray],
-    titles: Optional[list[str]] = None,
-    empty_labels: Optional[dict[str, list[bool]]] = None,
-    tau: Optional[float] = None,
-) -> Figure:
-    """The matplotlib Figure save_gallery writes; see there."""
-    from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch
-
-    n, cols = len(images), 1 + len(panels)
-    empty_labels = empty_labels or {}
-    unknown = set(empty_labels) - set(panels)
-    if unknown:
-        raise ValueError(f"empty_labels names columns {sorted(unknown)} that are not panels; panels are {list(panels)}")
-    for title, flags in empty_labels.items():
-        if len(flags) != n:
-            raise ValueError(f"empty_labels[{title!r}] has {len(flags)} flags for {n} images; give one per image")
-    no_sis = "no SIS at τ" + (f"={tau:g}" if tau is not None else "")
-    fig = Figure(figsize=(2.0 * cols, 2.0 * n))
-    axes = fig.subplots(n, cols, squeeze=False)
-    columns = {"original": images, **panels}
-    for r in range(n):
-        for c, (title, imgs) in enumerate(columns.items()):
-            ax = axes[r, c]
-            img = imgs[r]
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=255, interpolation="nearest")
-            if empty_labels.get(title, [False] * n)[r]:  # an all-masked panel would otherwise read as a bug
-                ax.text(0.5, 0.5, no_sis, transform=ax.transAxes, ha="center", va="center", fontsize=8,
-                        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=8)
-            if c == 0 and titles:
-                ax.set_ylabel(titles[r], fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def save_gallery(
-    path: str,
-    images: np.ndarray,
-    panels: dict[str, np.ndarray],
-    titles: Optional[list[str]] = None,
-    empty_labels: Optional[dict[str, list[bool]]] = None,
-    tau: Optional[float] = None,
-) -> None:
-    """A PNG grid: one row per image, the original beside each masked version.
-
-    images: (N, H, W, C) uint8 originals; panels: {column title: (N, H, W, C) uint8}.
-    empty_labels: {column title: N flags}, True where that panel is empty because the image has no
-        SIS at tau; such panels say "no SIS at τ=<tau>" in their centre instead of showing a blank.
-    """
-    gallery_figure(images, panels, titles, empty_labels, tau).savefig(path, dpi=100)
