@@ -104,16 +104,22 @@ def comparison_table(summary: dict, model: str) -> str:
 
 
 def summary_markdown(summary: dict) -> str:
-    """summary.md: every table of a run's summary, then its plots (a pretrained run: its own shape)."""
-    if summary.get("baseline"):  # a pretrained explained model (jobs/sis_imagenet.py)
-        return pretrained_markdown(summary) + plots_markdown(summary.get("plots"))
-    parts = [
-        f"# Overinterpretation on {summary['dataset']}",
-        "## Accuracy of models trained and tested on pixel-subsets (the paper's Table 1 shape)",
-        accuracy_table(summary),
-        "## Sufficient input subsets of the full-image models",
-        sis_table(summary),
-    ]
+    """summary.md: every table of a run's summary, then its plots. Where a pretrained model is the
+    explained one (the ImageNet preset), the head says so and gives its baseline accuracy."""
+    if summary.get("baseline"):
+        parts = [pretrained_markdown(summary).rstrip(), "## Sufficient input subsets of the pretrained model"]
+    else:
+        parts = [
+            f"# Overinterpretation on {summary['dataset']}",
+            "## Accuracy of models trained and tested on pixel-subsets (the paper's Table 1 shape)",
+            accuracy_table(summary),
+            "## Sufficient input subsets of the full-image models",
+        ]
+    parts.append(sis_table(summary))
+    analysed = summary.get("analysed_test_images")
+    if analysed and analysed[0] < analysed[1]:
+        parts.append(f"SIS sizes, the selector table and the plots below are measured on the first {analysed[0]:,} of the "
+                     f"{analysed[1]:,} test images (the trained models' accuracies on all of them).")
     for model in summary.get("comparison", {}):
         parts += [f"## Which pixels carry the signal: selectors compared on {model}", comparison_table(summary, model)]
     if summary.get("masked_confidence"):
