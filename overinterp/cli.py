@@ -42,7 +42,7 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     if dataset_flag:
         s.add_argument("--dataset", default=d.dataset, help="digits (embedded), cifar10, cifar100, imagefolder, parquet")
     s.add_argument("--data-root", default=d.data_root,
-                   help="folder of the data set: CIFAR's files; imagefolder: train/<class>/ and val/<class>/; parquet: train*.parquet and val*.parquet")
+                   help="folder of the data set: CIFAR's files; imagefolder: train/<class>/ and val/<class>/; parquet: train.parquet and val.parquet (files or folders of files)")
     s.add_argument("--train", default=d.train, help="train images: an ImageFolder split (<path>/<class>/<image>) or Parquet of encoded images")
     s.add_argument("--val", default=d.val, help="validation images, same layout as --train")
     s.add_argument("--download", action="store_true", help="download CIFAR into --data-root (needs internet)")
