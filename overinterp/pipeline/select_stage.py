@@ -281,7 +281,7 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
             watcher.join()
             ray.kill(counter)
         bar.close()
-    if n:  # wall time beside the passes (issue 12); per image: what one worker spent on it, start-up excluded
+    if n:  # wall time beside the passes; per image: what one worker spent on it, start-up excluded
         per = f", {format_rate(per_image * n / worker_s)} passes/s per worker" if per_image and worker_s > 0 else ""
         print(f"[{job.tag} {job.source.tag}/{job.split}] selected {n} images in {format_duration(time.monotonic() - t0)} wall, "
               f"{worker_s / n:.3g} worker-s per image{per}", flush=True)

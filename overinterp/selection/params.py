@@ -97,11 +97,11 @@ def check_selector_args(pixels_per_step, exact_tail) -> None:
 class PerturbationParams:
     """Every hyper-parameter of the meaningful-perturbation selector (perturbation.py); `asdict` is its record."""
 
-    iterations: int = 300  # Adam steps; authors num_iters=300 (the seed script went 300 -> 500)
+    iterations: int = 300  # Adam steps; authors num_iters=300
     lr: float = 0.1  # Adam learning rate on the mask (mask units per step, roughly); authors and seed script
     l1_coeff: float = 0.01  # weight of mean|1 - m| over the low-res mask; seed script (authors: 1e-4 on the sum over 28x28)
     tv_coeff: float = 0.2  # weight of the total variation of the low-res mask; seed script (authors: 1e-2 on a sum)
-    tv_beta: float = 3.0  # exponent of the TV term; authors and seed script (and issue 11)
+    tv_beta: float = 3.0  # exponent of the TV term; authors and seed script
     mask_scale: int = 8  # mask side = image side / mask_scale, rounded: 28 at 224 px (authors' mask_scale=8, seed script 28x28)
     min_mask_side: int = 8  # ours: floor on the mask side (capped at the image side) so 32 px images get 8x8, 8 px images 8x8
     blur_sigma: float = 10 / 224  # Gaussian σ as a fraction of the image side: 10 px at 224 (authors' blur radius 10 at 224 px)
