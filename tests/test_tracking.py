@@ -76,3 +76,42 @@ def test_a_crashed_parent_with_the_same_settings_is_killed_then_continued(store,
         assert run.data.tags["overinterp.took_over_from_pid"] == "4242"
     parents = client.search_runs([exp], f"tags.`{ROLE_TAG}` = 'parent' and tags.`{OUT_TAG}` = '{out}'")
     assert [(p.info.run_id, p.info.status) for p in parents] == [(crashed, "FINISHED")]  # one parent, continued
+
+
+def test_accuracies_are_logged_with_four_decimals_and_the_summary_keeps_them_exact(store, tmp_path):
+    """A child's accuracy, its baseline's and the difference, per-epoch val accuracy and the
+    parent's accuracy means read as 0.9753 in MLflow's tables; summary.json's values stay exact."""
+    from types import SimpleNamespace
+
+    from overinterp.pipeline.trial import TrialSpec
+
+    uri, client, exp = store
+    full, sub = TrialSpec("cnn", 0), TrialSpec("cnn", 0, subset="cnn-s0/backselect")
+    acc_full, acc_sub = 355 / 364, 352 / 364  # 0.975274..., 0.967032...
+    results = {full.name: {"accuracy": acc_full, "seconds": 12.3456, "finished_at": 1.7e9, "losses": [0.5, 0.123456789],
+                           "val_accuracies": [0.5, 1 / 3]},
+               sub.name: {"accuracy": acc_sub, "seconds": 7.0, "finished_at": 1.7e9}}
+    plan = SimpleNamespace(full_trials=[full], subset_trials=[sub], baseline_of=lambda s: full if s.subset else None,
+                           models=["cnn"], seeds=[0])
+    summary = {"dataset": "digits", "fraction": 0.05, "n_keep": 4, "hw": 64, "selector": "backselect",
+               "accuracy": {"cnn": {"full": [acc_full, 2 / 3], "bs-subset": [acc_sub]}},
+               "sis": {"cnn": {"plain": {"n_with_sis": 3, "median_size": 5, "median_fraction": 5 / 64}}},
+               "masked_confidence": {"cnn": {"median_confidence": 0.987654321, "accuracy": 1 / 7}}}
+    exact = repr(summary)
+    with Tracker(_Config(uri, str(tmp_path / "out")), "digits") as tracker:
+        tracker.log_results(plan, {full.name: results[full.name]}, {sub.name: results[sub.name]}, summary, files=[])
+    assert repr(summary) == exact  # the summary itself is not rounded
+
+    runs = {r.info.run_name: r for r in client.search_runs([exp])}
+    assert runs[sub.name].data.metrics == {"accuracy": 0.967, "baseline_accuracy": 0.9753,
+                                           "accuracy_minus_baseline": -0.0082, "seconds": 7.0}
+    assert runs[full.name].data.metrics["accuracy"] == 0.9753 and runs[full.name].data.metrics["seconds"] == 12.3
+    history = client.get_metric_history(runs[full.name].info.run_id, "val_accuracy")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [0.5, 0.3333]
+    losses = client.get_metric_history(runs[full.name].info.run_id, "train_loss")
+    assert sorted(m.value for m in losses) == [0.123456789, 0.5]  # losses are plotted, not rounded
+    parent = client.get_run(tracker.parent_id).data.metrics
+    assert parent["cnn.full.accuracy_mean"] == 0.821 and parent["cnn.full.accuracy_std"] == 0.2182
+    assert parent["cnn.bs-subset.accuracy_mean"] == 0.967
+    assert parent["cnn.masked.median_confidence"] == 0.9877 and parent["cnn.masked.accuracy"] == 0.1429
+    assert parent["cnn.plain.median_sis_fraction"] == 5 / 64  # a count over the image's pixels: exact

@@ -63,6 +63,17 @@ def _metric_key(k: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", k.replace("+", "_plus_"))
 
 
+# Accuracies, their differences and confidences as MLflow's tables show them: 0.9753, not
+# 0.9752747252747253 (a fraction of 364 test images). summary.json and result.json keep them exact;
+# counts, SIS sizes, losses and the plan's numbers go to MLflow as they are.
+SHOWN_DECIMALS = 4
+
+
+def shown(value: float) -> float:
+    """An accuracy or a confidence in [0, 1] (or a difference of two) rounded to SHOWN_DECIMALS places."""
+    return round(float(value), SHOWN_DECIMALS)
+
+
 def fingerprint_digest(config) -> str:
     return hashlib.sha256(json.dumps(config.fingerprint(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -218,12 +229,12 @@ class Tracker:
                 for epoch, loss in enumerate(r.get("losses", [])):
                     self.client.log_metric(run_id, "train_loss", loss, step=epoch)
                 for epoch, acc in enumerate(r.get("val_accuracies", [])):
-                    self.client.log_metric(run_id, "val_accuracy", acc, step=epoch)
+                    self.client.log_metric(run_id, "val_accuracy", shown(acc), step=epoch)
             base = plan.baseline_of(spec)
             base_acc = results[base.name]["accuracy"] if base is not None else (pretrained if not plan.full_trials else None)
-            metrics = {"accuracy": r["accuracy"], "seconds": r["seconds"]}
-            if base_acc is not None:
-                metrics.update(baseline_accuracy=base_acc, accuracy_minus_baseline=r["accuracy"] - base_acc)
+            metrics = {"accuracy": shown(r["accuracy"]), "seconds": round(r["seconds"], 1)}
+            if base_acc is not None:  # the difference of the exact accuracies, then rounded
+                metrics.update(baseline_accuracy=shown(base_acc), accuracy_minus_baseline=shown(r["accuracy"] - base_acc))
             for k, v in metrics.items():
                 self.client.log_metric(run_id, k, v)
             if base is not None:
@@ -282,9 +293,9 @@ class TrialLogger(tune.Callback):
         if run_id is None or "epoch" not in result:
             return
         step = int(result["epoch"])
-        for k in ("train_loss", "val_accuracy"):
+        for k, value in (("train_loss", float), ("val_accuracy", shown)):
             if k in result and not result.get("done"):
-                self.tracker.client.log_metric(run_id, k, float(result[k]), step=step)
+                self.tracker.client.log_metric(run_id, k, value(result[k]), step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.runs.get(trial.trial_id)
@@ -299,13 +310,14 @@ class TrialLogger(tune.Callback):
 
 def summary_metrics(summary: dict) -> dict:
     """The parent's metrics: accuracy mean and std over seeds per condition, SIS sizes per
-    variant, each variant's accuracy, confidence on masked images, the pretrained baseline."""
+    variant, each variant's accuracy, confidence on masked images, the pretrained baseline.
+    Accuracies and confidences are rounded for reading (`shown`); SIS sizes and counts are exact."""
     m = {}
     for model, conds in summary["accuracy"].items():
         for cond, vals in conds.items():
             if vals:
-                m[f"{model}.{cond}.accuracy_mean"] = statistics.fmean(vals)
-                m[f"{model}.{cond}.accuracy_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                m[f"{model}.{cond}.accuracy_mean"] = shown(statistics.fmean(vals))
+                m[f"{model}.{cond}.accuracy_std"] = shown(statistics.stdev(vals)) if len(vals) > 1 else 0.0
     for model, variants in summary.get("sis", {}).items():
         for variant, s in variants.items():
             if s["n_with_sis"]:
@@ -314,18 +326,18 @@ def summary_metrics(summary: dict) -> dict:
             m[f"{model}.{variant}.images_with_sis"] = s["n_with_sis"]
     for model, variants in summary.get("variant_accuracy", {}).items():
         for variant, acc in variants.items():
-            m[f"{model}.{variant}.accuracy"] = acc
+            m[f"{model}.{variant}.accuracy"] = shown(acc)
     for model, c in summary.get("masked_confidence", {}).items():
-        m[f"{model}.masked.median_confidence"] = c["median_confidence"]
-        m[f"{model}.masked.accuracy"] = c["accuracy"]
+        m[f"{model}.masked.median_confidence"] = shown(c["median_confidence"])
+        m[f"{model}.masked.accuracy"] = shown(c["accuracy"])
     for model, comp in summary.get("comparison", {}).items():  # the selector table, one metric per cell
         for row in comp["selectors"] + [comp["random"]]:
             for key in ("full_model_accuracy", "median_confidence", "median_sis_size", "dilated_median_confidence"):
                 value = row.get(key)
                 if value is not None and value == value:  # NaN: no image had a SIS
-                    m[f"{model}.selector.{row['selector']}.{key}"] = value
+                    m[f"{model}.selector.{row['selector']}.{key}"] = value if key == "median_sis_size" else shown(value)
     for name, value in summary.get("baseline", {}).items():
-        m[f"baseline.{name}"] = value
+        m[f"baseline.{name}"] = shown(value)
     return m
 
 
