@@ -156,7 +156,7 @@ def store_command(action: str, out: str) -> int:
     def work() -> int:
         from overinterp import fs
         from overinterp.pipeline.lock import LockHeld, OutputLock
-        from overinterp.store_check import check_store, repair_store, report_table
+        from overinterp.store.check import check_store, repair_store, report_table
 
         try:
             has_store = fs.exists(fs.join(out, "selections"))

@@ -19,7 +19,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from overinterp.store_check import check_store
+from overinterp.store.check import check_store
 
 pytestmark = pytest.mark.faults
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -121,8 +121,7 @@ def test_selection_survives_a_lost_node_exactly_once(tmp_path, capsys):
     assert report["lost_worker_lines"], f"the job never said it lost a selection worker: {p.stderr[-3000:]}"
     root = os.path.join(out, "selections")
     for model, sel, split in store.list_selections(root):
-        fsys, paths = store.shard_files(root, model, sel, split)
-        ids = np.concatenate([store.read_shard(fsys, f, ["image_id"]).column("image_id").to_numpy() for f in paths])
+        ids = store.raw_image_ids(root, model, sel, split)
         assert len(ids) == len(np.unique(ids)), f"{model}/{sel}/{split}: an image stored twice"
     for split, n in (("train", 96), ("test", 48)):
         store.read_selections(root, "digits_cnn-s0", "backselect", split, expect_n=n)  # every image, once

@@ -233,6 +233,8 @@ def test_lost_work_is_redone_without_duplicates(smoke_run):
     shard.unlink()
     (out / "trials" / "digits_cnn-random-seed0-s1" / "result.json").unlink()
     run_pipeline(cfg)
+    ids = store.raw_image_ids(str(out / "selections"), "digits_cnn-s0", "backselect", "test")
+    assert sorted(ids.tolist()) == list(range(N_TEST))  # every image in exactly one stored row: a repeat would show here
     store.read_selections(str(out / "selections"), "digits_cnn-s0", "backselect", "test", expect_n=N_TEST)
     assert (out / "trials" / "digits_cnn-random-seed0-s1" / "result.json").exists()
 

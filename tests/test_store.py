@@ -1,4 +1,4 @@
-"""The Parquet store: compact schema, content-named (idempotent) shards, overlap, old versions, check/repair."""
+"""The Parquet store (overinterp/store/): compact schema, content-named (idempotent) shards, overlap, raw rows, old versions, check/repair."""
 
 import json
 import logging
@@ -12,7 +12,7 @@ import torch
 
 from overinterp import store
 from overinterp.selection import keep_mask, random_order
-from overinterp.store_check import check_store, repair_store
+from overinterp.store.check import check_store, repair_store
 
 
 def _write(root, ids, split="test", curve=True, model="m-s0", selector="backselect", shift=0, conf=0.9):
@@ -93,6 +93,18 @@ def test_identical_overlap_is_kept_once_with_one_warning(tmp_path, caplog):
     assert sel.image_id.tolist() == [0, 1, 2, 3]
     warnings = [r for r in caplog.records if "repeated rows" in r.message]
     assert len(warnings) == 1 and "overinterp store repair" in warnings[0].message
+
+
+def test_raw_image_ids_see_a_repeated_shard_that_reads_hide(tmp_path):
+    root = str(tmp_path)
+    _write(root, [0, 1, 2])
+    planted = tmp_path / "m-s0" / "backselect" / "test" / "part-0000000000000000.parquet"
+    pq.write_table(pq.read_table(_write(root, [2, 3])), planted)  # the same rows again, under another name
+    assert sorted(store.raw_image_ids(root, "m-s0", "backselect", "test").tolist()) == [0, 1, 2, 2, 2, 3, 3]
+    assert store.read_selections(root, "m-s0", "backselect", "test").image_id.tolist() == [0, 1, 2, 3]  # kept once
+    assert store.done_ids(root, "m-s0", "backselect", "test") == {0, 1, 2, 3}
+    empty = store.raw_image_ids(root, "m-s0", "backselect", "train")  # nothing stored
+    assert empty.dtype == np.int64 and len(empty) == 0
 
 
 def test_conflicting_overlap_names_both_files_and_the_fix(tmp_path):

@@ -1,4 +1,5 @@
-"""`overinterp store check|repair`: find and mend what crashes, retries and old versions left in a store.
+"""`overinterp store check|repair`: find and mend what crashes, retries and old versions left in a
+store, and the report table the command prints.
 
 check reports, per (model, selector, split): rows, repeated rows (identical, or conflicting), image
 ids that other selections of the same split hold and this one lacks, and unreadable files.
@@ -19,13 +20,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from overinterp import fs as files
-from overinterp.store import SCHEMA, StoreError, find_overlap, list_selections, read_shard, shard_files, shard_name, write_table_atomic
+from overinterp.store.format import SCHEMA, StoreError, shard_name
+from overinterp.store.io import find_overlap, list_selections, read_shard, shard_files, write_table_atomic
 
 QUARANTINE = "quarantine"
 
 
 @dataclass
 class SelectionReport:
+    """One (model, selector, split) as `overinterp store check` sees it."""
+
     model: str
     selector: str
     split: str
