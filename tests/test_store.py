@@ -122,6 +122,16 @@ def test_gaps_are_errors(tmp_path):
         store.read_selections(str(tmp_path), "m-s0", "backselect", "test", expect_n=3)
 
 
+def test_only_the_asked_ids_are_read(tmp_path):
+    _write(str(tmp_path), [0, 1])
+    _write(str(tmp_path), [2, 3, 4])  # a second shard
+    full = store.read_selections(str(tmp_path), "m-s0", "backselect", "test")
+    some = store.read_selections(str(tmp_path), "m-s0", "backselect", "test", only_ids=np.array([4, 1]))
+    assert some.image_id.tolist() == [1, 4] and torch.equal(some.order, full.order[[1, 4]])
+    with pytest.raises(store.StoreError, match="holds 1 of 2 images"):
+        store.read_selections(str(tmp_path), "m-s0", "backselect", "test", only_ids=np.array([4, 7]))
+
+
 def test_random_rows_store_no_order_and_regenerate_it(tmp_path):
     ids = np.array([5, 9])
     store.write_rows(str(tmp_path), model="none", selector="random-seed3", selector_params=json.dumps({"seed": 3}), split="train",

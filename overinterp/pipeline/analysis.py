@@ -6,7 +6,6 @@ store and evaluates the explained models on the driver's CPU.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -74,14 +73,6 @@ class TestImages:
         return normalize(torch.from_numpy(self.images[:n]), self.mean, self.std)
 
 
-def rows_of(sel: store.Selections, idx: np.ndarray) -> store.Selections:
-    """The rows at `idx` of a Selections, in that order."""
-    t = torch.from_numpy(idx)
-    return dataclasses.replace(sel, image_id=sel.image_id[idx], label=sel.label[idx], pred=sel.pred[idx], confidence=sel.confidence[t],
-                               order=sel.order[t], curve=None if sel.curve is None else sel.curve[t],
-                               forward_passes=None if sel.forward_passes is None else sel.forward_passes[idx])
-
-
 class Analysis:
     """summary.json's content beyond the trials' accuracies — SIS sizes of each explained model,
     confidence on masked inputs, the selector comparison — and the plots and the gallery, computed on
@@ -97,14 +88,8 @@ class Analysis:
         read once per run: the summary, the selector table, the gallery and the plots look at the
         same rows. Shared between callers: read, never modify."""
         key = (source_tag, tag)
-        if key not in self._read:
-            sel = store.read_selections(self.plan.root, source_tag, tag, "test")
-            idx = np.searchsorted(sel.image_id, self.test.image_id)
-            found = (idx < len(sel.image_id)) & (sel.image_id[np.minimum(idx, len(sel.image_id) - 1)] == self.test.image_id)
-            if not found.all():
-                where = store.selection_dir(self.plan.root, source_tag, tag, "test")
-                raise store.StoreError(f"{where} holds {int(found.sum())} of the {len(found)} analysed test images: rerun the selection stage")
-            self._read[key] = sel if len(idx) == len(sel.image_id) else rows_of(sel, idx)
+        if key not in self._read:  # only the analysed images' rows: a streamed split may be far bigger
+            self._read[key] = store.read_selections(self.plan.root, source_tag, tag, "test", only_ids=self.test.image_id)
         return self._read[key]
 
     def model(self, source) -> torch.nn.Module:

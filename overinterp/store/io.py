@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -235,11 +236,15 @@ def find_overlap(table: pa.Table, file_of_row: np.ndarray, paths: list[str]) -> 
 _WARNED: set[str] = set()
 
 
-def _read_table(root: str, model: str, selector: str, split: str) -> pa.Table:
-    """All rows, one per image id; overlap handled as the module docstring says."""
+def _read_table(root: str, model: str, selector: str, split: str, only_ids: np.ndarray | None = None) -> pa.Table:
+    """All rows (or those of `only_ids`, filtered shard by shard so the rest never accumulate), one
+    per image id; overlap handled as the module docstring says."""
     fs, paths = shard_files(root, model, selector, split)
     out = _out_of(root)
     tables = [read_shard(fs, p, None, out) for p in paths]
+    if only_ids is not None:
+        wanted = pa.array(np.asarray(only_ids, dtype=np.int64))
+        tables = [t.filter(pc.is_in(t.column("image_id"), value_set=wanted)) for t in tables]
     if not tables:
         return SCHEMA.empty_table()
     table = pa.concat_tables(tables)
@@ -277,14 +282,18 @@ def _params(table: pa.Table) -> dict:
 
 
 def read_selections(root: str, model: str, selector: str, split: str, expect_n: int | None = None,
-                    expect_ids: np.ndarray | None = None) -> Selections:
-    """Read all rows of one (model, selector, split), validated and sorted by image id.
+                    expect_ids: np.ndarray | None = None, only_ids: np.ndarray | None = None) -> Selections:
+    """Read the rows of one (model, selector, split), validated and sorted by image id.
 
     Args:
         expect_n: if given, the ids must be exactly 0..expect_n-1 (no gaps).
         expect_ids: if given, the ids must be exactly these.
+        only_ids: if given, read only these images' rows (each must be stored): a sample of a split
+            too big to hold (the other rows are dropped shard by shard).
     """
-    t = _read_table(root, model, selector, split)
+    t = _read_table(root, model, selector, split, only_ids)
+    if only_ids is not None:
+        expect_ids = np.asarray(only_ids)
     where = selection_dir(root, model, selector, split)
     if t.num_rows == 0:
         raise StoreError(f"no selections stored for model={model} selector={selector} split={split} under {root}")
