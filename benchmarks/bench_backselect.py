@@ -19,35 +19,23 @@ Usage: python benchmarks/bench_backselect.py [--device cuda] [--repeats 3] [--st
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-import sys
-import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from overinterp.data import load_digits, normalize  # noqa: E402
-from overinterp.models import create_model  # noqa: E402
-from overinterp.selection import (  # noqa: E402
+from _common import describe, finish, machine, parser, start, timed  # first: it puts this checkout on sys.path
+from overinterp.data import load_digits, normalize
+from overinterp.models import create_model
+from overinterp.selection import (
     EngineConfig,
     backward_selection,
     batched_gradient_sis,
     keep_mask,
 )
-from overinterp.selection.engine import compiled, forward_rate, max_chunk, tune_chunk  # noqa: E402
-from overinterp.selection.original import original_backward_selection  # noqa: E402
-from overinterp.training import TrainConfig, train_model  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from overinterp.selection.engine import compiled, forward_rate, max_chunk, tune_chunk
+from overinterp.selection.original import original_backward_selection
+from overinterp.training import TrainConfig, train_model
 
 
 def twin_models(name, channels, device, seed=0):
@@ -61,24 +49,14 @@ def twin_models(name, channels, device, seed=0):
 
 
 def run_baseline(model, images, device, steps):
-    orders, curves, passes = [], [], 0
-    sync(device)
-    t0 = time.perf_counter()
-    for img in images.cpu().numpy():
-        o, c, p = original_backward_selection(model, img, device, max_steps=steps)
-        orders.append(o)
-        curves.append(c)
-        passes += p
-    sync(device)
-    return np.stack(orders), np.stack(curves), passes, time.perf_counter() - t0
+    """The original strategy, one image at a time: (orders, curves, forward passes, seconds)."""
+    runs, seconds = timed(lambda: [original_backward_selection(model, img, device, max_steps=steps) for img in images.cpu().numpy()], device)
+    orders, curves, passes = zip(*runs)
+    return np.stack(orders), np.stack(curves), sum(passes), seconds
 
 
 def run_engine(model, images, steps, config):
-    sync(images.device)
-    t0 = time.perf_counter()
-    res = backward_selection(model, images, config=config, max_steps=steps)
-    sync(images.device)
-    return res, time.perf_counter() - t0
+    return timed(lambda: backward_selection(model, images, config=config, max_steps=steps), images.device)
 
 
 def agreement(base_order, base_curve, res, steps):
@@ -171,32 +149,24 @@ def approximations(device, config, quick):
     if quick:
         test = test[:64]
     rows = []
-    t0 = time.perf_counter()
-    exact = backward_selection(model, test, config=config)
-    sync(device)
-    t_exact = time.perf_counter() - t0
+    exact, t_exact = timed(lambda: backward_selection(model, test, config=config), device)
     ref = keep_mask(exact.order, 0.05)
     n_keep = int(ref[0].sum())
     rows.append({"selector": "backselect k=1 (exact)", "seconds": t_exact, "passes": exact.forward_passes, "overlap_5pct": 1.0})
     variants = [("backselect", k) for k in (2, 4, 8)] + [("bgsis", k) for k in (1, 4)]
     for sel, k in variants:
-        t0 = time.perf_counter()
         if sel == "backselect":
-            res = backward_selection(model, test, pixels_per_step=k, config=config)
+            res, dt = timed(lambda: backward_selection(model, test, pixels_per_step=k, config=config), device)
         else:
-            res = batched_gradient_sis(model, test, pixels_per_step=k)
-        sync(device)
-        dt = time.perf_counter() - t0
+            res, dt = timed(lambda: batched_gradient_sis(model, test, pixels_per_step=k), device)
         overlap = float((keep_mask(res.order, 0.05) & ref).sum(1).float().mean()) / n_keep
         rows.append({"selector": f"{sel} k={k}", "seconds": dt, "passes": res.forward_passes, "overlap_5pct": overlap})
     # exact BS on all 1,797 digits images (train + test) with the trained model
     all_imgs = normalize(torch.from_numpy(np.concatenate([d.images["train"], d.images["test"]])).to(device), d.mean, d.std)
     if quick:
         all_imgs = all_imgs[:128]
-    t0 = time.perf_counter()
-    res = backward_selection(model, all_imgs, config=config)
-    sync(device)
-    return rows, {"images": int(len(all_imgs)), "seconds": time.perf_counter() - t0, "passes": res.forward_passes}
+    res, dt = timed(lambda: backward_selection(model, all_imgs, config=config), device)
+    return rows, {"images": int(len(all_imgs)), "seconds": dt, "passes": res.forward_passes}
 
 
 def autocast_agreement(device, steps):
@@ -214,21 +184,8 @@ def autocast_agreement(device, steps):
             "same_pixel_at_step": same, "max_curve_diff": float((out["fp32"][0].curve[:, :n] - out["bf16"][0].curve[:, :n]).abs().max())}
 
 
-def machine(device):
-    cpu = platform.processor() or "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="ResNet20 32x32: steps timed per image")
@@ -237,13 +194,12 @@ def main(argv=None):
     p.add_argument("--autocast", choices=("bf16",), default=None, help="CUDA: also run bf16 autocast")
     p.add_argument("--no-compile", action="store_true", help="skip the ResNet20 row with torch.compile (~1 min of compiling)")
     p.add_argument("--quick", action="store_true", help="smaller everything (a smoke test of this script)")
-    p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     config = EngineConfig()
     if args.quick:
         args.repeats, args.steps, args.resnet_images, args.digits_images = 1, 1, 1, 4
-    t_start = time.time()
+    started = start()
     d = load_digits()
     digits_imgs = normalize(torch.from_numpy(d.images["test"][: args.digits_images]), d.mean, d.std)
     results = [
@@ -255,10 +211,9 @@ def main(argv=None):
     approx, digits_all = approximations(device, config, args.quick)
     bf16 = autocast_agreement(device, args.steps) if (args.autocast and device.type == "cuda") else None
     report = {"machine": machine(device), "device": str(device), "repeats": args.repeats, "models": results,
-              "approximations": approx, "digits_all": digits_all, "bf16": bf16, "seconds": time.time() - t_start}
+              "approximations": approx, "digits_all": digits_all, "bf16": bf16}
 
-    print(f"\nBackward selection on {device} ({report['machine']['cpu']}, {report['machine']['threads']} threads, torch {torch.__version__}); "
-          f"medians of {args.repeats} interleaved runs")
+    print(f"\nBackward selection on {device} ({describe(report['machine'])}); medians of {args.repeats} interleaved runs")
     print(f"{'model':<20}{'input':<10}{'timed':<16}{'baseline pass/s':>16}{'engine pass/s':>15}{'speed-up':>9}"
           f"{'peak fwd/s':>12}{'eager fwd/s':>12}{'effic.':>8}  exact (full runs)          speed-run agreement")
     for r in results:
@@ -278,13 +233,7 @@ def main(argv=None):
     print(f"\nExact BS on {digits_all['images']} digits images: {digits_all['seconds']:.1f} s")
     if bf16:
         print(f"bf16 autocast: {bf16['speedup']:.2f}x fp32; same pixel chosen at {100 * bf16['same_pixel_at_step']:.1f}% of steps; curve ±{bf16['max_curve_diff']:.1e}")
-    print(f"(benchmark took {report['seconds']:.0f} s)")
-    line = json.dumps(report)
-    print("BENCH_JSON " + line)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    return report
+    return finish(report, started, args.json_out)
 
 
 if __name__ == "__main__":

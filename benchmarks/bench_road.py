@@ -17,26 +17,14 @@ Usage: python benchmarks/bench_road.py [--device cpu] [--repeats 3] [--json-out 
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from overinterp.fill import fill, solve_road  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from _common import describe, finish, machine, parser, start, timed, torch_threads  # first: it puts this checkout on sys.path
+from overinterp.fill import fill, solve_road
 
 
 def make_masks(kind: str, n: int, size: int, frac: float, gen: torch.Generator) -> torch.Tensor:
@@ -57,17 +45,13 @@ def run_reference(x: np.ndarray, keep: np.ndarray, noise: float):
     """Quantus, one image at a time: x (N, C, H, W) float32, keep (N, HW) bool."""
     from quantus.functions.perturb_func import noisy_linear_imputation
 
-    t0 = time.perf_counter()
-    out = [noisy_linear_imputation(arr=img, indices=np.flatnonzero(~k), noise=noise) for img, k in zip(x, keep)]
-    return np.stack(out), time.perf_counter() - t0
+    out, seconds = timed(lambda: [noisy_linear_imputation(arr=img, indices=np.flatnonzero(~k), noise=noise) for img, k in zip(x, keep)],
+                         torch.device("cpu"))
+    return np.stack(out), seconds
 
 
 def run_ours(x: torch.Tensor, keep: torch.Tensor, noise: float, gen: torch.Generator):
-    sync(x.device)
-    t0 = time.perf_counter()
-    out = fill(x, keep, "road", noise_std=noise, generator=gen)
-    sync(x.device)
-    return out, time.perf_counter() - t0
+    return timed(lambda: fill(x, keep, "road", noise_std=noise, generator=gen), x.device)
 
 
 def bench_case(size, frac, kind, n, repeats, device):
@@ -118,24 +102,8 @@ def quantus_road_rgb_note() -> str:
     return "quantus.ROAD on RGB (2, 3, 8, 8) images ran without error"
 
 
-def machine(device):
-    cpu = platform.processor() or "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import quantus
-
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "quantus": quantus.__version__}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch threads (Quantus's sparse solve uses one)")
     p.add_argument("--repeats", type=int, default=3)
@@ -143,21 +111,21 @@ def main(argv=None):
     p.add_argument("--images-224", type=int, default=2, help="images per case at 224x224")
     p.add_argument("--masks", nargs="+", default=["random", "blobs"], choices=["random", "blobs"])
     p.add_argument("--quick", action="store_true", help="16x16 only, 8 images, 1 repeat (a smoke test of this script)")
-    p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        return run(args)
+
+
+def run(args):
     device = torch.device(args.device)
-    t_start = time.time()
-    load_before = os.getloadavg()[0]  # 1-min load average: other tenants share these cores
+    started = start()
     sizes = [(16, 8)] if args.quick else [(32, args.images_32), (224, args.images_224)]
     repeats = 1 if args.quick else args.repeats
     cases = [bench_case(s, frac, kind, n, repeats, device) for s, n in sizes for kind in args.masks for frac in (0.5, 0.9)]
     note = quantus_road_rgb_note()
-    report = {"machine": machine(device), "device": str(device), "repeats": repeats, "cases": cases, "note": note,
-              "seconds": time.time() - t_start, "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]}
+    report = {"machine": machine(device, ("quantus",)), "device": str(device), "repeats": repeats, "cases": cases, "note": note}
 
-    print(f"\nROAD fill on {device} ({report['machine']['cpu']}, {report['machine']['threads']} threads, torch {torch.__version__}, "
-          f"quantus {report['machine']['quantus']}); RGB images; medians of {repeats} interleaved runs")
+    print(f"\nROAD fill on {device} ({describe(report['machine'])}); RGB images; medians of {repeats} interleaved runs")
     print(f"{'size':>5}{'mask':>8}{'removed':>9}{'images':>8}{'Quantus img/s':>15}{'ours img/s':>12}{'speed-up':>10}"
           f"{'CG iters':>10}{'max |diff|':>12}{'mean |diff|':>13}")
     for c in cases:
@@ -165,13 +133,7 @@ def main(argv=None):
               f"{c['ours_images_per_s']:>12,.1f}{c['speedup']:>9.1f}x{c['cg_iterations']:>10}{c['max_abs_diff']:>12.1e}"
               f"{c['mean_abs_diff']:>13.1e}")
     print(f"Note: {note}")
-    print(f"(benchmark took {report['seconds']:.0f} s; 1-min load average {load_before:.1f} before, {report['load_avg_after']:.1f} after)")
-    line = json.dumps(report)
-    print("BENCH_JSON " + line)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    return report
+    return finish(report, started, args.json_out)
 
 
 if __name__ == "__main__":

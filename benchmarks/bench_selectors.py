@@ -18,37 +18,18 @@ Usage: python benchmarks/bench_selectors.py [--threads 2] [--repeats 3] [--devic
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from overinterp.data import load_digits, normalize  # noqa: E402
-from overinterp.models import create_model  # noqa: E402
-from overinterp.selection import backward_selection, batched_gradient_sis  # noqa: E402
-from overinterp.selection.attribution import attribution_selection  # noqa: E402
-from overinterp.selection.perturbation import PerturbationParams, meaningful_perturbation  # noqa: E402
-from overinterp.selection.ranking import ranking_curve  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
+from _common import describe, finish, machine, parser, start, timed, torch_threads  # first: it puts this checkout on sys.path
+from overinterp.data import load_digits, normalize
+from overinterp.models import create_model
+from overinterp.selection import backward_selection, batched_gradient_sis
+from overinterp.selection.attribution import attribution_selection
+from overinterp.selection.perturbation import PerturbationParams, meaningful_perturbation
+from overinterp.selection.ranking import ranking_curve
 
 
 def selectors(quick: bool, bs_steps, bgsis_steps):
@@ -114,24 +95,8 @@ def bench_model(name, images, repeats, device, quick, bs_steps=None, bgsis_steps
     return rows
 
 
-def machine(device):
-    cpu = platform.processor() or "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import captum
-
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "captum": captum.__version__,
-            "python": platform.python_version(), "load_average_1min_at_end": os.getloadavg()[0]}  # other tenants
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--repeats", type=int, default=3)
@@ -140,31 +105,24 @@ def main(argv=None):
     p.add_argument("--bs-steps", type=int, default=2, help="ResNet20: exact BS steps timed, then extrapolated")
     p.add_argument("--bgsis-steps", type=int, default=64, help="ResNet20: BGSIS steps timed, then extrapolated")
     p.add_argument("--quick", action="store_true", help="digits only, 2 images, 1 repeat, short optimisations (a smoke test)")
-    p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(threads_before)  # a caller (the tests) keeps its own setting
 
 
 def run(args):
     device = torch.device(args.device)
     if args.quick:
         args.repeats, args.digits_images = 1, 2
-    t_start = time.time()
+    started = start()
     d = load_digits()
     digits = normalize(torch.from_numpy(d.images["test"][: args.digits_images]), d.mean, d.std)
     rows = bench_model("digits_cnn", digits, args.repeats, device, args.quick)
     if not args.quick:
         resnet_images = torch.randn(args.resnet_images, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         rows += bench_model("resnet20", resnet_images, args.repeats, device, False, args.bs_steps, args.bgsis_steps)
-    report = {"machine": machine(device), "device": str(device), "repeats": args.repeats, "rows": rows,
-              "seconds": time.time() - t_start}
-    m = report["machine"]
-    print(f"\nSelector cost per image on {device} ({m['cpu']}, {m['threads']} threads, torch {m['torch']}, captum {m['captum']}); "
+    report = {"machine": machine(device, ("captum",)), "device": str(device), "repeats": args.repeats, "rows": rows}
+    print(f"\nSelector cost per image on {device} ({describe(report['machine'])}); "
           f"medians of {args.repeats} interleaved runs; BS cost / this = median of per-run ratios")
     print(f"{'model':<12}{'input':<8}{'selector':<22}{'fwd passes/img':>15}{'s/img':>10}{'curve s/img':>13}"
           f"{'ranking s/img':>15}{'BS cost / this':>16}  timed")
@@ -174,13 +132,7 @@ def run(args):
         timed_note = r["timed"] + (" (extrapolated)" if r["extrapolated"] else "")
         print(f"{r['model']:<12}{r['input']:<8}{r['selector']:<22}{r['passes_per_image']:>15,.0f}{r['seconds_per_image']:>10.3g}"
               f"{curve:>13}{rank:>15}{r['bs_cost_ratio']:>15.1f}x  {r['images']} img, {timed_note}")
-    print(f"(benchmark took {report['seconds']:.0f} s)")
-    line = json.dumps(report)
-    print("BENCH_JSON " + line)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    return report
+    return finish(report, started, args.json_out)
 
 
 if __name__ == "__main__":

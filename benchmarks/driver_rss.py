@@ -27,10 +27,7 @@ Usage: python benchmarks/driver_rss.py [--n 128] [--repeats 2] [--json-out FILE]
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -38,12 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-from overinterp.synthetic import write_imagefolder  # noqa: E402
+from _common import ROOT, describe, finish, machine, parser, start  # first: it puts this checkout on sys.path
+from overinterp.models import create_model
+from overinterp.synthetic import write_imagefolder
 
 NUM_CLASSES = 4
 STAGE = re.compile(r"\] (stage \d+/\d+): ")  # the driver's "[overinterp hh:mm:ss] stage 2/3: ..." lines
@@ -59,10 +56,6 @@ def make_data(root: str, n: int, size: int) -> tuple[str, str, int]:
 
 
 def make_weights(path: str, model: str) -> str:
-    import torch
-
-    from overinterp.models import create_model
-
     torch.manual_seed(0)
     torch.save(create_model(model, num_classes=NUM_CLASSES).state_dict(), path)
     return path
@@ -122,30 +115,8 @@ def run_driver(argv: list[str], log_path: str, interval: float) -> dict:
             "peak_rss_by_stage_mib": {k: v * mib for k, v in by_stage.items()}, "samples": samples, "seconds": seconds}
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    ram_kib = 0
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    if os.path.exists("/proc/meminfo"):
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                ram_kib = int(line.split()[1])
-    versions = {}
-    for pkg in ("torch", "torchvision", "ray", "mlflow", "pyarrow"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "ram_gib": round(ram_kib / 2**20, 1), "python": platform.python_version(),
-            "platform": platform.platform(), **versions}
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--n", type=int, default=128, help="images per split of the small data set; the large one has 8x")
     p.add_argument("--factor", type=int, default=8, help="size of the large data set, in multiples of --n")
     p.add_argument("--repeats", type=int, default=2, help="runs per size, interleaved")
@@ -159,14 +130,12 @@ def main(argv=None):
     p.add_argument("--interval", type=float, default=0.2, help="seconds between samples of /proc/<pid>/status")
     p.add_argument("--scratch", default=None, help="folder for data and outputs (default: a temporary one, removed at the end)")
     p.add_argument("--quick", action="store_true", help="N=16 vs 32, one run each (a smoke test of this script)")
-    p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.factor, args.repeats, args.batch_size, args.select_batch = 16, 2, 1, 8, 8
     sizes = [args.n, args.factor * args.n]
 
-    t_start = time.time()
-    load_before = os.getloadavg()[0]  # 1-min load average: other tenants share these cores
+    started = start()
     scratch = args.scratch or tempfile.mkdtemp(prefix="driver_rss-")
     os.makedirs(scratch, exist_ok=True)
     try:
@@ -193,30 +162,23 @@ def main(argv=None):
     ratios = [b["peak_rss_mib"] / a["peak_rss_mib"] for a, b in zip(runs[0::2], runs[1::2])]
     summary = {str(n): {k: median(n, k) for k in ("peak_rss_mib", "peak_rss_anon_mib", "seconds")} for n in sizes}
     report = {
-        "benchmark": "driver_rss", "machine": machine(), "measured": "the driver process only (jobs/sis_imagenet.py); Ray workers are separate processes",
+        "benchmark": "driver_rss", "machine": machine(packages=("torchvision", "ray", "mlflow", "pyarrow")),
+        "measured": "the driver process only (jobs/sis_imagenet.py); Ray workers are separate processes",
         "settings": {"images_per_split": sizes, "classes": NUM_CLASSES, "model": args.model, "image_size": args.image_size,
                      "file_size": args.file_size, "data_mib": [data[n][2] / 2**20 for n in sizes],
                      "pixels_per_step": args.pixels_per_step, "batch_size": args.batch_size, "select_batch": args.select_batch,
                      "epochs": 1, "seeds": [0], "interval_s": args.interval, "repeats": args.repeats, "quick": args.quick},
         "runs": runs, "median": summary, "ratio_runs": ratios, "ratio": statistics.median(ratios),
-        "seconds": time.time() - t_start, "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
     }
 
-    m = report["machine"]
-    print(f"\nPeak RSS of the jobs/sis_imagenet.py driver process (Ray workers not counted); {m['cpu']}, {m['cpu_count']} CPUs, "
-          f"{m['ram_gib']} GiB; Python {m['python']}, torch {m['torch']}, ray {m['ray']}; medians of {args.repeats} interleaved runs")
+    print(f"\nPeak RSS of the jobs/sis_imagenet.py driver process (Ray workers not counted); {describe(report['machine'])}; "
+          f"medians of {args.repeats} interleaved runs")
     print(f"{'images/split':>13}{'files MiB':>11}{'peak RSS MiB':>14}{'RssAnon MiB':>13}{'wall s':>9}")
     for n in sizes:
         s = summary[str(n)]
         print(f"{n:>13}{data[n][2] / 2**20:>11.1f}{s['peak_rss_mib']:>14.0f}{s['peak_rss_anon_mib']:>13.0f}{s['seconds']:>9.0f}")
     print(f"ratio {sizes[1]}/{sizes[0]} images: peak RSS x{report['ratio']:.3f} (runs: {', '.join(f'{r:.3f}' for r in ratios)})")
-    print(f"(benchmark took {report['seconds']:.0f} s; 1-min load average {load_before:.1f} before, {report['load_avg_after']:.1f} after)")
-    line = json.dumps(report)
-    print("BENCH_JSON " + line)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    return report
+    return finish(report, started, args.json_out)
 
 
 if __name__ == "__main__":

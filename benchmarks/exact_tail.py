@@ -34,14 +34,9 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import math
 import os
-import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
@@ -50,10 +45,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from overinterp.data import DataError, ImageDataset, load_cifar10, load_digits, normalize  # noqa: E402
-from overinterp.selection import (  # noqa: E402
+from _common import finish, machine, parser, start, timed, torch_threads  # first: it puts this checkout on sys.path
+from overinterp.data import DataError, ImageDataset, load_cifar10, load_digits, normalize
+from overinterp.models import DigitsCNN
+from overinterp.selection import (
     NO_SIS,
     REMOVAL_SELECTORS,
     EngineConfig,
@@ -66,8 +61,8 @@ from overinterp.selection import (  # noqa: E402
     selector_tag,
     sis_size,
 )
-from overinterp.selection.engine import max_chunk, tune_chunk  # noqa: E402
-from overinterp.training import TrainConfig, evaluate, train_model  # noqa: E402
+from overinterp.selection.engine import max_chunk, tune_chunk
+from overinterp.training import TrainConfig, evaluate, train_model
 
 TAILS = (0.05, 0.1, 0.2, 0.5)
 KS = (4, 16, 64)
@@ -79,20 +74,13 @@ MIN_FEWER = 10.0  # the issue's cost target: >= 10x fewer forward passes than ex
 MIN_JACCARD = 0.95
 
 
-class StridedCNN(nn.Module):
-    """conv 3x3/2 (8) -> conv 3x3/2 (16) -> max-pool to 4x4 -> linear: ~92k multiply-adds at 32x32."""
+class StridedCNN(DigitsCNN):
+    """The digits CNN with stride-2 convolutions (8, then 16 channels) -> max-pool to 4x4 -> linear:
+    ~92k multiply-adds at 32x32. Same layers, so the same seed gives the same weights."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 8):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.pool = nn.AdaptiveMaxPool2d(4)
-        self.fc = nn.Linear(2 * width * 16, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = self.pool(F.relu(self.conv2(x)))
-        return self.fc(x.flatten(1))
+        super().__init__(num_classes, in_channels, width)
+        self.conv1.stride = self.conv2.stride = (2, 2)
 
 
 @dataclass(frozen=True)
@@ -185,11 +173,9 @@ def select(model, images: torch.Tensor, v: Variant, n: int, batch: int, engine: 
     """Run variant v on the first n pool images (those not cached yet), in batches; returns the entry."""
     entry = cache.get(key)
     done = sum(len(o) for o in entry["order"])
-    for start in range(done, n, batch):
-        x = images[start : min(start + batch, n)]
-        t0 = time.perf_counter()
-        res = run_selector(v.selector, model, x, {"k": v.k, "tail": v.tail}, engine)
-        dt = time.perf_counter() - t0
+    for first in range(done, n, batch):
+        x = images[first : min(first + batch, n)]
+        res, dt = timed(lambda: run_selector(v.selector, model, x, {"k": v.k, "tail": v.tail}, engine), x.device)
         entry["order"].append(res.order.to(torch.int16))
         entry["curve"].append(res.curve)
         entry["confidence"].append(res.confidence)
@@ -200,7 +186,7 @@ def select(model, images: torch.Tensor, v: Variant, n: int, batch: int, engine: 
         assert res.forward_passes == planned_forward_passes(v.selector, hw, v.k, v.tail, batch=len(x))
         assert res.backward_passes == planned_backward_passes(v.selector, hw, v.k, v.tail, batch=len(x))
         cache.save()
-        log(f"  {v.label:<22} images {start + len(x):>4}/{n}  {dt:7.1f} s  ({res.forward_passes / dt:,.0f} passes/s)")
+        log(f"  {v.label:<22} images {first + len(x):>4}/{n}  {dt:7.1f} s  ({res.forward_passes / dt:,.0f} passes/s)")
     return entry
 
 
@@ -477,18 +463,8 @@ def pareto_plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=130)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--budget-min", type=float, default=75.0, help="wall-clock budget for the whole benchmark (minutes)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--n-fidelity", type=int, default=None, help="override: images every selector runs on")
@@ -506,7 +482,6 @@ def main(argv=None):
     p.add_argument("--train-reserve-min", type=float, default=8.0, help="budget kept for training the subset models")
     p.add_argument("--cifar-root", default=None, help="folder holding cifar-10-batches-py/ (skipped when absent)")
     p.add_argument("--cache", default=None, help="file to keep selections in (a rerun resumes from it)")
-    p.add_argument("--json-out", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--grid", choices=REMOVAL_SELECTORS, default="backselect",
                    help="backselect: the k x F grid of k-per-step BS (and BGSIS k=16); bgsis: the same grid for BGSIS")
@@ -516,18 +491,13 @@ def main(argv=None):
         args.image_size, args.n_fidelity, args.n_extra, args.seeds, args.folds, args.control_images = 12, 4, 4, 1, 2, 2
         args.model_epochs, args.epochs, args.batch, args.chunk = 2, 2, 8, 256
         args.threads = args.threads or 1
-    threads = torch.get_num_threads()
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)  # main() may run inside a test session
 
 
 def run(args) -> dict:
     torch.manual_seed(args.seed)
-    t0 = time.time()
+    started = start()
     cache = Cache(args.cache)
     engine = EngineConfig()
     datasets = [("digits", lambda: load_digits(image_size=args.image_size))]
@@ -540,18 +510,12 @@ def run(args) -> dict:
         except (DataError, OSError) as e:
             log(f"{name}: skipped ({str(e).splitlines()[0]})")
             continue
-        budget = args.budget_min * 60 - (time.time() - t0)
+        budget = args.budget_min * 60 - (time.time() - started[0])
         results.append(run_dataset(name, data, args, engine, cache, budget / (len(datasets) - i)))
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "args": vars(args), "results": results,
-              "seconds": time.time() - t0}
+    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "args": vars(args), "results": results}
     for res in results:
         print_table(res)
-    print(f"(benchmark took {report['seconds'] / 60:.1f} min)")
-    line = json.dumps(report)
-    print("BENCH_JSON " + line)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
+    finish(report, started, args.json_out)
     if args.plot and results:
         pareto_plot(results, args.plot)
     return report
