@@ -148,8 +148,10 @@ class StreamBackend:
     def _streams(self, subset: Optional[str]) -> dict:
         """{"train", "val"} datasets of one trial: the images with their keep-masks (all pixels for full images)."""
         cfg, data = self.cfg, self.data
-        return {name: subset_stream(data.path(split), data.classes, data.limits[split], cfg.image_size, self.plan.root, subset, split,
-                                    cfg.fraction, self.plan.n_images[split]) for name, split in (("train", "train"), ("val", "test"))}
+        streams = {name: subset_stream(data.path(split), data.classes, data.limits[split], cfg.image_size, self.plan.root, subset, split,
+                                       cfg.fraction, self.plan.n_images[split]) for name, split in (("train", "train"), ("val", "test"))}
+        streams["train"] = streams["train"].randomize_block_order()  # see train_stream.SHUFFLE_BUFFER_IMAGES
+        return streams
 
     def train_subsets(self, specs: list[TrialSpec]) -> dict:
         return self._train("subsets", specs)

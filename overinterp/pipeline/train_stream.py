@@ -68,6 +68,10 @@ def mask_rows(root: str, subset: str, split: str, hw: int, fraction: float) -> r
 
 
 IMAGES_PER_PARTITION = 5000  # join partitions: ~5,000 encoded ImageNet images (~0.5 GB) each
+# Training images are shuffled in two steps, since a source is stored in order (an ImageFolder class
+# by class): the blocks' order is randomised per epoch, then each worker draws its batches at random
+# from a buffer of this many images (SGD and BatchNorm on one-class batches learn nothing).
+SHUFFLE_BUFFER_IMAGES = 2048
 
 
 def _keep_all(batch: dict, hw: int) -> dict:
@@ -141,7 +145,9 @@ def _train_loop(config: dict) -> None:
         ddp.train()
         gen.manual_seed(spec.seed * 1000 + rank + 7919 * epoch)  # augmentation replays identically after a restart
         loss_sum = torch.zeros(2, device=device)  # (summed loss, images)
-        for batch in train_shard.iter_torch_batches(batch_size=tc.batch_size, device=device, drop_last=False):
+        for batch in train_shard.iter_torch_batches(batch_size=tc.batch_size, device=device, drop_last=False,
+                                                    local_shuffle_buffer_size=SHUFFLE_BUFFER_IMAGES,
+                                                    local_shuffle_seed=spec.seed * 1000 + rank + 7919 * epoch):
             if len(batch["label"]) == 1:
                 continue  # BatchNorm cannot train on one image (a split's last, short batch)
             x = prepare(batch["image"], mean, std, unpack_keep(batch[MASK_COLUMN], hw), spec.fill)
