@@ -69,7 +69,7 @@ def _smoke_inputs(fmt: str) -> dict:
     torch.manual_seed(0)
     torch.save(create_model("tv:resnet18", num_classes=3).state_dict(), weights)
     return dict(train=train, val=val, pretrained="tv:resnet18", weights=weights, num_classes=3, image_size=32,
-                pixels_per_step=64, epochs=1, batch_size=8, select_batch=6, smoke=True, out_dir=os.path.join(scratch, "out"))
+                pixels_per_step=64, epochs=1, batch_size=8, select_batch=6, out_dir=os.path.join(scratch, "out"))
 
 
 def config_fields(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
