@@ -277,3 +277,31 @@ def test_other_settings_in_same_out_dir_are_refused(smoke_run):
     cfg, out, _ = smoke_run
     with pytest.raises(ConfigError, match="other settings"):
         run_pipeline(RunConfig(smoke=True, seeds=(0, 1), out_dir=str(out), fraction=0.1))
+
+
+def test_a_streamed_folder_run_trains_selects_and_reports_as_an_in_memory_one(ray_session, tmp_path, capsys):
+    """--stream on a folder: the full-image model trains through Ray Train, selection explains it,
+    and the same analysis writes the same summary keys, plots and gallery as an in-memory run."""
+    from overinterp.synthetic import write_imagefolder
+
+    write_imagefolder(str(tmp_path / "photos"), n_per_class=4, num_classes=2, size=20)
+    out = tmp_path / "out"
+    cfg = RunConfig(dataset="imagefolder", data_root=str(tmp_path / "photos"), stream=True, image_size=8, models=("digits_cnn",),
+                    seeds=(0,), input_dropout=0.0, selectors=("bgsis", "gradient"), pixels_per_step=16, fills=("mean",), epochs=1,
+                    batch_size=4, select_batch=4, gallery=2, out_dir=str(out))
+    summary = run_pipeline(cfg)
+    printed = capsys.readouterr().out
+    assert f"source: imagefolder {tmp_path / 'photos'}: streamed, as --stream asks" in printed
+    assert set(summary["accuracy"]["digits_cnn"]) == {"full", "bgsis-subset", "bgsis-positions-only", "gradient-subset",
+                                                      "gradient-positions-only", "random-subset"}
+    assert summary["analysed_test_images"] == [8, 8] and summary["sis"]["digits_cnn"]["plain"]["n_images"] == 8
+    assert [r["selector"] for r in summary["comparison"]["digits_cnn"]["selectors"]] == ["bgsis-k16", "gradient"]
+    assert summary["gallery_columns"][0] == "original" and len(summary["gallery_columns"]) == 5
+    for f in ("summary.md", "gallery.png", "accuracy.png", "confidence_vs_removed.png", "sis_sizes.png"):
+        assert (out / f).exists(), f
+    root = str(out / "selections")
+    for model, sel, split in store.list_selections(root):
+        ids = store.raw_image_ids(root, model, sel, split)
+        assert len(ids) == len(set(ids.tolist())) == 8, (model, sel, split)  # every image once
+    result = json.load(open(out / "trials" / "digits_cnn-full-s0" / "result.json"))
+    assert result["val_images"] == 8 and "workers" in result  # a Ray Train trial, not a Tune one
