@@ -111,7 +111,6 @@ class Analysis:
             "comparison": {}, "skipped_images": skipped, "analysed_test_images": [len(test.labels), test.total],
         }
         if baseline:  # a pretrained explained model: the baseline every trained model is compared with
-            source = next(iter(plan.sources[cfg.models[0]].values()))
             summary.update(baseline=baseline, model=cfg.pretrained, weights=cfg.weights, train_model=cfg.models[0],
                            images={s: n for s, n in plan.n_images.items()})
         for m in cfg.models:

@@ -10,7 +10,6 @@ is skipped on a rerun, the summary's shape, reports and tracking — lives here 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from overinterp import fs, store
+from overinterp import store
 from overinterp.config import SMOKE_SIZES, RunConfig
 from overinterp.data import ImageDataset, load_dataset, load_imagefolder_splits, normalize
 from overinterp.pipeline.analysis import TestImages

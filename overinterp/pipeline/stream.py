@@ -211,11 +211,12 @@ class StreamBackend:
         """The first ANALYSIS_IMAGES images of the test split with a stored selection, decoded into the
         driver: the analysis's sample (bounded, whatever the split's size)."""
         stored = store.done_ids(self.plan.root, self.explained.tag, self.plan.primary, "test")
+        stored_ids = np.fromiter(stored, np.int64, len(stored))
         want = min(ANALYSIS_IMAGES, self.plan.n_images["test"])
         ds = drop_bad(read_images(self.data.val, self.cfg.image_size, self.data.classes, self.data.limits["test"]))
         ids, images, labels = [], [], []
         for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
-            keep = np.isin(b["image_id"], np.fromiter(stored, np.int64, len(stored)))
+            keep = np.isin(b["image_id"], stored_ids)
             ids.append(b["image_id"][keep]), images.append(b["image"][keep]), labels.append(b["label"][keep])
             if sum(len(i) for i in ids) >= want:
                 break
