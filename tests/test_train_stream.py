@@ -1,4 +1,5 @@
-"""Streamed training's inputs: every image joined by image_id with its own keep-mask from the store."""
+"""Streamed training's inputs: every image joined by image_id with its own keep-mask from the store,
+and repeated ids refused."""
 
 import numpy as np
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from overinterp import store
 from overinterp.pipeline.images import read_encoded
+from overinterp.pipeline import train_stream
 from overinterp.pipeline.train_stream import MASK_COLUMN, subset_stream, unpack_keep
 from overinterp.synthetic import write_encoded_parquet
 
@@ -14,7 +16,11 @@ pytestmark = pytest.mark.ray
 SIZE, FRACTION = 8, 0.2  # 64 pixels, 13 kept
 
 
-def test_the_joined_keep_of_each_image_is_its_stored_mask(ray_session, tmp_path):
+@pytest.mark.parametrize("mask_bytes", [1 << 30, 0], ids=["broadcast", "hash-join"])
+def test_the_joined_keep_of_each_image_is_its_stored_mask(ray_session, tmp_path, monkeypatch, mask_bytes):
+    """Both joins (the masks looked up in the object store, and Ray Data's hash join for masks too big
+    to broadcast) give each stored image its own mask and leave out images without a selection."""
+    monkeypatch.setattr(train_stream, "BROADCAST_MASK_BYTES", mask_bytes)
     source = str(tmp_path / "train.parquet")
     write_encoded_parquet(source, n=10, num_classes=3, size=SIZE, seed=0)
     encoded = read_encoded(source).take_all()
@@ -39,3 +45,11 @@ def test_the_joined_keep_of_each_image_is_its_stored_mask(ray_session, tmp_path)
         keep = unpack_keep(torch.from_numpy(np.array(r[MASK_COLUMN])[None]), hw)[0].numpy()
         assert np.array_equal(keep, expected[r["image_id"]]), r["image_id"]
         assert keep.sum() == 13 and r["label"] == labels[r["image_id"]]
+
+
+def test_repeated_stored_ids_are_refused_with_the_repair_command(ray_session, tmp_path):
+    root = str(tmp_path / "selections")
+    store.write_rows(root, model="m", selector="sel", selector_params="{}", split="train", image_id=np.array([7, 7]), label=np.zeros(2),
+                     height=2, width=2, order=torch.arange(4).repeat(2, 1))  # the same image stored twice
+    with pytest.raises(store.StoreError, match="repeated image ids: run `overinterp store repair"):
+        train_stream.mask_table(root, "m/sel", "train", 4, 0.5)

@@ -54,17 +54,61 @@ def _keep_bits(batch: pa.Table, hw: int, fraction: float, split: str) -> dict:
     return {"image_id": ids, MASK_COLUMN: np.packbits(keep, axis=1)}
 
 
-def mask_rows(root: str, subset: str, split: str, hw: int, fraction: float) -> ray.data.Dataset:
-    """{image_id, keep} for every stored row of one selection; refuses repeated ids (run `store repair`)."""
+def _selection_shards(root: str, subset: str, split: str):
     model_tag, sel_tag = subset.split("/")
     fsys, paths = store.shard_files(root, model_tag, sel_tag, split)
     if not paths:
         raise store.StoreError(f"no selections stored for {subset} {split} under {root}: rerun the selection stage")
+    return fsys, paths
+
+
+def _repeated(root: str, subset: str, split: str) -> store.StoreError:
+    return store.StoreError(f"{root}/{subset}/{split} holds repeated image ids: run `overinterp store repair --out {root.removesuffix('/selections')}`")
+
+
+def mask_rows(root: str, subset: str, split: str, hw: int, fraction: float) -> ray.data.Dataset:
+    """{image_id, keep} for every stored row of one selection; refuses repeated ids (run `store repair`)."""
+    fsys, paths = _selection_shards(root, subset, split)
     ids = np.concatenate([store.read_shard(fsys, p, ["image_id"]).column("image_id").to_numpy() for p in paths])
     if len(np.unique(ids)) != len(ids):
-        raise store.StoreError(f"{root}/{subset}/{split} holds repeated image ids: run `overinterp store repair --out {root.removesuffix('/selections')}`")
+        raise _repeated(root, subset, split)
     ds = ray.data.read_parquet(paths, filesystem=fsys, columns=["image_id", "removal_step", "selector_params"])
     return ds.map_batches(_keep_bits, fn_kwargs={"hw": hw, "fraction": fraction, "split": split}, batch_format="pyarrow")
+
+
+def mask_table(root: str, subset: str, split: str, hw: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """One selection's keep-masks as arrays: ids (N,) int64 sorted, packed keep (N, ceil(HW / 8)) uint8.
+
+    Read shard by shard (one shard's removal steps at a time); refuses repeated ids (run `store repair`).
+    """
+    fsys, paths = _selection_shards(root, subset, split)
+    rows = [_keep_bits(store.read_shard(fsys, p, ["image_id", "removal_step", "selector_params"]), hw, fraction, split) for p in paths]
+    ids = np.concatenate([r["image_id"] for r in rows])
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    if (ids[1:] == ids[:-1]).any():
+        raise _repeated(root, subset, split)
+    return ids, np.concatenate([r[MASK_COLUMN] for r in rows])[order]
+
+
+def _look_up_keep(batch: dict, table: list) -> dict:
+    """Encoded rows -> the rows with a stored keep-mask, each with it (an inner join by image_id).
+
+    table: [ObjectRef of mask_table's (ids, packed keep)], read zero-copy from the object store.
+    """
+    ids, keep = ray.get(table[0])
+    want = np.asarray(batch["image_id"])
+    at = np.searchsorted(ids, want).clip(max=max(len(ids) - 1, 0))
+    hit = ids[at] == want if len(ids) else np.zeros(len(want), dtype=bool)
+    return {**{k: np.asarray(v)[hit] for k, v in batch.items()}, MASK_COLUMN: keep[at[hit]]}
+
+
+# A selection's keep-masks are joined to the encoded images in one of two ways, by their size
+# (images × ceil(HW / 8) bytes): up to this many bytes they are put in the object store once and
+# looked up by id on the decoding workers (no shuffle: a few seconds per pass); bigger (ImageNet at
+# full resolution: 1.28M × 6,272 B = 8 GB) they are hash-joined by Ray Data, disk-backed, whose
+# shuffle actors cost ~15 s per pass to start.
+BROADCAST_MASK_BYTES = 1 << 30
 
 
 IMAGES_PER_PARTITION = 5000  # join partitions: ~5,000 encoded ImageNet images (~0.5 GB) each
@@ -90,9 +134,13 @@ def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int
         decoded = encoded.map_batches(decode_batch, fn_kwargs={"size": size, "root": folder_root}, batch_format="numpy", batch_size=64)
         decoded = drop_bad(decoded).map_batches(_keep_all, fn_kwargs={"hw": size * size}, batch_format="numpy", batch_size=64)
         return decoded.select_columns(["image_id", "label", "image", MASK_COLUMN])
-    partitions = min(512, max(1, n_images // IMAGES_PER_PARTITION))
-    masks = mask_rows(root, subset, split, size * size, fraction)
-    joined = encoded.join(masks, join_type="inner", num_partitions=partitions, on=("image_id",))
+    hw = size * size
+    if n_images * -(-hw // 8) <= BROADCAST_MASK_BYTES:
+        table = [ray.put(mask_table(root, subset, split, hw, fraction))]
+        joined = encoded.map_batches(_look_up_keep, fn_kwargs={"table": table}, batch_format="numpy", batch_size=256)
+    else:
+        partitions = min(512, max(1, n_images // IMAGES_PER_PARTITION))
+        joined = encoded.join(mask_rows(root, subset, split, hw, fraction), join_type="inner", num_partitions=partitions, on=("image_id",))
     decoded = joined.map_batches(decode_batch, fn_kwargs={"size": size, "keep_columns": (MASK_COLUMN,), "root": folder_root},
                                  batch_format="numpy", batch_size=64)
     # an image that decoded at selection time and not now (changed on disk) is dropped, not trained on as zeros
