@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from overinterp.selection import REMOVAL_SELECTORS, selector_params, selector_tag
 from overinterp.selection.cost import planned_passes
+from overinterp.selection.engine import sync
 
 # A backward pass costs about two forward passes: it multiplies by each weight's transpose to get
 # the input gradient and again to get the weight gradient (the usual 3× forward for a training
@@ -90,11 +91,6 @@ def format_rate(x: float) -> str:
 # Calibration: images per second of the real model on the device
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # GPU work is asynchronous: time it only once it has finished
-
-
 def _autocast(autocast: Optional[str], device: torch.device):
     if autocast is None:
         return contextlib.nullcontext()
@@ -110,13 +106,13 @@ def _time_calls(step: Callable[[], object], device: torch.device, seconds: float
     `min_calls`), after `warmup` untimed calls (cuDNN autotuning, allocator, lazy init)."""
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     calls, t0 = 0, time.perf_counter()
     while True:
         step()
         calls += 1
         if calls >= min_calls:
-            _sync(device)
+            sync(device)
             elapsed = time.perf_counter() - t0
             if elapsed >= seconds:
                 return elapsed / calls
