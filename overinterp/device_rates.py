@@ -7,8 +7,8 @@ workers' device by this table's ratio for the same model: device rate ÷ referen
 measured as the driver measures (REFERENCE_THREADS threads, `calibration_batch` images). A model
 without rows is scaled as DEFAULT_MODEL; a GPU kind without rows as "GPU" (any card).
 
-Rows are measured with `python -m overinterp.device_rates --device cpu|cuda` (it prints them). A row
-whose `measured_on` starts with "estimate" was not measured on such a device.
+Rows are measured with `python -m overinterp.device_rates --device cpu|cuda [--kind H100]` (it
+prints them). A row whose `measured_on` starts with "estimate" was not measured on such a device.
 """
 
 from __future__ import annotations
@@ -98,10 +98,12 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--kind", help="the rows' device as Ray names its GPU kind, e.g. H100 (default: cpu, or GPU on cuda)")
     p.add_argument("--threads", type=int, default=REFERENCE_THREADS)
     args = p.parse_args(argv)
-    kind = "cpu" if args.device == "cpu" else torch.cuda.get_device_name()
-    where = f"{platform.processor() or platform.machine()} / {kind}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    kind = args.kind or ("cpu" if args.device == "cpu" else "GPU")
+    card = platform.processor() or platform.machine() if args.device == "cpu" else torch.cuda.get_device_name()
+    where = f"{card}, {args.threads} thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     for model in dict.fromkeys(r.model for r in RATES):
         shape = _row(model, "cpu").shape
         classes = 10 if shape[1] < 64 else 1000  # the data sets these models are for
