@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=REFERENCE_THREADS)
     args = p.parse_args(argv)
     kind = args.kind or ("cpu" if args.device == "cpu" else "GPU")
-    card = platform.processor() or platform.machine() if args.device == "cpu" else torch.cuda.get_device_name()
+    card = (platform.processor() or platform.machine()) if args.device == "cpu" else torch.cuda.get_device_name()
     where = f"{card}, {args.threads} thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     for model in dict.fromkeys(r.model for r in RATES):
         shape = _row(model, "cpu").shape
