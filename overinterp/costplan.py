@@ -6,11 +6,11 @@
     reprice + alternatives_for                       the same rows under other settings (k, selector, ...)
     check_budget                                     refuse a plan over --max-hours, naming faster ones
 
-Everything but the calibration is arithmetic, so a dry run prints the cost without touching a GPU
-and the tests check the ETAs exactly. Each row keeps what it was priced from, so the guard prices a
-faster setting from the CostPlan alone. The pipeline builds the rows from its Plan and measured
-rates (pipeline/costing.py); nothing here imports Ray, MLflow or the pipeline: `CostPlan.as_params()`
-is a flat dict the pipeline logs.
+Everything but the calibration is arithmetic, so the tests check the ETAs exactly. Each row keeps
+what it was priced from, so the guard prices a faster setting from the CostPlan alone. The pipeline
+builds the rows from its Plan and rates measured in the driver (pipeline/costing.py, scaled to other
+devices by device_rates.py; the CostPlan prints where each came from); nothing here imports Ray,
+MLflow or the pipeline: `CostPlan.as_params()` is a flat dict the pipeline logs.
 
 The ETA model: a stage's images are spread over its workers in select batches (or its trials over
 the trials that run at once), so the busiest worker's share, not the average, sets the wall time;
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from overinterp.selection import REMOVAL_SELECTORS, selector_params, selector_tag
 from overinterp.selection.cost import planned_passes
+from overinterp.selection.engine import sync
 
 # A backward pass costs about two forward passes: it multiplies by each weight's transpose to get
 # the input gradient and again to get the weight gradient (the usual 3× forward for a training
@@ -90,11 +91,6 @@ def format_rate(x: float) -> str:
 # Calibration: images per second of the real model on the device
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # GPU work is asynchronous: time it only once it has finished
-
-
 def _autocast(autocast: Optional[str], device: torch.device):
     if autocast is None:
         return contextlib.nullcontext()
@@ -110,13 +106,13 @@ def _time_calls(step: Callable[[], object], device: torch.device, seconds: float
     `min_calls`), after `warmup` untimed calls (cuDNN autotuning, allocator, lazy init)."""
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     calls, t0 = 0, time.perf_counter()
     while True:
         step()
         calls += 1
         if calls >= min_calls:
-            _sync(device)
+            sync(device)
             elapsed = time.perf_counter() - t0
             if elapsed >= seconds:
                 return elapsed / calls
@@ -354,6 +350,7 @@ class CostPlan:
     selections: tuple[SelectionCost, ...] = ()
     trainings: tuple[TrainingCost, ...] = ()
     knobs: Knobs = Knobs()
+    rate_sources: tuple[tuple[str, str], ...] = ()  # (model, where its rates came from), as printed
 
     @property
     def selection_seconds(self) -> float:
@@ -377,8 +374,8 @@ class CostPlan:
 
     def describe(self) -> str:
         """One line per job and stage, then the total; printed at the start of a run and by --dry-run."""
-        lines = ["cost (calibrated rates; a backward pass counted as "
-                 f"{BACKWARD_COST:g} forward passes):"]
+        lines = [f"cost (a backward pass counted as {BACKWARD_COST:g} forward passes):"]
+        lines += [f"  rates      {model}: {how}" for model, how in self.rate_sources]
         lines += ["  " + c.describe() for c in self.trainings if c.stage == "full-image"]
         lines += ["  " + c.describe() for c in self.selections]
         lines += ["  " + c.describe() for c in self.trainings if c.stage != "full-image"]
@@ -393,6 +390,7 @@ class CostPlan:
                "cost.selection_eta_s": round(self.selection_seconds, 1), "cost.training_eta_s": round(self.training_seconds, 1),
                "cost.forward_passes": self.forward_passes, "cost.backward_passes": self.backward_passes,
                "cost.backward_cost": BACKWARD_COST}
+        out.update({_key(f"cost.rates.{model}"): how for model, how in self.rate_sources})
         for c in self.selections:
             key = _key(f"cost.select.{c.model}.{c.variant}.{c.tag}.{c.split}")
             out.update({f"{key}.images": c.n_images, f"{key}.passes_per_image": c.forward_per_image,
@@ -533,7 +531,7 @@ def reprice(plan: CostPlan, *, selector: Optional[str] = None, pixels_per_step: 
         sels = tuple(c.repriced(n_images=min(c.n_images, max_images)) for c in sels)
         trains = tuple(t.repriced(images=min(t.images, max_images)) for t in trains)
         knobs = dataclasses.replace(knobs, max_images=max_images)
-    return CostPlan(sels, trains, knobs)
+    return dataclasses.replace(plan, selections=sels, trainings=trains, knobs=knobs)
 
 
 STANDARD_PIXELS_PER_STEP = (16, 64, 256)

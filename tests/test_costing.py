@@ -179,3 +179,47 @@ def test_dry_run_on_an_out_with_other_settings_is_refused_before_any_work(tmp_pa
     assert code == 2 and err.count("\n") == 1, err
     assert "holds a run with other settings (" in err and "fraction" in err and "use a new --out directory" in err
     assert sorted(os.listdir(out)) == ["config.json"] and (out / "config.json").read_bytes() == before
+
+
+NO_RAY = r'''
+import json, sys
+import ray
+from overinterp.cli import main
+from overinterp.pipeline import resources
+from overinterp.synthetic import write_encoded_parquet
+
+root, out = sys.argv[1], sys.argv[2]
+write_encoded_parquet(f"{root}/train.parquet", n=12, size=16)
+write_encoded_parquet(f"{root}/val.parquet", n=6, size=16, seed=1)
+run = ["run", "--dataset", "parquet", "--data-root", root, "--image-size", "16", "--models", "resnet20", "--out", out]
+codes = [main([*run, "--dry-run"]), main([*run, "--selectors", "backselect", "--max-hours", "1e-9"])]
+# a GPU machine (H100), as the local Ray would find it: its rates scaled from the driver's CPU
+resources.local_capacity = lambda: resources.Capacity((resources.NodeType("local", 8, 1, 1, "H100"),), "a GPU machine")
+codes.append(main([*run, "--dry-run"]))
+print(json.dumps({"codes": codes, "ray": ray.is_initialized()}))
+'''
+
+
+def test_a_dry_run_and_a_refused_plan_start_no_ray(tmp_path):
+    """The plan of a streamed Parquet run, printed by --dry-run or refused by the budget guard,
+    starts no Ray (a node an autoscaler would add) and runs no task: counts from the footers, rates
+    calibrated on the driver's CPU (a GPU run: scaled by device_rates), each rate's source printed.
+    In a fresh process: the session's Ray would hide a start."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run([sys.executable, "-c", NO_RAY, str(tmp_path), str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert report == {"codes": [0, 2, 0], "ray": False}, p.stdout[-3000:]
+    assert p.stdout.count("resources (this machine; its Ray starts once the plan is accepted: local 1×{CPU") == 2
+    assert p.stdout.count("12 train + 6 test images") == 3
+    assert p.stdout.count("  rates      resnet20: calibrated on the driver's CPU (1 thread)") == 2  # the refused plan too
+    assert "  rates      resnet20: the driver's CPU × " in p.stdout and "resnet20's GPU and CPU rows" in p.stdout
+    assert "GPU actor(s) on H100" in p.stdout
+    err = p.stderr.strip().splitlines()[-1]
+    assert err.startswith("overinterp: error: the plan needs ≈ ") and "try --selector bgsis (≈" in err, p.stderr[-3000:]
+    _no_work(str(out))

@@ -67,6 +67,11 @@ def test_describe_line():
     lines = CostPlan((c,), (t,)).describe().splitlines()
     assert lines[1].strip().startswith("training   digits_cnn full-image") and lines[2].strip().startswith("selection")
     assert lines[-1].strip() == "total      ≈ 1 min 45 s (selection 748,800 passes ≈ 1 min 12 s, training ≈ 33 s)"
+    # where each model's rates came from: printed first, logged, and kept by the guard's repricing
+    sourced = CostPlan((c,), (t,), Knobs(max_workers=2), rate_sources=(("digits_cnn", "calibrated on the driver's CPU"),))
+    assert sourced.describe().splitlines()[1] == "  rates      digits_cnn: calibrated on the driver's CPU"
+    assert sourced.as_params()["cost.rates.digits_cnn"] == "calibrated on the driver's CPU"
+    assert reprice(sourced, max_workers=8).rate_sources == sourced.rate_sources
 
 
 def test_bad_estimates():

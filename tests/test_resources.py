@@ -25,6 +25,18 @@ def test_cluster_yaml_capacity():
     assert plan.use_gpu and plan.select_workers == 16 and plan.trial_concurrency == 16  # 8 x 1 GPU + 1 x 8 GPUs
 
 
+def test_the_gpu_kind_ray_names_reaches_the_plan():
+    config = {"max_workers": 4, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 0}},
+        "gpu": {"resources": {"CPU": 8, "GPU": 1, "accelerator_type:H100": 1}, "max_workers": 4}}}
+    cap = _node_types_from_yaml(config, "test.yaml")
+    assert cap.node_types[1] == NodeType("gpu", 8, 1, 4, "H100") and cap.accelerator == "H100"
+    plan = plan_resources(cap)
+    assert plan.accelerator == "H100" and "4 GPU actor(s) on H100 of" in plan.describe()
+    assert plan_resources(cap, ResourceFlags(gpus_per_worker=0)).accelerator == ""  # selection on CPUs
+    assert plan_resources(AUTOSCALING).accelerator == ""  # no kind named
+
+
 def test_gpus_that_can_exist_are_asked_for_before_any_node_is_up():
     plan = plan_resources(AUTOSCALING)  # no worker is up yet: the head has CPU 0
     assert plan.use_gpu and plan.select_workers == 3 and plan.trial_concurrency == 3

@@ -1,12 +1,13 @@
 """The cost of a run before it starts: its Plan and resources turned into the rows of a CostPlan,
-priced at rates measured on the device selection will use, then the budget guard.
+priced at rates measured in the driver, then the budget guard.
 
 The arithmetic, the guard and its faster alternatives live in overinterp/costplan.py (passes:
 overinterp/selection/cost.py); this module measures the rates and ties the rows to the run's Plan,
 config and resources: which settings (costplan.Knobs) the guard may offer for this run.
 
-Rates. A GPU run's rates come from a Ray task holding what one selection actor holds (the driver
-has no GPU on a cluster); a CPU run measures in the driver with the threads a worker gets.
+Rates. Nothing here runs a Ray task, so a dry run or a refused plan starts no node: the run's
+models are calibrated on the driver's CPU (a CPU run: with the threads a worker gets) and a GPU
+run's rates are those scaled by overinterp/device_rates.py. The printed plan says which, per model.
 """
 
 from __future__ import annotations
@@ -14,73 +15,54 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Optional, Union
 
-import torch
-
 from overinterp.costplan import (
     JOB_START_S,
     TRIAL_START_S,
     BudgetExceeded,
     CostPlan,
     Knobs,
-    calibrate_forward_rate,
-    calibrate_train_rate,
     check_budget,
     estimate_selection,
     estimate_training,
 )
+from overinterp.device_rates import REFERENCE_THREADS, measure, scaled
 from overinterp.pipeline.plan import Plan
 from overinterp.pipeline.resources import ResourcePlan
+from overinterp.pipeline.terminal import log
 from overinterp.selection import SELECTORS, is_model_selector
 
-CALIBRATION_SECONDS = 0.5  # per model and kind of pass: the whole calibration stays within seconds
 
+def _untrained(spec):
+    from overinterp.models import ModelSpec, build, create_model
 
-def calibration_batch(hw: int) -> int:
-    """Images per timed pass: about what the engine's chunks hold (many small images, few large)."""
-    return max(2, min(256, 65536 // hw))
-
-
-def _measure(models: dict, shape, num_classes: int, batch: int, train_batch: int, threads: int, device: Optional[str] = None) -> dict:
-    """{arch: (forward images/s, training images/s)} of freshly built (untrained) models."""
-    from overinterp.models import ModelSpec, build
-
-    torch.set_num_threads(max(1, threads))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = {}
-    for arch, spec in models.items():
-        model = build(ModelSpec(*spec)) if isinstance(spec, tuple) else _pretrained_shape(spec)
-        fwd = calibrate_forward_rate(model, shape, dev, batch, seconds=CALIBRATION_SECONDS, channels_last=dev.type == "cuda")
-        train = calibrate_train_rate(model, shape, num_classes, dev, train_batch, seconds=CALIBRATION_SECONDS)
-        out[arch] = (fwd, train)
-    return out
-
-
-def _pretrained_shape(spec: dict):
-    from overinterp.models import create_model
-
+    if isinstance(spec, tuple):
+        return build(ModelSpec(*spec))
     return create_model(spec["name"], num_classes=spec["num_classes"], weights=None)  # weights do not change the speed
 
 
-def measure_rates(plan: Plan, resources: ResourcePlan, train_batch: int) -> dict:
-    """{arch: (forward, training) images/s} on the device one selection worker has."""
+def measure_rates(plan: Plan, resources: ResourcePlan, train_batch: int) -> dict[str, tuple[float, float, str]]:
+    """{model: (forward images/s of one selection worker, training images/s of one trial, where
+    they came from)}: freshly built models timed on the driver's CPU, scaled to GPU workers and
+    trials by the device-rates table. Runs no Ray task."""
     c = plan.shape[0]
     models = {m: (m, plan.num_classes, c) for m in plan.models}
     for variants in plan.sources.values():
         for s in variants.values():
             if s.model:
                 models[s.model["name"]] = s.model
-    batch = calibration_batch(plan.hw)
-    args = (models, plan.shape, plan.num_classes, batch, min(train_batch, batch), resources.torch_threads())  # small at 224 px: seconds
-    if not resources.use_gpu:
-        threads = torch.get_num_threads()
-        try:
-            return _measure(*args, device="cpu")
-        finally:
-            torch.set_num_threads(threads)
-    import ray
-
-    task = ray.remote(_measure).options(**resources.worker_request())
-    return ray.get(task.remote(*args))
+    threads = REFERENCE_THREADS if resources.use_gpu else resources.torch_threads()
+    out = {}
+    for name, spec in models.items():
+        fwd, train = measure(_untrained(spec), plan.shape, plan.num_classes, "cpu", threads, train_batch)
+        how = f"calibrated on the driver's CPU ({threads} thread{'s' if threads > 1 else ''})"
+        if resources.use_gpu:
+            fwd, gpu_train, how = scaled(name, resources.accelerator, fwd, train)
+            if resources.gpus_per_trial:  # trials sharing a GPU share its rate
+                train = gpu_train * min(1.0, resources.gpus_per_trial)
+            else:
+                how += "; training on CPUs: the driver's CPU rate"
+        out[name] = (fwd, train, how)
+    return out
 
 
 def costable(plan: Plan) -> tuple[Plan, list[str]]:
@@ -176,10 +158,11 @@ def knobs_of(cfg, plan: Plan, resources: ResourcePlan) -> Knobs:
 
 
 def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = True, *,
-                   trial_concurrency: Optional[int] = None) -> tuple[CostPlan, list[str]]:
-    """Measure, cost the run, and refuse it (BudgetExceeded, one line with faster choices and their
-    ETAs) when its ETA is over --max-hours. Returns the cost plan and notes to print; with
-    enforce=False (--dry-run) the refusal becomes the last note instead.
+                   trial_concurrency: Optional[int] = None) -> tuple[CostPlan, str]:
+    """Measure (in the driver), cost the run, print the cost plan, and refuse the run
+    (BudgetExceeded, one line with faster choices and their ETAs) when its ETA is over --max-hours.
+    Returns the cost plan and its printed text; with enforce=False (--dry-run) the refusal becomes
+    the text's last note instead.
 
     cfg: a resolved RunConfig or ImageNetConfig (epochs, batch_size, select_batch, pixels_per_step,
         exact_tail, max_hours; selectors for RunConfig).
@@ -190,14 +173,20 @@ def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = Tru
     cost = plan_cost(plan, forward_rates={m: r[0] for m, r in rates.items()}, train_rates={m: r[1] for m, r in rates.items()},
                      select_workers=resources.select_workers, trial_concurrency=trial_concurrency or resources.trial_concurrency,
                      epochs=cfg.epochs, select_batch=cfg.select_batch, knobs=knobs_of(cfg, plan, resources))
+    cost = dataclasses.replace(cost, rate_sources=tuple((m, r[2]) for m, r in rates.items()))
     _, notes = costable(plan)
+    refusal = None
     try:
         check_budget(cost, cfg.max_hours)
     except BudgetExceeded as e:
-        if enforce:
-            raise
-        notes.append(f"a real run would stop here: {e}")
-    return cost, notes
+        refusal = e
+        if not enforce:
+            notes.append(f"a real run would stop here: {e}")
+    text = cost.describe() + "".join(f"\n  note: {n}" for n in notes)
+    log(text)  # a refused plan is printed too: the error line alone does not say where its rates came from
+    if refusal is not None and enforce:
+        raise refusal
+    return cost, text
 
 
-__all__ = ["BudgetExceeded", "plan_and_guard", "plan_cost", "knobs_of", "measure_rates", "calibration_batch"]
+__all__ = ["BudgetExceeded", "plan_and_guard", "plan_cost", "knobs_of", "measure_rates"]

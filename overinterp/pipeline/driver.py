@@ -1,5 +1,6 @@
-"""The driver of every run: prepare (preflight -> source -> plan -> Ray and resources), then walk
-the Plan stage by stage.
+"""The driver of every run: prepare (preflight -> source -> plan -> resources), price it and guard
+the budget, and only then start Ray and walk the Plan stage by stage. Until the plan is accepted no
+Ray node starts and no task runs: a dry run or a refused plan costs seconds on the driver.
 
 The source decides the data backend: `memory.InMemoryBackend` holds the images (digits, CIFAR, an
 ImageFolder that fits in memory) and trains with Ray Tune; `stream.StreamBackend` streams them
@@ -55,25 +56,25 @@ class Stages:
 
 
 def run_job(cfg, plan: Plan, resources, make_backend: Callable, *, holder: str, dataset: str, t0: float,
-            dry_run: bool = False, **guard) -> Optional[dict]:
-    """What both entry points do once their plan and resources are known: print them with the cost
-    plan (refused over --max-hours, before anything is written), stop there for --dry-run (None),
-    else hold the --out lock, record the settings, and walk the plan under an MLflow parent.
+            dry_run: bool = False, ray_address: Optional[str] = None, **guard) -> Optional[dict]:
+    """What a run does once its plan and resources are known: print the cost plan (refused over
+    --max-hours, before anything is written), stop there for --dry-run (None), else start or join
+    Ray, hold the --out lock, record the settings, and walk the plan under an MLflow parent.
 
     make_backend(callbacks, cost) -> the Backend; holder: the lock holder's name ("overinterp run");
     dataset: the parent's data-set name; t0: when the job started; guard: plan_and_guard's options.
     """
     from overinterp.costplan import format_duration
+    from overinterp.pipeline import resources as cluster
     from overinterp.pipeline.costing import plan_and_guard
     from overinterp.pipeline.lock import OutputLock
     from overinterp.pipeline.preflight import record_settings
 
-    cost, notes = plan_and_guard(cfg, plan, resources, enforce=not dry_run, **guard)
-    cost_text = cost.describe() + "".join(f"\n  note: {n}" for n in notes)
-    log(cost_text)
+    cost, cost_text = plan_and_guard(cfg, plan, resources, enforce=not dry_run, **guard)
     if dry_run:
         log("dry run: nothing selected, trained or written")
         return None
+    cluster.ensure_ray(ray_address)
     with OutputLock(cfg.out_dir, holder) as lock:
         record_settings(cfg)
         from overinterp.pipeline.tracking import Tracker  # MLflow only where tracking happens
@@ -147,7 +148,8 @@ def choose_backend(cfg: RunConfig, n_images: Optional[int], side: int, memory: O
 
 
 def prepare(config: RunConfig, ray_address: Optional[str] = None):
-    """Preflight, open the source (in memory or streamed), plan, connect to Ray and plan resources.
+    """Preflight, open the source (in memory or streamed), plan, and plan resources from what the
+    cluster can offer (`resources.find_capacity`: no Ray node starts; a cluster address is joined).
 
     Returns (cfg, source, plan, resources): cfg resolved with `stream` decided; source the loaded
     ImageDataset or the StreamSource. Writes nothing to --out (the budget guard and --dry-run must
@@ -156,7 +158,7 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
 
     from overinterp.config import ResourceFlags
     from overinterp.pipeline.preflight import preflight
-    from overinterp.pipeline.resources import discover_capacity, ensure_ray, plan_resources
+    from overinterp.pipeline.resources import find_capacity, plan_resources
 
     cfg = preflight(config)
     n_images, side = None, cfg.image_size or 0
@@ -178,17 +180,17 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
         log(f"loading {cfg.dataset}{' (smoke subsample)' if cfg.smoke else ''}")
         source = load_data(cfg)
         plan = make_plan(cfg, source.shape, {s: len(source.labels[s]) for s in SPLITS}, source.num_classes)
-    ensure_ray(ray_address)
-    resources = plan_resources(discover_capacity(), ResourceFlags(**cfg.resource_flags()))
+    resources = plan_resources(find_capacity(ray_address), ResourceFlags(**cfg.resource_flags()))
     return cfg, source, plan, resources
 
 
 def run(config: RunConfig, ray_address: Optional[str] = None, dry_run: bool = False, holder: str = "overinterp run") -> Optional[dict]:
     """Run (or resume) the whole pipeline on any source; returns the summary also written to summary.json.
 
-    First the plan: stages, resources, forward passes and an ETA from a short calibration; a plan
-    over --max-hours stops here (BudgetExceeded), and so does --dry-run (returns None). The run
-    holds the lock of its --out throughout (a second run on it stops at once).
+    First the plan: stages, resources, forward passes and an ETA from a short calibration on the
+    driver's CPU; a plan over --max-hours stops here (BudgetExceeded), and so does --dry-run
+    (returns None), both before Ray starts. The run holds the lock of its --out throughout (a
+    second run on it stops at once).
     """
     t0 = time.time()
     cfg, source, plan, resources = prepare(config, ray_address)
@@ -209,4 +211,4 @@ def run(config: RunConfig, ray_address: Optional[str] = None, dry_run: bool = Fa
             return InMemoryBackend(cfg, plan, source, resources, callbacks, cost)
         concurrency = None
     return run_job(cfg, plan, resources, make_backend, holder=holder, dataset=cfg.dataset, t0=t0, dry_run=dry_run,
-                   trial_concurrency=concurrency)
+                   ray_address=ray_address, trial_concurrency=concurrency)

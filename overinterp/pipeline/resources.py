@@ -13,6 +13,10 @@ plans from the cluster's *capacity*, found in this order:
    `resources` × min(`max_workers`, the cluster's `max_workers`), plus the head node type once;
 3. no autoscaler: the nodes alive now (a fixed cluster, or the local Ray).
 
+Without an address ($RAY_ADDRESS or --ray-address) and no Ray running, the run will start its own
+local Ray: its capacity is this machine's, found as Ray finds it, so a plan (and --dry-run, and a
+refused one) starts no Ray node (`find_capacity`).
+
 Flags override any part of the plan: `--max-workers` (selection actors and concurrent trials),
 `--gpus-per-worker` (GPUs per selection actor; 0 forces CPUs), `--cpus-per-worker`,
 `--gpus-per-trial` (fractions share a GPU, only when asked for).
@@ -24,7 +28,7 @@ import glob
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 import ray
 
@@ -37,6 +41,14 @@ class NodeType:
     cpus: float
     gpus: float
     max_count: int  # nodes of this type the cluster may run at once
+    accelerator: str = ""  # its GPU kind as Ray names it (e.g. "H100"); "" where unknown
+
+
+ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's resource naming a node's GPU kind
+
+
+def _accelerator(resources: Mapping) -> str:
+    return next((k[len(ACCELERATOR_PREFIX):] for k in resources if k.startswith(ACCELERATOR_PREFIX)), "")
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,11 @@ class Capacity:
     @property
     def max_cpus(self) -> float:
         return sum(t.cpus * t.max_count for t in self.node_types)
+
+    @property
+    def accelerator(self) -> str:
+        """The GPU kind of the first node type with named GPUs ("" where none is named)."""
+        return next((t.accelerator for t in self.node_types if t.gpus and t.accelerator), "")
 
     def slots(self, cpus: float, gpus: float) -> int:
         """How many actors asking (cpus, gpus) fit on all nodes at once (per-node packing)."""
@@ -78,6 +95,7 @@ class ResourcePlan:
     capacity: str  # e.g. "autoscaler config /home/ray/ray_bootstrap_config.yaml: gpu-1x 8×{CPU 8, GPU 1}"
     overrides: dict = field(default_factory=dict)
     max_cpus: float = 0  # CPUs the cluster can have at once (streamed training keeps some for Ray Data)
+    accelerator: str = ""  # the selection actors' GPU kind, e.g. "H100" ("" on CPUs or where unknown)
 
     def streamed_trial_concurrency(self, workers_per_trial: int) -> int:
         """Trials at once when each runs `workers_per_trial` Train workers fed by Ray Data: at least
@@ -110,7 +128,8 @@ class ResourcePlan:
 
     def describe(self) -> str:
         dev = "GPU" if self.use_gpu else "CPU"
-        return (f"resources ({self.capacity}): selection on up to {self.select_workers} {dev} actor(s) "
+        kind = f" on {self.accelerator}" if self.accelerator else ""
+        return (f"resources ({self.capacity}): selection on up to {self.select_workers} {dev} actor(s){kind} "
                 f"of {{CPU {self.cpus_per_worker:g}, GPU {self.gpus_per_worker:g}}}; up to {self.trial_concurrency} "
                 f"trial(s) at once of {{CPU {self.cpus_per_trial:g}, GPU {self.gpus_per_trial:g}}}"
                 + (f"; overridden: {', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in self.overrides.items())}" if self.overrides else ""))
@@ -130,7 +149,7 @@ def _node_types_from_yaml(config: dict, path: str) -> Optional[Capacity]:
         res = t.get("resources") or {}
         count = 1 if name == head else min(int(t.get("max_workers", 0)), cap)
         if count > 0:
-            found.append(NodeType(name, float(res.get("CPU", 0)), float(res.get("GPU", 0)), count))
+            found.append(NodeType(name, float(res.get("CPU", 0)), float(res.get("GPU", 0)), count, _accelerator(res)))
     return Capacity(tuple(found), f"autoscaler config {path}")
 
 
@@ -145,7 +164,7 @@ def _gcs_cluster_config() -> Optional[Capacity]:
     for g in config.node_group_configs:
         count = g.max_count if g.max_count >= 0 else 10**6
         if count > 0:
-            found.append(NodeType(g.name, float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)), count))
+            found.append(NodeType(g.name, float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)), count, _accelerator(g.resources)))
     return Capacity(tuple(found), "autoscaler node types (GCS)") if found else None
 
 
@@ -185,7 +204,7 @@ def _alive_nodes() -> Capacity:
     for n in ray.nodes():
         if n.get("Alive"):
             r = n.get("Resources", {})
-            types.append(NodeType(n.get("NodeManagerAddress", "node"), float(r.get("CPU", 0)), float(r.get("GPU", 0)), 1))
+            types.append(NodeType(n.get("NodeManagerAddress", "node"), float(r.get("CPU", 0)), float(r.get("GPU", 0)), 1, _accelerator(r)))
     return Capacity(tuple(types), "nodes alive now (no autoscaler)")
 
 
@@ -193,6 +212,29 @@ def discover_capacity() -> Capacity:
     """The connected cluster's capacity (see the module docstring for the order)."""
     gcs = ray.get_runtime_context().gcs_address
     return _gcs_cluster_config() or _autoscaler_file_config(gcs) or _alive_nodes()
+
+
+def local_capacity() -> Capacity:
+    """This machine as the local Ray would count it (CPUs within the cgroup, visible NVIDIA GPUs
+    and their kind, from NVML: no CUDA context), without starting Ray."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    from ray._private.utils import get_num_cpus
+
+    gpu = get_accelerator_manager_for_resource("GPU")
+    n, visible = gpu.get_current_node_num_accelerators(), gpu.get_current_process_visible_accelerator_ids()
+    n = n if visible is None else min(n, len(visible))
+    kind = (gpu.get_current_node_accelerator_type() or "") if n else ""
+    return Capacity((NodeType("local", float(get_num_cpus()), float(n), 1, kind),), "this machine; its Ray starts once the plan is accepted")
+
+
+def find_capacity(address: Optional[str] = None) -> Capacity:
+    """The capacity a run plans from, starting no Ray node: the Ray already running here, or the
+    cluster at `address` (or $RAY_ADDRESS), joined as a driver that schedules nothing; else this
+    machine, whose local Ray starts only once the plan is accepted (`ensure_ray`)."""
+    if not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+        return local_capacity()
+    ensure_ray(address)
+    return discover_capacity()
 
 
 def plan_resources(capacity: Capacity, flags: ResourceFlags = ResourceFlags(), default_gpus_per_trial: float = 1) -> ResourcePlan:
@@ -218,7 +260,8 @@ def plan_resources(capacity: Capacity, flags: ResourceFlags = ResourceFlags(), d
                          f"or one trial of {{CPU {cpt:g}, GPU {gpt:g}}}: lower --cpus-per-worker / --gpus-per-trial")
     if flags.max_workers is not None:
         workers, trials = min(workers, flags.max_workers), min(trials, flags.max_workers)
-    return ResourcePlan(use_gpu, workers, cpw, gpw, trials, cpt, gpt, _describe_capacity(capacity), overrides, capacity.max_cpus)
+    return ResourcePlan(use_gpu, workers, cpw, gpw, trials, cpt, gpt, _describe_capacity(capacity), overrides, capacity.max_cpus,
+                        capacity.accelerator if use_gpu else "")
 
 
 def _describe_capacity(c: Capacity) -> str:

@@ -1,0 +1,115 @@
+"""Measured images/s of models on each kind of device, each with the device it came from.
+
+A plan never runs a task on the selection device: a dry run or a refused plan must not make an
+autoscaler start a GPU node. So the plan calibrates the run's models on the driver's CPU at the
+run's image size (`measure`, tiny: a few seconds even at 224 px) and scales those rates to the
+workers' device by this table's ratio for the same model: device rate ÷ reference CPU rate, both
+measured as the driver measures (REFERENCE_THREADS threads, `calibration_batch` images). A model
+without rows is scaled as DEFAULT_MODEL; a GPU kind without rows as "GPU" (any card).
+
+Rows are measured with `python -m overinterp.device_rates --device cpu|cuda [--kind H100]` (it
+prints them). A row whose `measured_on` starts with "estimate" was not measured on such a device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+
+from overinterp.costplan import calibrate_forward_rate, calibrate_train_rate
+
+# Torch threads of the "cpu" rows and of the driver's calibration for a GPU run: one thread is what
+# any driver has, and on a shared machine the steadiest measure (two threads on two busy cores ran
+# 10-30× slower than one, their OpenMP workers waiting on each other).
+REFERENCE_THREADS = 1
+CALIBRATION_SECONDS = 0.5  # per model and kind of pass: a plan's calibration stays within seconds
+
+
+@dataclass(frozen=True)
+class DeviceRate:
+    model: str  # a model name as create_model takes it
+    device: str  # "cpu" (REFERENCE_THREADS threads), a GPU kind as Ray names it ("H100"), or "GPU"
+    shape: tuple[int, int, int]  # (C, H, W) it was measured at
+    forward: float  # images/s of inference, fp32 (channels_last on GPUs), as selection runs it
+    train: float  # images/s of SGD training steps
+    measured_on: str  # machine and versions; "estimate: ..." where no such device measured it
+
+
+_CPU = "AMD EPYC, 1 thread, torch 2.14.1 CPU; best of 3 runs on a shared 2-core machine (load average 6-11), 2026-12-05"
+_GPU = ("estimate: no GPU measured it; the order of magnitude of fp32/TF32 eager PyTorch on an A100-class card "
+        "(measure with python -m overinterp.device_rates --device cuda)")
+RATES = (
+    DeviceRate("digits_cnn", "cpu", (1, 8, 8), 76_125, 44_388, _CPU),
+    DeviceRate("resnet20", "cpu", (3, 32, 32), 942, 210, _CPU),
+    DeviceRate("tv:resnet18", "cpu", (3, 224, 224), 25, 4, _CPU),
+    DeviceRate("tv:resnet50", "cpu", (3, 224, 224), 5.02, 1.51, _CPU),
+    DeviceRate("digits_cnn", "GPU", (1, 8, 8), 1_000_000, 200_000, _GPU),
+    DeviceRate("resnet20", "GPU", (3, 32, 32), 60_000, 15_000, _GPU),
+    DeviceRate("tv:resnet18", "GPU", (3, 224, 224), 7_000, 2_500, _GPU),
+    DeviceRate("tv:resnet50", "GPU", (3, 224, 224), 2_500, 800, _GPU),
+)
+DEFAULT_MODEL = "tv:resnet50"  # what a model without rows is scaled as: the ImageNet models are its size
+
+
+def calibration_batch(hw: int) -> int:
+    """Images per timed pass: about what the engine's chunks hold (many small images, few large)."""
+    return max(2, min(256, 65536 // hw))
+
+
+def measure(model: torch.nn.Module, shape, num_classes: int, device: str = "cpu", threads: int = REFERENCE_THREADS,
+            train_batch: int = 128, seconds: float = CALIBRATION_SECONDS) -> tuple[float, float]:
+    """(forward, training) images/s of `model` on `device`, at `calibration_batch` images (training:
+    at most `train_batch`), with `threads` torch threads (restored after)."""
+    dev, batch, before = torch.device(device), calibration_batch(shape[1] * shape[2]), torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        fwd = calibrate_forward_rate(model, shape, dev, batch, seconds=seconds, channels_last=dev.type == "cuda")
+        return fwd, calibrate_train_rate(model, shape, num_classes, dev, min(train_batch, batch), seconds=seconds)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _row(model: str, device: str):
+    return next((r for r in RATES if r.model == model and r.device == device), None)
+
+
+def scaled(model: str, kind: str, forward: float, train: float) -> tuple[float, float, str]:
+    """The driver's CPU rates of `model` (as `measure` takes them) scaled to a GPU of `kind` ("H100";
+    "" unknown) by the table's ratio: (forward, train, where they came from, in words)."""
+    device = kind if any(r.device == kind for r in RATES) else "GPU"
+    ref = model if _row(model, "cpu") and _row(model, device) else DEFAULT_MODEL
+    cpu, gpu = _row(ref, "cpu"), _row(ref, device)
+    f, t = gpu.forward / cpu.forward, gpu.train / cpu.train
+    return forward * f, train * t, (f"the driver's CPU × {f:,.0f} (training × {t:,.0f}), the ratio of {ref}'s {device} and CPU rows in "
+                                    f"overinterp/device_rates.py ({gpu.measured_on.split(';')[0]})")
+
+
+def _num(x: float) -> str:
+    return f"{x:_.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def main(argv=None) -> None:
+    """Measure the table's models on one device and print their rows."""
+    from overinterp.models import create_model
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--kind", help="the rows' device as Ray names its GPU kind, e.g. H100 (default: cpu, or GPU on cuda)")
+    p.add_argument("--threads", type=int, default=REFERENCE_THREADS)
+    args = p.parse_args(argv)
+    kind = args.kind or ("cpu" if args.device == "cpu" else "GPU")
+    card = (platform.processor() or platform.machine()) if args.device == "cpu" else torch.cuda.get_device_name()
+    where = f"{card}, {args.threads} thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    for model in dict.fromkeys(r.model for r in RATES):
+        shape = _row(model, "cpu").shape
+        classes = 10 if shape[1] < 64 else 1000  # the data sets these models are for
+        fwd, train = measure(create_model(model, classes, shape[0]), shape, classes, args.device, args.threads, seconds=2.0)
+        print(f'    DeviceRate("{model}", "{kind}", {shape}, {_num(fwd)}, {_num(train)}, "{where}"),')
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""device_rates: the table of measured device rates, and driver CPU rates scaled by it."""
+
+import pytest
+import torch
+
+from overinterp import device_rates
+from overinterp.device_rates import DEFAULT_MODEL, RATES, DeviceRate, measure, scaled
+
+
+def _row(model, device):
+    (row,) = [r for r in RATES if r.model == model and r.device == device]
+    return row
+
+
+def test_every_row_can_be_used():
+    """Each model has one CPU row, and its other devices' rows at the same shape; every rate > 0;
+    rows not measured on their device say they are estimates."""
+    for r in RATES:
+        cpu = _row(r.model, "cpu")
+        assert r.shape == cpu.shape and r.forward > 0 and r.train > 0, r
+        assert r.device == "cpu" or r.measured_on.startswith("estimate") or r.device in r.measured_on, r
+    assert _row(DEFAULT_MODEL, "GPU")
+
+
+def test_driver_rates_scale_by_the_ratio_of_the_models_rows():
+    cpu, gpu = _row("resnet20", "cpu"), _row("resnet20", "GPU")
+    fwd, train, how = scaled("resnet20", "", 10.0, 2.0)  # "": Ray named no GPU kind
+    assert fwd == pytest.approx(10.0 * gpu.forward / cpu.forward) and train == pytest.approx(2.0 * gpu.train / cpu.train)
+    assert "resnet20's GPU and CPU rows" in how and "estimate" in how.split("(")[-1]
+    # a model without rows is scaled as the default model; a GPU kind with rows of its own uses them
+    _, _, how = scaled("tv:vit_b_16", "H100", 1.0, 1.0)
+    assert f"{DEFAULT_MODEL}'s GPU and CPU rows" in how
+
+
+def test_a_gpu_kind_with_rows_uses_them(monkeypatch):
+    cpu = _row("resnet20", "cpu")
+    h100 = DeviceRate("resnet20", "H100", cpu.shape, cpu.forward * 100, cpu.train * 50, "H100 SXM, torch 2.14.1")
+    monkeypatch.setattr(device_rates, "RATES", RATES + (h100,))
+    fwd, train, how = scaled("resnet20", "H100", 3.0, 1.0)
+    assert (fwd, train) == pytest.approx((300.0, 50.0)) and "resnet20's H100 and CPU rows" in how and "(H100 SXM" in how
+
+
+def test_measure_times_both_passes_and_restores_the_threads():
+    threads = torch.get_num_threads()
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    fwd, train = measure(net, (1, 8, 8), 3, threads=1, seconds=0.02)
+    assert fwd > 0 and train > 0 and torch.get_num_threads() == threads
