@@ -84,26 +84,20 @@ def test_imagenet_folder_of_jpegs_and_resume(ray_session, tmp_path, resnet18_wei
     assert sorted(store.raw_image_ids(root, "tv_resnet18", "bgsis-k64", "train").tolist()) == expected_ids  # no duplicates: raw rows
 
 
-def test_imagenet_parquet_of_encoded_images(ray_session, tmp_path, resnet18_weights):
-    write_encoded_parquet(str(tmp_path / "train.parquet"), n=9, num_classes=3, size=36, seed=0)
-    write_encoded_parquet(str(tmp_path / "val.parquet"), n=6, num_classes=3, size=36, seed=1)
-    out = str(tmp_path / "out")
-    assert sis_imagenet.main(_args(str(tmp_path / "train.parquet"), str(tmp_path / "val.parquet"), resnet18_weights, out)) == 0
-    assert len(store.read_selections(os.path.join(out, "selections"), "tv_resnet18", "bgsis-k64", "test").image_id) == 6
-    summary = json.load(open(os.path.join(out, "summary.json")))
-    assert summary["images"] == {"train": 9, "test": 6}
-
-
-def test_imagenet_ddp_two_workers_evaluate_every_val_image_and_log_each_epoch(ray_session, tmp_path, resnet18_weights):
-    """Two Train workers (DDP over gloo) per trial: val accuracy is summed over both workers' shares
-    of an odd-sized val split (so no share-equalising drops a row), and each epoch reaches the
-    trial's MLflow child run. 0.5 CPU per worker: the trial's two workers fit the session's 2 CPUs
-    with one left for Ray Data's reading and joining (the trial itself holds none)."""
+def test_imagenet_parquet_ddp_two_workers_evaluate_every_val_image_and_log_each_epoch(ray_session, tmp_path, resnet18_weights):
+    """Parquet of encoded images, two Train workers (DDP over gloo) per trial: every image is selected
+    and stored, val accuracy is summed over both workers' shares of an odd-sized val split (so no
+    share-equalising drops a row), and each epoch reaches the trial's MLflow child run. 0.5 CPU per
+    worker: the trial's two workers fit the session's 2 CPUs with one left for Ray Data's reading
+    and joining (the trial itself holds none)."""
     write_encoded_parquet(str(tmp_path / "train.parquet"), n=9, num_classes=3, size=36, seed=0)
     write_encoded_parquet(str(tmp_path / "val.parquet"), n=7, num_classes=3, size=36, seed=1)
     out = str(tmp_path / "out")
     args = _args(str(tmp_path / "train.parquet"), str(tmp_path / "val.parquet"), resnet18_weights, out)
     assert sis_imagenet.main([*args, "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--epochs", "2"]) == 0
+    assert len(store.read_selections(os.path.join(out, "selections"), "tv_resnet18", "bgsis-k64", "test").image_id) == 7
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["images"] == {"train": 9, "test": 7}
     result = json.load(open(os.path.join(out, "trials", "tv_resnet18-bgsis-k64-s0", "result.json")))
     assert result["workers"] == 2 and len(result["val_accuracies"]) == 2
     assert result["val_images"] == 7, "val accuracy was not computed over the whole val split"

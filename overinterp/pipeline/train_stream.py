@@ -288,7 +288,8 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
         # NCCL needs CUDA; GPU nodes without it (a broken driver, or a simulated cluster) train with gloo
         torch_config=TorchConfig(backend="nccl" if use_cuda else "gloo"),
         datasets=streams,
-        dataset_config=_TrainEqualValWhole(),
+        # one worker reads every row itself: no split, so no split-coordinator actor per dataset and trial
+        dataset_config=_TrainEqualValWhole() if workers > 1 else DataConfig(datasets_to_split=[]),
         run_config=RunConfig(name=spec.name, storage_path=fs.join(out_dir, "train-runs"), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
