@@ -36,6 +36,8 @@ from overinterp.pipeline.images import list_classes
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith(key + ":")) / 1024  # MiB
+import pyarrow as pa
+pa.array(np.arange(3)).to_numpy()  # pyarrow's numpy bridge loads lazily (~27 MiB): a fixed cost, not the task's
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM := VmRSS: the peak below is this task's
 rss0, t0 = status("VmRSS"), time.perf_counter()
@@ -49,7 +51,7 @@ else:
     classes = list_classes(src + "/folder/train")
     n = sum(count_images(src + "/" + s, None, None) for s in ("train", "val"))
     n += sum(count_images(src + "/folder/" + s, classes, None) for s in ("train", "val"))
-print(json.dumps({"n": int(n), "seconds": time.perf_counter() - t0, "peak_mib": status("VmHWM") - rss0}))
+print(json.dumps({"package": store.__file__, "n": int(n), "seconds": time.perf_counter() - t0, "peak_mib": status("VmHWM") - rss0}))
 """
 
 
@@ -72,7 +74,9 @@ def build_store(root: str, source: str, shard_rows: int) -> int:
 
 def run(checkout: str, spec: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": checkout}
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env, capture_output=True, text=True, check=True, timeout=1800)
+    # cwd = the checkout: `python -c` puts the working directory ahead of PYTHONPATH
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env, cwd=checkout, capture_output=True, text=True, check=True,
+                         timeout=1800)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -99,7 +103,7 @@ def main() -> None:
         for _ in range(a.repeats):  # interleaved, so load drifts hit both alike
             for task, impl in runs:
                 runs[(task, impl)].append(run(before if impl == "before" else _common.ROOT, {"task": task, "store": root, "source": a.source}))
-        rows = {f"{t}/{i}": {"n": r[0]["n"], "seconds": [x["seconds"] for x in r], "peak_mib": [x["peak_mib"] for x in r],
+        rows = {f"{t}/{i}": {"package": r[0]["package"], "n": r[0]["n"], "seconds": [x["seconds"] for x in r], "peak_mib": [x["peak_mib"] for x in r],
                              "median_seconds": statistics.median(x["seconds"] for x in r),
                              "median_peak_mib": statistics.median(x["peak_mib"] for x in r)} for (t, i), r in runs.items()}
     finally:

@@ -1,7 +1,10 @@
-"""Small synthetic data sets written in real on-disk formats, for smoke tests and `--smoke-test`.
+"""Synthetic data sets written in real on-disk formats: small ones for smoke tests and
+`--smoke-test`, and ImageNet's full count in tiny images for runs at its scale:
+
+    python -m overinterp.synthetic imagenet-shaped OUT_DIR [--train N --val N --size PX --folder-images N]
 
 Images are learnable: each class has its own bright square position and tint on a noisy
-background, so a model trained for an epoch or two is better than chance.
+background, so a model trained for an epoch or two is better than chance (with few classes).
 """
 
 from __future__ import annotations
