@@ -39,7 +39,7 @@ def test_a_selection_worker_drops_ids_already_stored(ray_session, tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
     out = worker({"image_id": np.arange(4), "label": np.zeros(4, np.int64), "image": images})
     assert out["image_id"].tolist() == [0, 2] and len(out["seconds"]) == 2
-    assert store.done_ids(str(tmp_path), "m", "backselect-k4", "test") == {0, 2}
+    assert store.done_ids(str(tmp_path), "m", "backselect-k4", "test").tolist() == [0, 2]
     assert len(worker({"image_id": np.array([1, 3]), "label": np.zeros(2, np.int64), "image": images[:2]})["image_id"]) == 0
 
 
@@ -175,7 +175,7 @@ def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, m
     n, _ = ss.select_in_memory(job, images, np.zeros(3, np.int64), (0.5,), (0.25,), str(tmp_path), resources,
                                EngineConfig(chunk=16), select_batch=1)
     total = 3 * planned_forward_passes("backselect", 64, 4)
-    assert n == 3 and store.done_ids(str(tmp_path), "m", "backselect-k4", "test") == {0, 1, 2}
+    assert n == 3 and store.done_ids(str(tmp_path), "m", "backselect-k4", "test").tolist() == [0, 1, 2]
     assert asked and max(asked) <= total and asked[-1] == total
     # wall time beside the passes (issue 12)
     assert "[backselect-k4 m/test] selected 3 images in " in capsys.readouterr().out

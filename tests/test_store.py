@@ -35,7 +35,7 @@ def test_roundtrip_sorted_by_id(tmp_path):
     assert sel.order[1].tolist() == torch.roll(torch.arange(4), 1).tolist()
     assert torch.allclose(sel.curve, torch.linspace(0.9, 0.1, 4).expand(4, 4))
     assert sel.height == 2 and sel.width == 2
-    assert store.done_ids(root, "m-s0", "backselect", "test") == {0, 1, 2, 3}
+    assert store.done_ids(root, "m-s0", "backselect", "test").tolist() == [0, 1, 2, 3]
     assert keep_mask(sel.order, 0.5).sum(1).tolist() == [2, 2, 2, 2]  # masks for any fraction
 
 
@@ -102,9 +102,25 @@ def test_raw_image_ids_see_a_repeated_shard_that_reads_hide(tmp_path):
     pq.write_table(pq.read_table(_write(root, [2, 3])), planted)  # the same rows again, under another name
     assert sorted(store.raw_image_ids(root, "m-s0", "backselect", "test").tolist()) == [0, 1, 2, 2, 2, 3, 3]
     assert store.read_selections(root, "m-s0", "backselect", "test").image_id.tolist() == [0, 1, 2, 3]  # kept once
-    assert store.done_ids(root, "m-s0", "backselect", "test") == {0, 1, 2, 3}
+    assert store.done_ids(root, "m-s0", "backselect", "test").tolist() == [0, 1, 2, 3]
     empty = store.raw_image_ids(root, "m-s0", "backselect", "train")  # nothing stored
     assert empty.dtype == np.int64 and len(empty) == 0
+
+
+@pytest.mark.parametrize("n_done", [0, 1, 7, 500])
+def test_stored_mask_agrees_with_isin_on_done_ids(tmp_path, n_done):
+    """done_ids is a sorted int64 array (no Python set); stored_mask's binary search answers membership like np.isin."""
+    rng = np.random.default_rng(n_done)
+    ids = rng.choice(2**62, 600, replace=False)
+    done = ids[:n_done]
+    for part in np.array_split(done, 3):  # three shards, written out of order
+        if len(part):
+            store.write_rows(str(tmp_path), model="none", selector="random-seed0", selector_params="{}", split="train",
+                             image_id=part[::-1], label=np.zeros(len(part)), height=2, width=2)
+    stored = store.done_ids(str(tmp_path), "none", "random-seed0", "train")
+    assert stored.dtype == np.int64 and stored.tolist() == sorted(done.tolist())
+    probe = np.concatenate([rng.permutation(ids), [-1, 2**63 - 1]])
+    assert np.array_equal(store.stored_mask(probe, stored), np.isin(probe, done))
 
 
 def test_conflicting_overlap_names_both_files_and_the_fix(tmp_path):
@@ -182,7 +198,7 @@ def test_corrupt_shard_is_named(tmp_path):
 def test_missing_selection_names_the_fix(tmp_path):
     with pytest.raises(store.StoreError, match="no selections stored"):
         store.read_selections(str(tmp_path), "m-s0", "backselect", "train")
-    assert store.done_ids(str(tmp_path), "m-s0", "backselect", "train") == set()
+    assert store.done_ids(str(tmp_path), "m-s0", "backselect", "train").tolist() == []
 
 
 def test_wrong_order_shape_is_refused(tmp_path):
@@ -208,7 +224,7 @@ def test_steps_to_keep_matches_keep_mask():
 def test_uri_roots_go_through_pyarrow_filesystems(tmp_path):
     root = f"file://{tmp_path}/store"  # the code path s3:// takes, on a local file system
     _write(root, [0, 1])
-    assert store.done_ids(root, "m-s0", "backselect", "test") == {0, 1}
+    assert store.done_ids(root, "m-s0", "backselect", "test").tolist() == [0, 1]
     assert (tmp_path / "store" / "m-s0" / "backselect" / "test").is_dir()
 
 

@@ -4,7 +4,7 @@ the random baseline is written by the driver (it needs no model).
 Each actor loads its model once (in __init__) on its assigned GPU, or on CPU where it was given none.
 The pool grows to the planned size as the autoscaler adds nodes. A worker lost with its node fails
 the pass, and the stage selects the images not yet stored again (select_stream); shards are named by
-their content (overinterp/store.py), so a batch done twice rewrites its own shard and every image
+their content (overinterp/store/format.py), so a batch done twice rewrites its own shard and every image
 ends up in the store once. A rerun selects only the image ids not yet in the store.
 
 Progress is shown in planned passes, from inside a batch too: the engines call on_passes as they
@@ -57,7 +57,7 @@ class SelectionWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         if self.skip_ids is not None:
-            keep = ~np.isin(np.asarray(batch["image_id"]), self.skip_ids)
+            keep = ~store.stored_mask(batch["image_id"], self.skip_ids)
             batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
         n_in = len(batch["image_id"])
         if n_in == 0:
@@ -176,7 +176,7 @@ def select_in_memory(job: SelectionJob, images: np.ndarray, labels: np.ndarray, 
                      engine: EngineConfig = EngineConfig(), select_batch: int = 64) -> tuple[int, list]:
     """Run a selection job on in-memory images (ids 0..N-1) not yet in the store."""
     done = store.done_ids(root, job.source.tag, job.tag, job.split)
-    todo = [i for i in range(len(labels)) if i not in done]
+    todo = np.setdiff1d(np.arange(len(labels)), done).tolist()
     items = [{"image_id": i, "label": int(labels[i]), "image": images[i]} for i in todo]
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(todo) / select_batch))) if items else None
     return select_stream(job, ds, root, mean, std, resources, engine, select_batch, done=done, total=len(labels), hw=images.shape[2:],
@@ -192,14 +192,15 @@ def select_stream(
     resources: ResourcePlan,
     engine: EngineConfig = EngineConfig(),
     select_batch: int = 64,
-    done: Optional[set] = None,
+    done: Optional[np.ndarray] = None,
     total: Optional[int] = None,
     hw: Optional[tuple[int, int]] = None,
     eager: bool = False,
 ) -> tuple[int, list[tuple[str, str]]]:
     """Run a model selector over a Dataset of {image_id, label, image[, path, error]} rows.
 
-    Images whose id is already in the store are skipped. Progress is shown in forward passes done
+    Images whose id is already in the store are skipped; done: those ids, sorted (store.done_ids),
+    when the caller has left them out of ds already. Progress is shown in forward passes done
     out of planned (hw given and the selector has a pass formula), else in images. Returns (images
     selected now, (path, reason) of the rows that failed to decode).
 
@@ -217,7 +218,7 @@ def select_stream(
     for attempt in range(1, SELECTION_ATTEMPTS + 1):
         if done is None or attempt > 1:
             done = store.done_ids(root, job.source.tag, job.tag, job.split)
-        skip = None if (prefiltered and attempt == 1) or not done else np.array(sorted(done), dtype=np.int64)
+        skip = None if (prefiltered and attempt == 1) or not len(done) else done
         of = f" of {total}" if total is not None else ""
         print(f"[{job.tag} {job.source.tag}/{job.split}] {len(done)}{of} images already selected"
               + (f"; {total - len(done)} to go" if total is not None else ""), flush=True)
@@ -329,8 +330,7 @@ def write_random(root: str, split: str, labels: np.ndarray, height: int, width: 
     """
     tag = selector_tag(RANDOM, params)
     ids_all = np.arange(len(labels), dtype=np.int64) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
-    done = np.array(sorted(store.done_ids(root, "none", tag, split)), dtype=np.int64)
-    todo = np.flatnonzero(~np.isin(ids_all, done))  # positions
+    todo = np.flatnonzero(~store.stored_mask(ids_all, store.done_ids(root, "none", tag, split)))  # positions
     for start in range(0, len(todo), select_batch):
         pos = todo[start : start + select_batch]
         store.write_rows(root, model="none", selector=tag, selector_params=params_json(params), split=split,

@@ -129,7 +129,7 @@ class StreamBackend:
 
     def select(self, job: SelectionJob) -> None:
         done = store.done_ids(self.plan.root, job.source.tag, job.tag, job.split)  # a rerun decodes only the rest
-        ds = self._read(job.split, skip_ids=np.array(sorted(done), dtype=np.int64))
+        ds = self._read(job.split, skip_ids=done)
         _, skipped = select_stream(job, ds, self.plan.root, IMAGENET_MEAN, IMAGENET_STD, self.resources, select_batch=self.cfg.select_batch,
                                    done=done, total=self.plan.n_images[job.split], hw=self.plan.shape[1:])
         self.skipped[job.split] = skipped
@@ -211,7 +211,7 @@ class StreamBackend:
         """The first ANALYSIS_IMAGES images of the test split with a stored selection, decoded into the
         driver: the analysis's sample (bounded, whatever the split's size)."""
         stored = store.done_ids(self.plan.root, self.explained.tag, self.plan.primary, "test")
-        stored_ids = np.fromiter(stored, np.int64, len(stored))
+        stored_ids = stored
         want = min(ANALYSIS_IMAGES, self.plan.n_images["test"])
         ds = drop_bad(read_images(self.data.val, self.cfg.image_size, self.data.classes, self.data.limits["test"]))
         ids, images, labels = [], [], []

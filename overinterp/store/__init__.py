@@ -3,7 +3,7 @@
     format.py  the pyarrow schema and its versions, folder layout and content-named shards, the
                compact step encoding of a removal order, version-1 conversion (no I/O)
     io.py      atomic writes, shard listing, validated reads (read_selections, done_ids,
-               raw_image_ids), the overlap rule, validate_shards and list_selections
+               raw_image_ids, stored_mask), the overlap rule, validate_shards and list_selections
     check.py   `overinterp store check|repair` and its report table
 
 Callers use the package: `from overinterp import store; store.read_selections(...)`.
@@ -34,6 +34,7 @@ from overinterp.store.io import (
     read_selections,
     read_shard,
     shard_files,
+    stored_mask,
     validate_shards,
     write_rows,
     write_table_atomic,
@@ -44,5 +45,5 @@ __all__ = [
     "Overlap", "SelectionReport", "Selections", "StoreError",
     "check_store", "decode_order", "done_ids", "encode_steps", "find_overlap", "list_selections", "raw_image_ids",
     "read_selections", "read_shard", "repair_store", "report_table", "selection_dir", "shard_files", "shard_name",
-    "steps_to_keep", "validate_shards", "write_rows", "write_table_atomic",
+    "steps_to_keep", "stored_mask", "validate_shards", "write_rows", "write_table_atomic",
 ]
