@@ -43,6 +43,22 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def smoke_cli_run(tmp_path_factory):
+    """`overinterp run --smoke --seeds 0,1` as a user types it, once per session, in its own process
+    with its own embedded Ray: (out dir, everything it printed, exit code). Its outputs are checked
+    by test_pipeline.py, what it printed by test_terminal.py."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smoke-cli") / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    p = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--seeds", "0,1", "--out", str(out)],
+                       env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True,
+                       timeout=1800)
+    return out, p.stdout + p.stderr, p.returncode
+
+
 class TinyConvNet(nn.Module):
     """A seeded 3-class conv net small enough for the brute-force twin."""
 

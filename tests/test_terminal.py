@@ -1,15 +1,11 @@
 """What `overinterp run` prints on a clean machine: our stage lines and progress, no Ray INFO line,
 no `E` log line (the actor-constructor warning of ray-project/ray#53727 included), no warnings."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 pytestmark = pytest.mark.ray
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # A Ray/glog error or fatal line, anywhere in a line: Ray prefixes what its processes print with the
@@ -33,15 +29,12 @@ def test_the_error_line_pattern_catches_rays_formats():
         assert not is_error_line(line), line
 
 
-def test_a_smoke_run_prints_no_ray_chatter(tmp_path):
-    # The plain `overinterp run --smoke`, as a user types it: every selector, fill and variant the
-    # default run has (Ray Data selection, Tune training, ROAD, MLflow), so every source of the
-    # chatter this test forbids is there.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-    p = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--out", str(tmp_path / "out")],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    printed = p.stdout + p.stderr
-    assert p.returncode == 0, printed[-3000:]
+def test_a_smoke_run_prints_no_ray_chatter(smoke_cli_run):
+    # `overinterp run --smoke --seeds 0,1`, as a user types it, in its own process: every selector,
+    # fill and variant the default run has (Ray Data selection, Tune training, ROAD, MLflow), so
+    # every source of the chatter this test forbids is there.
+    out, printed, code = smoke_cli_run
+    assert code == 0, printed[-3000:]
     lines = printed.splitlines()
     assert not [l for l in lines if re.search(r"\bINFO\b", l)], "Ray/MLflow INFO lines"
     assert not [l for l in lines if is_error_line(l)], "E log lines"
