@@ -73,6 +73,9 @@ def test_imagenet_folder_of_jpegs_and_resume(ray_session, tmp_path, resnet18_wei
     assert set(summary["accuracy"]["tv:resnet18"]) == {"bgsis-subset", "random-subset", "bgsis-positions-only"}
     result = json.load(open(os.path.join(out, "trials", "tv_resnet18-bgsis-k64-s0", "result.json")))
     assert result["val_images"] == 12 and len(result["losses"]) == 1  # a Ray Train run: every val image, one epoch
+    timing = result["timing"]  # where the trial's time went, from the trainer's and its worker's clocks
+    assert timing["fit_s"] >= timing["worker_start_s"] + sum(timing["epoch_s"]) and timing["worker_start_s"] > 0
+    assert len(timing["epoch_s"]) == len(timing["first_batch_s"]) == 1 and 0 < timing["first_batch_s"][0] <= timing["epoch_s"][0]
 
     capsys.readouterr()
     mtimes = {p: os.stat(p).st_mtime_ns for p in (os.path.join(out, "trials", "tv_resnet18-random-seed0-s0", "result.json"),)}

@@ -164,6 +164,7 @@ def _train_loop(config: dict) -> None:
     from overinterp.models import ModelSpec, build
     from overinterp.training import TrainConfig, augment_batch, prepare
 
+    started = time.time()  # wall clock, as the driver's fit_at: the worker group's start-up is the difference
     torch.set_num_threads(int(config["threads"]))
     spec = TrialSpec(**config["trial"])
     tc = TrainConfig(**config["train"])
@@ -190,12 +191,14 @@ def _train_loop(config: dict) -> None:
     gen = torch.Generator().manual_seed(spec.seed * 1000 + rank)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(start, tc.epochs):
+        epoch_at, first_batch_at = time.time(), None
         ddp.train()
         gen.manual_seed(spec.seed * 1000 + rank + 7919 * epoch)  # augmentation replays identically after a restart
         loss_sum = torch.zeros(2, device=device)  # (summed loss, images)
         for batch in train_shard.iter_torch_batches(batch_size=tc.batch_size, device=device, drop_last=False,
                                                     local_shuffle_buffer_size=SHUFFLE_BUFFER_IMAGES,
                                                     local_shuffle_seed=spec.seed * 1000 + rank + 7919 * epoch):
+            first_batch_at = first_batch_at or time.time()
             if len(batch["label"]) == 1:
                 continue  # BatchNorm cannot train on one image (a split's last, short batch)
             x = prepare(batch["image"], mean, std, unpack_keep(batch[MASK_COLUMN], hw), spec.fill)
@@ -223,7 +226,10 @@ def _train_loop(config: dict) -> None:
             dist.all_reduce(loss_sum)
         metrics = {"epoch": epoch, "train_loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)),
                    "val_accuracy": float(counts[0] / counts[1].clamp(min=1)), "val_images": int(counts[1]),
-                   "start_epoch": start}  # > 0: this worker group resumed from a checkpoint
+                   "start_epoch": start,  # > 0: this worker group resumed from a checkpoint
+                   # where a trial's fixed cost goes (s): the worker group's start, the data stream's first batch
+                   "worker_start_s": started - config["fit_at"], "first_batch_s": (first_batch_at or time.time()) - epoch_at,
+                   "epoch_s": time.time() - epoch_at}
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
@@ -283,7 +289,8 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
         per_worker["GPU"] = resources.gpus_per_trial
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"trial": asdict(spec), "train": train_config, "threads": max(1, int(resources.cpus_per_trial)), **data_info},
+        train_loop_config={"trial": asdict(spec), "train": train_config, "threads": max(1, int(resources.cpus_per_trial)), "fit_at": time.time(),
+                           **data_info},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker),
         # NCCL needs CUDA; GPU nodes without it (a broken driver, or a simulated cluster) train with gloo
         torch_config=TorchConfig(backend="nccl" if use_cuda else "gloo"),
@@ -296,6 +303,7 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
     result = trainer.fit()
     if result.error:
         raise result.error
+    fit_s = time.time() - t0
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     model_spec = ModelSpec(**state["spec"])
@@ -314,6 +322,10 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
         "seconds": time.time() - t0, "device": "cuda" if use_cuda else "cpu", "workers": workers,
         "resumed_from_epochs": sorted({int(v) for v in history["start_epoch"] if v > 0}) if history is not None else [],
         "checkpoint": ckpt, "checkpoint_sha256": _sha256(ckpt), "val_images": result.metrics["val_images"],
+        # seconds: the trainer's whole fit, its worker group's start, each epoch and its wait for the first batch
+        "timing": {"fit_s": fit_s, "worker_start_s": float(history["worker_start_s"].iloc[0]) if history is not None else None,
+                   "epoch_s": [float(v) for v in history["epoch_s"]] if history is not None else [],
+                   "first_batch_s": [float(v) for v in history["first_batch_s"]] if history is not None else []},
     }
     fs.write_json(fs.join(trial_dir(out_dir, spec), "result.json"), out)
     return out
