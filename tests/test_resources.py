@@ -157,3 +157,31 @@ def test_the_embedded_ray_never_joins_another_cluster_on_the_machine():
     assert p.returncode == 0, p.stderr[-3000:]
     resources = json.loads(p.stdout.strip().splitlines()[-1])
     assert "someone_elses" not in resources, resources
+
+
+def test_an_unreadable_autoscaler_is_an_error_not_a_plan_from_the_nodes_up(ray_session, tmp_path, monkeypatch):
+    """Where an autoscaler serves the cluster but its node types cannot be read, the run stops with
+    the reason instead of planning from the nodes alive (which, before any worker is up, have no GPU)."""
+    from overinterp.pipeline import resources
+
+    monitor = tmp_path / "monitor.py"  # a process that looks like Ray's autoscaler monitor to /proc
+    monitor.write_text("import time\ntime.sleep(120)\n")
+    gcs = ray_session.get_runtime_context().gcs_address
+    missing = tmp_path / "gone.yaml"
+    proc = subprocess.Popen([sys.executable, str(monitor), f"--gcs-address={gcs}", f"--autoscaling-config={missing}"])
+    try:
+        with pytest.raises(ConfigError, match=f"autoscaler reads {missing}, not a file on this node"):
+            resources.discover_capacity()
+        missing.write_text("cluster_name: x\n")
+        with pytest.raises(ConfigError, match="a config without available_node_types"):
+            resources.discover_capacity()
+    finally:
+        proc.kill()
+    assert "nodes alive now" in resources.discover_capacity().source  # no autoscaler: the local Ray's nodes
+
+    def unreachable():
+        raise ConnectionError("GCS timed out")
+
+    monkeypatch.setattr(resources.ray._private.state.state, "get_cluster_config", unreachable)
+    with pytest.raises(ConfigError, match="could not read the autoscaler's node types .*ConnectionError: GCS timed out"):
+        resources.discover_capacity()

@@ -11,7 +11,9 @@ plans from the cluster's *capacity*, found in this order:
    serving this cluster (found under /proc on the head, where `ray job submit` drivers run), else
    `~/ray_bootstrap_config.yaml`, where `ray up` writes it on the head. Per node type:
    `resources` × min(`max_workers`, the cluster's `max_workers`), plus the head node type once;
-3. no autoscaler: the nodes alive now (a fixed cluster, or the local Ray).
+3. no autoscaler: the nodes alive now (a fixed cluster, or the local Ray). An autoscaler whose node
+   types cannot be read (a GCS that fails to answer, a config file missing on this node) is an
+   error naming the cause, never a silent plan from the nodes up now.
 
 Without an address ($RAY_ADDRESS or --ray-address) and no Ray running, the run will start its own
 local Ray: its capacity is this machine's, found as Ray finds it, so a plan (and --dry-run, and a
@@ -154,10 +156,15 @@ def _node_types_from_yaml(config: dict, path: str) -> Optional[Capacity]:
 
 
 def _gcs_cluster_config() -> Optional[Capacity]:
-    try:
-        config = ray._private.state.state.get_cluster_config()
-    except Exception:  # older Rays, or a GCS without the key: fall through to the next source
+    read = getattr(getattr(ray._private.state, "state", None), "get_cluster_config", None)
+    if read is None:  # a Ray without the call: the autoscaler's file is the next source
         return None
+    try:
+        config = read()  # None where no autoscaler reported node types
+    except Exception as e:  # a GCS that fails to answer: planning from the nodes up now could miss every GPU
+        raise ConfigError(f"could not read the autoscaler's node types from the cluster's GCS ({type(e).__name__}: {e}); "
+                          "without them the plan would have only the nodes up now (no GPU on a cluster that has not "
+                          "scaled up yet): check the head node (`ray status`) and rerun") from e
     if config is None or not config.node_group_configs:
         return None
     found = []
@@ -209,9 +216,18 @@ def _alive_nodes() -> Capacity:
 
 
 def discover_capacity() -> Capacity:
-    """The connected cluster's capacity (see the module docstring for the order)."""
+    """The connected cluster's capacity (see the module docstring for the order). Refuses, naming
+    the file, where an autoscaler serves this cluster but its node types cannot be read."""
     gcs = ray.get_runtime_context().gcs_address
-    return _gcs_cluster_config() or _autoscaler_file_config(gcs) or _alive_nodes()
+    found = _gcs_cluster_config() or _autoscaler_file_config(gcs)
+    if found is not None:
+        return found
+    named = _monitor_config_paths(gcs)
+    if named:
+        what = "a config without available_node_types" if os.path.isfile(named[0]) else "not a file on this node"
+        raise ConfigError(f"this cluster's autoscaler reads {named[0]}, {what}: planned from the nodes up now, the run could "
+                          "miss every GPU; run the driver on the head node (`ray job submit`) or fix that file")
+    return _alive_nodes()
 
 
 def local_capacity() -> Capacity:
