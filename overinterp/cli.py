@@ -201,6 +201,11 @@ def one_line_errors(prog: str, fn):
 
     try:
         return None, fn()
+    except KeyboardInterrupt as e:  # Ctrl-C, or the driver's RunStopped (SIGTERM / SIGINT)
+        signum = getattr(e, "signum", 2)
+        print(f"{prog}: stopped by {getattr(e, 'args', ('SIGINT',))[0] or 'SIGINT'}: finished work is kept in --out; "
+              "rerun the same command to continue", file=sys.stderr)
+        return 128 + signum, None
     except (ConfigError, BudgetExceeded, ModelError) as e:
         print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
         return 2, None

@@ -11,8 +11,11 @@ is skipped on a rerun, the summary's shape, reports and tracking — lives here 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 import time
 from typing import Callable, Optional, Protocol
 
@@ -38,6 +41,37 @@ class Backend(Protocol):
     def skipped_images(self): ...  # image files that did not decode, as summary.json lists them
     def dataset_input(self) -> dict: ...  # {name, source, digest[, images, labels]} for MLflow's dataset input
     def models_to_log(self) -> dict: ...  # {trial name: (model, example input)} of the full-image models
+
+
+class RunStopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT reached the driver: a KeyboardInterrupt, so no `except Exception` holds it up
+    on its way out through the lock and the MLflow parent."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """While a run holds its --out: SIGTERM (`ray job stop`, a pod's termination, `timeout`) and SIGINT
+    (also sent by a script, whose background jobs start with SIGINT ignored) raise RunStopped in the
+    main thread, so the lock is released and the MLflow parent is closed before the process exits.
+    Ray's core worker installs a handler for SIGTERM that dumps a stack and aborts: this replaces it
+    for the run and puts it back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def stop(signum, frame):
+        raise RunStopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class Stages:
@@ -75,7 +109,7 @@ def run_job(cfg, plan: Plan, resources, make_backend: Callable, *, holder: str, 
         log("dry run: nothing selected, trained or written")
         return None
     cluster.ensure_ray(ray_address)
-    with OutputLock(cfg.out_dir, holder) as lock:
+    with stopped_by_signals(), OutputLock(cfg.out_dir, holder) as lock:
         record_settings(cfg)
         from overinterp.pipeline.tracking import Tracker  # MLflow only where tracking happens
 
