@@ -19,8 +19,7 @@ from overinterp.data import denormalize_uint8, normalize
 from overinterp.fill import fill as fill_removed
 from overinterp.pipeline.plan import Plan
 from overinterp.pipeline.trial import TrialSpec
-from overinterp.report import (plot_accuracy_by_condition, plot_confidence_vs_removed, plot_sis_size_histograms, save_gallery,
-                               sis_stats)
+from overinterp.report import accuracy_figure, confidence_figure, gallery_figure, save_figure, sis_size_figure, sis_stats
 from overinterp.selection import apply_mask, keep_mask, n_keep, sis_mask, sis_size, tail_mask
 from overinterp.selection.subsets import dilate_keep
 from overinterp.training import class_confidence, evaluate
@@ -208,8 +207,8 @@ class Analysis:
             titles = [f"{test.classes[int(primary.label[i])]} → {test.classes[int(primary.pred[i])]} ({primary.confidence[i]:.2f})"
                       for i in range(n)]
             path = os.path.join(local_dir, "gallery.png")
-            save_gallery(path, denormalize_uint8(x, test.mean, test.std), panels, titles,
-                         empty_labels={sis_title: (~sis.any(1)).tolist()}, tau=cfg.tau)
+            save_figure(gallery_figure(denormalize_uint8(x, test.mean, test.std), panels, titles,
+                                       empty_labels={sis_title: (~sis.any(1)).tolist()}, tau=cfg.tau), path)
             paths.append(path)
             summary["gallery_columns"] = ["original", *panels]  # left to right, as gallery.png titles them
         copy_out(paths, cfg.out_dir)
@@ -221,7 +220,7 @@ class Analysis:
         cfg, plan, test = self.cfg, self.plan, self.test
         m = cfg.models[0]
         source = next(iter(plan.sources[m].values()))
-        paths = [plot_accuracy_by_condition(summary, os.path.join(local_dir, "accuracy.png"))]
+        paths = [save_figure(accuracy_figure(summary), os.path.join(local_dir, "accuracy.png"))]
         curves = {}
         for tag, sel in sels.items():  # p(c) after t removals, t = 0..HW (the unmasked image first)
             curves[f"{tag}"] = torch.cat([sel.confidence[:, None], sel.curve], 1)[:max_images].numpy()
@@ -235,12 +234,12 @@ class Analysis:
                                          tail_mask(rnd.order[:n], torch.full((n,), plan.hw - int(round(f * plan.hw)))))
                         for f in fractions]
         curves["random"] = torch.stack(random_curve, 1).numpy()
-        paths.append(plot_confidence_vs_removed(curves, os.path.join(local_dir, "confidence_vs_removed.png"),
-                                                title=f"{m}: median p(c) as pixels are removed (test images)"))
+        title = f"{m}: median p(c) as pixels are removed (test images)"
+        paths.append(save_figure(confidence_figure(curves, title), os.path.join(local_dir, "confidence_vs_removed.png")))
         sizes = {}
         for variant, src in plan.sources[m].items():
             sel = self.selections(src.tag, plan.primary)
             sizes[src.label] = sis_size(sel.curve, sel.confidence, cfg.tau).numpy()
-        paths.append(plot_sis_size_histograms(sizes, plan.hw, os.path.join(local_dir, "sis_sizes.png"), cfg.tau))
+        paths.append(save_figure(sis_size_figure(sizes, plan.hw, cfg.tau), os.path.join(local_dir, "sis_sizes.png")))
         summary["plots"] = [os.path.basename(p) for p in paths]
         return paths
