@@ -39,9 +39,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from overinterp.selection.engine import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, widen
+from overinterp.selection.engine import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, check_images, widen
 from overinterp.selection.params import captum_class, check_selector_params, positive_int
-from overinterp.selection.ranking import check_images, explain, scored_result
+from overinterp.selection.ranking import explain, scored_result
 
 
 class _CountingProb(nn.Module):

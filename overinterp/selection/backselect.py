@@ -31,16 +31,8 @@ from typing import Optional, Sequence
 import torch
 
 from overinterp.selection.cost import tail_pixels
-from overinterp.selection.engine import (
-    EngineConfig,
-    ForwardFunc,
-    PassesFunc,
-    ProgressFunc,
-    Scorer,
-    SelectionResult,
-    explained_class,
-    widen,
-)
+from overinterp.selection.engine import (EngineConfig, ForwardFunc, PassesFunc, ProgressFunc, Scorer, SelectionResult, check_images,
+                                        explained_class, widen)
 from overinterp.selection.params import check_selector_args
 
 
@@ -118,14 +110,11 @@ def backward_selection(
         SelectionResult with order/curve (B, HW) on the images' device; forward_passes counts the
         images the model evaluated (`planned_forward_passes` gives it in advance).
     """
-    if images.dim() != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    check_images(images)
     check_selector_args(pixels_per_step, exact_tail)
     device = images.device
     B, C, H, W = images.shape
     HW = H * W
-    if not images.is_floating_point():
-        raise ValueError("images must be normalised floats (see overinterp.data.normalize), got integers")
     scorer = Scorer(forward, config, images)  # after the input checks: it times forward passes
     order = torch.full((B, HW), -1, dtype=torch.long, device=device)
     curve = torch.full((B, HW), float("nan"), dtype=torch.float32, device=device)

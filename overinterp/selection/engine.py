@@ -8,8 +8,8 @@ chunk sizing.
   (channels_last, a chunk size tuned on the device, optionally torch.compile);
 - chunk sizing: `max_chunk` (what fits the memory budget), `tune_chunk` (the fastest batch size
   below it, measured with `forward_rate` between device syncs);
-- the callback types (ForwardFunc, ProgressFunc, PassesFunc), `widen` (logits in fp32 or wider)
-  and `explained_class` (the class c each image is explained for).
+- the callback types (ForwardFunc, ProgressFunc, PassesFunc), `widen` (logits in fp32 or wider),
+  `explained_class` (the class c each image is explained for), `check_images` and `ranks`.
 
 Backward selection (backselect.py), Batched Gradient SIS (gradient.py) and the ranking selectors
 (ranking.py, attribution.py, perturbation.py) build on this module; it imports none of them.
@@ -43,6 +43,19 @@ def explained_class(probs: torch.Tensor, target: Optional[torch.Tensor]):
         target = target.to(probs.device).long()
         confidence = probs.gather(1, target[:, None]).squeeze(1)
     return (pred if target is None else target), confidence, pred
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Raise a one-line ValueError unless images are normalised floats (B, C, H, W)."""
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be normalised floats (B, C, H, W) (see overinterp.data.normalize), "
+                         f"got shape {tuple(images.shape)} {images.dtype}")
+
+
+def ranks(order: torch.Tensor) -> torch.Tensor:
+    """(B, HW) order -> (B, HW) rank: rank[b, j] = position of pixel j in order[b] (0 = removed first)."""
+    B, HW = order.shape
+    return torch.empty_like(order).scatter_(1, order, torch.arange(HW, device=order.device).expand(B, HW))
 
 
 ForwardFunc = Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) normalised -> (N, K) logits

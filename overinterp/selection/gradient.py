@@ -25,16 +25,8 @@ import torch
 
 from overinterp.selection.backselect import run_steps, step_plan
 from overinterp.selection.cost import tail_pixels
-from overinterp.selection.engine import (
-    EngineConfig,
-    ForwardFunc,
-    PassesFunc,
-    ProgressFunc,
-    Scorer,
-    SelectionResult,
-    explained_class,
-    widen,
-)
+from overinterp.selection.engine import (EngineConfig, ForwardFunc, PassesFunc, ProgressFunc, Scorer, SelectionResult, check_images,
+                                        explained_class, widen)
 from overinterp.selection.params import check_selector_args
 
 
@@ -70,8 +62,7 @@ def batched_gradient_sis(
         masked in; forward_passes = images x (gradient steps + 1) + the exact tail's candidates,
         backward_passes = images x gradient steps (selection/cost.py gives both in advance).
     """
-    if images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be normalised floats (B, C, H, W), got {tuple(images.shape)} {images.dtype}")
+    check_images(images)
     check_selector_args(pixels_per_step, exact_tail)
     B, C, H, W = images.shape
     HW = H * W

@@ -34,9 +34,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from overinterp.selection.engine import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, widen
+from overinterp.selection.engine import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, check_images, widen
 from overinterp.selection.params import PerturbationParams
-from overinterp.selection.ranking import check_images, explain, scored_result
+from overinterp.selection.ranking import explain, scored_result
 
 
 def gaussian_blur(images: torch.Tensor, sigma: tuple[float, float], radius: tuple[int, int]) -> torch.Tensor:

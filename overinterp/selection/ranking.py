@@ -20,13 +20,8 @@ from typing import Optional
 
 import torch
 
-from overinterp.selection.engine import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, explained_class
-
-
-def check_images(images: torch.Tensor) -> None:
-    """Raise a one-line ValueError unless images are normalised floats (B, C, H, W)."""
-    if images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be normalised floats (B, C, H, W), got shape {tuple(images.shape)} {images.dtype}")
+from overinterp.selection.engine import (EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, check_images, explained_class,
+                                        ranks)
 
 
 def order_from_importance(importance: torch.Tensor) -> torch.Tensor:
@@ -35,14 +30,6 @@ def order_from_importance(importance: torch.Tensor) -> torch.Tensor:
     A stable ascending sort: equal scores keep ascending pixel order (ties to the lowest index).
     """
     return torch.sort(importance, dim=1, stable=True).indices
-
-
-def ranks(order: torch.Tensor) -> torch.Tensor:
-    """(B, HW) order -> (B, HW) rank: rank[b, j] = position of pixel j in order[b] (0 = removed first)."""
-    B, HW = order.shape
-    out = torch.empty_like(order)
-    out.scatter_(1, order, torch.arange(HW, device=order.device).expand(B, HW))
-    return out
 
 
 def _curve(scorer: Scorer, images: torch.Tensor, order: torch.Tensor, target: torch.Tensor,
