@@ -201,17 +201,16 @@ def one_line_errors(prog: str, fn):
 
     try:
         return None, fn()
-    except (ConfigError, BudgetExceeded, ModelError) as e:
-        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
-        return 2, None
-    except (DataError, StoreError, OutputError) as e:
-        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
-        return 1, None
     except Exception as e:
-        if type(e).__name__ == "TrialsFailed":  # pipeline.tune_stage, not imported here: Ray loads only once input is valid
-            print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
-            return 1, None
-        raise
+        if isinstance(e, (ConfigError, BudgetExceeded, ModelError)):
+            status = 2
+        # TrialsFailed: pipeline.tune_stage, not imported here: Ray loads only once input is valid
+        elif isinstance(e, (DataError, StoreError, OutputError)) or type(e).__name__ == "TrialsFailed":
+            status = 1
+        else:
+            raise
+        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
+        return status, None
 
 
 def _first_line(e: Exception) -> str:
