@@ -9,8 +9,7 @@ Layout, each module importing only those above it:
 - engine.py — what the engines share: SelectionResult, EngineConfig, the Scorer and its chunk sizing;
 - backselect.py, gradient.py, ranking.py, attribution.py, perturbation.py — one per selector;
 - dispatch.py — run_selector, every model selector by name;
-- subsets.py — from an order to pixel subsets (SIS, keep-masks, random orders); original.py — the
-  paper's strategy, a speed baseline.
+- subsets.py — from an order to pixel subsets (SIS, keep-masks, random orders).
 
 The names of params.py and cost.py are imported here at once; the rest (torch) on first use, so
 that configuration and planning import `overinterp.selection` without loading torch.
