@@ -5,7 +5,8 @@ chunk sizing.
 - EngineConfig: how candidates are batched (chunk, memory budget, memory format, autocast,
   compile); none of it changes the exact fp32 result;
 - Scorer: p(c | candidate) for stacks of masked images, with the model prepared once
-  (channels_last, a chunk size tuned on the device, optionally torch.compile);
+  (channels_last, a chunk size tuned on the device, optionally torch.compile), and
+  `score_candidates`, which builds and scores a step's candidates chunk by chunk on the device;
 - chunk sizing: `max_chunk` (what fits the memory budget), `tune_chunk` (the fastest batch size
   below it, measured with `forward_rate` between device syncs);
 - the callback types (ForwardFunc, ProgressFunc, PassesFunc), `widen` (logits in fp32 or wider),
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 import weakref
 from dataclasses import dataclass
@@ -58,6 +60,11 @@ def ranks(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(1, order, torch.arange(HW, device=order.device).expand(B, HW))
 
 
+# The arguments every selector takes (backselect.py, gradient.py, attribution.py, perturbation.py):
+#   forward: a ForwardFunc, the model in eval mode on the images' device (put it there first);
+#   images: (B, C, H, W) normalised floats (a masked pixel is 0 on all channels: the mean colour);
+#   target: (B,) the class to explain; None explains the prediction on the unmasked image;
+#   on_passes: a PassesFunc told of the forward passes as they are made.
 ForwardFunc = Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) normalised -> (N, K) logits
 ProgressFunc = Callable[[int, int], None]  # (pixels removed so far, HW) per step
 # forward passes just made (images evaluated, a Python int the engine counts anyway: no host sync),
@@ -251,6 +258,31 @@ class Scorer:
     def target_probs(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W), (N,) -> (N,) p(target)."""
         return self.probs(x).gather(1, target[:, None]).squeeze(1)
+
+
+def score_candidates(scorer: Scorer, n: int, per_image: int, shape: tuple[int, int, int], target: torch.Tensor,
+                     build: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dtype: torch.dtype,
+                     on_passes: Optional[PassesFunc] = None) -> torch.Tensor:
+    """(n,) p(target) of n candidate images, built and scored chunk by chunk on the device.
+
+    Candidate i belongs to image b = i // per_image; build(idx, b) returns the (M, HW, C) candidates
+    idx (NHWC memory) of images b. target: (B,) on the device. Call under torch.inference_mode().
+    """
+    C, H, W = shape
+    scores = torch.empty(n, device=target.device, dtype=dtype)
+    # balanced chunks: 1,030 candidates at chunk 512 run as 3 x 344, not 512 + 512 + 6; compiled
+    # models keep one static size instead (Scorer.probs pads the last chunk)
+    size = scorer.chunk if scorer.config.compile else math.ceil(n / math.ceil(n / scorer.chunk))
+    for start in range(0, n, size):
+        idx = torch.arange(start, min(start + size, n), device=target.device)
+        b = torch.div(idx, per_image, rounding_mode="floor")
+        imgs = build(idx, b).view(-1, H, W, C).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+        if not scorer.config.channels_last:
+            imgs = imgs.contiguous()
+        scores[start : start + len(idx)] = scorer.target_probs(imgs, target[b])
+        if on_passes is not None:  # per chunk: one step of a 224-px image is minutes of CPU
+            on_passes(len(idx))
+    return scores
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

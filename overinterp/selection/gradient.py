@@ -45,14 +45,12 @@ def batched_gradient_sis(
     """Run Batched Gradient SIS until every pixel is masked.
 
     Args:
-        forward: model in eval mode on the images' device, (N, C, H, W) -> logits (N, K).
-        images: (B, C, H, W) normalised floats.
+        forward, images, target: as every selector takes them (engine.py).
         pixels_per_step: k pixels masked per step.
         exact_tail: F in (0, 1]. F < 1: gradient steps until ceil(F·HW) pixels remain (the last
             one shrunk to land there), then exact backward selection on those pixels (the BS
             engine, one pixel per step) to the end. F = 1 (default): gradient steps to the end.
         engine: how the exact tail runs (chunking, memory format; see EngineConfig). Unused at F = 1.
-        target: (B,) class to explain; default the prediction on the unmasked image.
         max_steps: for benchmarks — stop after this many steps, gradient and exact together
             (order -1 / curve NaN beyond).
         on_passes: called with the forward passes made, per gradient step (B) and per chunk of the
