@@ -94,11 +94,7 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     r.add_argument("--strict", action="store_true", help="stop at the first image that does not decode (default: skip it and list it in summary.json)")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray, or RAY_ADDRESS)")
     r.add_argument("-v", "--verbose", action="store_true", help="also print Ray's, Tune's and MLflow's logs, and one line per trial")
-    add_resource_arguments(r)
-
-
-def add_resource_arguments(r: argparse.ArgumentParser) -> None:
-    """Overrides of the resource plan (by default planned from what the cluster can offer)."""
+    # overrides of the resource plan (by default planned from what the cluster can offer)
     g = r.add_argument_group("resources", "default: planned from the autoscaler's node types (or the nodes up); see README")
     g.add_argument("--max-workers", type=int, default=None, help="most selection actors, and most trials at once")
     g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per selection actor (0: CPUs only; default 1 where GPUs can exist)")

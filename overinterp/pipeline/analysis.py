@@ -40,11 +40,10 @@ def write_summary(plan: Plan, summary: dict, local_dir: str) -> list[str]:
 
     paths = []
     for name, text in (("summary.json", json.dumps(summary, indent=1, sort_keys=True)), ("summary.md", summary_markdown(summary))):
-        path = os.path.join(local_dir, name)
-        with open(path, "w") as f:
+        paths.append(os.path.join(local_dir, name))
+        with open(paths[-1], "w") as f:
             f.write(text)
-        fs.write_text(fs.join(plan.out_dir, name), text)
-        paths.append(path)
+    copy_out(paths, plan.out_dir)
     return paths
 
 
