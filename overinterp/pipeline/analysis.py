@@ -220,9 +220,8 @@ class Analysis:
         m = cfg.models[0]
         source = next(iter(plan.sources[m].values()))
         paths = [save_figure(accuracy_figure(summary), os.path.join(local_dir, "accuracy.png"))]
-        curves = {}
-        for tag, sel in sels.items():  # p(c) after t removals, t = 0..HW (the unmasked image first)
-            curves[f"{tag}"] = torch.cat([sel.confidence[:, None], sel.curve], 1)[:max_images].numpy()
+        # p(c) after t removals, t = 0..HW (the unmasked image first)
+        curves = {tag: torch.cat([sel.confidence[:, None], sel.curve], 1)[:max_images].numpy() for tag, sel in sels.items()}
         # The random baseline has no curve: p(c) of the explained class at 21 removed fractions.
         n = min(max_images, len(rnd.order))
         x = torch.from_numpy(test.images[:n])
@@ -235,10 +234,8 @@ class Analysis:
         curves["random"] = torch.stack(random_curve, 1).numpy()
         title = f"{m}: median p(c) as pixels are removed (test images)"
         paths.append(save_figure(confidence_figure(curves, title), os.path.join(local_dir, "confidence_vs_removed.png")))
-        sizes = {}
-        for variant, src in plan.sources[m].items():
-            sel = self.selections(src.tag, plan.primary)
-            sizes[src.label] = sis_size(sel.curve, sel.confidence, cfg.tau).numpy()
+        by_label = {src.label: self.selections(src.tag, plan.primary) for src in plan.sources[m].values()}
+        sizes = {label: sis_size(sel.curve, sel.confidence, cfg.tau).numpy() for label, sel in by_label.items()}
         paths.append(save_figure(sis_size_figure(sizes, plan.hw, cfg.tau), os.path.join(local_dir, "sis_sizes.png")))
         summary["plots"] = [os.path.basename(p) for p in paths]
         return paths

@@ -29,7 +29,7 @@ from overinterp.selection.params import (
 # name -> the module that defines it, imported on first access (these modules import torch)
 _LAZY = {
     **dict.fromkeys(("EngineConfig", "PassesFunc", "SelectionResult"), "engine"),
-    **dict.fromkeys(("backward_selection", "brute_force_backward_selection", "step_plan"), "backselect"),
+    **dict.fromkeys(("backward_selection", "step_plan"), "backselect"),
     "batched_gradient_sis": "gradient",
     "attribution_selection": "attribution",
     "meaningful_perturbation": "perturbation",

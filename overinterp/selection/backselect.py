@@ -13,7 +13,7 @@ With pixels_per_step = k > 1 (an approximation; k = 1 is exact) the k best-scori
 are removed together; the curve then holds p(c) after the whole step for each of those k removals,
 from one extra forward pass of the new masked images. Pixels removed in one step are listed in
 ascending pixel index: they left together, so no order among them exists, and this canonical
-order is what the Parquet store keeps (it stores the step of each pixel, see overinterp/store.py).
+order is what the Parquet store keeps (it stores the step of each pixel, see overinterp/store/).
 
 With exact_tail = F < 1 the k-steps stop when ceil(F·HW) pixels remain and exact BS (k = 1)
 removes the rest: the paper uses only the tail of the order (the 5% subset, an SIS), while the
@@ -25,13 +25,13 @@ sizing and result type they share are in engine.py.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from overinterp.selection.cost import tail_pixels
 from overinterp.selection.engine import (EngineConfig, ForwardFunc, PassesFunc, ProgressFunc, Scorer, SelectionResult, check_images,
-                                        explained_class, score_candidates, widen)
+                                        explained_class, score_candidates)
 from overinterp.selection.params import check_selector_args
 
 
@@ -165,36 +165,3 @@ def run_steps(
         if progress is not None:
             progress(removed, HW)
     return passes, tuple(plan)
-
-
-def brute_force_backward_selection(forward: ForwardFunc, image: torch.Tensor, masked: Sequence[int] = ()) -> tuple[list[int], list[float]]:
-    """The reference twin: one image (C, H, W), one candidate per forward pass, plain Python.
-
-    masked: pixel ids already removed (set to 0, never candidates) — the state an exact tail starts
-    from; the class c is still the one predicted on the unmasked image.
-    Returns the order and curve of the pixels not in `masked`.
-    Exists for tests: every fast path must reproduce its order exactly.
-    """
-    C, H, W = image.shape
-    with torch.inference_mode():
-        probs = torch.softmax(widen(forward(image[None])), 1)[0]
-        c = int(probs.argmax())
-        x = image.clone()
-        gone = set(masked)
-        for p in gone:
-            x[:, p // W, p % W] = 0.0
-        remaining = [p for p in range(H * W) if p not in gone]
-        order, curve = [], []
-        while remaining:
-            best, best_p = None, -1.0
-            for p in remaining:
-                cand = x.clone()
-                cand[:, p // W, p % W] = 0.0
-                val = float(torch.softmax(widen(forward(cand[None])), 1)[0, c])
-                if val > best_p:  # strict: ties keep the lowest pixel id
-                    best, best_p = p, val
-            x[:, best // W, best % W] = 0.0
-            remaining.remove(best)
-            order.append(best)
-            curve.append(best_p)
-    return order, curve
