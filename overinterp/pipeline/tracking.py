@@ -120,12 +120,10 @@ class Tracker:
         self.resumed = False
 
     # --- the parent ---
-    def _parents_of_out(self) -> list:
-        f = f"tags.`{OUT_TAG}` = '{self.config.out_dir}' and tags.`{ROLE_TAG}` = 'parent'"
-        return self.client.search_runs([self.experiment_id], filter_string=f, order_by=["attributes.start_time DESC"], max_results=100)
-
     def __enter__(self) -> "Tracker":
-        parents = self._parents_of_out()
+        of_out = f"tags.`{OUT_TAG}` = '{self.config.out_dir}' and tags.`{ROLE_TAG}` = 'parent'"
+        parents = self.client.search_runs([self.experiment_id], filter_string=of_out, order_by=["attributes.start_time DESC"],
+                                          max_results=100)
         for r in parents:
             if r.info.status == "RUNNING":  # we hold the output's lock: its run is dead
                 self.client.set_terminated(r.info.run_id, "KILLED")
@@ -136,9 +134,9 @@ class Tracker:
             self.resumed = True
             self.run_id = again.info.run_id
             mlflow.start_run(run_id=self.run_id)
-            old = again.data.params
-            mlflow.log_params({k: v for k, v in self._params().items() if k not in old})
-            changed = {f"overinterp.rerun_changed.{k}": v for k, v in self._params().items() if k in old and old[k] != v}
+            old, params = again.data.params, self._params()
+            mlflow.log_params({k: v for k, v in params.items() if k not in old})
+            changed = {f"overinterp.rerun_changed.{k}": v for k, v in params.items() if k in old and old[k] != v}
             mlflow.set_tags({"overinterp.resumed_at": time.strftime("%Y-%m-%d %H:%M:%S"), **changed})
             for child in self.client.search_runs([self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'",
                                                  max_results=5000):
