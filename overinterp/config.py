@@ -54,7 +54,6 @@ RESOURCE_FIELDS = tuple(ResourceFlags.__dataclass_fields__)
 # streamed (decided by its size, see overinterp/pipeline/driver.py); Parquet always streams.
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "parquet")
 IN_MEMORY_ONLY = ("digits", "cifar10", "cifar100")
-NEEDS_ROOT = ("cifar10", "cifar100", "imagefolder", "parquet")
 DEFAULT_MODELS = {
     "digits": ("digits_cnn",),
     "cifar10": ("resnet20", "resnet18", "vgg16_bn"),

@@ -81,9 +81,8 @@ class SelectionResult:
     curve: torch.Tensor  # (B, HW) float32 p(c) after each removal
     pred: torch.Tensor  # (B,) int64 predicted class c on the unmasked image
     confidence: torch.Tensor  # (B,) float32 p(c) on the unmasked image
-    # images the model evaluated for the selection (all B images together): candidates, re-scores
-    # of k-steps, gradient-step forwards — everything after the one prediction per unmasked image
-    # (and the chunk autotuner's timing runs); selection/cost.py gives it in advance
+    # images the model evaluated for the selection, all B images together (what counts, and the
+    # count in advance: selection/cost.py)
     forward_passes: int
     # pixels removed at each step, shared by the batch (lock-step); sums to the pixels removed.
     # Within a step `order` is ascending by pixel id and `curve` is constant (p(c) after the step).
