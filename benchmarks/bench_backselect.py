@@ -34,7 +34,7 @@ from overinterp.selection import (
     keep_mask,
 )
 from overinterp.selection.engine import compiled, forward_rate, max_chunk, tune_chunk
-from overinterp.selection.original import original_backward_selection
+from original import original_backward_selection
 from overinterp.training import TrainConfig, train_model
 
 

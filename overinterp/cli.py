@@ -94,11 +94,7 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     r.add_argument("--strict", action="store_true", help="stop at the first image that does not decode (default: skip it and list it in summary.json)")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray, or RAY_ADDRESS)")
     r.add_argument("-v", "--verbose", action="store_true", help="also print Ray's, Tune's and MLflow's logs, and one line per trial")
-    add_resource_arguments(r)
-
-
-def add_resource_arguments(r: argparse.ArgumentParser) -> None:
-    """Overrides of the resource plan (by default planned from what the cluster can offer)."""
+    # overrides of the resource plan (by default planned from what the cluster can offer)
     g = r.add_argument_group("resources", "default: planned from the autoscaler's node types (or the nodes up); see README")
     g.add_argument("--max-workers", type=int, default=None, help="most selection actors, and most trials at once")
     g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per selection actor (0: CPUs only; default 1 where GPUs can exist)")
@@ -192,7 +188,8 @@ def store_command(action: str, out: str) -> int:
 def one_line_errors(prog: str, fn):
     """Run fn(); a bad setting (ConfigError) is one line on stderr and exit 2; bad files or data
     (a corrupt shard or image, an unreadable data set, failed trials) one line and exit 1. Anything
-    else is a bug and keeps its traceback. Returns (exit status or None, fn's result)."""
+    else is a bug and keeps its traceback. A stop (Ctrl-C, SIGTERM, SIGINT) is one line and exit 128 + the
+    signal. Returns (exit status or None, fn's result)."""
     from overinterp.costplan import BudgetExceeded
     from overinterp.data import DataError
     from overinterp.models import ModelError
@@ -202,21 +199,19 @@ def one_line_errors(prog: str, fn):
     try:
         return None, fn()
     except KeyboardInterrupt as e:  # Ctrl-C, or the driver's RunStopped (SIGTERM / SIGINT)
-        signum = getattr(e, "signum", 2)
-        print(f"{prog}: stopped by {getattr(e, 'args', ('SIGINT',))[0] or 'SIGINT'}: finished work is kept in --out; "
-              "rerun the same command to continue", file=sys.stderr)
-        return 128 + signum, None
-    except (ConfigError, BudgetExceeded, ModelError) as e:
-        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
-        return 2, None
-    except (DataError, StoreError, OutputError) as e:
-        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
-        return 1, None
+        print(f"{prog}: stopped by {(e.args or ('SIGINT',))[0]}: finished work is kept in --out; rerun the same command to continue",
+              file=sys.stderr)
+        return 128 + getattr(e, "signum", 2), None
     except Exception as e:
-        if type(e).__name__ == "TrialsFailed":  # pipeline.tune_stage, not imported here: Ray loads only once input is valid
-            print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
-            return 1, None
-        raise
+        if isinstance(e, (ConfigError, BudgetExceeded, ModelError)):
+            status = 2
+        # TrialsFailed: pipeline.tune_stage, not imported here: Ray loads only once input is valid
+        elif isinstance(e, (DataError, StoreError, OutputError)) or type(e).__name__ == "TrialsFailed":
+            status = 1
+        else:
+            raise
+        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
+        return status, None
 
 
 def _first_line(e: Exception) -> str:

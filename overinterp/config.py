@@ -38,18 +38,14 @@ class ResourceFlags:
     gpus_per_trial: Optional[float] = None  # below 1: trials share a GPU (only when asked for)
 
     def __post_init__(self):
-        for name in ("gpus_per_worker", "cpus_per_worker", "gpus_per_trial"):
+        for name, low in (("max_workers", 1), ("gpus_per_worker", 0), ("cpus_per_worker", 0), ("gpus_per_trial", 0)):
             v = getattr(self, name)
-            if v is not None and v < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
-        if self.max_workers is not None and self.max_workers < 1:
-            raise ConfigError(f"--max-workers must be >= 1, got {self.max_workers}")
+            if v is not None and v < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
+            if name.startswith("gpus") and v is not None and v > 1 and v != int(v):
+                raise ConfigError(f"--{name.replace('_', '-')} above 1 must be a whole number, got {v}")
         if self.cpus_per_worker == 0 and not self.gpus_per_worker:
             raise ConfigError("--cpus-per-worker 0 needs --gpus-per-worker > 0 (a worker must ask for something)")
-        for name in ("gpus_per_worker", "gpus_per_trial"):
-            v = getattr(self, name)
-            if v is not None and v > 1 and v != int(v):
-                raise ConfigError(f"--{name.replace('_', '-')} above 1 must be a whole number, got {v}")
 
 
 RESOURCE_FIELDS = tuple(ResourceFlags.__dataclass_fields__)
@@ -58,8 +54,6 @@ RESOURCE_FIELDS = tuple(ResourceFlags.__dataclass_fields__)
 # streamed (decided by its size, see overinterp/pipeline/driver.py); Parquet always streams.
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "parquet")
 IN_MEMORY_ONLY = ("digits", "cifar10", "cifar100")
-STREAMABLE = ("imagefolder", "parquet")
-NEEDS_ROOT = ("cifar10", "cifar100", "imagefolder", "parquet")
 DEFAULT_MODELS = {
     "digits": ("digits_cnn",),
     "cifar10": ("resnet20", "resnet18", "vgg16_bn"),
@@ -178,20 +172,13 @@ class RunConfig:
             raise ConfigError(f"--fill takes distinct values from {', '.join(PIXEL_FILLS)} (comma-separated), got {','.join(self.fills) or 'nothing'}")
         if self.autocast not in (None, "bf16", "fp16"):
             raise ConfigError(f"--autocast must be bf16 or fp16, got {self.autocast!r}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1 or self.select_batch < 1 or self.workers_per_trial < 1:
-            raise ConfigError("--batch-size, --select-batch and --workers-per-trial must be >= 1")
+        lowest = {"epochs": 1, "batch_size": 1, "select_batch": 1, "workers_per_trial": 1, "image_size": 8, "num_classes": 2,
+                  "max_images": 1, "gallery": 0}  # image_size in pixels
+        for name, low in lowest.items():
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        if self.image_size is not None and self.image_size < 8:
-            raise ConfigError(f"--image-size must be >= 8 pixels, got {self.image_size}")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise ConfigError(f"--num-classes must be >= 2, got {self.num_classes}")
-        if self.max_images is not None and self.max_images < 1:
-            raise ConfigError(f"--max-images must be >= 1, got {self.max_images}")
-        if self.gallery < 0:
-            raise ConfigError(f"--gallery must be >= 0, got {self.gallery}")
         if not self.max_hours >= 0:
             raise ConfigError(f"--max-hours must be >= 0 (0 turns the budget guard off), got {self.max_hours}")
         if self.tracking_uri is not None and self.tracking_uri.startswith("file:"):

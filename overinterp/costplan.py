@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from overinterp.selection import REMOVAL_SELECTORS, selector_params, selector_tag
 from overinterp.selection.cost import planned_passes
 from overinterp.selection.engine import sync
+from overinterp.training import TrainConfig, sgd
 
 # A backward pass costs about two forward passes: it multiplies by each weight's transpose to get
 # the input gradient and again to get the weight gradient (the usual 3× forward for a training
@@ -200,7 +201,7 @@ def calibrate_train_rate(
     grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
     was_training = model.training
     model.to(device)  # in place: the same Parameter objects, moved back below
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt, _ = sgd(model, TrainConfig(lr=lr))  # training's recipe; the schedule does not change a step's time
 
     def step():
         loss = F.cross_entropy(model(x), y)

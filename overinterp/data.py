@@ -277,12 +277,8 @@ def _load_cifar_python(layout: CifarLayout, root: str) -> tuple[dict, dict, tupl
     return images, labels, tuple(ds.classes)
 
 
-def _load_cifar(layout: CifarLayout, root: str | None, download: bool, mean, std) -> ImageDataset:
-    where = f"{layout.py_folder}/ (python version, --download fetches it) or {layout.bin_folder}/ (binary version)"
-    if root is None:
-        raise DataError(f"{layout.name} needs --data-root DIR, the folder holding {where}")
-    if not download and not os.path.isdir(root):
-        raise DataError(f"--data-root {root} does not exist: point it at the folder holding {where}, or add --download")
+def _load_cifar(layout: CifarLayout, root: str, download: bool, mean, std) -> ImageDataset:
+    """The data set under root, which check_dataset_args has checked: given, and existing unless downloading."""
     bin_dir = os.path.join(root, layout.bin_folder)
     if os.path.isdir(bin_dir):
         images, labels, classes = _load_cifar_binary(layout, bin_dir)
@@ -399,13 +395,9 @@ def load_imagefolder(root: str | None = None, download: bool = False, image_size
     of val/ that train/ lacks, or a split with no images is a DataError naming the folder.
     A file with an image extension that does not decode is skipped and recorded in `skipped`
     (path relative to root, reason), or with `strict` raises a DataError naming it.
-    For data sets too big for memory, jobs/sis_imagenet.py streams images with Ray Data instead.
+    Data sets too big for memory are streamed through Ray Data instead (`--stream`).
     """
-    if root is None:
-        raise DataError("imagefolder needs --data-root DIR with train/<class>/ and val/<class>/ sub-folders")
-    if download:
-        raise DataError("imagefolder cannot be downloaded: drop --download and point --data-root at a local folder")
-    base = Path(root)
+    base = Path(root)  # given, and not to be downloaded (check_dataset_args)
     test_dir = "val" if (base / "val").is_dir() else "test"
     layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image>"
     for d in ("train", test_dir):
@@ -448,12 +440,11 @@ def load_imagefolder_splits(train: str, val: str, image_size: int | None = None,
             try:
                 imgs.append(decode_image(f.read_bytes(), size))
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad files
-                rel = f.relative_to(base).as_posix()
                 if strict:
                     raise DataError(f"{f}: cannot decode ({decode_failure(e)}): remove the file, or drop --strict to skip it") from e
-                skipped.append((rel, decode_failure(e)))
-                continue
-            labs.append(label)
+                skipped.append((f.relative_to(base).as_posix(), decode_failure(e)))
+            else:
+                labs.append(label)
         labs = np.asarray(labs, dtype=np.int64)
         n_files = np.bincount([label for label, _ in files[split]], minlength=len(classes))
         dead = np.flatnonzero((n_files > 0) & (np.bincount(labs, minlength=len(classes)) == 0))

@@ -90,12 +90,14 @@ class Progress:
             self._last = now
             self._write(self.line(now))
 
+    def _head_rate(self, now: float) -> tuple[str, float, float]:
+        """("<desc>: " or "", seconds since the start, units per second) as of `now`."""
+        elapsed = now - self._start
+        return (f"{self.desc}: " if self.desc else ""), elapsed, (self.done / elapsed if elapsed > 0 else 0.0)
+
     def line(self, now: Optional[float] = None) -> str:
         """The plain progress line as of `now` (default: the clock)."""
-        now = self.clock() if now is None else now
-        elapsed = now - self._start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        head = f"{self.desc}: " if self.desc else ""
+        head, _, rate = self._head_rate(self.clock() if now is None else now)
         if self.total is None:
             return f"{head}{self.done:,} {self.unit}, {format_rate(rate)} {self.unit}/s"
         pct = 100.0 * self.done / self.total if self.total else 100.0
@@ -112,10 +114,7 @@ class Progress:
             if self._bar is not None:
                 self._bar.close()
                 return
-            now = self.clock()
-            elapsed = now - self._start
-            rate = self.done / elapsed if elapsed > 0 else 0.0
-            head = f"{self.desc}: " if self.desc else ""
+            head, elapsed, rate = self._head_rate(self.clock())
             of = f" / {self.total:,}" if self.total is not None else ""
             self._write(f"{head}{self.done:,}{of} {self.unit} in {format_duration(elapsed)}, {format_rate(rate)} {self.unit}/s")
 

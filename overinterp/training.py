@@ -47,6 +47,15 @@ class TrainConfig:
             raise ValueError(f"milestones are fractions of the epochs in (0, 1), got {self.milestones}")
 
 
+def sgd(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
+    """The paper's recipe for `model`: SGD with Nesterov momentum and weight decay, and the
+    learning rate times `gamma` at each milestone (epochs, at least 1; step the scheduler per epoch)."""
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                          weight_decay=config.weight_decay)
+    milestones = sorted({max(1, math.floor(m * config.epochs)) for m in config.milestones})
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=config.gamma)
+
+
 def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop with zero padding (0 = mean colour) and horizontal flip, per image.
 
@@ -118,11 +127,7 @@ def train_model(
     torch.manual_seed(config.seed)  # weight init happened before; this seeds dropout
     gen = torch.Generator().manual_seed(config.seed)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed)  # ROAD fill noise, drawn on the images' device
-    opt = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
-    )
-    milestones = sorted({max(1, math.floor(m * config.epochs)) for m in config.milestones})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=config.gamma)
+    opt, sched = sgd(model, config)
     n = images.shape[0]
     losses = []
     model.train()
@@ -151,31 +156,29 @@ def train_model(
     return losses
 
 
+def _batched_logits(model: nn.Module, images: torch.Tensor, mean, std, keep: Optional[torch.Tensor], batch_size: int, fill: str):
+    """(slice, logits) per batch of (optionally masked) uint8 images, in eval mode."""
+    model.eval()
+    for start in range(0, images.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        seeds = range(start, min(start + batch_size, images.shape[0]))  # ROAD noise per image index: same for any batch size
+        yield sl, model(prepare(images[sl], mean, std, None if keep is None else keep[sl], fill, seeds=seeds))
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, mean, std, keep: Optional[torch.Tensor] = None, batch_size: int = 1024,
             fill: str = "mean") -> torch.Tensor:
     """(N,) predicted classes on (optionally masked) uint8 images."""
-    model.eval()
-    preds = []
-    for start in range(0, images.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        seeds = range(start, min(start + batch_size, images.shape[0]))  # ROAD noise per image index: same for any batch size
-        preds.append(model(prepare(images[sl], mean, std, None if keep is None else keep[sl], fill, seeds=seeds)).argmax(1))
-    return torch.cat(preds)
+    return torch.cat([logits.argmax(1) for _, logits in _batched_logits(model, images, mean, std, keep, batch_size, fill)])
 
 
 @torch.inference_mode()
 def class_confidence(model: nn.Module, images: torch.Tensor, mean, std, target: torch.Tensor, keep: Optional[torch.Tensor] = None,
                      batch_size: int = 1024, fill: str = "mean") -> torch.Tensor:
     """(N,) softmax probability of class target[i] for each (optionally masked) uint8 image."""
-    model.eval()
     target = torch.as_tensor(target)
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        seeds = range(start, min(start + batch_size, images.shape[0]))
-        logits = model(prepare(images[sl], mean, std, None if keep is None else keep[sl], fill, seeds=seeds))
-        out.append(torch.softmax(logits.double(), 1).gather(1, target[sl].view(-1, 1).to(logits.device)).squeeze(1))
+    out = [torch.softmax(logits.double(), 1).gather(1, target[sl].view(-1, 1).to(logits.device)).squeeze(1)
+           for sl, logits in _batched_logits(model, images, mean, std, keep, batch_size, fill)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 

@@ -9,8 +9,8 @@ from matplotlib.image import imread
 from matplotlib.patches import StepPatch
 
 from overinterp.report import (
-    DPI, accuracy_bars, accuracy_figure, confidence_figure, gallery_figure, median_iqr, plot_accuracy_by_condition,
-    plot_confidence_vs_removed, plot_sis_size_histograms, save_gallery, sis_size_figure, sis_size_percent,
+    DPI, accuracy_bars, accuracy_figure, confidence_figure, gallery_figure, median_iqr, save_figure, sis_size_figure,
+    sis_size_percent,
 )
 from overinterp.selection import NO_SIS
 
@@ -198,16 +198,16 @@ def test_gallery_labels_empty_sis_panels():
         gallery_figure(images, panels, empty_labels={"SIS τ=0.9": [True]})
 
 
-def test_save_helpers_write_the_figure_as_png(tmp_path):
-    """Each helper writes its figure at DPI: a PNG of the figure's size in pixels, not a blank one."""
+def test_save_figure_writes_each_figure_as_png(tmp_path):
+    """save_figure writes each figure at DPI: a PNG of the figure's size in pixels, not a blank one."""
     images, panels = gallery_input(rgb=True)
-    written = {
-        plot_accuracy_by_condition(SUMMARY, str(tmp_path / "acc.png")): accuracy_figure(SUMMARY),
-        plot_confidence_vs_removed({"bs": P}, str(tmp_path / "conf.png")): confidence_figure({"bs": P}),
-        plot_sis_size_histograms({"plain": np.array([1, 2, NO_SIS])}, 16, str(tmp_path / "sis.png"), 0.9):
-            sis_size_figure({"plain": np.array([1, 2, NO_SIS])}, 16, 0.9),
-        save_gallery(str(tmp_path / "g.png"), images, panels): gallery_figure(images, panels),
+    figures = {
+        "acc.png": accuracy_figure(SUMMARY),
+        "conf.png": confidence_figure({"bs": P}),
+        "sis.png": sis_size_figure({"plain": np.array([1, 2, NO_SIS])}, 16, 0.9),
+        "g.png": gallery_figure(images, panels),
     }
+    written = {save_figure(fig, str(tmp_path / name)): fig for name, fig in figures.items()}
     assert sorted(written) == sorted(str(tmp_path / f) for f in ("acc.png", "conf.png", "sis.png", "g.png"))
     for path, fig in written.items():
         png = imread(path)  # (H, W, 4) floats in [0, 1]

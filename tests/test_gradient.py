@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import TinyConvNet
+from reference import brute_force_backward_selection
 from overinterp.selection import (
     EngineConfig,
     batched_gradient_sis,
-    brute_force_backward_selection,
     planned_backward_passes,
     planned_forward_passes,
     run_selector,

@@ -38,7 +38,8 @@ def test_selectors_fills_and_exact_tail_become_plan_entries(tmp_path):
         ("plain", "captum_InputXGradient", "train"), ("plain", "captum_InputXGradient", "test"),
     }
     assert plan.primary == "backselect-k16-tail0.1"
-    assert plan.selection_for("digits_cnn-s0/ig-n8", "test").params == {"n_steps": 8, "method": "gausslegendre"}
+    ig_test = next(j for j in plan.selections if j.key == "digits_cnn-s0/ig-n8" and j.split == "test")
+    assert ig_test.params == {"n_steps": 8, "method": "gausslegendre"}
     # per seed: 3 selectors x (2 fills + positions) + random x 2 fills
     assert len(plan.subset_trials) == 2 * (3 * 3 + 2) and len({t.name for t in plan.subset_trials}) == len(plan.subset_trials)
     conditions = {t.condition for t in plan.subset_trials}

@@ -7,7 +7,8 @@ import torch
 
 from conftest import TinyConvNet
 from overinterp.selection import EngineConfig, backward_selection, sis_size
-from overinterp.selection.ranking import order_from_importance, ranking_curve, ranks, result_from_scores
+from overinterp.selection.engine import ranks
+from overinterp.selection.ranking import order_from_importance, ranking_curve, result_from_scores
 from test_selection import LinearScore
 
 

@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import TinyConvNet
+from reference import brute_force_backward_selection
 from overinterp.selection import (
     NO_SIS,
     REMOVAL_SELECTORS,
     EngineConfig,
     backward_selection,
     batched_gradient_sis,
-    brute_force_backward_selection,
     keep_mask,
     n_keep,
     planned_forward_passes,

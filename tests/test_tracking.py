@@ -49,10 +49,10 @@ def test_a_crashed_parent_with_other_settings_is_marked_killed(store, tmp_path):
     other_out = _crashed_parent(client, exp, str(tmp_path / "elsewhere"), _Config(uri, out, seed=1))
     with Tracker(_Config(uri, out), "digits") as tracker:
         assert client.get_run(crashed).info.status == "KILLED"
-        assert tracker.parent_id != crashed and not tracker.resumed
-        assert client.get_run(tracker.parent_id).data.tags["overinterp.previous_run_id"] == crashed
+        assert tracker.run_id != crashed and not tracker.resumed
+        assert client.get_run(tracker.run_id).data.tags["overinterp.previous_run_id"] == crashed
     assert client.get_run(crashed).info.status == "KILLED"  # stays KILLED: its settings differ, so it is not continued
-    assert client.get_run(tracker.parent_id).info.status == "FINISHED"
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
     assert client.get_run(other_out).info.status == "RUNNING"  # another --out's run is not this lock's to judge
 
 
@@ -70,7 +70,7 @@ def test_a_crashed_parent_with_the_same_settings_is_killed_then_continued(store,
     monkeypatch.setattr(MlflowClient, "set_terminated", recording)
     with Tracker(config, "digits", previous_holder={"pid": 4242}) as tracker:
         assert marked == [(crashed, "KILLED")]
-        assert tracker.resumed and tracker.parent_id == crashed
+        assert tracker.resumed and tracker.run_id == crashed
         run = client.get_run(crashed)
         assert run.info.status == "RUNNING" and "overinterp.resumed_at" in run.data.tags
         assert run.data.tags["overinterp.took_over_from_pid"] == "4242"
@@ -110,7 +110,7 @@ def test_accuracies_are_logged_with_four_decimals_and_the_summary_keeps_them_exa
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [0.5, 0.3333]
     losses = client.get_metric_history(runs[full.name].info.run_id, "train_loss")
     assert sorted(m.value for m in losses) == [0.123456789, 0.5]  # losses are plotted, not rounded
-    parent = client.get_run(tracker.parent_id).data.metrics
+    parent = client.get_run(tracker.run_id).data.metrics
     assert parent["cnn.full.accuracy_mean"] == 0.821 and parent["cnn.full.accuracy_std"] == 0.2182
     assert parent["cnn.bs-subset.accuracy_mean"] == 0.967
     assert parent["cnn.masked.median_confidence"] == 0.9877 and parent["cnn.masked.accuracy"] == 0.1429

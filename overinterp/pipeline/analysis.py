@@ -19,8 +19,7 @@ from overinterp.data import denormalize_uint8, normalize
 from overinterp.fill import fill as fill_removed
 from overinterp.pipeline.plan import Plan
 from overinterp.pipeline.trial import TrialSpec
-from overinterp.report import (plot_accuracy_by_condition, plot_confidence_vs_removed, plot_sis_size_histograms, save_gallery,
-                               sis_stats)
+from overinterp.report import accuracy_figure, confidence_figure, gallery_figure, save_figure, sis_size_figure, sis_stats
 from overinterp.selection import apply_mask, keep_mask, n_keep, sis_mask, sis_size, tail_mask
 from overinterp.selection.subsets import dilate_keep
 from overinterp.training import class_confidence, evaluate
@@ -41,11 +40,10 @@ def write_summary(plan: Plan, summary: dict, local_dir: str) -> list[str]:
 
     paths = []
     for name, text in (("summary.json", json.dumps(summary, indent=1, sort_keys=True)), ("summary.md", summary_markdown(summary))):
-        path = os.path.join(local_dir, name)
-        with open(path, "w") as f:
+        paths.append(os.path.join(local_dir, name))
+        with open(paths[-1], "w") as f:
             f.write(text)
-        fs.write_text(fs.join(plan.out_dir, name), text)
-        paths.append(path)
+    copy_out(paths, plan.out_dir)
     return paths
 
 
@@ -208,8 +206,8 @@ class Analysis:
             titles = [f"{test.classes[int(primary.label[i])]} → {test.classes[int(primary.pred[i])]} ({primary.confidence[i]:.2f})"
                       for i in range(n)]
             path = os.path.join(local_dir, "gallery.png")
-            save_gallery(path, denormalize_uint8(x, test.mean, test.std), panels, titles,
-                         empty_labels={sis_title: (~sis.any(1)).tolist()}, tau=cfg.tau)
+            save_figure(gallery_figure(denormalize_uint8(x, test.mean, test.std), panels, titles,
+                                       empty_labels={sis_title: (~sis.any(1)).tolist()}, tau=cfg.tau), path)
             paths.append(path)
             summary["gallery_columns"] = ["original", *panels]  # left to right, as gallery.png titles them
         copy_out(paths, cfg.out_dir)
@@ -221,10 +219,9 @@ class Analysis:
         cfg, plan, test = self.cfg, self.plan, self.test
         m = cfg.models[0]
         source = next(iter(plan.sources[m].values()))
-        paths = [plot_accuracy_by_condition(summary, os.path.join(local_dir, "accuracy.png"))]
-        curves = {}
-        for tag, sel in sels.items():  # p(c) after t removals, t = 0..HW (the unmasked image first)
-            curves[f"{tag}"] = torch.cat([sel.confidence[:, None], sel.curve], 1)[:max_images].numpy()
+        paths = [save_figure(accuracy_figure(summary), os.path.join(local_dir, "accuracy.png"))]
+        # p(c) after t removals, t = 0..HW (the unmasked image first)
+        curves = {tag: torch.cat([sel.confidence[:, None], sel.curve], 1)[:max_images].numpy() for tag, sel in sels.items()}
         # The random baseline has no curve: p(c) of the explained class at 21 removed fractions.
         n = min(max_images, len(rnd.order))
         x = torch.from_numpy(test.images[:n])
@@ -235,12 +232,10 @@ class Analysis:
                                          tail_mask(rnd.order[:n], torch.full((n,), plan.hw - int(round(f * plan.hw)))))
                         for f in fractions]
         curves["random"] = torch.stack(random_curve, 1).numpy()
-        paths.append(plot_confidence_vs_removed(curves, os.path.join(local_dir, "confidence_vs_removed.png"),
-                                                title=f"{m}: median p(c) as pixels are removed (test images)"))
-        sizes = {}
-        for variant, src in plan.sources[m].items():
-            sel = self.selections(src.tag, plan.primary)
-            sizes[src.label] = sis_size(sel.curve, sel.confidence, cfg.tau).numpy()
-        paths.append(plot_sis_size_histograms(sizes, plan.hw, os.path.join(local_dir, "sis_sizes.png"), cfg.tau))
+        title = f"{m}: median p(c) as pixels are removed (test images)"
+        paths.append(save_figure(confidence_figure(curves, title), os.path.join(local_dir, "confidence_vs_removed.png")))
+        by_label = {src.label: self.selections(src.tag, plan.primary) for src in plan.sources[m].values()}
+        sizes = {label: sis_size(sel.curve, sel.confidence, cfg.tau).numpy() for label, sel in by_label.items()}
+        paths.append(save_figure(sis_size_figure(sizes, plan.hw, cfg.tau), os.path.join(local_dir, "sis_sizes.png")))
         summary["plots"] = [os.path.basename(p) for p in paths]
         return paths

@@ -111,11 +111,11 @@ def run_job(cfg, plan: Plan, resources, make_backend: Callable, *, holder: str, 
     cluster.ensure_ray(ray_address)
     with stopped_by_signals(), OutputLock(cfg.out_dir, holder) as lock:
         record_settings(cfg)
-        from overinterp.pipeline.tracking import Tracker  # MLflow only where tracking happens
+        from overinterp.pipeline.tracking import Tracker, TrialLogger  # MLflow only where tracking happens
 
         with Tracker(cfg, dataset, resources, previous_holder=lock.taken_over) as tracker:
             tracker.log_plan("\n".join([plan.describe(), resources.describe(), cost_text]), cost)
-            summary = run_plan(plan, make_backend([tracker.trial_logger()], cost), tracker)
+            summary = run_plan(plan, make_backend([TrialLogger(tracker)], cost), tracker)
     log(f"done in {time.time() - t0:.0f} s (planned {format_duration(cost.eta_seconds)})")
     return summary
 

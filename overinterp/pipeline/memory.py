@@ -1,17 +1,10 @@
 """The in-memory data backend: the paper's pipeline on a data set held in the driver (digits, CIFAR,
 an ImageFolder that fits in memory).
 
-1. train full-image models (model x seed, plus an input-dropout variant) — Ray Tune;
-2. selection on every train and test image with each model's first seed, and on the test images with
-   the seeds' mean ensemble and the input-dropout model — Ray Data -> Parquet; the seeded random
-   baseline beside it;
-3. train and test new models on the subsets, on the random subsets, and on the subsets' positions
-   alone (the mask, no pixel values: the label-leak control) — Ray Tune;
-4. compare: the paper's Table 1 shape, SIS sizes, a gallery — summary.json / summary.md / gallery.png,
-   MLflow.
-
-The plan (pipeline/plan.py) says what; the driver (pipeline/driver.py) walks it; this module
-holds the images and hands them to the stages. Every stage skips what the out_dir already holds, so a rerun resumes.
+The plan (pipeline/plan.py) says what is trained, selected and compared; the driver
+(pipeline/driver.py) walks it; this module holds the images and hands them to the stages (Ray Tune
+trials, Ray Data selection into Parquet). Every stage skips what the out_dir already holds, so a
+rerun resumes.
 """
 
 from __future__ import annotations

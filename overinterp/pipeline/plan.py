@@ -17,7 +17,7 @@ from typing import Optional
 
 from overinterp import fs
 from overinterp.pipeline.trial import TrialSpec, checkpoint_path, path_safe
-from overinterp.selection import RANDOM, selector_tag
+from overinterp.selection import RANDOM, params_json, selector_tag
 
 SPLITS = ("train", "test")
 
@@ -62,10 +62,6 @@ class SelectionJob:
     def key(self) -> str:
         """The subset key trials use: '<source tag>/<selector tag>'."""
         return f"{self.source.tag}/{self.tag}"
-
-
-def canonical(params: dict) -> str:
-    return json.dumps(params, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -115,9 +111,6 @@ class Plan:
 
     def subset_keys(self) -> list[str]:
         return sorted({t.subset for t in self.subset_trials})
-
-    def selection_for(self, key: str, split: str) -> Optional[SelectionJob]:
-        return next((j for j in self.selections if j.key == key and j.split == split), None)
 
     def describe(self) -> str:
         """The stages, one line each, as printed at the start of a run (and by --dry-run)."""
@@ -179,7 +172,7 @@ def make_plan(cfg, shape: tuple[int, int, int], n_images: dict, num_classes: int
     pretrained model (--pretrained/--weights), that model is the one explained and the baseline
     every trained model is compared with.
     """
-    params = {name: canonical(p) for name, p in cfg.selection_params().items()}
+    params = {name: params_json(p) for name, p in cfg.selection_params().items()}
     primary = cfg.selectors[0]
     random_params = {"seed": cfg.random_seed}
     full: list[TrialSpec] = []

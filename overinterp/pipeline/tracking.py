@@ -115,17 +115,15 @@ class Tracker:
         self.client.set_experiment_tag(self.experiment_id, *KIND_TAG)  # marks it a model-training experiment
         self.client.set_experiment_tag(self.experiment_id, *saved_view_tag())  # Views -> "accuracies": the reviewer's columns
         mlflow.set_experiment(experiment_id=self.experiment_id)
-        self.parent_id: Optional[str] = None
+        self.run_id: Optional[str] = None  # the parent run's
         self.children: dict[str, str] = {}  # trial name -> run id
         self.resumed = False
 
     # --- the parent ---
-    def _parents_of_out(self) -> list:
-        f = f"tags.`{OUT_TAG}` = '{self.config.out_dir}' and tags.`{ROLE_TAG}` = 'parent'"
-        return self.client.search_runs([self.experiment_id], filter_string=f, order_by=["attributes.start_time DESC"], max_results=100)
-
     def __enter__(self) -> "Tracker":
-        parents = self._parents_of_out()
+        of_out = f"tags.`{OUT_TAG}` = '{self.config.out_dir}' and tags.`{ROLE_TAG}` = 'parent'"
+        parents = self.client.search_runs([self.experiment_id], filter_string=of_out, order_by=["attributes.start_time DESC"],
+                                          max_results=100)
         for r in parents:
             if r.info.status == "RUNNING":  # we hold the output's lock: its run is dead
                 self.client.set_terminated(r.info.run_id, "KILLED")
@@ -134,13 +132,13 @@ class Tracker:
         again = next((r for r in parents if r.data.tags.get(FP_TAG) == fp and r.info.status != "FINISHED"), None)
         if again is not None:
             self.resumed = True
-            self.parent_id = again.info.run_id
-            mlflow.start_run(run_id=self.parent_id)
-            old = again.data.params
-            mlflow.log_params({k: v for k, v in self._params().items() if k not in old})
-            changed = {f"overinterp.rerun_changed.{k}": v for k, v in self._params().items() if k in old and old[k] != v}
+            self.run_id = again.info.run_id
+            mlflow.start_run(run_id=self.run_id)
+            old, params = again.data.params, self._params()
+            mlflow.log_params({k: v for k, v in params.items() if k not in old})
+            changed = {f"overinterp.rerun_changed.{k}": v for k, v in params.items() if k in old and old[k] != v}
             mlflow.set_tags({"overinterp.resumed_at": time.strftime("%Y-%m-%d %H:%M:%S"), **changed})
-            for child in self.client.search_runs([self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
+            for child in self.client.search_runs([self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'",
                                                  max_results=5000):
                 self.children.setdefault(child.data.tags.get("mlflow.runName", ""), child.info.run_id)
         else:
@@ -150,7 +148,7 @@ class Tracker:
             if parents:
                 tags["overinterp.previous_run_id"] = parents[0].info.run_id
             run = mlflow.start_run(run_name=name, tags=tags)
-            self.parent_id = run.info.run_id
+            self.run_id = run.info.run_id
             mlflow.log_params(self._params())
         if self.previous_holder:
             mlflow.set_tag("overinterp.took_over_from_pid", str(self.previous_holder.get("pid")))
@@ -170,12 +168,9 @@ class Tracker:
         return params
 
     def __exit__(self, exc_type, exc, tb):
-        mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        # a run stopped by a signal or Ctrl-C (KeyboardInterrupt) was killed, not failed: its work so far is sound
+        mlflow.end_run(status="FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
         return False
-
-    @property
-    def run_id(self) -> str:
-        return self.parent_id
 
     def log_data(self, info: dict) -> None:
         """The data set as the parent's input: its source and digest (and schema, when in memory).
@@ -199,7 +194,7 @@ class Tracker:
         if spec.name in self.children:
             return self.children[spec.name], False
         run = self.client.create_run(self.experiment_id, start_time=start_time_ms, run_name=spec.name,
-                                     tags={"mlflow.parentRunId": self.parent_id, **self._trial_tags(spec)})
+                                     tags={"mlflow.parentRunId": self.run_id, **self._trial_tags(spec)})
         self.children[spec.name] = run.info.run_id
         self.client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in self._trial_params(spec).items()])
         return run.info.run_id, True
@@ -212,9 +207,6 @@ class Tracker:
         train = {k: getattr(self.config, k) for k in ("epochs", "batch_size", "lr", "augment") if hasattr(self.config, k)}
         return {**{f"trial.{k}": _param(v) for k, v in asdict(spec).items()}, "trial.condition": spec.condition,
                 **{f"train.{k}": _param(v) for k, v in {**train, "seed": spec.seed}.items()}}
-
-    def trial_logger(self) -> "TrialLogger":
-        return TrialLogger(self)
 
     # --- results ---
     def log_results(self, plan, full: dict, subsets: dict, summary: dict, files: list[str], models: Optional[dict] = None) -> None:
@@ -240,7 +232,7 @@ class Tracker:
             if base is not None:
                 self.client.set_tag(run_id, "baseline_run_id", self.child(base)[0])
             elif not plan.full_trials:
-                self.client.set_tag(run_id, "baseline_run_id", self.parent_id)  # the pretrained model's accuracy lives on the parent
+                self.client.set_tag(run_id, "baseline_run_id", self.run_id)  # the pretrained model's accuracy lives on the parent
             if models and spec.name in models and self.client.get_run(run_id).data.tags.get("overinterp.model_logged") != "1":
                 ended = self.client.get_run(run_id).info
                 self._log_model(run_id, *models[spec.name])
@@ -278,12 +270,8 @@ class TrialLogger(tune.Callback):
         self.tracker = tracker
         self.runs: dict[str, str] = {}
 
-    def _spec(self, trial) -> TrialSpec:
-        return TrialSpec(**trial.config["trial"])
-
     def on_trial_start(self, iteration, trials, trial, **info):
-        spec = self._spec(trial)
-        run_id, created = self.tracker.child(spec, start_time_ms=int(time.time() * 1000))
+        run_id, created = self.tracker.child(TrialSpec(**trial.config["trial"]), start_time_ms=int(time.time() * 1000))
         if not created:
             self.tracker.client.update_run(run_id, status="RUNNING")
         self.runs[trial.trial_id] = run_id
@@ -298,14 +286,14 @@ class TrialLogger(tune.Callback):
                 self.tracker.client.log_metric(run_id, k, value(result[k]), step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is not None:
-            self.tracker.client.set_terminated(run_id, "FINISHED")
+        self._end(trial, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is not None:
-            self.tracker.client.set_terminated(run_id, "FAILED")
+        self._end(trial, "FAILED")
+
+    def _end(self, trial, status: str) -> None:
+        if trial.trial_id in self.runs:
+            self.tracker.client.set_terminated(self.runs[trial.trial_id], status)
 
 
 def summary_metrics(summary: dict) -> dict:

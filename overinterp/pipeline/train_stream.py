@@ -162,7 +162,7 @@ def _train_loop(config: dict) -> None:
     import torch.nn.functional as F
 
     from overinterp.models import ModelSpec, build
-    from overinterp.training import TrainConfig, augment_batch, prepare
+    from overinterp.training import TrainConfig, augment_batch, prepare, sgd
 
     started = time.time()  # wall clock, as the driver's fit_at: the worker group's start-up is the difference
     torch.set_num_threads(int(config["threads"]))
@@ -175,9 +175,7 @@ def _train_loop(config: dict) -> None:
     torch.manual_seed(spec.seed)
     model_spec = ModelSpec(spec.model, int(config["num_classes"]), 3, spec.input_dropout)
     model = build(model_spec).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay)
-    milestones = sorted({max(1, int(m * tc.epochs)) for m in tc.milestones})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=tc.gamma)
+    opt, sched = sgd(model, tc)
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # a restarted worker group, or a rerun of a trial that died: go on from the last epoch

@@ -3,8 +3,7 @@ sizes, and the gallery of images beside their pixel-subsets.
 
 Each figure is a pure function of plain Python / numpy data that returns a matplotlib Figure
 (accuracy_figure, confidence_figure, sis_size_figure, gallery_figure), so tests and notebooks can
-look at what is drawn; a save helper beside each writes it as a PNG and returns the path
-(plot_accuracy_by_condition, plot_confidence_vs_removed, plot_sis_size_histograms, save_gallery).
+look at what is drawn; `save_figure` writes any of them as a PNG and returns the path.
 Figures are built with matplotlib's object API (`Figure`, rendered by Agg on save), not pyplot: no
 global figure registry to leak from, no backend to switch, safe in Ray workers. matplotlib is
 imported when a figure is drawn, so importing overinterp.report stays light.
@@ -90,10 +89,6 @@ def accuracy_figure(summary: dict) -> Figure:
     return fig
 
 
-def plot_accuracy_by_condition(summary: dict, path: str) -> str:
-    """accuracy_figure(summary) written as a PNG; returns path."""
-    return save_figure(accuracy_figure(summary), path)
-
 
 def median_iqr(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(T,) removed fractions in [0, 1], and the (T,) median and (2, T) quartiles over the N images of (N, T) p(c)."""
@@ -128,10 +123,6 @@ def confidence_figure(curves: dict[str, np.ndarray], title: str = "Confidence as
     ax.legend(fontsize=7)
     return fig
 
-
-def plot_confidence_vs_removed(curves: dict[str, np.ndarray], path: str, title: str = "Confidence as pixels are removed") -> str:
-    """confidence_figure(curves, title) written as a PNG; returns path."""
-    return save_figure(confidence_figure(curves, title), path)
 
 
 def sis_size_percent(sizes: np.ndarray, hw: int) -> tuple[np.ndarray, int]:
@@ -169,10 +160,6 @@ def sis_size_figure(sizes: dict[str, np.ndarray], hw: int, tau: float) -> Figure
     ax.legend(fontsize=7)
     return fig
 
-
-def plot_sis_size_histograms(sizes: dict[str, np.ndarray], hw: int, path: str, tau: float) -> str:
-    """sis_size_figure(sizes, hw, tau) written as a PNG; returns path."""
-    return save_figure(sis_size_figure(sizes, hw, tau), path)
 
 
 def gallery_figure(
@@ -222,15 +209,3 @@ def gallery_figure(
                 ax.set_ylabel(titles[r], fontsize=7)
     fig.tight_layout()
     return fig
-
-
-def save_gallery(
-    path: str,
-    images: np.ndarray,
-    panels: dict[str, np.ndarray],
-    titles: Optional[list[str]] = None,
-    empty_labels: Optional[dict[str, list[bool]]] = None,
-    tau: Optional[float] = None,
-) -> str:
-    """gallery_figure(images, panels, titles, empty_labels, tau) written as a PNG; returns path."""
-    return save_figure(gallery_figure(images, panels, titles, empty_labels, tau), path)

@@ -1,14 +1,7 @@
 """Pixel selection: which pixels of an image a model's prediction rests on.
 
-Selectors, each named with its parameters in the Parquet store (see `selector_tag`):
-- "backselect" — exact backward selection (k = 1) or k pixels per step (backselect.py);
-- "random" — a seeded random subset, the paper's baseline (subsets.py);
-- "bgsis" — Batched Gradient SIS for large images (gradient.py);
-- ranking selectors, which order pixels by an importance map and then compute the p(c) curve of
-  that order (ranking.py): "perturbation" (meaningful perturbation, perturbation.py), "gradient",
-  "ig", "occlusion" and any Captum class as "captum:<ClassName>" (attribution.py).
-backselect and bgsis take `exact_tail` = F: the fast rule until ceil(F·HW) pixels remain, exact
-backward selection for the rest (backselect.step_plan; its forward passes in closed form in cost.py).
+Each selector's rows are named in the Parquet store by its name and parameters (`selector_tag`);
+params.py holds the one list of selectors and says which module implements each.
 
 Layout, each module importing only those above it:
 - params.py — the one list of selectors, their names, parameters, k/F checks and store tags (no torch);
@@ -16,8 +9,7 @@ Layout, each module importing only those above it:
 - engine.py — what the engines share: SelectionResult, EngineConfig, the Scorer and its chunk sizing;
 - backselect.py, gradient.py, ranking.py, attribution.py, perturbation.py — one per selector;
 - dispatch.py — run_selector, every model selector by name;
-- subsets.py — from an order to pixel subsets (SIS, keep-masks, random orders); original.py — the
-  paper's strategy, a speed baseline.
+- subsets.py — from an order to pixel subsets (SIS, keep-masks, random orders).
 
 The names of params.py and cost.py are imported here at once; the rest (torch) on first use, so
 that configuration and planning import `overinterp.selection` without loading torch.
@@ -29,29 +21,15 @@ import importlib
 
 from overinterp.selection.cost import planned_backward_passes, planned_forward_passes, planned_passes, planned_steps, tail_pixels
 from overinterp.selection.params import (
-    ATTRIBUTION_METHODS,
-    CAPTUM_PREFIX,
-    DEFAULT_EXACT_TAIL,
-    MODEL_SELECTORS,
-    RANDOM,
-    RANKING_SELECTORS,
-    REMOVAL_SELECTORS,
-    SELECTORS,
-    PerturbationParams,
-    check_selector_args,
-    check_selector_name,
-    check_selector_params,
-    is_model_selector,
-    params_json,
-    selector_params,
-    selector_tag,
-    selector_tag_params,
+    ATTRIBUTION_METHODS, CAPTUM_PREFIX, DEFAULT_EXACT_TAIL, MODEL_SELECTORS, RANDOM, RANKING_SELECTORS, REMOVAL_SELECTORS, SELECTORS,
+    PerturbationParams, check_selector_args, check_selector_name, check_selector_params, is_model_selector, params_json,
+    selector_params, selector_tag, selector_tag_params,
 )
 
 # name -> the module that defines it, imported on first access (these modules import torch)
 _LAZY = {
     **dict.fromkeys(("EngineConfig", "PassesFunc", "SelectionResult"), "engine"),
-    **dict.fromkeys(("backward_selection", "brute_force_backward_selection", "step_plan"), "backselect"),
+    **dict.fromkeys(("backward_selection", "step_plan"), "backselect"),
     "batched_gradient_sis": "gradient",
     "attribution_selection": "attribution",
     "meaningful_perturbation": "perturbation",
@@ -68,15 +46,3 @@ def __getattr__(name: str):
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
-
-
-__all__ = [
-    "SELECTORS", "MODEL_SELECTORS", "REMOVAL_SELECTORS", "RANKING_SELECTORS", "ATTRIBUTION_METHODS", "RANDOM", "CAPTUM_PREFIX",
-    "is_model_selector", "check_selector_name", "check_selector_args", "check_selector_params", "PerturbationParams",
-    "DEFAULT_EXACT_TAIL", "selector_tag", "selector_tag_params", "selector_params", "params_json",
-    "planned_forward_passes", "planned_backward_passes", "planned_passes", "planned_steps", "tail_pixels",
-    *_LAZY,
-]

@@ -25,10 +25,7 @@ Names, parameters and their defaults are checked in params.py (`check_selector_p
 Every method attributes the softmax probability p(c) of the explained class (as BS and BGSIS
 score it), is given the whole batch with per-image targets, and its importance per pixel is the
 sum over channels. Pixels are removed least important first, ties to the lowest index.
-
-forward_passes counts every image the model evaluated for the attribution (Captum's internal
-passes included: B for gradient, B·n_steps for ig, B·(1 + (H−w+1)(W−w+1)) for occlusion with window w; a pass with a
-backward counts once) plus B·HW for the curve; the unmasked prediction is not counted.
+forward_passes counts Captum's internal passes too (per method in cost.py).
 """
 
 from __future__ import annotations
@@ -39,9 +36,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from overinterp.selection.engine import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, widen
+from overinterp.selection.engine import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, check_images, widen
 from overinterp.selection.params import captum_class, check_selector_params, positive_int
-from overinterp.selection.ranking import check_images, explain, scored_result
+from overinterp.selection.ranking import explain, scored_result
 
 
 class _CountingProb(nn.Module):
@@ -79,10 +76,8 @@ def attribution_selection(
     """Rank pixels by a Captum attribution of p(c) and compute the p(c) curve of the ranking.
 
     Args:
-        forward: model in eval mode on the images' device, (N, C, H, W) -> logits (N, K).
-        images: (B, C, H, W) normalised floats; Captum gets the whole batch.
+        forward, images, target: as every selector takes them (engine.py); Captum gets the whole batch.
         method: "gradient", "ig", "occlusion" or "captum:<ClassName>" (see the module docstring).
-        target: (B,) class to explain; default the prediction on the unmasked image.
         params: the method's parameters (`check_selector_params`); None = defaults.
         config: how the curve's (and occlusion's) forward passes are batched (EngineConfig).
         steps_per_pass: ig only — interpolation steps per forward + backward pass (B·steps_per_pass

@@ -13,7 +13,7 @@ With pixels_per_step = k > 1 (an approximation; k = 1 is exact) the k best-scori
 are removed together; the curve then holds p(c) after the whole step for each of those k removals,
 from one extra forward pass of the new masked images. Pixels removed in one step are listed in
 ascending pixel index: they left together, so no order among them exists, and this canonical
-order is what the Parquet store keeps (it stores the step of each pixel, see overinterp/store.py).
+order is what the Parquet store keeps (it stores the step of each pixel, see overinterp/store/).
 
 With exact_tail = F < 1 the k-steps stop when ceil(F·HW) pixels remain and exact BS (k = 1)
 removes the rest: the paper uses only the tail of the order (the 5% subset, an SIS), while the
@@ -25,22 +25,13 @@ sizing and result type they share are in engine.py.
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from overinterp.selection.cost import tail_pixels
-from overinterp.selection.engine import (
-    EngineConfig,
-    ForwardFunc,
-    PassesFunc,
-    ProgressFunc,
-    Scorer,
-    SelectionResult,
-    explained_class,
-    widen,
-)
+from overinterp.selection.engine import (EngineConfig, ForwardFunc, PassesFunc, ProgressFunc, Scorer, SelectionResult, check_images,
+                                        explained_class, score_candidates)
 from overinterp.selection.params import check_selector_args
 
 
@@ -57,33 +48,21 @@ def step_plan(hw: int, pixels_per_step: int, exact_tail: float = 1.0) -> list[in
 
 def _score_step(scorer: Scorer, x_nhwc: torch.Tensor, remaining: torch.Tensor, target: torch.Tensor, shape,
                 on_passes: Optional[PassesFunc] = None) -> torch.Tensor:
-    """p(c) for every (image, remaining pixel) candidate of one step.
+    """(B, R) p(c) for every (image, remaining pixel) candidate of one step.
 
-    x_nhwc: (B, HW, C) current masked images; remaining: (B, R) pixel indices, ascending.
-    Returns (B, R) scores. Candidates are built per chunk on the device: gather the image, zero one
-    pixel (all channels) — no host round trip.
+    x_nhwc: (B, HW, C) current masked images; remaining: (B, R) pixel indices, ascending. Each
+    candidate gathers its image and zeroes one pixel (all channels) on the device.
     """
     B, R = remaining.shape
-    C, H, W = shape
-    n = B * R
-    scores = torch.empty(n, device=x_nhwc.device, dtype=torch.promote_types(x_nhwc.dtype, torch.float32))
     flat_pixel = remaining.reshape(-1)  # (B*R,)
-    # balanced chunks: 1,030 candidates at chunk 512 run as 3 x 344, not 512 + 512 + 6; compiled
-    # models keep one static size instead (Scorer.probs pads the last chunk)
-    size = scorer.chunk if scorer.config.compile else math.ceil(n / math.ceil(n / scorer.chunk))
-    for start in range(0, n, size):
-        stop = min(start + size, n)
-        idx = torch.arange(start, stop, device=x_nhwc.device)
-        b = torch.div(idx, R, rounding_mode="floor")
+
+    def build(idx: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         cand = x_nhwc[b]  # (M, HW, C) copy of each candidate's image
-        cand[torch.arange(stop - start, device=cand.device), flat_pixel[start:stop]] = 0.0
-        imgs = cand.view(-1, H, W, C).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
-        if not scorer.config.channels_last:
-            imgs = imgs.contiguous()
-        scores[start:stop] = scorer.target_probs(imgs, target[b])
-        if on_passes is not None:  # per chunk: one step of a 224-px image is minutes of CPU
-            on_passes(stop - start)
-    return scores.view(B, R)
+        cand[torch.arange(len(idx), device=cand.device), flat_pixel[idx]] = 0.0
+        return cand
+
+    dtype = torch.promote_types(x_nhwc.dtype, torch.float32)
+    return score_candidates(scorer, B * R, R, shape, target, build, dtype, on_passes).view(B, R)
 
 
 def backward_selection(
@@ -101,31 +80,24 @@ def backward_selection(
     """Run backward selection on a batch of images until every pixel is masked.
 
     Args:
-        forward: the model (or any callable) mapping normalised (N, C, H, W) to logits (N, K);
-            put it in eval mode and on the images' device first.
-        images: (B, C, H, W) normalised float images on the model's device (their dtype is kept).
+        forward, images, target, on_passes: as every selector takes them (engine.py); images keep their dtype.
         pixels_per_step: k pixels removed per step; 1 is exact BS, k > 1 an approximation.
         exact_tail: F in (0, 1]. F < 1: remove k per step until ceil(F·HW) pixels remain (the last
             k-step shrunk to land there), then exact BS (k = 1) to the end. F = 1 (default): k per
             step to the end — bit for bit the selector without this option. See selection/cost.py.
         config: chunking, memory format, autocast and compile (see EngineConfig).
-        target: (B,) class to explain; default the predicted class.
         progress: called after every step with (pixels removed, HW).
         max_steps: for benchmarks — stop after this many steps; order is -1 and curve NaN beyond.
-        on_passes: called with the forward passes made, per chunk of candidates (see PassesFunc).
 
     Returns:
         SelectionResult with order/curve (B, HW) on the images' device; forward_passes counts the
         images the model evaluated (`planned_forward_passes` gives it in advance).
     """
-    if images.dim() != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    check_images(images)
     check_selector_args(pixels_per_step, exact_tail)
     device = images.device
     B, C, H, W = images.shape
     HW = H * W
-    if not images.is_floating_point():
-        raise ValueError("images must be normalised floats (see overinterp.data.normalize), got integers")
     scorer = Scorer(forward, config, images)  # after the input checks: it times forward passes
     order = torch.full((B, HW), -1, dtype=torch.long, device=device)
     curve = torch.full((B, HW), float("nan"), dtype=torch.float32, device=device)
@@ -193,36 +165,3 @@ def run_steps(
         if progress is not None:
             progress(removed, HW)
     return passes, tuple(plan)
-
-
-def brute_force_backward_selection(forward: ForwardFunc, image: torch.Tensor, masked: Sequence[int] = ()) -> tuple[list[int], list[float]]:
-    """The reference twin: one image (C, H, W), one candidate per forward pass, plain Python.
-
-    masked: pixel ids already removed (set to 0, never candidates) — the state an exact tail starts
-    from; the class c is still the one predicted on the unmasked image.
-    Returns the order and curve of the pixels not in `masked`.
-    Exists for tests: every fast path must reproduce its order exactly.
-    """
-    C, H, W = image.shape
-    with torch.inference_mode():
-        probs = torch.softmax(widen(forward(image[None])), 1)[0]
-        c = int(probs.argmax())
-        x = image.clone()
-        gone = set(masked)
-        for p in gone:
-            x[:, p // W, p % W] = 0.0
-        remaining = [p for p in range(H * W) if p not in gone]
-        order, curve = [], []
-        while remaining:
-            best, best_p = None, -1.0
-            for p in remaining:
-                cand = x.clone()
-                cand[:, p // W, p % W] = 0.0
-                val = float(torch.softmax(widen(forward(cand[None])), 1)[0, c])
-                if val > best_p:  # strict: ties keep the lowest pixel id
-                    best, best_p = p, val
-            x[:, best // W, best % W] = 0.0
-            remaining.remove(best)
-            order.append(best)
-            curve.append(best_p)
-    return order, curve

@@ -118,6 +118,22 @@ def planned_steps(selector: str, hw, pixels_per_step: int = 1, exact_tail: float
     return _fast_phase(hw, pixels_per_step, n)[0] + n
 
 
+def _passes(selector: str, hw, pixels_per_step: int, exact_tail: float, batch: int, params) -> tuple[int, int]:
+    """(forward, backward) passes on `batch` images, arguments checked (see the module docstring)."""
+    H, W = _check_plan_args(selector, hw, pixels_per_step, exact_tail, batch)
+    if selector == RANDOM:
+        return 0, 0
+    if selector in RANKING_SELECTORS:
+        forward, backward = _ranking_passes(selector, (H, W), params, not isinstance(hw, (tuple, list)))
+        return batch * forward, batch * backward
+    n = tail_pixels(H * W, exact_tail)
+    steps, candidates, multi = _fast_phase(H * W, pixels_per_step, n)
+    tail = n * (n + 1) // 2
+    if selector == "backselect":
+        return batch * (candidates + multi + tail), 0
+    return batch * (steps + (1 if steps else 0) + tail), batch * steps  # bgsis: gradient steps, the state after them, the tail
+
+
 def planned_forward_passes(selector: str, hw, pixels_per_step: int = 1, exact_tail: float = 1.0, batch: int = 1, *,
                            params=None) -> int:
     """Images the model evaluates to select on `batch` images of hw pixels (closed form).
@@ -129,18 +145,7 @@ def planned_forward_passes(selector: str, hw, pixels_per_step: int = 1, exact_ta
     Examples: ("backselect", 1024, 1) -> 524,800; ("backselect", 16, 3) -> 66;
     ("bgsis", 299 * 299, 100) -> 895 + 1 = 896; ("ig", 1024) -> 50 + 1,024.
     """
-    H, W = _check_plan_args(selector, hw, pixels_per_step, exact_tail, batch)
-    hw_pixels = H * W
-    if selector == RANDOM:
-        return 0
-    if selector in RANKING_SELECTORS:
-        return batch * _ranking_passes(selector, (H, W), params, not isinstance(hw, (tuple, list)))[0]
-    n = tail_pixels(hw_pixels, exact_tail)
-    steps, candidates, multi = _fast_phase(hw_pixels, pixels_per_step, n)
-    tail = n * (n + 1) // 2
-    if selector == "backselect":
-        return batch * (candidates + multi + tail)
-    return batch * (steps + (1 if steps else 0) + tail)  # bgsis: gradient steps, the state after them, the tail
+    return _passes(selector, hw, pixels_per_step, exact_tail, batch, params)[0]
 
 
 def planned_backward_passes(selector: str, hw, pixels_per_step: int = 1, exact_tail: float = 1.0, batch: int = 1, *,
@@ -148,12 +153,7 @@ def planned_backward_passes(selector: str, hw, pixels_per_step: int = 1, exact_t
     """Backward passes (images back-propagated): one per gradient step for bgsis, none for
     backselect, occlusion and random; 1 for gradient, n_steps for ig, iterations for perturbation
     (those engines report 0: they count a pass with a backward once, as a forward pass)."""
-    H, W = _check_plan_args(selector, hw, pixels_per_step, exact_tail, batch)
-    if selector in RANKING_SELECTORS:
-        return batch * _ranking_passes(selector, (H, W), params, not isinstance(hw, (tuple, list)))[1]
-    if selector != "bgsis":
-        return 0
-    return batch * _fast_phase(H * W, pixels_per_step, tail_pixels(H * W, exact_tail))[0]
+    return _passes(selector, hw, pixels_per_step, exact_tail, batch, params)[1]
 
 
 def planned_passes(selector: str, hw, params=None, batch: int = 1) -> tuple[int, int]:
@@ -161,11 +161,5 @@ def planned_passes(selector: str, hw, params=None, batch: int = 1) -> tuple[int,
     (SelectionJob.params): {"k": k, "tail": F} for backselect and bgsis (k 1 and F 1 when absent),
     the method's own for the ranking selectors, anything for random (0, 0)."""
     if selector in REMOVAL_SELECTORS:
-        k, tail = removal_args(selector, params)
-        args = (selector, hw, k, tail, batch)
-        return planned_forward_passes(*args), planned_backward_passes(*args)
-    if selector == RANDOM:
-        _check_plan_args(selector, hw, 1, 1.0, batch)
-        return 0, 0
-    return (planned_forward_passes(selector, hw, batch=batch, params=params),
-            planned_backward_passes(selector, hw, batch=batch, params=params))
+        return _passes(selector, hw, *removal_args(selector, params), batch, None)
+    return _passes(selector, hw, 1, 1.0, batch, params)

@@ -5,11 +5,12 @@ chunk sizing.
 - EngineConfig: how candidates are batched (chunk, memory budget, memory format, autocast,
   compile); none of it changes the exact fp32 result;
 - Scorer: p(c | candidate) for stacks of masked images, with the model prepared once
-  (channels_last, a chunk size tuned on the device, optionally torch.compile);
+  (channels_last, a chunk size tuned on the device, optionally torch.compile), and
+  `score_candidates`, which builds and scores a step's candidates chunk by chunk on the device;
 - chunk sizing: `max_chunk` (what fits the memory budget), `tune_chunk` (the fastest batch size
   below it, measured with `forward_rate` between device syncs);
-- the callback types (ForwardFunc, ProgressFunc, PassesFunc), `widen` (logits in fp32 or wider)
-  and `explained_class` (the class c each image is explained for).
+- the callback types (ForwardFunc, ProgressFunc, PassesFunc), `widen` (logits in fp32 or wider),
+  `explained_class` (the class c each image is explained for), `check_images` and `ranks`.
 
 Backward selection (backselect.py), Batched Gradient SIS (gradient.py) and the ranking selectors
 (ranking.py, attribution.py, perturbation.py) build on this module; it imports none of them.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 import weakref
 from dataclasses import dataclass
@@ -45,6 +47,24 @@ def explained_class(probs: torch.Tensor, target: Optional[torch.Tensor]):
     return (pred if target is None else target), confidence, pred
 
 
+def check_images(images: torch.Tensor) -> None:
+    """Raise a one-line ValueError unless images are normalised floats (B, C, H, W)."""
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be normalised floats (B, C, H, W) (see overinterp.data.normalize), "
+                         f"got shape {tuple(images.shape)} {images.dtype}")
+
+
+def ranks(order: torch.Tensor) -> torch.Tensor:
+    """(B, HW) order -> (B, HW) rank: rank[b, j] = position of pixel j in order[b] (0 = removed first)."""
+    B, HW = order.shape
+    return torch.empty_like(order).scatter_(1, order, torch.arange(HW, device=order.device).expand(B, HW))
+
+
+# The arguments every selector takes (backselect.py, gradient.py, attribution.py, perturbation.py):
+#   forward: a ForwardFunc, the model in eval mode on the images' device (put it there first);
+#   images: (B, C, H, W) normalised floats (a masked pixel is 0 on all channels: the mean colour);
+#   target: (B,) the class to explain; None explains the prediction on the unmasked image;
+#   on_passes: a PassesFunc told of the forward passes as they are made.
 ForwardFunc = Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) normalised -> (N, K) logits
 ProgressFunc = Callable[[int, int], None]  # (pixels removed so far, HW) per step
 # forward passes just made (images evaluated, a Python int the engine counts anyway: no host sync),
@@ -61,9 +81,8 @@ class SelectionResult:
     curve: torch.Tensor  # (B, HW) float32 p(c) after each removal
     pred: torch.Tensor  # (B,) int64 predicted class c on the unmasked image
     confidence: torch.Tensor  # (B,) float32 p(c) on the unmasked image
-    # images the model evaluated for the selection (all B images together): candidates, re-scores
-    # of k-steps, gradient-step forwards — everything after the one prediction per unmasked image
-    # (and the chunk autotuner's timing runs); selection/cost.py gives it in advance
+    # images the model evaluated for the selection, all B images together (what counts, and the
+    # count in advance: selection/cost.py)
     forward_passes: int
     # pixels removed at each step, shared by the batch (lock-step); sums to the pixels removed.
     # Within a step `order` is ascending by pixel id and `curve` is constant (p(c) after the step).
@@ -238,6 +257,31 @@ class Scorer:
     def target_probs(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W), (N,) -> (N,) p(target)."""
         return self.probs(x).gather(1, target[:, None]).squeeze(1)
+
+
+def score_candidates(scorer: Scorer, n: int, per_image: int, shape: tuple[int, int, int], target: torch.Tensor,
+                     build: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dtype: torch.dtype,
+                     on_passes: Optional[PassesFunc] = None) -> torch.Tensor:
+    """(n,) p(target) of n candidate images, built and scored chunk by chunk on the device.
+
+    Candidate i belongs to image b = i // per_image; build(idx, b) returns the (M, HW, C) candidates
+    idx (NHWC memory) of images b. target: (B,) on the device. Call under torch.inference_mode().
+    """
+    C, H, W = shape
+    scores = torch.empty(n, device=target.device, dtype=dtype)
+    # balanced chunks: 1,030 candidates at chunk 512 run as 3 x 344, not 512 + 512 + 6; compiled
+    # models keep one static size instead (Scorer.probs pads the last chunk)
+    size = scorer.chunk if scorer.config.compile else math.ceil(n / math.ceil(n / scorer.chunk))
+    for start in range(0, n, size):
+        idx = torch.arange(start, min(start + size, n), device=target.device)
+        b = torch.div(idx, per_image, rounding_mode="floor")
+        imgs = build(idx, b).view(-1, H, W, C).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+        if not scorer.config.channels_last:
+            imgs = imgs.contiguous()
+        scores[start : start + len(idx)] = scorer.target_probs(imgs, target[b])
+        if on_passes is not None:  # per chunk: one step of a 224-px image is minutes of CPU
+            on_passes(len(idx))
+    return scores
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

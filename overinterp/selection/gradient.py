@@ -25,16 +25,8 @@ import torch
 
 from overinterp.selection.backselect import run_steps, step_plan
 from overinterp.selection.cost import tail_pixels
-from overinterp.selection.engine import (
-    EngineConfig,
-    ForwardFunc,
-    PassesFunc,
-    ProgressFunc,
-    Scorer,
-    SelectionResult,
-    explained_class,
-    widen,
-)
+from overinterp.selection.engine import (EngineConfig, ForwardFunc, PassesFunc, ProgressFunc, Scorer, SelectionResult, check_images,
+                                        explained_class, widen)
 from overinterp.selection.params import check_selector_args
 
 
@@ -53,14 +45,12 @@ def batched_gradient_sis(
     """Run Batched Gradient SIS until every pixel is masked.
 
     Args:
-        forward: model in eval mode on the images' device, (N, C, H, W) -> logits (N, K).
-        images: (B, C, H, W) normalised floats.
+        forward, images, target: as every selector takes them (engine.py).
         pixels_per_step: k pixels masked per step.
         exact_tail: F in (0, 1]. F < 1: gradient steps until ceil(F·HW) pixels remain (the last
             one shrunk to land there), then exact backward selection on those pixels (the BS
             engine, one pixel per step) to the end. F = 1 (default): gradient steps to the end.
         engine: how the exact tail runs (chunking, memory format; see EngineConfig). Unused at F = 1.
-        target: (B,) class to explain; default the prediction on the unmasked image.
         max_steps: for benchmarks — stop after this many steps, gradient and exact together
             (order -1 / curve NaN beyond).
         on_passes: called with the forward passes made, per gradient step (B) and per chunk of the
@@ -70,8 +60,7 @@ def batched_gradient_sis(
         masked in; forward_passes = images x (gradient steps + 1) + the exact tail's candidates,
         backward_passes = images x gradient steps (selection/cost.py gives both in advance).
     """
-    if images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be normalised floats (B, C, H, W), got {tuple(images.shape)} {images.dtype}")
+    check_images(images)
     check_selector_args(pixels_per_step, exact_tail)
     B, C, H, W = images.shape
     HW = H * W

@@ -65,26 +65,13 @@ def check_selector_name(name: str) -> None:
         captum_class(name)
 
 
-# k and F: the removal selectors' arguments
-
-
-def check_pixels_per_step(pixels_per_step) -> None:
-    """Raise a one-line ValueError unless k is an integer >= 1."""
-    if isinstance(pixels_per_step, bool) or not isinstance(pixels_per_step, numbers.Integral) or pixels_per_step < 1:
-        raise ValueError(f"--pixels-per-step must be an integer >= 1, got {pixels_per_step!r} (1 is exact backward selection)")
-
-
-def check_exact_tail(exact_tail) -> None:
-    """Raise a one-line ValueError unless F is a number in (0, 1]."""
-    ok = isinstance(exact_tail, numbers.Real) and not isinstance(exact_tail, bool) and 0.0 < exact_tail <= 1.0
-    if not ok:
-        raise ValueError(f"--exact-tail must be in (0, 1], got {exact_tail!r} (0.1 keeps the last 10% exact; 1 turns the exact tail off)")
-
-
 def check_selector_args(pixels_per_step, exact_tail) -> None:
-    """Validate k and F together (before any model call)."""
-    check_pixels_per_step(pixels_per_step)
-    check_exact_tail(exact_tail)
+    """A one-line ValueError unless k is an integer >= 1 and F a number in (0, 1] (before any model call)."""
+    k = pixels_per_step
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"--pixels-per-step must be an integer >= 1, got {k!r} (1 is exact backward selection)")
+    if isinstance(exact_tail, bool) or not isinstance(exact_tail, numbers.Real) or not 0.0 < exact_tail <= 1.0:
+        raise ValueError(f"--exact-tail must be in (0, 1], got {exact_tail!r} (0.1 keeps the last 10% exact; 1 turns the exact tail off)")
 
 
 # The ranking selectors' parameters
@@ -153,11 +140,6 @@ class PerturbationParams:
         return {"mask": mask, "sigma": sigma, "radius": radius}
 
 
-def perturbation_record(params: PerturbationParams, seed: int = 0) -> dict:
-    """The JSON-ready record of a run's parameters: every field and the seed."""
-    return {**dataclasses.asdict(params), "seed": seed}
-
-
 def positive_int(method: str, key: str, value) -> None:
     """One-line ValueError unless value is an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -195,7 +177,7 @@ def check_selector_params(name: str, params: Optional[dict] = None) -> dict:
         seed = params.pop("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"perturbation seed must be an int >= 0, got {seed!r}")
-        return perturbation_record(PerturbationParams.from_dict(params), seed)
+        return {**dataclasses.asdict(PerturbationParams.from_dict(params)), "seed": seed}  # every field and the seed
     if name in DEFAULT_PARAMS:
         unknown = sorted(set(params) - set(DEFAULT_PARAMS[name]))
         if unknown:

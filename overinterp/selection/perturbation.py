@@ -21,10 +21,7 @@ of its defaults): the blur is one Gaussian (the seed script averages a Gaussian 
 and later uses the median blur alone; the authors' code blurs with radius 10 at 224 px), σ and
 the mask side scale with the image side with floors for small images; no random jitter and no
 blur of the mask (the authors' code uses 4 px jitter and σ = 5 mask blur); the mask starts at 1
-everywhere (seed script; the authors start from a blurred circle).
-
-Cost: `iterations` forward + backward passes of the B images (the backward differentiates with
-respect to the masks only), then B·HW forward passes for the curve.
+everywhere (seed script; the authors start from a blurred circle). Passes: see cost.py.
 """
 
 from __future__ import annotations
@@ -34,9 +31,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from overinterp.selection.engine import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, widen
+from overinterp.selection.engine import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, check_images, widen
 from overinterp.selection.params import PerturbationParams
-from overinterp.selection.ranking import check_images, explain, scored_result
+from overinterp.selection.ranking import explain, scored_result
 
 
 def gaussian_blur(images: torch.Tensor, sigma: tuple[float, float], radius: tuple[int, int]) -> torch.Tensor:
@@ -125,10 +122,8 @@ def meaningful_perturbation(
     """Rank pixels by meaningful perturbation (deletion), then compute the p(c) curve of the ranking.
 
     Args:
-        forward: model in eval mode on the images' device, (N, C, H, W) -> logits (N, K).
-        images: (B, C, H, W) normalised floats; all B masks are optimised together.
+        forward, images, target: as every selector takes them (engine.py); all B masks are optimised together.
         params: hyper-parameters (PerturbationParams; defaults from the authors and the seed script).
-        target: (B,) class to explain; default the prediction on the unmasked image.
         seed: seeds the input noise (a function of seed and step only).
         config: how the curve's candidates are batched (see EngineConfig).
         on_passes: called with the forward passes made, per iteration and per chunk of the curve

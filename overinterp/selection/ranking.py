@@ -6,27 +6,19 @@ importance, least important first, ties to the lowest pixel index (a stable sort
 is p(c) with the first t+1 pixels of that order masked, for every t — the same quantity backward
 selection records after each removal, so SIS at tau, keep-masks and every report work unchanged.
 
-Cost: HW forward passes per image (one per prefix of the order), batched like backward
-selection: the B·HW candidates are built on the model's device from the pixels' ranks
-(pixel j is masked in candidate t iff rank[j] < t + 1) and scored in chunks sized to memory
-(engine.py's `Scorer`). Nothing leaves the device.
+The curve's B·HW candidates (one per prefix of each order) are built on the model's device from
+the pixels' ranks and scored in chunks like backward selection's (engine.score_candidates).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
 
-from overinterp.selection.engine import EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, explained_class
-
-
-def check_images(images: torch.Tensor) -> None:
-    """Raise a one-line ValueError unless images are normalised floats (B, C, H, W)."""
-    if images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be normalised floats (B, C, H, W), got shape {tuple(images.shape)} {images.dtype}")
+from overinterp.selection.engine import (EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, check_images, explained_class,
+                                        ranks, score_candidates)
 
 
 def order_from_importance(importance: torch.Tensor) -> torch.Tensor:
@@ -37,39 +29,20 @@ def order_from_importance(importance: torch.Tensor) -> torch.Tensor:
     return torch.sort(importance, dim=1, stable=True).indices
 
 
-def ranks(order: torch.Tensor) -> torch.Tensor:
-    """(B, HW) order -> (B, HW) rank: rank[b, j] = position of pixel j in order[b] (0 = removed first)."""
-    B, HW = order.shape
-    out = torch.empty_like(order)
-    out.scatter_(1, order, torch.arange(HW, device=order.device).expand(B, HW))
-    return out
-
-
 def _curve(scorer: Scorer, images: torch.Tensor, order: torch.Tensor, target: torch.Tensor,
            on_passes: Optional[PassesFunc] = None) -> torch.Tensor:
+    """(B, HW) float32 p(target) with the first t+1 pixels of `order` masked, for every t."""
     B, C, H, W = images.shape
     HW = H * W
-    device = images.device
-    rank = ranks(order.to(device))  # (B, HW)
+    rank = ranks(order.to(images.device))  # (B, HW)
     x = images.permute(0, 2, 3, 1).reshape(B, HW, C)  # (B, HW, C) view, NHWC
-    n = B * HW
-    curve = torch.empty(n, device=device, dtype=torch.float32)
-    # balanced chunks (as in backward selection); a compiled model keeps its one static size
-    size = scorer.chunk if scorer.config.compile else math.ceil(n / math.ceil(n / scorer.chunk))
+
+    def build(idx: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        keep = rank[b] > (idx - b * HW)[:, None]  # (M, HW) bool: candidate t masks the first t+1 pixels of the order
+        return x[b] * keep[..., None].to(x.dtype)  # (M, HW, C): masked pixels are 0 on all channels
+
     with torch.inference_mode():
-        for start in range(0, n, size):
-            idx = torch.arange(start, min(start + size, n), device=device)
-            b = torch.div(idx, HW, rounding_mode="floor")  # image of each candidate
-            t = idx - b * HW  # candidate t masks the first t+1 pixels of the order
-            keep = rank[b] > t[:, None]  # (M, HW) bool
-            cand = x[b] * keep[..., None].to(x.dtype)  # (M, HW, C): masked pixels are 0 on all channels
-            imgs = cand.view(-1, H, W, C).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
-            if not scorer.config.channels_last:
-                imgs = imgs.contiguous()
-            curve[start : start + len(idx)] = scorer.target_probs(imgs, target[b]).float()
-            if on_passes is not None:
-                on_passes(len(idx))
-    return curve.view(B, HW)
+        return score_candidates(scorer, B * HW, HW, (C, H, W), target, build, torch.float32, on_passes).view(B, HW)
 
 
 def ranking_curve(
@@ -84,8 +57,7 @@ def ranking_curve(
     """p(target) with the first t+1 pixels of `order` masked, for every t: (B, HW) float32.
 
     Args:
-        forward: model in eval mode on the images' device, (N, C, H, W) -> logits (N, K).
-        images: (B, C, H, W) normalised floats; a masked pixel is 0 on all channels.
+        forward, images: as every selector takes them (engine.py).
         order: (B, HW) int64 removal order, earliest first (a permutation per row).
         target: (B,) class whose probability is tracked.
         chunk: candidates per forward pass; overrides config.chunk (None: autotuned within the
@@ -93,14 +65,18 @@ def ranking_curve(
     Returns:
         curve (B, HW) float32 on the images' device; B·HW forward passes.
     """
+    scorer = _checked_scorer(forward, images, order, "order", chunk, config)
+    return _curve(scorer, images, order, target.to(images.device).long())
+
+
+def _checked_scorer(forward: ForwardFunc, images: torch.Tensor, per_pixel: torch.Tensor, name: str, chunk: Optional[int],
+                    config: EngineConfig) -> Scorer:
+    """The Scorer of a public entry point, once images and the (B, HW) tensor `name` are checked."""
     check_images(images)
     B, C, H, W = images.shape
-    if order.shape != (B, H * W):
-        raise ValueError(f"order must be (B, HW) = {(B, H * W)}, got {tuple(order.shape)}")
-    if chunk is not None:
-        config = dataclasses.replace(config, chunk=chunk)
-    scorer = Scorer(forward, config, images)
-    return _curve(scorer, images, order, target.to(images.device).long())
+    if per_pixel.shape != (B, H * W):
+        raise ValueError(f"{name} must be (B, HW) = {(B, H * W)}, got {tuple(per_pixel.shape)}")
+    return Scorer(forward, config if chunk is None else dataclasses.replace(config, chunk=chunk), images)
 
 
 def explain(scorer: Scorer, images: torch.Tensor, target: Optional[torch.Tensor]):
@@ -135,22 +111,14 @@ def result_from_scores(
     """Turn per-pixel importance scores into a SelectionResult: order, p(c) curve, prediction.
 
     Args:
-        forward: model in eval mode on the images' device, (N, C, H, W) -> logits (N, K).
-        images: (B, C, H, W) normalised floats.
+        forward, images, target: as every selector takes them (engine.py).
         importance: (B, HW) scores, higher = more important (removed later); ties are removed in
             ascending pixel order.
-        target: (B,) class to explain; default the prediction on the unmasked image.
         forward_passes: images the selector already evaluated to get the scores; the curve's
             B·HW passes are added (the unmasked prediction is not counted, as in backward selection).
         chunk / config: how the curve's candidates are batched (see `ranking_curve`).
     Returns:
         SelectionResult on the images' device, step_sizes = (1,) * HW (each removal is its own step).
     """
-    check_images(images)
-    B, C, H, W = images.shape
-    if importance.shape != (B, H * W):
-        raise ValueError(f"importance must be (B, HW) = {(B, H * W)}, got {tuple(importance.shape)}")
-    if chunk is not None:
-        config = dataclasses.replace(config, chunk=chunk)
-    scorer = Scorer(forward, config, images)
+    scorer = _checked_scorer(forward, images, importance, "importance", chunk, config)
     return scored_result(scorer, images, importance, explain(scorer, images, target), forward_passes)

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import torch
 
+from overinterp.selection.engine import ranks
+
 NO_SIS = -1  # sis_size for an image whose unmasked confidence is below tau
 
 
@@ -32,10 +34,7 @@ def sis_size(curve: torch.Tensor, confidence: torch.Tensor, tau: float) -> torch
 
 def tail_mask(order: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Boolean (B, HW) mask of the last sizes[b] removed pixels of each image (0 or less: empty)."""
-    B, HW = order.shape
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(HW, device=order.device).expand(B, HW))  # removal step of each pixel
-    return rank >= (HW - sizes.clamp(min=0))[:, None]
+    return ranks(order) >= (order.shape[1] - sizes.clamp(min=0))[:, None]
 
 
 def n_keep(frac: float, hw: int) -> int:

@@ -4,7 +4,7 @@ Faithful to how the original code spends its time: one image at a time; at every
 candidate images (the current masked image with one more pixel masked, one per remaining pixel)
 are built on the host in NumPy, copied to the device, scored in forward passes of 128, and the
 argmax is taken on the host. It produces the same order as the engine (ties: lowest pixel index)
-and exists to be measured against, in benchmarks/bench_backselect.py. Do not use it for work.
+and exists to be measured against, in bench_backselect.py. Do not use it for work.
 """
 
 from __future__ import annotations
