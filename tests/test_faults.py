@@ -181,3 +181,39 @@ def test_a_killed_selection_worker_is_retried_without_duplicates(undisturbed, tm
     assert lost and "selecting the images not yet stored again (attempt 2 of 3)" in lost[0], "".join(lines[-40:])
     assert _summary(out) == undisturbed["summary"]
     _store_clean(out)
+
+
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a script's background job starts
+
+
+def test_sigterm_and_a_scripts_sigint_stop_the_run_cleanly(undisturbed, tmp_path):
+    """SIGTERM (`ray job stop`, a pod's termination, `timeout`) in training, and SIGINT sent by a
+    script to a run started with SIGINT ignored, in selection: each stops the run in seconds with one
+    line and exit 128 + the signal, releases the lock and leaves the MLflow parent KILLED, not
+    RUNNING; the rerun continues that parent and ends with the undisturbed run's results."""
+    out = str(tmp_path / "out")
+    for stage, sig in ((2, signal.SIGINT), (3, signal.SIGTERM)):
+        proc = subprocess.Popen([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=_ignore_sigint)
+        _wait_line(proc, f"stage {stage}/4")
+        printed = _collect(proc)
+        time.sleep(3)
+        # SIGINT to the whole process group, as `kill -INT -PGID` from a script; SIGTERM to the driver, as
+        # `ray job stop`, `timeout` and a pod's termination send it
+        (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)
+        t0 = time.time()
+        rc = proc.wait(timeout=120)
+        time.sleep(0.5)
+        text = "".join(printed)
+        assert rc == 128 + sig, text[-3000:]
+        assert time.time() - t0 < 60 and f"overinterp: stopped by {sig.name}: finished work is kept in --out" in text, text[-3000:]
+        assert "*** SIGTERM received" not in text and "Traceback" not in text, text[-3000:]
+        assert not os.path.exists(os.path.join(out, ".overinterp.lock"))
+        assert [p.info.status for p in _parents(out)] == ["KILLED"]
+        _store_has_no_repeats(out)
+    _finish(out)
+    assert _summary(out) == undisturbed["summary"]
+    parents = _parents(out)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"

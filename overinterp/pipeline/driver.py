@@ -63,15 +63,30 @@ def stopped_by_signals():
         yield  # signal handlers can only be set from the main thread
         return
 
+    received = []
+
     def stop(signum, frame):
+        received.append(signum)
         raise RunStopped(signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Tune would put its own SIGINT handler in (it ends the experiment quietly, and stays installed
+    # after Tuner.fit returns, swallowing the next SIGINT): the run's handler holds throughout
+    tune_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         yield
+    except KeyboardInterrupt as e:
+        if received and not isinstance(e, RunStopped):  # Tune re-raises a plain KeyboardInterrupt: name the signal again
+            raise RunStopped(received[-1]) from e
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if tune_sigint is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = tune_sigint
 
 
 class Stages:
