@@ -78,6 +78,25 @@ def test_a_crashed_parent_with_the_same_settings_is_killed_then_continued(store,
     assert [(p.info.run_id, p.info.status) for p in parents] == [(crashed, "FINISHED")]  # one parent, continued
 
 
+def test_rerunning_a_finished_run_continues_its_parent_and_children(store, tmp_path):
+    """The same settings on the same --out, run to the end twice: one parent, one child per trial."""
+    from overinterp.pipeline.trial import TrialSpec
+
+    uri, client, exp = store
+    config = _Config(uri, str(tmp_path / "out"))
+    ids = []
+    for _ in range(2):
+        with Tracker(config, "digits") as tracker:
+            tracker.child(TrialSpec("cnn", 0))
+            ids.append(tracker.run_id)
+    assert ids[0] == ids[1] and client.get_run(ids[0]).info.status == "FINISHED"
+    parents = client.search_runs([exp], f"tags.`{ROLE_TAG}` = 'parent'")
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{ids[0]}'")
+    assert len(parents) == 1 and [c.info.run_name for c in children] == [TrialSpec("cnn", 0).name]
+    with Tracker(_Config(uri, config.out_dir, seed=1), "digits") as other:  # other settings: a parent of their own
+        assert other.run_id != ids[0] and client.get_run(other.run_id).data.tags["overinterp.previous_run_id"] == ids[0]
+
+
 def test_accuracies_are_logged_with_four_decimals_and_the_summary_keeps_them_exact(store, tmp_path):
     """A child's accuracy, its baseline's and the difference, per-epoch val accuracy and the
     parent's accuracy means read as 0.9753 in MLflow's tables; summary.json's values stay exact."""

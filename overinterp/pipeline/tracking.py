@@ -14,8 +14,9 @@ logged while it trains.
   and `baseline_run_id` — the run it is compared with.
 - Telling the truth after a crash: a parent of the same --out still RUNNING belongs to a dead run
   (this run holds the output's lock), so it is marked KILLED; a rerun with the same settings
-  continues the newest unfinished parent instead of opening a second one, and a child run is
-  looked up by name before one is created, so no trial appears twice in a parent.
+  continues the newest parent of those settings (killed, failed or finished) instead of opening a
+  second one, and a child run is looked up by name before one is created, so no trial appears
+  twice in a parent. Other settings open a new parent, tagged with the previous one.
 
 Default store: a SQLite file in --out (MLflow 3 refuses the old file store); on a cluster the
 tracking server's URI. Artifacts of a SQLite store go beside it in <out_dir>/mlartifacts.
@@ -129,7 +130,7 @@ class Tracker:
                 self.client.set_terminated(r.info.run_id, "KILLED")
                 log.warning("MLflow run %s of %s was still RUNNING from a run that died: marked KILLED", r.info.run_id, self.config.out_dir)
         fp = fingerprint_digest(self.config)
-        again = next((r for r in parents if r.data.tags.get(FP_TAG) == fp and r.info.status != "FINISHED"), None)
+        again = next((r for r in parents if r.data.tags.get(FP_TAG) == fp), None)  # newest first
         if again is not None:
             self.resumed = True
             self.run_id = again.info.run_id
