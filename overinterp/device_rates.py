@@ -8,7 +8,7 @@ measured as the driver measures (REFERENCE_THREADS threads, `calibration_batch` 
 without rows is scaled as DEFAULT_MODEL; a GPU kind without rows as "GPU" (any card).
 
 Rows are measured with `python -m overinterp.device_rates --device cpu|cuda [--kind H100]` (it
-prints them). A row whose `measured_on` starts with "estimate" was not measured on such a device.
+prints them; `benchmarks/gpu_check.py` prints a GPU's rows too). A row whose `measured_on` starts with "estimate" was not measured on such a device.
 """
 
 from __future__ import annotations
@@ -92,24 +92,34 @@ def _num(x: float) -> str:
     return f"{x:_.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def main(argv=None) -> None:
-    """Measure the table's models on one device and print their rows."""
+def measured_rows(device: str = "cpu", kind: str | None = None, threads: int = REFERENCE_THREADS, seconds: float = 2.0,
+                  models=None) -> list[tuple[DeviceRate, str]]:
+    """Measure the table's models (or `models`, names from it) on one device: each as a DeviceRate and as
+    the line to paste into RATES. kind: the rows' device as Ray names its GPU kind (default: cpu, or GPU)."""
     from overinterp.models import create_model
 
+    kind = kind or ("cpu" if device == "cpu" else "GPU")
+    card = (platform.processor() or platform.machine()) if device == "cpu" else torch.cuda.get_device_name()
+    where = f"{card}, {threads} thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    out = []
+    for model in models or dict.fromkeys(r.model for r in RATES):
+        shape = _row(model, "cpu").shape
+        classes = 10 if shape[1] < 64 else 1000  # the data sets these models are for
+        fwd, train = measure(create_model(model, classes, shape[0]), shape, classes, device, threads, seconds=seconds)
+        out.append((DeviceRate(model, kind, shape, fwd, train, where),
+                    f'    DeviceRate("{model}", "{kind}", {shape}, {_num(fwd)}, {_num(train)}, "{where}"),'))
+    return out
+
+
+def main(argv=None) -> None:
+    """Measure the table's models on one device and print their rows."""
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--kind", help="the rows' device as Ray names its GPU kind, e.g. H100 (default: cpu, or GPU on cuda)")
     p.add_argument("--threads", type=int, default=REFERENCE_THREADS)
     args = p.parse_args(argv)
-    kind = args.kind or ("cpu" if args.device == "cpu" else "GPU")
-    card = (platform.processor() or platform.machine()) if args.device == "cpu" else torch.cuda.get_device_name()
-    where = f"{card}, {args.threads} thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
-    for model in dict.fromkeys(r.model for r in RATES):
-        shape = _row(model, "cpu").shape
-        classes = 10 if shape[1] < 64 else 1000  # the data sets these models are for
-        fwd, train = measure(create_model(model, classes, shape[0]), shape, classes, args.device, args.threads, seconds=2.0)
-        print(f'    DeviceRate("{model}", "{kind}", {shape}, {_num(fwd)}, {_num(train)}, "{where}"),')
-
+    for _, line in measured_rows(args.device, args.kind, args.threads):
+        print(line)
 
 if __name__ == "__main__":
     main()
