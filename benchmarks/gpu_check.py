@@ -4,9 +4,9 @@ Checks, in order (each a row of the table: check, result, figure, seconds):
   bs_engine         exact backward selection on the GPU and on the CPU (default EngineConfig, so the
                     GPU side sizes its chunk from torch.cuda.mem_get_info and times it between syncs):
                     identical removal orders for every image
-  autocast_bf16/fp16 the engine under bf16 / fp16 autocast against its fp32 run: the last 5% of the
-                    order (the subset the paper keeps) overlaps by >= 0.5 on average (a sanity bound:
-                    autocast is an approximation)
+  autocast_bf16/fp16 the engine under bf16 / fp16 autocast against its fp32 run: a finite p(c) curve,
+                    p(c) of the unmasked images within 0.05; the overlap of the last 5% of the orders
+                    (the subset the paper keeps) is reported, not judged (the model is untrained)
   bgsis             Batched Gradient SIS with an exact tail, GPU against CPU: identical orders
   road_fill         ROAD's CG solve, GPU against CPU: max |difference| <= 1e-4 (normalised units);
                     the noise from a CUDA generator and from per-image seeds is reproducible
@@ -108,8 +108,10 @@ def autocast(mode):
         approx = backward_selection(net(ctx, ctx.dev), x, config=EngineConfig(autocast=mode if ctx.dev.type == "cuda" else None))
         ka, kb = keep_mask(exact.order, 0.05), keep_mask(approx.order, 0.05)  # (B, HW) the last 5% removed
         overlap = ((ka & kb).sum(1) / ka.sum(1)).mean().item()
+        dconf = (exact.confidence - approx.confidence).abs().max().item()  # p(c) of the unmasked images
+        ok = dconf <= 0.05 and bool(approx.curve.isfinite().all())  # fp16 overflows show as inf/NaN
         fp32 = "" if ctx.dev.type == "cuda" else " (--cpu: fp32)"
-        return overlap >= 0.5, f"5% tail overlap {overlap:.2f}; max |dp(c)| {(exact.curve - approx.curve).abs().max().item():.1e}{fp32}", {"overlap": overlap}
+        return ok, f"5% tail overlap {overlap:.2f}; max |dp(c)| unmasked {dconf:.1e}{fp32}", {"overlap": overlap, "max_dp_unmasked": dconf}
     return check
 
 
