@@ -16,7 +16,6 @@ import shlex
 import pytest
 import yaml
 from jsonschema import Draft7Validator
-from jsonschema.exceptions import ValidationError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K8S = os.path.join(ROOT, "k8s")
@@ -108,15 +107,15 @@ def test_manifest_is_valid_for_the_kuberay_crd(kind, validators, raycluster, ray
 def test_schema_check_can_fail(break_it, message, validators, raycluster):
     broken = copy.deepcopy(raycluster)
     break_it(broken)
-    with pytest.raises(ValidationError, match=re.escape(message)):
-        validators["RayCluster"].validate(broken)
+    errors = [e.message for e in validators["RayCluster"].iter_errors(broken)]
+    assert any(message in e for e in errors), errors
 
 
 def test_rayjob_schema_check_can_fail(validators, rayjob):
     broken = copy.deepcopy(rayjob)
     broken["spec"]["entryPoint"] = broken["spec"].pop("entrypoint")
-    with pytest.raises(ValidationError, match="entryPoint"):
-        validators["RayJob"].validate(broken)
+    errors = [e.message for e in validators["RayJob"].iter_errors(broken)]
+    assert any("'entryPoint' was unexpected" in e for e in errors), errors
 
 
 # --- the same job as the README's `ray job submit` ------------------------------------------------
