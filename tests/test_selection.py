@@ -485,3 +485,18 @@ def test_on_passes_reports_every_pass_as_it_is_made(tiny_net, name, options):
     assert len(calls) > 1 and all(type(n) is int and n > 0 for n in calls)
     plain = run_selector(name, tiny_net, x, params, EngineConfig(chunk=5))
     assert torch.equal(plain.order, res.order) and plain.forward_passes == res.forward_passes
+
+
+def test_exact_fp32_turns_cudas_tf32_off_inside_and_restores_it():
+    """The exact engine on a GPU scores without TF32 (cuDNN's default for convolutions), and leaves
+    the process's flags as it found them."""
+    from overinterp.selection.engine import exact_fp32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with exact_fp32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

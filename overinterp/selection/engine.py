@@ -208,6 +208,19 @@ def _measure_best_chunk(forward: ForwardFunc, sample: torch.Tensor, limit: int, 
     return best if best_rate else limit  # limit < 8: nothing measured, take the largest that fits
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """CUDA's TF32 off while the block runs, restored after: cuDNN convolutions default to TF32 on
+    Ampere and newer GPUs (a 10-bit mantissa), which can reorder near-tied candidates and would make
+    a GPU's removal order differ from the CPU's."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
 class Scorer:
     """Scores candidates: p(target | candidate) for a stack of masked images, in fp32 or wider.
 
@@ -231,7 +244,7 @@ class Scorer:
 
     def _autocast(self):
         if self.config.autocast is None:
-            return contextlib.nullcontext()
+            return exact_fp32() if self.device.type == "cuda" else contextlib.nullcontext()
         dtype = torch.bfloat16 if self.config.autocast == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
