@@ -84,8 +84,9 @@ def scaled(model: str, kind: str, forward: float, train: float) -> tuple[float, 
     ref = model if _row(model, "cpu") and _row(model, device) else DEFAULT_MODEL
     cpu, gpu = _row(ref, "cpu"), _row(ref, device)
     f, t = gpu.forward / cpu.forward, gpu.train / cpu.train
+    fallback = "" if device == kind else f"; Ray names {f'the GPU kind {kind}, which has no rows' if kind else 'no GPU kind'}: the generic GPU rows"
     return forward * f, train * t, (f"the driver's CPU × {f:,.0f} (training × {t:,.0f}), the ratio of {ref}'s {device} and CPU rows in "
-                                    f"overinterp/device_rates.py ({gpu.measured_on.split(';')[0]})")
+                                    f"overinterp/device_rates.py ({gpu.measured_on.split(';')[0]}){fallback}")
 
 
 def _num(x: float) -> str:

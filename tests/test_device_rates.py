@@ -27,9 +27,10 @@ def test_driver_rates_scale_by_the_ratio_of_the_models_rows():
     fwd, train, how = scaled("resnet20", "", 10.0, 2.0)  # "": Ray named no GPU kind
     assert fwd == pytest.approx(10.0 * gpu.forward / cpu.forward) and train == pytest.approx(2.0 * gpu.train / cpu.train)
     assert "resnet20's GPU and CPU rows" in how and "estimate" in how.split("(")[-1]
+    assert how.endswith("; Ray names no GPU kind: the generic GPU rows")  # the fallback is said, not silent
     # a model without rows is scaled as the default model; a GPU kind with rows of its own uses them
     _, _, how = scaled("tv:vit_b_16", "H100", 1.0, 1.0)
-    assert f"{DEFAULT_MODEL}'s GPU and CPU rows" in how
+    assert f"{DEFAULT_MODEL}'s GPU and CPU rows" in how and how.endswith("Ray names the GPU kind H100, which has no rows: the generic GPU rows")
 
 
 def test_a_gpu_kind_with_rows_uses_them(monkeypatch):
