@@ -183,6 +183,35 @@ def test_a_killed_selection_worker_is_retried_without_duplicates(undisturbed, tm
     _store_clean(out)
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name (state first, then the parent's pid)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return _stat(pid)[0] != "Z"  # a zombie has exited; only its parent's wait is missing
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below pid (Linux /proc)."""
+    parent = {}
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            parent[int(d[6:])] = int(_stat(int(d[6:]))[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, p in parent.items() if p in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
 def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a script's background job starts
 
@@ -190,8 +219,8 @@ def _ignore_sigint():
 def test_sigterm_and_a_scripts_sigint_stop_the_run_cleanly(undisturbed, tmp_path):
     """SIGTERM (`ray job stop`, a pod's termination, `timeout`) in training, and SIGINT sent by a
     script to a run started with SIGINT ignored, in selection: each stops the run in seconds with one
-    line and exit 128 + the signal, releases the lock and leaves the MLflow parent KILLED, not
-    RUNNING; the rerun continues that parent and ends with the undisturbed run's results."""
+    line and exit 128 + the signal, releases the lock, leaves no Ray process behind and the MLflow
+    parent KILLED, not RUNNING; the rerun continues that parent and ends with the undisturbed run's results."""
     out = str(tmp_path / "out")
     for stage, sig in ((2, signal.SIGINT), (3, signal.SIGTERM)):
         proc = subprocess.Popen([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
@@ -200,6 +229,8 @@ def test_sigterm_and_a_scripts_sigint_stop_the_run_cleanly(undisturbed, tmp_path
         _wait_line(proc, f"stage {stage}/4")
         printed = _collect(proc)
         time.sleep(3)
+        ray_processes = _descendants(proc.pid)  # its local Ray: GCS, raylet, workers
+        assert ray_processes
         # SIGINT to the whole process group, as `kill -INT -PGID` from a script; SIGTERM to the driver, as
         # `ray job stop`, `timeout` and a pod's termination send it
         (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)
@@ -211,6 +242,10 @@ def test_sigterm_and_a_scripts_sigint_stop_the_run_cleanly(undisturbed, tmp_path
         assert time.time() - t0 < 60 and f"overinterp: stopped by {sig.name}: finished work is kept in --out" in text, text[-3000:]
         assert "*** SIGTERM received" not in text and "Traceback" not in text, text[-3000:]
         assert not os.path.exists(os.path.join(out, ".overinterp.lock"))
+        t0 = time.time()
+        while [p for p in ray_processes if _running(p)] and time.time() - t0 < 30:
+            time.sleep(0.5)
+        assert not [p for p in ray_processes if _running(p)], "Ray processes left behind"
         assert [p.info.status for p in _parents(out)] == ["KILLED"]
         _store_has_no_repeats(out)
     _finish(out)
