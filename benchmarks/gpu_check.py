@@ -7,7 +7,10 @@ Checks, in order (each a row of the table: check, result, figure, seconds):
   autocast_bf16/fp16 the engine under bf16 / fp16 autocast against its fp32 run: a finite p(c) curve,
                     p(c) of the unmasked images within 0.05; the overlap of the last 5% of the orders
                     (the subset the paper keeps) is reported, not judged (the model is untrained)
-  bgsis             Batched Gradient SIS with an exact tail, GPU against CPU: identical orders
+  bgsis             Batched Gradient SIS with an exact tail, GPU against CPU with TF32 off on both sides:
+                    identical orders; in the default precision (cuDNN convolutions in TF32, as a run's
+                    gradient steps go) the identical count is reported, not judged: near-tied gradients
+                    may order differently
   road_fill         ROAD's CG solve, GPU against CPU: max |difference| <= 1e-4 (normalised units);
                     the noise from a CUDA generator and from per-image seeds is reproducible
   chunk_sizing      max_chunk's budget (a quarter of mem_get_info's free memory on CUDA) holds the
@@ -25,7 +28,7 @@ Checks, in order (each a row of the table: check, result, figure, seconds):
 --cpu (chosen when CUDA is absent) runs the same checks with the CPU on both sides at tiny sizes
 (autocast then runs fp32: the engine's autocast is CUDA only), to check this script's wiring in CI.
 Exit status 1 when any check fails; a skipped check says why.
-Usage: python benchmarks/gpu_check.py [--cpu] [--kind H100] [--json-out FILE]
+Usage: python benchmarks/gpu_check.py [--cpu] [--kind H100] [--checks bs_engine,...] [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from overinterp.data import IMAGENET_MEAN, IMAGENET_STD
 from overinterp.fill import fill, solve_road
 from overinterp.models import create_model
 from overinterp.selection import EngineConfig, backward_selection, batched_gradient_sis, keep_mask
-from overinterp.selection.engine import Scorer, activation_bytes_per_image, max_chunk
+from overinterp.selection.engine import Scorer, activation_bytes_per_image, exact_fp32, max_chunk
 from overinterp.training import TrainConfig, prepare, train_model
 
 
@@ -118,7 +121,12 @@ def bgsis(ctx):
     x = images(ctx.sizes.images, ctx.sizes.size, seed=1)
     k = max(2, ctx.sizes.size ** 2 // 16)
     run = lambda dev: batched_gradient_sis(net(ctx, dev), x.to(dev), pixels_per_step=k, exact_tail=0.25)
-    return same_orders(run(ctx.ref), run(ctx.dev))
+    cpu = run(ctx.ref)
+    with exact_fp32():
+        strict_run = run(ctx.dev)
+    ok, strict, data = same_orders(cpu, strict_run)
+    _, default, data["default_precision"] = same_orders(cpu, run(ctx.dev))
+    return ok, f"TF32 off: {strict}; default precision: {default}", data
 
 
 def road_fill(ctx):
@@ -236,13 +244,20 @@ def main(argv=None) -> dict:
     p = parser(__doc__)
     p.add_argument("--cpu", action="store_true", help="the CPU on both sides, tiny sizes: checks this script's wiring")
     p.add_argument("--kind", help="the device_rates rows' device as Ray names the GPU kind, e.g. H100 (default: GPU)")
+    p.add_argument("--checks", default=",".join(CHECKS), help="comma-separated checks to run, in the table's order (default: all)")
     args = p.parse_args(argv)
+    chosen = [c.strip() for c in args.checks.split(",") if c.strip()]
+    unknown = sorted(set(chosen) - set(CHECKS))
+    if unknown or not chosen:
+        p.error(f"--checks: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CHECKS)}")
     cpu = args.cpu or not torch.cuda.is_available()
     dev = torch.device("cpu") if cpu else torch.device("cuda", 0)
     ctx = SimpleNamespace(dev=dev, ref=torch.device("cpu"), sizes=CPU_SIZES if cpu else GPU_SIZES, kind=args.kind, rate_lines=[])
     started = start()
+    print(f"\nGPU check on {dev}{' (--cpu: the wiring check)' if cpu else ''}; {describe(machine(dev))}")
+    print(f"{'check':<16}{'result':<10}{'seconds':>8}  figure", flush=True)
     rows = []
-    for name in CHECKS:
+    for name in (c for c in CHECKS if c in chosen):
         t0 = time.perf_counter()
         try:
             ok, figure, data = RUNNERS[name](ctx)
@@ -251,14 +266,11 @@ def main(argv=None) -> dict:
             result, figure, data = f"skipped ({e})", "", {}
         except Exception as e:  # noqa: BLE001 - a check that raises is a failed row, and the rest still run
             result, figure, data = "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", {"traceback": traceback.format_exc()}
-        rows.append({"check": name, "result": result, "figure": figure, "seconds": time.perf_counter() - t0, **data})
-    report = {"machine": machine(dev), "device": str(dev), "cpu_mode": cpu, "checks": rows, "rate_lines": ctx.rate_lines}
-
-    print(f"\nGPU check on {dev}{' (--cpu: the wiring check)' if cpu else ''}; {describe(report['machine'])}")
-    print(f"{'check':<16}{'result':<10}{'seconds':>8}  figure")
-    for r in rows:
+        r = {"check": name, "result": result, "figure": figure, "seconds": time.perf_counter() - t0, **data}
+        rows.append(r)  # each row printed as it ends: a long check on a slow card shows progress
         print(f"{r['check']:<16}{r['result'] if r['result'] in ('pass', 'FAIL') else 'skipped':<10}{r['seconds']:>8.1f}  "
-              f"{r['figure'] or r['result'][len('skipped ('):-1]}")
+              f"{r['figure'] or r['result'][len('skipped ('):-1]}", flush=True)
+    report = {"machine": machine(dev), "device": str(dev), "cpu_mode": cpu, "checks": rows, "rate_lines": ctx.rate_lines}
     print("\ndevice_rates.py rows (paste into RATES):\n" + "\n".join(ctx.rate_lines))
     finish(report, started, args.json_out)
     return report

@@ -4,7 +4,8 @@ A plan never runs a task on the selection device: a dry run or a refused plan mu
 autoscaler start a GPU node. So the plan calibrates the run's models on the driver's CPU at the
 run's image size (`measure`, tiny: a few seconds even at 224 px) and scales those rates to the
 workers' device by this table's ratio for the same model: device rate ÷ reference CPU rate, both
-measured as the driver measures (REFERENCE_THREADS threads, `calibration_batch` images). A model
+measured as the driver measures (REFERENCE_THREADS threads, `calibration_batch` images; a GPU at
+GPU_MIN_BATCH images or more, the batches its workers run). A model
 without rows is scaled as DEFAULT_MODEL; a GPU kind without rows as "GPU" (any card).
 
 Rows are measured with `python -m overinterp.device_rates --device cpu|cuda [--kind H100]` (it
@@ -27,6 +28,10 @@ from overinterp.costplan import calibrate_forward_rate, calibrate_train_rate
 # 10-30× slower than one, their OpenMP workers waiting on each other).
 REFERENCE_THREADS = 1
 CALIBRATION_SECONDS = 0.5  # per model and kind of pass: a plan's calibration stays within seconds
+# Images per timed pass on a GPU, at least: a GPU worker selects select_batch (64) images at a time
+# and trains at batch 128, and at calibration_batch's 2 images of 224 px a GPU times its launch
+# latency, not its throughput (an H100 ran tv:resnet18 at 1,826 images/s at 2 per pass).
+GPU_MIN_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,11 @@ def calibration_batch(hw: int) -> int:
 
 def measure(model: torch.nn.Module, shape, num_classes: int, device: str = "cpu", threads: int = REFERENCE_THREADS,
             train_batch: int = 128, seconds: float = CALIBRATION_SECONDS) -> tuple[float, float]:
-    """(forward, training) images/s of `model` on `device`, at `calibration_batch` images (training:
-    at most `train_batch`), with `threads` torch threads (restored after)."""
+    """(forward, training) images/s of `model` on `device`, at `calibration_batch` images, at least
+    GPU_MIN_BATCH on a GPU (training: at most `train_batch`), with `threads` torch threads (restored after)."""
     dev, batch, before = torch.device(device), calibration_batch(shape[1] * shape[2]), torch.get_num_threads()
+    if dev.type != "cpu":
+        batch = max(batch, GPU_MIN_BATCH)
     torch.set_num_threads(max(1, threads))
     try:
         fwd = calibrate_forward_rate(model, shape, dev, batch, seconds=seconds, channels_last=dev.type == "cuda")

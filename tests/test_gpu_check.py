@@ -26,3 +26,13 @@ def test_gpu_check_cpu_mode_runs_every_check_and_passes(tmp_path):
     assert rows["road_fill"]["max_abs_diff"] <= 1e-4 and rows["eval_forward"]["agree"] > 0
     assert report["rate_lines"] and all(line.strip().startswith("DeviceRate(") for line in report["rate_lines"])
     assert "FAIL" not in proc.stdout
+
+
+def test_gpu_check_runs_only_the_chosen_checks_and_refuses_an_unknown_one(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--checks", "road_fill,bgsis", "--json-out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [r["check"] for r in json.loads(out.read_text())["checks"]] == ["bgsis", "road_fill"]  # the table's order
+    bad = subprocess.run([sys.executable, SCRIPT, "--cpu", "--checks", "bs_engine,warp"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown warp" in bad.stderr and "choose from bs_engine" in bad.stderr

@@ -222,6 +222,33 @@ def test_chunk_tuning_is_bounded_and_cached():
     assert tune_chunk(model, sample, limit, channels_last=True) == chunk
 
 
+def test_chunk_tuning_on_a_gpu_looks_past_a_plateau(monkeypatch):
+    # a GPU's rate curve (images/s by batch) can be flat for two doublings and then jump, as an
+    # H100's did for ResNet20 at 32 px; the CPU's early stop would settle on the plateau's start
+    from overinterp.selection import engine
+
+    curve = {8: 10e3, 16: 20e3, 32: 40e3, 64: 60e3, 128: 61e3, 256: 61e3, 512: 62e3, 1024: 66e3, 2048: 120e3, 4096: 145e3, 8192: 143e3}
+    monkeypatch.setattr(engine, "forward_rate", lambda forward, sample, size, channels_last: curve[size])
+    sample = torch.randn(2, 1, 4, 4)
+    assert engine._measure_best_chunk(None, sample, 8192, True, stop_early=True) == 64
+    assert engine._measure_best_chunk(None, sample, 8192, True, stop_early=False) == 4096  # 8,192 is not 3% faster
+
+
+def test_a_limit_that_moves_within_one_power_of_two_reuses_the_tuned_chunk_and_no_chunk_exceeds_a_step():
+    # on CUDA the limit follows the free memory, which moves between calls; the sizes tried do not
+    from overinterp.selection.engine import _TUNED, Scorer, tune_chunk
+
+    model = TinyConvNet(channels=1, dtype=torch.float32).eval()
+    sample = torch.randn(2, 1, 4, 4)
+    tune_chunk(model, sample, 1000, channels_last=True)
+    tune_chunk(model, sample, 1023, channels_last=True)
+    assert len(_TUNED[model]) == 1
+    tune_chunk(model, sample, 1024, channels_last=True)  # 1,024 itself is a new size to try
+    assert len(_TUNED[model]) == 2
+    # the first step scores B·HW = 2 x 16 candidates: no larger chunk is tried
+    assert Scorer(TinyConvNet(channels=1, dtype=torch.float32).eval(), EngineConfig(), sample).chunk <= 32
+
+
 def test_max_steps_stops_early():
     model = TinyConvNet(channels=1).eval()
     res = backward_selection(model, torch.randn(2, 1, 4, 4, dtype=torch.float64), max_steps=3)

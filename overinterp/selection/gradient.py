@@ -15,6 +15,11 @@ With exact_tail = F < 1 the gradient steps stop when ceil(F·HW) pixels remain a
 (backselect.run_steps) finishes exactly, one pixel per step: the last ceil(F·HW) removals — the
 part of the order an SIS or a pixel subset is made of — are exact backward selection from the
 state the gradient steps left. Cost in selection/cost.py.
+
+Precision: the gradient steps run in the device's default precision (on Ampere and newer GPUs cuDNN
+convolutions use TF32), so where two pixels' gradients nearly tie a GPU may mask them in another
+step than the CPU; the exact tail scores in strict fp32 (engine.exact_fp32). Under exact_fp32 the
+whole order matches the CPU's (benchmarks/gpu_check.py, BENCHMARKS.md).
 """
 
 from __future__ import annotations
