@@ -9,7 +9,8 @@ GPU_MIN_BATCH images or more, the batches its workers run). A model
 without rows is scaled as DEFAULT_MODEL; a GPU kind without rows as "GPU" (any card).
 
 Rows are measured with `python -m overinterp.device_rates --device cpu|cuda [--kind H100]` (it
-prints them; `benchmarks/gpu_check.py` prints a GPU's rows too). A row whose `measured_on` starts with "estimate" was not measured on such a device.
+prints them; `benchmarks/gpu_check.py` prints a GPU's rows too). The "GPU" rows, for a GPU kind
+without rows of its own, are the H100's: their `measured_on` says so.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,21 +42,25 @@ class DeviceRate:
     shape: tuple[int, int, int]  # (C, H, W) it was measured at
     forward: float  # images/s of inference, fp32 (channels_last on GPUs), as selection runs it
     train: float  # images/s of SGD training steps
-    measured_on: str  # machine and versions; "estimate: ..." where no such device measured it
+    measured_on: str  # machine and versions it was measured on
 
 
 _CPU = "AMD EPYC, 1 thread, torch 2.14.1 CPU; best of 3 runs on a shared 2-core machine (load average 6-11), 2026-12-05"
-_GPU = ("estimate: no GPU measured it; the order of magnitude of fp32/TF32 eager PyTorch on an A100-class card "
-        "(measure with python -m overinterp.device_rates --device cuda)")
+_H100 = "NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, benchmarks/gpu_check.py, 2026-12-05"
+_H100_ROWS = (
+    DeviceRate("digits_cnn", "H100", (1, 8, 8), 2_022_642, 138_425, _H100),
+    DeviceRate("resnet20", "H100", (3, 32, 32), 67_273, 12_468, _H100),
+    DeviceRate("tv:resnet18", "H100", (3, 224, 224), 22_459, 4_326, _H100),
+    DeviceRate("tv:resnet50", "H100", (3, 224, 224), 6_806, 1_713, _H100),
+)
+# a GPU kind without rows of its own ("GPU") is scaled as the one card measured, and the plan says so
 RATES = (
     DeviceRate("digits_cnn", "cpu", (1, 8, 8), 76_125, 44_388, _CPU),
     DeviceRate("resnet20", "cpu", (3, 32, 32), 942, 210, _CPU),
     DeviceRate("tv:resnet18", "cpu", (3, 224, 224), 25, 4, _CPU),
     DeviceRate("tv:resnet50", "cpu", (3, 224, 224), 5.02, 1.51, _CPU),
-    DeviceRate("digits_cnn", "GPU", (1, 8, 8), 1_000_000, 200_000, _GPU),
-    DeviceRate("resnet20", "GPU", (3, 32, 32), 60_000, 15_000, _GPU),
-    DeviceRate("tv:resnet18", "GPU", (3, 224, 224), 7_000, 2_500, _GPU),
-    DeviceRate("tv:resnet50", "GPU", (3, 224, 224), 2_500, 800, _GPU),
+    *_H100_ROWS,
+    *(replace(r, device="GPU", measured_on=f"the H100's rows, for any GPU kind without its own: {r.measured_on}") for r in _H100_ROWS),
 )
 DEFAULT_MODEL = "tv:resnet50"  # what a model without rows is scaled as: the ImageNet models are its size
 

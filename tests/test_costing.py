@@ -218,7 +218,7 @@ def test_a_dry_run_and_a_refused_plan_start_no_ray(tmp_path):
     assert p.stdout.count("resources (this machine; its Ray starts once the plan is accepted: local 1×{CPU") == 2
     assert p.stdout.count("12 train + 6 test images") == 3
     assert p.stdout.count("  rates      resnet20: calibrated on the driver's CPU (1 thread)") == 2  # the refused plan too
-    assert "  rates      resnet20: the driver's CPU × " in p.stdout and "resnet20's GPU and CPU rows" in p.stdout
+    assert "  rates      resnet20: the driver's CPU × " in p.stdout and "resnet20's H100 and CPU rows" in p.stdout
     assert "GPU actor(s) on H100" in p.stdout
     err = p.stderr.strip().splitlines()[-1]
     assert err.startswith("overinterp: error: the plan needs ≈ ") and "try --selector bgsis (≈" in err, p.stderr[-3000:]
