@@ -179,3 +179,31 @@ def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, m
     assert asked and max(asked) <= total and asked[-1] == total
     # wall time beside the passes (issue 12)
     assert "[backselect-k4 m/test] selected 3 images in " in capsys.readouterr().out
+
+
+def test_the_streamed_random_baseline_is_written_shard_by_shard_and_resumes(tmp_path):
+    """One random shard per shard of the explained selection (the driver holds one shard's ids at a
+    time), for exactly its images; a rerun writes nothing."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from overinterp import store
+    from overinterp.pipeline.select_stage import stored_random_ids
+    from overinterp.pipeline.stream import StreamBackend
+
+    root = str(tmp_path / "selections")
+    for ids in ([9, 3, 5], [20, 11]):  # two shards of the model's selection
+        store.write_rows(root, model="m", selector="sel", selector_params="{}", split="train", image_id=np.array(ids),
+                         label=np.array(ids) % 3, height=2, width=2, order=torch.arange(4).repeat(len(ids), 1))
+    backend = SimpleNamespace(plan=SimpleNamespace(root=root, primary="sel", random_params={"seed": 0}), explained=SimpleNamespace(tag="m"),
+                              cfg=SimpleNamespace(image_size=2))
+    StreamBackend.write_random(backend, "train")
+    assert stored_random_ids(root, "train", {"seed": 0}).tolist() == [3, 5, 9, 11, 20]
+    from overinterp.selection import RANDOM, selector_tag
+
+    _, shards = store.shard_files(root, "none", selector_tag(RANDOM, {"seed": 0}), "train")
+    assert len(shards) == 2
+    StreamBackend.write_random(backend, "train")  # a rerun: everything stored already
+    assert len(store.shard_files(root, "none", selector_tag(RANDOM, {"seed": 0}), "train")[1]) == 2

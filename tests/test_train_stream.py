@@ -45,6 +45,20 @@ def test_the_joined_keep_of_each_image_is_its_stored_mask(ray_session, tmp_path,
         keep = unpack_keep(torch.from_numpy(np.array(r[MASK_COLUMN])[None]), hw)[0].numpy()
         assert np.array_equal(keep, expected[r["image_id"]]), r["image_id"]
         assert keep.sum() == 13 and r["label"] == labels[r["image_id"]]
+    if mask_bytes:  # a stage reads each selection's masks from the store once, for all its trials
+        calls, read = [], train_stream.mask_table
+        monkeypatch.setattr(train_stream, "mask_table", lambda *a: calls.append(a) or read(*a))
+        table = train_stream.mask_table_ref(root, "m/sel", "train", hw, FRACTION)
+        for _ in range(2):
+            again = subset_stream(source, None, None, SIZE, root, "m/sel", "train", FRACTION, n_images=10, table=table).take_all()
+            assert sorted(r["image_id"] for r in again) == sorted(expected)
+        assert len(calls) == 1
+
+
+def test_a_selection_without_images_is_refused(ray_session, tmp_path):
+    root = str(tmp_path / "selections")
+    with pytest.raises(store.StoreError, match="no selections stored for m/sel train"):
+        train_stream.mask_table(root, "m/sel", "train", 4, 0.5)
 
 
 def test_repeated_stored_ids_are_refused_with_the_repair_command(ray_session, tmp_path):

@@ -194,10 +194,11 @@ def _monitor_config_paths(gcs_address: str) -> list[str]:
     return paths
 
 
-def _autoscaler_file_config(gcs_address: str) -> Optional[Capacity]:
+def _autoscaler_file_config(monitor_paths: list[str]) -> Optional[Capacity]:
+    """Node types from the monitor's --autoscaling-config files, else ~/ray_bootstrap_config.yaml."""
     import yaml
 
-    for path in _monitor_config_paths(gcs_address) + [os.path.expanduser("~/ray_bootstrap_config.yaml")]:
+    for path in monitor_paths + [os.path.expanduser("~/ray_bootstrap_config.yaml")]:
         if os.path.isfile(path):
             with open(path) as f:
                 found = _node_types_from_yaml(yaml.safe_load(f) or {}, path)
@@ -218,11 +219,13 @@ def _alive_nodes() -> Capacity:
 def discover_capacity() -> Capacity:
     """The connected cluster's capacity (see the module docstring for the order). Refuses, naming
     the file, where an autoscaler serves this cluster but its node types cannot be read."""
-    gcs = ray.get_runtime_context().gcs_address
-    found = _gcs_cluster_config() or _autoscaler_file_config(gcs)
+    found = _gcs_cluster_config()
     if found is not None:
         return found
-    named = _monitor_config_paths(gcs)
+    named = _monitor_config_paths(ray.get_runtime_context().gcs_address)  # one scan of /proc
+    found = _autoscaler_file_config(named)
+    if found is not None:
+        return found
     if named:
         what = "a config without available_node_types" if os.path.isfile(named[0]) else "not a file on this node"
         raise ConfigError(f"this cluster's autoscaler reads {named[0]}, {what}: planned from the nodes up now, the run could "

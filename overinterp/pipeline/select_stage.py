@@ -321,16 +321,23 @@ def _planned_passes(job: SelectionJob, hw: Optional[tuple[int, int]], forward_on
     return int(fwd) if forward_only else int(fwd + BACKWARD_COST * bwd)
 
 
-def write_random(root: str, split: str, labels: np.ndarray, height: int, width: int, params: dict, select_batch: int,
-                 image_ids: Optional[np.ndarray] = None) -> int:
-    """The random baseline, stored like a selection (model "none"); its order is a function of
-    (seed, split, image id), so rows hold no order and the reader regenerates it.
+def stored_random_ids(root: str, split: str, params: dict) -> np.ndarray:
+    """Sorted ids of the images whose random baseline is stored (store.done_ids)."""
+    return store.done_ids(root, "none", selector_tag(RANDOM, params), split)
 
-    image_ids: the ids of `labels`' images (default 0..N-1).
+
+def write_random(root: str, split: str, labels: np.ndarray, height: int, width: int, params: dict, select_batch: int,
+                 image_ids: Optional[np.ndarray] = None, done: Optional[np.ndarray] = None) -> int:
+    """The random baseline, stored like a selection (model "none"); its order is a function of
+    (seed, split, image id), so rows hold no order and the reader regenerates it. Returns the rows written.
+
+    image_ids: the ids of `labels`' images (default 0..N-1). done: the random baseline's stored ids
+    (stored_random_ids), where the caller read them already; select_batch: rows per shard.
     """
     tag = selector_tag(RANDOM, params)
     ids_all = np.arange(len(labels), dtype=np.int64) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
-    todo = np.flatnonzero(~store.stored_mask(ids_all, store.done_ids(root, "none", tag, split)))  # positions
+    done = stored_random_ids(root, split, params) if done is None else done
+    todo = np.flatnonzero(~store.stored_mask(ids_all, done))  # positions
     for start in range(0, len(todo), select_batch):
         pos = todo[start : start + select_batch]
         store.write_rows(root, model="none", selector=tag, selector_params=params_json(params), split=split,

@@ -33,9 +33,10 @@ from overinterp.pipeline.analysis import TestImages
 from overinterp.pipeline.images import check_folder, drop_bad, is_parquet, list_classes, read_images
 from overinterp.pipeline.plan import Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan, worker_device
-from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, select_stream, write_random
+from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, select_stream, stored_random_ids, write_random
 from overinterp.pipeline.terminal import log
-from overinterp.pipeline.train_stream import MASK_COLUMN, cuda_on_gpu_workers, run_stream_trial, subset_stream, unpack_keep
+from overinterp.pipeline.train_stream import (MASK_COLUMN, broadcast_join, cuda_on_gpu_workers, mask_table_ref, run_stream_trial,
+                                               subset_stream, unpack_keep)
 from overinterp.pipeline.trial import TrialSpec, load_result
 from overinterp.pipeline.tune_stage import collect_results, launch_trials
 from overinterp.training import TrainConfig, prepare
@@ -43,6 +44,35 @@ from overinterp.training import TrainConfig, prepare
 # Test images the analysis (SIS sizes, the selector table, plots, gallery) decodes into the driver:
 # a bounded sample; the trained models' accuracies come from their trials over the whole split.
 ANALYSIS_IMAGES = 2000
+
+
+def listing_digest(path: str) -> str:
+    """16 hex digits of sha256 over every file's relative path and size, in path order: a listing, no
+    file read. A folder is listed one top-level entry (an ImageFolder class) at a time, so the
+    driver holds one class's listing, not ImageNet's 1.28M entries."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    f, p = fs.resolve(path)
+    h = hashlib.sha256()
+
+    def add(files):
+        for e in sorted(files, key=lambda e: e.path):
+            h.update(f"{e.path[len(p):]}:{e.size}".encode())
+
+    info = f.get_file_info(p)
+    if info.type == pafs.FileType.File:
+        add([info])
+        return h.hexdigest()[:16]
+    top = f.get_file_info(pafs.FileSelector(p))
+    # a folder's files sort after its name + "/", as they would in one sorted listing of full paths
+    for e in sorted(top, key=lambda e: e.path + ("/" if e.type == pafs.FileType.Directory else "")):
+        if e.type == pafs.FileType.Directory:
+            add(x for x in f.get_file_info(pafs.FileSelector(e.path, recursive=True)) if x.type == pafs.FileType.File)
+        elif e.type == pafs.FileType.File:
+            add([e])
+    return h.hexdigest()[:16]
 
 
 def count_images(path: str, classes, limit) -> int:
@@ -137,19 +167,30 @@ class StreamBackend:
             log(f"{job.split}: {skipped_line(skipped)}")
 
     def write_random(self, split: str) -> None:
-        """For exactly the images the model selection kept (bad files excluded), ids from the store."""
+        """For exactly the images the model selection kept (bad files excluded), ids from the store:
+        shard by shard, one random shard per selection shard (the driver holds one shard's ids at a time)."""
         fsys, paths = store.shard_files(self.plan.root, self.explained.tag, self.plan.primary, split)
-        rows = [store.read_shard(fsys, p, ["image_id", "label"]) for p in paths]
-        ids = np.concatenate([r.column("image_id").to_numpy() for r in rows])
-        labels = np.concatenate([r.column("label").to_numpy() for r in rows])
+        done = stored_random_ids(self.plan.root, split, self.plan.random_params)
         S = self.cfg.image_size
-        write_random(self.plan.root, split, labels, S, S, self.plan.random_params, self.cfg.select_batch, ids)
+        for p in paths:
+            rows = store.read_shard(fsys, p, ["image_id", "label"])
+            write_random(self.plan.root, split, rows.column("label").to_numpy(), S, S, self.plan.random_params, max(1, rows.num_rows),
+                         rows.column("image_id").to_numpy(), done)
 
-    def _streams(self, subset: Optional[str]) -> dict:
-        """{"train", "val"} datasets of one trial: the images with their keep-masks (all pixels for full images)."""
+    def _mask_tables(self, specs: list[TrialSpec]) -> dict:
+        """{(subset, split): mask_table_ref} of the stage's selections joined by lookup: each read from
+        the store and put in the object store once, not once per trial."""
+        return {(subset, split): mask_table_ref(self.plan.root, subset, split, self.plan.hw, self.cfg.fraction)
+                for subset in sorted({s.subset for s in specs if s.subset}) for split in ("train", "test")
+                if broadcast_join(self.plan.n_images[split], self.plan.hw)}
+
+    def _streams(self, subset: Optional[str], tables: dict) -> dict:
+        """{"train", "val"} datasets of one trial: the images with their keep-masks (all pixels for full
+        images); tables: _mask_tables' result."""
         cfg, data = self.cfg, self.data
         streams = {name: subset_stream(data.path(split), data.classes, data.limits[split], cfg.image_size, self.plan.root, subset, split,
-                                       cfg.fraction, self.plan.n_images[split]) for name, split in (("train", "train"), ("val", "test"))}
+                                       cfg.fraction, self.plan.n_images[split], tables.get((subset, split)))
+                   for name, split in (("train", "train"), ("val", "test"))}
         streams["train"] = streams["train"].randomize_block_order()  # see train_stream.SHUFFLE_BUFFER_IMAGES
         return streams
 
@@ -166,13 +207,13 @@ class StreamBackend:
                 log("GPU workers report no CUDA device (simulated GPUs, or a broken driver): Train workers keep their GPU but compute on CPUs with gloo")
             train_config = asdict(TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment=cfg.augment))
             info = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "hw": self.plan.hw, "num_classes": self.plan.num_classes}
-            backend = self
+            backend, tables = self, self._mask_tables(pending)
 
             def trainable(config: dict) -> None:
                 from ray import tune
 
                 spec = TrialSpec(**config["trial"])
-                result = run_stream_trial(spec, backend._streams(spec.subset), train_config, info, cfg.out_dir, res, use_cuda,
+                result = run_stream_trial(spec, backend._streams(spec.subset, tables), train_config, info, cfg.out_dir, res, use_cuda,
                                           cfg.workers_per_trial)
                 tune.report({"accuracy": result["accuracy"], "train_loss": result["train_loss"], "seconds": result["seconds"], "done": True})
 
@@ -230,17 +271,7 @@ class StreamBackend:
 
     def dataset_input(self) -> dict:
         """Source and digest of the train split, from its listing (names and sizes: nothing is read)."""
-        import hashlib
-
-        import pyarrow.fs as pafs
-
-        f, p = fs.resolve(self.data.train)
-        info = f.get_file_info(p)
-        entries = [info] if info.type == pafs.FileType.File else f.get_file_info(pafs.FileSelector(p, recursive=True))
-        h = hashlib.sha256()
-        for e in sorted((e for e in entries if e.type == pafs.FileType.File), key=lambda e: e.path):
-            h.update(f"{e.path[len(p):]}:{e.size}".encode())
-        return {"name": f"{self.cfg.dataset}-{self.cfg.max_images or 'all'}", "source": self.data.train, "digest": h.hexdigest()[:16]}
+        return {"name": f"{self.cfg.dataset}-{self.cfg.max_images or 'all'}", "source": self.data.train, "digest": listing_digest(self.data.train)}
 
     def models_to_log(self) -> dict:
         return {}  # streamed models stay as checkpoints in --out (a published pretrained model is not re-logged)

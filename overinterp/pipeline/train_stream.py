@@ -23,6 +23,7 @@ from dataclasses import asdict
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import ray
 import torch
@@ -86,6 +87,8 @@ def mask_table(root: str, subset: str, split: str, hw: int, fraction: float) -> 
     ids = np.concatenate([r["image_id"] for r in rows])
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
+    if not len(ids):
+        raise store.StoreError(f"the selections stored for {subset} {split} under {root} hold no image: rerun the selection stage")
     if (ids[1:] == ids[:-1]).any():
         raise _repeated(root, subset, split)
     return ids, np.concatenate([r[MASK_COLUMN] for r in rows])[order]
@@ -96,10 +99,10 @@ def _look_up_keep(batch: dict, table: list) -> dict:
 
     table: [ObjectRef of mask_table's (ids, packed keep)], read zero-copy from the object store.
     """
-    ids, keep = ray.get(table[0])
+    ids, keep = ray.get(table[0])  # ids: never empty (mask_table of a selection with no shards refuses)
     want = np.asarray(batch["image_id"])
-    at = np.searchsorted(ids, want).clip(max=max(len(ids) - 1, 0))
-    hit = ids[at] == want if len(ids) else np.zeros(len(want), dtype=bool)
+    at = np.searchsorted(ids, want).clip(max=len(ids) - 1)
+    hit = ids[at] == want
     return {**{k: np.asarray(v)[hit] for k, v in batch.items()}, MASK_COLUMN: keep[at[hit]]}
 
 
@@ -124,10 +127,22 @@ def _keep_all(batch: dict, hw: int) -> dict:
     return {**batch, MASK_COLUMN: np.packbits(np.ones((n, hw), dtype=bool), axis=1)}
 
 
+def broadcast_join(n_images: int, hw: int) -> bool:
+    """Whether a split's keep-masks are joined by lookup (see BROADCAST_MASK_BYTES)."""
+    return n_images * -(-hw // 8) <= BROADCAST_MASK_BYTES
+
+
+def mask_table_ref(root: str, subset: str, split: str, hw: int, fraction: float) -> list:
+    """[ObjectRef of mask_table(...)]: put in the object store once, for every trial and worker that
+    looks up this selection's keep-masks (a list, so that Ray passes the reference, not the arrays)."""
+    return [ray.put(mask_table(root, subset, split, hw, fraction))]
+
+
 def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int], size: int, root: str, subset: Optional[str],
-                  split: str, fraction: float, n_images: int) -> ray.data.Dataset:
+                  split: str, fraction: float, n_images: int, table: Optional[list] = None) -> ray.data.Dataset:
     """The images of one split that have a stored selection, decoded, each with its packed keep-mask;
-    subset None: every image of the split, with every pixel kept (full-image trials)."""
+    subset None: every image of the split, with every pixel kept (full-image trials).
+    table: mask_table_ref's result for this selection and split, where the caller holds it already."""
     encoded = read_encoded(source, classes, limit)
     folder_root = "" if is_parquet(source) else fs.resolve(source)[1].rstrip("/")
     if subset is None:
@@ -135,8 +150,8 @@ def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int
         decoded = drop_bad(decoded).map_batches(_keep_all, fn_kwargs={"hw": size * size}, batch_format="numpy", batch_size=64)
         return decoded.select_columns(["image_id", "label", "image", MASK_COLUMN])
     hw = size * size
-    if n_images * -(-hw // 8) <= BROADCAST_MASK_BYTES:
-        table = [ray.put(mask_table(root, subset, split, hw, fraction))]
+    if broadcast_join(n_images, hw):
+        table = table or mask_table_ref(root, subset, split, hw, fraction)
         joined = encoded.map_batches(_look_up_keep, fn_kwargs={"table": table}, batch_format="numpy", batch_size=256)
     else:
         partitions = min(512, max(1, n_images // IMAGES_PER_PARTITION))
@@ -311,19 +326,18 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
     model.load_state_dict(state["model"])
     ckpt = checkpoint_path(out_dir, spec)
     save_checkpoint(ckpt, model_spec, model, {"trial": asdict(spec)})
-    history = result.metrics_dataframe
+    # one row per epoch reported; where Ray kept no frame, the last report is the only row
+    history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame([result.metrics])
     out = {
         "name": spec.name, "spec": asdict(spec), "accuracy": result.metrics["val_accuracy"], "train_loss": result.metrics["train_loss"],
-        "losses": [float(v) for v in history["train_loss"]] if history is not None else [result.metrics["train_loss"]],
-        "val_accuracies": [float(v) for v in history["val_accuracy"]] if history is not None else [result.metrics["val_accuracy"]],
+        "losses": [float(v) for v in history["train_loss"]], "val_accuracies": [float(v) for v in history["val_accuracy"]],
         "finished_at": time.time(),
         "seconds": time.time() - t0, "device": "cuda" if use_cuda else "cpu", "workers": workers,
-        "resumed_from_epochs": sorted({int(v) for v in history["start_epoch"] if v > 0}) if history is not None else [],
+        "resumed_from_epochs": sorted({int(v) for v in history["start_epoch"] if v > 0}),
         "checkpoint": ckpt, "checkpoint_sha256": _sha256(ckpt), "val_images": result.metrics["val_images"],
         # seconds: the trainer's whole fit, its worker group's start, each epoch and its wait for the first batch
-        "timing": {"fit_s": fit_s, "worker_start_s": float(history["worker_start_s"].iloc[0]) if history is not None else None,
-                   "epoch_s": [float(v) for v in history["epoch_s"]] if history is not None else [],
-                   "first_batch_s": [float(v) for v in history["first_batch_s"]] if history is not None else []},
+        "timing": {"fit_s": fit_s, "worker_start_s": float(history["worker_start_s"].iloc[0]),
+                   "epoch_s": [float(v) for v in history["epoch_s"]], "first_batch_s": [float(v) for v in history["first_batch_s"]]},
     }
     fs.write_json(fs.join(trial_dir(out_dir, spec), "result.json"), out)
     return out
