@@ -207,3 +207,41 @@ def test_the_streamed_random_baseline_is_written_shard_by_shard_and_resumes(tmp_
     assert len(shards) == 2
     StreamBackend.write_random(backend, "train")  # a rerun: everything stored already
     assert len(store.shard_files(root, "none", selector_tag(RANDOM, {"seed": 0}), "train")[1]) == 2
+
+
+def test_rows_a_lost_pass_wrote_late_are_stored_once_after_the_retry(tmp_path, monkeypatch, capsys):
+    """A selection that needed a second pass ends with one row per image, even where an actor of the
+    lost pass stored an image after the second pass had read the stored ids (a straggler)."""
+    import numpy as np
+    import torch
+
+    from overinterp import store
+    from overinterp.pipeline import select_stage
+    from overinterp.pipeline.plan import SelectionJob, SelectionSource
+
+    root = str(tmp_path / "selections")
+    job = SelectionJob(SelectionSource(tag="m", model={}), "backselect", "{}", "train")
+
+    def write(ids):  # what a worker stores for these images (the same order every time: BS is deterministic)
+        store.write_rows(root, model="m", selector=job.tag, selector_params="{}", split="train", image_id=np.array(ids),
+                         label=np.zeros(len(ids)), height=2, width=2, order=torch.arange(4).repeat(len(ids), 1))
+
+    passes = []
+
+    def fake_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager, skip):
+        passes.append(done.tolist())
+        if len(passes) == 1:
+            write([0, 1])
+            raise ray.exceptions.ActorDiedError()
+        write([2, 3])  # this pass selects the images it found missing
+        write([2])  # the lost pass's straggler, too late for the stored ids this pass read
+        return 2, []
+
+    monkeypatch.setattr(select_stage, "_select_pass", fake_pass)
+    n, _ = select_stage.select_stream(job, object(), root, None, None, None, total=4)
+    assert passes == [[], [0, 1]] and n == 2
+    ids = store.read_selections(root, "m", job.tag, "train").image_id
+    fsys, paths = store.shard_files(root, "m", job.tag, "train")
+    rows = sum(store.read_shard(fsys, p, ["image_id"]).num_rows for p in paths)
+    assert sorted(ids.tolist()) == [0, 1, 2, 3] and rows == 4  # the repeat is gone from the shards, not only from reads
+    assert "after the lost worker: " in capsys.readouterr().out

@@ -211,7 +211,10 @@ def select_stream(
     was a false alarm, but restarts are not needed either.) Instead, a batch lost with its worker
     fails the pass, and this function runs the selection again, up to SELECTION_ATTEMPTS times, on
     the images not yet in the store: shards are written per batch and atomically under content
-    names, so nothing finished is redone and no image is stored twice.
+    names, so nothing finished is redone. An actor of the failed pass that was still writing when
+    the next pass read the stored ids can store an image that pass selects again; so a selection
+    that needed a second pass ends with store.repair_selection, which keeps one row per image
+    (backward selection is deterministic: the repeats are identical) and says what it did.
     """
     n, skipped = 0, []
     prefiltered = done is not None  # the caller's ds already leaves out the images in `done`
@@ -226,6 +229,9 @@ def select_stream(
             return n, sorted(skipped)
         try:
             n_now, skipped_now = _select_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager, skip)
+            if attempt > 1:
+                for action in store.repair_selection(root, job.source.tag, job.tag, job.split):
+                    print(f"[{job.tag} {job.source.tag}/{job.split}] after the lost worker: {action}", flush=True)
             return n + n_now, sorted(skipped + skipped_now)
         except Exception as e:
             if attempt == SELECTION_ATTEMPTS or not lost_worker(e):

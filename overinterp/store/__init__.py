@@ -9,7 +9,7 @@
 Callers use the package: `from overinterp import store; store.read_selections(...)`.
 """
 
-from overinterp.store.check import QUARANTINE, SelectionReport, check_store, repair_store, report_table
+from overinterp.store.check import QUARANTINE, SelectionReport, check_store, repair_selection, repair_store, report_table
 from overinterp.store.format import (
     READABLE_VERSIONS,
     REPAIR_HINT,
@@ -44,6 +44,6 @@ __all__ = [
     "CURVE_TOLERANCE", "QUARANTINE", "READABLE_VERSIONS", "REPAIR_HINT", "SCHEMA", "SCHEMA_VERSION", "V1_SCHEMA",
     "Overlap", "SelectionReport", "Selections", "StoreError",
     "check_store", "decode_order", "done_ids", "encode_steps", "find_overlap", "list_selections", "raw_image_ids",
-    "read_selections", "read_shard", "repair_store", "report_table", "selection_dir", "shard_files", "shard_name",
+    "read_selections", "read_shard", "repair_selection", "repair_store", "report_table", "selection_dir", "shard_files", "shard_name",
     "steps_to_keep", "stored_mask", "validate_shards", "write_rows", "write_table_atomic",
 ]

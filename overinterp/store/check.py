@@ -85,10 +85,10 @@ def check_store(out: str) -> list[SelectionReport]:
     return reports
 
 
-def _quarantine(fs: pafs.FileSystem, path: str, out: str) -> str:
-    _, root = files.resolve(_selections_root(out))
-    _, qroot = files.resolve(files.join(out, QUARANTINE))
-    dest = qroot + "/" + path[len(root):].lstrip("/")
+def _quarantine(fs: pafs.FileSystem, path: str, root: str) -> str:
+    """Move a shard of the store at `root` (<out>/selections) to <out>/quarantine/, same relative path."""
+    _, root = files.resolve(root)
+    dest = root.rstrip("/").rsplit("/", 1)[0] + f"/{QUARANTINE}/" + path[len(root):].lstrip("/")
     fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
     fs.move(path, dest)
     return dest
@@ -97,49 +97,53 @@ def _quarantine(fs: pafs.FileSystem, path: str, out: str) -> str:
 def repair_store(out: str) -> list[str]:
     """Quarantine unreadable files and rewrite overlapping shards to one row per id; returns what it did."""
     root = _selections_root(out)
+    return [a for model, selector, split in list_selections(root) for a in repair_selection(root, model, selector, split, out)]
+
+
+def repair_selection(root: str, model: str, selector: str, split: str, out: str = "OUT") -> list[str]:
+    """repair_store for one (model, selector, split) of the store at `root`; out: named in messages."""
     actions = []
-    for model, selector, split in list_selections(root):
-        fs, paths = shard_files(root, model, selector, split)
-        tables, good, bad = _load(fs, paths, out)
-        for line in bad:
-            path = line.split(": ")[0]
-            actions.append(f"quarantined {path} -> {_quarantine(fs, path, out)} ({line[len(path) + 2:]})")
-        if not tables:
-            continue
-        # newest file first, so the first row of each id (the one find_overlap keeps) is the newest
-        mtimes = [fs.get_file_info(p).mtime_ns or 0 for p in good]
-        newest_first = sorted(range(len(good)), key=lambda i: (-mtimes[i], good[i]))
-        tables, good = [tables[i] for i in newest_first], [good[i] for i in newest_first]
-        table = pa.concat_tables(tables)
-        file_of_row = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
-        keep, overlap = find_overlap(table, file_of_row, good)
-        if not overlap.identical and not overlap.conflicts:
-            continue
-        kept = np.zeros(table.num_rows, dtype=bool)
-        kept[keep] = True
-        _, d = files.resolve(files.join(root, model, selector, split))
-        rewrites = []  # (original, rows it keeps, new name or None)
-        for i, path in enumerate(good):
-            rows = np.flatnonzero(file_of_row == i)
-            own = rows[kept[rows]]
-            if len(own) < len(rows):  # a shard that keeps all its rows stays untouched
-                new = f"{d}/{shard_name(model, selector, split, table.column('image_id').to_numpy()[own])}" if len(own) else None
-                rewrites.append((path, own, new))
-        replaced = {path for path, _, _ in rewrites}
-        for path, own, new in rewrites:
-            if new is not None and new != path and new in replaced and fs.get_file_info(new).type != pafs.FileType.NotFound:
-                # a content name can only be taken by a shard of the same ids, itself being replaced
-                actions.append(f"quarantined {new} -> {_quarantine(fs, new, out)} (its name is reused)")
-                replaced.discard(new)
-        for path, own, new in rewrites:
-            if new is not None:
-                write_table_atomic(fs, new, table.take(pa.array(own)).cast(SCHEMA))
-                actions.append(f"rewrote {path} as {new} ({len(own)} rows kept)")
-        for path in sorted(replaced):
-            if fs.get_file_info(path).type != pafs.FileType.NotFound and path not in {n for _, _, n in rewrites}:
-                actions.append(f"quarantined {path} -> {_quarantine(fs, path, out)} (its rows are kept elsewhere)")
-        if overlap.conflicts:
-            actions.append(f"{model}/{selector}/{split}: {len(overlap.conflicts)} conflicting images kept from the newest shard")
+    fs, paths = shard_files(root, model, selector, split)
+    tables, good, bad = _load(fs, paths, out)
+    for line in bad:
+        path = line.split(": ")[0]
+        actions.append(f"quarantined {path} -> {_quarantine(fs, path, root)} ({line[len(path) + 2:]})")
+    if not tables:
+        return actions
+    # newest file first, so the first row of each id (the one find_overlap keeps) is the newest
+    mtimes = [fs.get_file_info(p).mtime_ns or 0 for p in good]
+    newest_first = sorted(range(len(good)), key=lambda i: (-mtimes[i], good[i]))
+    tables, good = [tables[i] for i in newest_first], [good[i] for i in newest_first]
+    table = pa.concat_tables(tables)
+    file_of_row = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
+    keep, overlap = find_overlap(table, file_of_row, good)
+    if not overlap.identical and not overlap.conflicts:
+        return actions
+    kept = np.zeros(table.num_rows, dtype=bool)
+    kept[keep] = True
+    _, d = files.resolve(files.join(root, model, selector, split))
+    rewrites = []  # (original, rows it keeps, new name or None)
+    for i, path in enumerate(good):
+        rows = np.flatnonzero(file_of_row == i)
+        own = rows[kept[rows]]
+        if len(own) < len(rows):  # a shard that keeps all its rows stays untouched
+            new = f"{d}/{shard_name(model, selector, split, table.column('image_id').to_numpy()[own])}" if len(own) else None
+            rewrites.append((path, own, new))
+    replaced = {path for path, _, _ in rewrites}
+    for path, own, new in rewrites:
+        if new is not None and new != path and new in replaced and fs.get_file_info(new).type != pafs.FileType.NotFound:
+            # a content name can only be taken by a shard of the same ids, itself being replaced
+            actions.append(f"quarantined {new} -> {_quarantine(fs, new, root)} (its name is reused)")
+            replaced.discard(new)
+    for path, own, new in rewrites:
+        if new is not None:
+            write_table_atomic(fs, new, table.take(pa.array(own)).cast(SCHEMA))
+            actions.append(f"rewrote {path} as {new} ({len(own)} rows kept)")
+    for path in sorted(replaced):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound and path not in {n for _, _, n in rewrites}:
+            actions.append(f"quarantined {path} -> {_quarantine(fs, path, root)} (its rows are kept elsewhere)")
+    if overlap.conflicts:
+        actions.append(f"{model}/{selector}/{split}: {len(overlap.conflicts)} conflicting images kept from the newest shard")
     return actions
 
 
