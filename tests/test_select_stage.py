@@ -1,5 +1,7 @@
 """Selection's own retry: which errors mean a lost worker (retried on the images not yet stored)."""
 
+import re
+
 import ray.exceptions
 
 from overinterp.pipeline.select_stage import lost_worker
@@ -177,8 +179,11 @@ def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, m
     total = 3 * planned_forward_passes("backselect", 64, 4)
     assert n == 3 and store.done_ids(str(tmp_path), "m", "backselect-k4", "test").tolist() == [0, 1, 2]
     assert asked and max(asked) <= total and asked[-1] == total
-    # wall time beside the passes (issue 12)
-    assert "[backselect-k4 m/test] selected 3 images in " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[backselect-k4 m/test] selected 3 images in " in printed  # wall time beside the passes
+    # the plan again from the first real batch (1 image): the other 2 images' ETA at the measured rate
+    assert re.search(r"\[backselect-k4 m/test\] first batch: 1 images at [\d.,]+ images/s per worker \([\d.,]+ passes/s\); "
+                     r"at that rate the other 2 take ≈ .+ on 1 worker\(s\)", printed), printed
 
 
 def test_the_streamed_random_baseline_is_written_shard_by_shard_and_resumes(tmp_path):

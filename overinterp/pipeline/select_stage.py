@@ -278,10 +278,13 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
     try:
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             bad = out["error"] != ""
+            first = n == 0
             n += int((~bad).sum())
             bar.update_to(n * scale)  # the batch's in-flight count was cleared before its result existed
             worker_s += float(np.asarray(out["seconds"])[~bad].sum())
             skipped += list(zip(out["path"][bad].tolist(), out["error"][bad].tolist()))
+            if first and n and worker_s > 0 and n_todo is not None and n < n_todo:
+                print(_replan_line(job, n, worker_s, per_image, n_todo - n, workers), flush=True)
     finally:
         stop.set()
         if watcher is not None:
@@ -293,6 +296,15 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
         print(f"[{job.tag} {job.source.tag}/{job.split}] selected {n} images in {format_duration(time.monotonic() - t0)} wall, "
               f"{worker_s / n:.3g} worker-s per image{per}", flush=True)
     return n, skipped
+
+
+def _replan_line(job, n: int, worker_s: float, per_image: Optional[int], remaining: int, workers: int) -> str:
+    """The plan again from the first real batch: its images took worker_s worker-seconds (model start
+    excluded), so the remaining images take this long on `workers` workers. The printed plan's ETA
+    came from a calibration on the driver's CPU, scaled by overinterp/device_rates.py."""
+    per = f" ({format_rate(per_image * n / worker_s)} passes/s)" if per_image else ""
+    return (f"[{job.tag} {job.source.tag}/{job.split}] first batch: {n} images at {format_rate(n / worker_s)} images/s per worker{per}; "
+            f"at that rate the other {remaining:,} take ≈ {format_duration(remaining * worker_s / n / workers)} on {workers} worker(s)")
 
 
 def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager=False, skip=None, counter=None,
