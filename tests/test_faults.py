@@ -122,8 +122,9 @@ def test_two_runs_on_one_out(undisturbed):
 
 
 def test_driver_killed_in_each_stage(undisturbed, tmp_path):
-    """One --out: its driver SIGKILLed in stage 1, the rerun killed in stage 2, and so on; the last
-    rerun finishes with the undisturbed run's results, one MLflow parent, and no trial twice."""
+    """One --out: its driver SIGKILLed in stage 1, the rerun killed in stage 2 (after a first shard)
+    and in stage 3 (after a first subset trial, with others mid-training), and so on; the last rerun
+    finishes with the undisturbed run's results, one MLflow parent, and no trial twice."""
     out = str(tmp_path / "out")
     for stage in STAGES:
         proc = _start(out)
@@ -131,12 +132,14 @@ def test_driver_killed_in_each_stage(undisturbed, tmp_path):
         if stage > 1:  # a rerun after a kill takes the dead driver's lock over
             assert _lock_taken_over(printed, out), printed[-2000:]
         if stage == 2:  # inside selection: once a first shard is written
-            t0 = time.time()
-            while not glob.glob(os.path.join(out, "selections", "*", "*", "*", "part-*.parquet")) and time.time() - t0 < 300:
-                time.sleep(0.05)
+            _wait_for(lambda: glob.glob(os.path.join(out, "selections", "*", "*", "*", "part-*.parquet")))
+        if stage == 3:  # mid-trial: once the first subset trial has finished, the trials beside and after it have not
+            _wait_for(lambda: len(_finished_trials(out)) > 2)  # the 2 full-image trials finished in stage 1
         _drain(proc)
         os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its local Ray dies with it
         proc.wait(timeout=60)
+        if stage == 3:
+            assert 2 < len(_finished_trials(out)) < 8  # killed with subset trials unfinished, some mid-epoch
         _store_has_no_repeats(out)
         parents = _parents(out)  # each rerun continued the first driver's parent: still one
         assert [p.info.status for p in parents] == ["RUNNING"], [(p.info.run_id, p.info.status) for p in parents]
@@ -151,6 +154,16 @@ def test_driver_killed_in_each_stage(undisturbed, tmp_path):
     assert "overinterp.resumed_at" in parents[0].data.tags
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert len({c.info.run_name for c in children}) == len(children) == 8  # no trial twice
+
+
+def _wait_for(found, timeout=300):
+    t0 = time.time()
+    while not found() and time.time() - t0 < timeout:
+        time.sleep(0.05)
+
+
+def _finished_trials(out: str) -> list[str]:
+    return glob.glob(os.path.join(out, "trials", "*", "result.json"))
 
 
 def _selection_worker_pid() -> int | None:
