@@ -274,3 +274,34 @@ def test_repair_keeps_the_newest_of_conflicting_rows(tmp_path):
     sel = store.read_selections(root, "m-s0", "backselect", "test", expect_n=3)
     assert sel.order[1].tolist() == torch.roll(torch.arange(4), 2).tolist()  # image 1 from the newer shard
     assert any((out / "quarantine").rglob(os.path.basename(old)))
+
+
+def test_a_writer_killed_mid_shard_leaves_nothing_a_reader_sees_and_the_rewrite_is_whole(tmp_path):
+    """SIGKILL while a shard's bytes are being written (its temporary file exists): readers list no
+    shard, `store check` finds nothing unreadable, and writing the batch again gives a whole shard."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = str(tmp_path / "selections")
+    code = ("import numpy as np, torch\nfrom overinterp import store\nn = 64 * 4_700\n"  # ~20 MB of shard: a write of a second or so
+            "order = torch.stack([torch.randperm(64) for _ in range(64)]).repeat(n // 64, 1)\n"
+            f"store.write_rows({root!r}, model='m', selector='sel', selector_params='{{}}', split='train', image_id=np.arange(n),"
+            " label=np.zeros(n), height=8, width=8, order=order)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    d = os.path.join(root, "m", "sel", "train")
+    t0 = time.time()
+    while writer.poll() is None and time.time() - t0 < 120:
+        if os.path.isdir(d) and any(f.startswith(".tmp-") and os.path.getsize(os.path.join(d, f)) > 0 for f in os.listdir(d)):
+            break
+        time.sleep(0.002)
+    assert writer.poll() is None, "the shard was written whole before the kill: nothing was tested"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert [f for f in os.listdir(d) if f.startswith(".tmp-")]  # killed mid-write: the partial bytes are there...
+    assert store.shard_files(root, "m", "sel", "train")[1] == []  # ...and no reader sees them
+    assert all(not r.unreadable for r in check_store(str(tmp_path)))
+    store.write_rows(root, model="m", selector="sel", selector_params="{}", split="train", image_id=np.arange(3), label=np.zeros(3),
+                     height=2, width=2, order=torch.arange(4).repeat(3, 1))
+    assert store.done_ids(root, "m", "sel", "train").tolist() == [0, 1, 2]
