@@ -7,9 +7,12 @@ PUT on object stores — a reader never sees half a file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import uuid
+from typing import Optional
 
 import pyarrow.fs as pafs
 
@@ -75,6 +78,38 @@ def delete(path: str) -> None:
 
 class OutputError(ValueError):
     """An output location that cannot be written; the message names the fix."""
+
+
+# how a full disk reads where the error arrives as text: SQLite (MLflow's store), a Ray worker's or a
+# Tune trial's error, torch.save
+NO_SPACE_TEXTS = ("No space left on device", "[Errno 28]", "database or disk is full", "file write failed")
+
+
+def out_of_space(e: Optional[BaseException]) -> bool:
+    """Whether e, or an error it was raised from or while handling, says the disk is full."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or any(t in str(e) for t in NO_SPACE_TEXTS):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return False
+
+
+def no_space_error(out: str) -> OutputError:
+    """The one line a run that filled its disk ends with: where, how much is free, what the outputs take."""
+    sizes = ""
+    if not is_uri(out) and os.path.isdir(out):
+        free = shutil.disk_usage(out).free
+        used = sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(out) for f in names
+                   if os.path.isfile(os.path.join(d, f)))
+        sizes = f" ({_mib(free)} free there; its outputs so far take {_mib(used)})"
+    return OutputError(f"no space left on the device holding {out}{sizes}: finished work is kept, nothing is half-written; "
+                       "free space there and rerun the same command")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def check_output_dir(path: str) -> None:

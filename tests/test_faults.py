@@ -265,3 +265,36 @@ def test_sigterm_and_a_scripts_sigint_stop_the_run_cleanly(undisturbed, tmp_path
     assert _summary(out) == undisturbed["summary"]
     parents = _parents(out)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1,400 KiB tmpfs: a smoke run's outputs (about 2.2 MiB, most of it MLflow's database) overflow
+    it in stage 3; yields (path, grow), grow() making it big enough. Needs the right to mount (root)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(where)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mount.stderr.strip() or mount.returncode}): the disk-full test needs root")
+    try:
+        yield str(where), lambda: subprocess.run(["mount", "-o", "remount,size=64m", str(where)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_completes(undisturbed, small_disk):
+    where, grow = small_disk
+    out = os.path.join(where, "out")
+    full = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    printed = full.stdout + full.stderr
+    assert full.returncode == 1, printed[-3000:]
+    assert full.stderr.strip().splitlines()[-1].startswith(f"overinterp: error: no space left on the device holding {out} ("), printed[-3000:]
+    assert "Traceback" not in printed, printed[-5000:]
+    _store_has_no_repeats(out)  # nothing half-written: every shard there reads
+    grow()
+    rerun = _finish(out)
+    assert _summary(out) == undisturbed["summary"]
+    _store_clean(out)
+    parents = _parents(out)
+    assert [p.info.status for p in parents] == ["FINISHED"], rerun[-2000:]

@@ -124,13 +124,18 @@ def run_job(cfg, plan: Plan, resources, make_backend: Callable, *, holder: str, 
         log("dry run: nothing selected, trained or written")
         return None
     cluster.ensure_ray(ray_address)
-    with stopped_by_signals(), OutputLock(cfg.out_dir, holder) as lock:
-        record_settings(cfg)
-        from overinterp.pipeline.tracking import Tracker, TrialLogger  # MLflow only where tracking happens
+    try:
+        with stopped_by_signals(), OutputLock(cfg.out_dir, holder) as lock:
+            record_settings(cfg)
+            from overinterp.pipeline.tracking import Tracker, TrialLogger  # MLflow only where tracking happens
 
-        with Tracker(cfg, dataset, resources, previous_holder=lock.taken_over) as tracker:
-            tracker.log_plan("\n".join([plan.describe(), resources.describe(), cost_text]), cost)
-            summary = run_plan(plan, make_backend([TrialLogger(tracker)], cost), tracker)
+            with Tracker(cfg, dataset, resources, previous_holder=lock.taken_over) as tracker:
+                tracker.log_plan("\n".join([plan.describe(), resources.describe(), cost_text]), cost)
+                summary = run_plan(plan, make_backend([TrialLogger(tracker)], cost), tracker)
+    except Exception as e:  # a full disk surfaces from SQLite, Ray workers, Tune trials or torch.save: one line for all
+        if fs.out_of_space(e):
+            raise fs.no_space_error(cfg.out_dir) from e
+        raise
     log(f"done in {time.time() - t0:.0f} s (planned {format_duration(cost.eta_seconds)})")
     return summary
 

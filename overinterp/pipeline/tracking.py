@@ -42,6 +42,9 @@ from ray import tune
 from overinterp.pipeline.trial import TrialSpec
 
 log = logging.getLogger(__name__)
+# MLflow's SQL store logs each database error with its traceback and then raises it: the run reports
+# what it raises (a full disk in one line, see driver.run_job), so the log would only repeat it
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 OUT_TAG, ROLE_TAG, FP_TAG = "overinterp.out_dir", "overinterp.role", "overinterp.fingerprint"
