@@ -163,9 +163,10 @@ class _LocalLock:
 class _S3Lock:
     """A lock object on S3, written only with conditional requests."""
 
-    CONFLICTS = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409", "404"}
+    ABSENT = {"NoSuchKey", "404"}
+    CONFLICTS = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"} | ABSENT  # If-Match on a deleted lock: 404
 
-    def __init__(self, uri: str):
+    def __init__(self, out_dir: str):
         try:
             import boto3
             from botocore.exceptions import BotoCoreError, ClientError
@@ -173,7 +174,7 @@ class _S3Lock:
             raise ConfigError(f"the lock of an s3:// --out is taken with boto3, which is not installed: "
                               f"pip install 'boto3>=1.36' (the `cluster` extra) ({e})") from e
         self.ClientError, self.errors = ClientError, (BotoCoreError, ClientError)
-        u = urlparse(uri)
+        u = urlparse(out_dir)
         q = {k: v[-1] for k, v in parse_qs(u.query).items()}  # pyarrow's URI options, e.g. endpoint_override=host:port&scheme=http
         kwargs = {}
         if "endpoint_override" in q:
@@ -187,20 +188,20 @@ class _S3Lock:
         if "IfMatch" not in self.client.meta.service_model.operation_model("PutObject").input_shape.members:
             raise ConfigError(f"boto3 {boto3.__version__} cannot send S3's conditional writes, which the lock of an s3:// --out "
                               "needs: pip install 'boto3>=1.36'")
-        self.bucket, self.key = u.hostname, u.path.lstrip("/")
+        self.bucket, self.key = u.hostname, "/".join(p for p in (u.path.strip("/"), LOCK_NAME) if p)
         self.etag: Optional[str] = None  # of the lock this run wrote last
 
-    def _conflict(self, e) -> bool:
-        err = e.response.get("Error", {})
-        return isinstance(e, self.ClientError) and (err.get("Code") in self.CONFLICTS
-                                                     or str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")) in self.CONFLICTS)
+    @staticmethod
+    def _is(e, codes: set) -> bool:
+        return (e.response.get("Error", {}).get("Code") in codes
+                or str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")) in codes)
 
     def read(self) -> Optional[tuple[bytes, str]]:
         try:
             r = self.client.get_object(Bucket=self.bucket, Key=self.key)
             return r["Body"].read(), r["ETag"]
         except self.ClientError as e:
-            if self._conflict(e):
+            if self._is(e, self.ABSENT):
                 return None
             raise OSError(str(e)) from e
         except self.errors as e:
@@ -211,7 +212,7 @@ class _S3Lock:
             self.etag = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=doc, **condition)["ETag"]
             return True
         except self.ClientError as e:
-            if self._conflict(e):
+            if self._is(e, self.CONFLICTS):
                 return False
             raise OSError(str(e)) from e
         except self.errors as e:
@@ -230,8 +231,8 @@ class _S3Lock:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
         except self.ClientError as e:
-            if not self._conflict(e):
-                raise OSError(str(e)) from e  # a conflict: no longer this run's lock, so it stays
+            if not self._is(e, self.CONFLICTS):  # a conflict: no longer this run's lock, so it stays
+                raise OSError(str(e)) from e
 
 
 class _UnconditionalLock:
@@ -278,13 +279,16 @@ def _token(raw: bytes) -> Optional[str]:
     return doc.get("token") if isinstance(doc, dict) else None
 
 
-def _where(path: str):
-    if not fs.is_uri(path):
-        return _LocalLock(os.path.abspath(path))
-    if path.startswith("s3://"):
-        return _S3Lock(path)
-    f, p = fs.resolve(path)
-    return _LocalLock(p) if isinstance(f, pafs.LocalFileSystem) else _UnconditionalLock(path)
+def _where(out_dir: str):
+    """Where the lock of out_dir lives, and how it is written."""
+    if not fs.is_uri(out_dir):
+        return _LocalLock(os.path.join(os.path.abspath(out_dir), LOCK_NAME))
+    if out_dir.startswith("s3://"):
+        return _S3Lock(out_dir)  # parsed from the --out itself: its query (?endpoint_override=…) must not swallow the name
+    f, p = fs.resolve(out_dir)
+    if isinstance(f, pafs.LocalFileSystem):
+        return _LocalLock(os.path.join(p, LOCK_NAME))
+    return _UnconditionalLock(fs.join(out_dir, LOCK_NAME))
 
 
 class OutputLock:
@@ -300,7 +304,7 @@ class OutputLock:
         self.taken_over: Optional[dict] = None  # the stale holder this run replaced, if any
         self.lost: Optional[str] = None  # why this run no longer holds the lock, once another run took it
         self.on_lost = on_lost
-        self._store = _where(self.path)
+        self._store = _where(out_dir)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
