@@ -265,3 +265,17 @@ def test_an_s3_takeover_with_a_stale_etag_loses(s3):
         assert first.read()["token"] == first.me["token"]
     finally:
         first.release()
+
+
+def test_an_s3_out_with_endpoint_options_in_its_uri(s3_server, monkeypatch):
+    """`s3://bucket/prefix?endpoint_override=host:port&scheme=http` (pyarrow's URI options, no
+    AWS_ENDPOINT_URL): the lock object is `prefix/.overinterp.lock` on that endpoint."""
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        monkeypatch.setenv(k, s3_server.env[k])
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    plain = s3_server.prefix("query")
+    out = f"{plain}?endpoint_override={s3_server.endpoint.split('://')[1]}&scheme=http"
+    with OutputLock(out) as lock:
+        assert s3_server.keys(plain) == [LOCK_NAME]
+        assert lock.read()["token"] == lock.me["token"]
+    assert s3_server.keys(plain) == []
