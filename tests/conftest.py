@@ -44,6 +44,30 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint for the whole session: moto's server on loopback with one bucket
+    (tests/s3server.py). Its env is what a user's shell would export to reach it."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("boto3")
+    import logging
+
+    import s3server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one request line per S3 call otherwise
+    s3, server = s3server.start()
+    yield s3
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The session's S3 endpoint, with this process's environment pointed at it for one test."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    return s3_server
+
+
+@pytest.fixture(scope="session")
 def smoke_cli_run(tmp_path_factory):
     """`overinterp run --smoke --seeds 0,1` as a user types it, once per session, in its own process
     with its own embedded Ray: (out dir, everything it printed, exit code). Its outputs are checked

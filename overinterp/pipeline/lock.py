@@ -1,31 +1,40 @@
 """One run per output: a lock on --out, held for the whole run and renewed while it lives.
 
-The lock is `<out>/.overinterp.lock`, a small JSON document: host, pid, start time, and `renewed`,
-a timestamp the holder rewrites every RENEW_S seconds from a background thread. Another run finds
-it held unless its holder is gone:
+The lock is `<out>/.overinterp.lock`, a small JSON document: host, pid, start time, a token, and
+`renewed`, a timestamp the holder rewrites every RENEW_S seconds from a background thread. Another
+run finds it held unless its holder is gone:
 - same host and the pid no longer exists (a killed driver): taken over at once, with a warning;
 - otherwise, when `renewed` is older than LEASE_S (a holder on another machine that died): taken
   over after the lease, with a warning.
+A lock that cannot be read or parsed is an error naming it, never judged stale: a storage outage
+must not hand a live run's output to another run.
 
-Local paths (and shared file systems with atomic exclusive create, e.g. NFSv4) take the lock with
-O_CREAT | O_EXCL, so two runs starting together cannot both win. Object stores (s3://, gs://) have
-no exclusive create here: the run writes its lock object, waits CONFIRM_S, and reads it back; a
-run that finds another holder's lock there gives up. Two runs starting within the same second can
-still both read back their own write on an eventually consistent store: the lock guards against
-the realistic case (a second submission minutes later, or a forgotten one still running), not
-against a deliberate race.
+Every write of the lock is conditional, so of two runs exactly one wins:
+- Local paths and `file://` (and shared file systems with hard links and flock, e.g. NFSv4): the
+  document is written to a temporary file and hard-linked to the lock's name, which fails if the
+  name exists, so the lock appears complete or not at all. A takeover holds an flock on
+  `.overinterp.lock.takeover` (created at the first takeover and left in place: removing it would
+  reopen the race), reads the lock again and replaces it only if it is still byte for byte the one
+  judged stale. Renewing and releasing take the same flock where that file exists and act only on
+  this run's own lock; where it does not, no takeover has begun, and one beginning meanwhile needs
+  this holder's lease to have run out. A file system without flock falls back to unserialised
+  takeovers, with a warning.
+- `s3://`: S3's conditional writes, through boto3. The lock is created with `If-None-Match: *`
+  (one of two creates succeeds), and renewed, taken over and deleted with `If-Match` on the ETag
+  last read or written: a stale lock is replaced only if it is still the one judged stale.
+- Other object stores (gs://, ...) have no conditional write here: the run writes its lock, waits
+  CONFIRM_S and reads it back; two runs starting within the same second can both believe they
+  hold it.
 
-Taking over a stale lock is atomic on local paths: under an flock on `.overinterp.lock.takeover`
-(created at the first takeover and left in place: removing it would reopen the race), the run reads
-the lock again and replaces it only if it is still byte for byte the one judged stale. Two reruns
-that both judged the same dead holder stale cannot both win: the second finds the first's new lock
-and is refused. Runs that find no lock do not need the flock: O_EXCL decides between them. A file
-system without flock support falls back to the unserialised takeover, with a warning. Object
-stores delete the stale lock and write their own, with the limits above.
+A holder whose renewal finds another run's lock in place (on s3://: its If-Match fails) has lost
+the output. The renewal thread interrupts the main thread, and leaving the `with` block raises
+LockLost, one line naming the other run: the run stops rather than mix its outputs with another's.
 """
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import fcntl
 import json
 import logging
@@ -34,7 +43,10 @@ import socket
 import threading
 import time
 import uuid
-from typing import Optional
+from typing import Callable, Optional
+from urllib.parse import parse_qs, unquote, urlparse
+
+import pyarrow.fs as pafs
 
 from overinterp import fs
 from overinterp.config import ConfigError
@@ -42,7 +54,7 @@ from overinterp.config import ConfigError
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".overinterp.lock"
-TAKEOVER_SUFFIX = ".takeover"  # <out>/.overinterp.lock.takeover: flocked while a stale lock is replaced; left in place
+TAKEOVER_SUFFIX = ".takeover"  # <out>/.overinterp.lock.takeover: flocked while the lock is replaced; left in place
 RENEW_S = 30.0
 LEASE_S = 120.0
 CONFIRM_S = 2.0
@@ -50,6 +62,14 @@ CONFIRM_S = 2.0
 
 class LockHeld(ConfigError):
     """Another run holds the output; the message names it and the fix."""
+
+
+class LockLost(LockHeld):
+    """Another run took this run's lock while it ran; the message names it."""
+
+
+class LockError(ConfigError):
+    """The lock cannot be read, parsed or written; the message names it and the fix."""
 
 
 def _alive(pid: int) -> bool:
@@ -62,13 +82,229 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class OutputLock:
-    """Context manager holding the lock of one --out (path or URI)."""
+# --- where the lock lives: read() -> (bytes, version) or None; create, replace, renew, remove -> bool
+# A version identifies what was read: the bytes themselves locally, the ETag on S3.
 
-    def __init__(self, out_dir: str, command: str = "overinterp run"):
+
+class _LocalLock:
+    """A lock file on a local or shared file system."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> Optional[tuple[bytes, bytes]]:
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        return raw, raw
+
+    def create(self, doc: bytes) -> bool:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(doc)
+        try:
+            os.link(tmp, self.path)  # complete or absent: a reader never sees an empty lock
+        except FileExistsError:
+            return False
+        except OSError as e:  # no hard links (some FUSE mounts): an exclusive create, which a reader can see empty for a moment
+            log.warning("cannot hard-link the lock of %s (%s): creating it in place", self.path, e)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(doc)
+        finally:
+            os.unlink(tmp)
+        return True
+
+    @contextlib.contextmanager
+    def _serialised(self, create: bool = False):
+        try:
+            fd = os.open(self.path + TAKEOVER_SUFFIX, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:  # no takeover yet: one starting now needs this holder's lease to have run out
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # one replacement at a time; the kernel drops it if this process dies
+            except OSError as e:  # a file system without locks: two takeovers may both win
+                log.warning("cannot serialise replacing the lock %s (%s)", self.path, e)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def replace(self, version: bytes, doc: bytes) -> bool:
+        with self._serialised(create=True):
+            now = self.read()
+            if now is None or now[0] != version:
+                return False  # another run took it over first (or the holder renewed): judge again
+            os.unlink(self.path)
+            return self.create(doc)
+
+    def renew(self, token: str, doc: bytes) -> bool:
+        with self._serialised():
+            now = self.read()
+            if now is None or _token(now[0]) != token:
+                return False
+            fs.write_bytes(self.path, doc)  # a rename over the old lock: complete at every moment
+            return True
+
+    def remove(self, token: str) -> None:
+        with self._serialised():
+            now = self.read()
+            if now is not None and _token(now[0]) == token:
+                os.unlink(self.path)
+
+
+class _S3Lock:
+    """A lock object on S3, written only with conditional requests."""
+
+    ABSENT = {"NoSuchKey", "404"}
+    CONFLICTS = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"} | ABSENT  # If-Match on a deleted lock: 404
+
+    def __init__(self, out_dir: str):
+        try:
+            import boto3
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError as e:
+            raise ConfigError(f"the lock of an s3:// --out is taken with boto3, which is not installed: "
+                              f"pip install 'boto3>=1.36' (the `cluster` extra) ({e})") from e
+        self.ClientError, self.errors = ClientError, (BotoCoreError, ClientError)
+        u = urlparse(out_dir)
+        q = {k: v[-1] for k, v in parse_qs(u.query).items()}  # pyarrow's URI options, e.g. endpoint_override=host:port&scheme=http
+        kwargs = {}
+        if "endpoint_override" in q:
+            ep = q["endpoint_override"]
+            kwargs["endpoint_url"] = ep if "://" in ep else f"{q.get('scheme', 'https')}://{ep}"
+        if "region" in q:
+            kwargs["region_name"] = q["region"]
+        if u.username:
+            kwargs.update(aws_access_key_id=unquote(u.username), aws_secret_access_key=unquote(u.password or ""))
+        self.client = boto3.client("s3", **kwargs)  # else boto3's own chain: AWS_ENDPOINT_URL, AWS_REGION, credentials
+        if "IfMatch" not in self.client.meta.service_model.operation_model("PutObject").input_shape.members:
+            raise ConfigError(f"boto3 {boto3.__version__} cannot send S3's conditional writes, which the lock of an s3:// --out "
+                              "needs: pip install 'boto3>=1.36'")
+        self.bucket, self.key = u.hostname, "/".join(p for p in (u.path.strip("/"), LOCK_NAME) if p)
+        self.etag: Optional[str] = None  # of the lock this run wrote last
+
+    @staticmethod
+    def _is(e, codes: set) -> bool:
+        return (e.response.get("Error", {}).get("Code") in codes
+                or str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")) in codes)
+
+    def read(self) -> Optional[tuple[bytes, str]]:
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            return r["Body"].read(), r["ETag"]
+        except self.ClientError as e:
+            if self._is(e, self.ABSENT):
+                return None
+            raise OSError(str(e)) from e
+        except self.errors as e:
+            raise OSError(str(e)) from e
+
+    def _put(self, doc: bytes, **condition) -> bool:
+        try:
+            self.etag = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=doc, **condition)["ETag"]
+            return True
+        except self.ClientError as e:
+            if self._is(e, self.CONFLICTS):
+                return False
+            raise OSError(str(e)) from e
+        except self.errors as e:
+            raise OSError(str(e)) from e
+
+    def create(self, doc: bytes) -> bool:
+        return self._put(doc, IfNoneMatch="*")
+
+    def replace(self, version: str, doc: bytes) -> bool:
+        return self._put(doc, IfMatch=version)
+
+    def renew(self, token: str, doc: bytes) -> bool:
+        return self._put(doc, IfMatch=self.etag)
+
+    def remove(self, token: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+        except self.ClientError as e:
+            if not self._is(e, self.CONFLICTS):  # a conflict: no longer this run's lock, so it stays
+                raise OSError(str(e)) from e
+
+
+class _UnconditionalLock:
+    """Any other object store: plain writes, confirmed by reading back after CONFIRM_S."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def read(self) -> Optional[tuple[bytes, bytes]]:
+        try:
+            raw = fs.read_bytes(self.uri)
+        except FileNotFoundError:
+            return None
+        return raw, raw
+
+    def create(self, doc: bytes) -> bool:
+        fs.write_bytes(self.uri, doc)
+        time.sleep(CONFIRM_S)
+        now = self.read()
+        return now is not None and _token(now[0]) == _token(doc)
+
+    def replace(self, version: bytes, doc: bytes) -> bool:
+        fs.delete(self.uri)
+        return self.create(doc)
+
+    def renew(self, token: str, doc: bytes) -> bool:
+        now = self.read()
+        if now is None or _token(now[0]) != token:
+            return False
+        fs.write_bytes(self.uri, doc)
+        return True
+
+    def remove(self, token: str) -> None:
+        now = self.read()
+        if now is not None and _token(now[0]) == token:
+            fs.delete(self.uri)
+
+
+def _token(raw: bytes) -> Optional[str]:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    return doc.get("token") if isinstance(doc, dict) else None
+
+
+def _where(out_dir: str):
+    """Where the lock of out_dir lives, and how it is written."""
+    if not fs.is_uri(out_dir):
+        return _LocalLock(os.path.join(os.path.abspath(out_dir), LOCK_NAME))
+    if out_dir.startswith("s3://"):
+        return _S3Lock(out_dir)  # parsed from the --out itself: its query (?endpoint_override=…) must not swallow the name
+    f, p = fs.resolve(out_dir)
+    if isinstance(f, pafs.LocalFileSystem):
+        return _LocalLock(os.path.join(p, LOCK_NAME))
+    return _UnconditionalLock(fs.join(out_dir, LOCK_NAME))
+
+
+class OutputLock:
+    """Context manager holding the lock of one --out (path or URI).
+
+    on_lost: called from the renewal thread when another run has taken the lock; by default it
+    interrupts the main thread, and leaving the `with` block then raises LockLost.
+    """
+
+    def __init__(self, out_dir: str, command: str = "overinterp run", on_lost: Callable[[], None] = _thread.interrupt_main):
         self.out_dir, self.path = out_dir, fs.join(out_dir, LOCK_NAME)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "command": command, "token": uuid.uuid4().hex}
         self.taken_over: Optional[dict] = None  # the stale holder this run replaced, if any
+        self.lost: Optional[str] = None  # why this run no longer holds the lock, once another run took it
+        self.on_lost = on_lost
+        self._store = _where(out_dir)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -76,28 +312,30 @@ class OutputLock:
     def _doc(self) -> bytes:
         return json.dumps({**self.me, "renewed": time.time()}).encode()
 
-    def _read_raw(self) -> Optional[bytes]:
+    def _storage(self, action: str, fn, *args):
+        """fn(*args), a storage error being one line naming the lock."""
         try:
-            return fs.read_bytes(self.path)
-        except FileNotFoundError:
-            return None
-        except OSError:
-            return b""
+            return fn(*args)
+        except OSError as e:
+            raise LockError(f"cannot {action} the lock {self.path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                            "check the storage and this machine's credentials, then rerun") from e
 
-    @staticmethod
-    def _parse(raw: Optional[bytes]) -> Optional[dict]:
-        if raw is None:
-            return None
+    def _read(self) -> Optional[tuple[bytes, object]]:
+        return self._storage("read", self._store.read)
+
+    def _parse(self, raw: bytes) -> dict:
         try:
             doc = json.loads(raw)
         except ValueError:
             doc = None
         if not isinstance(doc, dict):
-            return {"host": "?", "pid": -1, "started": 0, "renewed": 0}  # unreadable: treated as stale after the lease
+            raise LockError(f"{self.path} is not a lock this program wrote ({len(raw)} bytes): "
+                                 f"if no run is using {self.out_dir}, delete it and rerun")
         return doc
 
     def read(self) -> Optional[dict]:
-        return self._parse(self._read_raw())
+        found = self._read()
+        return None if found is None else self._parse(found[0])
 
     def _stale(self, holder: dict) -> Optional[str]:
         """Why the holder is gone, or None while it may be alive."""
@@ -108,71 +346,32 @@ class OutputLock:
             return f"it has not renewed its lease for {age:.0f} s"
         return None
 
-    def _held_error(self, holder: dict) -> LockHeld:
+    @staticmethod
+    def _who(holder: dict) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
-        return LockHeld(f"{self.out_dir} is in use by another run ({holder.get('command', 'overinterp')} on host {holder.get('host')}, "
-                        f"pid {holder.get('pid')}, started {started}): wait for it to finish, or use another --out")
+        return f"{holder.get('command', 'overinterp')} on host {holder.get('host')}, pid {holder.get('pid')}, started {started}"
+
+    def _held_error(self, holder: dict) -> LockHeld:
+        return LockHeld(f"{self.out_dir} is in use by another run ({self._who(holder)}): wait for it to finish, or use another --out")
 
     # --- taking and releasing ---
-    def _create_local(self) -> bool:
-        _, p = fs.resolve(self.path)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        try:
-            fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._doc())
-        return True
-
-    def _take_over_local(self, stale: bytes) -> bool:
-        """Replace the lock judged stale with this run's; False when it is no longer that lock."""
-        _, p = fs.resolve(self.path)
-        fd = os.open(p + TAKEOVER_SUFFIX, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # one takeover at a time; the kernel drops it if this process dies
-            except OSError as e:  # a file system without locks: O_EXCL alone decides, and two takeovers may both win
-                log.warning("cannot serialise the takeover of %s's lock (%s)", self.out_dir, e)
-            try:
-                with open(p, "rb") as f:
-                    now = f.read()
-            except FileNotFoundError:
-                now = None
-            if now != stale:
-                return False  # another run took it over first (or the holder renewed): judge again
-            os.unlink(p)
-            return self._create_local()
-        finally:
-            os.close(fd)  # releases the flock
-
     def acquire(self) -> "OutputLock":
-        local = not fs.is_uri(self.out_dir)
-        for _ in range(3):  # a stale holder removed by a third run in between: try again
-            raw = self._read_raw()
-            holder = self._parse(raw)
-            if holder is not None:
-                why = self._stale(holder)
-                if why is None:
-                    raise self._held_error(holder)
-                if local and not self._take_over_local(raw):
-                    continue  # another run took it over first: read what is there now
-                log.warning("taking over the lock of %s from %s (pid %s on %s): %s", self.out_dir, holder.get("command"), holder.get("pid"),
-                            holder.get("host"), why)
-                self.taken_over = holder
-                if local:
-                    break
-                fs.delete(self.path)
-            if local:
-                if self._create_local():
+        for _ in range(3):  # the lock changed between reading and writing it (another run won): judge again
+            found = self._read()
+            if found is None:
+                if self._storage("write", self._store.create, self._doc()):
                     break
                 continue
-            fs.write_bytes(self.path, self._doc())
-            time.sleep(CONFIRM_S)
-            mine = self.read()
-            if mine is not None and mine.get("token") == self.me["token"]:
-                break
-            raise self._held_error(mine or {})
+            holder = self._parse(found[0])
+            why = self._stale(holder)
+            if why is None:
+                raise self._held_error(holder)
+            if not self._storage("write", self._store.replace, found[1], self._doc()):
+                continue  # no longer the lock judged stale: another run took it over first
+            log.warning("taking over the lock of %s from %s (pid %s on %s): %s", self.out_dir, holder.get("command"), holder.get("pid"),
+                        holder.get("host"), why)
+            self.taken_over = holder
+            break
         else:
             raise self._held_error(self.read() or {})
         self._thread = threading.Thread(target=self._renew, name="overinterp-lock", daemon=True)
@@ -188,25 +387,36 @@ class OutputLock:
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_S):
             try:
-                holder = self.read()
-                if holder is not None and holder.get("token") != self.me["token"]:
-                    log.error("the lock of %s was taken by another run (%s): this run's outputs may mix with it", self.out_dir, holder.get("pid"))
-                    return
-                fs.write_bytes(self.path, self._doc())
-            except OSError as e:  # a transient storage error: the next renewal tries again
+                if self._store.renew(self.me["token"], self._doc()):
+                    continue
+            except OSError as e:  # a transient storage error: the next renewal tries again, well within the lease
                 log.warning("could not renew the lock of %s: %s", self.out_dir, e)
+                continue
+            try:
+                holder = self.read() or {}
+            except ConfigError:
+                holder = {}
+            self.lost = (f"{self.out_dir} was taken over by another run ({self._who(holder)}) while this run held it: "
+                         "this run stopped so that their outputs do not mix; finished work is kept in --out")
+            log.error(self.lost)
+            self.on_lost()
+            return
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        holder = self.read()
-        if holder is not None and holder.get("token") == self.me["token"]:
-            fs.delete(self.path)
+        if self.lost is None:
+            try:
+                self._store.remove(self.me["token"])
+            except OSError as e:  # left behind: the next run takes it over once the lease ends
+                log.warning("could not remove the lock of %s: %s", self.out_dir, e)
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         self.release()
+        if self.lost is not None and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
+            raise LockLost(self.lost) from exc  # the interrupt came from the renewal thread: say why
         return False
