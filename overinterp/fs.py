@@ -29,7 +29,12 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts]) if is_uri(root) else os.path.join(root, *parts)
+    """root/part/…; a URI's options (`?endpoint_override=…&scheme=http`) stay at the end."""
+    if not is_uri(root):
+        return os.path.join(root, *parts)
+    base, query = root.split("?", 1) if "?" in root else (root, None)
+    joined = "/".join([base.rstrip("/"), *parts])
+    return joined if query is None else f"{joined}?{query}"
 
 
 def exists(path: str) -> bool:

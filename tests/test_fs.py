@@ -12,6 +12,8 @@ def test_roundtrip_on_path_and_uri(tmp_path):
         fs.write_json(p, {"k": [1, 2]})
         assert fs.exists(p) and fs.read_json(p) == {"k": [1, 2]}
     assert fs.join("s3://bucket/prefix/", "trials", "m.pt") == "s3://bucket/prefix/trials/m.pt"
+    # a URI's options stay at its end, where pyarrow reads them
+    assert fs.join("s3://b/x?endpoint_override=h:9&scheme=http", "selections") == "s3://b/x/selections?endpoint_override=h:9&scheme=http"
 
 
 def test_write_leaves_no_temporary_files(tmp_path):
