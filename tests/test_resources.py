@@ -185,3 +185,42 @@ def test_an_unreadable_autoscaler_is_an_error_not_a_plan_from_the_nodes_up(ray_s
     monkeypatch.setattr(resources.ray._private.state.state, "get_cluster_config", unreachable)
     with pytest.raises(ConfigError, match="could not read the autoscaler's node types .*ConnectionError: GCS timed out"):
         resources.discover_capacity()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def test_a_worker_exits_once_its_raylet_is_gone_and_a_driver_never_does():
+    """exit_with_parent in a process whose parent is its raylet (RAY_RAYLET_PID): when that parent
+    dies the process exits within seconds instead of sleeping on as an orphan; a process started by
+    anything else (a driver under a shell) is not watched."""
+    import subprocess
+    import sys
+    import time
+
+    def orphan(env_pid: str) -> int:
+        child = ("import time\nfrom overinterp.pipeline.resources import exit_with_parent\n"
+                 "exit_with_parent(poll_s=0.1)\nprint('watching', flush=True)\ntime.sleep(60)\n")
+        parent = ("import os, subprocess, sys\n"  # the "raylet": starts the worker, waits until it watches, dies
+                  f"env = {{**os.environ, 'RAY_RAYLET_PID': {env_pid!r}.replace('SELF', str(os.getpid()))}}\n"
+                  f"p = subprocess.Popen([sys.executable, '-c', {child!r}], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)\n"  # holds no pipe of ours
+                  "p.stdout.readline()\nprint(p.pid, flush=True)\nos._exit(0)\n")
+        out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=120)
+        return int(out.stdout.strip())
+
+    worker = orphan("SELF")
+    t0 = time.time()
+    while not _gone(worker) and time.time() - t0 < 10:
+        time.sleep(0.1)
+    assert _gone(worker)
+    driver = orphan("1")  # RAY_RAYLET_PID names another process: not a worker of this parent
+    time.sleep(1.0)
+    try:
+        assert not _gone(driver)
+    finally:
+        os.kill(driver, 9)

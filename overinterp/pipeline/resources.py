@@ -29,6 +29,8 @@ from __future__ import annotations
 import glob
 import math
 import os
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional
 
@@ -325,6 +327,30 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
         else:
             ray_init_local(num_cpus)
     terminal.quiet_ray_data()
+
+
+_WATCHING_PARENT = False
+
+
+def exit_with_parent(poll_s: float = 2.0) -> None:
+    """In a Ray worker: exit once the process that started it (its node's raylet) is gone. A local
+    Ray dies with a SIGKILLed driver, and a worker busy in a batch then can miss its raylet's end
+    and sleep on as an orphan. Checked every poll_s seconds from a daemon thread; once per process.
+    An exit mid-batch loses only that batch: shards are written whole or not at all."""
+    global _WATCHING_PARENT
+    parent = os.getppid()
+    # only in a process its raylet started (Ray sets RAY_RAYLET_PID there): never in a driver, which a
+    # closed terminal may orphan on purpose (nohup)
+    if _WATCHING_PARENT or str(parent) != os.environ.get("RAY_RAYLET_PID"):
+        return
+    _WATCHING_PARENT = True
+
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is adopted by init (or a subreaper): its parent id changes
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-raylet").start()
 
 
 def worker_device():

@@ -32,7 +32,7 @@ from overinterp.costplan import format_duration, format_rate
 from overinterp.data import normalize
 from overinterp.pipeline.plan import SelectionJob, SelectionSource
 from overinterp.progress import Progress
-from overinterp.pipeline.resources import ResourcePlan, worker_device
+from overinterp.pipeline.resources import ResourcePlan, exit_with_parent, worker_device
 from overinterp.selection import RANDOM, EngineConfig, params_json, run_selector, selector_tag
 
 
@@ -41,6 +41,7 @@ class SelectionWorker:
 
     def __init__(self, source: dict, root: str, split: str, mean, std, selector: str, params: dict, engine: dict, threads: int,
                  skip_ids: Optional[np.ndarray] = None, counter=None, pass_scale: float = 1.0):
+        exit_with_parent()
         torch.set_num_threads(threads)
         # passes made inside a batch go to the driver's PassCounter (if any), at most every FORWARD_EVERY s
         self.passes = PassForwarder(counter, scale=pass_scale) if counter is not None else None

@@ -32,7 +32,7 @@ from overinterp.models import create_model
 from overinterp.pipeline.analysis import TestImages
 from overinterp.pipeline.images import check_folder, drop_bad, is_parquet, list_classes, read_images
 from overinterp.pipeline.plan import Plan, SelectionJob
-from overinterp.pipeline.resources import ResourcePlan, worker_device
+from overinterp.pipeline.resources import ResourcePlan, exit_with_parent, worker_device
 from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, select_stream, stored_random_ids, write_random
 from overinterp.pipeline.terminal import log
 from overinterp.pipeline.train_stream import (MASK_COLUMN, broadcast_join, cuda_on_gpu_workers, mask_table_ref, run_stream_trial,
@@ -128,6 +128,7 @@ class EvalWorker:
     """Ray Data actor: correct predictions of the pretrained model on full and on subset images."""
 
     def __init__(self, model: dict, hw: int):
+        exit_with_parent()
         self.device = worker_device()
         self.model = create_model(**model).to(self.device).eval()
         self.hw = hw

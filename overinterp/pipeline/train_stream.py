@@ -31,6 +31,7 @@ from ray.train import DataConfig
 
 from overinterp import fs, store
 from overinterp.pipeline.images import decode_batch, drop_bad, is_parquet, read_encoded
+from overinterp.pipeline.resources import exit_with_parent
 from overinterp.pipeline.trial import TrialSpec, checkpoint_path, trial_dir
 from overinterp.selection import n_keep, random_order
 
@@ -171,6 +172,7 @@ def unpack_keep(packed: torch.Tensor, hw: int) -> torch.Tensor:
 
 def _train_loop(config: dict) -> None:
     """Runs on every Train worker: DDP over streamed, masked batches; a checkpoint every epoch."""
+    exit_with_parent()
     import ray.train
     import ray.train.torch
     import torch.distributed as dist

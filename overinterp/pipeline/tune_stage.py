@@ -8,6 +8,7 @@ and reports every epoch to Tune. Tune's own storage (logs, trial state) goes to 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import asdict
@@ -17,7 +18,7 @@ import torch
 from ray import tune
 
 from overinterp import fs
-from overinterp.pipeline.resources import ResourcePlan, worker_device
+from overinterp.pipeline.resources import ResourcePlan, exit_with_parent, worker_device
 from overinterp.pipeline.trial import TrialSpec, load_result, run_trial
 from overinterp.training import TrainConfig
 
@@ -118,7 +119,14 @@ def launch_trials(
     callbacks: Optional[list] = None,
 ) -> None:
     """Run `trainable` for each pending spec on Tune with the planned resources; raises TrialsFailed."""
-    trainable = tune.with_resources(trainable, resources.trial_request())
+    work = trainable
+
+    @functools.wraps(work)  # Tune names trials and their folders after the function
+    def in_trial(config: dict):
+        exit_with_parent()  # a trial's process ends with its raylet
+        return work(config)
+
+    trainable = tune.with_resources(in_trial, resources.trial_request())
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([asdict(s) for s in pending]), "threads": max(1, int(resources.cpus_per_trial))},
