@@ -124,7 +124,8 @@ def test_two_runs_on_one_out(undisturbed):
 def test_driver_killed_in_each_stage(undisturbed, tmp_path):
     """One --out: its driver SIGKILLed in stage 1, the rerun killed in stage 2 (after a first shard)
     and in stage 3 (after a first subset trial, with others mid-training), and so on; the last rerun
-    finishes with the undisturbed run's results, one MLflow parent, and no trial twice."""
+    finishes with the undisturbed run's results, one MLflow parent, and no trial twice. After each kill
+    every process of the dead run's local Ray has ended within 30 s."""
     out = str(tmp_path / "out")
     for stage in STAGES:
         proc = _start(out)
@@ -136,8 +137,17 @@ def test_driver_killed_in_each_stage(undisturbed, tmp_path):
         if stage == 3:  # mid-trial: once the first subset trial has finished, the trials beside and after it have not
             _wait_for(lambda: len(_finished_trials(out)) > 2)  # the 2 full-image trials finished in stage 1
         _drain(proc)
+        # its local Ray: GCS, raylet, workers (some mid-batch or mid-trial); not Ray's dashboard and runtime-env
+        # agents, which run no overinterp code and notice their raylet's end on a timer of their own (over 30 s)
+        names = {p: _cmdline(p) for p in _descendants(proc.pid)}
+        ray_processes = [p for p, name in names.items() if not name.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent"))]
         os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its local Ray dies with it
         proc.wait(timeout=60)
+        t0 = time.time()
+        while [p for p in ray_processes if _running(p)] and time.time() - t0 < 30:
+            time.sleep(0.2)
+        assert not [p for p in ray_processes if _running(p)], f"stage {stage}: Ray processes outlived the driver: " + "; ".join(
+            f"{p} {names.get(p, '?')}" for p in ray_processes if _running(p))
         if stage == 3:
             assert 2 < len(_finished_trials(out)) < 8  # killed with subset trials unfinished, some mid-epoch
         _store_has_no_repeats(out)
@@ -207,6 +217,14 @@ def _running(pid: int) -> bool:
         return _stat(pid)[0] != "Z"  # a zombie has exited; only its parent's wait is missing
     except OSError:
         return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")[:160]
+    except OSError:
+        return "?"
 
 
 def _descendants(pid: int) -> list[int]:
