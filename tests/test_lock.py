@@ -37,13 +37,32 @@ class _PausedAfterJudging(OutputLock):
         return why
 
 
-def test_two_reruns_taking_over_one_dead_lock_exactly_one_wins(tmp_path):
-    """Both reruns read the dead holder's lock and judge it stale; the first then takes it over, and
-    only afterwards does the second act on its judgement. It must find the first's lock held, not
-    delete it (what the delete-then-create takeover did: both won)."""
-    _dead_lock(tmp_path)
+def _race(out: str, n: int, timeout: float) -> tuple[list, list]:
+    """n threads take the lock of `out` at once: (each one's acquired lock or None, the winners)."""
+    start, results = threading.Barrier(n), []
+
+    def take():
+        lock = OutputLock(out)
+        start.wait()
+        try:
+            results.append(lock.acquire())
+        except LockHeld:
+            results.append(None)
+
+    threads = [threading.Thread(target=take) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return results, [r for r in results if r is not None]
+
+
+def _take_over_while_another_waits(out: str, join_s: float) -> tuple[OutputLock, str]:
+    """A second rerun reads the dead holder's lock of `out` and judges it stale; only then does a first
+    take it over (asserted), and afterwards the second acts on its judgement. Returns (the first's
+    lock, "won" or the second's LockHeld message)."""
     judged, first_done = threading.Event(), threading.Event()
-    second = _PausedAfterJudging(str(tmp_path), lambda: (judged.set(), first_done.wait(10)))
+    second = _PausedAfterJudging(out, lambda: (judged.set(), first_done.wait(10)))
     outcome = {}
 
     def run_second():
@@ -56,13 +75,22 @@ def test_two_reruns_taking_over_one_dead_lock_exactly_one_wins(tmp_path):
     t = threading.Thread(target=run_second)
     t.start()
     assert judged.wait(10)  # the second has read the dead holder and judged it stale
-    first = OutputLock(str(tmp_path)).acquire()
+    first = OutputLock(out).acquire()
     assert first.taken_over["pid"] == DEAD_PID
     first_done.set()
-    t.join(10)
+    t.join(join_s)
+    return first, outcome.get("second", "still running")
+
+
+def test_two_reruns_taking_over_one_dead_lock_exactly_one_wins(tmp_path):
+    """Both reruns read the dead holder's lock and judge it stale; the first then takes it over, and
+    only afterwards does the second act on its judgement. It must find the first's lock held, not
+    delete it (what the delete-then-create takeover did: both won)."""
+    _dead_lock(tmp_path)
+    first, second = _take_over_while_another_waits(str(tmp_path), join_s=10)
     try:
-        assert outcome["second"].startswith(f"{tmp_path} is in use by another run (overinterp run on host {socket.gethostname()}, "
-                                            f"pid {os.getpid()}"), outcome
+        assert second.startswith(f"{tmp_path} is in use by another run (overinterp run on host {socket.gethostname()}, "
+                                            f"pid {os.getpid()}"), second
         assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == first.me["token"]  # the first's lock is in place
         assert sorted(os.listdir(tmp_path)) == [LOCK_NAME, LOCK_NAME + ".takeover"]  # the takeover flock file stays
     finally:
@@ -73,22 +101,7 @@ def test_two_reruns_taking_over_one_dead_lock_exactly_one_wins(tmp_path):
 def test_many_threads_taking_over_one_dead_lock_exactly_one_wins(tmp_path, n=4):
     """A free-for-all (it can pass by luck with a racy takeover too; the test above is the one that fails for sure)."""
     _dead_lock(tmp_path)
-    start, results = threading.Barrier(n), []
-
-    def take():
-        lock = OutputLock(str(tmp_path))
-        start.wait()
-        try:
-            results.append(lock.acquire())
-        except LockHeld:
-            results.append(None)
-
-    threads = [threading.Thread(target=take) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-    winners = [r for r in results if r is not None]
+    results, winners = _race(str(tmp_path), n, timeout=20)
     assert len(results) == n and len(winners) == 1, results
     assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == winners[0].me["token"]
     winners[0].release()
@@ -214,22 +227,7 @@ def test_concurrent_runs_on_s3_exactly_one_wins(found, s3, n=4):
     out = s3.prefix("race")
     if found != "no lock":
         key = _s3_dead_lock(s3, out)
-    start, results = threading.Barrier(n), []
-
-    def take():
-        lock = OutputLock(out)
-        start.wait()
-        try:
-            results.append(lock.acquire())
-        except LockHeld:
-            results.append(None)
-
-    threads = [threading.Thread(target=take) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    winners = [r for r in results if r is not None]
+    results, winners = _race(out, n, timeout=30)
     assert len(results) == n and len(winners) == 1, results
     assert winners[0].read()["token"] == winners[0].me["token"]
     winners[0].release()
@@ -241,27 +239,10 @@ def test_an_s3_takeover_with_a_stale_etag_loses(s3):
     second's write, conditional on the ETag it judged, fails, and it finds the first's lock held."""
     out = s3.prefix("stale")
     _s3_dead_lock(s3, out)
-    judged, first_done = threading.Event(), threading.Event()
-    second = _PausedAfterJudging(out, lambda: (judged.set(), first_done.wait(10)))
-    outcome = {}
-
-    def run_second():
-        try:
-            second.acquire()
-            outcome["second"] = "won"
-        except LockHeld as e:
-            outcome["second"] = str(e)
-
-    t = threading.Thread(target=run_second)
-    t.start()
-    assert judged.wait(10)
-    first = OutputLock(out).acquire()
-    assert first.taken_over["pid"] == DEAD_PID
-    first_done.set()
-    t.join(20)
+    first, second = _take_over_while_another_waits(out, join_s=20)
     try:
-        assert outcome["second"].startswith(f"{out} is in use by another run (overinterp run on host {socket.gethostname()}, "
-                                            f"pid {os.getpid()}"), outcome
+        assert second.startswith(f"{out} is in use by another run (overinterp run on host {socket.gethostname()}, "
+                                            f"pid {os.getpid()}"), second
         assert first.read()["token"] == first.me["token"]
     finally:
         first.release()

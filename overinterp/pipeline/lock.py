@@ -196,27 +196,28 @@ class _S3Lock:
         return (e.response.get("Error", {}).get("Code") in codes
                 or str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")) in codes)
 
-    def read(self) -> Optional[tuple[bytes, str]]:
+    def _call(self, fn, expected: set, otherwise):
+        """fn(); a client error whose code is in `expected` gives `otherwise`; any other error is an OSError."""
         try:
-            r = self.client.get_object(Bucket=self.bucket, Key=self.key)
-            return r["Body"].read(), r["ETag"]
+            return fn()
         except self.ClientError as e:
-            if self._is(e, self.ABSENT):
-                return None
+            if self._is(e, expected):
+                return otherwise
             raise OSError(str(e)) from e
         except self.errors as e:
             raise OSError(str(e)) from e
 
+    def read(self) -> Optional[tuple[bytes, str]]:
+        def get():
+            r = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            return r["Body"].read(), r["ETag"]
+        return self._call(get, self.ABSENT, None)
+
     def _put(self, doc: bytes, **condition) -> bool:
-        try:
+        def put():
             self.etag = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=doc, **condition)["ETag"]
             return True
-        except self.ClientError as e:
-            if self._is(e, self.CONFLICTS):
-                return False
-            raise OSError(str(e)) from e
-        except self.errors as e:
-            raise OSError(str(e)) from e
+        return self._call(put, self.CONFLICTS, False)
 
     def create(self, doc: bytes) -> bool:
         return self._put(doc, IfNoneMatch="*")
