@@ -1,28 +1,26 @@
-"""Driver memory of the ImageNet job vs data set size: peak RSS of `jobs/sis_imagenet.py` on a
-synthetic ImageFolder of N and of 8·N images per split.
+"""The streamed run at ImageNet's count on one machine: wall time and images/s per stage, peak driver
+memory and the store's size, at N images per split up to the whole 1,281,167 + 50,000.
 
-The job's claim (overinterp/pipeline/stream.py): the driver never holds the images — selection
-streams them through Ray Data actors, training joins encoded images with keep-masks on the Ray
-Data workers, evaluation streams them again. If that holds, the driver's peak RSS is the same at N
-and 8·N up to what genuinely scales with N on the driver (file listings, image ids, one row per
-Parquet shard), which is bytes per image, not pixels.
+The run is `jobs/sis_imagenet.py` on ImageNet-shaped Parquet (`python -m overinterp.synthetic
+imagenet-shaped DIR`: 1,000 classes of tiny PNGs, as ImageNet's packed form), with settings that
+keep the model's cost small so that the pipeline's own costs show: a registered small model
+(digits_cnn, random weights written to a state_dict file) explained with BGSIS at k = 32 (2 gradient
+steps cover an 8×8 image), subset models digits_cnn, one epoch, one seed. N is `--max-images`
+(per split: the first N train and the first min(N, 50,000) val images); N = full runs the whole source.
 
-The two data sets are written once (real files in class folders, `overinterp.synthetic.
-write_imagefolder`: JPEG, every third a PNG) and reused; every run gets a fresh --out. The files
-are 256 px (~90 KB each) while the job crops to 32 px: the compute stays tiny, but the bytes
-streamed grow by ~160 MB from N=128 to 8N, so a driver that held the encoded images would show it
-(at 40-px files, ~3 KB each, it would hide in the run-to-run noise). The job runs as a subprocess —
-the driver — with identical small settings at both sizes (tv:resnet18 from a local state_dict,
-BGSIS k=128, one seed, one epoch) and starts its own local Ray.
-Every ~0.2 s we read /proc/<pid>/status of the driver process only: VmRSS (resident now), RssAnon
-(its private heap; VmRSS also counts mapped files and shared memory, e.g. object-store pages it
-reads) and VmHWM (the kernel's own peak RSS, readable only while the process lives, so we keep the
-last value read). Ray's GCS, raylet and workers are separate processes and are *not* counted.
-Runs are interleaved (N, 8N, N, 8N, ...); medians per size, and the ratio 8N/N as the median of
-the per-run ratios.
+The job runs as a subprocess (the driver, with its own local Ray). Every ~0.2 s the benchmark reads
+/proc/<pid>/status of the driver process only: VmRSS, RssAnon (its private heap) and VmHWM (the
+kernel's peak RSS). Ray's GCS, raylet and workers are separate processes and are not counted. Stage
+times come from the driver's `stage k/3` lines, read as they are written. Per stage, images/s is:
+selection (train + val images) / stage 1; training images (trials × epochs × train images) / stage 2;
+val images / stage 3.
+
+The claim it exists for: the driver holds no per-image state, so its peak RSS grows by at most
+bytes per image (ids as int64 arrays, one row per store shard), not by Python objects per image.
 
 Prints a human table and one machine-readable line starting with BENCH_JSON.
-Usage: python benchmarks/driver_rss.py [--n 128] [--repeats 2] [--json-out FILE] [--quick]
+Usage: python benchmarks/driver_rss.py --source DIR [--n 10000,100000,full] [--json-out FILE]
+       python benchmarks/driver_rss.py --quick       # writes a 2,000-image source; N = 100 and 1,000
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,25 +37,14 @@ import torch
 
 from _common import ROOT, describe, finish, machine, parser, start  # first: it puts this checkout on sys.path
 from overinterp.models import create_model
-from overinterp.synthetic import write_imagefolder
+from overinterp.synthetic import write_imagenet_shaped
 
-NUM_CLASSES = 4
-STAGE = re.compile(r"\] (stage \d+/\d+): ")  # the driver's "[overinterp hh:mm:ss] stage 2/3: ..." lines
-
-
-def make_data(root: str, n: int, size: int) -> tuple[str, str, int]:
-    """An ImageFolder of n images per split (train and val), NUM_CLASSES classes; returns (train, val, bytes of all files)."""
-    if n % NUM_CLASSES:
-        raise SystemExit(f"driver_rss.py: error: --n must be a multiple of {NUM_CLASSES}, got {n}")
-    write_imagefolder(root, n_per_class=n // NUM_CLASSES, num_classes=NUM_CLASSES, size=size, seed=0)
-    size_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
-    return os.path.join(root, "train"), os.path.join(root, "val"), size_bytes
-
-
-def make_weights(path: str, model: str) -> str:
-    torch.manual_seed(0)
-    torch.save(create_model(model, num_classes=NUM_CLASSES).state_dict(), path)
-    return path
+FULL = "full"
+STAGE_START = re.compile(r"\] stage (\d+)/(\d+): ")  # "[overinterp hh:mm:ss] stage 2/3: training ..."
+STAGE_DONE = re.compile(r"\] stage (\d+)/\d+ done in (\d+) s")
+PLAN = re.compile(r"\] plan: .*?(\d+) train \+ (\d+) test images")
+PLANNED = re.compile(r"\] done in \d+ s \(planned ([^)]*)\)")
+TRIALS = re.compile(r"training \(subsets\): (\d+) / (\d+) trials in")
 
 
 def read_status(pid: int) -> dict[str, int]:
@@ -76,108 +62,140 @@ def read_status(pid: int) -> dict[str, int]:
 
 
 def run_driver(argv: list[str], log_path: str, interval: float) -> dict:
-    """Run the job as a subprocess and poll its memory until it exits; peaks in MiB."""
+    """Run the job as a subprocess and poll its memory and stage lines until it exits.
+
+    Returns peaks in MiB, wall seconds, the start-up (process start to the first stage line) and
+    the log text."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always its own local Ray
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     peak = {"VmRSS": 0, "VmHWM": 0, "RssAnon": 0}
-    by_stage: dict[str, int] = {}  # stage -> peak VmRSS (KiB) while it was the latest stage logged
-    stage, seen, samples = "start-up", 0, 0
+    first_stage_s, seen = None, 0
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "sis_imagenet.py"), *argv],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         while True:
             done = proc.poll() is not None
-            status = read_status(proc.pid)
-            if status:
-                samples += 1
-                for k, v in status.items():
-                    peak[k] = max(peak[k], v)
-                with open(log_path, "rb") as f:  # which stage are we in? whole new lines only
+            for k, v in read_status(proc.pid).items():
+                peak[k] = max(peak[k], v)
+            if first_stage_s is None:
+                with open(log_path, "rb") as f:
                     f.seek(seen)
                     text = f.read()
-                text = text[: text.rfind(b"\n") + 1]
+                text = text[: text.rfind(b"\n") + 1]  # whole lines only
                 seen += len(text)
-                for m in STAGE.finditer(text.decode(errors="replace")):
-                    stage = m.group(1)
-                by_stage[stage] = max(by_stage.get(stage, 0), status.get("VmRSS", 0))
+                if STAGE_START.search(text.decode(errors="replace")):
+                    first_stage_s = time.perf_counter() - t0
             if done:
                 break
             time.sleep(interval)
     seconds = time.perf_counter() - t0
+    with open(log_path, errors="replace") as f:
+        text = f.read()
     if proc.returncode != 0:
-        with open(log_path, errors="replace") as f:
-            tail = f.read()[-4000:]
-        raise RuntimeError(f"sis_imagenet.py exited with {proc.returncode}; log {log_path} ends:\n{tail}")
+        raise RuntimeError(f"sis_imagenet.py exited with {proc.returncode}; log {log_path} ends:\n{text[-4000:]}")
     mib = 1 / 1024
-    return {"peak_rss_mib": max(peak["VmRSS"], peak["VmHWM"]) * mib, "peak_vmrss_sampled_mib": peak["VmRSS"] * mib,
-            "vmhwm_mib": peak["VmHWM"] * mib, "peak_rss_anon_mib": peak["RssAnon"] * mib,
-            "peak_rss_by_stage_mib": {k: v * mib for k, v in by_stage.items()}, "samples": samples, "seconds": seconds}
+    return {"peak_rss_mib": max(peak["VmRSS"], peak["VmHWM"]) * mib, "peak_rss_anon_mib": peak["RssAnon"] * mib,
+            "seconds": seconds, "startup_s": first_stage_s, "log": text}
+
+
+def stage_figures(log: str, epochs: int) -> dict:
+    """From a finished run's log: images per split, each stage's seconds and images/s, the planned ETA."""
+    train, val = map(int, PLAN.search(log).groups())
+    stages = {int(k): float(s) for k, s in STAGE_DONE.findall(log)}
+    trials = int(TRIALS.search(log).group(2)) if TRIALS.search(log) else 0
+    work = {1: ("selection", train + val), 2: ("training", trials * epochs * train), 3: ("summary", val)}
+    out = {"train_images": train, "val_images": val, "trials": trials,
+           "planned": PLANNED.search(log).group(1) if PLANNED.search(log) else None}
+    for k, (name, images) in work.items():
+        s = stages.get(k)
+        out[f"{name}_s"] = s
+        out[f"{name}_images_per_s"] = images / s if s else None
+    return out
+
+
+def tree_bytes(path: str) -> dict[str, int]:
+    """Bytes under path: all, and the selection store (selections/) alone."""
+    def walk(p):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(p) for f in files)
+    return {"out_bytes": walk(path), "store_bytes": walk(os.path.join(path, "selections"))}
 
 
 def main(argv=None):
     p = parser(__doc__)
-    p.add_argument("--n", type=int, default=128, help="images per split of the small data set; the large one has 8x")
-    p.add_argument("--factor", type=int, default=8, help="size of the large data set, in multiples of --n")
-    p.add_argument("--repeats", type=int, default=2, help="runs per size, interleaved")
-    p.add_argument("--model", default="tv:resnet18")
-    p.add_argument("--image-size", type=int, default=32, help="the job's crop side: what the models see")
-    p.add_argument("--file-size", type=int, default=256,
-                   help="side of the image files (~90 KB each at 256: JPEG ~50 KB, PNG ~170 KB); the job resizes them to --image-size")
-    p.add_argument("--pixels-per-step", type=int, default=128, help="BGSIS k: the job's cheapest selection is a large k")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--select-batch", type=int, default=32)
+    p.add_argument("--source", default=None, help="folder with train/ and val/ Parquet of encoded images (overinterp.synthetic imagenet-shaped)")
+    p.add_argument("--n", default=f"10000,100000,{FULL}", help=f"comma-separated images per split; {FULL}: the whole source")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--model", default="digits_cnn", help="the explained model (random weights) and the subset models")
+    p.add_argument("--image-size", type=int, default=8)
+    p.add_argument("--pixels-per-step", type=int, default=32, help="BGSIS k")
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--interval", type=float, default=0.2, help="seconds between samples of /proc/<pid>/status")
-    p.add_argument("--scratch", default=None, help="folder for data and outputs (default: a temporary one, removed at the end)")
-    p.add_argument("--quick", action="store_true", help="N=16 vs 32, one run each (a smoke test of this script)")
+    p.add_argument("--scratch", default=None, help="folder for outputs (default: a temporary one, removed at the end)")
+    p.add_argument("--quick", action="store_true", help="write a 2,000-image source of 10 classes; N = 100 and 1,000")
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.factor, args.repeats, args.batch_size, args.select_batch = 16, 2, 1, 8, 8
-    sizes = [args.n, args.factor * args.n]
+        args.n, args.num_classes = "100,1000", 10
+    sizes = [FULL if n.strip() == FULL else int(n) for n in args.n.split(",")]
 
     started = start()
     scratch = args.scratch or tempfile.mkdtemp(prefix="driver_rss-")
     os.makedirs(scratch, exist_ok=True)
     try:
-        weights = make_weights(os.path.join(scratch, "weights.pt"), args.model)
-        data = {n: make_data(os.path.join(scratch, f"data-{n}"), n, args.file_size) for n in sizes}
-        common = ["--model", args.model, "--weights", weights, "--num-classes", str(NUM_CLASSES), "--image-size", str(args.image_size),
-                  "--pixels-per-step", str(args.pixels_per_step), "--seeds", "0", "--epochs", "1", "--batch-size", str(args.batch_size),
-                  "--select-batch", str(args.select_batch)]
+        source = args.source
+        if args.quick:
+            source = os.path.join(scratch, "source")
+            write_imagenet_shaped(source, train=1000, val=1000, folder_images=0, num_classes=args.num_classes, rows_per_shard=250)
+        elif source is None:
+            raise SystemExit("driver_rss.py: error: give --source DIR (python -m overinterp.synthetic imagenet-shaped DIR writes one), or --quick")
+        weights = os.path.join(scratch, "weights.pt")
+        torch.manual_seed(0)
+        torch.save(create_model(args.model, num_classes=args.num_classes).state_dict(), weights)
+        common = ["--train", os.path.join(source, "train"), "--val", os.path.join(source, "val"), "--model", args.model,
+                  "--weights", weights, "--train-model", args.model, "--num-classes", str(args.num_classes),
+                  "--image-size", str(args.image_size), "--pixels-per-step", str(args.pixels_per_step), "--seeds", "0",
+                  "--epochs", str(args.epochs), "--max-hours", "0"]
         runs = []
-        for r in range(args.repeats):
-            for n in sizes:
-                out = os.path.join(scratch, f"out-{n}-run{r + 1}")
-                train, val, _ = data[n]
-                res = run_driver(["--train", train, "--val", val, *common, "--out", out], out + ".log", args.interval)
-                runs.append({"run": r + 1, "images_per_split": n, **res})
-                print(f"run {r + 1}, N={n}: peak driver RSS {res['peak_rss_mib']:.0f} MiB in {res['seconds']:.0f} s", flush=True)
+        for n in sizes:
+            out = os.path.join(scratch, f"out-{n}")
+            shutil.rmtree(out, ignore_errors=True)
+            res = run_driver([*common, *([] if n == FULL else ["--max-images", str(n)]), "--out", out], out + ".log", args.interval)
+            log = res.pop("log")
+            runs.append({"n": n, **res, **stage_figures(log, args.epochs), **tree_bytes(out)})
+            r = runs[-1]
+            print(f"N={n}: {r['train_images']:,} + {r['val_images']:,} images in {r['seconds']:.0f} s, "
+                  f"peak driver RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+            if args.scratch is None:
+                shutil.rmtree(out, ignore_errors=True)
     finally:
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def median(n, key):
-        return statistics.median(x[key] for x in runs if x["images_per_split"] == n)
-
-    ratios = [b["peak_rss_mib"] / a["peak_rss_mib"] for a, b in zip(runs[0::2], runs[1::2])]
-    summary = {str(n): {k: median(n, k) for k in ("peak_rss_mib", "peak_rss_anon_mib", "seconds")} for n in sizes}
+    small, large = runs[0], runs[-1]
     report = {
         "benchmark": "driver_rss", "machine": machine(packages=("torchvision", "ray", "mlflow", "pyarrow")),
         "measured": "the driver process only (jobs/sis_imagenet.py); Ray workers are separate processes",
-        "settings": {"images_per_split": sizes, "classes": NUM_CLASSES, "model": args.model, "image_size": args.image_size,
-                     "file_size": args.file_size, "data_mib": [data[n][2] / 2**20 for n in sizes],
-                     "pixels_per_step": args.pixels_per_step, "batch_size": args.batch_size, "select_batch": args.select_batch,
-                     "epochs": 1, "seeds": [0], "interval_s": args.interval, "repeats": args.repeats, "quick": args.quick},
-        "runs": runs, "median": summary, "ratio_runs": ratios, "ratio": statistics.median(ratios),
+        "settings": {"n": [str(n) for n in sizes], "source": args.source or "quick", "classes": args.num_classes, "model": args.model,
+                     "image_size": args.image_size, "pixels_per_step": args.pixels_per_step, "epochs": args.epochs, "seeds": [0],
+                     "interval_s": args.interval, "quick": args.quick},
+        "runs": runs,
+        "rss_growth_mib": large["peak_rss_mib"] - small["peak_rss_mib"],
+        "anon_growth_mib": large["peak_rss_anon_mib"] - small["peak_rss_anon_mib"],
+        "images_ratio": (large["train_images"] + large["val_images"]) / (small["train_images"] + small["val_images"]),
     }
 
-    print(f"\nPeak RSS of the jobs/sis_imagenet.py driver process (Ray workers not counted); {describe(report['machine'])}; "
-          f"medians of {args.repeats} interleaved runs")
-    print(f"{'images/split':>13}{'files MiB':>11}{'peak RSS MiB':>14}{'RssAnon MiB':>13}{'wall s':>9}")
-    for n in sizes:
-        s = summary[str(n)]
-        print(f"{n:>13}{data[n][2] / 2**20:>11.1f}{s['peak_rss_mib']:>14.0f}{s['peak_rss_anon_mib']:>13.0f}{s['seconds']:>9.0f}")
-    print(f"ratio {sizes[1]}/{sizes[0]} images: peak RSS x{report['ratio']:.3f} (runs: {', '.join(f'{r:.3f}' for r in ratios)})")
+    def rate(x):
+        return "–" if x is None else f"{x:,.0f}"
+
+    print(f"\nThe streamed run per N (jobs/sis_imagenet.py; driver process only); {describe(report['machine'])}")
+    print(f"{'train+val':>19}{'wall s':>8}{'start s':>8}{'sel img/s':>10}{'train img/s':>12}{'summ img/s':>11}"
+          f"{'peak RSS':>9}{'RssAnon':>8}{'store MiB':>10}  planned")
+    for r in runs:
+        print(f"{r['train_images']:>10,}+{r['val_images']:<8,}{r['seconds']:>8.0f}{r['startup_s'] or 0:>8.0f}"
+              f"{rate(r['selection_images_per_s']):>10}{rate(r['training_images_per_s']):>12}{rate(r['summary_images_per_s']):>11}"
+              f"{r['peak_rss_mib']:>9.0f}{r['peak_rss_anon_mib']:>8.0f}{r['store_bytes'] / 2**20:>10.1f}  {r['planned']}")
+    print(f"peak driver RSS grew {report['rss_growth_mib']:+.0f} MiB (RssAnon {report['anon_growth_mib']:+.0f} MiB) "
+          f"for {report['images_ratio']:.1f}x the images")
     return finish(report, started, args.json_out)
 
 

@@ -53,8 +53,9 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
                    help="stream the images through Ray Data (default: decided by the data set's size; Parquet and --train/--val stream)")
     r.add_argument("--models", type=_csv(str), default=d.models, help="comma-separated model names (default: the data set's; see `overinterp models`)")
     r.add_argument("--pretrained", default=d.pretrained,
-                   help="explain this pretrained torchvision model (tv:<name>) instead of training full-image models; it is the baseline")
-    r.add_argument("--weights", default=d.weights, help="the pretrained model's weights: DEFAULT, an enum name (ResNet50_Weights.IMAGENET1K_V2) or a state_dict file")
+                   help="explain this trained model instead of training full-image models; it is the baseline: a torchvision model "
+                        "(tv:<name>), or a registered one (digits_cnn, resnet20, ...) with --weights FILE")
+    r.add_argument("--weights", default=d.weights, help="the explained model's weights: a state_dict file, or for tv:<name> DEFAULT or an enum name (ResNet50_Weights.IMAGENET1K_V2)")
     r.add_argument("--seeds", type=_csv(int), default=d.seeds, help="comma-separated training seeds")
     r.add_argument("--fraction", type=float, default=d.fraction, help="pixel-subset size as a fraction of pixels, in (0, 1]")
     r.add_argument("--tau", type=float, default=d.tau, help="SIS confidence threshold, in [0, 1]")

@@ -103,7 +103,7 @@ class RunConfig:
     strict: bool = False  # an image that does not decode stops the run (default: skipped and recorded)
     # --- the models ---
     models: tuple[str, ...] = ()  # trained on full images (unless pretrained) and on subsets; empty: DEFAULT_MODELS[dataset]
-    pretrained: Optional[str] = None  # explain this pretrained torchvision model instead of training full-image models
+    pretrained: Optional[str] = None  # explain this trained model (tv:<name>, or a registered name with --weights FILE) instead of training full-image models
     weights: Optional[str] = None  # its weights: an enum name (DEFAULT, ResNet50_Weights.IMAGENET1K_V2) or a state_dict file
     seeds: tuple[int, ...] = (0, 1, 2)
     input_dropout: float = 0.2  # p of the input-dropout variant (keep_prob 0.8)
@@ -164,8 +164,9 @@ class RunConfig:
             raise ConfigError(f"--seeds must be distinct, got {list(self.seeds)}")
         if self.weights is not None and self.pretrained is None and not self.models:
             raise ConfigError("--weights needs the model it belongs to: --pretrained tv:<name> (or --models tv:<name>)")
-        if self.pretrained is not None and not self.pretrained.startswith("tv:"):
-            raise ConfigError(f"--pretrained {self.pretrained} is not a torchvision model: give tv:<name> (tv:resnet50, tv:inception_v3)")
+        if self.pretrained is not None and not self.pretrained.startswith("tv:") and self.weights in (None, "DEFAULT"):
+            raise ConfigError(f"--pretrained {self.pretrained} has no named weights: give --weights FILE (a state_dict saved from it), "
+                              "or a torchvision model as tv:<name> (tv:resnet50, tv:inception_v3)")
         self.selection_params()  # names, k, F and options: one line each, before any work
         bad_fills = [f for f in self.fills if f not in PIXEL_FILLS]
         if not self.fills or bad_fills or len(set(self.fills)) != len(self.fills):
@@ -218,19 +219,25 @@ class RunConfig:
 
     def resolved(self) -> "RunConfig":
         """A copy with the defaults filled in: the source kind, models, epochs, augmentation, image
-        size, the pretrained model's weights, absolute out_dir and the tracking URI ($MLFLOW_TRACKING_URI,
-        else a SQLite file in a local out_dir). Pure: nothing is read."""
+        size, the pretrained model's weights, local paths made absolute (trials run in their own
+        folders) and the tracking URI ($MLFLOW_TRACKING_URI, else a SQLite file in a local out_dir).
+        Nothing is read but whether --weights names a file."""
         source = self.source
         smoke = self.smoke_settings() if self.smoke else {}
         models = tuple(self.models) or (SMOKE_MODELS if self.smoke and not self.explained else DEFAULT_MODELS)[source]
         if self.pretrained is not None and not self.models:
             models = (self.pretrained,)
-        out = self.out_dir if fs.is_uri(self.out_dir) else os.path.abspath(self.out_dir)
+        def absolute(path: Optional[str]) -> Optional[str]:  # trials and workers run in other folders
+            return path if path is None or fs.is_uri(path) else os.path.abspath(path)
+
+        out = absolute(self.out_dir)
         changes = dict(
+            train=absolute(self.train), val=absolute(self.val), data_root=absolute(self.data_root),
             dataset=source,
             models=models,
             pretrained=self.explained,
-            weights=self.weights if self.weights is not None or self.pretrained is None else "DEFAULT",
+            weights=(absolute(self.weights) if self.weights and os.path.isfile(self.weights) else self.weights)
+            if self.weights is not None or self.pretrained is None else "DEFAULT",
             epochs=self.epochs or (2 if self.smoke else DEFAULT_EPOCHS[source]),
             image_size=self.image_size if source in IN_MEMORY_ONLY else (self.image_size or DEFAULT_IMAGE_SIZE),
             augment=DEFAULT_AUGMENT[source] if self.augment is None else self.augment,

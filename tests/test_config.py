@@ -35,8 +35,22 @@ def test_bad_names_fail_on_construction():
         RunConfig(dataset="cifar10", stream=True)
     with pytest.raises(ConfigError, match="Parquet sources always stream"):
         RunConfig(dataset="parquet", stream=False)
-    with pytest.raises(ConfigError, match="is not a torchvision model"):
+    with pytest.raises(ConfigError, match="--pretrained resnet20 has no named weights: give --weights FILE"):
         RunConfig(pretrained="resnet20")
+    with pytest.raises(ConfigError, match="has no named weights"):
+        RunConfig(pretrained="resnet20", weights="DEFAULT")
+    assert RunConfig(pretrained="resnet20", weights="r20.pt").explained == "resnet20"
+
+
+def test_resolved_makes_local_paths_absolute(tmp_path, monkeypatch):
+    """Trials run in their own folders: a relative --train, --val or --weights file would not be found there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_bytes(b"")
+    c = RunConfig(train="data/train", val="data/val", pretrained="tv:resnet18", weights="w.pt", out_dir="o").resolved()
+    assert (c.train, c.val, c.weights, c.out_dir) == tuple(str(tmp_path / p) for p in ("data/train", "data/val", "w.pt", "o"))
+    c = RunConfig(train="s3://b/train", val="s3://b/val", pretrained="tv:resnet18", out_dir="s3://b/o",
+                  tracking_uri="http://127.0.0.1:5000").resolved()
+    assert (c.train, c.val, c.weights, c.out_dir) == ("s3://b/train", "s3://b/val", "DEFAULT", "s3://b/o")
 
 
 def test_resolved_fills_defaults(tmp_path):

@@ -100,3 +100,15 @@ def test_parquet_column_types_are_checked(ray_session, tmp_path):
     pq.write_table(pa.table({"image": pa.array(["not bytes"]), "label": pa.array(["cat"])}), path)
     with pytest.raises(SourceError, match=r"train\.parquet: image is string, not binary; label is string, not an integer"):
         read_images(path, 16)
+
+
+def test_a_limit_takes_the_first_images_in_file_order_every_time(ray_session, tmp_path):
+    """--max-images N is the first N images of a split, the same for selection, training and the
+    summary: Ray Data's limit would otherwise keep whichever blocks arrive first (here 4 files)."""
+    from overinterp.pipeline.images import read_encoded
+    from overinterp.synthetic import write_imagenet_shaped
+
+    write_imagenet_shaped(str(tmp_path), train=0, val=400, folder_images=0, num_classes=4, rows_per_shard=100)
+    for _ in range(3):
+        ids = np.concatenate([b["image_id"] for b in read_encoded(str(tmp_path / "val"), limit=150).iter_batches(batch_size=None)])
+        assert sorted(ids.tolist()) == list(range(150))

@@ -116,7 +116,7 @@ def test_imagenet_parquet_ddp_two_workers_evaluate_every_val_image_and_log_each_
     [
         ([], "--train and --val are required"),
         (["--train", "/no/such", "--val", "/no/such"], "--train /no/such does not exist"),
-        (["--train", ".", "--val", ".", "--model", "resnet20"], "--pretrained resnet20 is not a torchvision model"),
+        (["--train", ".", "--val", ".", "--model", "resnet20"], "--pretrained resnet20 has no named weights: give --weights FILE"),
         (["--train", ".", "--val", ".", "--fraction", "0"], "--fraction must be in (0, 1]"),
         (["--train", ".", "--val", ".", "--weights", "missing/w.pt"], "is not a file"),
         (["--train", ".", "--val", ".", "--max-hours", "-1"], "--max-hours must be >= 0 (0 turns the budget guard off)"),

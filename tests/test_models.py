@@ -55,6 +55,24 @@ def test_torchvision_model_with_local_weights(tmp_path):
         create_model("tv:resnet18", num_classes=1000, weights="NoSuch_Weights.X")
 
 
+def test_small_model_with_local_weights_bare_or_in_a_checkpoint(tmp_path):
+    """A registered small model explained with --weights FILE: a bare state_dict, or overinterp's own
+    checkpoint (its state_dict under "state_dict"); a weights name is refused, it has none."""
+    torch.manual_seed(0)
+    src = create_model("digits_cnn", num_classes=4, in_channels=3).eval()
+    torch.save(src.state_dict(), tmp_path / "bare.pt")
+    save_checkpoint(str(tmp_path / "ckpt.pt"), ModelSpec("digits_cnn", 4, 3), src)
+    x = torch.randn(2, 3, 8, 8)
+    for name in ("bare.pt", "ckpt.pt"):
+        dst = create_model("digits_cnn", num_classes=4, in_channels=3, weights=str(tmp_path / name)).eval()
+        with torch.no_grad():
+            assert torch.equal(src(x), dst(x)), name
+    with pytest.raises(ModelError, match="does not fit digits_cnn with 5 classes"):
+        create_model("digits_cnn", num_classes=5, weights=str(tmp_path / "bare.pt"))
+    with pytest.raises(ModelError, match="digits_cnn has no named weights: give --weights a state_dict file"):
+        create_model("digits_cnn", num_classes=4, weights="DEFAULT")
+
+
 def test_input_dropout_train_drops_whole_pixels_eval_is_identity():
     class Probe(torch.nn.Module):
         def forward(self, x):

@@ -56,14 +56,15 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, weights: str
 
     Args:
         name: a key of SMALL_MODELS, or "tv:<name>" for any torchvision classification model.
-        weights: torchvision only — a weights enum name ("ResNet50_Weights.IMAGENET1K_V2",
-            "DEFAULT") or a local file holding a state_dict (what users without internet have).
+        weights: a local file holding a state_dict (what users without internet have), or for
+            torchvision models a weights enum name ("ResNet50_Weights.IMAGENET1K_V2", "DEFAULT").
     """
     check_model_name(name)
     if name in SMALL_MODELS:
-        if weights is not None:
-            raise ModelError(f"{name} has no pretrained weights: drop --weights (train it with overinterp run)")
-        return SMALL_MODELS[name](num_classes=num_classes, in_channels=in_channels)
+        model = SMALL_MODELS[name](num_classes=num_classes, in_channels=in_channels)
+        if weights is not None and not os.path.isfile(weights):
+            raise ModelError(f"{name} has no named weights: give --weights a state_dict file saved from it, or drop --weights")
+        return model if weights is None else _load_state_dict(model, weights, name, num_classes)
     import torchvision.models as tvm
 
     tv_name = name[len(TORCHVISION_PREFIX):]
@@ -72,20 +73,7 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, weights: str
     kwargs = {"aux_logits": False, "init_weights": False} if tv_name in ("inception_v3", "googlenet") else {}
     if weights is None or os.path.isfile(weights):
         model = tvm.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
-        if weights is not None:
-            try:
-                state = torch.load(weights, map_location="cpu", weights_only=True)  # never runs code from the file
-            except Exception as e:  # not a torch file, or one holding more than tensors (an unpickling error)
-                raise ModelError(f"--weights {weights} is not a state_dict file torch can load safely "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): save model.state_dict() with torch.save") from e
-            if not isinstance(state, dict):
-                raise ModelError(f"--weights {weights} holds a {type(state).__name__}, not a state_dict: save model.state_dict() with torch.save")
-            state = state.get("state_dict", state)
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                raise ModelError(f"--weights {weights} does not fit {name} with {num_classes} classes: {str(e).splitlines()[0]}") from e
-        return model
+        return model if weights is None else _load_state_dict(model, weights, name, num_classes)
     try:
         enum = tvm.get_weight(weights) if "." in weights else tvm.get_model_weights(tv_name)[weights]
     except (KeyError, ValueError, AttributeError) as e:
@@ -93,6 +81,23 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, weights: str
     if num_classes != len(enum.meta["categories"]):
         raise ModelError(f"weights {weights} predict {len(enum.meta['categories'])} classes, the data set has {num_classes}")
     return _torchvision_pretrained(tvm, tv_name, enum)
+
+
+def _load_state_dict(model: nn.Module, weights: str, name: str, num_classes: int) -> nn.Module:
+    """model with the state_dict in the file `weights` (a bare state_dict, or a dict holding one
+    under "state_dict", as overinterp's checkpoints do); ModelError naming the fix otherwise."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)  # never runs code from the file
+    except Exception as e:  # not a torch file, or one holding more than tensors (an unpickling error)
+        raise ModelError(f"--weights {weights} is not a state_dict file torch can load safely "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): save model.state_dict() with torch.save") from e
+    if not isinstance(state, dict):
+        raise ModelError(f"--weights {weights} holds a {type(state).__name__}, not a state_dict: save model.state_dict() with torch.save")
+    try:
+        model.load_state_dict(state.get("state_dict", state))
+    except RuntimeError as e:
+        raise ModelError(f"--weights {weights} does not fit {name} with {num_classes} classes: {str(e).splitlines()[0]}") from e
+    return model
 
 
 def _torchvision_pretrained(tvm, tv_name: str, enum) -> nn.Module:

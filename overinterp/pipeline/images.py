@@ -180,18 +180,25 @@ def read_encoded(path: str, classes: list[str] | None = None, limit: int | None 
         wrong = [f"{c} is {types[c]}, not {kind}" for c, (kind, ok) in expected.items() if c in types and not ok(types[c])]
         if wrong:
             raise SourceError(f"{path}: {'; '.join(wrong)}: write encoded image bytes and integer labels (and image ids)")
-        if limit:
-            ds = ds.limit(limit)
-        return ds.map_batches(_index_parquet, fn_kwargs={"source": path}, batch_format="numpy", batch_size=64)
+        return _first(ds, limit).map_batches(_index_parquet, fn_kwargs={"source": path}, batch_format="numpy", batch_size=64)
     if classes is None:
         classes = list_classes(path)
     check_folder(path, classes)  # the layout, before anything is decoded
     _, root = fs.resolve(path)
     exts = [e.lstrip(".") for e in IMAGE_EXTENSIONS]  # Ray Data matches extensions in any case
-    ds = ray.data.read_binary_files(path, include_paths=True, file_extensions=exts)
-    if limit:
-        ds = ds.limit(limit)
+    ds = _first(ray.data.read_binary_files(path, include_paths=True, file_extensions=exts), limit)
     return ds.map_batches(_index_folder, fn_kwargs={"root": root.rstrip("/"), "classes": classes}, batch_format="numpy", batch_size=64)
+
+
+def _first(ds: ray.data.Dataset, limit: int | None) -> ray.data.Dataset:
+    """The first `limit` rows in file order (None: all). Ray Data's limit takes the rows that arrive
+    first unless order is preserved, and selection, training and the summary of a pilot must all
+    see the same images; so a limited dataset runs in order (pilots only: it costs parallelism)."""
+    if not limit:
+        return ds
+    ds = ds.limit(limit)
+    ds.context.execution_options.preserve_order = True  # this dataset's context: the process default stays
+    return ds
 
 
 def read_images(path: str, image_size: int, classes: list[str] | None = None, limit: int | None = None,

@@ -40,11 +40,11 @@ class SelectionWorker:
     """Ray Data actor: (image_id, label, image) batches in, Parquet shards out."""
 
     def __init__(self, source: dict, root: str, split: str, mean, std, selector: str, params: dict, engine: dict, threads: int,
-                 skip_ids: Optional[np.ndarray] = None, counter=None, pass_scale: float = 1.0):
+                 skip_ids: Optional[np.ndarray] = None, counter=None, pass_scale: float = 1.0, report_every: Optional[float] = None):
         exit_with_parent()
         torch.set_num_threads(threads)
-        # passes made inside a batch go to the driver's PassCounter (if any), at most every FORWARD_EVERY s
-        self.passes = PassForwarder(counter, scale=pass_scale) if counter is not None else None
+        # passes made inside a batch go to the driver's PassCounter (if any), at most every report_every s
+        self.passes = PassForwarder(counter, scale=pass_scale, interval=report_every) if counter is not None else None
         # (S,) sorted int64: ids already in the store, dropped here rather than by a Ray Data filter
         # task — that task would need a CPU, and on a node whose CPUs the actors hold it never runs
         self.skip_ids = skip_ids if skip_ids is not None and len(skip_ids) else None
@@ -160,10 +160,11 @@ class PassForwarder:
 
 
 def watch_in_flight(bar: Progress, finished: Callable[[], int], in_flight: Callable[[], float], stop: threading.Event,
-                    interval: float = POLL_EVERY) -> None:
+                    interval: float = POLL_EVERY, on_progress: Optional[Callable[[float], bool]] = None) -> None:
     """Until `stop` is set: every `interval` s move the bar on to finished() + in_flight() (the
     passes of the finished batches and those the workers reported from the running ones). Run in a
-    driver thread; finished() is read first, so a batch that just ended is at worst counted late."""
+    driver thread; finished() is read first, so a batch that just ended is at worst counted late.
+    on_progress(passes so far) is called after each move until it returns True."""
     while not stop.wait(interval):
         done = finished()
         try:
@@ -171,6 +172,8 @@ def watch_in_flight(bar: Progress, finished: Callable[[], int], in_flight: Calla
         except Exception:  # noqa: BLE001 — progress only: a counter lost with the pass must not hide its real error
             continue
         bar.update_to(int(done + running))
+        if on_progress is not None and on_progress(done + running):
+            on_progress = None
 
 
 def select_in_memory(job: SelectionJob, images: np.ndarray, labels: np.ndarray, mean, std, root: str, resources: ResourcePlan,
@@ -273,19 +276,23 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
     stop = threading.Event()
     watcher = None
     if counter is not None:
+        def replan(passes: float) -> bool:
+            if n_todo is None or passes < REPLAN_AT * n_todo * per_image:
+                return False
+            print(_replan_line(job, passes, time.monotonic() - t0, n_todo * per_image), flush=True)
+            return True
+
         watcher = threading.Thread(target=watch_in_flight, daemon=True, name="selection-progress",
-                                   args=(bar, lambda: n * scale, lambda: ray.get(counter.total.remote(), timeout=POLL_EVERY), stop))
+                                   args=(bar, lambda: n * scale, lambda: ray.get(counter.total.remote(), timeout=POLL_EVERY), stop),
+                                   kwargs={"on_progress": replan})
         watcher.start()
     try:
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             bad = out["error"] != ""
-            first = n == 0
             n += int((~bad).sum())
             bar.update_to(n * scale)  # the batch's in-flight count was cleared before its result existed
             worker_s += float(np.asarray(out["seconds"])[~bad].sum())
             skipped += list(zip(out["path"][bad].tolist(), out["error"][bad].tolist()))
-            if first and n and worker_s > 0 and n_todo is not None and n < n_todo:
-                print(_replan_line(job, n, worker_s, per_image, n_todo - n, workers), flush=True)
     finally:
         stop.set()
         if watcher is not None:
@@ -299,13 +306,16 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
     return n, skipped
 
 
-def _replan_line(job, n: int, worker_s: float, per_image: Optional[int], remaining: int, workers: int) -> str:
-    """The plan again from the first real batch: its images took worker_s worker-seconds (model start
-    excluded), so the remaining images take this long on `workers` workers. The printed plan's ETA
-    came from a calibration on the driver's CPU, scaled by overinterp/device_rates.py."""
-    per = f" ({format_rate(per_image * n / worker_s)} passes/s)" if per_image else ""
-    return (f"[{job.tag} {job.source.tag}/{job.split}] first batch: {n} images at {format_rate(n / worker_s)} images/s per worker{per}; "
-            f"at that rate the other {remaining:,} take ≈ {format_duration(remaining * worker_s / n / workers)} on {workers} worker(s)")
+REPLAN_AT = 0.02  # the plan is made again once this fraction of a selection's passes is done
+
+
+def _replan_line(job, passes: float, seconds: float, total: float) -> str:
+    """The plan again from the run itself: `passes` of `total` took `seconds` of wall time since
+    the pass was submitted (actor start, reading and decoding included), so the rest takes this
+    long at that rate. The printed plan's ETA came from timing the model alone on the driver's CPU."""
+    rate = passes / max(seconds, 1e-9)
+    return (f"[{job.tag} {job.source.tag}/{job.split}] measured: {passes / total:.0%} of the passes in {format_duration(seconds)} "
+            f"({format_rate(rate)} passes/s); at that rate the rest takes ≈ {format_duration((total - passes) / rate)}")
 
 
 def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager=False, skip=None, counter=None,
@@ -315,7 +325,7 @@ def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, wo
         fn_constructor_kwargs=dict(
             source=asdict(job.source), root=root, split=job.split, mean=mean, std=std, selector=job.selector,
             params=job.params, engine=asdict(engine), threads=resources.torch_threads(), skip_ids=skip,
-            counter=counter, pass_scale=pass_scale,
+            counter=counter, pass_scale=pass_scale, report_every=FORWARD_EVERY,
         ),
         batch_size=select_batch,
         batch_format="numpy",
