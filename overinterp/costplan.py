@@ -49,6 +49,17 @@ BACKWARD_COST = 2.0
 # small runs and vanish in large ones.
 JOB_START_S = 10.0
 TRIAL_START_S = 1.0
+# A streamed run's costs beside the model's passes, measured on the same machine with
+# benchmarks/driver_rss.py (ImageNet-shaped Parquet, 8-px images, N = 10,000 to 1,331,167; BENCHMARKS.md):
+# per image, Ray Data reading, decoding and handing it to a selection actor and the store's shard
+# writes (seconds of one worker), or streaming, joining and decoding it for a training trial (seconds
+# of one trial); per trial, Ray Train starting its controller and worker group, and the trial's
+# validation and checkpoint. Machine-bound constants: a cluster with faster CPUs streams faster, and
+# the re-plan printed once selection runs (select_stage) measures the real rate.
+STREAM_JOB_START_S = 8.0
+STREAM_SELECT_IMAGE_S = 5.0e-4
+STREAM_TRIAL_START_S = 15.0
+STREAM_TRAIN_IMAGE_S = 9.0e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +262,7 @@ class SelectionCost:
     rate: float  # forward passes (images) per second of one worker
     start_s: float  # the job's fixed start-up, seconds
     eta_seconds: float
+    image_s: float = 0.0  # seconds of one worker per image beside its passes (streamed runs: STREAM_SELECT_IMAGE_S)
 
     @property
     def hw(self) -> int:
@@ -277,7 +289,7 @@ class SelectionCost:
         selector and its params)."""
         args = dict(model=self.model, variant=self.variant, selector=self.selector, split=self.split, params=self.params,
                     n_images=self.n_images, hw=self.size, rate=self.rate, workers=self.max_workers,
-                    select_batch=self.select_batch, start_s=self.start_s)
+                    select_batch=self.select_batch, start_s=self.start_s, image_s=self.image_s)
         args.update(changes)
         retag = "selector" in changes or "params" in changes
         return estimate_selection(**args, tag=selector_tag(args["selector"], dict(args["params"])) if retag else self.tag)
@@ -285,8 +297,9 @@ class SelectionCost:
     def describe(self) -> str:
         per = f"{self.forward_per_image:,} passes" + (f" + {self.backward_per_image:,} backward" if self.backward_per_image else "")
         total = f"{self.forward_passes:,} passes" + (f" + {self.backward_passes:,} backward" if self.backward_per_image else "")
+        stream = f" + {1e3 * self.image_s:.2g} ms/img streaming" if self.image_s else ""
         return (f"selection  {self.label}  {self.n_images:,} img × {per} = {total}  ≈ {format_duration(self.eta_seconds)} "
-                f"on {self.workers} worker{'s' if self.workers != 1 else ''} at {format_rate(self.rate)} img/s each")
+                f"on {self.workers} worker{'s' if self.workers != 1 else ''} at {format_rate(self.rate)} img/s each{stream}")
 
 
 @dataclass(frozen=True)
@@ -307,6 +320,7 @@ class TrainingCost:
     selections: int
     per_selection: int
     eta_seconds: float
+    image_s: float = 0.0  # seconds of one trial per training image beside the model (streamed runs: STREAM_TRAIN_IMAGE_S)
 
     @property
     def label(self) -> str:
@@ -319,14 +333,15 @@ class TrainingCost:
     def repriced(self, **changes) -> "TrainingCost":
         """These trials with some of `estimate_training`'s arguments changed."""
         args = dict(trials=self.trials, epochs=self.epochs, images=self.images, rate=self.rate, concurrency=self.max_concurrency,
-                    start_s=self.start_s, selections=self.selections, per_selection=self.per_selection)
+                    start_s=self.start_s, selections=self.selections, per_selection=self.per_selection, image_s=self.image_s)
         args.update(changes)
         return estimate_training(self.model, self.stage, **args)
 
     def describe(self) -> str:
+        stream = f" + {1e3 * self.image_s:.2g} ms/img streaming, {self.start_s:g} s start per trial" if self.image_s else ""
         return (f"training   {self.label}  {self.trials} trial{'s' if self.trials != 1 else ''} × {self.epochs} epochs × "
                 f"{self.images:,} img = {self.total_images:,} images  ≈ {format_duration(self.eta_seconds)} "
-                f"on {self.concurrency} at once at {format_rate(self.rate)} img/s each")
+                f"on {self.concurrency} at once at {format_rate(self.rate)} img/s each{stream}")
 
 
 @dataclass(frozen=True)
@@ -433,6 +448,7 @@ def estimate_selection(
     select_batch: Optional[int] = None,
     tag: Optional[str] = None,
     start_s: float = 0.0,
+    image_s: float = 0.0,
 ) -> SelectionCost:
     """The cost of one selection job: planned passes (selection/cost.py) at `rate` on `workers`.
 
@@ -446,8 +462,9 @@ def estimate_selection(
             ceil(batches / workers) batches, which sets the ETA; None spreads images evenly.
         tag: the selector's store tag for the label (default: the selector's name).
         start_s: the job's fixed start-up (JOB_START_S for a pipeline's job), paid when it has images.
+        image_s: seconds of one worker per image beside its passes (streamed: STREAM_SELECT_IMAGE_S).
     Returns:
-        SelectionCost; eta = start + busiest worker's images × (forward + BACKWARD_COST × backward) / rate.
+        SelectionCost; eta = start + busiest worker's images × ((forward + BACKWARD_COST × backward) / rate + image_s).
     """
     _count("n_images", n_images)
     _positive("workers", workers)
@@ -466,13 +483,14 @@ def estimate_selection(
     size = tuple(hw) if isinstance(hw, (tuple, list)) else hw
     start = start_s if n_images else 0.0
     return SelectionCost(model, variant, selector, params, tag or selector, split, n_images, size, fwd, bwd, workers, used,
-                         select_batch, float(rate), start_s, start + busiest * (fwd + BACKWARD_COST * bwd) / rate)
+                         select_batch, float(rate), start_s, start + busiest * ((fwd + BACKWARD_COST * bwd) / rate + image_s), image_s)
 
 
 def estimate_training(model: str, stage: str, *, trials: int, epochs: int, images: int, rate: float,
-                      concurrency: int = 1, start_s: float = 0.0, selections: int = 0, per_selection: int = 0) -> TrainingCost:
+                      concurrency: int = 1, start_s: float = 0.0, selections: int = 0, per_selection: int = 0,
+                      image_s: float = 0.0) -> TrainingCost:
     """The cost of `trials` trials of one architecture, `concurrency` at once: they run in
-    ceil(trials / concurrency) waves of start_s + epochs × images / rate seconds each.
+    ceil(trials / concurrency) waves of start_s + epochs × images × (1 / rate + image_s) seconds each.
 
     rate: training images per second of one trial (`calibrate_train_rate`; trials that share a GPU
         share its rate, so calibrate with them sharing or divide).
@@ -487,7 +505,7 @@ def estimate_training(model: str, stage: str, *, trials: int, epochs: int, image
     used = max(1, min(concurrency, trials))
     waves = math.ceil(trials / used)
     return TrainingCost(model, stage, trials, epochs, images, concurrency, used, float(rate), start_s, selections, per_selection,
-                        waves * (start_s + epochs * images / rate))
+                        waves * (start_s + epochs * images * (1 / rate + image_s)), image_s)
 
 
 # ---------------------------------------------------------------------------------------------

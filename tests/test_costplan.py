@@ -56,6 +56,19 @@ def test_training_eta_runs_in_waves():
     assert estimate_training("m", "subsets", trials=2, epochs=1, images=10, rate=10, concurrency=8).concurrency == 2
 
 
+def test_a_streamed_runs_per_image_costs_add_to_the_passes():
+    """image_s: a worker's (a trial's) seconds per image beside the model, kept when repriced."""
+    c = estimate_selection("m", "pretrained", "backselect", "train", params={"k": 1}, n_images=10, hw=16, rate=68, workers=2,
+                           start_s=8.0, image_s=0.5)
+    assert c.eta_seconds == 8.0 + 5 * (136 / 68 + 0.5)  # 5 images on the busiest worker
+    assert c.repriced(n_images=20).eta_seconds == 8.0 + 10 * (136 / 68 + 0.5)
+    assert c.describe().endswith("at 68 img/s each + 5e+02 ms/img streaming")
+    t = estimate_training("m", "subsets", trials=3, epochs=2, images=100, rate=50, start_s=15.0, image_s=0.01)
+    assert t.eta_seconds == pytest.approx(3 * (15.0 + 2 * 100 * (1 / 50 + 0.01)))
+    assert t.repriced(images=10).eta_seconds == pytest.approx(3 * (15.0 + 2 * 10 * (1 / 50 + 0.01)))
+    assert t.describe().endswith("+ 10 ms/img streaming, 15 s start per trial")
+
+
 def test_describe_line():
     # 8x8 exact BS = 2,080 passes per image; 360 images on 2 workers at 5,200 img/s = 72 s
     c = estimate_selection("digits_cnn", "plain", "backselect", "test", params={"k": 1}, n_images=360, hw=64, rate=5200, workers=2)

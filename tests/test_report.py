@@ -100,3 +100,12 @@ def test_summary_markdown_embeds_plots():
 def test_plot_caption():
     assert plot_caption("out/sis_sizes.png") == "SIS sizes"
     assert plot_caption("confidence_vs_removed.png") == "Confidence vs removed"
+
+
+def test_sis_table_names_the_pretrained_model_where_one_is_explained():
+    """The rows are keyed by the model trained on the subsets; the SIS are the pretrained model's."""
+    sis = {"tv:resnet18": {"pretrained": {"label": "pretrained tv:resnet50 (DEFAULT)", "n_with_sis": 1, "n_images": 2,
+                                          "median_size": 5.0, "median_fraction": 0.1}}}
+    summary = {"tau": 0.99, "sis": sis, "variant_accuracy": {"tv:resnet18": {"pretrained": 0.5}}}
+    assert "| tv:resnet18 | pretrained tv:resnet50 (DEFAULT) | 50.0 | 5 (10.0%) | 1 / 2 |" in sis_table(summary)
+    assert "| tv:resnet50 | pretrained tv:resnet50 (DEFAULT) | 50.0 |" in sis_table({**summary, "baseline": {"full": 0.5}, "model": "tv:resnet50"})

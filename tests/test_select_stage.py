@@ -124,8 +124,8 @@ def test_the_replan_line_gives_the_rest_at_the_measured_wall_rate():
     from overinterp.pipeline.select_stage import _replan_line
 
     job = SimpleNamespace(tag="bgsis-k32", source=SimpleNamespace(tag="m"), split="train")
-    assert _replan_line(job, 2_000, 10.0, 100_000) == ("[bgsis-k32 m/train] measured: 2% of the passes in 10 s (200 passes/s); "
-                                                        "at that rate the rest takes ≈ 8 min 10 s")
+    assert _replan_line(job, 2_000, 1_000, 5.0, 100_000) == ("[bgsis-k32 m/train] measured: 2% of the passes done, 200 passes/s "
+                                                              "over the last 5 s; at that rate the rest takes ≈ 8 min 10 s")
 
 
 def test_the_driver_sees_passes_before_the_batch_ends_and_none_twice(ray_session, tmp_path, monkeypatch):

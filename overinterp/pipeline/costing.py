@@ -17,6 +17,10 @@ from typing import Mapping, Optional, Union
 
 from overinterp.costplan import (
     JOB_START_S,
+    STREAM_JOB_START_S,
+    STREAM_SELECT_IMAGE_S,
+    STREAM_TRAIN_IMAGE_S,
+    STREAM_TRIAL_START_S,
     TRIAL_START_S,
     BudgetExceeded,
     CostPlan,
@@ -109,6 +113,9 @@ def plan_cost(
         knobs: the settings the budget guard may change for this run (`knobs_of`).
     """
     plan, _ = costable(plan)
+    # a streamed run also pays, per image, for Ray Data's reading and decoding and, per trial, for Ray Train's start
+    job_start, select_image_s, trial_start, train_image_s = ((STREAM_JOB_START_S, STREAM_SELECT_IMAGE_S, STREAM_TRIAL_START_S, STREAM_TRAIN_IMAGE_S)
+                                                             if plan.streamed else (JOB_START_S, 0.0, TRIAL_START_S, 0.0))
     selections = []
     by_tag = {s.tag: (arch, s) for arch, variants in plan.sources.items() for s in variants.values()}
     for job in plan.selections:
@@ -118,7 +125,7 @@ def plan_cost(
         selections.append(estimate_selection(name, source.variant, job.selector, job.split, params=job.params,
                                              n_images=plan.n_images[job.split], hw=tuple(plan.shape[1:]), rate=rate,
                                              workers=select_workers, select_batch=select_batch, tag=job.tag,
-                                             start_s=JOB_START_S))
+                                             start_s=job_start, image_s=select_image_s))
     trainings = []
     for stage, specs in (("full-image", plan.full_trials), ("subsets", plan.subset_trials)):
         for arch in dict.fromkeys(t.model for t in specs):  # architectures in plan order
@@ -127,8 +134,8 @@ def plan_cost(
             per_key = {k: on_selections.count(k) for k in on_selections}  # trials on each stored selection
             trainings.append(estimate_training(arch, stage, trials=len(mine), epochs=epochs, images=plan.n_images["train"],
                                                rate=_rate_of(train_rates, arch, "training"), concurrency=trial_concurrency,
-                                               start_s=TRIAL_START_S, selections=len(per_key),
-                                               per_selection=max(per_key.values(), default=0)))
+                                               start_s=trial_start, selections=len(per_key),
+                                               per_selection=max(per_key.values(), default=0), image_s=train_image_s))
     return CostPlan(tuple(selections), tuple(trainings), knobs)
 
 

@@ -276,10 +276,18 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
     stop = threading.Event()
     watcher = None
     if counter is not None:
+        first: list = []  # (passes, time) when progress was first seen: the rate is measured from there, after start-up
+
         def replan(passes: float) -> bool:
-            if n_todo is None or passes < REPLAN_AT * n_todo * per_image:
+            now = time.monotonic()
+            if n_todo is None or passes <= 0:
                 return False
-            print(_replan_line(job, passes, time.monotonic() - t0, n_todo * per_image), flush=True)
+            if not first:
+                first.append((passes, now))
+                return False
+            if passes <= first[0][0] or passes < REPLAN_AT * n_todo * per_image:
+                return False
+            print(_replan_line(job, passes, passes - first[0][0], now - first[0][1], n_todo * per_image), flush=True)
             return True
 
         watcher = threading.Thread(target=watch_in_flight, daemon=True, name="selection-progress",
@@ -309,13 +317,14 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
 REPLAN_AT = 0.02  # the plan is made again once this fraction of a selection's passes is done
 
 
-def _replan_line(job, passes: float, seconds: float, total: float) -> str:
-    """The plan again from the run itself: `passes` of `total` took `seconds` of wall time since
-    the pass was submitted (actor start, reading and decoding included), so the rest takes this
-    long at that rate. The printed plan's ETA came from timing the model alone on the driver's CPU."""
-    rate = passes / max(seconds, 1e-9)
-    return (f"[{job.tag} {job.source.tag}/{job.split}] measured: {passes / total:.0%} of the passes in {format_duration(seconds)} "
-            f"({format_rate(rate)} passes/s); at that rate the rest takes ≈ {format_duration((total - passes) / rate)}")
+def _replan_line(job, passes: float, gained: float, seconds: float, total: float) -> str:
+    """The plan again from the run itself: `passes` of `total` are done, and the last `gained` of
+    them took `seconds` of wall time (measured from the first progress seen, so the actors' start is
+    left out; reading and decoding are in), so the rest takes this long at that rate. The printed
+    plan's ETA came from timing the model on the driver's CPU and the streaming constants of costplan."""
+    rate = gained / max(seconds, 1e-9)
+    return (f"[{job.tag} {job.source.tag}/{job.split}] measured: {passes / total:.0%} of the passes done, {format_rate(rate)} passes/s "
+            f"over the last {format_duration(seconds)}; at that rate the rest takes ≈ {format_duration((total - passes) / rate)}")
 
 
 def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager=False, skip=None, counter=None,

@@ -60,6 +60,12 @@ def accuracy_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def explained_name(summary: dict, model: str) -> str:
+    """The model whose selections a table row describes: the pretrained one where a pretrained model is
+    explained (the rows are keyed by the model trained on its subsets), else the row's own model."""
+    return summary["model"] if summary.get("baseline") else model
+
+
 def sis_table(summary: dict) -> str:
     """Markdown table of the overinterpretation mitigations: accuracy and median SIS size."""
     lines = [
@@ -71,7 +77,7 @@ def sis_table(summary: dict) -> str:
             size = "–" if s["n_with_sis"] == 0 else f"{s['median_size']:.0f} ({100 * s['median_fraction']:.1f}%)"
             acc = summary["variant_accuracy"][model].get(variant)
             acc_s = "–" if acc is None else f"{100 * acc:.1f}"
-            lines.append(f"| {model} | {s['label']} | {acc_s} | {size} | {s['n_with_sis']} / {s['n_images']} |")
+            lines.append(f"| {explained_name(summary, model)} | {s['label']} | {acc_s} | {size} | {s['n_with_sis']} / {s['n_images']} |")
     return "\n".join(lines)
 
 
@@ -95,7 +101,8 @@ def comparison_table(summary: dict, model: str) -> str:
         dil = row["dilated_median_confidence"]
         lines.append(f"| {row['selector']} | " + " | ".join(cells(row) + [size, "–" if dil != dil else f"{dil:.3f}"]) + " |")
     lines.append(f"| random (floor) | " + " | ".join(cells(comp["random"]) + ["–", "–"]) + " |")
-    lines.append(f"\nModels trained and tested on each selector's {pct} subsets of {model}-{comp['model_tag'].rsplit('-', 1)[-1]}'s "
+    whose = explained_name(summary, model) if summary.get("baseline") else f"{model}-{comp['model_tag'].rsplit('-', 1)[-1]}"
+    lines.append(f"\nModels ({model}) trained and tested on each selector's {pct} subsets of {whose}'s "
                  "test/train images (mean ± std over seeds). Positions only: the mask alone, no pixel values — where it nearly "
                  "matches the filled subsets, the subset's layout, not its pixel values, carries the label. ROAD fill imputes "
                  "removed pixels from their neighbours so the mask's outline leaks less. Dilation: p(c) after restoring each "
@@ -121,11 +128,11 @@ def summary_markdown(summary: dict) -> str:
         parts.append(f"SIS sizes, the selector table and the plots below are measured on the first {analysed[0]:,} of the "
                      f"{analysed[1]:,} test images (the trained models' accuracies on all of them).")
     for model in summary.get("comparison", {}):
-        parts += [f"## Which pixels carry the signal: selectors compared on {model}", comparison_table(summary, model)]
+        parts += [f"## Which pixels carry the signal: selectors compared on {explained_name(summary, model)}", comparison_table(summary, model)]
     if summary.get("masked_confidence"):
         rows = [f"| model | median p(c) on its own {summary['selector']} subsets (test) | accuracy of the full-image model on them (%) |", "|---|---|---|"]
         for model, m in summary["masked_confidence"].items():
-            rows.append(f"| {model} | {m['median_confidence']:.3f} | {100 * m['accuracy']:.1f} |")
+            rows.append(f"| {explained_name(summary, model)} | {m['median_confidence']:.3f} | {100 * m['accuracy']:.1f} |")
         parts.append(f"## Confidence with {100 * (1 - summary['fraction']):g}% of pixels masked")
         parts.append("\n".join(rows))
     return "\n\n".join(parts) + "\n" + plots_markdown(summary.get("plots"))
