@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Optional
+from typing import Iterator, Optional
 
 import pyarrow.fs as pafs
 
@@ -90,15 +90,18 @@ class OutputError(ValueError):
 NO_SPACE_TEXTS = ("No space left on device", "[Errno 28]", "database or disk is full", "file write failed")
 
 
-def out_of_space(e: Optional[BaseException]) -> bool:
-    """Whether e, or an error it was raised from or while handling, says the disk is full."""
+def causes(e: Optional[BaseException]) -> Iterator[BaseException]:
+    """e, then each error it was raised from or while handling (a Ray task error's `cause` first), once each."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC or any(t in str(e) for t in NO_SPACE_TEXTS):
-            return True
+        yield e
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    return False
+
+
+def out_of_space(e: Optional[BaseException]) -> bool:
+    """Whether e, or an error it was raised from or while handling, says the disk is full."""
+    return any(isinstance(c, OSError) and c.errno == errno.ENOSPC or any(t in str(c) for t in NO_SPACE_TEXTS) for c in causes(e))
 
 
 def no_space_error(out: str) -> OutputError:

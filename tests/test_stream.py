@@ -8,6 +8,7 @@ def test_the_listing_digest_is_that_of_one_sorted_listing_of_every_file(tmp_path
     names and sizes only; it changes when a file's size does."""
     import hashlib
 
+    from overinterp.pipeline.images import forget_listings
     from overinterp.pipeline.stream import listing_digest
 
     for rel, data in {"a/1.png": b"x", "a/sub/2.png": b"yy", "a.b/3.png": b"z", "a-c.png": b"w", "b/4.png": b"v"}.items():
@@ -18,5 +19,40 @@ def test_the_listing_digest_is_that_of_one_sorted_listing_of_every_file(tmp_path
     expected = hashlib.sha256("".join(f"{p[len(root):]}:{os.path.getsize(p)}" for p in files).encode()).hexdigest()[:16]
     assert listing_digest(root) == expected
     (tmp_path / "a/sub/2.png").write_bytes(b"yyy")
+    assert listing_digest(root) == expected  # the listing is made once per run (a run forgets them when it opens its source)
+    forget_listings()
     assert listing_digest(root) != expected
     assert len(listing_digest(str(tmp_path / "b/4.png"))) == 16
+
+
+def test_a_run_lists_its_folder_once_for_counts_checks_digest_and_datasets(ray_session, tmp_path, monkeypatch):
+    """StreamSource.open lists each split once (one recursive listing per class folder); counting,
+    checking, the digest and every dataset built after it reuse that listing."""
+    import pyarrow.fs as pafs
+
+    from overinterp.config import RunConfig
+    from overinterp.pipeline.images import read_encoded
+    from overinterp.pipeline.stream import StreamSource, listing_digest
+    from overinterp.synthetic import write_imagefolder
+
+    write_imagefolder(str(tmp_path / "data"), n_per_class=3, num_classes=2, size=16)
+    recursive = []
+    real = pafs.FileSelector
+
+    def counting(base_dir, *args, **kwargs):
+        if kwargs.get("recursive"):
+            recursive.append(base_dir)
+        return real(base_dir, *args, **kwargs)
+
+    monkeypatch.setattr(pafs, "FileSelector", counting)  # every listing the driver makes goes through one
+    cfg = RunConfig(train=str(tmp_path / "data/train"), val=str(tmp_path / "data/val"), stream=True, image_size=16,
+                    out_dir=str(tmp_path / "out")).resolved()
+    src = StreamSource.open(cfg)
+    assert src.n_images == {"train": 6, "test": 6}
+    assert sorted(recursive) == sorted(str(tmp_path / "data" / s / c) for s in ("train", "val") for c in src.classes)
+    listing_digest(src.train)
+    for split in ("train", "test"):
+        read_encoded(src.path(split), src.classes)
+    # the class folders are not listed again; Ray Data's read_binary_files lists the split itself, once per dataset
+    assert sorted(recursive) == sorted([*(str(tmp_path / "data" / s / c) for s in ("train", "val") for c in src.classes),
+                                        str(tmp_path / "data/train"), str(tmp_path / "data/val")])

@@ -29,6 +29,7 @@ and a retried task would report its files twice).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -73,31 +74,71 @@ def list_classes(path: str) -> list[str]:
     return classes
 
 
+@dataclass(frozen=True)
+class FolderListing:
+    """What one listing of a folder tells: image files per top-level folder (hidden ones left out),
+    image files lying at the top, and a digest of every file's relative path and size in path order
+    (16 hex digits of sha256: the source's identity in config.json; no file is read)."""
+
+    images: dict[str, int]
+    loose: tuple[str, ...]
+    digest: str
+
+
+# path -> this process's listing of it: a run lists its folders once when it opens its source
+# (forget_listings), then counts, checks, digests and every dataset it builds use that listing
+_LISTINGS: dict[str, FolderListing] = {}
+
+
+def forget_listings() -> None:
+    """Drop the remembered listings: the next list_folder of each path lists it again."""
+    _LISTINGS.clear()
+
+
+def list_folder(path: str) -> FolderListing:
+    """One recursive listing per top-level entry (an ImageFolder class), remembered for the process:
+    the driver holds one class's entries at a time (~1,300 on ImageNet), never the split's 1.28M."""
+    if path in _LISTINGS:
+        return _LISTINGS[path]
+    f, p = fs.resolve(path)
+    h, images, loose = hashlib.sha256(), {}, []
+
+    def add(files):
+        for e in sorted(files, key=lambda e: e.path):
+            h.update(f"{e.path[len(p):]}:{e.size}".encode())
+
+    # a folder's files sort after its name + "/", as they would in one sorted listing of full paths
+    for e in sorted(_entries(path), key=lambda e: e.path + ("/" if e.type == pafs.FileType.Directory else "")):
+        if e.type == pafs.FileType.Directory:
+            files = [x for x in f.get_file_info(pafs.FileSelector(e.path, recursive=True)) if x.type == pafs.FileType.File]
+            add(files)
+            if not e.base_name.startswith(HIDDEN_PREFIXES):
+                images[e.base_name] = sum(is_image_name(x.base_name) for x in files)
+        elif e.type == pafs.FileType.File:
+            add([e])
+            if is_image_name(e.base_name) and not e.base_name.startswith(HIDDEN_PREFIXES):
+                loose.append(e.base_name)
+    _LISTINGS[path] = FolderListing(images, tuple(loose), h.hexdigest()[:16])
+    return _LISTINGS[path]
+
+
 def check_folder(path: str, classes: list[str]) -> dict[str, int]:
-    """Image files per class folder of an ImageFolder split, from one recursive listing per class
-    folder: the driver holds one class's entries at a time (~1,300 on ImageNet), never the split's.
+    """Image files per class folder of an ImageFolder split, from its listing (list_folder).
 
     Raises SourceError naming the folder or file for: a class folder without image files, a class
     folder not in `classes` (the train split's), an image file outside a class folder.
     """
-    f, _ = fs.resolve(path)
-    counts: dict[str, int] = {}
-    for e in _entries(path):
-        if e.base_name.startswith(HIDDEN_PREFIXES):
-            continue
-        if e.type == pafs.FileType.Directory:
-            listing = f.get_file_info(pafs.FileSelector(e.path, recursive=True))
-            counts[e.base_name] = sum(x.type == pafs.FileType.File and is_image_name(x.base_name) for x in listing)
-        elif e.type == pafs.FileType.File and is_image_name(e.base_name):
-            raise SourceError(f"{path}/{e.base_name}: image outside a class folder: move it into {path}/<class>/, or remove it")
-    if not counts:
+    listing = list_folder(path)
+    if listing.loose:
+        raise SourceError(f"{path}/{listing.loose[0]}: image outside a class folder: move it into {path}/<class>/, or remove it")
+    if not listing.images:
         raise SourceError(f"{path} has no class sub-folders: expected {path}/<class>/<image>")
-    for cls, n in sorted(counts.items()):
+    for cls, n in sorted(listing.images.items()):
         if cls not in classes:
             raise SourceError(f"{path}/{cls}: class folder {cls!r} is not among the train classes: remove it, or add it to the train split")
         if n == 0:
             raise SourceError(f"{path}/{cls} holds no images ({', '.join(IMAGE_EXTENSIONS)}): remove it, or add images")
-    return counts
+    return dict(listing.images)
 
 
 def _decode_rows(blobs, names: list[str], size: int, strict: bool) -> dict:

@@ -229,11 +229,8 @@ class _S3Lock:
         return self._put(doc, IfMatch=self.etag)
 
     def remove(self, token: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
-        except self.ClientError as e:
-            if not self._is(e, self.CONFLICTS):  # a conflict: no longer this run's lock, so it stays
-                raise OSError(str(e)) from e
+        # a conflict: no longer this run's lock, so it stays
+        self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag), self.CONFLICTS, None)
 
 
 class _UnconditionalLock:

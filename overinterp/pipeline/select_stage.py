@@ -27,7 +27,7 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy
 
-from overinterp import store
+from overinterp import fs, store
 from overinterp.costplan import format_duration, format_rate
 from overinterp.data import normalize
 from overinterp.pipeline.plan import SelectionJob, SelectionSource
@@ -252,13 +252,7 @@ def lost_worker(e: BaseException) -> Optional[BaseException]:
     """The error in e's chain that says a worker process or node died (Ray wraps it), else None."""
     lost = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.WorkerCrashedError,
             ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError)
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, lost):
-            return e
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    return None
+    return next((c for c in fs.causes(e) if isinstance(c, lost)), None)
 
 
 def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager=False, skip=None):

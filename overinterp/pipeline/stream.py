@@ -30,7 +30,7 @@ from overinterp.config import SMOKE_SIZES, RunConfig
 from overinterp.data import IMAGENET_MEAN, IMAGENET_STD, skipped_line, skipped_summary
 from overinterp.models import create_model
 from overinterp.pipeline.analysis import TestImages
-from overinterp.pipeline.images import check_folder, drop_bad, is_parquet, list_classes, read_images
+from overinterp.pipeline.images import check_folder, drop_bad, forget_listings, is_parquet, list_classes, list_folder, read_images
 from overinterp.pipeline.plan import Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan, exit_with_parent, worker_device
 from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, select_stream, stored_random_ids, write_random
@@ -48,31 +48,16 @@ ANALYSIS_IMAGES = 2000
 
 def listing_digest(path: str) -> str:
     """16 hex digits of sha256 over every file's relative path and size, in path order: a listing, no
-    file read. A folder is listed one top-level entry (an ImageFolder class) at a time, so the
-    driver holds one class's listing, not ImageNet's 1.28M entries."""
+    file read (a folder: images.list_folder's, made once per run; a file: its own name and size)."""
     import hashlib
 
     import pyarrow.fs as pafs
 
     f, p = fs.resolve(path)
-    h = hashlib.sha256()
-
-    def add(files):
-        for e in sorted(files, key=lambda e: e.path):
-            h.update(f"{e.path[len(p):]}:{e.size}".encode())
-
     info = f.get_file_info(p)
-    if info.type == pafs.FileType.File:
-        add([info])
-        return h.hexdigest()[:16]
-    top = f.get_file_info(pafs.FileSelector(p))
-    # a folder's files sort after its name + "/", as they would in one sorted listing of full paths
-    for e in sorted(top, key=lambda e: e.path + ("/" if e.type == pafs.FileType.Directory else "")):
-        if e.type == pafs.FileType.Directory:
-            add(x for x in f.get_file_info(pafs.FileSelector(e.path, recursive=True)) if x.type == pafs.FileType.File)
-        elif e.type == pafs.FileType.File:
-            add([e])
-    return h.hexdigest()[:16]
+    if info.type != pafs.FileType.File:
+        return list_folder(path).digest
+    return hashlib.sha256(f"{info.path[len(p):]}:{info.size}".encode()).hexdigest()[:16]
 
 
 def count_images(path: str, classes, limit) -> int:
@@ -109,6 +94,7 @@ class StreamSource:
 
     @classmethod
     def open(cls, cfg: RunConfig) -> "StreamSource":
+        forget_listings()  # list the folders afresh for this run, then once
         classes = None if is_parquet(cfg.train) else list_classes(cfg.train)
         num_classes = cfg.num_classes or (len(classes) if classes else 1000)
         if cfg.pretrained:
