@@ -60,6 +60,10 @@ STREAM_JOB_START_S = 8.0
 STREAM_SELECT_IMAGE_S = 5.0e-4
 STREAM_TRIAL_START_S = 15.0
 STREAM_TRAIN_IMAGE_S = 9.0e-5
+# and once per run: Ray's start and the summary stage (test images decoded for the analysis, the
+# plots, MLflow), plus the explained model's evaluation over every validation image
+STREAM_RUN_S = 25.0
+STREAM_EVAL_IMAGE_S = 3.0e-4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +371,7 @@ class CostPlan:
     trainings: tuple[TrainingCost, ...] = ()
     knobs: Knobs = Knobs()
     rate_sources: tuple[tuple[str, str], ...] = ()  # (model, where its rates came from), as printed
+    fixed_s: float = 0.0  # the run's own start and summary, seconds (streamed runs; the alternatives keep it)
 
     @property
     def selection_seconds(self) -> float:
@@ -378,7 +383,7 @@ class CostPlan:
 
     @property
     def eta_seconds(self) -> float:
-        return self.selection_seconds + self.training_seconds  # the stages run one after the other
+        return self.selection_seconds + self.training_seconds + self.fixed_s  # the stages run one after the other
 
     @property
     def forward_passes(self) -> int:
@@ -395,6 +400,8 @@ class CostPlan:
         lines += ["  " + c.describe() for c in self.trainings if c.stage == "full-image"]
         lines += ["  " + c.describe() for c in self.selections]
         lines += ["  " + c.describe() for c in self.trainings if c.stage != "full-image"]
+        if self.fixed_s:
+            lines.append(f"  start and summary  ≈ {format_duration(self.fixed_s)} (Ray's start, the baseline on every validation image, the analysis)")
         lines.append(f"  total      ≈ {format_duration(self.eta_seconds)} (selection {self.forward_passes:,} passes "
                      + (f"+ {self.backward_passes:,} backward " if self.backward_passes else "")
                      + f"≈ {format_duration(self.selection_seconds)}, training ≈ {format_duration(self.training_seconds)})")

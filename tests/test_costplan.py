@@ -67,6 +67,10 @@ def test_a_streamed_runs_per_image_costs_add_to_the_passes():
     assert t.eta_seconds == pytest.approx(3 * (15.0 + 2 * 100 * (1 / 50 + 0.01)))
     assert t.repriced(images=10).eta_seconds == pytest.approx(3 * (15.0 + 2 * 10 * (1 / 50 + 0.01)))
     assert t.describe().endswith("+ 10 ms/img streaming, 15 s start per trial")
+    plan = CostPlan((c,), (t,), fixed_s=30.0)
+    assert plan.eta_seconds == pytest.approx(c.eta_seconds + t.eta_seconds + 30.0)
+    assert "  start and summary  ≈ 30 s (" in plan.describe()
+    assert "start and summary" not in CostPlan((c,), (t,)).describe()
 
 
 def test_describe_line():
