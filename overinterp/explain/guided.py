@@ -49,7 +49,7 @@ class GuidanceConfig:
     steps: int = 10
     iterations: int = 20
     lr: float = 0.1
-    scale: float = 10.0
+    scale: float = 2.0
     checkpointing: bool = True
 
     def __post_init__(self):
