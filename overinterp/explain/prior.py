@@ -240,9 +240,10 @@ def load_generator(path_or_id: str, device: torch.device | str = "cpu") -> Denoi
     """
     from diffusers import DDIMScheduler, DiffusionPipeline
 
-    if os.path.sep in path_or_id and not os.path.isdir(path_or_id):
+    looks_local = os.path.isabs(path_or_id) or path_or_id.startswith((".", "~")) or path_or_id.count("/") > 1  # a hub id is owner/name
+    if looks_local and not os.path.isdir(os.path.expanduser(path_or_id)):
         raise FileNotFoundError(f"no pipeline folder at {path_or_id}: give the folder save_pretrained wrote, or a hub id")
-    pipe = DiffusionPipeline.from_pretrained(path_or_id)
+    pipe = DiffusionPipeline.from_pretrained(os.path.expanduser(path_or_id) if looks_local else path_or_id)
     unet = getattr(pipe, "unet", None)
     if unet is None or getattr(pipe, "vae", None) is not None:
         raise ValueError(f"{path_or_id} is a {type(pipe).__name__}: only pixel-space pipelines with a unet (e.g. DDPMPipeline) "
