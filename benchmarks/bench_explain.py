@@ -104,7 +104,7 @@ def main(argv=None):
     p.add_argument("--speed-images", type=int, default=16, help="images per objective and method in the speed table")
     p.add_argument("--classifier-epochs", type=int, default=30)
     p.add_argument("--guide-steps", type=int, default=10, help="DDIM steps of the guided chain")
-    p.add_argument("--iterations", type=int, default=20, help="'noise': Adam iterations on x_T")
+    p.add_argument("--iterations", type=int, default=50, help="'noise': Adam iterations on x_T")
     p.add_argument("--lr", type=float, default=0.1, help="'noise': Adam's learning rate on x_T")
     p.add_argument("--scale", type=float, default=2.0, help="'universal': guidance scale")
     p.add_argument("--lam", type=float, default=0.05, help="VCE: weight of the L1 distance (normalised units)")

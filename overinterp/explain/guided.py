@@ -11,6 +11,16 @@ minimises an objective (objectives.py), by one of two methods, chosen by name (M
   is added to the noise prediction: eps ← eps + scale · √(1-ᾱ_t) · ∇_{x_t} loss(x̂0(x_t)).
   Cost: S UNet forwards and backwards.
 
+The default is "noise", for the quality of its images at the same success rate. On the digits
+(benchmarks/bench_explain.py, a 2,000-step prior, 10 DDIM steps, 128 VCEs against digits_cnn; one
+run on a 2-core Xeon VM, one torch thread, torch 2.14.1, diffusers 0.42.1), "noise" with 50
+iterations and "universal" with scale 2 reach p ≥ 0.9 for 90% and 93% of the images, but the
+noise-optimised VCEs stay closer to their starts (mean L2 6.0 against 7.1 normalised units), look
+more real (Fréchet distance to the real test images 46 against 56; a real-vs-generated
+discriminator 0.55 against 0.61 accurate, where real train images score 0.57) and win on
+disagreement (19% against 6% of the images). Universal guidance is the fast choice: 64 against
+1.6 images/s there.
+
 A VCE starts from the DDIM inversion of the image it explains (ddim.ddim_invert), any other
 objective from seeded Gaussian noise, one seed per image. Images move between the diffusion
 model's [-1, 1] and the classifiers' normalised units only through pixels.py. The objective sees
@@ -47,7 +57,7 @@ class GuidanceConfig:
 
     method: str = "noise"
     steps: int = 10
-    iterations: int = 20
+    iterations: int = 50
     lr: float = 0.1
     scale: float = 2.0
     checkpointing: bool = True
