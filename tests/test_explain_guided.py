@@ -13,6 +13,7 @@ pytest.importorskip("diffusers")  # the `explain` extra
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 
 from overinterp.data import normalize  # noqa: E402
+from denoisers import GaussianOptimal  # noqa: E402
 from overinterp.explain.ddim import Denoiser, initial_noise, schedule  # noqa: E402
 from overinterp.explain.guided import METHODS, GuidanceConfig, ddim_chain, generate  # noqa: E402
 from overinterp.explain.objectives import VCE, ClassVisualisation, Disagreement, distance  # noqa: E402
@@ -44,18 +45,6 @@ class FixedLogits(torch.nn.Module):
 
     def forward(self, x):
         return self.logits.expand(x.shape[0], -1)
-
-
-class GaussianOptimal(torch.nn.Module):
-    """The exact eps-predictor for data x0 ~ N(0, sigma² I)."""
-
-    def __init__(self, alphas_cumprod, sigma=0.5):
-        super().__init__()
-        self.ac, self.var = alphas_cumprod, sigma ** 2
-
-    def forward(self, x, t):
-        a = self.ac[t].view(-1, 1, 1, 1)
-        return (1 - a).sqrt() * x / (a * self.var + 1 - a)
 
 
 def gaussian_prior():

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("diffusers")  # the `explain` extra
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel  # noqa: E402
 
+from denoisers import GaussianOptimal  # noqa: E402
 from overinterp.explain.ddim import Denoiser, ddim_invert, ddim_sample, ddim_step, initial_noise, schedule  # noqa: E402
 from overinterp.explain.prior import (  # noqa: E402
     PriorConfig, as_denoiser, load_checkpoint, load_generator, sample, save_generator, train_prior,
@@ -47,18 +48,6 @@ class ConstantEps(torch.nn.Module):
 
     def forward(self, x, t):
         return self.eps.expand_as(x) * (1 + t.view(-1, 1, 1, 1) / 1000)
-
-
-class GaussianOptimal(torch.nn.Module):
-    """The exact eps-predictor for data x0 ~ N(0, sigma² I): E[eps | x_t] = √(1-ᾱ)·x_t / (ᾱσ² + 1-ᾱ)."""
-
-    def __init__(self, alphas_cumprod, sigma=0.5):
-        super().__init__()
-        self.ac, self.var = alphas_cumprod, sigma ** 2
-
-    def forward(self, x, t):
-        a = self.ac[t].view(-1, 1, 1, 1)
-        return (1 - a).sqrt() * x / (a * self.var + 1 - a)
 
 
 def test_ddim_step_equals_diffusers_ddim_scheduler_step_with_eta_0():
