@@ -130,6 +130,8 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=8)
     p.add_argument("--pixels-per-step", type=int, default=32, help="BGSIS k")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--select-batch", type=int, default=None,
+                   help="images per selection call and per store shard (default: the job's, 32); the driver reads every shard's ids")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between samples of /proc/<pid>/status")
     p.add_argument("--scratch", default=None, help="folder for outputs (default: a temporary one, removed at the end)")
     p.add_argument("--quick", action="store_true", help="write a 2,000-image source of 10 classes; N = 100 and 1,000")
@@ -154,7 +156,7 @@ def main(argv=None):
         common = ["--train", os.path.join(source, "train"), "--val", os.path.join(source, "val"), "--model", args.model,
                   "--weights", weights, "--train-model", args.model, "--num-classes", str(args.num_classes),
                   "--image-size", str(args.image_size), "--pixels-per-step", str(args.pixels_per_step), "--seeds", "0",
-                  "--epochs", str(args.epochs), "--max-hours", "0"]
+                  "--epochs", str(args.epochs), "--max-hours", "0", *(["--select-batch", str(args.select_batch)] if args.select_batch else [])]
         runs = []
         for n in sizes:
             out = os.path.join(scratch, f"out-{n}")
@@ -177,6 +179,7 @@ def main(argv=None):
         "measured": "the driver process only (jobs/sis_imagenet.py); Ray workers are separate processes",
         "settings": {"n": [str(n) for n in sizes], "source": args.source or "quick", "classes": args.num_classes, "model": args.model,
                      "image_size": args.image_size, "pixels_per_step": args.pixels_per_step, "epochs": args.epochs, "seeds": [0],
+                     "select_batch": args.select_batch or 32,
                      "interval_s": args.interval, "quick": args.quick},
         "runs": runs,
         "rss_growth_mib": large["peak_rss_mib"] - small["peak_rss_mib"],
