@@ -36,7 +36,7 @@ from overinterp.config import ConfigError, RunConfig  # noqa: E402
 # The paper's ImageNet settings: a pretrained model explained by Batched Gradient SIS (k = 100),
 # subsets of the last 10% of pixels, subset models trained from scratch.
 DEFAULTS = RunConfig(dataset="imagefolder", pretrained="tv:resnet50", weights="DEFAULT", image_size=224, selectors=("bgsis",), pixels_per_step=100,
-                     fraction=0.1, seeds=(0,), epochs=16, batch_size=256, augment=False, select_batch=32, input_dropout=0.0,
+                     fraction=0.1, seeds=(0,), epochs=16, batch_size=256, augment=False, input_dropout=0.0,
                      fills=("mean",), stream=True, out_dir="imagenet-out", experiment="overinterp-imagenet", gallery=0)
 
 

@@ -80,7 +80,7 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     r.add_argument("--lr", type=float, default=d.lr)
     r.add_argument("--workers-per-trial", type=int, default=d.workers_per_trial, help="streamed runs: Ray Train workers (DDP) per trial")
     r.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment, help="random crop + flip (default: on for CIFAR)")
-    r.add_argument("--select-batch", type=int, default=d.select_batch, help="images per selection task and Parquet shard")
+    r.add_argument("--select-batch", type=int, default=d.select_batch, help="images per selection task and Parquet shard (default: 64 in memory; streamed runs size it by the image: 32 at 224 px, up to 1,024 for small images)")
     r.add_argument("--out", dest="out_dir", default=d.out_dir, help="output directory or URI (s3://...); rerun with the same one to resume")
     r.add_argument("--tracking-uri", default=d.tracking_uri, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)")
     r.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")

@@ -81,6 +81,21 @@ DEFAULT_SELECTORS = ("backselect", "perturbation", "gradient", "ig")
 PIXEL_FILLS = ("mean", "road")  # how removed pixels look to subset models; positions-only is a control that always runs
 
 
+IN_MEMORY_SELECT_BATCH = 64  # images per selection call of an in-memory run (a few per worker on the digits)
+# A streamed run's selection call holds about as many pixels as 32 ImageNet images at 224 px: small
+# images go in larger calls, so there are fewer store shards (the driver reads every shard's ids:
+# 40,037 shards of 32 8-px images per ImageNet-count split cost it ~120 MiB) and each call
+# amortises its Ray Data hand-off (BENCHMARKS.md: selection 2.0x faster at 512 than at 32 images).
+SELECT_PIXELS = 32 * 224 * 224
+MAX_SELECT_BATCH = 1024
+
+
+def streamed_select_batch(side: int) -> int:
+    """Images per selection call of a streamed run at side × side pixels: 32 at 224 px, 17 at 299,
+    1,024 from 39 px down; at least 8."""
+    return max(8, min(MAX_SELECT_BATCH, SELECT_PIXELS // (side * side)))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One run: train (or take a pretrained model) -> select pixels -> train on subsets -> compare.
@@ -118,7 +133,7 @@ class RunConfig:
     tau: float = 0.99  # SIS threshold in [0, 1]
     compile: bool = False  # torch.compile the model inside selection (pays off on large runs)
     autocast: Optional[str] = None  # "bf16"/"fp16" selection on GPUs: faster, not exact
-    select_batch: int = 64  # images per selection task (and per Parquet shard)
+    select_batch: Optional[int] = None  # images per selection task and Parquet shard; None: selection_batch's rule
     random_seed: int = 0  # seed of the random-subset baseline
     # --- training on subsets ---
     fills: tuple[str, ...] = ("mean", "road")  # how removed pixels look to subset models (positions-only always runs too)
@@ -203,6 +218,13 @@ class RunConfig:
         if self.pretrained is not None:
             return self.pretrained
         return self.models[0] if self.weights is not None and self.models else None
+
+    def selection_batch(self, streamed: bool) -> int:
+        """Images per selection call and per store shard: --select-batch, else IN_MEMORY_SELECT_BATCH
+        in memory, and for a streamed run about SELECT_PIXELS pixels a call (streamed_select_batch)."""
+        if self.select_batch is not None:
+            return self.select_batch
+        return streamed_select_batch(self.image_size or DEFAULT_IMAGE_SIZE) if streamed else IN_MEMORY_SELECT_BATCH
 
     def selection_params(self) -> dict[str, dict]:
         """selector -> the parameters its rows are stored with; ConfigError naming the fix."""

@@ -51,15 +51,17 @@ JOB_START_S = 10.0
 TRIAL_START_S = 1.0
 # A streamed run's costs beside the model's passes, fitted to the stage times of benchmarks/driver_rss.py
 # on the same machine (ImageNet-shaped Parquet, 8-px images, N = 10,000 to 1,331,167; BENCHMARKS.md):
-# per image, Ray Data reading, decoding and handing it to a selection actor and the store's shard
-# writes (seconds of one worker), or streaming, joining and decoding it for a training trial (seconds
-# of one trial); per trial, Ray Train starting its controller and worker group, and the trial's
-# validation and checkpoint. Machine-bound constants: a cluster with faster CPUs streams faster, and
-# the re-plan printed once selection runs (select_stage) measures the real rate.
+# per image, Ray Data reading and decoding it for a selection actor, and per selection call its
+# hand-off and its store shard's write (seconds of one worker; at 32 and 512 images a call), or
+# streaming, joining and decoding it for a training trial (seconds of one trial); per trial, Ray
+# Train starting its controller and worker group, the keep-mask table, the trial's validation and
+# checkpoint. Machine-bound constants: a cluster with faster CPUs streams faster, and the re-plan
+# printed once selection runs (select_stage) measures the real rate.
 STREAM_JOB_START_S = 8.0
-STREAM_SELECT_IMAGE_S = 6.5e-4
+STREAM_SELECT_IMAGE_S = 1.9e-4
+STREAM_SELECT_CALL_S = 1.47e-2
 STREAM_TRIAL_START_S = 20.0
-STREAM_TRAIN_IMAGE_S = 1.25e-4
+STREAM_TRAIN_IMAGE_S = 1.1e-4
 # and once per run: Ray's start and the summary stage (test images decoded for the analysis, the
 # plots, MLflow), plus the explained model's evaluation over every validation image
 STREAM_RUN_S = 25.0

@@ -105,3 +105,14 @@ def test_smoke_within_the_bound_with_a_fitting_tail(tmp_path):
     cfg = RunConfig(dataset="imagefolder", data_root=str(tmp_path), smoke=True, exact_tail=0.37).resolved()
     for name, params in cfg.selection_params().items():
         assert planned_passes(name, 16 * 16, params)[0] <= SMOKE_MAX_PASSES, name
+
+
+def test_the_selection_batch_is_given_or_sized_by_the_run():
+    """--select-batch wins; in memory 64; a streamed run's call holds ~32 images of 224 px, 8 to 1,024 images."""
+    from overinterp.config import streamed_select_batch
+
+    assert RunConfig(select_batch=5).selection_batch(True) == RunConfig(select_batch=5).selection_batch(False) == 5
+    assert RunConfig().selection_batch(False) == 64
+    assert [streamed_select_batch(s) for s in (8, 39, 40, 64, 224, 299, 800)] == [1024, 1024, 1003, 392, 32, 17, 8]
+    assert RunConfig(train="a", val="b", image_size=224).selection_batch(True) == 32
+    assert RunConfig(train="a", val="b", image_size=8).selection_batch(True) == 1024

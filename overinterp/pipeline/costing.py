@@ -20,6 +20,7 @@ from overinterp.costplan import (
     STREAM_EVAL_IMAGE_S,
     STREAM_JOB_START_S,
     STREAM_RUN_S,
+    STREAM_SELECT_CALL_S,
     STREAM_SELECT_IMAGE_S,
     STREAM_TRAIN_IMAGE_S,
     STREAM_TRIAL_START_S,
@@ -116,8 +117,9 @@ def plan_cost(
     """
     plan, _ = costable(plan)
     # a streamed run also pays, per image, for Ray Data's reading and decoding and, per trial, for Ray Train's start
-    job_start, select_image_s, trial_start, train_image_s = ((STREAM_JOB_START_S, STREAM_SELECT_IMAGE_S, STREAM_TRIAL_START_S, STREAM_TRAIN_IMAGE_S)
-                                                             if plan.streamed else (JOB_START_S, 0.0, TRIAL_START_S, 0.0))
+    job_start, select_image_s, trial_start, train_image_s = (
+        (STREAM_JOB_START_S, STREAM_SELECT_IMAGE_S + STREAM_SELECT_CALL_S / (select_batch or 1), STREAM_TRIAL_START_S, STREAM_TRAIN_IMAGE_S)
+        if plan.streamed else (JOB_START_S, 0.0, TRIAL_START_S, 0.0))
     selections = []
     by_tag = {s.tag: (arch, s) for arch, variants in plan.sources.items() for s in variants.values()}
     for job in plan.selections:
@@ -182,7 +184,7 @@ def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = Tru
     rates = measure_rates(plan, resources, cfg.batch_size)
     cost = plan_cost(plan, forward_rates={m: r[0] for m, r in rates.items()}, train_rates={m: r[1] for m, r in rates.items()},
                      select_workers=resources.select_workers, trial_concurrency=trial_concurrency or resources.trial_concurrency,
-                     epochs=cfg.epochs, select_batch=cfg.select_batch, knobs=knobs_of(cfg, plan, resources))
+                     epochs=cfg.epochs, select_batch=cfg.selection_batch(plan.streamed), knobs=knobs_of(cfg, plan, resources))
     cost = dataclasses.replace(cost, rate_sources=tuple((m, r[2]) for m, r in rates.items()))
     _, notes = costable(plan)
     refusal = None

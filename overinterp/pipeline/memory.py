@@ -57,11 +57,11 @@ class InMemoryBackend:
 
     def select(self, job: SelectionJob) -> None:
         select_in_memory(job, self.data.images[job.split], self.data.labels[job.split], self.data.mean, self.data.std, self.plan.root,
-                         self.resources, self.engine, self.cfg.select_batch)
+                         self.resources, self.engine, self.cfg.selection_batch(False))
 
     def write_random(self, split: str) -> None:
         _, H, W = self.data.shape
-        write_random(self.plan.root, split, self.data.labels[split], H, W, self.plan.random_params, self.cfg.select_batch)
+        write_random(self.plan.root, split, self.data.labels[split], H, W, self.plan.random_params, self.cfg.selection_batch(False))
 
     def train_subsets(self, specs: list[TrialSpec]) -> dict:
         n = {s: len(self.data.labels[s]) for s in SPLITS}

@@ -147,7 +147,7 @@ class StreamBackend:
     def select(self, job: SelectionJob) -> None:
         done = store.done_ids(self.plan.root, job.source.tag, job.tag, job.split)  # a rerun decodes only the rest
         ds = self._read(job.split, skip_ids=done)
-        _, skipped = select_stream(job, ds, self.plan.root, IMAGENET_MEAN, IMAGENET_STD, self.resources, select_batch=self.cfg.select_batch,
+        _, skipped = select_stream(job, ds, self.plan.root, IMAGENET_MEAN, IMAGENET_STD, self.resources, select_batch=self.cfg.selection_batch(True),
                                    done=done, total=self.plan.n_images[job.split], hw=self.plan.shape[1:])
         self.skipped[job.split] = skipped
         if skipped:
