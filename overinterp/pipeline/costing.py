@@ -17,7 +17,6 @@ from typing import Mapping, Optional, Union
 
 from overinterp.costplan import (
     JOB_START_S,
-    STREAM_EVAL_IMAGE_S,
     STREAM_JOB_START_S,
     STREAM_RUN_S,
     STREAM_SELECT_CALL_S,
@@ -140,8 +139,7 @@ def plan_cost(
                                                rate=_rate_of(train_rates, arch, "training"), concurrency=trial_concurrency,
                                                start_s=trial_start, selections=len(per_key),
                                                per_selection=max(per_key.values(), default=0), image_s=train_image_s))
-    fixed = STREAM_RUN_S + STREAM_EVAL_IMAGE_S * plan.n_images["test"] if plan.streamed else 0.0
-    return CostPlan(tuple(selections), tuple(trainings), knobs, fixed_s=fixed)
+    return CostPlan(tuple(selections), tuple(trainings), knobs, fixed_s=STREAM_RUN_S if plan.streamed else 0.0)
 
 
 def _accepts(cfg, **changes) -> bool:
