@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from overinterp.config import SMOKE_IMAGE_SIZE, SMOKE_MAX_PASSES, SMOKE_SIZES, ConfigError, RunConfig
+from overinterp.explain import GUIDANCE_METHODS
 
 
 def _csv(kind):
@@ -85,6 +86,16 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     r.add_argument("--tracking-uri", default=d.tracking_uri, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)")
     r.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
     r.add_argument("--gallery", type=int, default=d.gallery, help="test images in gallery.png")
+    e = r.add_argument_group("explain", "guided generation under a diffusion prior: what the models learned to look for")
+    e.add_argument("--explain", type=_csv(str), default=d.explain,
+                   help="comma-separated questions: vce (what change turns a test image into each other class), disagree "
+                        "(where the full-image and subset models, input dropout, and two seeds disagree most); default: none")
+    e.add_argument("--explain-method", choices=GUIDANCE_METHODS, default=d.explain_method,
+                   help="guidance: noise (optimise the start noise through the DDIM chain, DiG-IN) or universal (~40x faster, less real)")
+    e.add_argument("--explain-images", type=int, default=d.explain_images, help="test images explained; images per model pair and direction")
+    e.add_argument("--prior-steps", type=int, default=d.prior_steps, help="training steps of the diffusion prior (cached and resumed in --out)")
+    e.add_argument("--generator", default=d.generator,
+                   help="a diffusers pixel-space pipeline (folder from save_pretrained, or a hub id) in place of the trained prior")
     r.add_argument("--smoke", action="store_true",
                    help=f"a wiring check on any data set: {SMOKE_SIZES[0]} train / {SMOKE_SIZES[1]} test images, 2 epochs, small models "
                         f"(digits_cnn; resnet20 otherwise), ImageFolder images at {SMOKE_IMAGE_SIZE} px, and k raised until "

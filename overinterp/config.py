@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from overinterp import fs
+from overinterp.explain import GUIDANCE_METHODS, QUESTIONS
 from overinterp.selection.params import DEFAULT_EXACT_TAIL, REMOVAL_SELECTORS, selector_params
 
 
@@ -54,6 +55,8 @@ RESOURCE_FIELDS = tuple(ResourceFlags.__dataclass_fields__)
 # streamed (decided by its size, see overinterp/pipeline/driver.py); Parquet always streams.
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "parquet")
 IN_MEMORY_ONLY = ("digits", "cifar10", "cifar100")
+STREAMED_EXPLAIN = ("--explain on a streamed source needs --generator (a diffusers pipeline for its image size): "
+                    "the built-in prior trains on data sets held in memory")
 DEFAULT_MODELS = {
     "digits": ("digits_cnn",),
     "cifar10": ("resnet20", "resnet18", "vgg16_bn"),
@@ -147,6 +150,12 @@ class RunConfig:
     tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db
     experiment: str = "overinterp"
     gallery: int = 6  # test images pictured with their subsets
+    # --- guided generation: what the models learned to look for (overinterp/explain) ---
+    explain: tuple[str, ...] = ()  # questions among QUESTIONS (vce, disagree); empty: no explain stage
+    explain_method: str = "noise"  # guidance, one of GUIDANCE_METHODS
+    explain_images: int = 8  # test images turned into each other class; generated images per model pair and direction
+    prior_steps: int = 1000  # training steps of the diffusion prior trained on the train split
+    generator: Optional[str] = None  # a diffusers pixel-space pipeline (folder or hub id) in place of the trained prior
     smoke: bool = False  # tiny subsample, 2 epochs, small sizes: checks the wiring (see SMOKE_*)
     max_hours: float = 24.0  # the budget guard: refuse a run whose planned ETA is longer (0: no guard)
     extra: dict = field(default_factory=dict)  # free-form tags logged with the run
@@ -186,10 +195,20 @@ class RunConfig:
         bad_fills = [f for f in self.fills if f not in PIXEL_FILLS]
         if not self.fills or bad_fills or len(set(self.fills)) != len(self.fills):
             raise ConfigError(f"--fill takes distinct values from {', '.join(PIXEL_FILLS)} (comma-separated), got {','.join(self.fills) or 'nothing'}")
+        bad = [q for q in self.explain if q not in QUESTIONS]
+        if bad or len(set(self.explain)) != len(self.explain):
+            raise ConfigError(f"--explain takes distinct questions from {', '.join(QUESTIONS)} (comma-separated), got {','.join(self.explain)}")
+        if self.explain_method not in GUIDANCE_METHODS:
+            raise ConfigError(f"--explain-method must be one of {', '.join(GUIDANCE_METHODS)}, got {self.explain_method!r}")
+        if self.explain and not self.generator and (self.stream or self.source == "parquet"):
+            raise ConfigError(STREAMED_EXPLAIN)
+        if self.generator is not None and not self.explain:
+            raise ConfigError("--generator is the prior of the explain stage: add --explain vce,disagree (or drop --generator)")
         if self.autocast not in (None, "bf16", "fp16"):
             raise ConfigError(f"--autocast must be bf16 or fp16, got {self.autocast!r}")
         lowest = {"epochs": 1, "batch_size": 1, "select_batch": 1, "workers_per_trial": 1, "image_size": 8, "num_classes": 2,
-                  "max_images": 1, "gallery": 0}  # image_size in pixels
+                  "max_images": 1, "gallery": 0,
+                  "explain_images": 1, "prior_steps": 1}  # image_size in pixels
         for name, low in lowest.items():
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
@@ -311,7 +330,8 @@ class RunConfig:
     # Selectors, k, F and fills are among them: their work is stored under its own selector tag / trial name.
     REUSABLE_CHANGES = ("tau", "tracking_uri", "experiment", "gallery", "extra", "out_dir", "select_batch", "strict",
                         "selectors", "selector_options", "pixels_per_step", "exact_tail", "fills", "max_hours",
-                        "workers_per_trial", "stream", *RESOURCE_FIELDS)
+                        "workers_per_trial", "stream", "explain", "explain_method", "explain_images", "prior_steps", "generator",
+                        *RESOURCE_FIELDS)  # the explain stage keeps its own record (pipeline/explain_stage.py)
 
     def resource_flags(self) -> dict:
         return {k: getattr(self, k) for k in RESOURCE_FIELDS}

@@ -65,6 +65,15 @@ STREAM_TRAIN_IMAGE_S = 1.1e-4
 # and once per run: Ray's start and the summary stage (the explained model's evaluation over the
 # validation images, test images decoded for the analysis, the plots, MLflow): 21–37 s measured
 STREAM_RUN_S = 35.0
+# The explain stage (guided generation, pipeline/explain_stage.py) on the same 2-core machine with
+# both cores: the diffusion prior costs PRIOR_PIXEL_S per image-pixel of each training step's batch
+# (0.17 s a step of 128 8×8 digits; fitted to the default digits run with --explain); a guided chain step costs GUIDED_STEP_S per batch (the UNet's
+# fixed cost at tiny batches) plus GUIDED_PIXEL_S per image-pixel ("noise" runs iterations + 1
+# chains, "universal" one). CPU constants: a GPU runs the stage far faster than they say.
+PRIOR_PIXEL_S = 2.1e-5
+GUIDED_STEP_S = 2.0e-2
+GUIDED_PIXEL_S = 2.0e-5
+EXPLAIN_START_S = 10.0  # the task's start, model loads, Parquet and galleries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +382,7 @@ class CostPlan:
     knobs: Knobs = Knobs()
     rate_sources: tuple[tuple[str, str], ...] = ()  # (model, where its rates came from), as printed
     fixed_s: float = 0.0  # the run's own start and summary, seconds (streamed runs; the alternatives keep it)
+    explain_s: float = 0.0  # the explain stage (--explain), seconds: estimate_explain (the alternatives keep it)
 
     @property
     def selection_seconds(self) -> float:
@@ -384,7 +394,7 @@ class CostPlan:
 
     @property
     def eta_seconds(self) -> float:
-        return self.selection_seconds + self.training_seconds + self.fixed_s  # the stages run one after the other
+        return self.selection_seconds + self.training_seconds + self.fixed_s + self.explain_s  # the stages run one after the other
 
     @property
     def forward_passes(self) -> int:
@@ -401,6 +411,9 @@ class CostPlan:
         lines += ["  " + c.describe() for c in self.trainings if c.stage == "full-image"]
         lines += ["  " + c.describe() for c in self.selections]
         lines += ["  " + c.describe() for c in self.trainings if c.stage != "full-image"]
+        if self.explain_s:
+            lines.append(f"  explain    ≈ {format_duration(self.explain_s)} (the diffusion prior and guided generation, "
+                         "at the CPU rates of a 2-core VM)")
         if self.fixed_s:
             lines.append(f"  start and summary  ≈ {format_duration(self.fixed_s)} (Ray's start, the baseline on every validation image, the analysis)")
         lines.append(f"  total      ≈ {format_duration(self.eta_seconds)} (selection {self.forward_passes:,} passes "
@@ -413,7 +426,7 @@ class CostPlan:
         out = {"cost.eta_s": round(self.eta_seconds, 1), "cost.eta": format_duration(self.eta_seconds),
                "cost.selection_eta_s": round(self.selection_seconds, 1), "cost.training_eta_s": round(self.training_seconds, 1),
                "cost.forward_passes": self.forward_passes, "cost.backward_passes": self.backward_passes,
-               "cost.backward_cost": BACKWARD_COST}
+               "cost.backward_cost": BACKWARD_COST, "cost.explain_eta_s": round(self.explain_s, 1)}
         out.update({_key(f"cost.rates.{model}"): how for model, how in self.rate_sources})
         for c in self.selections:
             key = _key(f"cost.select.{c.model}.{c.variant}.{c.tag}.{c.split}")
@@ -518,6 +531,17 @@ def estimate_training(model: str, stage: str, *, trials: int, epochs: int, image
 
 # ---------------------------------------------------------------------------------------------
 # Other settings: the same run priced again, from its rows alone
+
+
+def estimate_explain(*, pixels: int, prior_steps: int, prior_batch: int, images: int, method: str, steps: int,
+                     iterations: int, batch: int = 128) -> float:
+    """Seconds of the explain stage: `pixels` C·H·W of one image; prior_steps of prior_batch images
+    (0 with --generator); `images` guided images in batches of `batch`, each chain `steps` DDIM
+    steps, iterations + 1 chains for the "noise" method, one for "universal"."""
+    chains = iterations + 1 if method == "noise" else 1
+    batches = -(-images // batch)
+    return (EXPLAIN_START_S + prior_steps * prior_batch * pixels * PRIOR_PIXEL_S
+            + chains * steps * (batches * GUIDED_STEP_S + images * pixels * GUIDED_PIXEL_S))
 
 
 def reprice(plan: CostPlan, *, selector: Optional[str] = None, pixels_per_step: Optional[int] = None,

@@ -69,7 +69,7 @@ def s3(s3_server, monkeypatch):
 
 @pytest.fixture(scope="session")
 def smoke_cli_run(tmp_path_factory):
-    """`overinterp run --smoke --seeds 0,1` as a user types it, once per session, in its own process
+    """`overinterp run --smoke --seeds 0,1 --explain vce,disagree ...` as a user types it, once per session, in its own process
     with its own embedded Ray: (out dir, everything it printed, exit code). Its outputs are checked
     by test_pipeline.py, what it printed by test_terminal.py."""
     import subprocess
@@ -77,7 +77,8 @@ def smoke_cli_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smoke-cli") / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    p = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--seeds", "0,1", "--out", str(out)],
+    explain = ["--explain", "vce,disagree", "--explain-method", "universal", "--explain-images", "2", "--prior-steps", "20"]
+    p = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--seeds", "0,1", *explain, "--out", str(out)],
                        env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True,
                        timeout=1800)
     return out, p.stdout + p.stderr, p.returncode

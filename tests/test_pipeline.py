@@ -115,6 +115,8 @@ def test_mlflow_parent_and_children(smoke_run):
     assert ds.source_type == "local" and json.loads(ds.source)["uri"].endswith(os.path.join("sklearn", "datasets", "data", "digits.csv.gz"))
 
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert [c.info.run_name for c in children if c.data.tags.get("condition") == "prior"] == ["explain-prior"]  # the smoke run's --explain
+    children = [c for c in children if c.data.tags.get("condition") != "prior"]
     by_name = {c.info.run_name: c for c in children}
     # full (+ dropout), and per seed: 4 selectors x (mean, ROAD, positions only) + random x (mean, ROAD)
     assert len(children) == len(by_name) == 2 * 2 + 2 * (4 * 3 + 2)
@@ -137,7 +139,7 @@ def test_mlflow_parent_and_children(smoke_run):
     assert by_name["digits_cnn-ig-n50-road-s1"].data.tags["selector"] == "ig-n50"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert artifacts == {"summary.md", "summary.json", "gallery.png", "accuracy.png", "confidence_vs_removed.png", "sis_sizes.png",
-                         "plan.txt"}, artifacts  # summary_table.md is gone: summary.md holds the tables
+                         "plan.txt", "explain_vce.png", *(f"explain_disagree_{i}.png" for i in range(3))}, artifacts  # summary_table.md is gone: summary.md holds the tables
     assert not (out / "summary_table.md").exists()
     plan_txt = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/plan.txt")
     assert "cost (" in plan_txt and "selection" in plan_txt
@@ -200,7 +202,7 @@ def test_the_summary_reads_each_stored_selection_once(smoke_run, monkeypatch, tm
     expected = ({(sources["plain"].tag, t, "test") for t in summary["selectors"]}
                 | {(s.tag, plan.primary, "test") for s in sources.values()} | {("none", plan.random_tag, "test")})
     assert len(expected) == 4 + 2 + 1 and reads == dict.fromkeys(expected, 1)
-    run_summary = {k: v for k, v in summary.items() if k != "mlflow_run_id"}
+    run_summary = {k: v for k, v in summary.items() if k not in ("mlflow_run_id", "explain")}  # explain: its own stage
     assert json.dumps(again, sort_keys=True) == json.dumps(run_summary, sort_keys=True)  # NaN-safe, unlike ==
 
 

@@ -30,7 +30,7 @@ def test_the_error_line_pattern_catches_rays_formats():
 
 
 def test_a_smoke_run_prints_no_ray_chatter(smoke_cli_run):
-    # `overinterp run --smoke --seeds 0,1`, as a user types it, in its own process: every selector,
+    # `overinterp run --smoke --seeds 0,1 --explain ...`, as a user types it, in its own process: every selector,
     # fill and variant the default run has (Ray Data selection, Tune training, ROAD, MLflow), so
     # every source of the chatter this test forbids is there.
     out, printed, code = smoke_cli_run
@@ -39,6 +39,6 @@ def test_a_smoke_run_prints_no_ray_chatter(smoke_cli_run):
     assert not [l for l in lines if re.search(r"\bINFO\b", l)], "Ray/MLflow INFO lines"
     assert not [l for l in lines if is_error_line(l)], "E log lines"
     assert not [l for l in lines if "Warning" in l or " WARNING " in l], "warnings"
-    assert sum("stage " in l and "/4: " in l for l in lines) == 4  # one line per stage start
+    assert sum("stage " in l and "/5: " in l for l in lines) == 5  # one line per stage start (the fifth: --explain)
     assert any(l.startswith("selection backselect digits_cnn-s0/train: ") and "passes" in l for l in lines)  # progress
     assert any(l.startswith("training (subsets): ") for l in lines)

@@ -15,3 +15,8 @@ Layout, each module importing only those above it:
 
 Nothing here imports ray or mlflow; diffusers is the `explain` extra and loads only with prior.py.
 """
+
+# torch-free names, so that the run's config can check its flags without loading the science
+QUESTIONS = ("vce", "disagree")  # what `overinterp run --explain` asks (study.py)
+GUIDANCE_METHODS = ("noise", "universal")  # guided.METHODS, by name
+MAX_VCE_TARGETS = 9  # a VCE question turns each test image into at most this many other classes

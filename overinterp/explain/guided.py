@@ -159,7 +159,7 @@ METHODS: dict[str, Callable[[Denoiser, LossFn, torch.Tensor, GuidanceConfig], to
 }
 
 
-def _device(den: Denoiser) -> torch.device:
+def device_of(den: Denoiser) -> torch.device:
     p = next(den.net.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -178,16 +178,27 @@ def generate(den: Denoiser, objective, mean, std, config: GuidanceConfig, seeds:
     Returns:
         GuidedResult (uint8 images, objective before and after, targets, seeds).
     """
-    device = _device(den)
+    device = device_of(den)
     if start is not None:
-        with torch.no_grad():
-            x_T = ddim_invert(den, uint8_to_diffusion(start.to(device)), config.steps)
+        x_T = start_noise(den, start, config.steps)
         seed_col = torch.full((start.shape[0],), -1, dtype=torch.long)
     elif seeds is not None:
         x_T = initial_noise(seeds, den.shape, device)
         seed_col = torch.as_tensor([int(s) for s in seeds], dtype=torch.long)
     else:
         raise ValueError("generate needs seeds (one per image) or start images")
+    return generate_from(den, objective, mean, std, config, x_T, seed_col)
+
+
+@torch.no_grad()
+def start_noise(den: Denoiser, start: torch.Tensor, steps: int) -> torch.Tensor:
+    """x_T (B, C, H, W) of uint8 start images: their DDIM inversion over `steps` steps."""
+    return ddim_invert(den, uint8_to_diffusion(start.to(device_of(den))), steps)
+
+
+def generate_from(den: Denoiser, objective, mean, std, config: GuidanceConfig, x_T: torch.Tensor, seeds: torch.Tensor) -> GuidedResult:
+    """generate() from given starting noise x_T (B, C, H, W); seeds: (B,) int64 recorded with each
+    image (-1 for an inversion). Lets one batch mix inverted images and seeded noise."""
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
         return objective(diffusion_to_classifier(_straight_clamp(x), mean, std))
@@ -198,5 +209,5 @@ def generate(den: Denoiser, objective, mean, std, config: GuidanceConfig, seeds:
     with torch.no_grad():
         obj_start = objective(uint8_to_classifier(start_images, mean, std)).double().cpu()
         obj_end = objective(uint8_to_classifier(images, mean, std)).double().cpu()
-    return GuidedResult(images.cpu(), start_images.cpu(), obj_start, obj_end, targets_of(objective, x_T.shape[0]), seed_col,
+    return GuidedResult(images.cpu(), start_images.cpu(), obj_start, obj_end, targets_of(objective, x_T.shape[0]), seeds.cpu(),
                         config.method, objective.name)

@@ -28,6 +28,7 @@ from overinterp.costplan import (
     CostPlan,
     Knobs,
     check_budget,
+    estimate_explain,
     estimate_selection,
     estimate_training,
 )
@@ -142,6 +143,26 @@ def plan_cost(
     return CostPlan(tuple(selections), tuple(trainings), knobs, fixed_s=STREAM_RUN_S if plan.streamed else 0.0)
 
 
+def explain_cost(cfg, plan: Plan) -> float:
+    """Seconds of the explain stage (0 without --explain): its images from the questions and the
+    pairs the plan trains, priced by costplan.estimate_explain."""
+    if not cfg.explain:
+        return 0.0
+    from overinterp.explain import MAX_VCE_TARGETS
+    from overinterp.explain.prior import PriorConfig
+    from overinterp.pipeline.explain_stage import ExplainSettings, explain_models
+
+    settings = ExplainSettings.of(cfg)
+    n = min(settings.images, plan.n_images["test"])
+    images = n * min(plan.num_classes - 1, MAX_VCE_TARGETS) if "vce" in settings.questions else 0
+    if "disagree" in settings.questions:
+        images += 2 * settings.images * len(explain_models(plan)[2])
+    c, h, w = plan.shape
+    return estimate_explain(pixels=c * h * w, prior_steps=0 if settings.generator else settings.prior_steps,
+                            prior_batch=min(PriorConfig.batch_size, plan.n_images["train"]), images=images, method=settings.method,
+                            steps=settings.guidance_steps, iterations=settings.iterations)
+
+
 def _accepts(cfg, **changes) -> bool:
     try:
         dataclasses.replace(cfg, **changes)
@@ -183,7 +204,7 @@ def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = Tru
     cost = plan_cost(plan, forward_rates={m: r[0] for m, r in rates.items()}, train_rates={m: r[1] for m, r in rates.items()},
                      select_workers=resources.select_workers, trial_concurrency=trial_concurrency or resources.trial_concurrency,
                      epochs=cfg.epochs, select_batch=cfg.selection_batch(plan.streamed), knobs=knobs_of(cfg, plan, resources))
-    cost = dataclasses.replace(cost, rate_sources=tuple((m, r[2]) for m, r in rates.items()))
+    cost = dataclasses.replace(cost, rate_sources=tuple((m, r[2]) for m, r in rates.items()), explain_s=explain_cost(cfg, plan))
     _, notes = costable(plan)
     refusal = None
     try:

@@ -41,6 +41,7 @@ class Backend(Protocol):
     def skipped_images(self): ...  # image files that did not decode, as summary.json lists them
     def dataset_input(self) -> dict: ...  # {name, source, digest[, images, labels]} for MLflow's dataset input
     def models_to_log(self) -> dict: ...  # {trial name: (model, example input)} of the full-image models
+    def prior_images(self): ...  # (N, C, H, W) uint8 train images the explain stage's prior learns from (None: streamed)
 
 
 class RunStopped(KeyboardInterrupt):
@@ -144,7 +145,8 @@ def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
     """Walk the plan; returns the summary (also in <out>/summary.json)."""
     if tracker is not None:
         tracker.log_data(backend.dataset_input())
-    stages = Stages(4 if plan.full_trials else 3)
+    cfg = backend.cfg
+    stages = Stages((4 if plan.full_trials else 3) + bool(cfg.explain))
     full = {}
     if plan.full_trials:
         full = stages.run(f"training {len(plan.full_trials)} full-image models", backend.train_full, list(plan.full_trials))
@@ -159,11 +161,29 @@ def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
     subsets = stages.run(f"training {len(plan.subset_trials)} models on {100 * plan.fraction:g}% pixel-subsets",
                          backend.train_subsets, list(plan.subset_trials))
 
+    test = backend.test_images()
+    explained = None
+    if cfg.explain:
+        from overinterp.pipeline.explain_stage import run_explain
+
+        explained = stages.run(f"explain ({', '.join(cfg.explain)}; guidance {cfg.explain_method})", run_explain,
+                               cfg, plan, test, backend.prior_images(), backend.resources)
+        if tracker is not None:
+            tracker.log_prior(explained["prior"])
+
     def compare():
-        analysis = Analysis(backend.cfg, plan, backend.test_images())
+        analysis = Analysis(cfg, plan, test)
         summary = analysis.summary(full, subsets, backend.baseline(), backend.skipped_images())
         local = tempfile.mkdtemp(prefix="overinterp-report-")
         reports = analysis.reports(summary, local)  # first: it lists its plots in the summary, which summary.md embeds
+        if explained is not None:
+            from overinterp.pipeline.analysis import copy_out
+            from overinterp.pipeline.explain_stage import gallery_files
+
+            galleries = gallery_files(explained["galleries"], test.classes, local)
+            copy_out(galleries, cfg.out_dir)
+            summary["explain"] = {**explained["section"], "galleries": [os.path.basename(p) for p in galleries]}
+            reports += galleries
         files = write_summary(plan, summary, local) + reports
         if tracker is not None:
             tracker.log_results(plan, full, subsets, summary, files, backend.models_to_log())
@@ -221,6 +241,10 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
 
         n_images = sum(count_folder(p) for p in (cfg.train, cfg.val))
     stream, why = choose_backend(cfg, n_images, side)
+    if stream and cfg.explain and not cfg.generator:  # a folder too big for memory
+        from overinterp.config import STREAMED_EXPLAIN, ConfigError
+
+        raise ConfigError(STREAMED_EXPLAIN)
     cfg = dataclasses.replace(cfg, stream=stream)
     log(f"source: {cfg.dataset} {cfg.data_root or cfg.train or ''}".rstrip() + f": {why}")
     if stream:

@@ -101,6 +101,9 @@ class InMemoryBackend:
     def skipped_images(self):
         return [list(s) for s in getattr(self.data, "skipped", ())]
 
+    def prior_images(self) -> np.ndarray:
+        return self.data.images["train"]
+
 
 def masks_from_store(plan: Plan, keys: list[str], n: dict, expect: Optional[dict] = None) -> dict:
     """{subset key: {split: (N, HW) bool keep-mask}} read back from the store, validated complete."""

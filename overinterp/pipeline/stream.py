@@ -253,6 +253,9 @@ class StreamBackend:
         classes = tuple(self.data.classes) if self.data.classes else tuple(str(c) for c in range(self.plan.num_classes))
         return TestImages(ids[order], images[order], labels[order].astype(np.int64), IMAGENET_MEAN, IMAGENET_STD, classes, len(stored))
 
+    def prior_images(self) -> None:
+        return None  # a streamed split is not held: the explain stage takes --generator (prepare checks it)
+
     def skipped_images(self) -> dict:
         return {s: skipped_summary(v) for s, v in self.skipped.items()}
 

@@ -251,6 +251,27 @@ class Tracker:
         for f in files:
             mlflow.log_artifact(f)
 
+    def log_prior(self, prior: dict) -> None:
+        """The explain stage's diffusion prior as a child run "explain-prior": its loss per
+        checkpoint interval and a tile of unguided samples (a --generator: its name only)."""
+        if not prior:
+            return  # reused from an earlier run: logged then
+        name = "explain-prior"
+        if name not in self.children:
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, "condition": "prior"})
+            self.children[name] = run.info.run_id
+        run_id = self.children[name]
+        if "generator" in prior:
+            self.client.set_tag(run_id, "generator", prior["generator"])
+        else:
+            for step, loss in prior["loss_curve"]:
+                self.client.log_metric(run_id, "prior_loss", loss, step=step)
+            self.client.set_tag(run_id, "prior_steps", str(prior["steps"]))  # a tag: a resumed prior trains on
+            from overinterp.pipeline.explain_stage import tile
+
+            self.client.log_image(run_id, tile(prior["samples"]), "prior_samples.png")
+        self.client.set_terminated(run_id, "FINISHED")
+
     def _log_model(self, run_id: str, model, example) -> None:
         """A full-image model as an MLflow PyTorch model with its signature (input: normalised
         images, output: logits)."""
@@ -330,6 +351,14 @@ def summary_metrics(summary: dict) -> dict:
                     m[f"{model}.selector.{row['selector']}.{key}"] = value if key == "median_sis_size" else shown(value)
     for name, value in summary.get("baseline", {}).items():
         m[f"baseline.{name}"] = shown(value)
+    explain = summary.get("explain") or {}
+    for key, value in (explain.get("vce") or {}).items():
+        if isinstance(value, (int, float)) and value == value:
+            m[f"explain.vce.{key}"] = shown(value) if isinstance(value, float) else value
+    for pair, d in explain.get("disagree", {}).items():
+        for direction, measures in d["directions"].items():
+            for key in ("mean_gap", "unguided_mean_gap", "real_top_gap", "share_beyond_real", "success"):
+                m[f"explain.{pair}.{direction}.{key}"] = shown(measures[key])
     return m
 
 

@@ -17,7 +17,7 @@ from overinterp.report.figures import (
 )
 from overinterp.report.stats import lower_median, seed_mean_std, sis_stats
 from overinterp.report.tables import (
-    accuracy_table, comparison_table, condition_order, condition_title, mean_std, plot_caption, plots_markdown,
+    accuracy_table, comparison_table, condition_order, condition_title, explain_markdown, mean_std, plot_caption, plots_markdown,
     pretrained_markdown, sis_table, summary_markdown,
 )
 

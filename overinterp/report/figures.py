@@ -168,11 +168,12 @@ def gallery_figure(
     titles: Optional[list[str]] = None,
     empty_labels: Optional[dict[str, list[bool]]] = None,
     tau: Optional[float] = None,
+    first_title: str = "original",
 ) -> Figure:
     """A grid: one row per image, the original beside each masked version.
 
     Args:
-        images: (N, H, W, C) uint8 originals, C = 1 (shown grey) or 3; the first column, titled "original".
+        images: (N, H, W, C) uint8 originals, C = 1 (shown grey) or 3; the first column, titled first_title.
         panels: {column title: (N, H, W, C) uint8}, one column each, left to right.
         titles: N row labels (e.g. "label → prediction (p)"), written beside the originals.
         empty_labels: {column title: N flags}, True where that panel is empty because the image has
@@ -190,7 +191,7 @@ def gallery_figure(
     no_sis = "no SIS at τ" + (f"={tau:g}" if tau is not None else "")
     fig = new_figure((2.0 * cols, 2.0 * n), layout=None)
     axes = fig.subplots(n, cols, squeeze=False)
-    columns = {"original": images, **panels}
+    columns = {first_title: images, **panels}
     for r in range(n):
         for c, (title, imgs) in enumerate(columns.items()):
             ax = axes[r, c]

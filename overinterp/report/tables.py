@@ -135,6 +135,8 @@ def summary_markdown(summary: dict) -> str:
             rows.append(f"| {explained_name(summary, model)} | {m['median_confidence']:.3f} | {100 * m['accuracy']:.1f} |")
         parts.append(f"## Confidence with {100 * (1 - summary['fraction']):g}% of pixels masked")
         parts.append("\n".join(rows))
+    if summary.get("explain"):
+        parts.append(explain_markdown(summary["explain"]))
     return "\n\n".join(parts) + "\n" + plots_markdown(summary.get("plots"))
 
 
@@ -171,3 +173,35 @@ def pretrained_markdown(summary: dict) -> str:
         accuracy_table(summary),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _pct(x) -> str:
+    return "–" if x is None or x != x else f"{100 * x:.0f}%"
+
+
+def explain_markdown(explain: dict) -> str:
+    """The explain stage's section: VCE measures, the disagreement table, the galleries."""
+    st = explain["settings"]
+    prior = st["generator"] or f"a diffusion prior trained {st['prior_steps']:,} steps on the train split"
+    lines = ["## What the models learned to look for: guided generation",
+             f"Guidance `{st['method']}` ({st['guidance_steps']} DDIM steps) under {prior}; see BENCHMARKS.md for what the "
+             "measures mean and how the methods compare.", ""]
+    vce = explain.get("vce")
+    if vce:
+        lines += [f"Visual counterfactuals of the {explain['explained']} model: {vce['n']} VCEs, each test image towards each other class.", "",
+                  "| VCEs | success (p ≥ 0.9) | mean L2 of the successes (normalised units) | transfer |", "|---:|---:|---:|---|",
+                  f"| {vce['n']} | {_pct(vce['success_rate'])} | {vce['mean_l2']:.2f} | "
+                  + (f"{_pct(vce['transfer'])} to {vce['transfer_to']}" if vce.get("transfer_to") else "– (one seed)") + " |", ""]
+    if explain.get("disagree"):
+        lines += ["Where two models disagree most: images the first model of a direction calls class c and the second "
+                  "does not (gap = p_first(c) − p_second(c); the real baseline is the mean gap of as many most-disagreeing real test images).", "",
+                  "| pair | direction | gap, guided | gap, unguided | gap, real top | beyond the real max | success |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for pair, d in explain["disagree"].items():
+            for direction, m in d["directions"].items():
+                lines.append(f"| {pair} | {direction} | {m['mean_gap']:.2f} | {m['unguided_mean_gap']:.2f} | {m['real_top_gap']:.2f} | "
+                             f"{_pct(m['share_beyond_real'])} | {_pct(m['success'])} |")
+        lines.append("")
+    for file in explain.get("galleries", []):
+        lines += [f"![{plot_caption(file)}]({file})", ""]
+    return "\n".join(lines).rstrip()
