@@ -48,7 +48,8 @@ def test_answer_table_has_the_schema_and_round_trips(tmp_path):
     rows = {"image": np.zeros((2, 1, 8, 8), np.uint8), "start_image": np.full((2, 1, 8, 8), 255, np.uint8),
             "target": np.array([3, 4]), "seed": np.array([-1, -1]), "p_target": np.array([0.95, 0.2]),
             "success": np.array([True, False]), "l2": np.array([1.0, 2.0]), "image_index": np.array([0, 0]),
-            "label": np.array([1, 1]), "method": np.array(["noise", "noise"])}
+            "label": np.array([1, 1]), "method": np.array(["noise", "noise"]), "objective_start": np.array([3.0, 2.0]),
+            "objective_end": np.array([0.1, 1.5])}
     table = answer_table("vce", "", rows)
     assert table.schema.equals(EXPLAIN_SCHEMA, check_metadata=True)
     assert table.column("p_first").to_pylist() == [0.95, 0.2] and table.column("p_second").null_count == 2
@@ -90,6 +91,7 @@ def test_the_stage_answers_every_question_and_resumes_its_prior(stage_inputs):
         assert t.num_rows == 4 and set(t.column("pair").to_pylist()) == {name}  # 2 seeds × 2 directions
     vce = read_answers(str(out), "vce.parquet")
     assert vce.num_rows == 18 and vce.column("question").to_pylist() == ["vce"] * 18
+    assert vce.column("objective_end").null_count == 0 and vce.column("seed").to_pylist() == [-1] * 18  # VCEs start from inversions
     assert first["prior"]["steps"] == 3 and first["prior"]["samples"].shape == (16, 1, 8, 8)
     assert os.path.exists(out / "explain" / "prior" / "prior.pt")
     more = ExplainSettings(**{**settings.__dict__, "prior_steps": 4})

@@ -3,6 +3,7 @@ Gaussian data and hand-built classifiers whose answers are known: VCE targets, t
 objective, packing several questions into shared batches without changing an image, the
 two-way disagreement's signs, and the answers' measures."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,6 +77,7 @@ def test_counterfactuals_turn_dark_images_bright_and_measure_transfer():
     rows, m = ans.rows, ans.measures
     assert rows["target"].tolist() == [1, 1, 1] and rows["image_index"].tolist() == [0, 1, 2]  # two classes: one target each
     assert (rows["start_image"] == start.numpy()).all()  # the real images, not their reconstructions
+    assert (rows["objective_end"] < rows["objective_start"]).all()  # guidance lowered each VCE's loss
     assert m["n"] == 3 and m["success_rate"] == 1.0 and m["mean_l2"] > 0
     assert m["transferred"] == 3 and m["transfer"] == 1.0  # the weaker twin also calls them bright
     constant = counterfactuals(den, Brightness(), start, torch.zeros(3, dtype=torch.long), MEAN, STD, cfg,
@@ -85,7 +87,7 @@ def test_counterfactuals_turn_dark_images_bright_and_measure_transfer():
 
 def test_disagreement_reaches_beyond_the_real_images_in_both_directions():
     den = gaussian_prior()
-    real = dark_images(6)  # both models are sure on these: p_A(c) - p_B(c) is ±1 at most... on dark images A says 0, B says 1
+    real = dark_images(6)  # A calls these 0 and B calls them 1, both surely
     cfg = GuidanceConfig(iterations=20, lr=0.2)
     ans = disagreement(den, {"A": Brightness(), "B": Dim()}, real, MEAN, STD, cfg, seeds=[0, 1, 2, 3], num_classes=2)
     rows, m = ans.rows, ans.measures
@@ -94,6 +96,8 @@ def test_disagreement_reaches_beyond_the_real_images_in_both_directions():
     assert (rows["start_image"][:4] == rows["start_image"][4:]).all()  # same noise both ways
     for direction, d in m.items():
         assert d["n"] == 4 and d["mean_gap"] > d["unguided_mean_gap"]
-        assert abs(d["mean_gap"] - rows["gap"][rows["direction"] == direction].mean()) < 1e-9
+        mine = rows["direction"] == direction
+        assert abs(d["mean_gap"] - rows["gap"][mine].mean()) < 1e-9
+        assert np.allclose(rows["objective_end"][mine], -rows["gap"][mine], atol=1e-6)  # the direction's own loss, -p_first + p_second
     # Brightness and Dim are opposites: every guided image is one both call by opposite names
     assert m["A>B"]["success"] == 1.0 and m["B>A"]["success"] == 1.0

@@ -161,7 +161,8 @@ def vce_answer(res: GuidedResult, model: nn.Module, images: torch.Tensor, labels
         measures.update(transfer=tr["rate"], transferred=tr["transferred"])
     rows = {"image": res.images.numpy(), "start_image": start.numpy(), "target": target.numpy(), "p_target": p.numpy(),
             "success": ok.numpy(), "l2": l2.double().numpy(), "image_index": np.repeat(np.arange(len(images)), t),
-            "label": labels.repeat_interleave(t).numpy(), "seed": res.seeds.numpy(), "method": np.array([res.method] * len(target))}
+            "label": labels.repeat_interleave(t).numpy(), "seed": res.seeds.numpy(), "method": np.array([res.method] * len(target)),
+            "objective_start": res.objective_start.numpy(), "objective_end": res.objective_end.numpy()}
     return Answer("vce", rows, measures)
 
 
@@ -229,6 +230,7 @@ def disagreement_answer(res: GuidedResult, models: dict[str, nn.Module], real_im
                                "success": float(((p1 >= SUCCESS_P) & (other_pred != target)).double().mean())}
         for k, v in {"image": images.numpy(), "start_image": starts.numpy(), "target": target.numpy(), "p_first": p1.numpy(),
                      "p_second": p2.numpy(), "gap": gap.numpy(), "seed": res.seeds[sl].numpy(),
+                     "objective_start": res.objective_start[sl].numpy(), "objective_end": res.objective_end[sl].numpy(),
                      "direction": np.array([direction] * n), "method": np.array([res.method] * n)}.items():
             rows.setdefault(k, []).append(v)
     return Answer("disagree", {k: np.concatenate(v) for k, v in rows.items()}, measures)

@@ -35,12 +35,13 @@ from overinterp.pipeline.plan import Plan, SelectionSource
 from overinterp.pipeline.trial import TrialSpec, checkpoint_path, pick_device
 
 EXPLAIN_FORMAT = "1"
-# one row per generated image; images PNG-encoded (the store's packed form), probabilities float64
+# one row per generated image; images PNG-encoded (the store's packed form), probabilities float64, the
+# objective of the unguided start and of the guided image (the loss guidance minimised)
 EXPLAIN_SCHEMA = pa.schema([
     ("question", pa.string()), ("pair", pa.string()), ("direction", pa.string()), ("method", pa.string()),
     ("image", pa.binary()), ("start_image", pa.binary()), ("target", pa.int64()), ("seed", pa.int64()),
     ("p_first", pa.float64()), ("p_second", pa.float64()), ("success", pa.bool_()), ("l2", pa.float64()),
-    ("image_index", pa.int64()), ("label", pa.int64()),
+    ("image_index", pa.int64()), ("label", pa.int64()), ("objective_start", pa.float64()), ("objective_end", pa.float64()),
 ], metadata={"overinterp.explain_format": EXPLAIN_FORMAT})
 
 
@@ -113,7 +114,8 @@ def answer_table(question: str, pair: str, rows: dict) -> pa.Table:
             "image": [_png(i) for i in rows["image"]], "start_image": [_png(i) for i in rows["start_image"]],
             "target": rows["target"], "seed": rows["seed"], "p_first": rows.get("p_first", rows.get("p_target")),
             "p_second": rows.get("p_second"), "success": rows.get("success"), "l2": rows.get("l2"),
-            "image_index": rows.get("image_index"), "label": rows.get("label")}
+            "image_index": rows.get("image_index"), "label": rows.get("label"),
+            "objective_start": rows["objective_start"], "objective_end": rows["objective_end"]}
     return pa.table({k: pa.array([None] * n if v is None else list(v), type=EXPLAIN_SCHEMA.field(k).type) for k, v in cols.items()},
                     schema=EXPLAIN_SCHEMA)
 
