@@ -133,10 +133,21 @@ def broadcast_join(n_images: int, hw: int) -> bool:
     return n_images * -(-hw // 8) <= BROADCAST_MASK_BYTES
 
 
+def _counted_mask_table(root: str, subset: str, split: str, hw: int, fraction: float) -> tuple[int, tuple]:
+    table = mask_table(root, subset, split, hw, fraction)
+    return len(table[0]), table
+
+
 def mask_table_ref(root: str, subset: str, split: str, hw: int, fraction: float) -> list:
-    """[ObjectRef of mask_table(...)]: put in the object store once, for every trial and worker that
-    looks up this selection's keep-masks (a list, so that Ray passes the reference, not the arrays)."""
-    return [ray.put(mask_table(root, subset, split, hw, fraction))]
+    """[ObjectRef of mask_table(...)]: built by a Ray task into the object store once, for every trial
+    and worker that looks up this selection's keep-masks (a list, so that Ray passes the reference,
+    not the arrays). A task, not the driver: reading every shard of an ImageNet-count split and
+    sorting its ids would grow the driver's heap by the split's size (glibc keeps what it grew).
+    The driver waits for the row count alone, so a store error (no shards, repeated ids) is raised
+    here, once, and the table itself never enters the driver."""
+    count, table = ray.remote(num_cpus=1, num_returns=2, max_retries=2)(_counted_mask_table).remote(root, subset, split, hw, fraction)
+    ray.get(count)
+    return [table]
 
 
 def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int], size: int, root: str, subset: Optional[str],
