@@ -153,8 +153,8 @@ class RunConfig:
     # --- guided generation: what the models learned to look for (overinterp/explain) ---
     explain: tuple[str, ...] = ()  # questions among QUESTIONS (vce, disagree); empty: no explain stage
     explain_method: str = "noise"  # guidance, one of GUIDANCE_METHODS
-    explain_images: int = 8  # test images turned into each other class; generated images per model pair and direction
-    prior_steps: int = 1000  # training steps of the diffusion prior trained on the train split
+    explain_images: int = 6  # test images turned into each other class; generated images per model pair and direction
+    prior_steps: int = 800  # training steps of the diffusion prior trained on the train split
     generator: Optional[str] = None  # a diffusers pixel-space pipeline (folder or hub id) in place of the trained prior
     smoke: bool = False  # tiny subsample, 2 epochs, small sizes: checks the wiring (see SMOKE_*)
     max_hours: float = 24.0  # the budget guard: refuse a run whose planned ETA is longer (0: no guard)

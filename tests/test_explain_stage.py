@@ -21,7 +21,8 @@ from overinterp.data import load_dataset  # noqa: E402
 from overinterp.models import ModelSpec, build, save_checkpoint  # noqa: E402
 from overinterp.pipeline import analysis  # noqa: E402
 from overinterp.pipeline.explain_stage import (  # noqa: E402
-    EXPLAIN_SCHEMA, ExplainSettings, answer_questions, answer_table, explain_models, gallery_files, read_answers, tile,
+    EXPLAIN_SCHEMA, ExplainSettings, answer_questions, answer_table, explain_models, galleries_from_store, gallery_files, read_answers,
+    tile,
 )
 from overinterp.pipeline.plan import make_plan  # noqa: E402
 from overinterp.pipeline.trial import checkpoint_path  # noqa: E402
@@ -34,14 +35,16 @@ def digits_plan(out, **changes):
 
 def test_the_questions_compare_full_with_subset_dropout_and_seed_models(tmp_path):
     _, plan = digits_plan(tmp_path)
-    explained, twin, pairs = explain_models(plan)
-    assert explained.label == "full s0" and twin.label == "full s1"
-    assert list(pairs) == ["full vs bs-subset", "plain vs input dropout", "seed 0 vs seed 1"]
-    assert [b.label for _, b in pairs.values()] == ["bs-subset s0", "dropout s0", "full s1"]
-    assert pairs["full vs bs-subset"][1].source.checkpoints[0].endswith("trials/digits_cnn-backselect-s0/model.pt")
+    models = explain_models(plan)
+    assert {k: (m.label, t.label) for k, (m, t) in models.vce.items()} == {"full s0": ("full s0", "full s1"),
+                                                                          "bs-subset s0": ("bs-subset s0", "bs-subset s1")}
+    assert list(models.pairs) == ["full vs bs-subset", "plain vs input dropout", "seed 0 vs seed 1"]
+    assert [b.label for _, b in models.pairs.values()] == ["bs-subset s0", "dropout s0", "full s1"]
+    assert models.pairs["full vs bs-subset"][1].source.checkpoints[0].endswith("trials/digits_cnn-backselect-s0/model.pt")
+    assert len({r.source.tag for r in models.refs()}) == 5  # full s0, s1, subset s0, s1, dropout s0
     _, one_seed = digits_plan(tmp_path, seeds=(3,), input_dropout=0.0)
-    explained, twin, pairs = explain_models(one_seed)
-    assert twin is None and list(pairs) == ["full vs bs-subset"] and explained.label == "full s3"
+    models = explain_models(one_seed)
+    assert [t for _, t in models.vce.values()] == [None, None] and list(models.pairs) == ["full vs bs-subset"]
 
 
 def test_answer_table_has_the_schema_and_round_trips(tmp_path):
@@ -66,51 +69,61 @@ def stage_inputs(tmp_path_factory):
     """A digits plan with untrained checkpoints for every model the stage loads, and its test images."""
     out = tmp_path_factory.mktemp("explain-stage")
     cfg, plan = digits_plan(out)
-    explained, twin, pairs = explain_models(plan)
-    for i, ref in enumerate({r.source.tag: r for r in [explained, twin, *(m for p in pairs.values() for m in p)]}.values()):
+    models = explain_models(plan)
+    for i, ref in enumerate({r.source.tag: r for r in models.refs()}.values()):
         torch.manual_seed(i)
         spec = ModelSpec("digits_cnn", 10, 1)
         save_checkpoint(ref.source.checkpoints[0], spec, build(spec))
     d = load_dataset("digits", None, False, None)
     n = 12
     test = analysis.TestImages(np.arange(n), d.images["test"][:n], d.labels["test"][:n].astype(np.int64), d.mean, d.std,
-                      tuple(d.classes), n)
+                               tuple(d.classes), n)
     settings = ExplainSettings(("vce", "disagree"), "universal", images=2, prior_steps=3, generator=None, guidance_steps=2)
-    return out, plan, explained, twin, pairs, test, d.images["train"][:64], settings
+    return out, plan, models, test, d.images["train"][:64], settings
 
 
 def test_the_stage_answers_every_question_and_resumes_its_prior(stage_inputs):
-    out, plan, explained, twin, pairs, test, train, settings = stage_inputs
-    first = answer_questions(settings, str(out), explained, twin, pairs, test, train, plan.num_classes)
+    out, plan, models, test, train, settings = stage_inputs
+    first = answer_questions(settings, str(out), models, test, train, plan.num_classes)
     section = first["section"]
-    assert section["vce"]["n"] == 2 * 9 and section["vce"]["transfer_to"] == "full s1"  # 2 images × the 9 other classes
-    assert list(section["disagree"]) == list(pairs)
+    assert list(section["vce"]) == ["full s0", "bs-subset s0"]
+    for i, (label, v) in enumerate(section["vce"].items()):
+        assert v["n"] == 2 * 9 and v["file"] == f"vce-{i}.parquet"  # 2 images × the 9 other classes
+        assert v["transfer_to"] == {"full s0": "full s1", "bs-subset s0": "bs-subset s1"}[label]
+        vce = read_answers(str(out), v["file"])
+        assert vce.num_rows == 18 and vce.column("pair").to_pylist() == [label] * 18
+        assert vce.column("objective_end").null_count == 0 and vce.column("seed").to_pylist() == [-1] * 18  # VCEs start from inversions
+    assert list(section["disagree"]) == list(models.pairs)
     for i, (name, d) in enumerate(section["disagree"].items()):
         assert d["file"] == f"disagree-{i}.parquet" and len(d["directions"]) == 2
         t = read_answers(str(out), d["file"])
         assert t.num_rows == 4 and set(t.column("pair").to_pylist()) == {name}  # 2 seeds × 2 directions
-    vce = read_answers(str(out), "vce.parquet")
-    assert vce.num_rows == 18 and vce.column("question").to_pylist() == ["vce"] * 18
-    assert vce.column("objective_end").null_count == 0 and vce.column("seed").to_pylist() == [-1] * 18  # VCEs start from inversions
+    assert [(k, label) for k, label, _ in first["galleries"]] == [("vce", "full s0"), ("vce", "bs-subset s0"),
+                                                                   *(("disagree", p) for p in models.pairs)]
     assert first["prior"]["steps"] == 3 and first["prior"]["samples"].shape == (16, 1, 8, 8)
     assert os.path.exists(out / "explain" / "prior" / "prior.pt")
     more = ExplainSettings(**{**settings.__dict__, "prior_steps": 4})
-    again = answer_questions(more, str(out), explained, twin, pairs, test, train, plan.num_classes)
+    again = answer_questions(more, str(out), models, test, train, plan.num_classes)
     assert again["prior"]["steps"] == 4  # resumed: one more step, not four
     assert [s for s, _ in again["prior"]["loss_curve"]] == [4]
+    # what a rerun that reuses the answers pictures: the same rows, read back from the Parquet files
+    back = galleries_from_store(str(out), again["section"])
+    assert [(k, label) for k, label, _ in back] == [(k, label) for k, label, _ in again["galleries"]]
+    for (_, _, rows), (_, _, read) in zip(again["galleries"], back):
+        assert np.array_equal(rows["image"], read["image"]) and np.array_equal(rows["target"], read["target"])
 
 
 def test_galleries_picture_each_question(stage_inputs, tmp_path):
     from PIL import Image
 
-    out, plan, explained, twin, pairs, test, train, settings = stage_inputs
-    res = answer_questions(settings, str(out), explained, twin, pairs, test, train, plan.num_classes)
+    out, plan, models, test, train, settings = stage_inputs
+    res = answer_questions(settings, str(out), models, test, train, plan.num_classes)
     paths = gallery_files(res["galleries"], test.classes, str(tmp_path))
-    assert [os.path.basename(p) for p in paths] == ["explain_vce.png", "explain_disagree_0.png", "explain_disagree_1.png",
-                                                    "explain_disagree_2.png"]
+    assert [os.path.basename(p) for p in paths] == ["explain_vce_0.png", "explain_vce_1.png", "explain_disagree_0.png",
+                                                    "explain_disagree_1.png", "explain_disagree_2.png"]
     w, h = Image.open(paths[0]).size
     assert abs(w / h - 11 / 2) < 0.2  # 2 test images × (the image + one column per class)
-    w, h = Image.open(paths[1]).size
+    w, h = Image.open(paths[2]).size
     assert abs(w / h - 3 / 2) < 0.2  # 2 seeds × (unguided + both directions)
     assert tile(np.zeros((5, 1, 8, 8), np.uint8)).shape == (16, 32, 1)
 
@@ -147,21 +160,23 @@ def test_a_smoke_run_reports_the_explain_stage(smoke_cli_run):
     assert code == 0, printed[-3000:]
     summary = json.load(open(out / "summary.json"))
     ex = summary["explain"]
-    assert ex["settings"]["questions"] == ["vce", "disagree"] and ex["vce"]["n"] > 0
-    assert ex["galleries"] == ["explain_vce.png", "explain_disagree_0.png", "explain_disagree_1.png", "explain_disagree_2.png"]
+    assert ex["settings"]["questions"] == ["vce", "disagree"] and ex["vce"]["full s0"]["n"] == 2 * 9
+    assert ex["galleries"] == ["explain_vce_0.png", "explain_vce_1.png", "explain_disagree_0.png", "explain_disagree_1.png",
+                               "explain_disagree_2.png"]
     assert all((out / g).exists() for g in ex["galleries"])
     md = (out / "summary.md").read_text()
-    assert "## What the models learned to look for" in md and "![Explain vce](explain_vce.png)" in md
+    assert "## What the models learned to look for" in md and "![Explain vce 0](explain_vce_0.png)" in md
+    assert "| bs-subset s0 | 18 |" in md
     assert "| seed 0 vs seed 1 | full s0>full s1 |" in md
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     exp = client.get_experiment_by_name("overinterp").experiment_id
     (prior,) = client.search_runs([exp], "attributes.run_name = 'explain-prior'")
     assert [m.step for m in client.get_metric_history(prior.info.run_id, "prior_loss")] == [ex["settings"]["prior_steps"]]
     (parent,) = client.search_runs([exp], "attributes.run_name LIKE 'digits-%'")
-    assert parent.data.metrics["explain.vce.success_rate"] == pytest.approx(ex["vce"]["success_rate"], abs=1e-4)
+    assert parent.data.metrics["explain.vce.full s0.success_rate"] == pytest.approx(ex["vce"]["full s0"]["success_rate"], abs=1e-4)
     assert any(k.startswith("explain.seed 0 vs seed 1.") for k in parent.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"explain_vce.png", "explain_disagree_0.png"} <= artifacts
+    assert {"explain_vce_0.png", "explain_vce_1.png", "explain_disagree_0.png"} <= artifacts
 
 
 def test_the_plan_prices_the_explain_stage(tmp_path):
@@ -169,9 +184,9 @@ def test_the_plan_prices_the_explain_stage(tmp_path):
     from overinterp.pipeline.costing import explain_cost
 
     cfg, plan = digits_plan(tmp_path, explain=("vce", "disagree"))
-    # 8 test images × 9 other classes, and 3 pairs × 2 directions × 8 seeds: 120 images; the prior on batches of the 100 train images
+    # 6 test images × 9 other classes × 2 models, and 3 pairs × 2 directions × 6 seeds: 144 images; the prior on the 100 train images
     noise = explain_cost(cfg, plan)
-    assert noise == pytest.approx(estimate_explain(pixels=64, prior_steps=1000, prior_batch=100, images=120, method="noise",
+    assert noise == pytest.approx(estimate_explain(pixels=64, prior_steps=800, prior_batch=100, images=144, method="noise",
                                                    steps=10, iterations=50))
     assert explain_cost(*digits_plan(tmp_path)) == 0.0
     universal = explain_cost(*digits_plan(tmp_path, explain=("vce", "disagree"), explain_method="universal"))
@@ -184,12 +199,12 @@ def test_the_plan_prices_the_explain_stage(tmp_path):
 def test_a_generator_replaces_the_trained_prior(stage_inputs, tmp_path):
     from overinterp.explain.prior import PriorConfig, make_unet, save_generator
 
-    out, plan, explained, twin, pairs, test, train, settings = stage_inputs
+    out, plan, models, test, train, settings = stage_inputs
     config = PriorConfig(channels=(8, 16), steps=1)
     torch.manual_seed(0)
     save_generator(make_unet(config, 8, 1), config, str(tmp_path / "ddpm"))  # a tiny random diffusers DDPMPipeline on disk
     with_generator = ExplainSettings(("vce",), "universal", images=1, prior_steps=5, generator=str(tmp_path / "ddpm"), guidance_steps=2)
-    res = answer_questions(with_generator, str(tmp_path / "out"), explained, twin, pairs, test, None, plan.num_classes)
-    assert res["prior"] == {"generator": str(tmp_path / "ddpm")} and res["section"]["vce"]["n"] == 9
+    res = answer_questions(with_generator, str(tmp_path / "out"), models, test, None, plan.num_classes)
+    assert res["prior"] == {"generator": str(tmp_path / "ddpm")} and res["section"]["vce"]["full s0"]["n"] == 9
     assert not (tmp_path / "out" / "explain" / "prior").exists()  # nothing trained
 

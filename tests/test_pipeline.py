@@ -139,7 +139,7 @@ def test_mlflow_parent_and_children(smoke_run):
     assert by_name["digits_cnn-ig-n50-road-s1"].data.tags["selector"] == "ig-n50"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert artifacts == {"summary.md", "summary.json", "gallery.png", "accuracy.png", "confidence_vs_removed.png", "sis_sizes.png",
-                         "plan.txt", "explain_vce.png", *(f"explain_disagree_{i}.png" for i in range(3))}, artifacts  # summary_table.md is gone: summary.md holds the tables
+                         "plan.txt", "explain_vce_0.png", "explain_vce_1.png", *(f"explain_disagree_{i}.png" for i in range(3))}, artifacts  # summary_table.md is gone: summary.md holds the tables
     assert not (out / "summary_table.md").exists()
     plan_txt = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/plan.txt")
     assert "cost (" in plan_txt and "selection" in plan_txt

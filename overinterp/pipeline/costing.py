@@ -152,11 +152,11 @@ def explain_cost(cfg, plan: Plan) -> float:
     from overinterp.explain.prior import PriorConfig
     from overinterp.pipeline.explain_stage import ExplainSettings, explain_models
 
-    settings = ExplainSettings.of(cfg)
+    settings, models = ExplainSettings.of(cfg), explain_models(plan)
     n = min(settings.images, plan.n_images["test"])
-    images = n * min(plan.num_classes - 1, MAX_VCE_TARGETS) if "vce" in settings.questions else 0
+    images = n * min(plan.num_classes - 1, MAX_VCE_TARGETS) * len(models.vce) if "vce" in settings.questions else 0
     if "disagree" in settings.questions:
-        images += 2 * settings.images * len(explain_models(plan)[2])
+        images += 2 * settings.images * len(models.pairs)
     c, h, w = plan.shape
     return estimate_explain(pixels=c * h * w, prior_steps=0 if settings.generator else settings.prior_steps,
                             prior_batch=min(PriorConfig.batch_size, plan.n_images["train"]), images=images, method=settings.method,

@@ -5,8 +5,9 @@ One Ray task on the selection actors' kind of device (a GPU where the cluster ha
 resumes the prior (`--generator` loads a diffusers pipeline instead), loads the run's models from
 their trial checkpoints, and answers:
 
-- vce: what change turns each of the first --explain-images test images into each other class for
-  the explained model (transfer measured on the second seed's model);
+- vce: what change turns each of the first --explain-images test images into each other class, for
+  the explained model and for the model trained on its 5% subsets (transfer measured on each one's
+  second-seed twin);
 - disagree: where the full-image model and the model trained on its primary-selector subsets,
   the plain model and its input-dropout twin, and the first two seeds disagree most.
 
@@ -75,26 +76,49 @@ def _ckpt(label: str, out_dir: str, spec: TrialSpec) -> ModelRef:
     return ModelRef(label, SelectionSource(spec.name, (checkpoint_path(out_dir, spec),)))
 
 
-def explain_models(plan: Plan) -> tuple[ModelRef, Optional[ModelRef], dict[str, tuple[ModelRef, ModelRef]]]:
-    """(explained model, its second-seed twin or None, {pair name: (A, B)}) for the first model.
+@dataclass(frozen=True)
+class ExplainModels:
+    """The models the stage questions.
 
-    Pairs: full-image vs the model trained on its primary-selector subsets (mean fill, same seed);
-    plain vs input dropout; seed s0 vs seed s1 — each where the plan trains both."""
+    vce: {label: (model, its second-seed twin or None)} — the models whose counterfactuals are made
+        (the explained model, and the model trained on its primary-selector subsets), each with the
+        independently trained model its VCEs' transfer is measured on;
+    pairs: {pair name: (A, B)} — the models compared by disagreement.
+    """
+
+    vce: dict
+    pairs: dict
+
+    def refs(self) -> list[ModelRef]:
+        out = [r for m, twin in self.vce.values() for r in (m, twin) if r is not None]
+        return out + [r for p in self.pairs.values() for r in p]
+
+
+def explain_models(plan: Plan) -> ExplainModels:
+    """The models of the first architecture the stage questions (ExplainModels), each where the
+    plan trains it. Pairs: full-image vs the model trained on its primary-selector subsets (mean
+    fill, same seed); plain vs input dropout; seed s0 vs seed s1."""
     m, s0 = plan.models[0], plan.seeds[0]
+    s1 = plan.seeds[1] if len(plan.seeds) > 1 else None
     explained_source = next(iter(plan.sources[m].values()))  # plain (first seed) or pretrained
     explained = ModelRef("pretrained" if explained_source.variant == "pretrained" else f"full s{s0}", explained_source)
+    twin = _ckpt(f"full s{s1}", plan.out_dir, TrialSpec(m, s1)) if TrialSpec(m, s1) in plan.full_trials else None
+    vce = {explained.label: (explained, twin)}
     pairs: dict[str, tuple[ModelRef, ModelRef]] = {}
-    subset = TrialSpec(m, s0, f"{explained_source.tag}/{plan.primary}", "mean")
+    key = f"{explained_source.tag}/{plan.primary}"
+    subset = TrialSpec(m, s0, key, "mean")
     if subset in plan.subset_trials:
-        pairs[f"full vs {subset.condition}"] = (explained, _ckpt(f"{subset.condition} s{s0}", plan.out_dir, subset))
+        on_subsets = _ckpt(f"{subset.condition} s{s0}", plan.out_dir, subset)
+        subset_twin = TrialSpec(m, s1, key, "mean")
+        vce[on_subsets.label] = (on_subsets, _ckpt(f"{subset.condition} s{s1}", plan.out_dir, subset_twin)
+                                 if subset_twin in plan.subset_trials else None)
+        pairs[f"full vs {subset.condition}"] = (explained, on_subsets)
     dropout = next((t for t in plan.full_trials if t.model == m and t.seed == s0 and t.input_dropout), None)
     if dropout is not None:
         pairs["plain vs input dropout"] = (explained, _ckpt(f"dropout s{s0}", plan.out_dir, dropout))
-    twin = None
-    if len(plan.seeds) > 1 and TrialSpec(m, plan.seeds[1]) in plan.full_trials:
-        twin = _ckpt(f"full s{plan.seeds[1]}", plan.out_dir, TrialSpec(m, plan.seeds[1]))
-        pairs[f"seed {s0} vs seed {plan.seeds[1]}"] = (explained, twin)
-    return explained, twin, pairs
+    if twin is not None:
+        pairs[f"seed {s0} vs seed {s1}"] = (explained, twin)
+    return ExplainModels(vce, pairs)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -164,11 +188,12 @@ def _prior(settings: ExplainSettings, out_dir: str, images: Optional[np.ndarray]
     return as_denoiser(unet, config), {"steps": len(losses), "loss_curve": curve, "samples": sample(unet, config, 16).numpy()}
 
 
-def answer_questions(settings: ExplainSettings, out_dir: str, explained: ModelRef, twin: Optional[ModelRef],
-                     pairs: dict[str, tuple[ModelRef, ModelRef]], test, prior_images: Optional[np.ndarray], num_classes: int,
-                     threads: int = 1) -> dict:
-    """The stage's work (a Ray task, or called directly): prior, generation, Parquet; returns the
-    section summary.json keeps under "explain" plus the prior's record and the galleries' arrays."""
+def answer_questions(settings: ExplainSettings, out_dir: str, models: ExplainModels, test, prior_images: Optional[np.ndarray],
+                     num_classes: int, threads: int = 1) -> dict:
+    """The stage's work (a Ray task, or called directly): prior, generation, Parquet.
+
+    Returns {"section": what summary.json keeps under "explain", "prior": the prior's record for
+    MLflow, "galleries": [(kind "vce" or "disagree", label or pair name, rows)] in file order}."""
     import torch
 
     from overinterp.explain.guided import GuidanceConfig
@@ -180,38 +205,39 @@ def answer_questions(settings: ExplainSettings, out_dir: str, explained: ModelRe
     guidance = GuidanceConfig(method=settings.method, steps=settings.guidance_steps, iterations=settings.iterations)
     loaded = {}
 
-    def model(ref: ModelRef):
-        if ref.source.tag not in loaded:
+    def model(ref: Optional[ModelRef]):
+        if ref is not None and ref.source.tag not in loaded:
             loaded[ref.source.tag] = ref.source.load(device)
-        return loaded[ref.source.tag]
+        return None if ref is None else loaded[ref.source.tag]
 
     images = torch.from_numpy(test.images)
     labels = torch.from_numpy(test.labels)
     n = min(settings.images, len(images))
-    requests, finish = [], []  # one guided chain for every question (study.generate_requests)
+    questions = []  # (kind, label, request, answer): one guided chain for all (study.generate_requests)
     if "vce" in settings.questions:
-        requests.append(vce_request(den, model(explained), images[:n], test.mean, test.std, guidance)[0])
-        finish.append(("vce", lambda res: vce_answer(res, model(explained), images[:n], labels[:n], test.mean, test.std,
-                                                     model(twin) if twin else None)))
+        for label, (m, twin) in models.vce.items():
+            questions.append(("vce", label, vce_request(den, model(m), images[:n], test.mean, test.std, guidance)[0],
+                              lambda res, m=m, twin=twin: vce_answer(res, model(m), images[:n], labels[:n], test.mean, test.std, model(twin))))
     if "disagree" in settings.questions:
         seeds = list(range(settings.seed, settings.seed + settings.images))
-        for name, (a, b) in pairs.items():
-            requests.append(disagreement_request(den, model(a), model(b), seeds, num_classes))
-            finish.append((name, lambda res, a=a, b=b: disagreement_answer(res, {a.label: model(a), b.label: model(b)}, images,
-                                                                             test.mean, test.std)))
-    section = {"settings": asdict(settings), "explained": explained.label, "vce": None, "disagree": {}}
-    galleries = {}
-    for i, ((name, answer), res) in enumerate(zip(finish, generate_requests(den, requests, test.mean, test.std, guidance))):
+        for name, (a, b) in models.pairs.items():
+            questions.append(("disagree", name, disagreement_request(den, model(a), model(b), seeds, num_classes),
+                              lambda res, a=a, b=b: disagreement_answer(res, {a.label: model(a), b.label: model(b)}, images,
+                                                                        test.mean, test.std)))
+    section = {"settings": asdict(settings), "vce": {}, "disagree": {}}
+    galleries = []
+    results = generate_requests(den, [q[2] for q in questions], test.mean, test.std, guidance)
+    for (kind, label, _, answer), res in zip(questions, results):
         ans = answer(res)
-        if name == "vce":
-            _write(out_dir, "vce.parquet", answer_table("vce", "", ans.rows))
-            section["vce"] = {**ans.measures, "transfer_to": twin.label if twin else None}
+        file = f"{kind}-{len(section[kind])}.parquet"
+        _write(out_dir, file, answer_table(kind, label, ans.rows))
+        if kind == "vce":
+            twin = models.vce[label][1]
+            section["vce"][label] = {**ans.measures, "transfer_to": twin.label if twin else None, "file": file}
         else:
-            a, b = pairs[name]
-            file = f"disagree-{i - ('vce' in settings.questions)}.parquet"
-            _write(out_dir, file, answer_table("disagree", name, ans.rows))
-            section["disagree"][name] = {"file": file, "models": [a.label, b.label], "directions": ans.measures}
-        galleries[name] = ans.rows
+            a, b = models.pairs[label]
+            section["disagree"][label] = {"file": file, "models": [a.label, b.label], "directions": ans.measures}
+        galleries.append((kind, label, ans.rows))
     return {"section": section, "prior": prior, "galleries": galleries}
 
 
@@ -229,9 +255,8 @@ def run_explain(cfg, plan: Plan, test, prior_images: Optional[np.ndarray], resou
     import ray
 
     settings = ExplainSettings.of(cfg)
-    explained, twin, pairs = explain_models(plan)
-    refs = [explained, *([twin] if twin else []), *(r for p in pairs.values() for r in p)]
-    digest = fingerprint(settings, refs, test.image_id)
+    models = explain_models(plan)
+    digest = fingerprint(settings, models.refs(), test.image_id)
     record = fs.join(cfg.out_dir, "explain", "answers.json")
     if fs.exists(record):
         saved = fs.read_json(record)
@@ -241,26 +266,26 @@ def run_explain(cfg, plan: Plan, test, prior_images: Optional[np.ndarray], resou
     cpus = max(1.0, resources.cpus_per_worker)
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(answer_questions)
     threads = int(cpus) if gpus else max(1, int(resources.max_cpus or cpus))  # the rest of the cluster idles in this stage
-    out = ray.get(task.remote(settings, cfg.out_dir, explained, twin, pairs, test, prior_images, plan.num_classes, threads))
+    out = ray.get(task.remote(settings, cfg.out_dir, models, test, prior_images, plan.num_classes, threads))
     fs.write_json(record, {"fingerprint": digest, "section": out["section"]})  # last: its presence means the stage finished
     return out
 
 
-def galleries_from_store(out_dir: str, section: dict) -> dict:
-    """The galleries' arrays read back from the Parquet files (a rerun that reuses the answers)."""
+def galleries_from_store(out_dir: str, section: dict) -> list:
+    """answer_questions' galleries read back from the Parquet files (a rerun that reuses the answers)."""
     from PIL import Image
 
     def decode(blobs) -> np.ndarray:
         arrs = [np.asarray(Image.open(io.BytesIO(b))) for b in blobs]
         return np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrs])
 
-    out = {}
-    names = ([("vce", "vce.parquet")] if section.get("vce") else []) + [(k, v["file"]) for k, v in section.get("disagree", {}).items()]
-    for key, file in names:
-        t = read_answers(out_dir, file).to_pydict()
-        rows = {k: np.asarray(v) for k, v in t.items() if k not in ("image", "start_image")}
-        rows.update(image=decode(t["image"]), start_image=decode(t["start_image"]), p_target=np.asarray(t["p_first"], dtype=float))
-        out[key] = rows
+    out = []
+    for kind in ("vce", "disagree"):
+        for label, entry in section.get(kind, {}).items():
+            t = read_answers(out_dir, entry["file"]).to_pydict()
+            rows = {k: np.asarray(v) for k, v in t.items() if k not in ("image", "start_image")}
+            rows.update(image=decode(t["image"]), start_image=decode(t["start_image"]), p_target=np.asarray(t["p_first"], dtype=float))
+            out.append((kind, label, rows))
     return out
 
 
@@ -268,39 +293,38 @@ def _hwc(images: np.ndarray) -> np.ndarray:
     return images.transpose(0, 2, 3, 1)
 
 
-def gallery_files(galleries: dict, classes, local_dir: str) -> list[str]:
-    """explain_vce.png (each test image, then its VCE towards each class; the image itself in its
-    own predicted class's column) and explain_disagree_<i>.png per pair (the unguided sample of
-    each seed, then the image guided each way); returns the local paths."""
+def gallery_files(galleries: list, classes, local_dir: str) -> list[str]:
+    """explain_vce_<i>.png per explained model (each test image, then its VCE towards each class; the
+    image itself in its own predicted class's column) and explain_disagree_<i>.png per pair (the
+    unguided sample of each seed, then the image guided each way); returns the local paths."""
     from overinterp.report import gallery_figure, save_figure
 
-    paths = []
-    if "vce" in galleries:
-        r = galleries["vce"]
-        t = int(np.sum(r["image_index"] == 0))
-        starts, images, targets = r["start_image"][::t], r["image"], r["target"].reshape(-1, t)
-        n = len(starts)
-        if len(classes) - 1 == t:  # one column per class
-            panels = {}
-            for c in range(len(classes)):
-                cell = starts.copy()
-                for i in range(n):
-                    j = np.flatnonzero(targets[i] == c)
-                    if len(j):
-                        cell[i] = images[i * t + j[0]]
-                panels[f"→ {classes[c]}"] = _hwc(cell)
-        else:  # many classes: the most probable other classes, by rank
-            panels = {f"target {j + 1}": _hwc(images[j::t]) for j in range(t)}
-        titles = [f"{classes[int(lbl)]}" for lbl in r["label"][::t]]
-        paths.append(save_figure(gallery_figure(_hwc(starts), panels, titles, first_title="test image"),
-                                 os.path.join(local_dir, "explain_vce.png")))
-    for i, (name, r) in enumerate((k, v) for k, v in galleries.items() if k != "vce"):
-        directions = list(dict.fromkeys(r["direction"]))
-        first = r["direction"] == directions[0]
-        panels = {f"{d} ({name})" if k == 0 else d: _hwc(r["image"][r["direction"] == d]) for k, d in enumerate(directions)}
-        titles = [f"class {classes[int(c)]}" for c in r["target"][first]]
-        fig = gallery_figure(_hwc(r["start_image"][first]), panels, titles, first_title="unguided")
-        paths.append(save_figure(fig, os.path.join(local_dir, f"explain_disagree_{i}.png")))
+    paths, count = [], {"vce": 0, "disagree": 0}
+    for kind, label, r in galleries:
+        name = os.path.join(local_dir, f"explain_{kind}_{count[kind]}.png")
+        count[kind] += 1
+        if kind == "vce":
+            t = int(np.sum(r["image_index"] == 0))
+            starts, images, targets = r["start_image"][::t], r["image"], r["target"].reshape(-1, t)
+            if len(classes) - 1 == t:  # one column per class
+                panels = {}
+                for c in range(len(classes)):
+                    cell = starts.copy()
+                    for i in range(len(starts)):
+                        j = np.flatnonzero(targets[i] == c)
+                        if len(j):
+                            cell[i] = images[i * t + j[0]]
+                    panels[f"→ {classes[c]}" + (f" ({label})" if c == 0 else "")] = _hwc(cell)
+            else:  # many classes: the most probable other classes, by rank
+                panels = {f"target {j + 1}" + (f" ({label})" if j == 0 else ""): _hwc(images[j::t]) for j in range(t)}
+            titles = [f"{classes[int(lbl)]}" for lbl in r["label"][::t]]
+            paths.append(save_figure(gallery_figure(_hwc(starts), panels, titles, first_title="test image"), name))
+        else:
+            directions = list(dict.fromkeys(r["direction"]))
+            first = r["direction"] == directions[0]
+            panels = {f"{d} ({label})" if k == 0 else d: _hwc(r["image"][r["direction"] == d]) for k, d in enumerate(directions)}
+            titles = [f"class {classes[int(c)]}" for c in r["target"][first]]
+            paths.append(save_figure(gallery_figure(_hwc(r["start_image"][first]), panels, titles, first_title="unguided"), name))
     return paths
 
 

@@ -352,9 +352,10 @@ def summary_metrics(summary: dict) -> dict:
     for name, value in summary.get("baseline", {}).items():
         m[f"baseline.{name}"] = shown(value)
     explain = summary.get("explain") or {}
-    for key, value in (explain.get("vce") or {}).items():
-        if isinstance(value, (int, float)) and value == value:
-            m[f"explain.vce.{key}"] = shown(value) if isinstance(value, float) else value
+    for label, vce in explain.get("vce", {}).items():
+        for key, value in vce.items():
+            if isinstance(value, (int, float)) and value == value:  # not the labels, not NaN
+                m[f"explain.vce.{label}.{key}"] = shown(value) if isinstance(value, float) else value
     for pair, d in explain.get("disagree", {}).items():
         for direction, measures in d["directions"].items():
             for key in ("mean_gap", "unguided_mean_gap", "real_top_gap", "share_beyond_real", "success"):

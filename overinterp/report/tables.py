@@ -186,12 +186,14 @@ def explain_markdown(explain: dict) -> str:
     lines = ["## What the models learned to look for: guided generation",
              f"Guidance `{st['method']}` ({st['guidance_steps']} DDIM steps) under {prior}; see BENCHMARKS.md for what the "
              "measures mean and how the methods compare.", ""]
-    vce = explain.get("vce")
-    if vce:
-        lines += [f"Visual counterfactuals of the {explain['explained']} model: {vce['n']} VCEs, each test image towards each other class.", "",
-                  "| VCEs | success (p ≥ 0.9) | mean L2 of the successes (normalised units) | transfer |", "|---:|---:|---:|---|",
-                  f"| {vce['n']} | {_pct(vce['success_rate'])} | {vce['mean_l2']:.2f} | "
-                  + (f"{_pct(vce['transfer'])} to {vce['transfer_to']}" if vce.get("transfer_to") else "– (one seed)") + " |", ""]
+    if explain.get("vce"):
+        lines += ["Visual counterfactuals: each test image turned towards each other class, for each model; transfer: the "
+                  "share of the successes its second-seed twin also calls the target.", "",
+                  "| model | VCEs | success (p ≥ 0.9) | mean L2 of the successes (normalised units) | transfer |", "|---|---:|---:|---:|---|"]
+        for label, v in explain["vce"].items():
+            lines.append(f"| {label} | {v['n']} | {_pct(v['success_rate'])} | {v['mean_l2']:.2f} | "
+                         + (f"{_pct(v['transfer'])} to {v['transfer_to']}" if v.get("transfer_to") else "– (one seed)") + " |")
+        lines.append("")
     if explain.get("disagree"):
         lines += ["Where two models disagree most: images the first model of a direction calls class c and the second "
                   "does not (gap = p_first(c) − p_second(c); the real baseline is the mean gap of as many most-disagreeing real test images).", "",
