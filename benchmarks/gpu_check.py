@@ -22,6 +22,10 @@ Checks, in order (each a row of the table: check, result, figure, seconds):
   dataparallel      a pipeline.trial.run_trial on cuda with >= 2 GPUs (its DataParallel path)
   ray_train_1gpu    a streamed Ray Train trial (run_stream_trial) on one GPU worker, NCCL backend
   ray_train_nccl    the same with two workers: DDP over NCCL with device_ids
+  explain_stage     the --explain stage's work (pipeline.explain_stage.answer_questions, no Ray) on the
+                    device: a prior trained a few steps there, VCEs and disagreement images of untrained
+                    models (their checkpoints written for it); finite objectives, every question
+                    answered, the prior's samples back on the host (skipped without diffusers)
   device_rates      passes/s of each model of overinterp/device_rates.py on the device: the rows
                     are printed after the table, ready to paste into RATES
 
@@ -71,7 +75,7 @@ class Sizes:
 GPU_SIZES = Sizes("resnet20", 12, 4, 32, 512, ((32, 64), (224, 4)), None, 2.0)
 CPU_SIZES = Sizes("digits_cnn", 6, 2, 8, 64, ((16, 4),), ("digits_cnn",), 0.05)
 CHECKS = ("bs_engine", "autocast_bf16", "autocast_fp16", "bgsis", "road_fill", "chunk_sizing", "train_step", "eval_forward",
-          "dataparallel", "ray_train_1gpu", "ray_train_nccl", "device_rates")
+          "dataparallel", "ray_train_1gpu", "ray_train_nccl", "explain_stage", "device_rates")
 
 
 class Skip(Exception):
@@ -229,6 +233,37 @@ def ray_train(workers):
     return check
 
 
+def explain_stage(ctx):
+    if importlib.util.find_spec("diffusers") is None:
+        raise Skip("diffusers is not installed (the explain extra)")
+    from unittest import mock
+
+    from overinterp.config import RunConfig
+    from overinterp.models import ModelSpec, build, save_checkpoint
+    from overinterp.pipeline.analysis import TestImages
+    from overinterp.pipeline.explain_stage import ExplainSettings, answer_questions, explain_models
+    from overinterp.pipeline.plan import make_plan
+
+    g = torch.Generator().manual_seed(3)
+    train = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=g).numpy()
+    test = TestImages(np.arange(8), train[:8], np.arange(8) % 10, (0.5,), (0.25,), tuple(map(str, range(10))), 8)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = RunConfig(out_dir=out, seeds=(0, 1)).resolved()
+        plan = make_plan(cfg, (1, 8, 8), {"train": 64, "test": 8}, 10)
+        models = explain_models(plan)
+        for ref in {r.source.tag: r for r in models.refs()}.values():
+            torch.manual_seed(0)
+            save_checkpoint(ref.source.checkpoints[0], ModelSpec("digits_cnn", 10, 1), build(ModelSpec("digits_cnn", 10, 1)))
+        settings = ExplainSettings(("vce", "disagree"), "noise", images=2, prior_steps=3, generator=None, guidance_steps=2, iterations=2)
+        with mock.patch("overinterp.pipeline.explain_stage.pick_device", return_value=ctx.dev):
+            res = answer_questions(settings, out, models, test, train, 10)
+    section = res["section"]
+    finite = all(math.isfinite(v["mean_l2"]) or v["success_rate"] == 0 for v in section["vce"].values())
+    answered = len(section["vce"]) == 2 and len(section["disagree"]) == len(models.pairs)
+    ok = finite and answered and isinstance(res["prior"]["samples"], np.ndarray)
+    return ok, f"{sum(v['n'] for v in section['vce'].values())} VCEs, {len(section['disagree'])} pairs on {ctx.dev}", {"answered": answered}
+
+
 def rates(ctx):
     rows = device_rates.measured_rows(ctx.dev.type, ctx.kind, seconds=ctx.sizes.rate_seconds, models=ctx.sizes.rate_models)
     ctx.rate_lines = [line for _, line in rows]
@@ -237,7 +272,7 @@ def rates(ctx):
 
 
 RUNNERS = dict(zip(CHECKS, (bs_engine, autocast("bf16"), autocast("fp16"), bgsis, road_fill, chunk_sizing, train_step, eval_forward,
-                            dataparallel, ray_train(1), ray_train(2), rates)))
+                            dataparallel, ray_train(1), ray_train(2), explain_stage, rates)))
 
 
 def main(argv=None) -> dict:

@@ -91,13 +91,13 @@ def test_the_stage_answers_every_question_and_resumes_its_prior(stage_inputs):
         assert v["n"] == 2 * 9 and v["file"] == f"vce-{i}.parquet"  # 2 images × the 9 other classes
         assert v["transfer_to"] == {"full s0": "full s1", "bs-subset s0": "bs-subset s1"}[label]
         vce = read_answers(str(out), v["file"])
-        assert vce.num_rows == 18 and vce.column("pair").to_pylist() == [label] * 18
+        assert vce.num_rows == 18 and vce.column("subject").to_pylist() == [label] * 18
         assert vce.column("objective_end").null_count == 0 and vce.column("seed").to_pylist() == [-1] * 18  # VCEs start from inversions
     assert list(section["disagree"]) == list(models.pairs)
     for i, (name, d) in enumerate(section["disagree"].items()):
         assert d["file"] == f"disagree-{i}.parquet" and len(d["directions"]) == 2
         t = read_answers(str(out), d["file"])
-        assert t.num_rows == 4 and set(t.column("pair").to_pylist()) == {name}  # 2 seeds × 2 directions
+        assert t.num_rows == 4 and set(t.column("subject").to_pylist()) == {name}  # 2 seeds × 2 directions
     assert [(k, label) for k, label, _ in first["galleries"]] == [("vce", "full s0"), ("vce", "bs-subset s0"),
                                                                    *(("disagree", p) for p in models.pairs)]
     assert first["prior"]["steps"] == 3 and first["prior"]["samples"].shape == (16, 1, 8, 8)

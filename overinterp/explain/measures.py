@@ -34,13 +34,19 @@ from overinterp.explain.pixels import uint8_to_classifier
 PGD_NORMS = ("l2", "linf")
 
 
+def on_model(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """images moved to the model's device (a CPU tensor of results may meet a model on a GPU)."""
+    p = next(model.parameters(), None)
+    return images if p is None else images.to(p.device)
+
+
 @torch.no_grad()
 def target_probability(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, mean, std, batch_size: int = 1024) -> torch.Tensor:
     """(N,) float64 softmax probability of targets[i] for each uint8 image."""
     model.eval()
     out = []
     for s in range(0, images.shape[0], batch_size):
-        logits = model(uint8_to_classifier(images[s:s + batch_size], mean, std)).double()
+        logits = model(uint8_to_classifier(on_model(model, images[s:s + batch_size]), mean, std)).double()
         out.append(torch.softmax(logits, 1).gather(1, targets[s:s + batch_size].view(-1, 1).to(logits.device)).squeeze(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
@@ -66,7 +72,7 @@ def transfer(success_a: torch.Tensor, model_b: nn.Module, images: torch.Tensor, 
     if n == 0:
         return {"succeeded_a": 0, "transferred": 0, "rate": float("nan")}
     model_b.eval()
-    pred = model_b(uint8_to_classifier(images[ok], mean, std)).argmax(1).cpu()
+    pred = model_b(uint8_to_classifier(on_model(model_b, images[ok]), mean, std)).argmax(1).cpu()
     hit = int((pred == targets.cpu()[ok]).sum())
     return {"succeeded_a": n, "transferred": hit, "rate": hit / n}
 
@@ -160,7 +166,7 @@ def penultimate_features(model: nn.Module, images: torch.Tensor, mean, std, batc
     try:
         model.eval()
         for s in range(0, images.shape[0], batch_size):
-            model(uint8_to_classifier(images[s:s + batch_size], mean, std))
+            model(uint8_to_classifier(on_model(model, images[s:s + batch_size]), mean, std))
     finally:
         hook.remove()
     return torch.cat(feats)

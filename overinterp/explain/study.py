@@ -27,7 +27,7 @@ import torch.nn as nn
 from overinterp.explain import MAX_VCE_TARGETS
 from overinterp.explain.ddim import initial_noise
 from overinterp.explain.guided import GuidanceConfig, GuidedResult, device_of, generate_from, start_noise
-from overinterp.explain.measures import distance, target_probability, transfer
+from overinterp.explain.measures import distance, on_model, target_probability, transfer
 from overinterp.explain.objectives import VCE, Disagreement, targets_of
 from overinterp.explain.pixels import uint8_to_classifier
 
@@ -51,7 +51,7 @@ class Answer:
 def probabilities(model: nn.Module, images: torch.Tensor, mean, std, batch: int = 1024) -> torch.Tensor:
     """(N, classes) float64 softmax of a uint8 batch, on the CPU."""
     model.eval()
-    out = [torch.softmax(model(uint8_to_classifier(images[s:s + batch], mean, std)).double(), 1).cpu()
+    out = [torch.softmax(model(uint8_to_classifier(on_model(model, images[s:s + batch]), mean, std)).double(), 1).cpu()
            for s in range(0, images.shape[0], batch)]
     return torch.cat(out)
 

@@ -35,11 +35,12 @@ from overinterp import fs
 from overinterp.pipeline.plan import Plan, SelectionSource
 from overinterp.pipeline.trial import TrialSpec, checkpoint_path, pick_device
 
-EXPLAIN_FORMAT = "1"
-# one row per generated image; images PNG-encoded (the store's packed form), probabilities float64, the
-# objective of the unguided start and of the guided image (the loss guidance minimised)
+EXPLAIN_FORMAT = "2"
+# one row per generated image; subject: the model a VCE explains, or the pair a disagreement image
+# compares; images PNG-encoded (the store's packed form), probabilities float64, the objective of the
+# unguided start and of the guided image (the loss guidance minimised)
 EXPLAIN_SCHEMA = pa.schema([
-    ("question", pa.string()), ("pair", pa.string()), ("direction", pa.string()), ("method", pa.string()),
+    ("question", pa.string()), ("subject", pa.string()), ("direction", pa.string()), ("method", pa.string()),
     ("image", pa.binary()), ("start_image", pa.binary()), ("target", pa.int64()), ("seed", pa.int64()),
     ("p_first", pa.float64()), ("p_second", pa.float64()), ("success", pa.bool_()), ("l2", pa.float64()),
     ("image_index", pa.int64()), ("label", pa.int64()), ("objective_start", pa.float64()), ("objective_end", pa.float64()),
@@ -131,10 +132,10 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def answer_table(question: str, pair: str, rows: dict) -> pa.Table:
+def answer_table(question: str, subject: str, rows: dict) -> pa.Table:
     """One Answer's rows as an EXPLAIN_SCHEMA table (columns a question lacks are null)."""
     n = len(rows["target"])
-    cols = {"question": [question] * n, "pair": [pair] * n, "direction": rows.get("direction"), "method": rows["method"],
+    cols = {"question": [question] * n, "subject": [subject] * n, "direction": rows.get("direction"), "method": rows["method"],
             "image": [_png(i) for i in rows["image"]], "start_image": [_png(i) for i in rows["start_image"]],
             "target": rows["target"], "seed": rows["seed"], "p_first": rows.get("p_first", rows.get("p_target")),
             "p_second": rows.get("p_second"), "success": rows.get("success"), "l2": rows.get("l2"),
@@ -153,8 +154,9 @@ def read_answers(out_dir: str, name: str) -> pa.Table:
 
 
 def fingerprint(settings: ExplainSettings, refs: list[ModelRef], test_ids: np.ndarray) -> str:
-    """The settings, the checkpoints' bytes and the test images' ids: equal means the answers still hold."""
-    h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    """The settings, the file format, the checkpoints' bytes and the test images' ids: equal means the
+    answers still hold."""
+    h = hashlib.sha256(json.dumps({**asdict(settings), "format": EXPLAIN_FORMAT}, sort_keys=True).encode())  # a new format reruns
     for ref in refs:
         h.update(ref.source.tag.encode())
         for path in ref.source.checkpoints:
@@ -185,7 +187,7 @@ def _prior(settings: ExplainSettings, out_dir: str, images: Optional[np.ndarray]
                 fs.write_bytes(remote, f.read())
     every = config.checkpoint_every
     curve = [(min(s + every, len(losses)), float(np.mean(losses[s:s + every]))) for s in range(0, len(losses), every)]
-    return as_denoiser(unet, config), {"steps": len(losses), "loss_curve": curve, "samples": sample(unet, config, 16).numpy()}
+    return as_denoiser(unet, config), {"steps": len(losses), "loss_curve": curve, "samples": sample(unet, config, 16).cpu().numpy()}
 
 
 def answer_questions(settings: ExplainSettings, out_dir: str, models: ExplainModels, test, prior_images: Optional[np.ndarray],
