@@ -11,7 +11,9 @@ steps cover an 8×8 image), subset models digits_cnn, one epoch, one seed. N is 
 The job runs as a subprocess (the driver, with its own local Ray). Every ~0.2 s the benchmark reads
 /proc/<pid>/status of the driver process only: VmRSS, RssAnon (its private heap) and VmHWM (the
 kernel's peak RSS). Ray's GCS, raylet and workers are separate processes and are not counted. Stage
-times come from the driver's `stage k/3` lines, read as they are written. Per stage, images/s is:
+times come from the driver's `stage k/3` lines, read as they are written; each sample also counts
+toward the peak of the stage in progress (start-up, then 1, 2, 3), which says where growth with N
+happens. Per stage, images/s is:
 selection (train + val images) / stage 1; training images (trials × epochs × train images) / stage 2;
 val images / stage 3.
 
@@ -36,6 +38,7 @@ import time
 import torch
 
 from _common import ROOT, describe, finish, machine, parser, start  # first: it puts this checkout on sys.path
+from overinterp.config import streamed_select_batch
 from overinterp.models import create_model
 from overinterp.synthetic import write_imagenet_shaped
 
@@ -64,28 +67,35 @@ def read_status(pid: int) -> dict[str, int]:
 def run_driver(argv: list[str], log_path: str, interval: float) -> dict:
     """Run the job as a subprocess and poll its memory and stage lines until it exits.
 
-    Returns peaks in MiB, wall seconds, the start-up (process start to the first stage line) and
-    the log text."""
+    Returns peaks in MiB (the whole run's, and each stage's: "start" until the first stage line,
+    then "1", "2", "3" from each stage's start line), wall seconds, the start-up (process start to
+    the first stage line) and the log text."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always its own local Ray
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     peak = {"VmRSS": 0, "VmHWM": 0, "RssAnon": 0}
-    first_stage_s, seen = None, 0
+    stage_peaks: dict[str, dict[str, int]] = {}
+    stage, first_stage_s, seen = "start", None, 0
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "sis_imagenet.py"), *argv],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         while True:
             done = proc.poll() is not None
+            with open(log_path, "rb") as f:
+                f.seek(seen)
+                text = f.read()
+            text = text[: text.rfind(b"\n") + 1]  # whole lines only
+            seen += len(text)
+            starts = STAGE_START.findall(text.decode(errors="replace"))
+            if starts:
+                stage = starts[-1][0]
+                if first_stage_s is None:
+                    first_stage_s = time.perf_counter() - t0
+            here = stage_peaks.setdefault(stage, {"VmRSS": 0, "RssAnon": 0})
             for k, v in read_status(proc.pid).items():
                 peak[k] = max(peak[k], v)
-            if first_stage_s is None:
-                with open(log_path, "rb") as f:
-                    f.seek(seen)
-                    text = f.read()
-                text = text[: text.rfind(b"\n") + 1]  # whole lines only
-                seen += len(text)
-                if STAGE_START.search(text.decode(errors="replace")):
-                    first_stage_s = time.perf_counter() - t0
+                if k in here:
+                    here[k] = max(here[k], v)
             if done:
                 break
             time.sleep(interval)
@@ -96,6 +106,7 @@ def run_driver(argv: list[str], log_path: str, interval: float) -> dict:
         raise RuntimeError(f"sis_imagenet.py exited with {proc.returncode}; log {log_path} ends:\n{text[-4000:]}")
     mib = 1 / 1024
     return {"peak_rss_mib": max(peak["VmRSS"], peak["VmHWM"]) * mib, "peak_rss_anon_mib": peak["RssAnon"] * mib,
+            "stage_peak_mib": {k: {"rss": v["VmRSS"] * mib, "anon": v["RssAnon"] * mib} for k, v in stage_peaks.items()},
             "seconds": seconds, "startup_s": first_stage_s, "log": text}
 
 
@@ -131,7 +142,7 @@ def main(argv=None):
     p.add_argument("--pixels-per-step", type=int, default=32, help="BGSIS k")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--select-batch", type=int, default=None,
-                   help="images per selection call and per store shard (default: the job's, 32); the driver reads every shard's ids")
+                   help="images per selection call and per store shard (default: the job's rule, 1,024 at 8 px); the driver reads every shard's ids")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between samples of /proc/<pid>/status")
     p.add_argument("--scratch", default=None, help="folder for outputs (default: a temporary one, removed at the end)")
     p.add_argument("--quick", action="store_true", help="write a 2,000-image source of 10 classes; N = 100 and 1,000")
@@ -179,7 +190,7 @@ def main(argv=None):
         "measured": "the driver process only (jobs/sis_imagenet.py); Ray workers are separate processes",
         "settings": {"n": [str(n) for n in sizes], "source": args.source or "quick", "classes": args.num_classes, "model": args.model,
                      "image_size": args.image_size, "pixels_per_step": args.pixels_per_step, "epochs": args.epochs, "seeds": [0],
-                     "select_batch": args.select_batch or 32,
+                     "select_batch": args.select_batch or streamed_select_batch(args.image_size),
                      "interval_s": args.interval, "quick": args.quick},
         "runs": runs,
         "rss_growth_mib": large["peak_rss_mib"] - small["peak_rss_mib"],
@@ -197,6 +208,9 @@ def main(argv=None):
         print(f"{r['train_images']:>10,}+{r['val_images']:<8,}{r['seconds']:>8.0f}{r['startup_s'] or 0:>8.0f}"
               f"{rate(r['selection_images_per_s']):>10}{rate(r['training_images_per_s']):>12}{rate(r['summary_images_per_s']):>11}"
               f"{r['peak_rss_mib']:>9.0f}{r['peak_rss_anon_mib']:>8.0f}{r['store_bytes'] / 2**20:>10.1f}  {r['planned']}")
+    print("peak driver RSS (RssAnon) in MiB while each stage ran: "
+          + "; ".join(f"N={r['n']}: " + ", ".join(f"{k} {v['rss']:.0f} ({v['anon']:.0f})" for k, v in r["stage_peak_mib"].items())
+                      for r in runs))
     print(f"peak driver RSS grew {report['rss_growth_mib']:+.0f} MiB (RssAnon {report['anon_growth_mib']:+.0f} MiB) "
           f"for {report['images_ratio']:.1f}x the images")
     return finish(report, started, args.json_out)

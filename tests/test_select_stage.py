@@ -40,9 +40,33 @@ def test_a_selection_worker_drops_ids_already_stored(ray_session, tmp_path):
                              asdict(EngineConfig()), threads=1, skip_ids=np.array([1, 3], dtype=np.int64))
     images = np.random.default_rng(0).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
     out = worker({"image_id": np.arange(4), "label": np.zeros(4, np.int64), "image": images})
-    assert out["image_id"].tolist() == [0, 2] and len(out["seconds"]) == 2
+    # the driver gets the call's counts, not a row per image
+    assert out["images"].tolist() == [2] and out["seconds"][0] > 0 and out["error"].tolist() == [""]
     assert store.done_ids(str(tmp_path), "m", "backselect-k4", "test").tolist() == [0, 2]
-    assert len(worker({"image_id": np.array([1, 3]), "label": np.zeros(2, np.int64), "image": images[:2]})["image_id"]) == 0
+    assert worker({"image_id": np.array([1, 3]), "label": np.zeros(2, np.int64), "image": images[:2]})["images"].tolist() == [0]
+
+
+def test_a_selection_worker_returns_a_row_per_image_that_did_not_decode(tmp_path):
+    """Undecodable rows come back with their path and reason (the driver lists them); the good ones
+    are selected, stored and counted in the call's one summary row."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from overinterp import store
+    from overinterp.pipeline.plan import SelectionSource
+    from overinterp.pipeline.select_stage import SelectionWorker
+    from overinterp.selection import EngineConfig, selector_params
+
+    source = SelectionSource(tag="m", model={"name": "digits_cnn", "num_classes": 10, "in_channels": 1})
+    worker = SelectionWorker(asdict(source), str(tmp_path), "test", (0.5,), (0.25,), "backselect", selector_params("backselect", 4),
+                             asdict(EngineConfig()), threads=1)
+    images = np.random.default_rng(0).integers(0, 256, (3, 1, 8, 8), dtype=np.uint8)
+    out = worker({"image_id": np.arange(3), "label": np.zeros(3, np.int64), "image": images,
+                  "path": np.array(["a.png", "b.png", "c.png"], dtype=object), "error": np.array(["", "truncated", ""], dtype=object)})
+    assert out["images"].tolist() == [2, 0] and out["path"].tolist() == ["", "b.png"] and out["error"].tolist() == ["", "truncated"]
+    assert out["seconds"][1] == 0
+    assert store.done_ids(str(tmp_path), "m", "backselect-k4", "test").tolist() == [0, 2]
 
 
 # --- progress from inside a batch: worker -> PassCounter -> driver's bar --------------------------
@@ -69,7 +93,6 @@ class _FakeCounter:
     def __init__(self):
         self.sent = []
         self.add = _Remote(lambda key, n: self.sent.append(n))
-        self.clear = _Remote(lambda key: self.sent.append("clear"))
 
 
 def test_a_worker_forwards_passes_at_most_every_interval(monkeypatch):
@@ -78,33 +101,32 @@ def test_a_worker_forwards_passes_at_most_every_interval(monkeypatch):
     monkeypatch.setattr(ss.ray, "get", lambda ref, **kw: ref)  # the fake counter's calls return values, not refs
     clock, counter = _Clock(), _FakeCounter()
     f = ss.PassForwarder(counter, scale=1.5, interval=2.0, clock=clock)
-    f.start()
-    for t in range(10):  # 100 passes every 0.5 s for 5 s
+    for t in range(10):  # 100 passes every 0.5 s for 5 s, over batches: the worker's running total
         clock.t = 0.5 * t
         f(100)
-    assert counter.sent == [750.0, 600.0]  # at 2.0 s (5 calls) and 4.0 s (4 more), scaled; 100 still pending
-    f.finish()
-    assert counter.sent[-1] == "clear" and f.pending == 0
+    assert counter.sent == [750.0, 600.0]  # at 2.0 s (5 calls) and 4.0 s (4 more), scaled
+    assert f.pending == 100  # not yet sent: the driver counts it from the batch's result
 
 
-def test_the_driver_polls_finished_plus_in_flight_never_back():
+def test_the_driver_shows_the_larger_of_results_and_reports_never_back():
     import io
     import threading
 
-    from overinterp.pipeline.select_stage import watch_in_flight
+    from overinterp.pipeline.select_stage import watch_progress
     from overinterp.progress import Progress
 
     bar = Progress(10_000, "passes", file=io.StringIO(), interval=1e9)
-    # (finished batches' passes, in-flight passes) per poll: a batch of 5000 runs, its count is
-    # cleared before its result reaches the driver (a poll in between sees neither), then counted
-    polls = [(0, 1200.0), (0, 3400.0), (0, 0.0), (5000, 0.0), (5000, 800.0), ("boom", None)]
+    # (passes of the batches whose results arrived, the workers' reported total) per poll: the
+    # workers report as they go; a task's results arrive when it ends (5000 at once), and a report
+    # may lag the results (the fourth poll)
+    polls = [(0, 1200.0), (0, 3400.0), (0, 3400.0), (5000, 4800.0), (5000, 5800.0), ("boom", None)]
     stop, shown, now = threading.Event(), [], {}
 
     def finished():
         now["poll"] = polls.pop(0)
         return now["poll"][0] if polls else 0
 
-    def in_flight():
+    def reported():
         if not polls:
             stop.set()
             raise RuntimeError("counter gone")  # a lost counter: the poll is skipped, nothing raised
@@ -113,7 +135,7 @@ def test_the_driver_polls_finished_plus_in_flight_never_back():
     update_to = bar.update_to
     bar.update_to = lambda n: (update_to(n), shown.append(bar.done))
     asked = []
-    watch_in_flight(bar, finished, in_flight, stop, interval=0, on_progress=lambda p: asked.append(p) or p >= 3400)
+    watch_progress(bar, finished, reported, stop, interval=0, on_progress=lambda p: asked.append(p) or p >= 3400)
     assert shown == [1200, 3400, 3400, 5000, 5800]
     assert asked == [1200, 3400]  # called after each move until it says it is done (the re-plan is printed once)
 
@@ -130,7 +152,7 @@ def test_the_replan_line_gives_the_rest_at_the_measured_wall_rate():
 
 def test_the_driver_sees_passes_before_the_batch_ends_and_none_twice(ray_session, tmp_path, monkeypatch):
     """A real PassCounter actor: while the worker's batch runs, the counter already holds some of its
-    passes; once the batch returns, its count is cleared (the driver counts the batch from its result)."""
+    passes, growing; once the batch returns it holds them all, once."""
     from dataclasses import asdict
 
     import numpy as np
@@ -156,13 +178,13 @@ def test_the_driver_sees_passes_before_the_batch_ends_and_none_twice(ray_session
     worker({"image_id": np.arange(2), "label": np.zeros(2, np.int64), "image": images})
     total = planned_forward_passes("backselect", 64, 4, batch=2)
     assert any(0 < s < total for s in seen) and seen == sorted(seen)  # intermediate counts, growing
-    assert ray.get(counter.total.remote()) == 0  # cleared before the result: never counted twice
+    assert ray.get(counter.total.remote()) == total  # every pass of the batch, once
     ray.kill(counter)
 
 
 def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, monkeypatch, capsys):
-    """Through Ray Data: the bar ends at the planned passes, and no count it was asked to show (batches
-    finished + in flight) ever exceeded them — a batch is never counted twice."""
+    """Through Ray Data: the bar ends at the planned passes, and no count it was asked to show (the
+    larger of the finished batches' and the workers' reports) ever exceeded them: nothing counted twice."""
     import numpy as np
 
     import overinterp.pipeline.select_stage as ss
@@ -193,6 +215,32 @@ def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, m
     assert asked and max(asked) <= total and asked[-1] == total
     printed = capsys.readouterr().out
     assert "[backselect-k4 m/test] selected 3 images in " in printed  # wall time beside the passes
+
+
+def test_a_streamed_selection_stores_the_good_images_and_lists_the_bad_ones(ray_session, tmp_path):
+    """A folder with a truncated JPEG and a text file named .jpg, through Ray Data and the actors:
+    the driver counts the stored images from the calls' summary rows and lists the two bad files."""
+    import overinterp.pipeline.select_stage as ss
+    from overinterp import store
+    from overinterp.pipeline.images import read_images
+    from overinterp.pipeline.plan import SelectionJob, SelectionSource
+    from overinterp.pipeline.resources import ResourcePlan
+    from overinterp.selection import params_json, selector_params
+    from overinterp.synthetic import write_imagefolder
+
+    write_imagefolder(str(tmp_path), n_per_class=4, num_classes=3, size=40)
+    train = tmp_path / "train"
+    jpg = train / "n00000000" / "00000.jpg"
+    jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
+    (train / "n00000001" / "notes.jpg").write_text("not an image")
+    source = SelectionSource(tag="m", model={"name": "digits_cnn", "num_classes": 3, "in_channels": 3})
+    job = SelectionJob(source, "gradient", params_json(selector_params("gradient")), "train")
+    resources = ResourcePlan(use_gpu=False, select_workers=1, cpus_per_worker=1, gpus_per_worker=0, trial_concurrency=1,
+                             cpus_per_trial=1, gpus_per_trial=0, capacity="test")
+    root = str(tmp_path / "selections")
+    n, skipped = ss.select_stream(job, read_images(str(train), 8), root, (0.5,) * 3, (0.25,) * 3, resources, select_batch=4, total=13)
+    assert n == 11 and len(store.done_ids(root, "m", "gradient", "train")) == 11
+    assert [p for p, _ in skipped] == ["n00000000/00000.jpg", "n00000001/notes.jpg"] and "truncated" in skipped[0][1]
 
 
 def test_the_streamed_random_baseline_is_written_shard_by_shard_and_resumes(tmp_path):

@@ -237,9 +237,11 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
     cfg = preflight(config)
     n_images, side = None, cfg.image_size or 0
     if cfg.dataset == "imagefolder" and cfg.stream is None and cfg.data_root and not fs.is_uri(cfg.data_root):
-        from overinterp.pipeline.stream import count_folder  # a listing: nothing is decoded
+        from overinterp.pipeline.images import list_classes
+        from overinterp.pipeline.stream import count_images  # a listing: nothing is decoded
 
-        n_images = sum(count_folder(p) for p in (cfg.train, cfg.val))
+        classes = list_classes(cfg.train)
+        n_images = sum(count_images(p, classes, None) for p in (cfg.train, cfg.val))
     stream, why = choose_backend(cfg, n_images, side)
     if stream and cfg.explain and not cfg.generator:  # a folder too big for memory
         from overinterp.config import STREAMED_EXPLAIN, ConfigError

@@ -8,8 +8,10 @@ their content (overinterp/store/format.py), so a batch done twice rewrites its o
 ends up in the store once. A rerun selects only the image ids not yet in the store.
 
 Progress is shown in planned passes, from inside a batch too: the engines call on_passes as they
-go, each actor forwards the counts every FORWARD_EVERY s to a PassCounter actor, and a driver
-thread adds them to the finished batches' passes every POLL_EVERY s.
+go, each actor forwards its running total every FORWARD_EVERY s to a PassCounter actor, and a driver
+thread shows, every POLL_EVERY s, the larger of that total and the passes of the batches whose
+results have arrived. Both are needed: Ray Data hands the driver an actor task's results when the
+task ends, and at ImageNet's count one task is hundreds of batches (minutes of work).
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ class SelectionWorker:
     """Ray Data actor: (image_id, label, image) batches in, Parquet shards out."""
 
     def __init__(self, source: dict, root: str, split: str, mean, std, selector: str, params: dict, engine: dict, threads: int,
-                 skip_ids: Optional[np.ndarray] = None, counter=None, pass_scale: float = 1.0, report_every: Optional[float] = None):
+                 skip_ids: Optional[np.ndarray] = None, counter=None, pass_scale: float = 1.0):
         exit_with_parent()
         torch.set_num_threads(threads)
-        # passes made inside a batch go to the driver's PassCounter (if any), at most every report_every s
-        self.passes = PassForwarder(counter, scale=pass_scale, interval=report_every) if counter is not None else None
+        # passes made go to the driver's PassCounter (if any), at most every FORWARD_EVERY s
+        self.passes = PassForwarder(counter, scale=pass_scale) if counter is not None else None
         # (S,) sorted int64: ids already in the store, dropped here rather than by a Ray Data filter
         # task — that task would need a CPU, and on a node whose CPUs the actors hold it never runs
         self.skip_ids = skip_ids if skip_ids is not None and len(skip_ids) else None
@@ -56,31 +58,27 @@ class SelectionWorker:
         self.engine = EngineConfig(**engine)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Selects and stores a batch; returns what the driver counts, not a row per image: one row
+        (images: how many were selected, seconds: the worker's time on them) and a row per image
+        that did not decode (its path and reason). Ray Data hands the driver a task's results when
+        the task ends, hundreds of calls at once at ImageNet's count: rows per image made the
+        driver map their object-store pages and convert them to ~200 MiB of Python strings at its
+        peak; a few bytes a call stay small however many arrive."""
         t0 = time.perf_counter()
         if self.skip_ids is not None:
             keep = ~store.stored_mask(batch["image_id"], self.skip_ids)
             batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
         n_in = len(batch["image_id"])
-        if n_in == 0:
-            return {"image_id": np.zeros(0, np.int64), "error": np.zeros(0, object), "path": np.zeros(0, object),
-                    "node": np.zeros(0, object), "seconds": np.zeros(0)}
         errors = np.asarray(batch["error"], dtype=object) if "error" in batch else np.full(n_in, "", dtype=object)
-        paths = np.asarray(batch["path"], dtype=object) if "path" in batch else np.full(n_in, "", dtype=object)
-        out = {"image_id": np.asarray(batch["image_id"]), "error": errors, "path": paths,
-               "node": np.full(n_in, ray.get_runtime_context().get_node_id(), dtype=object)}
         good = errors == ""  # undecodable files arrive as rows with a reason: recorded by the driver, never selected
+        paths = np.asarray(batch["path"], dtype=object) if "path" in batch else np.full(n_in, "", dtype=object)
+        bad = {"path": paths[~good], "error": errors[~good]}
         if not good.any():
-            return {**out, "seconds": np.zeros(n_in)}
+            return _counts(0, 0.0, **bad)
         batch = {k: np.asarray(v)[good] for k, v in batch.items() if k in ("image_id", "label", "image")}
         images = torch.from_numpy(np.array(batch["image"])).to(self.device)  # (B, C, H, W) uint8
         x = normalize(images, self.mean, self.std)
-        if self.passes is not None:
-            self.passes.start()
-        try:
-            res = run_selector(self.selector, self.model, x, self.params, self.engine, on_passes=self.passes).cpu()
-        finally:
-            if self.passes is not None:
-                self.passes.finish()  # before the batch's result exists: the driver never counts it twice
+        res = run_selector(self.selector, self.model, x, self.params, self.engine, on_passes=self.passes).cpu()
         _, _, H, W = images.shape
         n = len(batch["image_id"])
         store.write_rows(
@@ -100,38 +98,43 @@ class SelectionWorker:
             height=H,
             width=W,
         )
-        return {**out, "seconds": np.full(n_in, (time.perf_counter() - t0) / n)}
+        return _counts(n, time.perf_counter() - t0, **bad)
 
 
-FORWARD_EVERY = 2.0  # seconds between a worker's reports of passes made inside a batch
+def _counts(images: int, seconds: float, path: np.ndarray, error: np.ndarray) -> dict[str, np.ndarray]:
+    """A selection call's rows for the driver: (images, seconds) of the call, then (path, error) of
+    each image that did not decode, with images and seconds 0."""
+    n_bad = len(path)
+    return {"images": np.array([images] + [0] * n_bad, dtype=np.int64), "seconds": np.array([seconds] + [0.0] * n_bad),
+            "path": np.array([""] + list(path), dtype=object), "error": np.array([""] + list(error), dtype=object)}
+
+
+FORWARD_EVERY = 2.0  # seconds between a worker's reports of the passes it has made
 POLL_EVERY = 2.0  # seconds between the driver's reads of those reports
 
 
 class PassCounter:
-    """Ray actor (no CPU) of the passes made in the batches still running, per worker; the driver
-    adds it to the passes of the finished batches for its bar (progress inside a batch: exact BS on
-    one 32x32 image is 524,800 passes, minutes to hours)."""
+    """Ray actor (no CPU) of the passes each worker has made in this selection pass, finished
+    batches and the running one; the driver's bar reads the total (progress inside a batch: exact BS
+    on one 32x32 image is 524,800 passes, minutes to hours)."""
 
     def __init__(self):
-        self.in_flight: dict[str, float] = {}
+        self.made: dict[str, float] = {}
 
     def add(self, worker: str, passes: float) -> None:
-        self.in_flight[worker] = self.in_flight.get(worker, 0.0) + passes
-
-    def clear(self, worker: str) -> None:
-        self.in_flight.pop(worker, None)
+        self.made[worker] = self.made.get(worker, 0.0) + passes
 
     def total(self) -> float:
-        return sum(self.in_flight.values())
+        return sum(self.made.values())
 
 
 class PassForwarder:
     """A worker's on_passes callback: adds up the engine's counts and sends them to a PassCounter at
-    most every `interval` seconds (one small remote call, never waited on).
+    most every `interval` seconds (one small remote call, never waited on), across batches.
 
     scale: planned units per forward pass (bgsis: a backward pass counts BACKWARD_COST, and the
-    engine reports forward passes only). `finish` clears this worker's count and waits for it, so
-    the batch is counted by the driver only once its result arrives, never twice.
+    engine reports forward passes only). What is still pending when the pass ends is never sent:
+    the driver counts those batches from their results.
     """
 
     def __init__(self, counter, scale: float = 1.0, interval: Optional[float] = None, clock: Callable[[], float] = time.monotonic):
@@ -141,9 +144,6 @@ class PassForwarder:
         self.pending = 0
         self.last = clock()
 
-    def start(self) -> None:
-        self.pending, self.last = 0, self.clock()
-
     def __call__(self, n: int) -> None:
         self.pending += n
         now = self.clock()
@@ -151,28 +151,21 @@ class PassForwarder:
             self.counter.add.remote(self.key, self.pending * self.scale)
             self.pending, self.last = 0, now
 
-    def finish(self) -> None:
-        self.pending = 0
-        try:
-            ray.get(self.counter.clear.remote(self.key))
-        except ray.exceptions.RayActorError:  # the pass ended (failed) and the driver dropped its counter
-            pass
 
-
-def watch_in_flight(bar: Progress, finished: Callable[[], int], in_flight: Callable[[], float], stop: threading.Event,
-                    interval: float = POLL_EVERY, on_progress: Optional[Callable[[float], bool]] = None) -> None:
-    """Until `stop` is set: every `interval` s move the bar on to finished() + in_flight() (the
-    passes of the finished batches and those the workers reported from the running ones). Run in a
-    driver thread; finished() is read first, so a batch that just ended is at worst counted late.
-    on_progress(passes so far) is called after each move until it returns True."""
+def watch_progress(bar: Progress, finished: Callable[[], float], reported: Callable[[], float], stop: threading.Event,
+                   interval: float = POLL_EVERY, on_progress: Optional[Callable[[float], bool]] = None) -> None:
+    """Until `stop` is set: every `interval` s move the bar on to the larger of finished() (the
+    passes of the batches whose results arrived) and reported() (the workers' running total, see
+    PassCounter). Run in a driver thread. on_progress(passes so far) is called after each move until
+    it returns True."""
     while not stop.wait(interval):
         done = finished()
         try:
-            running = in_flight()
+            done = max(done, reported())
         except Exception:  # noqa: BLE001 — progress only: a counter lost with the pass must not hide its real error
             continue
-        bar.update_to(int(done + running))
-        if on_progress is not None and on_progress(done + running):
+        bar.update_to(int(done))
+        if on_progress is not None and on_progress(done):
             on_progress = None
 
 
@@ -284,16 +277,16 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
             print(_replan_line(job, passes, passes - first[0][0], now - first[0][1], n_todo * per_image), flush=True)
             return True
 
-        watcher = threading.Thread(target=watch_in_flight, daemon=True, name="selection-progress",
+        watcher = threading.Thread(target=watch_progress, daemon=True, name="selection-progress",
                                    args=(bar, lambda: n * scale, lambda: ray.get(counter.total.remote(), timeout=POLL_EVERY), stop),
                                    kwargs={"on_progress": replan})
         watcher.start()
     try:
-        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):  # SelectionWorker's counts (see _counts)
             bad = out["error"] != ""
-            n += int((~bad).sum())
-            bar.update_to(n * scale)  # the batch's in-flight count was cleared before its result existed
-            worker_s += float(np.asarray(out["seconds"])[~bad].sum())
+            n += int(out["images"].sum())
+            bar.update_to(n * scale)
+            worker_s += float(out["seconds"].sum())
             skipped += list(zip(out["path"][bad].tolist(), out["error"][bad].tolist()))
     finally:
         stop.set()
@@ -328,7 +321,7 @@ def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, wo
         fn_constructor_kwargs=dict(
             source=asdict(job.source), root=root, split=job.split, mean=mean, std=std, selector=job.selector,
             params=job.params, engine=asdict(engine), threads=resources.torch_threads(), skip_ids=skip,
-            counter=counter, pass_scale=pass_scale, report_every=FORWARD_EVERY,
+            counter=counter, pass_scale=pass_scale,
         ),
         batch_size=select_batch,
         batch_format="numpy",

@@ -75,11 +75,6 @@ def count_images(path: str, classes, limit) -> int:
     return min(n, limit) if limit else n
 
 
-def count_folder(path: str, classes: Optional[list[str]] = None) -> int:
-    """Images of an ImageFolder split, from its listing (classes: the train split's)."""
-    return sum(check_folder(path, classes or list_classes(path)).values())
-
-
 @dataclass(frozen=True)
 class StreamSource:
     """What the driver knows of a streamed source before any image is decoded: listings and footers."""
