@@ -30,6 +30,20 @@ def _restore_tracking_uri():
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+@pytest.fixture
+def damaged_folder(tmp_path):
+    """A 3-class ImageFolder train split (12 images, 40 px) in which one JPEG is truncated, plus a
+    text file named .jpg: two files that do not decode, among real ones."""
+    from overinterp.synthetic import write_imagefolder
+
+    write_imagefolder(str(tmp_path), n_per_class=4, num_classes=3, size=40)
+    train = tmp_path / "train"
+    jpg = train / "n00000000" / "00000.jpg"
+    jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
+    (train / "n00000001" / "notes.jpg").write_text("not an image")
+    return str(train)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session: 2 CPUs, no dashboard, on loopback (the embedded

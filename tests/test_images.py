@@ -12,17 +12,6 @@ from overinterp.pipeline.images import SourceError, check_folder, decode_split, 
 from overinterp.synthetic import write_encoded_parquet, write_imagefolder
 
 
-@pytest.fixture
-def damaged_folder(tmp_path):
-    """A 3-class train split (12 images) plus a truncated JPEG (replacing one) and a text file named .jpg."""
-    write_imagefolder(str(tmp_path), n_per_class=4, num_classes=3, size=40)
-    train = tmp_path / "train"
-    jpg = train / "n00000000" / "00000.jpg"
-    jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
-    (train / "n00000001" / "notes.jpg").write_text("not an image")
-    return str(train)
-
-
 def test_check_folder_counts_images_per_class(damaged_folder):
     assert check_folder(damaged_folder, list_classes(damaged_folder)) == {"n00000000": 4, "n00000001": 5, "n00000002": 4}
 

@@ -217,7 +217,7 @@ def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, m
     assert "[backselect-k4 m/test] selected 3 images in " in printed  # wall time beside the passes
 
 
-def test_a_streamed_selection_stores_the_good_images_and_lists_the_bad_ones(ray_session, tmp_path):
+def test_a_streamed_selection_stores_the_good_images_and_lists_the_bad_ones(ray_session, tmp_path, damaged_folder):
     """A folder with a truncated JPEG and a text file named .jpg, through Ray Data and the actors:
     the driver counts the stored images from the calls' summary rows and lists the two bad files."""
     import overinterp.pipeline.select_stage as ss
@@ -226,19 +226,13 @@ def test_a_streamed_selection_stores_the_good_images_and_lists_the_bad_ones(ray_
     from overinterp.pipeline.plan import SelectionJob, SelectionSource
     from overinterp.pipeline.resources import ResourcePlan
     from overinterp.selection import params_json, selector_params
-    from overinterp.synthetic import write_imagefolder
 
-    write_imagefolder(str(tmp_path), n_per_class=4, num_classes=3, size=40)
-    train = tmp_path / "train"
-    jpg = train / "n00000000" / "00000.jpg"
-    jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
-    (train / "n00000001" / "notes.jpg").write_text("not an image")
     source = SelectionSource(tag="m", model={"name": "digits_cnn", "num_classes": 3, "in_channels": 3})
     job = SelectionJob(source, "gradient", params_json(selector_params("gradient")), "train")
     resources = ResourcePlan(use_gpu=False, select_workers=1, cpus_per_worker=1, gpus_per_worker=0, trial_concurrency=1,
                              cpus_per_trial=1, gpus_per_trial=0, capacity="test")
     root = str(tmp_path / "selections")
-    n, skipped = ss.select_stream(job, read_images(str(train), 8), root, (0.5,) * 3, (0.25,) * 3, resources, select_batch=4, total=13)
+    n, skipped = ss.select_stream(job, read_images(damaged_folder, 8), root, (0.5,) * 3, (0.25,) * 3, resources, select_batch=4, total=13)
     assert n == 11 and len(store.done_ids(root, "m", "gradient", "train")) == 11
     assert [p for p, _ in skipped] == ["n00000000/00000.jpg", "n00000001/notes.jpg"] and "truncated" in skipped[0][1]
 
