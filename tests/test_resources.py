@@ -224,3 +224,53 @@ def test_a_worker_exits_once_its_raylet_is_gone_and_a_driver_never_does():
         assert not _gone(driver)
     finally:
         os.kill(driver, 9)
+
+
+def test_job_env_sets_only_what_the_user_left_unset(monkeypatch):
+    from overinterp.pipeline import resources
+
+    monkeypatch.setattr(resources, "_SET_HERE", set())
+    for k in resources.RAY_SETTINGS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's
+    env = resources.job_env(resources.RAY_SETTINGS)
+    assert env == {"env_vars": {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}}
+    assert os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "1"  # the driver's own Ray Data reads
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+    # a second connection in the same process passes them again: they were set here, not by the user
+    assert resources.job_env(resources.RAY_SETTINGS) == env
+    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "4")
+    monkeypatch.setattr(resources, "_SET_HERE", set())
+    assert resources.job_env(resources.RAY_SETTINGS) is None
+
+
+SETTINGS_ON_A_CLUSTER = r'''
+import json, os
+import ray
+from ray.cluster_utils import Cluster
+
+# a cluster whose raylet did not inherit this process's environment: only the job's runtime_env reaches its workers
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+from overinterp.pipeline.resources import RAY_SETTINGS, ensure_ray
+ensure_ray(cluster.address)
+seen = ray.get(ray.remote(lambda names: {k: os.environ.get(k) for k in names}).remote(list(RAY_SETTINGS) + ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]))
+print(json.dumps(seen))
+ray.shutdown()
+cluster.shutdown()
+'''
+
+
+def test_every_worker_of_a_run_gets_rays_settings(ray_session):
+    """The settings reach the workers of the embedded Ray and of a cluster the run connects to; the
+    preemption watcher is off on the embedded Ray only (one machine is never drained)."""
+    import json
+
+    from overinterp.pipeline.resources import LOCAL_RAY_SETTINGS, RAY_SETTINGS
+
+    names = [*RAY_SETTINGS, *LOCAL_RAY_SETTINGS]
+    local = ray_session.get(ray_session.remote(lambda: {k: os.environ.get(k) for k in names}).remote())
+    assert local == {**RAY_SETTINGS, **LOCAL_RAY_SETTINGS}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", *names)}
+    p = subprocess.run([sys.executable, "-c", SETTINGS_ON_A_CLUSTER], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {**RAY_SETTINGS, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": None}
