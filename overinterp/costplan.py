@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from overinterp.models import device_of
 from overinterp.selection import REMOVAL_SELECTORS, selector_params, selector_tag
 from overinterp.selection.cost import planned_passes
 from overinterp.selection.engine import sync
@@ -221,7 +222,7 @@ def calibrate_train_rate(
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *shape, generator=gen).to(device)
     y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
-    home = next(model.parameters()).device
+    home = device_of(model)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
     was_training = model.training

@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from overinterp.explain.ddim import Denoiser, Schedule, ddim_invert, ddim_sample, ddim_step, ddim_update, initial_noise, schedule
 from overinterp.explain.objectives import targets_of
 from overinterp.explain.pixels import diffusion_to_classifier, diffusion_to_uint8, uint8_to_classifier, uint8_to_diffusion
+from overinterp.models import device_of
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # diffusion-unit images (B, C, H, W) -> (B,) losses
 
@@ -159,11 +160,6 @@ METHODS: dict[str, Callable[[Denoiser, LossFn, torch.Tensor, GuidanceConfig], to
 }
 
 
-def device_of(den: Denoiser) -> torch.device:
-    p = next(den.net.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def generate(den: Denoiser, objective, mean, std, config: GuidanceConfig, seeds: Optional[list[int]] = None,
              start: Optional[torch.Tensor] = None) -> GuidedResult:
     """Guided images for one batch.
@@ -178,7 +174,7 @@ def generate(den: Denoiser, objective, mean, std, config: GuidanceConfig, seeds:
     Returns:
         GuidedResult (uint8 images, objective before and after, targets, seeds).
     """
-    device = device_of(den)
+    device = device_of(den.net)
     if start is not None:
         x_T = start_noise(den, start, config.steps)
         seed_col = torch.full((start.shape[0],), -1, dtype=torch.long)
@@ -193,7 +189,7 @@ def generate(den: Denoiser, objective, mean, std, config: GuidanceConfig, seeds:
 @torch.no_grad()
 def start_noise(den: Denoiser, start: torch.Tensor, steps: int) -> torch.Tensor:
     """x_T (B, C, H, W) of uint8 start images: their DDIM inversion over `steps` steps."""
-    return ddim_invert(den, uint8_to_diffusion(start.to(device_of(den))), steps)
+    return ddim_invert(den, uint8_to_diffusion(start.to(device_of(den.net))), steps)
 
 
 def generate_from(den: Denoiser, objective, mean, std, config: GuidanceConfig, x_T: torch.Tensor, seeds: torch.Tensor) -> GuidedResult:

@@ -30,14 +30,14 @@ import torch.nn.functional as F
 
 from overinterp.explain.objectives import distance as _distance
 from overinterp.explain.pixels import uint8_to_classifier
+from overinterp.models import create_model, device_of
 
 PGD_NORMS = ("l2", "linf")
 
 
 def on_model(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """images moved to the model's device (a CPU tensor of results may meet a model on a GPU)."""
-    p = next(model.parameters(), None)
-    return images if p is None else images.to(p.device)
+    return images.to(device_of(model))
 
 
 @torch.no_grad()
@@ -202,7 +202,6 @@ def discriminator_accuracy(real: torch.Tensor, fake: torch.Tensor, mean, std, ep
     n = min(len(real), len(fake)) of each, shuffled with seed; trained on the first half of each
     (the project's SGD recipe, `epochs` epochs), tested on the second half. 0.5 = indistinguishable.
     """
-    from overinterp.models import create_model
     from overinterp.training import TrainConfig, evaluate, train_model
 
     n = min(real.shape[0], fake.shape[0])

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from overinterp.explain.ddim import Denoiser, PREDICTION_TYPES, ddim_sample, initial_noise
 from overinterp.explain.pixels import diffusion_to_uint8, uint8_to_diffusion
+from overinterp.models import device_of
 
 CHECKPOINT_NAME = "prior.pt"
 CHECKPOINT_FORMAT = 1
@@ -223,7 +224,7 @@ def sample(unet, config: PriorConfig, n: int, generator: torch.Generator | int =
     depend on n); a torch.Generator draws all of x_T from it.
     """
     den = as_denoiser(unet, config)
-    device = next(unet.parameters()).device
+    device = device_of(unet)
     if isinstance(generator, int):
         x_T = initial_noise(range(generator, generator + n), den.shape, device)
     else:

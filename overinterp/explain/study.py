@@ -26,10 +26,11 @@ import torch.nn as nn
 
 from overinterp.explain import MAX_VCE_TARGETS
 from overinterp.explain.ddim import initial_noise
-from overinterp.explain.guided import GuidanceConfig, GuidedResult, device_of, generate_from, start_noise
+from overinterp.explain.guided import GuidanceConfig, GuidedResult, generate_from, start_noise
 from overinterp.explain.measures import distance, on_model, target_probability, transfer
 from overinterp.explain.objectives import VCE, Disagreement, targets_of
 from overinterp.explain.pixels import uint8_to_classifier
+from overinterp.models import device_of
 
 SUCCESS_P = 0.9  # a VCE succeeds, and a disagreement image counts, where the model's p(target) reaches this
 
@@ -132,7 +133,7 @@ def vce_request(den, model: nn.Module, images: torch.Tensor, mean, std, config: 
                 lam: float = 0.05) -> tuple[Request, torch.Tensor]:
     """(the VCEs' Request, (N*T,) targets): each uint8 image towards each of its vce_targets
     classes, from its DDIM inversion, with objectives.VCE (lam: its L1 distance weight)."""
-    device = device_of(den)
+    device = device_of(den.net)
     targets = vce_targets(probabilities(model, images, mean, std), max_targets)  # (N, T)
     t = targets.shape[1]
     target = targets.flatten()
@@ -196,7 +197,7 @@ class TwoWayDisagreement:
 def disagreement_request(den, model_a: nn.Module, model_b: nn.Module, seeds: list[int], num_classes: int) -> Request:
     """2n rows from n seeds: rows [0, n) guided towards A > B, rows [n, 2n) towards B > A, row i
     (and n + i) from seed i's noise towards class i mod num_classes."""
-    device = device_of(den)
+    device = device_of(den.net)
     n = len(seeds)
     target = (torch.arange(n) % num_classes).repeat(2)
     sign = torch.cat([torch.ones(n), -torch.ones(n)])

@@ -190,6 +190,12 @@ class ModelSpec:
     input_dropout: float = 0.0
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's weights are (its first parameter's device; CPU for a module without any)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def build(spec: ModelSpec) -> nn.Module:
     model = create_model(spec.name, spec.num_classes, spec.in_channels)
     return InputDropout(model, spec.input_dropout) if spec.input_dropout > 0 else model
