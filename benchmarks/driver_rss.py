@@ -17,6 +17,10 @@ happens. Per stage, images/s is:
 selection (train + val images) / stage 1; training images (trials × epochs × train images) / stage 2;
 val images / stage 3.
 
+Every ~1 s it also reads the CPU time of the driver and every process below it (the local Ray's
+GCS, raylet and workers), grouped by what each runs (Ray's process titles: ray::RayTrainWorker,
+ray::FooterReader, ...): where a small run's CPU goes, which on 2 cores is where its time goes.
+
 The claim it exists for: the driver holds no per-image state, so its peak RSS grows by at most
 bytes per image (ids as int64 arrays, one row per store shard), not by Python objects per image.
 
@@ -47,6 +51,7 @@ STAGE_START = re.compile(r"\] stage (\d+)/(\d+): ")  # "[overinterp hh:mm:ss] st
 STAGE_DONE = re.compile(r"\] stage (\d+)/\d+ done in (\d+) s")
 PLAN = re.compile(r"\] plan: .*?(\d+) train \+ (\d+) test images")
 PLANNED = re.compile(r"\] done in \d+ s \(planned ([^)]*)\)")
+CPU_EVERY = 5  # read every process's CPU time every this many samples (a walk of /proc)
 TRIALS = re.compile(r"training \(subsets\): (\d+) / (\d+) trials in")
 
 
@@ -64,17 +69,64 @@ def read_status(pid: int) -> dict[str, int]:
     return out
 
 
+def process_cpu(root: int) -> dict[tuple[int, int], tuple[str, float]]:
+    """{(pid, start time): (group, CPU seconds)} of `root` and every process below it (the local Ray's
+    GCS, raylet and workers are the driver's descendants). A Ray worker is grouped by its title
+    (ray::IDLE, ray::RayTrainWorker, ...: what it runs now), other processes by their program."""
+    hz = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                comm, _, rest = f.read().partition(" (")[2].rpartition(")")
+            fields = rest.split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue  # exited between the listing and the read
+        stats[int(pid)] = (int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / hz, [c for c in cmd if c] or [comm.encode()])
+    out = {}
+    for pid, (ppid, started, cpu, cmd) in stats.items():
+        p = pid
+        while p not in (root, 0, 1) and p in stats:
+            p = stats[p][0]
+        if p != root:
+            continue
+        title = cmd[0].decode(errors="replace")
+        if pid == root:
+            group = "driver"
+        elif title.startswith("ray::"):
+            group = title.split()[0].split(".")[0]
+        else:
+            script = next((c.decode(errors="replace") for c in cmd[1:] if c.endswith(b".py")), title)
+            group = os.path.basename(script.split()[0])
+        out[(pid, started)] = (group, cpu)
+    return out
+
+
+def cpu_by_group(samples: dict[tuple[int, int], tuple[str, float]]) -> dict[str, dict]:
+    """{group: {"cpu_s", "processes"}}, most CPU first, from each process's last sample."""
+    groups: dict[str, dict] = {}
+    for group, cpu in samples.values():
+        g = groups.setdefault(group, {"cpu_s": 0.0, "processes": 0})
+        g["cpu_s"] += cpu
+        g["processes"] += 1
+    return dict(sorted(groups.items(), key=lambda kv: -kv[1]["cpu_s"]))
+
+
 def run_driver(argv: list[str], log_path: str, interval: float) -> dict:
     """Run the job as a subprocess and poll its memory and stage lines until it exits.
 
     Returns peaks in MiB (the whole run's, and each stage's: "start" until the first stage line,
     then "1", "2", "3" from each stage's start line), wall seconds, the start-up (process start to
-    the first stage line) and the log text."""
+    the first stage line), the CPU seconds of the driver and every process below it by group (read
+    every CPU_EVERY samples: a process that lives less than that may be missed) and the log text."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always its own local Ray
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     peak = {"VmRSS": 0, "VmHWM": 0, "RssAnon": 0}
     stage_peaks: dict[str, dict[str, int]] = {}
-    stage, first_stage_s, seen = "start", None, 0
+    stage, first_stage_s, seen, polls = "start", None, 0, 0
+    cpu: dict[tuple[int, int], tuple[str, float]] = {}
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "sis_imagenet.py"), *argv],
@@ -98,6 +150,12 @@ def run_driver(argv: list[str], log_path: str, interval: float) -> dict:
                     here[k] = max(here[k], v)
             if done:
                 break
+            if polls % CPU_EVERY == 0:
+                for key, (group, seconds) in process_cpu(proc.pid).items():
+                    # a Ray worker's title changes with what it runs: keep the most telling one seen
+                    named = cpu.get(key, (group,))[0]
+                    cpu[key] = (group if group != "ray::IDLE" or not named.startswith("ray::") else named, seconds)
+            polls += 1
             time.sleep(interval)
     seconds = time.perf_counter() - t0
     with open(log_path, errors="replace") as f:
@@ -107,7 +165,8 @@ def run_driver(argv: list[str], log_path: str, interval: float) -> dict:
     mib = 1 / 1024
     return {"peak_rss_mib": max(peak["VmRSS"], peak["VmHWM"]) * mib, "peak_rss_anon_mib": peak["RssAnon"] * mib,
             "stage_peak_mib": {k: {"rss": v["VmRSS"] * mib, "anon": v["RssAnon"] * mib} for k, v in stage_peaks.items()},
-            "seconds": seconds, "startup_s": first_stage_s, "log": text}
+            "seconds": seconds, "startup_s": first_stage_s, "cpu": cpu_by_group(cpu),
+            "cpu_s": sum(cpu_s for _, cpu_s in cpu.values()), "log": text}
 
 
 def stage_figures(log: str, epochs: int) -> dict:
@@ -211,6 +270,9 @@ def main(argv=None):
     print("peak driver RSS (RssAnon) in MiB while each stage ran: "
           + "; ".join(f"N={r['n']}: " + ", ".join(f"{k} {v['rss']:.0f} ({v['anon']:.0f})" for k, v in r["stage_peak_mib"].items())
                       for r in runs))
+    for r in runs:
+        top = ", ".join(f"{g} {v['cpu_s']:.0f} s (x{v['processes']})" for g, v in list(r["cpu"].items())[:12])
+        print(f"CPU seconds at N={r['n']}: {r['cpu_s']:.0f} in {r['seconds']:.0f} s wall; by process: {top}")
     print(f"peak driver RSS grew {report['rss_growth_mib']:+.0f} MiB (RssAnon {report['anon_growth_mib']:+.0f} MiB) "
           f"for {report['images_ratio']:.1f}x the images")
     return finish(report, started, args.json_out)

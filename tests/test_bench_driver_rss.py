@@ -3,11 +3,13 @@ Parquet) at N = 100 and 10·N = 1,000 images per split, and the claim the benchm
 driver's peak RSS does not grow with the number of images (it streams them and holds no per-image
 Python state).
 
-Bound: peak RSS at 10·N minus peak RSS at N <= MAX_GROWTH_MIB = 100. The driver's ~1.2 GiB is mostly
-imports (torch, Ray, MLflow); two runs of the same N differ by up to ~50 MiB (BENCHMARKS.md), so 100
-leaves room for that and fails when the driver gains ~55 KiB for each of the 1,800 more images. The
-full benchmark (N = 10,000 to 1,331,167) is the finer measurement. About 4 minutes on 2 CPUs (two
-streamed runs, one after another: at once, their two local Rays made it slower).
+Bounds: from N to 10·N the driver's private heap (peak RssAnon) grows by at most MAX_HEAP_GROWTH_MIB
+= 50 and its peak RSS by at most MAX_RSS_GROWTH_MIB = 150. The heap is where per-image Python state
+would grow: 50 MiB fails at ~28 KiB for each of the 1,800 more images, and two runs of the same N
+differ by less than half of it. RSS also counts the object store's and files' pages mapped into the
+driver, which vary between runs by ~100 MiB (BENCHMARKS.md); 150 is the bound the full benchmark
+meets from 10,000 to 1,331,167 images. The full benchmark is the finer measurement. About 3.5
+minutes on 2 CPUs (two streamed runs, one after another: at once, their two local Rays made it slower).
 """
 
 import json
@@ -16,7 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-MAX_GROWTH_MIB = 100  # see the module docstring
+MAX_HEAP_GROWTH_MIB = 50  # see the module docstring
+MAX_RSS_GROWTH_MIB = 150
 MIN_DRIVER_MIB = 300  # the driver imports torch and Ray: a smaller peak means the sampler read some other process
 
 
@@ -37,8 +40,13 @@ def test_driver_rss_does_not_grow_with_the_images(tmp_path, capsys):
         # every stage was sampled, and the run's peak is one of theirs
         assert set(r["stage_peak_mib"]) == {"start", "1", "2", "3"}, r["stage_peak_mib"]
         assert max(v["rss"] for v in r["stage_peak_mib"].values()) <= r["peak_rss_mib"] + 1e-6, r
+        # the CPU of the run's processes: the driver, the local Ray's own, the Train workers of the 3 trials
+        assert {"driver", "raylet", "ray::RayTrainWorker"} <= set(r["cpu"]), r["cpu"]
+        assert r["cpu"]["ray::RayTrainWorker"]["processes"] == 3, r["cpu"]
+        assert 0 < r["cpu"]["driver"]["cpu_s"] < r["cpu_s"] <= (os.cpu_count() or 1) * r["seconds"], r["cpu"]
     assert large["store_bytes"] > small["store_bytes"]
-    assert saved["rss_growth_mib"] <= MAX_GROWTH_MIB, (
-        f"the driver's peak RSS grew {saved['rss_growth_mib']:+.0f} MiB from 100 to 1,000 images per split "
-        f"({small['peak_rss_mib']:.0f} -> {large['peak_rss_mib']:.0f} MiB); it should stay flat (<= {MAX_GROWTH_MIB} MiB): "
-        f"something on the driver holds per-image data")
+    for what, growth, bound in (("private heap (RssAnon)", saved["anon_growth_mib"], MAX_HEAP_GROWTH_MIB),
+                                ("RSS", saved["rss_growth_mib"], MAX_RSS_GROWTH_MIB)):
+        assert growth <= bound, (
+            f"the driver's peak {what} grew {growth:+.0f} MiB from 100 to 1,000 images per split; it should stay flat "
+            f"(<= {bound} MiB): something on the driver holds per-image data ({small['stage_peak_mib']} -> {large['stage_peak_mib']})")
