@@ -19,7 +19,7 @@ def test_the_listing_digest_is_that_of_one_sorted_listing_of_every_file(tmp_path
     expected = hashlib.sha256("".join(f"{p[len(root):]}:{os.path.getsize(p)}" for p in files).encode()).hexdigest()[:16]
     assert listing_digest(root) == expected
     (tmp_path / "a/sub/2.png").write_bytes(b"yyy")
-    assert listing_digest(root) == expected  # the listing is made once per run (a run forgets them when it opens its source)
+    assert listing_digest(root) == expected  # the listing is made once per run (a run forgets older ones when it starts: driver.prepare)
     forget_listings()
     assert listing_digest(root) != expected
     assert len(listing_digest(str(tmp_path / "b/4.png"))) == 16
@@ -56,3 +56,30 @@ def test_a_run_lists_its_folder_once_for_counts_checks_digest_and_datasets(ray_s
     # the class folders are not listed again; Ray Data's read_binary_files lists the split itself, once per dataset
     assert sorted(recursive) == sorted([*(str(tmp_path / "data" / s / c) for s in ("train", "val") for c in src.classes),
                                         str(tmp_path / "data/train"), str(tmp_path / "data/val")])
+
+
+def test_a_run_that_decides_to_stream_a_folder_lists_it_once(tmp_path, monkeypatch):
+    """A --data-root folder is counted to decide in memory or streamed; when it streams (here: too
+    big for a machine of 1 KiB), StreamSource.open reuses that count's listings: one recursive
+    listing per class folder in all."""
+    import pyarrow.fs as pafs
+
+    from overinterp.config import RunConfig
+    from overinterp.pipeline import driver
+    from overinterp.synthetic import write_imagefolder
+
+    write_imagefolder(str(tmp_path / "data"), n_per_class=3, num_classes=2, size=16)
+    recursive = []
+    real = pafs.FileSelector
+
+    def counting(base_dir, *args, **kwargs):
+        if kwargs.get("recursive"):
+            recursive.append(base_dir)
+        return real(base_dir, *args, **kwargs)
+
+    monkeypatch.setattr(pafs, "FileSelector", counting)
+    monkeypatch.setattr(driver, "machine_memory", lambda: 1024)
+    cfg = RunConfig(dataset="imagefolder", data_root=str(tmp_path / "data"), image_size=16, out_dir=str(tmp_path / "out"))
+    cfg, src, _, _ = driver.prepare(cfg)
+    assert cfg.stream and src.n_images == {"train": 6, "test": 6}
+    assert sorted(recursive) == sorted(str(tmp_path / "data" / s / c) for s in ("train", "val") for c in src.classes)

@@ -231,9 +231,11 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
     import dataclasses
 
     from overinterp.config import ResourceFlags
+    from overinterp.pipeline.images import forget_listings
     from overinterp.pipeline.preflight import preflight
     from overinterp.pipeline.resources import find_capacity, plan_resources
 
+    forget_listings()  # this run lists each folder afresh, once: the count below and StreamSource.open share it
     cfg = preflight(config)
     n_images, side = None, cfg.image_size or 0
     if cfg.dataset == "imagefolder" and cfg.stream is None and cfg.data_root and not fs.is_uri(cfg.data_root):

@@ -85,8 +85,8 @@ class FolderListing:
     digest: str
 
 
-# path -> this process's listing of it: a run lists its folders once when it opens its source
-# (forget_listings), then counts, checks, digests and every dataset it builds use that listing
+# path -> this process's listing of it: a run forgets older listings when it starts (driver.prepare),
+# lists each folder once, then counts, checks, digests and every dataset it builds use that listing
 _LISTINGS: dict[str, FolderListing] = {}
 
 

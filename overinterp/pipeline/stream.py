@@ -30,7 +30,7 @@ from overinterp.config import SMOKE_SIZES, RunConfig
 from overinterp.data import IMAGENET_MEAN, IMAGENET_STD, skipped_line, skipped_summary
 from overinterp.models import create_model
 from overinterp.pipeline.analysis import TestImages
-from overinterp.pipeline.images import check_folder, drop_bad, forget_listings, is_parquet, list_classes, list_folder, read_images
+from overinterp.pipeline.images import check_folder, drop_bad, is_parquet, list_classes, list_folder, read_images
 from overinterp.pipeline.plan import Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan, exit_with_parent, worker_device
 from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, select_stream, stored_random_ids, write_random
@@ -89,7 +89,7 @@ class StreamSource:
 
     @classmethod
     def open(cls, cfg: RunConfig) -> "StreamSource":
-        forget_listings()  # list the folders afresh for this run, then once
+        """Lists each split once (the run forgets older listings first: `driver.prepare`)."""
         classes = None if is_parquet(cfg.train) else list_classes(cfg.train)
         num_classes = cfg.num_classes or (len(classes) if classes else 1000)
         if cfg.pretrained:
