@@ -2,6 +2,22 @@
 
 import os
 
+import pyarrow.fs as pafs
+
+
+def recursive_listings(monkeypatch) -> list:
+    """The folders listed recursively from now on, in order: every listing the driver makes goes
+    through a pyarrow FileSelector."""
+    listed, real = [], pafs.FileSelector
+
+    def counting(base_dir, *args, **kwargs):
+        if kwargs.get("recursive"):
+            listed.append(base_dir)
+        return real(base_dir, *args, **kwargs)
+
+    monkeypatch.setattr(pafs, "FileSelector", counting)
+    return listed
+
 
 def test_the_listing_digest_is_that_of_one_sorted_listing_of_every_file(tmp_path):
     """Listed a class at a time, the digest is the one of a single recursive listing in path order,
@@ -28,23 +44,13 @@ def test_the_listing_digest_is_that_of_one_sorted_listing_of_every_file(tmp_path
 def test_a_run_lists_its_folder_once_for_counts_checks_digest_and_datasets(ray_session, tmp_path, monkeypatch):
     """StreamSource.open lists each split once (one recursive listing per class folder); counting,
     checking, the digest and every dataset built after it reuse that listing."""
-    import pyarrow.fs as pafs
-
     from overinterp.config import RunConfig
     from overinterp.pipeline.images import read_encoded
     from overinterp.pipeline.stream import StreamSource, listing_digest
     from overinterp.synthetic import write_imagefolder
 
     write_imagefolder(str(tmp_path / "data"), n_per_class=3, num_classes=2, size=16)
-    recursive = []
-    real = pafs.FileSelector
-
-    def counting(base_dir, *args, **kwargs):
-        if kwargs.get("recursive"):
-            recursive.append(base_dir)
-        return real(base_dir, *args, **kwargs)
-
-    monkeypatch.setattr(pafs, "FileSelector", counting)  # every listing the driver makes goes through one
+    recursive = recursive_listings(monkeypatch)
     cfg = RunConfig(train=str(tmp_path / "data/train"), val=str(tmp_path / "data/val"), stream=True, image_size=16,
                     out_dir=str(tmp_path / "out")).resolved()
     src = StreamSource.open(cfg)
@@ -62,22 +68,12 @@ def test_a_run_that_decides_to_stream_a_folder_lists_it_once(tmp_path, monkeypat
     """A --data-root folder is counted to decide in memory or streamed; when it streams (here: too
     big for a machine of 1 KiB), StreamSource.open reuses that count's listings: one recursive
     listing per class folder in all."""
-    import pyarrow.fs as pafs
-
     from overinterp.config import RunConfig
     from overinterp.pipeline import driver
     from overinterp.synthetic import write_imagefolder
 
     write_imagefolder(str(tmp_path / "data"), n_per_class=3, num_classes=2, size=16)
-    recursive = []
-    real = pafs.FileSelector
-
-    def counting(base_dir, *args, **kwargs):
-        if kwargs.get("recursive"):
-            recursive.append(base_dir)
-        return real(base_dir, *args, **kwargs)
-
-    monkeypatch.setattr(pafs, "FileSelector", counting)
+    recursive = recursive_listings(monkeypatch)
     monkeypatch.setattr(driver, "machine_memory", lambda: 1024)
     cfg = RunConfig(dataset="imagefolder", data_root=str(tmp_path / "data"), image_size=16, out_dir=str(tmp_path / "out"))
     cfg, src, _, _ = driver.prepare(cfg)
