@@ -244,6 +244,25 @@ def test_job_env_sets_only_what_the_user_left_unset(monkeypatch):
     assert resources.job_env(resources.RAY_SETTINGS) is None
 
 
+def test_the_embedded_rays_settings_do_not_reach_a_cluster_joined_later(monkeypatch):
+    """One process runs on its embedded Ray, then joins a cluster: the embedded-only settings leave
+    its environment (Ray Train would pass them to the cluster's controller); a user's stay."""
+    from overinterp.pipeline import resources
+
+    monkeypatch.setattr(resources, "_SET_HERE", set())
+    for k in [*resources.RAY_SETTINGS, *resources.LOCAL_RAY_SETTINGS]:
+        monkeypatch.delenv(k, raising=False)
+    local = resources.job_env({**resources.RAY_SETTINGS, **resources.LOCAL_RAY_SETTINGS})["env_vars"]
+    assert local == {**resources.RAY_SETTINGS, **resources.LOCAL_RAY_SETTINGS}
+    assert resources.job_env(resources.RAY_SETTINGS) == {"env_vars": resources.RAY_SETTINGS}
+    assert not set(resources.LOCAL_RAY_SETTINGS) & set(os.environ)
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # the user's own, from the start
+    monkeypatch.setattr(resources, "_SET_HERE", set())
+    resources.job_env({**resources.RAY_SETTINGS, **resources.LOCAL_RAY_SETTINGS})
+    resources.job_env(resources.RAY_SETTINGS)
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+
+
 SETTINGS_ON_A_CLUSTER = r'''
 import json, os
 import ray

@@ -312,7 +312,13 @@ def job_env(settings: Mapping[str, str]) -> Optional[dict]:
     set; they are also put into this process's environment (the driver runs Ray Data reads too).
 
     A variable set in the user's environment, or in the runtime_env of `ray job submit` (whose
-    variables the driver runs with, and which Ray refuses to see set again), is left as it is."""
+    variables the driver runs with, and which Ray refuses to see set again), is left as it is.
+    Variables set here for an earlier Ray of this process and not in `settings` are taken back: the
+    embedded Ray's settings do not reach a cluster joined later (Ray Train passes the driver's
+    RAY_TRAIN_* variables on to its controller)."""
+    for k in _SET_HERE - settings.keys():
+        os.environ.pop(k, None)
+    _SET_HERE.intersection_update(settings)
     unset = {k: v for k, v in settings.items() if k not in os.environ or k in _SET_HERE}
     os.environ.update(unset)
     _SET_HERE.update(unset)
