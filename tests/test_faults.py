@@ -177,11 +177,14 @@ def _finished_trials(out: str) -> list[str]:
 
 
 def _selection_worker_pid() -> int | None:
+    """A selection actor in the middle of a batch: Ray titles it ray::MapWorker(MapBatches(SelectionWorker)).submit
+    while the batch runs (.__init__ while it starts, no suffix while it waits): killed then, a batch is lost."""
     for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
         try:
             with open(cmdline, "rb") as f:
-                if b"SelectionWorker" in f.read().split(b"\0")[0]:
-                    return int(cmdline.split("/")[2])
+                title = f.read().split(b"\0")[0]
+            if b"SelectionWorker" in title and title.rstrip().endswith(b".submit"):
+                return int(cmdline.split("/")[2])
         except OSError:
             pass
     return None
