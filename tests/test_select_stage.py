@@ -92,7 +92,7 @@ class _FakeCounter:
 
     def __init__(self):
         self.sent = []
-        self.add = _Remote(lambda key, n: self.sent.append(n))
+        self.add = _Remote(lambda pass_id, key, n: self.sent.append((pass_id, n)))
 
 
 def test_a_worker_forwards_passes_at_most_every_interval(monkeypatch):
@@ -100,11 +100,11 @@ def test_a_worker_forwards_passes_at_most_every_interval(monkeypatch):
 
     monkeypatch.setattr(ss.ray, "get", lambda ref, **kw: ref)  # the fake counter's calls return values, not refs
     clock, counter = _Clock(), _FakeCounter()
-    f = ss.PassForwarder(counter, scale=1.5, interval=2.0, clock=clock)
+    f = ss.PassForwarder(counter, "pass-1", scale=1.5, interval=2.0, clock=clock)
     for t in range(10):  # 100 passes every 0.5 s for 5 s, over batches: the worker's running total
         clock.t = 0.5 * t
         f(100)
-    assert counter.sent == [750.0, 600.0]  # at 2.0 s (5 calls) and 4.0 s (4 more), scaled
+    assert counter.sent == [("pass-1", 750.0), ("pass-1", 600.0)]  # at 2.0 s (5 calls) and 4.0 s (4 more), scaled
     assert f.pending == 100  # not yet sent: the driver counts it from the batch's result
 
 
@@ -163,14 +163,14 @@ def test_the_driver_sees_passes_before_the_batch_ends_and_none_twice(ray_session
     from overinterp.selection import EngineConfig, planned_forward_passes, selector_params
 
     monkeypatch.setattr(ss, "FORWARD_EVERY", 0.0)  # report every chunk: deterministic
-    counter = ray.remote(num_cpus=0)(ss.PassCounter).remote()
+    counter = ss.run_pass_counter()
     source = SelectionSource(tag="m", model={"name": "digits_cnn", "num_classes": 10, "in_channels": 1})
     worker = ss.SelectionWorker(asdict(source), str(tmp_path), "test", (0.5,), (0.25,), "backselect", selector_params("backselect", 4),
-                                asdict(EngineConfig(chunk=16)), threads=1, counter=counter)
+                                asdict(EngineConfig(chunk=16)), threads=1, counter=counter, pass_id="this-pass")
     model, seen = worker.model, []
 
     def watched(x):  # the driver's view, read from inside the batch at every forward pass
-        seen.append(ray.get(counter.total.remote()))
+        seen.append(ray.get(counter.total.remote("this-pass")))
         return model(x)
 
     worker.model = watched
@@ -178,8 +178,26 @@ def test_the_driver_sees_passes_before_the_batch_ends_and_none_twice(ray_session
     worker({"image_id": np.arange(2), "label": np.zeros(2, np.int64), "image": images})
     total = planned_forward_passes("backselect", 64, 4, batch=2)
     assert any(0 < s < total for s in seen) and seen == sorted(seen)  # intermediate counts, growing
-    assert ray.get(counter.total.remote()) == total  # every pass of the batch, once
-    ray.kill(counter)
+    assert ray.get(counter.total.remote("this-pass")) == total  # every pass of the batch, once
+    counter.forget.remote("this-pass")
+
+
+def test_one_pass_counter_serves_every_pass_of_a_run_each_counted_apart(ray_session):
+    """The run's PassCounter is one actor (an actor start is seconds of CPU on 2 cores), kept between
+    passes; each selection pass reads its own total, and a forgotten pass is gone."""
+    import ray
+
+    import overinterp.pipeline.select_stage as ss
+
+    first = ss.run_pass_counter()._actor_id  # its handle dropped at once, as a selection pass drops it when done
+    counter = ss.run_pass_counter()
+    assert counter._actor_id == first
+    assert ray.get(counter.total.remote("none")) == 0.0  # alive: not destroyed with the dropped handle
+    ray.get([counter.add.remote("a", "w1", 5.0), counter.add.remote("a", "w2", 2.0), counter.add.remote("b", "w1", 7.0)])
+    assert ray.get([counter.total.remote("a"), counter.total.remote("b"), counter.total.remote("c")]) == [7.0, 7.0, 0.0]
+    ray.get(counter.forget.remote("a"))
+    assert ray.get([counter.total.remote("a"), counter.total.remote("b")]) == [0.0, 7.0]
+    counter.forget.remote("b")
 
 
 def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, monkeypatch, capsys):

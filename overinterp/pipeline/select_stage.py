@@ -8,8 +8,8 @@ their content (overinterp/store/format.py), so a batch done twice rewrites its o
 ends up in the store once. A rerun selects only the image ids not yet in the store.
 
 Progress is shown in planned passes, from inside a batch too: the engines call on_passes as they
-go, each actor forwards its running total every FORWARD_EVERY s to a PassCounter actor, and a driver
-thread shows, every POLL_EVERY s, the larger of that total and the passes of the batches whose
+go, each actor forwards its running total every FORWARD_EVERY s to the run's PassCounter actor (one
+for all of a run's passes: an actor start costs seconds of CPU), and a driver thread shows, every POLL_EVERY s, the larger of that total and the passes of the batches whose
 results have arrived. Both are needed: Ray Data hands the driver an actor task's results when the
 task ends, and at ImageNet's count one task is hundreds of batches (minutes of work).
 """
@@ -42,11 +42,11 @@ class SelectionWorker:
     """Ray Data actor: (image_id, label, image) batches in, Parquet shards out."""
 
     def __init__(self, source: dict, root: str, split: str, mean, std, selector: str, params: dict, engine: dict, threads: int,
-                 skip_ids: Optional[np.ndarray] = None, counter=None, pass_scale: float = 1.0):
+                 skip_ids: Optional[np.ndarray] = None, counter=None, pass_id: str = "", pass_scale: float = 1.0):
         exit_with_parent()
         torch.set_num_threads(threads)
         # passes made go to the driver's PassCounter (if any), at most every FORWARD_EVERY s
-        self.passes = PassForwarder(counter, scale=pass_scale) if counter is not None else None
+        self.passes = PassForwarder(counter, pass_id, scale=pass_scale) if counter is not None else None
         # (S,) sorted int64: ids already in the store, dropped here rather than by a Ray Data filter
         # task — that task would need a CPU, and on a node whose CPUs the actors hold it never runs
         self.skip_ids = skip_ids if skip_ids is not None and len(skip_ids) else None
@@ -114,18 +114,37 @@ POLL_EVERY = 2.0  # seconds between the driver's reads of those reports
 
 
 class PassCounter:
-    """Ray actor (no CPU) of the passes each worker has made in this selection pass, finished
-    batches and the running one; the driver's bar reads the total (progress inside a batch: exact BS
-    on one 32x32 image is 524,800 passes, minutes to hours)."""
+    """Ray actor (no CPU) of the passes each worker has made in each selection pass, finished
+    batches and the running one; the driver's bar reads a pass's total (progress inside a batch:
+    exact BS on one 32x32 image is 524,800 passes, minutes to hours)."""
 
     def __init__(self):
-        self.made: dict[str, float] = {}
+        self.made: dict[str, dict[str, float]] = {}  # pass id -> worker -> passes
 
-    def add(self, worker: str, passes: float) -> None:
-        self.made[worker] = self.made.get(worker, 0.0) + passes
+    def add(self, pass_id: str, worker: str, passes: float) -> None:
+        made = self.made.setdefault(pass_id, {})
+        made[worker] = made.get(worker, 0.0) + passes
 
-    def total(self) -> float:
-        return sum(self.made.values())
+    def total(self, pass_id: str) -> float:
+        return sum(self.made.get(pass_id, {}).values())
+
+    def forget(self, pass_id: str) -> None:
+        self.made.pop(pass_id, None)
+
+
+def run_pass_counter():
+    """The PassCounter of this driver's Ray job, started by its first selection pass and kept for
+    the rest (restarted if its node is lost); a new Ray (another job, or the driver's node new) gets
+    its own. The handle that made it is held here: Ray destroys an actor once that handle is gone."""
+    ctx = ray.get_runtime_context()
+    key = (ctx.get_job_id(), ctx.get_node_id())
+    if key not in _RUN_COUNTER:
+        _RUN_COUNTER.clear()
+        _RUN_COUNTER[key] = ray.remote(num_cpus=0)(PassCounter).options(max_restarts=-1).remote()
+    return _RUN_COUNTER[key]
+
+
+_RUN_COUNTER: dict = {}  # (job id, the driver's node id) -> run_pass_counter's actor
 
 
 class PassForwarder:
@@ -137,8 +156,9 @@ class PassForwarder:
     the driver counts those batches from their results.
     """
 
-    def __init__(self, counter, scale: float = 1.0, interval: Optional[float] = None, clock: Callable[[], float] = time.monotonic):
-        self.counter, self.scale, self.clock = counter, scale, clock
+    def __init__(self, counter, pass_id: str = "", scale: float = 1.0, interval: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.counter, self.pass_id, self.scale, self.clock = counter, pass_id, scale, clock
         self.interval = FORWARD_EVERY if interval is None else interval
         self.key = uuid.uuid4().hex  # this worker, in the counter
         self.pending = 0
@@ -148,7 +168,7 @@ class PassForwarder:
         self.pending += n
         now = self.clock()
         if now - self.last >= self.interval:
-            self.counter.add.remote(self.key, self.pending * self.scale)
+            self.counter.add.remote(self.pass_id, self.key, self.pending * self.scale)
             self.pending, self.last = 0, now
 
 
@@ -253,11 +273,11 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
     workers = resources.select_workers if n_todo is None else min(resources.select_workers, max(1, math.ceil(n_todo / select_batch)))
     per_image = _planned_passes(job, hw)
     unit, scale = ("passes", per_image) if per_image else ("images", 1)
-    counter = ray.remote(num_cpus=0)(PassCounter).remote() if per_image else None
+    counter, pass_id = (run_pass_counter() if per_image else None), uuid.uuid4().hex
     pass_scale = per_image / max(1, _planned_passes(job, hw, forward_only=True)) if per_image else 1.0
     with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray 2.60 flags every **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager, skip, counter, pass_scale)
+        ds = _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager, skip, counter, pass_id, pass_scale)
     n, skipped, worker_s, t0 = 0, [], 0.0, time.monotonic()
     bar = Progress(None if n_todo is None else n_todo * scale, unit, f"selection {job.tag} {job.source.tag}/{job.split}")
     stop = threading.Event()
@@ -278,7 +298,7 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
             return True
 
         watcher = threading.Thread(target=watch_progress, daemon=True, name="selection-progress",
-                                   args=(bar, lambda: n * scale, lambda: ray.get(counter.total.remote(), timeout=POLL_EVERY), stop),
+                                   args=(bar, lambda: n * scale, lambda: ray.get(counter.total.remote(pass_id), timeout=POLL_EVERY), stop),
                                    kwargs={"on_progress": replan})
         watcher.start()
     try:
@@ -292,7 +312,7 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
         stop.set()
         if watcher is not None:
             watcher.join()
-            ray.kill(counter)
+            counter.forget.remote(pass_id)
         bar.close()
     if n:  # wall time beside the passes; per image: what one worker spent on it, start-up excluded
         per = f", {format_rate(per_image * n / worker_s)} passes/s per worker" if per_image and worker_s > 0 else ""
@@ -315,13 +335,13 @@ def _replan_line(job, passes: float, gained: float, seconds: float, total: float
 
 
 def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager=False, skip=None, counter=None,
-                   pass_scale=1.0):
+                   pass_id="", pass_scale=1.0):
     return ds.map_batches(
         SelectionWorker,
         fn_constructor_kwargs=dict(
             source=asdict(job.source), root=root, split=job.split, mean=mean, std=std, selector=job.selector,
             params=job.params, engine=asdict(engine), threads=resources.torch_threads(), skip_ids=skip,
-            counter=counter, pass_scale=pass_scale,
+            counter=counter, pass_id=pass_id, pass_scale=pass_scale,
         ),
         batch_size=select_batch,
         batch_format="numpy",
