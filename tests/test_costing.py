@@ -64,6 +64,42 @@ def test_plan_cost_of_a_small_plan():
         plan_cost(plan, forward_rates={"resnet20": 1.0}, train_rates=1.0, select_workers=1, trial_concurrency=1, epochs=1)
 
 
+def test_a_resumed_out_is_priced_for_what_is_left(tmp_path):
+    """Finished.of reads an --out: stored rows from the shards' footers (a shard that does not read
+    counts 0), finished trials from their result.json; plan_cost leaves both out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from overinterp import fs
+    from overinterp.pipeline.costing import Finished
+    from overinterp.pipeline.trial import trial_dir
+
+    _, plan = _small_plan(out_dir=str(tmp_path / "out"))
+    assert Finished.of(plan) == Finished() and Finished().describe(plan) is None
+    train_job = next(j for j in plan.selections if j.split == "train")
+    shards = os.path.join(plan.root, train_job.source.tag, train_job.tag, "train")
+    os.makedirs(shards)
+    pq.write_table(pa.table({"image_id": np.arange(5)}), os.path.join(shards, "part-a.parquet"))
+    pq.write_table(pa.table({"image_id": np.arange(5, 6)}), os.path.join(shards, "part-b.parquet"))
+    with open(os.path.join(shards, "part-c.parquet"), "wb") as f:
+        f.write(b"not parquet")
+    for t in plan.full_trials:  # every full-image trial finished
+        fs.write_json(fs.join(trial_dir(plan.out_dir, t), "result.json"), {})
+    fs.write_json(fs.join(trial_dir(plan.out_dir, plan.subset_trials[0]), "result.json"), {})
+    finished = Finished.of(plan)
+    assert finished.stored == {(train_job.source.tag, train_job.tag, "train"): 6}
+    assert finished.trials == {t.name for t in (*plan.full_trials, plan.subset_trials[0])}
+    assert finished.describe(plan) == (f"resuming {plan.out_dir}: 6 of 20 selected images stored, 5 of 10 trials finished; "
+                                       "the ETA is for what is left")
+    rates = dict(forward_rates={"digits_cnn": 136.0}, train_rates=16.0, select_workers=1, trial_concurrency=2, epochs=2)
+    fresh, resumed = plan_cost(plan, **rates), plan_cost(plan, **rates, finished=finished)
+    # the train job: 2 of 8 images left, at 1 s an image after its 10-s start (test_plan_cost_of_a_small_plan)
+    assert [c.n_images for c in resumed.selections] == [2, 4, 4, 4] and resumed.selections[0].eta_seconds == 12.0
+    # no full-image row; 5 of 6 subset trials in 3 waves of 2
+    assert [(t.stage, t.trials, t.eta_seconds) for t in resumed.trainings] == [("subsets", 5, 6.0)]
+    assert fresh.eta_seconds - resumed.eta_seconds == 6.0 + 4.0
+
+
 def _cost(plan, knobs=None, workers=2, scale=1.0):
     return plan_cost(plan, forward_rates={"digits_cnn": 1000.0 * scale, "tv:resnet18": 500.0 * scale}, train_rates=100.0 * scale,
                      select_workers=workers, trial_concurrency=2, epochs=2, select_batch=3, **({"knobs": knobs} if knobs else {}))

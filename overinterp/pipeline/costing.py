@@ -8,13 +8,18 @@ config and resources: which settings (costplan.Knobs) the guard may offer for th
 Rates. Nothing here runs a Ray task, so a dry run or a refused plan starts no node: the run's
 models are calibrated on the driver's CPU (a CPU run: with the threads a worker gets) and a GPU
 run's rates are those scaled by overinterp/device_rates.py. The printed plan says which, per model.
+
+Resuming. A rerun on an --out prices only what is left: the rows already in the store (counted from
+the shards' Parquet footers) and the trials already finished (their result.json) are left out.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
+from overinterp import fs, store
 from overinterp.costplan import (
     JOB_START_S,
     STREAM_JOB_START_S,
@@ -36,6 +41,7 @@ from overinterp.device_rates import REFERENCE_THREADS, measure, scaled
 from overinterp.pipeline.plan import Plan
 from overinterp.pipeline.resources import ResourcePlan
 from overinterp.pipeline.terminal import log
+from overinterp.pipeline.trial import trial_dir
 from overinterp.selection import SELECTORS, is_model_selector
 
 
@@ -91,6 +97,38 @@ def _rate_of(rates: Rates, name: str, what: str) -> float:
     return rates
 
 
+@dataclass(frozen=True)
+class Finished:
+    """What earlier runs on this --out finished: rows stored per selection job and the trials with
+    a result. A new --out has none."""
+
+    stored: Mapping[tuple[str, str, str], int] = field(default_factory=dict)  # (source tag, selector tag, split) -> rows
+    trials: frozenset = frozenset()  # names of finished trials
+
+    @classmethod
+    def of(cls, plan: Plan) -> "Finished":
+        """Read from plan.out_dir: one footer read per stored shard, one existence check per trial."""
+        keys = [(j.source.tag, j.tag, j.split) for j in plan.selections]
+        rows = {k: store.stored_rows(plan.root, *k) for k in keys}
+        names = [t.name for t in (*plan.full_trials, *plan.subset_trials)
+                 if fs.exists(fs.join(trial_dir(plan.out_dir, t), "result.json"))]
+        return cls({k: n for k, n in rows.items() if n}, frozenset(names))
+
+    def left(self, job, planned: int) -> int:
+        """Images of a selection job not yet stored, of its `planned` ones."""
+        return max(0, planned - self.stored.get((job.source.tag, job.tag, job.split), 0))
+
+    def describe(self, plan: Plan) -> Optional[str]:
+        """One line for the printed plan, or None when nothing is finished."""
+        if not self.stored and not self.trials:
+            return None
+        planned = sum(plan.n_images[j.split] for j in plan.selections)
+        stored = sum(min(n, plan.n_images[split]) for (_, _, split), n in self.stored.items())
+        trials = len(plan.full_trials) + len(plan.subset_trials)
+        return (f"resuming {plan.out_dir}: {stored:,} of {planned:,} selected images stored, {len(self.trials)} of {trials} "
+                "trials finished; the ETA is for what is left")
+
+
 def plan_cost(
     plan: Plan,
     *,
@@ -101,6 +139,7 @@ def plan_cost(
     epochs: int,
     select_batch: Optional[int] = None,
     knobs: Knobs = Knobs(),
+    finished: Finished = Finished(),
 ) -> CostPlan:
     """The cost of a run's Plan: one row per selection job with a pass formula, one per
     architecture and training stage.
@@ -114,6 +153,7 @@ def plan_cost(
             (streamed runs: ResourcePlan.streamed_trial_concurrency(workers_per_trial)).
         epochs: training epochs per trial; select_batch: images per selection call.
         knobs: the settings the budget guard may change for this run (`knobs_of`).
+        finished: what earlier runs on the --out finished, left out of the rows.
     """
     plan, _ = costable(plan)
     # a streamed run also pays, per image, for Ray Data's reading and decoding and, per trial, for Ray Train's start
@@ -127,13 +167,15 @@ def plan_cost(
         name = source.model["name"] if source.model else arch
         rate = _rate_of(forward_rates, name, "forward") / max(1, len(source.checkpoints))
         selections.append(estimate_selection(name, source.variant, job.selector, job.split, params=job.params,
-                                             n_images=plan.n_images[job.split], hw=tuple(plan.shape[1:]), rate=rate,
+                                             n_images=finished.left(job, plan.n_images[job.split]), hw=tuple(plan.shape[1:]), rate=rate,
                                              workers=select_workers, select_batch=select_batch, tag=job.tag,
                                              start_s=job_start, image_s=select_image_s))
     trainings = []
     for stage, specs in (("full-image", plan.full_trials), ("subsets", plan.subset_trials)):
         for arch in dict.fromkeys(t.model for t in specs):  # architectures in plan order
-            mine = [t for t in specs if t.model == arch]
+            mine = [t for t in specs if t.model == arch and t.name not in finished.trials]
+            if not mine:
+                continue
             on_selections = [t.subset for t in mine if t.subset and t.subset != plan.random_key]
             per_key = {k: on_selections.count(k) for k in on_selections}  # trials on each stored selection
             trainings.append(estimate_training(arch, stage, trials=len(mine), epochs=epochs, images=plan.n_images["train"],
@@ -201,11 +243,15 @@ def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = Tru
         resources.streamed_trial_concurrency(workers_per_trial)).
     """
     rates = measure_rates(plan, resources, cfg.batch_size)
+    finished = Finished.of(plan)
     cost = plan_cost(plan, forward_rates={m: r[0] for m, r in rates.items()}, train_rates={m: r[1] for m, r in rates.items()},
                      select_workers=resources.select_workers, trial_concurrency=trial_concurrency or resources.trial_concurrency,
-                     epochs=cfg.epochs, select_batch=cfg.selection_batch(plan.streamed), knobs=knobs_of(cfg, plan, resources))
+                     epochs=cfg.epochs, select_batch=cfg.selection_batch(plan.streamed), knobs=knobs_of(cfg, plan, resources),
+                     finished=finished)
     cost = dataclasses.replace(cost, rate_sources=tuple((m, r[2]) for m, r in rates.items()), explain_s=explain_cost(cfg, plan))
     _, notes = costable(plan)
+    if finished.describe(plan):
+        notes.insert(0, finished.describe(plan))
     refusal = None
     try:
         check_budget(cost, cfg.max_hours)
@@ -220,4 +266,4 @@ def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = Tru
     return cost, text
 
 
-__all__ = ["BudgetExceeded", "plan_and_guard", "plan_cost", "knobs_of", "measure_rates"]
+__all__ = ["BudgetExceeded", "Finished", "plan_and_guard", "plan_cost", "knobs_of", "measure_rates"]

@@ -280,6 +280,24 @@ def raw_image_ids(root: str, model: str, selector: str, split: str) -> np.ndarra
     return np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
 
 
+def stored_rows(root: str, model: str, selector: str, split: str) -> int:
+    """Rows stored for one (model, selector, split), from the shards' Parquet footers (no column
+    is read; a repeat of an image counts twice). 0 when nothing is stored; a shard whose footer
+    does not read counts 0 (the validated reads name it, with the repair command)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, paths = shard_files(root, model, selector, split)
+
+    def rows(path: str) -> int:
+        try:
+            return pq.read_metadata(path, filesystem=fs).num_rows
+        except (OSError, pa.ArrowInvalid):
+            return 0
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return sum(pool.map(rows, paths))
+
+
 def done_ids(root: str, model: str, selector: str, split: str) -> np.ndarray:
     """(S,) sorted unique int64 ids already stored for this (model, selector, split), from the id
     column only (8 bytes an image: ImageNet's 1.28M train ids are 10 MB; test membership with np.isin)."""
