@@ -67,15 +67,19 @@ def test_a_run_lists_its_folder_once_for_counts_checks_digest_and_datasets(ray_s
 def test_a_run_that_decides_to_stream_a_folder_lists_it_once(tmp_path, monkeypatch):
     """A --data-root folder is counted to decide in memory or streamed; when it streams (here: too
     big for a machine of 1 KiB), StreamSource.open reuses that count's listings: one recursive
-    listing per class folder in all."""
+    listing per class folder in all. Its resources plan the streamed trials at once."""
     from overinterp.config import RunConfig
     from overinterp.pipeline import driver
+    from overinterp.pipeline.resources import find_capacity, plan_resources
     from overinterp.synthetic import write_imagefolder
 
     write_imagefolder(str(tmp_path / "data"), n_per_class=3, num_classes=2, size=16)
     recursive = recursive_listings(monkeypatch)
     monkeypatch.setattr(driver, "machine_memory", lambda: 1024)
     cfg = RunConfig(dataset="imagefolder", data_root=str(tmp_path / "data"), image_size=16, out_dir=str(tmp_path / "out"))
-    cfg, src, _, _ = driver.prepare(cfg)
+    cfg, src, _, resources = driver.prepare(cfg)
     assert cfg.stream and src.n_images == {"train": 6, "test": 6}
     assert sorted(recursive) == sorted(str(tmp_path / "data" / s / c) for s in ("train", "val") for c in src.classes)
+    # the trials at once that the printed resources, the ETA and Tune all use: the streamed ones
+    streamed = plan_resources(find_capacity(None)).streamed_trial_concurrency(cfg.workers_per_trial)
+    assert resources.trial_concurrency == streamed and f"up to {streamed} trial(s) at once" in resources.describe()

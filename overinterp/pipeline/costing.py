@@ -149,8 +149,7 @@ def plan_cost(
             pretrained source's model name such as "tv:resnet50"), or one number for all. An
             ensemble of n checkpoints runs n forward passes per image: its rate is the member's / n.
         train_rates: one trial's training images/s, per architecture name, or one number.
-        select_workers / trial_concurrency: ResourcePlan.select_workers / .trial_concurrency
-            (streamed runs: ResourcePlan.streamed_trial_concurrency(workers_per_trial)).
+        select_workers / trial_concurrency: ResourcePlan.select_workers / .trial_concurrency.
         epochs: training epochs per trial; select_batch: images per selection call.
         knobs: the settings the budget guard may change for this run (`knobs_of`).
         finished: what earlier runs on the --out finished, left out of the rows.
@@ -230,22 +229,19 @@ def knobs_of(cfg, plan: Plan, resources: ResourcePlan) -> Knobs:
     )
 
 
-def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = True, *,
-                   trial_concurrency: Optional[int] = None) -> tuple[CostPlan, str]:
+def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = True) -> tuple[CostPlan, str]:
     """Measure (in the driver), cost the run, print the cost plan, and refuse the run
     (BudgetExceeded, one line with faster choices and their ETAs) when its ETA is over --max-hours.
     Returns the cost plan and its printed text; with enforce=False (--dry-run) the refusal becomes
     the text's last note instead.
 
-    cfg: a resolved RunConfig or ImageNetConfig (epochs, batch_size, select_batch, pixels_per_step,
+    cfg: a resolved RunConfig (epochs, batch_size, select_batch, pixels_per_step,
         exact_tail, max_hours; selectors for RunConfig).
-    trial_concurrency: trials at once (default resources.trial_concurrency; streamed runs:
-        resources.streamed_trial_concurrency(workers_per_trial)).
     """
     rates = measure_rates(plan, resources, cfg.batch_size)
     finished = Finished.of(plan)
     cost = plan_cost(plan, forward_rates={m: r[0] for m, r in rates.items()}, train_rates={m: r[1] for m, r in rates.items()},
-                     select_workers=resources.select_workers, trial_concurrency=trial_concurrency or resources.trial_concurrency,
+                     select_workers=resources.select_workers, trial_concurrency=resources.trial_concurrency,
                      epochs=cfg.epochs, select_batch=cfg.selection_batch(plan.streamed), knobs=knobs_of(cfg, plan, resources),
                      finished=finished)
     cost = dataclasses.replace(cost, rate_sources=tuple((m, r[2]) for m, r in rates.items()), explain_s=explain_cost(cfg, plan))

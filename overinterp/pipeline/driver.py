@@ -106,13 +106,13 @@ class Stages:
 
 
 def run_job(cfg, plan: Plan, resources, make_backend: Callable, *, holder: str, dataset: str, t0: float,
-            dry_run: bool = False, ray_address: Optional[str] = None, **guard) -> Optional[dict]:
+            dry_run: bool = False, ray_address: Optional[str] = None) -> Optional[dict]:
     """What a run does once its plan and resources are known: print the cost plan (refused over
     --max-hours, before anything is written), stop there for --dry-run (None), else start or join
     Ray, hold the --out lock, record the settings, and walk the plan under an MLflow parent.
 
     make_backend(callbacks, cost) -> the Backend; holder: the lock holder's name ("overinterp run");
-    dataset: the parent's data-set name; t0: when the job started; guard: plan_and_guard's options.
+    dataset: the parent's data-set name; t0: when the job started.
     """
     from overinterp.costplan import format_duration
     from overinterp.pipeline import resources as cluster
@@ -120,7 +120,7 @@ def run_job(cfg, plan: Plan, resources, make_backend: Callable, *, holder: str, 
     from overinterp.pipeline.lock import OutputLock
     from overinterp.pipeline.preflight import record_settings
 
-    cost, cost_text = plan_and_guard(cfg, plan, resources, enforce=not dry_run, **guard)
+    cost, cost_text = plan_and_guard(cfg, plan, resources, enforce=not dry_run)
     if dry_run:
         log("dry run: nothing selected, trained or written")
         return None
@@ -263,6 +263,8 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
         source = load_data(cfg)
         plan = make_plan(cfg, source.shape, {s: len(source.labels[s]) for s in SPLITS}, source.num_classes)
     resources = plan_resources(find_capacity(ray_address), ResourceFlags(**cfg.resource_flags()))
+    if stream:  # its trials' Train workers leave CPUs to the Ray Data that feeds them: fewer trials at once
+        resources = dataclasses.replace(resources, trial_concurrency=resources.streamed_trial_concurrency(cfg.workers_per_trial))
     return cfg, source, plan, resources
 
 
@@ -285,12 +287,10 @@ def run(config: RunConfig, ray_address: Optional[str] = None, dry_run: bool = Fa
 
         def make_backend(callbacks, cost):
             return StreamBackend(cfg, plan, source, resources, callbacks)
-        concurrency = resources.streamed_trial_concurrency(cfg.workers_per_trial)
     else:
         from overinterp.pipeline.memory import InMemoryBackend
 
         def make_backend(callbacks, cost):
             return InMemoryBackend(cfg, plan, source, resources, callbacks, cost)
-        concurrency = None
     return run_job(cfg, plan, resources, make_backend, holder=holder, dataset=cfg.dataset, t0=t0, dry_run=dry_run,
-                   ray_address=ray_address, trial_concurrency=concurrency)
+                   ray_address=ray_address)

@@ -93,7 +93,7 @@ class ResourcePlan:
     select_workers: int  # most selection actors at once (Ray Data's pool grows to it as nodes arrive)
     cpus_per_worker: float
     gpus_per_worker: float
-    trial_concurrency: int  # most training trials at once
+    trial_concurrency: int  # most training trials at once (streamed runs: streamed_trial_concurrency, set by driver.prepare)
     cpus_per_trial: float
     gpus_per_trial: float
     capacity: str  # e.g. "autoscaler config /home/ray/ray_bootstrap_config.yaml: gpu-1x 8×{CPU 8, GPU 1}"

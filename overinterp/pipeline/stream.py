@@ -200,8 +200,7 @@ class StreamBackend:
                 tune.report({"accuracy": result["accuracy"], "train_loss": result["train_loss"], "seconds": result["seconds"], "done": True})
 
             # the trial itself only drives its trainer: the Train workers hold the CPUs and GPUs
-            driver_res = ResourcePlan(**{**asdict(res), "cpus_per_trial": 0, "gpus_per_trial": 0,
-                                         "trial_concurrency": res.streamed_trial_concurrency(cfg.workers_per_trial)})
+            driver_res = ResourcePlan(**{**asdict(res), "cpus_per_trial": 0, "gpus_per_trial": 0})
             launch_trials(stage, pending, trainable, cfg.out_dir, driver_res, len(specs), self.callbacks)
         return collect_results(stage, specs, cfg.out_dir)
 
