@@ -8,7 +8,9 @@ every `interval` seconds, and one at the end:
 so a run's log stays readable (tqdm's carriage returns turn a log file into one endless line).
 Updates are counted under a lock, so a callback in the driver thread (Ray Data batches arriving,
 Tune results) and any other thread may call `update`. The rate is the mean since the start, which
-is what an ETA needs when every unit costs about the same (a pass, a training image).
+is what an ETA needs when every unit costs about the same (a trial, its start included); with
+`steady=True` it is the mean since the first update, for work whose start-up is paid once (selection:
+actors start and load the model, then passes flow at one rate).
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ class Progress:
         clock: seconds, monotonic (tests pass a fake one).
         start: the clock's time the work began (default: now). A bar made after the work started
             (training's, at the first finished trial) passes it, so rate and ETA count from then.
+        steady: rate and ETA of the plain lines count from the first update on (the units done
+            since, over the time since): a start-up paid once does not inflate the ETA.
     """
 
     def __init__(self, total: Optional[int], unit: str = "passes", desc: str = "", *, enabled: bool = True,
                  file: Optional[TextIO] = None, interval: float = 10.0, clock: Callable[[], float] = time.monotonic,
-                 start: Optional[float] = None):
+                 start: Optional[float] = None, steady: bool = False):
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
         if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 0):
@@ -56,6 +60,8 @@ class Progress:
         now = clock()
         self._start = now if start is None else min(start, now)
         self._last = now
+        self.steady = steady
+        self._first: Optional[tuple[float, int]] = None  # (clock, units done) at the first update, when steady
         self._bar = None
         isatty = getattr(self.file, "isatty", None)
         if enabled and isatty is not None and isatty():
@@ -86,18 +92,23 @@ class Progress:
             self._bar.update(n)
             return
         now = self.clock()
+        if self.steady and self._first is None:
+            self._first = (now, self.done)
         if now - self._last >= self.interval:
             self._last = now
             self._write(self.line(now))
 
     def _head_rate(self, now: float) -> tuple[str, float, float]:
-        """("<desc>: " or "", seconds since the start, units per second) as of `now`."""
+        """("<desc>: " or "", seconds since the start, units per second since the start) as of `now`."""
         elapsed = now - self._start
         return (f"{self.desc}: " if self.desc else ""), elapsed, (self.done / elapsed if elapsed > 0 else 0.0)
 
     def line(self, now: Optional[float] = None) -> str:
         """The plain progress line as of `now` (default: the clock)."""
-        head, _, rate = self._head_rate(self.clock() if now is None else now)
+        now = self.clock() if now is None else now
+        head, _, rate = self._head_rate(now)
+        if self._first is not None and now > self._first[0] and self.done > self._first[1]:
+            rate = (self.done - self._first[1]) / (now - self._first[0])
         if self.total is None:
             return f"{head}{self.done:,} {self.unit}, {format_rate(rate)} {self.unit}/s"
         pct = 100.0 * self.done / self.total if self.total else 100.0

@@ -139,3 +139,21 @@ def test_training_bar_counts_from_the_launch_not_the_first_finished_trial():
     cb.on_trial_complete(0, [], trial=None)
     assert cb.bar.line() == "training (subsets): 1 / 4 trials (25.0%), 0.01 trials/s, ETA 5 min"
     cb.bar.close()
+
+
+def test_a_steady_bar_leaves_the_start_up_out_of_rate_and_eta():
+    """Selection's bar: 60 s of actor start-up, then 100 passes/s. Its ETA counts from the first
+    update; the closing line still gives the whole time and the mean rate."""
+    clock, out = Clock(), io.StringIO()
+    p = Progress(10_000, "passes", "selection", file=out, interval=0, clock=clock, steady=True)
+    clock.t = 60.0
+    p.update(100)  # the first update: the start-up ends here
+    assert p.line() == "selection: 100 / 10,000 passes (1.0%), 1.67 passes/s, ETA 1 h 39 min"  # nothing since: the mean
+    clock.t = 70.0
+    p.update(1000)
+    assert p.line() == "selection: 1,100 / 10,000 passes (11.0%), 100 passes/s, ETA 1 min 29 s"
+    plain = Progress(10_000, "passes", "selection", file=io.StringIO(), interval=0, clock=clock, start=0.0)
+    plain.update(1100)
+    assert plain.line() == "selection: 1,100 / 10,000 passes (11.0%), 15.7 passes/s, ETA 9 min 26 s"
+    p.close()
+    assert out.getvalue().splitlines()[-1] == "selection: 1,100 / 10,000 passes in 1 min 10 s, 15.7 passes/s"

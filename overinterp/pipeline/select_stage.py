@@ -280,7 +280,8 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager, skip, counter, pass_id, pass_scale)
     n, skipped, worker_s, t0 = 0, [], 0.0, time.monotonic()
-    bar = Progress(None if n_todo is None else n_todo * scale, unit, f"selection {job.tag} {job.source.tag}/{job.split}")
+    bar = Progress(None if n_todo is None else n_todo * scale, unit, f"selection {job.tag} {job.source.tag}/{job.split}",
+                   steady=True)  # the ETA leaves the actors' start out
     stop = threading.Event()
     watcher = None
     if counter is not None:
