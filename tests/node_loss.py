@@ -1,7 +1,7 @@
 """Fault injection on a ray.cluster_utils.Cluster (a CPU-0 head and two worker nodes with one fake
 GPU each), run as a script by tests/test_multinode.py so the test process keeps its own Ray.
 
-    python tests/node_loss.py selection OUT      # remove a worker node while selection writes shards
+    python tests/node_loss.py selection OUT      # remove a worker node in the middle of a selection batch
     python tests/node_loss.py train-worker OUT   # SIGKILL a Ray Train worker after its first checkpoint;
                                                  # ends once that trial has finished
 
@@ -20,6 +20,7 @@ import sys
 import time
 
 import ray
+from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 SELECT_BATCH = 4
@@ -53,6 +54,29 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
+def _node_mid_batch(workers: list, job: subprocess.Popen, timeout: float):
+    """The first worker node seen running a selection batch: its actor's process (a child of the
+    node's raylet) is titled ray::MapWorker(MapBatches(SelectionWorker)).submit while a batch runs.
+    Removed then, the node takes a batch with it; removed while its actor waits, nothing is lost."""
+    raylets = {w.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid: w for w in workers}
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if job.poll() is not None:
+            raise SystemExit(f"the job ended ({job.returncode}) before a selection batch was seen on a worker node")
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                with open(stat.replace("/stat", "/cmdline"), "rb") as f:
+                    title = f.read().split(b"\0")[0].rstrip()
+                with open(stat) as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if b"SelectionWorker" in title and title.endswith(b".submit") and parent in raylets:
+                return raylets[parent]
+        time.sleep(0.02)
+    raise SystemExit(f"no selection batch seen on a worker node in {timeout:.0f} s")
+
+
 def main(mode: str, out: str) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -71,11 +95,12 @@ def main(mode: str, out: str) -> int:
         if mode == "selection":
             shards = os.path.join(out, "selections", "digits_cnn-s0", "backselect", "train", "part-*.parquet")
             _wait_for(shards, job, 900)
+            busy = _node_mid_batch(workers, job, 300)
             # one shard per batch: fewer shards than batches means the split was still being selected
             report["shards_before_removal"] = len(glob.glob(shards))
             report["train_batches"] = -(-TRAIN_IMAGES // SELECT_BATCH)
-            cluster.remove_node(workers[0], allow_graceful=False)  # the node, its raylet and every actor on it
-            report["removed_node"] = workers[0].node_id
+            cluster.remove_node(busy, allow_graceful=False)  # the node, its raylet and every actor on it
+            report["removed_node"] = busy.node_id
         else:
             # a registered checkpoint (its directory appears before Train records it): the snapshot
             snapshots = _wait_for(os.path.join(out, "train-runs", "*", "checkpoint_manager_snapshot.json"), job, 1200)
