@@ -41,7 +41,7 @@ from overinterp.device_rates import REFERENCE_THREADS, measure, scaled
 from overinterp.pipeline.plan import Plan
 from overinterp.pipeline.resources import ResourcePlan
 from overinterp.pipeline.terminal import log
-from overinterp.pipeline.trial import trial_dir
+from overinterp.pipeline.trial import result_path
 from overinterp.selection import SELECTORS, is_model_selector
 
 
@@ -111,7 +111,7 @@ class Finished:
         keys = [(j.source.tag, j.tag, j.split) for j in plan.selections]
         rows = {k: store.stored_rows(plan.root, *k) for k in keys}
         names = [t.name for t in (*plan.full_trials, *plan.subset_trials)
-                 if fs.exists(fs.join(trial_dir(plan.out_dir, t), "result.json"))]
+                 if fs.exists(result_path(plan.out_dir, t))]
         return cls({k: n for k, n in rows.items() if n}, frozenset(names))
 
     def left(self, job, planned: int) -> int:
@@ -246,8 +246,9 @@ def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = Tru
                      finished=finished)
     cost = dataclasses.replace(cost, rate_sources=tuple((m, r[2]) for m, r in rates.items()), explain_s=explain_cost(cfg, plan))
     _, notes = costable(plan)
-    if finished.describe(plan):
-        notes.insert(0, finished.describe(plan))
+    resuming = finished.describe(plan)
+    if resuming:
+        notes.insert(0, resuming)
     refusal = None
     try:
         check_budget(cost, cfg.max_hours)

@@ -32,7 +32,7 @@ from ray.train import DataConfig
 from overinterp import fs, store
 from overinterp.pipeline.images import decode_batch, drop_bad, is_parquet, read_encoded
 from overinterp.pipeline.resources import exit_with_parent
-from overinterp.pipeline.trial import TrialSpec, checkpoint_path, trial_dir
+from overinterp.pipeline.trial import TrialSpec, checkpoint_path, result_path
 from overinterp.selection import n_keep, random_order
 
 MASK_COLUMN = "keep"  # (B, ceil(HW / 8)) uint8: the keep-mask, bit-packed (np.packbits order)
@@ -352,7 +352,7 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
         "timing": {"fit_s": fit_s, "worker_start_s": float(history["worker_start_s"].iloc[0]),
                    "epoch_s": [float(v) for v in history["epoch_s"]], "first_batch_s": [float(v) for v in history["first_batch_s"]]},
     }
-    fs.write_json(fs.join(trial_dir(out_dir, spec), "result.json"), out)
+    fs.write_json(result_path(out_dir, spec), out)
     return out
 
 

@@ -81,6 +81,11 @@ def trial_dir(out_dir: str, spec: TrialSpec) -> str:
     return fs.join(out_dir, "trials", spec.name)
 
 
+def result_path(out_dir: str, spec: TrialSpec) -> str:
+    """trials/<name>/result.json: written last, so its presence means the trial finished."""
+    return fs.join(trial_dir(out_dir, spec), "result.json")
+
+
 def checkpoint_path(out_dir: str, spec: TrialSpec) -> str:
     return fs.join(trial_dir(out_dir, spec), "model.pt")
 
@@ -92,7 +97,7 @@ def _sha256(path: str) -> str:
 def load_result(out_dir: str, spec: TrialSpec) -> Optional[dict]:
     """The finished trial's result, or None if it must (re)run: not finished, or its result or
     checkpoint does not read back whole (then a warning says why)."""
-    path = fs.join(trial_dir(out_dir, spec), "result.json")
+    path = result_path(out_dir, spec)
     if not fs.exists(path):
         return None
     try:
@@ -173,5 +178,5 @@ def run_trial(
         "checkpoint": ckpt,
         "checkpoint_sha256": _sha256(ckpt),
     }
-    fs.write_json(fs.join(trial_dir(out_dir, spec), "result.json"), result)  # last: its presence means finished
+    fs.write_json(result_path(out_dir, spec), result)  # last: its presence means finished
     return result
