@@ -18,8 +18,8 @@ selection (train + val images) / stage 1; training images (trials × epochs × t
 val images / stage 3.
 
 Every ~1 s it also reads the CPU time of the driver and every process below it (the local Ray's
-GCS, raylet and workers), grouped by what each runs (Ray's process titles: ray::RayTrainWorker,
-ray::FooterReader, ...): where a small run's CPU goes, which on 2 cores is where its time goes.
+GCS, raylet and workers), grouped by what each runs (Ray's process titles: ray::ImplicitFunc
+(a Tune trial), ray::FooterReader, ...): where a small run's CPU goes, which on 2 cores is where its time goes.
 
 The claim it exists for: the driver holds no per-image state, so its peak RSS grows by at most
 bytes per image (ids as int64 arrays, one row per store shard), not by Python objects per image.
@@ -72,7 +72,7 @@ def read_status(pid: int) -> dict[str, int]:
 def process_cpu(root: int) -> dict[tuple[int, int], tuple[str, float]]:
     """{(pid, start time): (group, CPU seconds)} of `root` and every process below it (the local Ray's
     GCS, raylet and workers are the driver's descendants). A Ray worker is grouped by its title
-    (ray::IDLE, ray::RayTrainWorker, ...: what it runs now), other processes by their program."""
+    (ray::IDLE, ray::ImplicitFunc, ...: what it runs now), other processes by their program."""
     hz = os.sysconf("SC_CLK_TCK")
     stats = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):

@@ -20,8 +20,9 @@ Checks, in order (each a row of the table: check, result, figure, seconds):
   eval_forward      the streamed EvalWorker's forward on the device against the CPU: the same
                     correct/incorrect flags (pipeline.stream needs Ray; without it the same calls)
   dataparallel      a pipeline.trial.run_trial on cuda with >= 2 GPUs (its DataParallel path)
-  ray_train_1gpu    a streamed Ray Train trial (run_stream_trial) on one GPU worker, NCCL backend
-  ray_train_nccl    the same with two workers: DDP over NCCL with device_ids
+  stream_trial_1gpu a streamed one-worker trial (run_stream_trial) in a Ray task holding one GPU, as a
+                    Tune trial runs it: the training loop in that process, iter_torch_batches onto cuda
+  ray_train_nccl    a streamed trial of two Ray Train workers: DDP over NCCL with device_ids
   explain_stage     the --explain stage's work (pipeline.explain_stage.answer_questions, no Ray) on the
                     device: a prior trained a few steps there, VCEs and disagreement images of untrained
                     models (their checkpoints written for it); finite objectives, every question
@@ -75,7 +76,7 @@ class Sizes:
 GPU_SIZES = Sizes("resnet20", 12, 4, 32, 512, ((32, 64), (224, 4)), None, 2.0)
 CPU_SIZES = Sizes("digits_cnn", 6, 2, 8, 64, ((16, 4),), ("digits_cnn",), 0.05)
 CHECKS = ("bs_engine", "autocast_bf16", "autocast_fp16", "bgsis", "road_fill", "chunk_sizing", "train_step", "eval_forward",
-          "dataparallel", "ray_train_1gpu", "ray_train_nccl", "explain_stage", "device_rates")
+          "dataparallel", "stream_trial_1gpu", "ray_train_nccl", "explain_stage", "device_rates")
 
 
 class Skip(Exception):
@@ -213,7 +214,7 @@ def ray_train(workers):
         if not importlib.util.find_spec("ray"):
             raise Skip("needs Ray (not installed)")
         if ctx.dev.type != "cuda" or torch.cuda.device_count() < workers:
-            raise Skip(f"NCCL needs {workers} CUDA GPU(s), found {torch.cuda.device_count()}")
+            raise Skip(f"needs {workers} CUDA GPU(s), found {torch.cuda.device_count()}")
         import ray
 
         from overinterp.pipeline.train_stream import MASK_COLUMN, run_stream_trial
@@ -227,8 +228,11 @@ def ray_train(workers):
         ray.init(ignore_reinit_error=True, include_dashboard=False)
         with tempfile.TemporaryDirectory() as out:
             streams = {"train": ray.data.from_items(rows), "val": ray.data.from_items(rows)}
-            r = run_stream_trial(TrialSpec(ctx.sizes.model, 0, "m/sel"), streams, asdict(TrainConfig(epochs=1, batch_size=64)), info, out,
-                                 res, use_cuda=True, workers=workers, max_failures=0)
+            args = (TrialSpec(ctx.sizes.model, 0, "m/sel"), streams, asdict(TrainConfig(epochs=1, batch_size=64)), info, out, res)
+            if workers == 1:  # it trains where it is called: in a process given the GPU, as a Tune trial is
+                r = ray.get(ray.remote(num_gpus=1)(run_stream_trial).remote(*args, use_cuda=True, workers=1, max_failures=0))
+            else:
+                r = run_stream_trial(*args, use_cuda=True, workers=workers, max_failures=0)
         return r["device"] == "cuda" and math.isfinite(r["train_loss"]), f"{workers} worker(s); loss {r['train_loss']:.4f}", {"train_loss": r["train_loss"]}
     return check
 

@@ -54,18 +54,22 @@ TRIAL_START_S = 1.0
 # on the same machine (ImageNet-shaped Parquet, 8-px images, N = 10,000 to 1,331,167; BENCHMARKS.md):
 # per image, Ray Data reading and decoding it for a selection actor, and per selection call its
 # hand-off and its store shard's write (seconds of one worker; at 32 and 512 images a call), or
-# streaming, joining and decoding it for a training trial (seconds of one trial); per trial, Ray
-# Train starting its controller and worker group, the keep-mask table, the trial's validation and
-# checkpoint. Machine-bound constants: a cluster with faster CPUs streams faster, and the re-plan
-# printed once selection runs (select_stage) measures the real rate.
+# streaming, joining and decoding it for a training trial (seconds of one trial); per trial, Tune
+# scheduling it, its streams' start, the keep-mask table, the trial's validation and epoch state (a
+# one-worker trial trains in its own process), and for a DDP trial (--workers-per-trial > 1) Ray
+# Train starting its controller and worker group too. Machine-bound constants: a cluster with
+# faster CPUs streams faster, and the re-plan printed once selection runs (select_stage) measures
+# the real rate.
 STREAM_JOB_START_S = 8.0
 STREAM_SELECT_IMAGE_S = 1.9e-4
 STREAM_SELECT_CALL_S = 1.47e-2
-STREAM_TRIAL_START_S = 20.0
+STREAM_TRIAL_START_S = 7.0
+STREAM_DDP_TRIAL_START_S = 20.0
 STREAM_TRAIN_IMAGE_S = 1.1e-4
-# and once per run: Ray's start and the summary stage (the explained model's evaluation over the
-# validation images, test images decoded for the analysis, the plots, MLflow): 21–37 s measured
-STREAM_RUN_S = 35.0
+# and once per run: Ray's start (9–12 s) and the summary stage (the explained model's evaluation over
+# the validation images, test images decoded for the analysis, the plots, MLflow: 3–8 s at 100–1,000
+# validation images, 19–25 s at 50,000). One constant, so that the guard's alternatives keep it.
+STREAM_RUN_S = 15.0
 # The explain stage (guided generation, pipeline/explain_stage.py) on the same 2-core machine with
 # both cores: the diffusion prior costs PRIOR_PIXEL_S per image-pixel of each training step's batch
 # (0.17 s a step of 128 8×8 digits; fitted to the default digits run with --explain); a guided chain step costs GUIDED_STEP_S per batch (the UNet's

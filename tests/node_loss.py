@@ -2,8 +2,12 @@
 GPU each), run as a script by tests/test_multinode.py so the test process keeps its own Ray.
 
     python tests/node_loss.py selection OUT      # remove a worker node in the middle of a selection batch
-    python tests/node_loss.py train-worker OUT   # SIGKILL a Ray Train worker after its first checkpoint;
+    python tests/node_loss.py train-worker OUT   # two Train workers (DDP) per trial, one on each node:
+                                                 # SIGKILL one after the trial's first checkpoint;
                                                  # ends once that trial has finished
+    python tests/node_loss.py trial-process OUT  # one worker per trial, which trains in its Tune trial's
+                                                 # process: SIGKILL that process after its first epoch
+                                                 # state is written; ends once that trial has finished
 
 The job runs as its own driver process against the cluster; this script watches --out, injects the
 fault, waits for the job, and prints one JSON line describing what it did.
@@ -42,12 +46,13 @@ def _wait_for(pattern: str, job: subprocess.Popen, timeout: float) -> list[str]:
     raise SystemExit(f"{pattern} did not appear within {timeout} s")
 
 
-def _train_worker_pids() -> list[int]:
+def _pids_titled(prefix: bytes) -> list[int]:
+    """Processes whose title (Ray's ray::<actor class>...) starts with prefix."""
     pids = []
     for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
         try:
             with open(cmdline, "rb") as f:
-                if f.read().startswith(b"ray::RayTrainWorker"):
+                if f.read().startswith(prefix):
                     pids.append(int(cmdline.split("/")[2]))
         except OSError:
             pass
@@ -88,7 +93,8 @@ def main(mode: str, out: str) -> int:
         cmd = [sys.executable, "-m", "overinterp.cli", "run", "--smoke", "--select-batch", str(SELECT_BATCH), "--seeds", "0,1", "--input-dropout", "0", "--selectors", "backselect", "--fill", "mean",
                "--out", out]
     else:
-        cmd = [sys.executable, os.path.join(ROOT, "jobs", "sis_imagenet.py"), "--smoke-test", "--epochs", "4", "--max-workers", "1", "--out", out]
+        cmd = [sys.executable, os.path.join(ROOT, "jobs", "sis_imagenet.py"), "--smoke-test", "--epochs", "4", "--max-workers", "1", "--out", out,
+               *(["--workers-per-trial", "2"] if mode == "train-worker" else [])]
     job = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     report = {"mode": mode}
     try:
@@ -101,13 +107,20 @@ def main(mode: str, out: str) -> int:
             report["train_batches"] = -(-TRAIN_IMAGES // SELECT_BATCH)
             cluster.remove_node(busy, allow_graceful=False)  # the node, its raylet and every actor on it
             report["removed_node"] = busy.node_id
-        else:
+        elif mode == "train-worker":
             # a registered checkpoint (its directory appears before Train records it): the snapshot
             snapshots = _wait_for(os.path.join(out, "train-runs", "*", "checkpoint_manager_snapshot.json"), job, 1200)
             report["trial"] = os.path.basename(os.path.dirname(snapshots[0]))
-            pids = _train_worker_pids()  # --max-workers 1: one trial at a time, so this trial's worker
+            pids = _pids_titled(b"ray::RayTrainWorker")  # --max-workers 1: one trial at a time, so this trial's workers
             os.kill(pids[0], signal.SIGKILL)
             report["killed_pid"] = pids[0]
+        else:
+            states = _wait_for(os.path.join(out, "trials", "*", "state.pt"), job, 1200)  # written whole (fs.write_bytes)
+            report["trial"] = os.path.basename(os.path.dirname(states[0]))
+            pids = _pids_titled(b"ray::ImplicitFunc")  # the Tune trial's process: one trial at a time
+            os.kill(pids[0], signal.SIGKILL)
+            report["killed_pid"] = pids[0]
+        if mode != "selection":
             # that trial finishing is the proof; the job's other trials would only add minutes
             _wait_for(os.path.join(out, "trials", report["trial"], "result.json"), job, 1200)
             job.terminate()

@@ -8,7 +8,7 @@ Bounds: from N to 10·N the driver's private heap (peak RssAnon) grows by at mos
 would grow: 50 MiB fails at ~28 KiB for each of the 1,800 more images, and two runs of the same N
 differ by less than half of it. RSS also counts the object store's and files' pages mapped into the
 driver, which vary between runs by ~100 MiB (BENCHMARKS.md); 150 is the bound the full benchmark
-meets from 10,000 to 1,331,167 images. The full benchmark is the finer measurement. About 3.5
+meets from 10,000 to 1,331,167 images. The full benchmark is the finer measurement. Under 2
 minutes on 2 CPUs (two streamed runs, one after another: at once, their two local Rays made it slower).
 """
 
@@ -40,9 +40,10 @@ def test_driver_rss_does_not_grow_with_the_images(tmp_path, capsys):
         # every stage was sampled, and the run's peak is one of theirs
         assert set(r["stage_peak_mib"]) == {"start", "1", "2", "3"}, r["stage_peak_mib"]
         assert max(v["rss"] for v in r["stage_peak_mib"].values()) <= r["peak_rss_mib"] + 1e-6, r
-        # the CPU of the run's processes: the driver, the local Ray's own, the Train workers of the 3 trials
-        assert {"driver", "raylet", "ray::RayTrainWorker"} <= set(r["cpu"]), r["cpu"]
-        assert r["cpu"]["ray::RayTrainWorker"]["processes"] == 3, r["cpu"]
+        # the CPU of the run's processes: the driver, the local Ray's own, the Tune trial process that trained
+        # the 3 one-worker trials (Tune reuses it), and no Ray Train worker group
+        assert {"driver", "raylet", "ray::ImplicitFunc"} <= set(r["cpu"]), r["cpu"]
+        assert not {"ray::RayTrainWorker", "ray::TrainController"} & set(r["cpu"]), r["cpu"]
         assert 0 < r["cpu"]["driver"]["cpu_s"] < r["cpu_s"] <= (os.cpu_count() or 1) * r["seconds"], r["cpu"]
     assert large["store_bytes"] > small["store_bytes"]
     for what, growth, bound in (("private heap (RssAnon)", saved["anon_growth_mib"], MAX_HEAP_GROWTH_MIB),

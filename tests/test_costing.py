@@ -259,3 +259,16 @@ def test_a_dry_run_and_a_refused_plan_start_no_ray(tmp_path):
     err = p.stderr.strip().splitlines()[-1]
     assert err.startswith("overinterp: error: the plan needs ≈ ") and "try --selector bgsis (≈" in err, p.stderr[-3000:]
     _no_work(str(out))
+
+
+def test_a_streamed_ddp_trial_is_priced_with_its_worker_groups_start():
+    """A one-worker streamed trial trains in its own process; one of --workers-per-trial > 1 also starts a
+    Ray Train worker group: 13 s more per trial (STREAM_DDP_TRIAL_START_S - STREAM_TRIAL_START_S)."""
+    from overinterp.costplan import STREAM_DDP_TRIAL_START_S, STREAM_TRIAL_START_S
+
+    _, plan = _stream_plan(16, {"train": 100, "test": 10})
+    rates = dict(forward_rates=1000.0, train_rates=100.0, select_workers=1, trial_concurrency=1, epochs=1)
+    one, ddp = plan_cost(plan, **rates), plan_cost(plan, **rates, workers_per_trial=2)
+    assert [t.trials for t in one.trainings] == [3]  # subsets, random, positions only: one at a time
+    assert ddp.eta_seconds - one.eta_seconds == pytest.approx(3 * (STREAM_DDP_TRIAL_START_S - STREAM_TRIAL_START_S))
+    assert one.selections == ddp.selections

@@ -8,7 +8,7 @@ import sys
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.py")
 # every CUDA-only path the script must cover, by the names its table and JSON give them
 CHECKS = ["bs_engine", "autocast_bf16", "autocast_fp16", "bgsis", "road_fill", "chunk_sizing", "train_step", "eval_forward",
-          "dataparallel", "ray_train_1gpu", "ray_train_nccl", "explain_stage", "device_rates"]
+          "dataparallel", "stream_trial_1gpu", "ray_train_nccl", "explain_stage", "device_rates"]
 
 
 def test_gpu_check_cpu_mode_runs_every_check_and_passes(tmp_path):

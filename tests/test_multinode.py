@@ -103,9 +103,9 @@ def test_jobs_smoke_tests_on_the_autoscaling_cluster(fake_cluster, tmp_path, job
     selection = [a for alive in sampler.concurrent("SelectionWorker") for a in alive]
     assert selection, f"no selection actor seen in {len(sampler.samples)} samples; sampling errors: {sampler.errors[-3:]}"
     assert all(_gpus(a) >= 1 for a in selection)
-    if job == "sis_imagenet.py":  # Train workers of the streamed trials hold the GPUs
-        workers = [a for alive in sampler.concurrent("RayTrainWorker") for a in alive]
-        assert workers and all(_gpus(a) >= 1 for a in workers)
+    # the trials hold the GPUs (a one-worker streamed trial trains in its Tune trial's own process)
+    trials = [a for alive in sampler.concurrent("ImplicitFunc") for a in alive]
+    assert trials and all(_gpus(a) >= 1 for a in trials)
 
 
 # --- losing workers ------------------------------------------------------------------------------
@@ -128,13 +128,21 @@ def test_selection_survives_a_lost_node_exactly_once(tmp_path, capsys):
     _say(capsys, f"NODE-LOSS {json.dumps(report)}: every image of train (96) and test (48) stored exactly once")
 
 
-def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("mode", ["train-worker", "trial-process"])
+def test_a_killed_trainer_resumes_from_its_last_epoch(tmp_path, mode):
+    """train-worker: one of a DDP trial's two Train workers (one per node) is SIGKILLed after the
+    first checkpoint, and Train restarts the worker group from it. trial-process: a one-worker trial
+    trains in its Tune trial's process; that process is SIGKILLed after its first epoch state is
+    written, and Tune's retry of the trial goes on from it."""
     out = str(tmp_path / "out")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "node_loss.py"), "train-worker", out], env=_local_env(), cwd=ROOT,
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "node_loss.py"), mode, out], env=_local_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     report = json.loads(p.stdout.strip().splitlines()[-1])
     assert report["killed_pid"]
     result = json.load(open(os.path.join(out, "trials", report["trial"], "result.json")))
     assert result["resumed_from_epochs"], "the trial restarted from scratch instead of its checkpoint"
-    assert len(result["losses"]) >= 3
+    assert result["workers"] == (2 if mode == "train-worker" else 1)
+    # a one-worker trial keeps its epochs' metrics in its state: every epoch once (Train's frame may repeat one)
+    assert len(result["losses"]) == 4 if mode == "trial-process" else len(result["losses"]) >= 3
+    assert not os.path.exists(os.path.join(out, "trials", report["trial"], "state.pt"))  # resuming state, gone once finished

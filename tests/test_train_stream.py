@@ -69,3 +69,40 @@ def test_repeated_stored_ids_are_refused_with_the_repair_command(ray_session, tm
         train_stream.mask_table(root, "m/sel", "train", 4, 0.5)
     with pytest.raises(store.StoreError, match="repeated image ids"):  # the task that builds it: raised in the driver, before any trial
         train_stream.mask_table_ref(root, "m/sel", "train", 4, 0.5)
+
+
+def test_a_one_worker_trial_goes_on_from_its_last_epoch_state(ray_session, tmp_path):
+    """A one-worker trial trains in its own process and keeps its epoch state (model, optimiser,
+    schedule, each epoch's metrics) in trials/<name>/state.pt: a trial whose process died after
+    epoch 0 trains only epoch 1 when it runs again, and removes the state once finished."""
+    import os
+
+    from overinterp.pipeline.resources import ResourcePlan
+    from overinterp.pipeline.trial import TrialSpec, trial_dir
+
+    source = str(tmp_path / "train.parquet")
+    write_encoded_parquet(source, n=12, num_classes=3, size=SIZE, seed=0)
+
+    def streams():
+        return {name: subset_stream(source, None, None, SIZE, "", None, split, FRACTION, n_images=12) for name, split in (("train", "train"), ("val", "test"))}
+
+    out = str(tmp_path / "out")
+    spec = TrialSpec(model="digits_cnn", seed=0, subset=None)
+    res = ResourcePlan(use_gpu=False, select_workers=1, cpus_per_worker=1, gpus_per_worker=0, trial_concurrency=1, cpus_per_trial=1,
+                       gpus_per_trial=0, capacity="test")
+    info = {"mean": (0.5,) * 3, "std": (0.25,) * 3, "hw": SIZE * SIZE, "num_classes": 3}
+    train = {"epochs": 2, "batch_size": 4, "lr": 0.05, "augment": False}
+    whole = train_stream.run_stream_trial(spec, streams(), train, info, str(tmp_path / "whole"), res, use_cuda=False)
+    assert whole["resumed_from_epochs"] == [] and len(whole["losses"]) == 2 and whole["workers"] == 1
+
+    # the first epoch alone, as a trial killed after writing its epoch-0 state leaves it
+    state = os.path.join(trial_dir(out, spec), "state.pt")
+    config = {"trial": whole["spec"], "train": {**train, "epochs": 1}, "threads": 1, "fit_at": 0.0, "state_path": state, **info}
+    first = train_stream.train_loop(config, streams())
+    assert [m["epoch"] for m in first] == [0] and os.path.exists(state)
+    resumed = train_stream.run_stream_trial(spec, streams(), train, info, out, res, use_cuda=False)
+    assert resumed["resumed_from_epochs"] == [1]  # epoch 1 started from the state, epoch 0 was not trained again
+    assert resumed["losses"][0] == first[0]["train_loss"] and len(resumed["losses"]) == 2
+    # the same seeds and batches in the same order: the resumed trial ends where the uninterrupted one does
+    assert resumed["losses"] == pytest.approx(whole["losses"]) and resumed["accuracy"] == whole["accuracy"]
+    assert not os.path.exists(state) and os.path.exists(resumed["checkpoint"])

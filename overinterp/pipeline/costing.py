@@ -27,6 +27,7 @@ from overinterp.costplan import (
     STREAM_SELECT_CALL_S,
     STREAM_SELECT_IMAGE_S,
     STREAM_TRAIN_IMAGE_S,
+    STREAM_DDP_TRIAL_START_S,
     STREAM_TRIAL_START_S,
     TRIAL_START_S,
     BudgetExceeded,
@@ -138,6 +139,7 @@ def plan_cost(
     trial_concurrency: int,
     epochs: int,
     select_batch: Optional[int] = None,
+    workers_per_trial: int = 1,
     knobs: Knobs = Knobs(),
     finished: Finished = Finished(),
 ) -> CostPlan:
@@ -151,13 +153,16 @@ def plan_cost(
         train_rates: one trial's training images/s, per architecture name, or one number.
         select_workers / trial_concurrency: ResourcePlan.select_workers / .trial_concurrency.
         epochs: training epochs per trial; select_batch: images per selection call.
+        workers_per_trial: Train workers of a streamed trial (more than 1 starts a worker group).
         knobs: the settings the budget guard may change for this run (`knobs_of`).
         finished: what earlier runs on the --out finished, left out of the rows.
     """
     plan, _ = costable(plan)
-    # a streamed run also pays, per image, for Ray Data's reading and decoding and, per trial, for Ray Train's start
+    # a streamed run also pays, per image, for Ray Data's reading and decoding and, per trial, for its streams' start
+    # (and a DDP trial for Ray Train's worker group)
+    stream_trial_start = STREAM_TRIAL_START_S if workers_per_trial == 1 else STREAM_DDP_TRIAL_START_S
     job_start, select_image_s, trial_start, train_image_s = (
-        (STREAM_JOB_START_S, STREAM_SELECT_IMAGE_S + STREAM_SELECT_CALL_S / (select_batch or 1), STREAM_TRIAL_START_S, STREAM_TRAIN_IMAGE_S)
+        (STREAM_JOB_START_S, STREAM_SELECT_IMAGE_S + STREAM_SELECT_CALL_S / (select_batch or 1), stream_trial_start, STREAM_TRAIN_IMAGE_S)
         if plan.streamed else (JOB_START_S, 0.0, TRIAL_START_S, 0.0))
     selections = []
     by_tag = {s.tag: (arch, s) for arch, variants in plan.sources.items() for s in variants.values()}
@@ -242,7 +247,8 @@ def plan_and_guard(cfg, plan: Plan, resources: ResourcePlan, enforce: bool = Tru
     finished = Finished.of(plan)
     cost = plan_cost(plan, forward_rates={m: r[0] for m, r in rates.items()}, train_rates={m: r[1] for m, r in rates.items()},
                      select_workers=resources.select_workers, trial_concurrency=resources.trial_concurrency,
-                     epochs=cfg.epochs, select_batch=cfg.selection_batch(plan.streamed), knobs=knobs_of(cfg, plan, resources),
+                     epochs=cfg.epochs, select_batch=cfg.selection_batch(plan.streamed), workers_per_trial=cfg.workers_per_trial,
+                     knobs=knobs_of(cfg, plan, resources),
                      finished=finished)
     cost = dataclasses.replace(cost, rate_sources=tuple((m, r[2]) for m, r in rates.items()), explain_s=explain_cost(cfg, plan))
     _, notes = costable(plan)

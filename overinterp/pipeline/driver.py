@@ -161,9 +161,11 @@ def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
     subsets = stages.run(f"training {len(plan.subset_trials)} models on {100 * plan.fraction:g}% pixel-subsets",
                          backend.train_subsets, list(plan.subset_trials))
 
-    test = backend.test_images()
+    # the analysis's test images: decoded inside the stage that first needs them, so that its time is counted there
+    test = None
     explained = None
     if cfg.explain:
+        test = backend.test_images()
         from overinterp.pipeline.explain_stage import run_explain
 
         explained = stages.run(f"explain ({', '.join(cfg.explain)}; guidance {cfg.explain_method})", run_explain,
@@ -172,7 +174,7 @@ def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
             tracker.log_prior(explained["prior"])
 
     def compare():
-        analysis = Analysis(cfg, plan, test)
+        analysis = Analysis(cfg, plan, test if test is not None else backend.test_images())
         summary = analysis.summary(full, subsets, backend.baseline(), backend.skipped_images())
         local = tempfile.mkdtemp(prefix="overinterp-report-")
         reports = analysis.reports(summary, local)  # first: it lists its plots in the summary, which summary.md embeds

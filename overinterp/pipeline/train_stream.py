@@ -1,21 +1,30 @@
-"""Training on pixel-subsets of data sets too big to hold: Ray Train inside each Ray Tune trial.
+"""Training on pixel-subsets of data sets too big to hold: Ray Tune trials on Ray Data streams.
 
-Per trial, a Tune function trainable runs a Ray Train `TorchTrainer` (DDP: gloo on CPUs, NCCL on
-GPUs). Its data never sits whole anywhere: the *encoded* images of a split are joined by image_id
-with their keep-masks read from the Parquet store (Ray Data's hash join, disk-backed), decoded on
-the Ray Data workers, and streamed to each Train worker through `get_dataset_shard(...)
-.iter_torch_batches`. Each batch's mask is applied on the worker's device, before augmentation, so
-the mask moves with the image. Evaluation on the validation split is summed across workers.
+A trial's data never sits whole anywhere: the *encoded* images of a split are joined by image_id
+with their keep-masks read from the Parquet store (by lookup in the object store, or Ray Data's
+disk-backed hash join), decoded on the Ray Data workers, and streamed to the trainer. Each batch's
+mask is applied on the trainer's device, before augmentation, so the mask moves with the image.
 
-After every epoch rank 0 writes a checkpoint (model, optimiser, schedule, epoch) to the out URI and
-every worker reports; a worker lost mid-trial (a node taken back, a crash) restarts the worker group
-from the last checkpoint (Train's FailureConfig), and a trial whose whole Tune process died resumes
-the same way on the rerun (same run name and storage path). Each epoch re-reads and re-joins the
-encoded images: the price of never holding them.
+A trial of one worker trains in its own Tune process, which holds the worker's CPUs and GPU: it
+iterates its streams itself (`Dataset.iter_torch_batches`, as Ray Train's local mode does) and
+starts no Ray Train actors (controller, worker, dataset manager, placement-group cleaner,
+synchronisation: ~15 CPU-seconds of process start-up a trial on the 2-core machine of
+BENCHMARKS.md). A trial of several workers (--workers-per-trial) runs a Ray Train `TorchTrainer`
+(DDP: gloo on CPUs, NCCL on GPUs) whose workers stream their shares through
+`get_dataset_shard(...).iter_torch_batches`; evaluation on the validation split is summed across them.
+
+After every epoch the trainer writes its state (model, optimiser, schedule, epoch) to the out URI. A
+one-worker trial writes it to trials/<name>/state.pt and reports the epoch to Tune itself; a trial
+whose process died goes on from it when Tune retries the trial, or on the rerun. In a DDP trial
+rank 0 writes it as a Train checkpoint and every worker reports; a worker lost mid-trial (a node
+taken back, a crash) restarts the worker group from the last checkpoint (Train's FailureConfig),
+and a trial whose whole Tune process died resumes the same way on the rerun (same run name and
+storage path). Each epoch re-reads and re-joins the encoded images: the price of never holding them.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import time
@@ -31,8 +40,8 @@ from ray.train import DataConfig
 
 from overinterp import fs, store
 from overinterp.pipeline.images import decode_batch, drop_bad, is_parquet, read_encoded
-from overinterp.pipeline.resources import exit_with_parent
-from overinterp.pipeline.trial import TrialSpec, checkpoint_path, result_path
+from overinterp.pipeline.resources import exit_with_parent, worker_device
+from overinterp.pipeline.trial import TrialSpec, checkpoint_path, result_path, trial_dir
 from overinterp.selection import n_keep, random_order
 
 MASK_COLUMN = "keep"  # (B, ceil(HW / 8)) uint8: the keep-mask, bit-packed (np.packbits order)
@@ -181,8 +190,17 @@ def unpack_keep(packed: torch.Tensor, hw: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :hw].bool()
 
 
-def _train_loop(config: dict) -> None:
-    """Runs on every Train worker: DDP over streamed, masked batches; a checkpoint every epoch."""
+def _load_state(path: str, device) -> dict:
+    return torch.load(io.BytesIO(fs.read_bytes(path)), map_location=device, weights_only=True)
+
+
+def train_loop(config: dict, streams: Optional[dict] = None) -> Optional[list[dict]]:
+    """One trial's training on streamed, masked batches; its state saved every epoch.
+
+    streams: the trial's {"train", "val"} datasets where a one-worker trial runs the loop in its own
+    process: the loop then keeps its epoch state in config["state_path"], reports each epoch to Tune
+    and returns every epoch's metrics. None on the workers of a TorchTrainer (DDP), which get their
+    shares and checkpoints from Ray Train."""
     exit_with_parent()
     import ray.train
     import ray.train.torch
@@ -197,25 +215,36 @@ def _train_loop(config: dict) -> None:
     spec = TrialSpec(**config["trial"])
     tc = TrainConfig(**config["train"])
     mean, std, hw = tuple(config["mean"]), tuple(config["std"]), int(config["hw"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    local_state = config["state_path"] if streams is not None else None
+    if local_state:
+        rank, world, device = 0, 1, worker_device()  # the trial's own GPU, else the CPU
+        train_shard, val_shard = streams["train"], streams["val"]
+    else:
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+        train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     torch.manual_seed(spec.seed)
     model_spec = ModelSpec(spec.model, int(config["num_classes"]), 3, spec.input_dropout)
     model = build(model_spec).to(device)
     opt, sched = sgd(model, tc)
-    start = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # a restarted worker group, or a rerun of a trial that died: go on from the last epoch
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
+    start, state, history = 0, None, []
+    if local_state:
+        if fs.exists(local_state):
+            state = _load_state(local_state, device)
+    else:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
+    if state is not None:  # a restarted worker group, or a rerun of a trial that died: go on from the last epoch
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = int(state["epoch"]) + 1
+        history = list(state.get("history", []))
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     gen = torch.Generator().manual_seed(spec.seed * 1000 + rank)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(start, tc.epochs):
         epoch_at, first_batch_at = time.time(), None
         ddp.train()
@@ -256,13 +285,31 @@ def _train_loop(config: dict) -> None:
                    # where a trial's fixed cost goes (s): the worker group's start, the data stream's first batch
                    "worker_start_s": started - config["fit_at"], "first_batch_s": (first_batch_at or time.time()) - epoch_at,
                    "epoch_s": time.time() - epoch_at}
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+                 "spec": asdict(model_spec)}
+        if local_state:
+            from ray import tune
+
+            history.append({**metrics, "device": device.type})
+            buf = io.BytesIO()
+            torch.save({**state, "history": history}, buf)
+            fs.write_bytes(local_state, buf.getvalue())  # whole or not at all (fs.write_bytes)
+            if _in_tune_session():
+                tune.report(metrics)  # the epoch's metrics reach the driver's MLflow logger live
+            continue
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                            "spec": asdict(model_spec)}, os.path.join(d, "state.pt"))
+                torch.save(state, os.path.join(d, "state.pt"))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)
+    return history if local_state else None
+
+
+def _in_tune_session() -> bool:
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session as in_session
+
+    return in_session()
 
 
 class _TrainEqualValWhole(DataConfig):
@@ -299,39 +346,49 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
     from overinterp.pipeline.trial import _sha256
 
     t0 = time.time()
-    callbacks = []
-    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+    local = workers == 1  # the loop runs here, in the trial's process
+    config = {"trial": asdict(spec), "train": train_config, "threads": max(1, int(resources.cpus_per_trial)), "fit_at": time.time(),
+              "state_path": fs.join(trial_dir(out_dir, spec), "state.pt"), **data_info}
+    if local:
+        history = train_loop(config, streams)
+    else:
+        callbacks = []
+        if _in_tune_session():
+            from ray.tune.integration.ray_train import TuneReportCallback
 
-    if _in_tune_session():
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        # Every epoch's metrics reach Tune live, as each ray.train.report happens (Train V2's bridge: the
-        # trial's Tune session gets rank 0's metrics), so the driver's MLflow TrialLogger logs
-        # train_loss and val_accuracy per epoch while the trainer runs; the trainable's final report
-        # (imagenet.py) only adds the test accuracy.
-        callbacks.append(TuneReportCallback())
-    per_worker = {"CPU": resources.cpus_per_trial}
-    if resources.use_gpu:
-        per_worker["GPU"] = resources.gpus_per_trial
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"trial": asdict(spec), "train": train_config, "threads": max(1, int(resources.cpus_per_trial)), "fit_at": time.time(),
-                           **data_info},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker),
-        # NCCL needs CUDA; GPU nodes without it (a broken driver, or a simulated cluster) train with gloo
-        torch_config=TorchConfig(backend="nccl" if use_cuda else "gloo"),
-        datasets=streams,
-        # one worker reads every row itself: no split, so no split-coordinator actor per dataset and trial
-        dataset_config=_TrainEqualValWhole() if workers > 1 else DataConfig(datasets_to_split=[]),
-        run_config=RunConfig(name=spec.name, storage_path=fs.join(out_dir, "train-runs"), callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=max_failures)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+            # Every epoch's metrics reach Tune live, as each ray.train.report happens (Train V2's bridge: the
+            # trial's Tune session gets rank 0's metrics), so the driver's MLflow TrialLogger logs
+            # train_loss and val_accuracy per epoch while the trainer runs; the trainable's final report
+            # (stream.py) only adds the test accuracy.
+            callbacks.append(TuneReportCallback())
+        per_worker = {"CPU": resources.cpus_per_trial}
+        if resources.use_gpu:
+            per_worker["GPU"] = resources.gpus_per_trial
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker),
+            # NCCL needs CUDA; GPU nodes without it (a broken driver, or a simulated cluster) train with gloo
+            torch_config=TorchConfig(backend="nccl" if use_cuda else "gloo"),
+            datasets=streams,
+            dataset_config=_TrainEqualValWhole(),
+            run_config=RunConfig(name=spec.name, storage_path=fs.join(out_dir, "train-runs"), callbacks=callbacks,
+                                 failure_config=FailureConfig(max_failures=max_failures)),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
     fit_s = time.time() - t0
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    if local:
+        state, final = _load_state(config["state_path"], "cpu"), history[-1]
+        history, device = pd.DataFrame(history), final["device"]  # where it trained: the caller's GPU, if it holds one
+    else:
+        device = "cuda" if use_cuda else "cpu"
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        # one row per epoch reported; where Ray kept no frame, the last report is the only row
+        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame([result.metrics])
+        final = result.metrics
     model_spec = ModelSpec(**state["spec"])
     from overinterp.models import build
 
@@ -339,20 +396,20 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
     model.load_state_dict(state["model"])
     ckpt = checkpoint_path(out_dir, spec)
     save_checkpoint(ckpt, model_spec, model, {"trial": asdict(spec)})
-    # one row per epoch reported; where Ray kept no frame, the last report is the only row
-    history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame([result.metrics])
     out = {
-        "name": spec.name, "spec": asdict(spec), "accuracy": result.metrics["val_accuracy"], "train_loss": result.metrics["train_loss"],
+        "name": spec.name, "spec": asdict(spec), "accuracy": final["val_accuracy"], "train_loss": final["train_loss"],
         "losses": [float(v) for v in history["train_loss"]], "val_accuracies": [float(v) for v in history["val_accuracy"]],
         "finished_at": time.time(),
-        "seconds": time.time() - t0, "device": "cuda" if use_cuda else "cpu", "workers": workers,
+        "seconds": time.time() - t0, "device": device, "workers": workers,
         "resumed_from_epochs": sorted({int(v) for v in history["start_epoch"] if v > 0}),
-        "checkpoint": ckpt, "checkpoint_sha256": _sha256(ckpt), "val_images": result.metrics["val_images"],
+        "checkpoint": ckpt, "checkpoint_sha256": _sha256(ckpt), "val_images": final["val_images"],
         # seconds: the trainer's whole fit, its worker group's start, each epoch and its wait for the first batch
         "timing": {"fit_s": fit_s, "worker_start_s": float(history["worker_start_s"].iloc[0]),
                    "epoch_s": [float(v) for v in history["epoch_s"]], "first_batch_s": [float(v) for v in history["first_batch_s"]]},
     }
     fs.write_json(result_path(out_dir, spec), out)
+    if local:
+        fs.delete(config["state_path"])  # the epoch state (optimiser included) is only for resuming; model.pt stays
     return out
 
 
