@@ -294,7 +294,7 @@ def main(argv=None) -> dict:
     ctx = SimpleNamespace(dev=dev, ref=torch.device("cpu"), sizes=CPU_SIZES if cpu else GPU_SIZES, kind=args.kind, rate_lines=[])
     started = start()
     print(f"\nGPU check on {dev}{' (--cpu: the wiring check)' if cpu else ''}; {describe(machine(dev))}")
-    print(f"{'check':<16}{'result':<10}{'seconds':>8}  figure", flush=True)
+    print(f"{'check':<18}{'result':<10}{'seconds':>8}  figure", flush=True)
     rows = []
     for name in (c for c in CHECKS if c in chosen):
         t0 = time.perf_counter()
@@ -307,7 +307,7 @@ def main(argv=None) -> dict:
             result, figure, data = "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", {"traceback": traceback.format_exc()}
         r = {"check": name, "result": result, "figure": figure, "seconds": time.perf_counter() - t0, **data}
         rows.append(r)  # each row printed as it ends: a long check on a slow card shows progress
-        print(f"{r['check']:<16}{r['result'] if r['result'] in ('pass', 'FAIL') else 'skipped':<10}{r['seconds']:>8.1f}  "
+        print(f"{r['check']:<18}{r['result'] if r['result'] in ('pass', 'FAIL') else 'skipped':<10}{r['seconds']:>8.1f}  "
               f"{r['figure'] or r['result'][len('skipped ('):-1]}", flush=True)
     report = {"machine": machine(dev), "device": str(dev), "cpu_mode": cpu, "checks": rows, "rate_lines": ctx.rate_lines}
     print("\ndevice_rates.py rows (paste into RATES):\n" + "\n".join(ctx.rate_lines))

@@ -8,7 +8,7 @@ Bounds: from N to 10·N the driver's private heap (peak RssAnon) grows by at mos
 would grow: 50 MiB fails at ~28 KiB for each of the 1,800 more images, and two runs of the same N
 differ by less than half of it. RSS also counts the object store's and files' pages mapped into the
 driver, which vary between runs by ~100 MiB (BENCHMARKS.md); 150 is the bound the full benchmark
-meets from 10,000 to 1,331,167 images. The full benchmark is the finer measurement. Under 2
+meets from 10,000 to 1,331,167 images. The full benchmark is the finer measurement. About 2
 minutes on 2 CPUs (two streamed runs, one after another: at once, their two local Rays made it slower).
 """
 
