@@ -199,7 +199,7 @@ class StreamBackend:
                                           cfg.workers_per_trial)
                 tune.report({"accuracy": result["accuracy"], "train_loss": result["train_loss"], "seconds": result["seconds"], "done": True})
 
-            # one worker trains in the trial's own process (train_stream: Train's local mode), which holds its
+            # one worker trains in the trial's own process (train_stream: no Train worker group), which holds its
             # CPUs and GPU; with more, the trial only drives its trainer and the Train workers hold them
             trial_res = res if cfg.workers_per_trial == 1 else ResourcePlan(**{**asdict(res), "cpus_per_trial": 0, "gpus_per_trial": 0})
             launch_trials(stage, pending, trainable, cfg.out_dir, trial_res, len(specs), self.callbacks)
