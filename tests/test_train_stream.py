@@ -98,7 +98,7 @@ def test_a_one_worker_trial_goes_on_from_its_last_epoch_state(ray_session, tmp_p
     # the first epoch alone, as a trial killed after writing its epoch-0 state leaves it
     state = os.path.join(trial_dir(out, spec), "state.pt")
     config = {"trial": whole["spec"], "train": {**train, "epochs": 1}, "threads": 1, "fit_at": 0.0, "state_path": state, **info}
-    first = train_stream.train_loop(config, streams())
+    first = train_stream.train_loop(config, streams())["history"]
     assert [m["epoch"] for m in first] == [0] and os.path.exists(state)
     resumed = train_stream.run_stream_trial(spec, streams(), train, info, out, res, use_cuda=False)
     assert resumed["resumed_from_epochs"] == [1]  # epoch 1 started from the state, epoch 0 was not trained again

@@ -194,13 +194,13 @@ def _load_state(path: str, device) -> dict:
     return torch.load(io.BytesIO(fs.read_bytes(path)), map_location=device, weights_only=True)
 
 
-def train_loop(config: dict, streams: Optional[dict] = None) -> Optional[list[dict]]:
+def train_loop(config: dict, streams: Optional[dict] = None) -> Optional[dict]:
     """One trial's training on streamed, masked batches; its state saved every epoch.
 
     streams: the trial's {"train", "val"} datasets where a one-worker trial runs the loop in its own
     process: the loop then keeps its epoch state in config["state_path"], reports each epoch to Tune
-    and returns every epoch's metrics. None on the workers of a TorchTrainer (DDP), which get their
-    shares and checkpoints from Ray Train."""
+    and returns the last state it wrote (with every epoch's metrics, "history"). None on the workers
+    of a TorchTrainer (DDP), which get their shares and checkpoints from Ray Train."""
     exit_with_parent()
     import ray.train
     import ray.train.torch
@@ -236,7 +236,7 @@ def train_loop(config: dict, streams: Optional[dict] = None) -> Optional[list[di
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
-                state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
+                state = _load_state(os.path.join(d, "state.pt"), device)
     if state is not None:  # a restarted worker group, or a rerun of a trial that died: go on from the last epoch
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -291,8 +291,9 @@ def train_loop(config: dict, streams: Optional[dict] = None) -> Optional[list[di
             from ray import tune
 
             history.append({**metrics, "device": device.type})
+            state["history"] = history
             buf = io.BytesIO()
-            torch.save({**state, "history": history}, buf)
+            torch.save(state, buf)
             fs.write_bytes(local_state, buf.getvalue())  # whole or not at all (fs.write_bytes)
             if _in_tune_session():
                 tune.report(metrics)  # the epoch's metrics reach the driver's MLflow logger live
@@ -303,7 +304,7 @@ def train_loop(config: dict, streams: Optional[dict] = None) -> Optional[list[di
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)
-    return history if local_state else None
+    return state if local_state else None
 
 
 def _in_tune_session() -> bool:
@@ -350,7 +351,7 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
     config = {"trial": asdict(spec), "train": train_config, "threads": max(1, int(resources.cpus_per_trial)), "fit_at": time.time(),
               "state_path": fs.join(trial_dir(out_dir, spec), "state.pt"), **data_info}
     if local:
-        history = train_loop(config, streams)
+        state = train_loop(config, streams)  # the last epoch's, as written to state_path
     else:
         callbacks = []
         if _in_tune_session():
@@ -380,12 +381,12 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
             raise result.error
     fit_s = time.time() - t0
     if local:
-        state, final = _load_state(config["state_path"], "cpu"), history[-1]
-        history, device = pd.DataFrame(history), final["device"]  # where it trained: the caller's GPU, if it holds one
+        final = state["history"][-1]
+        history, device = pd.DataFrame(state["history"]), final["device"]  # where it trained: the caller's GPU, if it holds one
     else:
         device = "cuda" if use_cuda else "cpu"
         with result.checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+            state = _load_state(os.path.join(d, "state.pt"), "cpu")
         # one row per epoch reported; where Ray kept no frame, the last report is the only row
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame([result.metrics])
         final = result.metrics
