@@ -69,10 +69,11 @@ def read_status(pid: int) -> dict[str, int]:
     return out
 
 
-def process_cpu(root: int) -> dict[tuple[int, int], tuple[str, float]]:
+def process_cpu(root: int) -> dict[tuple[int, int], tuple[str | None, float]]:
     """{(pid, start time): (group, CPU seconds)} of `root` and every process below it (the local Ray's
     GCS, raylet and workers are the driver's descendants). A Ray worker is grouped by its title
-    (ray::IDLE, ray::ImplicitFunc, ...: what it runs now), other processes by their program."""
+    (ray::IDLE, ray::ImplicitFunc, ...: what it runs now), other processes by their program, an exiting
+    process by None (it has no title left)."""
     hz = os.sysconf("SC_CLK_TCK")
     stats = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -84,7 +85,7 @@ def process_cpu(root: int) -> dict[tuple[int, int], tuple[str, float]]:
                 cmd = f.read().split(b"\0")
         except OSError:
             continue  # exited between the listing and the read
-        stats[int(pid)] = (int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / hz, [c for c in cmd if c] or [comm.encode()])
+        stats[int(pid)] = (int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / hz, [c for c in cmd if c])
     out = {}
     for pid, (ppid, started, cpu, cmd) in stats.items():
         p = pid
@@ -92,9 +93,11 @@ def process_cpu(root: int) -> dict[tuple[int, int], tuple[str, float]]:
             p = stats[p][0]
         if p != root:
             continue
-        title = cmd[0].decode(errors="replace")
+        title = cmd[0].decode(errors="replace") if cmd else ""
         if pid == root:
             group = "driver"
+        elif not cmd:
+            group = None  # exiting: its cmdline is gone, and its comm is the title cut to 15 bytes ("ray::ImplicitFu")
         elif title.startswith("ray::"):
             group = title.split()[0].split(".")[0]
         else:
@@ -102,6 +105,17 @@ def process_cpu(root: int) -> dict[tuple[int, int], tuple[str, float]]:
             group = os.path.basename(script.split()[0])
         out[(pid, started)] = (group, cpu)
     return out
+
+
+def telling_group(seen: str | None, now: str | None) -> str:
+    """The group to keep for a process seen as `seen` before and as `now` in this sample. A Ray worker's
+    title changes with what it runs and is ray::IDLE between tasks, and an exiting process has none
+    left: keep the most telling one seen."""
+    if now is None:
+        return seen or "exiting"
+    if now == "ray::IDLE" and seen is not None and seen.startswith("ray::"):
+        return seen
+    return now
 
 
 def cpu_by_group(samples: dict[tuple[int, int], tuple[str, float]]) -> dict[str, dict]:
@@ -126,7 +140,7 @@ def run_driver(argv: list[str], log_path: str, interval: float) -> dict:
     peak = {"VmRSS": 0, "VmHWM": 0, "RssAnon": 0}
     stage_peaks: dict[str, dict[str, int]] = {}
     stage, first_stage_s, seen, polls = "start", None, 0, 0
-    cpu: dict[tuple[int, int], tuple[str, float]] = {}
+    cpu: dict[tuple[int, int], tuple[str, float]] = {}  # {(pid, start time): (group, CPU seconds)}
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "sis_imagenet.py"), *argv],
@@ -152,9 +166,7 @@ def run_driver(argv: list[str], log_path: str, interval: float) -> dict:
                 break
             if polls % CPU_EVERY == 0:
                 for key, (group, seconds) in process_cpu(proc.pid).items():
-                    # a Ray worker's title changes with what it runs: keep the most telling one seen
-                    named = cpu.get(key, (group,))[0]
-                    cpu[key] = (group if group != "ray::IDLE" or not named.startswith("ray::") else named, seconds)
+                    cpu[key] = (telling_group(cpu.get(key, (None,))[0], group), seconds)
             polls += 1
             time.sleep(interval)
     seconds = time.perf_counter() - t0

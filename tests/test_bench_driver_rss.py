@@ -51,3 +51,16 @@ def test_driver_rss_does_not_grow_with_the_images(tmp_path, capsys):
         assert growth <= bound, (
             f"the driver's peak {what} grew {growth:+.0f} MiB from 100 to 1,000 images per split; it should stay flat "
             f"(<= {bound} MiB): something on the driver holds per-image data ({small['stage_peak_mib']} -> {large['stage_peak_mib']})")
+
+
+def test_a_process_keeps_the_most_telling_title_it_was_seen_with():
+    from driver_rss import telling_group
+
+    assert telling_group(None, "ray::IDLE") == "ray::IDLE"
+    assert telling_group("ray::IDLE", "ray::ImplicitFunc") == "ray::ImplicitFunc"  # a pooled worker starts an actor
+    assert telling_group("ray::ImplicitFunc", "ray::IDLE") == "ray::ImplicitFunc"  # between its tasks
+    assert telling_group("ray::ListFiles", "ray::FooterReader") == "ray::FooterReader"  # the last thing it ran
+    assert telling_group("default_worker.py", "ray::IDLE") == "ray::IDLE"  # titled once Ray set it up
+    # an exiting process has no title left (its comm is cut to "ray::ImplicitFu"): keep what it was
+    assert telling_group("ray::ImplicitFunc", None) == "ray::ImplicitFunc"
+    assert telling_group(None, None) == "exiting"
