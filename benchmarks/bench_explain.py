@@ -35,7 +35,7 @@ from _common import describe, finish, machine, parser, start, timed, torch_threa
 from overinterp.data import load_dataset
 from overinterp.explain.guided import METHODS, GuidanceConfig, generate
 from overinterp.explain.measures import (
-    discriminator_accuracy, distance, frechet_distance, penultimate_features, pgd_at_success_rate, target_probability, transfer,
+    discriminator_accuracy, distance, frechet_distance, penultimate_features, pgd_at_success_rate, transfer,
     vce_success,
 )
 from overinterp.explain.objectives import VCE, ClassVisualisation, Disagreement

@@ -299,10 +299,6 @@ class SelectionCost:
     def backward_passes(self) -> int:
         return self.n_images * self.backward_per_image
 
-    @property
-    def total_passes(self) -> int:
-        return self.forward_passes + self.backward_passes
-
     def repriced(self, **changes) -> "SelectionCost":
         """This job with some of `estimate_selection`'s arguments changed (the tag follows the
         selector and its params)."""

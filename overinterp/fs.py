@@ -62,10 +62,6 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def write_text(path: str, text: str) -> None:
-    write_bytes(path, text.encode())
-
-
 def write_json(path: str, obj) -> None:
     write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 

@@ -188,7 +188,6 @@ def write_imagenet_shaped(out: str, train: int = IMAGENET_TRAIN, val: int = IMAG
         os.makedirs(d, exist_ok=True)
         counts = class_counts(n, num_classes, smallest)
         if part.startswith("folder/"):
-            starts = np.concatenate([[0], np.cumsum(counts)])
             for c in np.flatnonzero(counts):
                 if not os.path.isdir(os.path.join(d, classes[c])):
                     tasks.append((part, _write_class_folder, os.path.join(d, classes[c]), np.full(counts[c], c), num_classes, size, seed + s, fmt))

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 
-import ray
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 

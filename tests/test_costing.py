@@ -163,7 +163,7 @@ def test_dry_run_prints_the_plan_and_does_no_work(kind, ray_session, tmp_path, c
     assert "plan:" in printed and "resources (" in printed and "dry run: nothing selected" in printed
     hw = {"digits": 64, "cifar10": 1024, "imagefolder": 256}[kind]
     exact = f"{hw * (hw + 1) // 2:,} passes"  # exact backward selection per image
-    assert f"backselect train" in printed and exact in printed and "total      ≈" in printed
+    assert "backselect train" in printed and exact in printed and "total      ≈" in printed
     _no_work(out)
 
 

@@ -1,7 +1,6 @@
 """costplan: the ETA arithmetic exactly, calibration that never changes a model, the budget guard."""
 
 import math
-import re
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ def test_selection_eta_is_the_busiest_workers_share():
     c = estimate_selection("m", "plain", "backselect", "test", params={"k": 1}, n_images=10, hw=16, rate=68,
                            workers=2, select_batch=4)
     assert (c.forward_per_image, c.backward_per_image, c.workers) == (136, 0, 2)
-    assert c.forward_passes == 1360 and c.total_passes == 1360 and c.eta_seconds == 16.0
+    assert c.forward_passes == 1360 and c.backward_passes == 0 and c.eta_seconds == 16.0
     # batches cap the workers: 10 images in one batch of 64 run on one worker, whatever is available
     one = estimate_selection("m", "plain", "backselect", "test", params={"k": 1}, n_images=10, hw=16, rate=68, workers=8,
                              select_batch=64)

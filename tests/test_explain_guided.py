@@ -5,7 +5,6 @@ Gaussian data (no training, a smooth known DDIM map); a tiny random UNet where t
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -145,11 +144,3 @@ def test_an_image_does_not_depend_on_its_batch(method):
     both = generate(den, ClassVisualisation(Brightness(), torch.tensor([1, 0])), MEAN, STD, cfg, seeds=[3, 4])
     alone = generate(den, ClassVisualisation(Brightness(), 0), MEAN, STD, cfg, seeds=[4])
     assert (both.images[1].int() - alone.images[0].int()).abs().max() <= 1  # float sums in another order may round 1 level apart
-
-
-def test_to_rows_gives_one_row_per_image():
-    res = generate(gaussian_prior(), ClassVisualisation(Brightness(), 1), MEAN, STD, GuidanceConfig(iterations=1), seeds=[0, 1])
-    rows = res.to_rows()
-    assert {k: v.shape[0] for k, v in rows.items()} == dict.fromkeys(rows, 2)
-    assert rows["image"].dtype == np.uint8 and rows["image"].shape == (2, 1, 8, 8) and list(rows["method"]) == ["noise", "noise"]
-    assert rows["objective"][0] == "class_visualisation" and rows["seed"].tolist() == [0, 1]

@@ -4,7 +4,6 @@ deterministic), the galleries, the flags' errors — and, through the session's 
 (`overinterp run --smoke --explain vce,disagree`, conftest.smoke_cli_run), summary.json,
 summary.md, the galleries and MLflow."""
 
-import io
 import json
 import os
 
@@ -25,7 +24,6 @@ from overinterp.pipeline.explain_stage import (  # noqa: E402
     tile,
 )
 from overinterp.pipeline.plan import make_plan  # noqa: E402
-from overinterp.pipeline.trial import checkpoint_path  # noqa: E402
 
 
 def digits_plan(out, **changes):

@@ -226,7 +226,7 @@ def test_concurrent_runs_on_s3_exactly_one_wins(found, s3, n=4):
     the dead holder's ETag (a takeover), exactly one write succeeds."""
     out = s3.prefix("race")
     if found != "no lock":
-        key = _s3_dead_lock(s3, out)
+        _s3_dead_lock(s3, out)
     results, winners = _race(out, n, timeout=30)
     assert len(results) == n and len(winners) == 1, results
     assert winners[0].read()["token"] == winners[0].me["token"]

@@ -11,7 +11,6 @@ trials.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -1,6 +1,5 @@
 """Selection's own retry: which errors mean a lost worker (retried on the images not yet stored)."""
 
-import re
 
 import ray.exceptions
 

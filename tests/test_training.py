@@ -1,6 +1,5 @@
 """Training on full and masked images; augmentation moves masks with their images."""
 
-import numpy as np
 import pytest
 import torch
 

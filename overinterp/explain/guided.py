@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -90,14 +89,6 @@ class GuidedResult:
     seeds: torch.Tensor
     method: str
     objective: str
-
-    def to_rows(self) -> dict[str, np.ndarray]:
-        """One row per image, as numpy columns (a Ray Data batch; Parquet-ready)."""
-        n = self.images.shape[0]
-        return {"image": self.images.cpu().numpy(), "start_image": self.start_images.cpu().numpy(),
-                "objective_start": self.objective_start.cpu().numpy(), "objective_end": self.objective_end.cpu().numpy(),
-                "target": self.targets.cpu().numpy(), "seed": self.seeds.cpu().numpy(),
-                "method": np.array([self.method] * n), "objective": np.array([self.objective] * n)}
 
 
 def _straight_clamp(x: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,8 @@ Images are uint8 (N, C, H, W) throughout; classifiers take normalised images (pi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -154,14 +154,14 @@ def run_trial(
     # several GPUs given to this trial: split each batch across them
     runner = torch.nn.DataParallel(model) if device.type == "cuda" and torch.cuda.device_count() > 1 else model
     val_accuracies: list[float] = []
-    on_epoch = None
-    if report is not None:
-        def on_epoch(epoch: int, loss: float) -> None:
-            val_accuracies.append(evaluate(runner, images["test"], labels["test"], data["mean"], data["std"], keep["test"], fill=spec.fill))
-            report(epoch, loss, val_accuracies[-1])
-            runner.train()
 
-    losses = train_model(runner, images["train"], labels["train"], data["mean"], data["std"], cfg, keep["train"], on_epoch, fill=spec.fill)
+    def on_epoch(epoch: int, loss: float) -> None:
+        val_accuracies.append(evaluate(runner, images["test"], labels["test"], data["mean"], data["std"], keep["test"], fill=spec.fill))
+        report(epoch, loss, val_accuracies[-1])
+        runner.train()
+
+    losses = train_model(runner, images["train"], labels["train"], data["mean"], data["std"], cfg, keep["train"],
+                         on_epoch if report is not None else None, fill=spec.fill)
     acc = evaluate(runner, images["test"], labels["test"], data["mean"], data["std"], keep["test"], fill=spec.fill)
     ckpt = checkpoint_path(out_dir, spec)
     save_checkpoint(ckpt, model_spec, model.cpu(), {"trial": asdict(spec)})

@@ -100,7 +100,7 @@ def comparison_table(summary: dict, model: str) -> str:
         size = ("–" if not row["images_with_sis"] else f"{row['median_sis_size']:.0f} ({100 * row['median_sis_fraction']:.1f}%)")
         dil = row["dilated_median_confidence"]
         lines.append(f"| {row['selector']} | " + " | ".join(cells(row) + [size, "–" if dil != dil else f"{dil:.3f}"]) + " |")
-    lines.append(f"| random (floor) | " + " | ".join(cells(comp["random"]) + ["–", "–"]) + " |")
+    lines.append("| random (floor) | " + " | ".join(cells(comp["random"]) + ["–", "–"]) + " |")
     whose = explained_name(summary, model) if summary.get("baseline") else f"{model}-{comp['model_tag'].rsplit('-', 1)[-1]}"
     lines.append(f"\nModels ({model}) trained and tested on each selector's {pct} subsets of {whose}'s "
                  "test/train images (mean ± std over seeds). Positions only: the mask alone, no pixel values — where it nearly "
