@@ -98,6 +98,15 @@ def smoke_cli_run(tmp_path_factory):
     return out, p.stdout + p.stderr, p.returncode
 
 
+@pytest.fixture(scope="session")
+def smoke_reference(tmp_path_factory):
+    """The undisturbed smoke run every fault-injection and multi-node test compares with
+    (tests/smoke_reference.py), once per session."""
+    from smoke_reference import reference_run
+
+    return reference_run(str(tmp_path_factory.mktemp("smoke-reference") / "out"))
+
+
 class TinyConvNet(nn.Module):
     """A seeded 3-class conv net small enough for the brute-force twin."""
 

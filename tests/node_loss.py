@@ -1,7 +1,8 @@
 """Fault injection on a ray.cluster_utils.Cluster (a CPU-0 head and two worker nodes with one fake
 GPU each), run as a script by tests/test_multinode.py so the test process keeps its own Ray.
 
-    python tests/node_loss.py selection OUT      # remove a worker node in the middle of a selection batch
+    python tests/node_loss.py selection OUT      # remove a worker node in the middle of a selection batch;
+                                                 # ends once selection has finished
     python tests/node_loss.py train-worker OUT   # two Train workers (DDP) per trial, one on each node:
                                                  # SIGKILL one after the trial's first checkpoint;
                                                  # ends once that trial has finished
@@ -21,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from ray._private import ray_constants
@@ -29,6 +31,7 @@ from ray.cluster_utils import Cluster
 SELECT_BATCH = 4
 TRAIN_IMAGES = 96  # the smoke run's train split
 LOST_LINE = "a selection worker was lost"  # what select_stage.select_stream prints before it selects again
+SELECTION_DONE = "stage 3/4"  # the driver's line when subset training starts: every selection is stored
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,16 +122,26 @@ def main(mode: str, out: str) -> int:
             pids = _pids_titled(b"ray::ImplicitFunc")  # the Tune trial's process: one trial at a time
             os.kill(pids[0], signal.SIGKILL)
             report["killed_pid"] = pids[0]
-        if mode != "selection":
+        if mode == "selection":
+            # selection finished (stage 3 started) is the proof; the subset trials would only add minutes
+            lines: list[str] = []
+            threading.Thread(target=lambda: lines.extend(iter(job.stdout.readline, "")), daemon=True).start()
+            t0 = time.time()
+            while not any(SELECTION_DONE in ln for ln in lines) and job.poll() is None and time.time() - t0 < 1200:
+                time.sleep(0.2)
+            if not any(SELECTION_DONE in ln for ln in lines):
+                sys.stderr.write("".join(lines)[-6000:])
+                return job.wait(timeout=60) or 1
+            job.terminate()
+            job.wait(timeout=120)
+            output = "".join(lines)
+            report["lost_worker_lines"] = [ln.strip() for ln in output.splitlines() if LOST_LINE in ln]
+        else:
             # that trial finishing is the proof; the job's other trials would only add minutes
             _wait_for(os.path.join(out, "trials", report["trial"], "result.json"), job, 1200)
             job.terminate()
-        output, _ = job.communicate(timeout=1500)
+            output, _ = job.communicate(timeout=1500)
         sys.stderr.write(output[-6000:])
-        if mode == "selection":
-            report["lost_worker_lines"] = [ln.strip() for ln in output.splitlines() if LOST_LINE in ln]
-        if mode == "selection" and job.returncode != 0:
-            return job.returncode
     finally:
         if job.poll() is None:
             job.kill()

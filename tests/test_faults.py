@@ -1,6 +1,7 @@
 """Fault injection: a driver SIGKILLed in each stage, a Ray worker killed during selection, two runs
-on one --out. Each run is a real `overinterp run` process; afterwards the store passes `store check`
-and summary.json equals that of an undisturbed run.
+on one --out, signals, a full disk. Each run is a real `overinterp run` process; afterwards the store
+passes `store check` and summary.json equals that of the undisturbed reference run (the session's
+`smoke_reference`, tests/smoke_reference.py).
 
 Marked `faults` (several minutes): `python -m pytest -m "not multinode and not faults and not browser"` skips them.
 """
@@ -8,7 +9,6 @@ Marked `faults` (several minutes): `python -m pytest -m "not multinode and not f
 from __future__ import annotations
 
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -19,17 +19,13 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from smoke_reference import ARGS, local_env as _env, summary as _summary
+
 from overinterp.store.check import check_store
 
 pytestmark = pytest.mark.faults
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--smoke", "--seeds", "0,1", "--input-dropout", "0", "--select-batch", "8", "--selectors", "backselect", "--fill", "mean"]
 STAGES = {1: "training 2 full-image models", 2: "selection", 3: "training", 4: "summary"}
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    return {**env, "PYTHONUNBUFFERED": "1"}
 
 
 def _start(out: str) -> subprocess.Popen:
@@ -55,12 +51,6 @@ def _wait_line(proc: subprocess.Popen, needle: str, timeout=600) -> list[str]:
         if needle in line:
             return lines
     raise AssertionError(f"{needle!r} not seen in {timeout} s")
-
-
-def _summary(out: str) -> dict:
-    s = json.load(open(os.path.join(out, "summary.json")))
-    s.pop("mlflow_run_id", None)  # only in the returned summary, never in the file; kept off the comparison either way
-    return s
 
 
 def _store_clean(out: str) -> None:
@@ -99,29 +89,7 @@ def _lock_taken_over(printed: str, out: str) -> bool:
     return "taking over the lock" in printed or not os.path.exists(os.path.join(out, ".overinterp.lock"))
 
 
-@pytest.fixture(scope="module")
-def undisturbed(tmp_path_factory):
-    """The reference run, which is also the two-runs-on-one-out case: a second run on the same --out,
-    started while the first trains, is refused; the first finishes undisturbed."""
-    out = str(tmp_path_factory.mktemp("undisturbed") / "out")
-    first = _start(out)
-    _wait_line(first, "stage 1/4")
-    second = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    printed = _collect(first)
-    rc = first.wait(timeout=900)
-    time.sleep(0.5)  # the reader thread takes the last lines
-    assert rc == 0, "".join(printed[-60:])
-    return {"out": out, "summary": _summary(out), "second": second}
-
-
-def test_two_runs_on_one_out(undisturbed):
-    second = undisturbed["second"]
-    assert second.returncode == 2 and "is in use by another run" in second.stderr and second.stderr.count("\n") == 1
-    _store_clean(undisturbed["out"])  # and its summary is the reference every other test compares with
-
-
-def test_driver_killed_in_each_stage(undisturbed, tmp_path):
+def test_driver_killed_in_each_stage(smoke_reference, tmp_path):
     """One --out: its driver SIGKILLed in stage 1, the rerun killed in stage 2 (after a first shard)
     and in stage 3 (after a first subset trial, with others mid-training), and so on; the last rerun
     finishes with the undisturbed run's results, one MLflow parent, and no trial twice. After each kill
@@ -155,7 +123,7 @@ def test_driver_killed_in_each_stage(undisturbed, tmp_path):
         assert [p.info.status for p in parents] == ["RUNNING"], [(p.info.run_id, p.info.status) for p in parents]
     printed = _finish(out)
     assert _lock_taken_over(printed, out)
-    assert _summary(out) == undisturbed["summary"]
+    assert _summary(out) == smoke_reference["summary"]
     _store_clean(out)
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     exp = client.get_experiment_by_name("overinterp")
@@ -190,9 +158,15 @@ def _selection_worker_pid() -> int | None:
     return None
 
 
-def test_a_killed_selection_worker_is_retried_without_duplicates(undisturbed, tmp_path):
+def test_a_killed_selection_worker_is_retried_without_duplicates_and_a_second_run_is_refused(smoke_reference, tmp_path):
+    """A selection actor SIGKILLed mid-batch: its batch is selected again and stored once. And a
+    second run started on the same --out while this one runs is refused in one line, leaving it
+    undisturbed."""
     out = str(tmp_path / "out")
     proc = _start(out)
+    _wait_line(proc, "stage 1/4")  # the lock is held from before stage 1 until the run ends
+    second = subprocess.Popen([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_line(proc, "stage 2/4")
     pid, t0 = None, time.time()
     while pid is None and time.time() - t0 < 300:
@@ -202,10 +176,12 @@ def test_a_killed_selection_worker_is_retried_without_duplicates(undisturbed, tm
     lines = _collect(proc)
     os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=900) == 0
+    second_out, second_err = second.communicate(timeout=60)
+    assert second.returncode == 2 and "is in use by another run" in second_err and second_err.count("\n") == 1, second_out + second_err
     time.sleep(0.5)  # the reader thread takes the last lines
     lost = [line for line in lines if "a selection worker was lost (" in line]
     assert lost and "selecting the images not yet stored again (attempt 2 of 3)" in lost[0], "".join(lines[-40:])
-    assert _summary(out) == undisturbed["summary"]
+    assert _summary(out) == smoke_reference["summary"]
     _store_clean(out)
 
 
@@ -250,7 +226,7 @@ def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a script's background job starts
 
 
-def test_sigterm_and_a_scripts_sigint_stop_the_run_cleanly(undisturbed, tmp_path):
+def test_sigterm_and_a_scripts_sigint_stop_the_run_cleanly(smoke_reference, tmp_path):
     """SIGTERM (`ray job stop`, a pod's termination, `timeout`) in training, and SIGINT sent by a
     script to a run started with SIGINT ignored, in selection: each stops the run in seconds with one
     line and exit 128 + the signal, releases the lock, leaves no Ray process behind and the MLflow
@@ -283,7 +259,7 @@ def test_sigterm_and_a_scripts_sigint_stop_the_run_cleanly(undisturbed, tmp_path
         assert [p.info.status for p in _parents(out)] == ["KILLED"]
         _store_has_no_repeats(out)
     _finish(out)
-    assert _summary(out) == undisturbed["summary"]
+    assert _summary(out) == smoke_reference["summary"]
     parents = _parents(out)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
@@ -303,7 +279,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_completes(undisturbed, small_disk):
+def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_completes(smoke_reference, small_disk):
     where, grow = small_disk
     out = os.path.join(where, "out")
     full = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
@@ -315,7 +291,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_completes(undisturb
     _store_has_no_repeats(out)  # nothing half-written: every shard there reads
     grow()
     rerun = _finish(out)
-    assert _summary(out) == undisturbed["summary"]
+    assert _summary(out) == smoke_reference["summary"]
     _store_clean(out)
     parents = _parents(out)
     assert [p.info.status for p in parents] == ["FINISHED"], rerun[-2000:]

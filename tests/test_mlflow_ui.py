@@ -4,8 +4,8 @@ driven by Playwright through what the README's "Review in MLflow" section says t
 Needs the `playwright` package (the `test` extra) and a system Chromium (`apt-get install chromium`;
 Playwright's own browser download is not used). Without either the tests skip and say which.
 
-Ordinary runs use a reduced smoke run (`--smoke`, seeds 0 and 1, backselect, mean fill: 11 runs)
-for speed, and the screenshot goes to the test's temporary folder. With OVERINTERP_UPDATE_DOCS=1
+Ordinary runs show the session's reduced smoke run (`smoke_reference`: `--smoke`, seeds 0 and 1, no
+input dropout, backselect, mean fill: 9 runs), and the screenshot goes to the test's temporary folder. With OVERINTERP_UPDATE_DOCS=1
 the run is the default `overinterp run` (digits, every default: 49 runs, ~3 min on 2 cores) and
 the screenshot also replaces docs/mlflow-runs.png, the one the README shows; kept out of ordinary
 runs so that running the suite leaves the work tree clean.
@@ -67,15 +67,13 @@ def browser():
         b.close()
 
 
-SMOKE_RUN = ("--smoke", "--seeds", "0,1", "--selectors", "backselect", "--fill", "mean")
-
-
 @pytest.fixture(scope="module")
-def run_out(browser, tmp_path_factory) -> str:
-    """The --out of the run the UI shows: the default run for the README's picture, else the reduced smoke run."""
+def run_out(browser, tmp_path_factory, request) -> str:
+    """The --out of the run the UI shows: the default run for the README's picture, else the session's reduced smoke run."""
+    if not UPDATE_DOCS:
+        return request.getfixturevalue("smoke_reference")["out"]
     out = str(tmp_path_factory.mktemp("mlflow_ui") / "out")
-    args = () if UPDATE_DOCS else SMOKE_RUN
-    p = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", *args, "--out", out], env=_env(), cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", "--out", out], env=_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=2400)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return out

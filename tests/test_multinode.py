@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from clusters import ActorSampler, start_fake_cluster
+from smoke_reference import ARGS, local_env as _local_env, summary as _summary
 
 from overinterp import store
 
@@ -28,11 +29,6 @@ def _run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedP
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{cmd} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
-
-
-def _local_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    return {**env, "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -49,23 +45,16 @@ def _gpus(actor: dict) -> float:
     return max([held.get("GPU", 0)] + [v for k, v in held.items() if k.startswith("GPU_group_")])
 
 
-def _summary(out) -> dict:
-    s = json.load(open(os.path.join(out, "summary.json")))
-    s.pop("mlflow_run_id", None)
-    return s
-
-
 def _say(capsys, line: str) -> None:
     """A line for the closing note, in a plain `python -m pytest` run's output too (not only with -s)."""
     with capsys.disabled():
         print(f"\n{line}", flush=True)
 
 
-def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, tmp_path, capsys):
+def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, smoke_reference, tmp_path, capsys):
     out = str(tmp_path / "cluster")
-    cmd = [*OVERINTERP, "run", "--smoke", "--select-batch", "8", "--seeds", "0,1", "--selectors", "backselect", "--fill", "mean", "--out", out]
     with ActorSampler(fake_cluster.dashboard, fake_cluster.env) as sampler:
-        p = _run([*cmd, "--ray-address", fake_cluster.address], fake_cluster.env)
+        p = _run([*OVERINTERP, "run", *ARGS, "--out", out, "--ray-address", fake_cluster.address], fake_cluster.env)
     assert "resources (autoscaler config" in p.stdout and "GPU actor(s)" in p.stdout  # planned from capacity, printed
 
     selection = sampler.concurrent("SelectionWorker")
@@ -84,9 +73,8 @@ def test_smoke_run_spreads_over_gpu_workers_and_matches_one_node(fake_cluster, t
     assert "(max_workers_per_type)" not in monitor, "the autoscaler launched more than max_workers and terminated a node"
 
     # the same command on one node (the embedded local Ray) gives the same store and summary
-    local = str(tmp_path / "local")
-    _run([*cmd[:-1], local], _local_env())
-    assert _summary(out) == _summary(local)
+    local = smoke_reference["out"]
+    assert _summary(out) == smoke_reference["summary"]
     for model, sel, split in store.list_selections(os.path.join(local, "selections")):
         a = store.read_selections(os.path.join(out, "selections"), model, sel, split)
         b = store.read_selections(os.path.join(local, "selections"), model, sel, split)
