@@ -64,7 +64,8 @@ def _smoke_inputs(fmt: str) -> dict:
     else:
         train, val = os.path.join(scratch, "train.parquet"), os.path.join(scratch, "val.parquet")
         write_encoded_parquet(train, n=12, num_classes=3, size=40, seed=0)
-        write_encoded_parquet(val, n=12, num_classes=3, size=40, seed=1)
+        # an odd count: split across two DDP workers in equal shares, one image would be dropped
+        write_encoded_parquet(val, n=11, num_classes=3, size=40, seed=1)
     weights = os.path.join(scratch, "resnet18-3class.pt")
     torch.manual_seed(0)
     torch.save(create_model("tv:resnet18", num_classes=3).state_dict(), weights)

@@ -3,7 +3,8 @@ GPU each), run as a script by tests/test_multinode.py so the test process keeps 
 
     python tests/node_loss.py selection OUT      # remove a worker node in the middle of a selection batch;
                                                  # ends once selection has finished
-    python tests/node_loss.py train-worker OUT   # two Train workers (DDP) per trial, one on each node:
+    python tests/node_loss.py train-worker OUT   # two Train workers (DDP) per trial, one on each node, on
+                                                 # the Parquet smoke data (11 val images: an odd count):
                                                  # SIGKILL one after the trial's first checkpoint;
                                                  # ends once that trial has finished
     python tests/node_loss.py trial-process OUT  # one worker per trial, which trains in its Tune trial's
@@ -96,7 +97,7 @@ def main(mode: str, out: str) -> int:
                "--out", out]
     else:
         cmd = [sys.executable, os.path.join(ROOT, "jobs", "sis_imagenet.py"), "--smoke-test", "--epochs", "4", "--max-workers", "1", "--out", out,
-               *(["--workers-per-trial", "2"] if mode == "train-worker" else [])]
+               *(["--workers-per-trial", "2", "--smoke-format", "parquet"] if mode == "train-worker" else [])]
     job = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     report = {"mode": mode}
     try:

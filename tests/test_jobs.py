@@ -1,5 +1,6 @@
-"""jobs/: both entry points through a real local Ray — smoke tests, a folder of JPEG/PNG files and
-Parquet of encoded images written here, resume, and bad input."""
+"""jobs/: both entry points through a real local Ray — smoke tests, a folder of JPEG/PNG files
+written here, resume, and bad input. Parquet of encoded images through two DDP workers per trial:
+tests/test_multinode.py (the killed Train worker)."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import torch
 from overinterp import store
 from overinterp.models import create_model
 from overinterp.pipeline.images import stable_id
-from overinterp.synthetic import write_encoded_parquet, write_imagefolder
+from overinterp.synthetic import write_imagefolder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "jobs"))
@@ -89,30 +90,6 @@ def test_imagenet_folder_of_jpegs_and_resume(ray_session, tmp_path, resnet18_wei
     assert "3 of 3 trials already finished" in printed
     assert all(os.stat(p).st_mtime_ns == t for p, t in mtimes.items())
     assert sorted(store.raw_image_ids(root, "tv_resnet18", "bgsis-k64", "train").tolist()) == expected_ids  # no duplicates: raw rows
-
-
-def test_imagenet_parquet_ddp_two_workers_evaluate_every_val_image_and_log_each_epoch(ray_session, tmp_path, resnet18_weights):
-    """Parquet of encoded images, two Train workers (DDP over gloo) per trial: every image is selected
-    and stored, val accuracy is summed over both workers' shares of an odd-sized val split (so no
-    share-equalising drops a row), and each epoch reaches the trial's MLflow child run. 0.5 CPU per
-    worker: the trial's two workers fit the session's 2 CPUs with one left for Ray Data's reading
-    and joining (the trial itself holds none)."""
-    write_encoded_parquet(str(tmp_path / "train.parquet"), n=9, num_classes=3, size=36, seed=0)
-    write_encoded_parquet(str(tmp_path / "val.parquet"), n=7, num_classes=3, size=36, seed=1)
-    out = str(tmp_path / "out")
-    args = _args(str(tmp_path / "train.parquet"), str(tmp_path / "val.parquet"), resnet18_weights, out)
-    assert sis_imagenet.main([*args, "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--epochs", "2"]) == 0
-    assert len(store.read_selections(os.path.join(out, "selections"), "tv_resnet18", "bgsis-k64", "test").image_id) == 7
-    summary = json.load(open(os.path.join(out, "summary.json")))
-    assert summary["images"] == {"train": 9, "test": 7}
-    result = json.load(open(os.path.join(out, "trials", "tv_resnet18-bgsis-k64-s0", "result.json")))
-    assert result["workers"] == 2 and len(result["val_accuracies"]) == 2
-    assert result["val_images"] == 7, "val accuracy was not computed over the whole val split"
-    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["overinterp-imagenet"])
-    child = runs[runs["tags.mlflow.runName"] == "tv_resnet18-bgsis-k64-s0"]
-    history = mlflow.MlflowClient().get_metric_history(child["run_id"].iloc[0], "val_accuracy")
-    assert sorted(m.step for m in history) == [0, 1], history  # one point per epoch, logged while the trial ran
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
 from clusters import ActorSampler, start_fake_cluster
 from smoke_reference import ARGS, local_env as _local_env, summary as _summary
@@ -118,10 +119,12 @@ def test_selection_survives_a_lost_node_exactly_once(tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["train-worker", "trial-process"])
 def test_a_killed_trainer_resumes_from_its_last_epoch(tmp_path, mode):
-    """train-worker: one of a DDP trial's two Train workers (one per node) is SIGKILLed after the
-    first checkpoint, and Train restarts the worker group from it. trial-process: a one-worker trial
-    trains in its Tune trial's process; that process is SIGKILLed after its first epoch state is
-    written, and Tune's retry of the trial goes on from it."""
+    """train-worker: one of a DDP trial's two Train workers (one per node, gloo) is SIGKILLed after
+    the first checkpoint, and Train restarts the worker group from it. trial-process: a one-worker
+    trial trains in its Tune trial's process; that process is SIGKILLed after its first epoch state
+    is written, and Tune's retry of the trial goes on from it. Either way the trial ends with every
+    val image evaluated (DDP's val of 11 images is split over the workers in unequal shares, so no
+    share-equalising drops one), and each epoch reached the trial's MLflow child run as it trained."""
     out = str(tmp_path / "out")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "node_loss.py"), mode, out], env=_local_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=1200)
@@ -134,3 +137,9 @@ def test_a_killed_trainer_resumes_from_its_last_epoch(tmp_path, mode):
     # a one-worker trial keeps its epochs' metrics in its state: every epoch once (Train's frame may repeat one)
     assert len(result["losses"]) == 4 if mode == "trial-process" else len(result["losses"]) >= 3
     assert not os.path.exists(os.path.join(out, "trials", report["trial"], "state.pt"))  # resuming state, gone once finished
+    assert result["val_images"] == (11 if mode == "train-worker" else 12), "val accuracy was not computed over the whole val split"
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (child,) = client.search_runs([client.get_experiment_by_name("overinterp-imagenet").experiment_id],
+                                  f"attributes.run_name = '{report['trial']}'")
+    history = client.get_metric_history(child.info.run_id, "val_accuracy")
+    assert {m.step for m in history} == {0, 1, 2, 3}, history  # each epoch logged (one may repeat after the resume)
