@@ -180,7 +180,7 @@ def test_a_killed_selection_worker_is_retried_without_duplicates_and_a_second_ru
     assert second.returncode == 2 and "is in use by another run" in second_err and second_err.count("\n") == 1, second_out + second_err
     time.sleep(0.5)  # the reader thread takes the last lines
     lost = [line for line in lines if "a selection worker was lost (" in line]
-    assert lost and "selecting the images not yet stored again (attempt 2 of 3)" in lost[0], "".join(lines[-40:])
+    assert lost and "selecting the images not yet stored again (attempt 2 of 3;" in lost[0], "".join(lines[-40:])
     assert _summary(out) == smoke_reference["summary"]
     _store_clean(out)
 

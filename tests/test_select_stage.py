@@ -1,6 +1,7 @@
 """Selection's own retry: which errors mean a lost worker (retried on the images not yet stored)."""
 
 
+import pytest
 import ray.exceptions
 
 from overinterp.pipeline.select_stage import lost_worker
@@ -285,9 +286,6 @@ def test_the_streamed_random_baseline_is_written_shard_by_shard_and_resumes(tmp_
 def test_rows_a_lost_pass_wrote_late_are_stored_once_after_the_retry(tmp_path, monkeypatch, capsys):
     """A selection that needed a second pass ends with one row per image, even where an actor of the
     lost pass stored an image after the second pass had read the stored ids (a straggler)."""
-    import numpy as np
-    import torch
-
     from overinterp import store
     from overinterp.pipeline import select_stage
     from overinterp.pipeline.plan import SelectionJob, SelectionSource
@@ -295,9 +293,8 @@ def test_rows_a_lost_pass_wrote_late_are_stored_once_after_the_retry(tmp_path, m
     root = str(tmp_path / "selections")
     job = SelectionJob(SelectionSource(tag="m", model={}), "backselect", "{}", "train")
 
-    def write(ids):  # what a worker stores for these images (the same order every time: BS is deterministic)
-        store.write_rows(root, model="m", selector=job.tag, selector_params="{}", split="train", image_id=np.array(ids),
-                         label=np.zeros(len(ids)), height=2, width=2, order=torch.arange(4).repeat(len(ids), 1))
+    def write(ids):
+        _write_ids(root, job.tag, ids)
 
     passes = []
 
@@ -318,3 +315,48 @@ def test_rows_a_lost_pass_wrote_late_are_stored_once_after_the_retry(tmp_path, m
     rows = sum(store.read_shard(fsys, p, ["image_id"]).num_rows for p in paths)
     assert sorted(ids.tolist()) == [0, 1, 2, 3] and rows == 4  # the repeat is gone from the shards, not only from reads
     assert "after the lost worker: " in capsys.readouterr().out
+
+
+def _write_ids(root: str, tag: str, ids) -> None:
+    """What a worker stores for these images (the same order every time: BS is deterministic)."""
+    import numpy as np
+    import torch
+
+    from overinterp import store
+
+    store.write_rows(root, model="m", selector=tag, selector_params="{}", split="train", image_id=np.array(ids),
+                     label=np.zeros(len(ids)), height=2, width=2, order=torch.arange(4).repeat(len(ids), 1))
+
+
+@pytest.mark.parametrize("progress, passes_run", [(True, 6), (False, 3)])
+def test_selection_gives_up_only_after_three_lost_passes_in_a_row_that_store_nothing(tmp_path, monkeypatch, capsys, progress, passes_run):
+    """Five lost passes that each store an image, then one that finishes: the selection ends (a
+    long selection loses nodes now and then). Lost passes that store nothing: the third one raises."""
+    from overinterp.pipeline import select_stage
+    from overinterp.pipeline.plan import SelectionJob, SelectionSource
+
+    root = str(tmp_path / "selections")
+    job = SelectionJob(SelectionSource(tag="m", model={}), "backselect", "{}", "train")
+    passes = []
+
+    def fake_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager, skip):
+        passes.append(len(done))
+        if len(passes) <= 5:
+            if progress:
+                _write_ids(root, job.tag, [len(passes) - 1])
+            raise ray.exceptions.ActorDiedError()
+        _write_ids(root, job.tag, [5])
+        return 1, []
+
+    monkeypatch.setattr(select_stage, "_select_pass", fake_pass)
+    if progress:
+        n, _ = select_stage.select_stream(job, object(), root, None, None, None, total=6)
+        assert n == 1 and passes == [0, 1, 2, 3, 4, 5]
+    else:
+        with pytest.raises(ray.exceptions.ActorDiedError):
+            select_stage.select_stream(job, object(), root, None, None, None, total=6)
+        assert passes == [0, 0, 0]
+    assert len(passes) == passes_run
+    lost = [ln for ln in capsys.readouterr().out.splitlines() if "a selection worker was lost" in ln]
+    attempts = [ln.split("(attempt ")[1].split(";")[0] for ln in lost]
+    assert attempts == (["2 of 3"] * 5 if progress else ["2 of 3", "3 of 3"])

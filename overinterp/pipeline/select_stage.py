@@ -227,16 +227,19 @@ def select_stream(
     reference; Ray warns — the `E ... core_worker.cc` line of ray-project/ray#53727 — that a
     restarted actor cannot be rebuilt if that object is lost. Here the driver owns it, so the warning
     was a false alarm, but restarts are not needed either.) Instead, a batch lost with its worker
-    fails the pass, and this function runs the selection again, up to SELECTION_ATTEMPTS times, on
-    the images not yet in the store: shards are written per batch and atomically under content
-    names, so nothing finished is redone. An actor of the failed pass that was still writing when
+    fails the pass, and this function runs the selection again on the images not yet in the store:
+    shards are written per batch and atomically under content names, so nothing finished is redone.
+    It gives up after SELECTION_ATTEMPTS passes in a row that stored nothing: a long selection on a
+    cluster can lose many nodes over its hours, and every pass that stored images was worth it. An actor of the failed pass that was still writing when
     the next pass read the stored ids can store an image that pass selects again; so a selection
     that needed a second pass ends with store.repair_selection, which keeps one row per image
     (backward selection is deterministic: the repeats are identical) and says what it did.
     """
     n, skipped = 0, []
     prefiltered = done is not None  # the caller's ds already leaves out the images in `done`
-    for attempt in range(1, SELECTION_ATTEMPTS + 1):
+    attempt, in_a_row = 0, 0  # in_a_row: lost passes in a row since the last one that stored images
+    while True:
+        attempt += 1
         if done is None or attempt > 1:
             done = store.done_ids(root, job.source.tag, job.tag, job.split)
         skip = None if (prefiltered and attempt == 1) or not len(done) else done
@@ -252,14 +255,18 @@ def select_stream(
                     print(f"[{job.tag} {job.source.tag}/{job.split}] after the lost worker: {action}", flush=True)
             return n + n_now, sorted(skipped + skipped_now)
         except Exception as e:
-            if attempt == SELECTION_ATTEMPTS or not lost_worker(e):
+            if not lost_worker(e):
+                raise
+            stored_now = len(store.done_ids(root, job.source.tag, job.tag, job.split)) > len(done)
+            in_a_row = 1 if stored_now else in_a_row + 1
+            if in_a_row >= SELECTION_ATTEMPTS:
                 raise
             print(f"[{job.tag} {job.source.tag}/{job.split}] a selection worker was lost ({type(lost_worker(e)).__name__}); "
-                  f"selecting the images not yet stored again (attempt {attempt + 1} of {SELECTION_ATTEMPTS})", flush=True)
-    return n, sorted(skipped)
+                  f"selecting the images not yet stored again (attempt {in_a_row + 1} of {SELECTION_ATTEMPTS}; a pass that "
+                  "stores images starts the count again)", flush=True)
 
 
-SELECTION_ATTEMPTS = 3
+SELECTION_ATTEMPTS = 3  # passes in a row that store nothing before a selection gives up
 
 
 def lost_worker(e: BaseException) -> Optional[BaseException]:
