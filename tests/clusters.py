@@ -10,7 +10,6 @@ of this user, the session's included).
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import socket
@@ -21,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 
 import yaml
+
+import procs
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
@@ -70,17 +71,13 @@ def autoscaler_config(gcs_port: int, gpu_workers: int = 3, worker_cpus: int = 1)
 def kill_processes_with(marker: str) -> int:
     """SIGKILL every process whose command line contains `marker` (this cluster's temp dir)."""
     killed = 0
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        pid = int(cmdline.split("/")[2])
-        if pid == os.getpid():
-            continue
-        try:
-            with open(cmdline, "rb") as f:
-                if marker.encode() in f.read():
-                    os.kill(pid, signal.SIGKILL)
-                    killed += 1
-        except (OSError, ProcessLookupError):
-            pass
+    for pid, p in procs.processes().items():
+        if pid != os.getpid() and marker.encode() in p.cmdline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
     return killed
 
 

@@ -29,6 +29,8 @@ import time
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
+import procs
+
 SELECT_BATCH = 4
 TRAIN_IMAGES = 96  # the smoke run's train split
 LOST_LINE = "a selection worker was lost"  # what select_stage.select_stream prints before it selects again
@@ -49,38 +51,18 @@ def _wait_for(pattern: str, job: subprocess.Popen, timeout: float) -> list[str]:
     raise SystemExit(f"{pattern} did not appear within {timeout} s")
 
 
-def _pids_titled(prefix: bytes) -> list[int]:
-    """Processes whose title (Ray's ray::<actor class>...) starts with prefix."""
-    pids = []
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            with open(cmdline, "rb") as f:
-                if f.read().startswith(prefix):
-                    pids.append(int(cmdline.split("/")[2]))
-        except OSError:
-            pass
-    return pids
-
-
 def _node_mid_batch(workers: list, job: subprocess.Popen, timeout: float):
-    """The first worker node seen running a selection batch: its actor's process (a child of the
-    node's raylet) is titled ray::MapWorker(MapBatches(SelectionWorker)).submit while a batch runs.
-    Removed then, the node takes a batch with it; removed while its actor waits, nothing is lost."""
+    """The first worker node seen running a selection batch (its selection actor is a child of the
+    node's raylet). Removed then, the node takes a batch with it; removed while its actor waits,
+    nothing is lost."""
     raylets = {w.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid: w for w in workers}
     t0 = time.time()
     while time.time() - t0 < timeout:
         if job.poll() is not None:
             raise SystemExit(f"the job ended ({job.returncode}) before a selection batch was seen on a worker node")
-        for stat in glob.glob("/proc/[0-9]*/stat"):
-            try:
-                with open(stat.replace("/stat", "/cmdline"), "rb") as f:
-                    title = f.read().split(b"\0")[0].rstrip()
-                with open(stat) as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if b"SelectionWorker" in title and title.endswith(b".submit") and parent in raylets:
-                return raylets[parent]
+        busy = [raylets[parent] for parent in procs.selecting().values() if parent in raylets]
+        if busy:
+            return busy[0]
         time.sleep(0.02)
     raise SystemExit(f"no selection batch seen on a worker node in {timeout:.0f} s")
 
@@ -114,13 +96,13 @@ def main(mode: str, out: str) -> int:
             # a registered checkpoint (its directory appears before Train records it): the snapshot
             snapshots = _wait_for(os.path.join(out, "train-runs", "*", "checkpoint_manager_snapshot.json"), job, 1200)
             report["trial"] = os.path.basename(os.path.dirname(snapshots[0]))
-            pids = _pids_titled(b"ray::RayTrainWorker")  # --max-workers 1: one trial at a time, so this trial's workers
+            pids = procs.titled(b"ray::RayTrainWorker")  # --max-workers 1: one trial at a time, so this trial's workers
             os.kill(pids[0], signal.SIGKILL)
             report["killed_pid"] = pids[0]
         else:
             states = _wait_for(os.path.join(out, "trials", "*", "state.pt"), job, 1200)  # written whole (fs.write_bytes)
             report["trial"] = os.path.basename(os.path.dirname(states[0]))
-            pids = _pids_titled(b"ray::ImplicitFunc")  # the Tune trial's process: one trial at a time
+            pids = procs.titled(b"ray::ImplicitFunc")  # the Tune trial's process: one trial at a time
             os.kill(pids[0], signal.SIGKILL)
             report["killed_pid"] = pids[0]
         if mode == "selection":

@@ -19,6 +19,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+import procs
 from smoke_reference import ARGS, local_env as _env, summary as _summary
 
 from overinterp.store.check import check_store
@@ -107,15 +108,15 @@ def test_driver_killed_in_each_stage(smoke_reference, tmp_path):
         _drain(proc)
         # its local Ray: GCS, raylet, workers (some mid-batch or mid-trial); not Ray's dashboard and runtime-env
         # agents, which run no overinterp code and notice their raylet's end on a timer of their own (over 30 s)
-        names = {p: _cmdline(p) for p in _descendants(proc.pid)}
+        names = {pid: p.cmdline.decode(errors="replace")[:160] for pid in procs.descendants(proc.pid) if (p := procs.read(pid))}
         ray_processes = [p for p, name in names.items() if not name.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent"))]
         os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its local Ray dies with it
         proc.wait(timeout=60)
         t0 = time.time()
-        while [p for p in ray_processes if _running(p)] and time.time() - t0 < 30:
+        while [p for p in ray_processes if procs.running(p)] and time.time() - t0 < 30:
             time.sleep(0.2)
-        assert not [p for p in ray_processes if _running(p)], f"stage {stage}: Ray processes outlived the driver: " + "; ".join(
-            f"{p} {names.get(p, '?')}" for p in ray_processes if _running(p))
+        assert not [p for p in ray_processes if procs.running(p)], f"stage {stage}: Ray processes outlived the driver: " + "; ".join(
+            f"{p} {names.get(p, '?')}" for p in ray_processes if procs.running(p))
         if stage == 3:
             assert 2 < len(_finished_trials(out)) < 8  # killed with subset trials unfinished, some mid-epoch
         _store_has_no_repeats(out)
@@ -144,20 +145,6 @@ def _finished_trials(out: str) -> list[str]:
     return glob.glob(os.path.join(out, "trials", "*", "result.json"))
 
 
-def _selection_worker_pid() -> int | None:
-    """A selection actor in the middle of a batch: Ray titles it ray::MapWorker(MapBatches(SelectionWorker)).submit
-    while the batch runs (.__init__ while it starts, no suffix while it waits): killed then, a batch is lost."""
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            with open(cmdline, "rb") as f:
-                title = f.read().split(b"\0")[0]
-            if b"SelectionWorker" in title and title.rstrip().endswith(b".submit"):
-                return int(cmdline.split("/")[2])
-        except OSError:
-            pass
-    return None
-
-
 def test_a_killed_selection_worker_is_retried_without_duplicates_and_a_second_run_is_refused(smoke_reference, tmp_path):
     """A selection actor SIGKILLed mid-batch: its batch is selected again and stored once. And a
     second run started on the same --out while this one runs is refused in one line, leaving it
@@ -170,7 +157,7 @@ def test_a_killed_selection_worker_is_retried_without_duplicates_and_a_second_ru
     _wait_line(proc, "stage 2/4")
     pid, t0 = None, time.time()
     while pid is None and time.time() - t0 < 300:
-        pid = _selection_worker_pid()
+        pid = next(iter(procs.selecting()), None)
         time.sleep(0.05)
     assert pid is not None
     lines = _collect(proc)
@@ -183,43 +170,6 @@ def test_a_killed_selection_worker_is_retried_without_duplicates_and_a_second_ru
     assert lost and "selecting the images not yet stored again (attempt 2 of 3;" in lost[0], "".join(lines[-40:])
     assert _summary(out) == smoke_reference["summary"]
     _store_clean(out)
-
-
-def _stat(pid: int) -> list[str]:
-    """/proc/<pid>/stat's fields after the command name (state first, then the parent's pid)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def _running(pid: int) -> bool:
-    try:
-        return _stat(pid)[0] != "Z"  # a zombie has exited; only its parent's wait is missing
-    except OSError:
-        return False
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")[:160]
-    except OSError:
-        return "?"
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below pid (Linux /proc)."""
-    parent = {}
-    for d in glob.glob("/proc/[0-9]*"):
-        try:
-            parent[int(d[6:])] = int(_stat(int(d[6:]))[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [c for c, p in parent.items() if p in frontier]
-        found += kids
-        frontier = kids
-    return found
 
 
 def _ignore_sigint():
@@ -239,7 +189,7 @@ def test_sigterm_and_a_scripts_sigint_stop_the_run_cleanly(smoke_reference, tmp_
         _wait_line(proc, f"stage {stage}/4")
         printed = _collect(proc)
         time.sleep(3)
-        ray_processes = _descendants(proc.pid)  # its local Ray: GCS, raylet, workers
+        ray_processes = procs.descendants(proc.pid)  # its local Ray: GCS, raylet, workers
         assert ray_processes
         # SIGINT to the whole process group, as `kill -INT -PGID` from a script; SIGTERM to the driver, as
         # `ray job stop`, `timeout` and a pod's termination send it
@@ -253,9 +203,9 @@ def test_sigterm_and_a_scripts_sigint_stop_the_run_cleanly(smoke_reference, tmp_
         assert "*** SIGTERM received" not in text and "Traceback" not in text, text[-3000:]
         assert not os.path.exists(os.path.join(out, ".overinterp.lock"))
         t0 = time.time()
-        while [p for p in ray_processes if _running(p)] and time.time() - t0 < 30:
+        while [p for p in ray_processes if procs.running(p)] and time.time() - t0 < 30:
             time.sleep(0.5)
-        assert not [p for p in ray_processes if _running(p)], "Ray processes left behind"
+        assert not [p for p in ray_processes if procs.running(p)], "Ray processes left behind"
         assert [p.info.status for p in _parents(out)] == ["KILLED"]
         _store_has_no_repeats(out)
     _finish(out)
