@@ -229,8 +229,9 @@ def select_stream(
     was a false alarm, but restarts are not needed either.) Instead, a batch lost with its worker
     fails the pass, and this function runs the selection again on the images not yet in the store:
     shards are written per batch and atomically under content names, so nothing finished is redone.
-    It gives up after SELECTION_ATTEMPTS passes in a row that stored nothing: a long selection on a
-    cluster can lose many nodes over its hours, and every pass that stored images was worth it. An actor of the failed pass that was still writing when
+    Lost passes are counted, and a lost pass that stored images starts the count again at 1: the
+    selection gives up at SELECTION_ATTEMPTS, so a long selection on a cluster goes on through losses
+    that come now and then. An actor of the failed pass that was still writing when
     the next pass read the stored ids can store an image that pass selects again; so a selection
     that needed a second pass ends with store.repair_selection, which keeps one row per image
     (backward selection is deterministic: the repeats are identical) and says what it did.
@@ -266,7 +267,7 @@ def select_stream(
                   "stores images starts the count again)", flush=True)
 
 
-SELECTION_ATTEMPTS = 3  # passes in a row that store nothing before a selection gives up
+SELECTION_ATTEMPTS = 3  # lost passes in a row (the first may have stored images, the others not) that end a selection
 
 
 def lost_worker(e: BaseException) -> Optional[BaseException]:
