@@ -241,7 +241,7 @@ def select_stream(
     attempt, in_a_row = 0, 0  # in_a_row: lost passes in a row since the last one that stored images
     while True:
         attempt += 1
-        if done is None or attempt > 1:
+        if done is None:
             done = store.done_ids(root, job.source.tag, job.tag, job.split)
         skip = None if (prefiltered and attempt == 1) or not len(done) else done
         of = f" of {total}" if total is not None else ""
@@ -258,8 +258,8 @@ def select_stream(
         except Exception as e:
             if not lost_worker(e):
                 raise
-            stored_now = len(store.done_ids(root, job.source.tag, job.tag, job.split)) > len(done)
-            in_a_row = 1 if stored_now else in_a_row + 1
+            before, done = len(done), store.done_ids(root, job.source.tag, job.tag, job.split)  # also the next pass's start
+            in_a_row = 1 if len(done) > before else in_a_row + 1
             if in_a_row >= SELECTION_ATTEMPTS:
                 raise
             print(f"[{job.tag} {job.source.tag}/{job.split}] a selection worker was lost ({type(lost_worker(e)).__name__}); "
