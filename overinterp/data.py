@@ -17,10 +17,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "test")
 
@@ -67,6 +69,8 @@ class ImageDataset:
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 normalised; 0 is the data set's mean colour."""
+    import torch  # here, not at the top: Ray Data's decoding workers import this module and need no torch
+
     m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
     return (images.float() / 255.0 - m) / s
@@ -74,6 +78,8 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
 
 def denormalize_uint8(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """Inverse of `normalize`, for pictures: float (N, C, H, W) -> uint8 (N, H, W, C)."""
+    import torch
+
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     raw = (x.detach().float().cpu() * s + m).clamp(0, 1) * 255
@@ -126,6 +132,7 @@ def load_digits(root: str | None = None, download: bool = False, image_size: int
 
 def _upsample_uint8(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 (N, C, h, w) -> uint8 (N, C, size, size), bilinear (half-pixel centres), rounded."""
+    import torch
     import torch.nn.functional as F
 
     if size < 1:

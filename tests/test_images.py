@@ -101,3 +101,13 @@ def test_a_limit_takes_the_first_images_in_file_order_every_time(ray_session, tm
     for _ in range(3):
         ids = np.concatenate([b["image_id"] for b in read_encoded(str(tmp_path / "val"), limit=150).iter_batches(batch_size=None)])
         assert sorted(ids.tolist()) == list(range(150))
+
+
+def test_the_decoding_workers_import_no_torch():
+    """Ray Data's read and decode tasks import this module (and the keep-mask lookup of the training
+    stream); a worker process that imported torch for them spent seconds of CPU on it."""
+    import subprocess
+    import sys
+
+    code = "import sys, overinterp.pipeline.images; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -159,11 +159,12 @@ def test_the_driver_sees_passes_before_the_batch_ends_and_none_twice(ray_session
     import ray
 
     import overinterp.pipeline.select_stage as ss
+    from overinterp.pipeline.pass_counter import run_pass_counter
     from overinterp.pipeline.plan import SelectionSource
     from overinterp.selection import EngineConfig, planned_forward_passes, selector_params
 
     monkeypatch.setattr(ss, "FORWARD_EVERY", 0.0)  # report every chunk: deterministic
-    counter = ss.run_pass_counter()
+    counter = run_pass_counter()
     source = SelectionSource(tag="m", model={"name": "digits_cnn", "num_classes": 10, "in_channels": 1})
     worker = ss.SelectionWorker(asdict(source), str(tmp_path), "test", (0.5,), (0.25,), "backselect", selector_params("backselect", 4),
                                 asdict(EngineConfig(chunk=16)), threads=1, counter=counter, pass_id="this-pass")
@@ -180,24 +181,6 @@ def test_the_driver_sees_passes_before_the_batch_ends_and_none_twice(ray_session
     assert any(0 < s < total for s in seen) and seen == sorted(seen)  # intermediate counts, growing
     assert ray.get(counter.total.remote("this-pass")) == total  # every pass of the batch, once
     counter.forget.remote("this-pass")
-
-
-def test_one_pass_counter_serves_every_pass_of_a_run_each_counted_apart(ray_session):
-    """The run's PassCounter is one actor (an actor start is seconds of CPU on 2 cores), kept between
-    passes; each selection pass reads its own total, and a forgotten pass is gone."""
-    import ray
-
-    import overinterp.pipeline.select_stage as ss
-
-    first = ss.run_pass_counter()._actor_id  # its handle dropped at once, as a selection pass drops it when done
-    counter = ss.run_pass_counter()
-    assert counter._actor_id == first
-    assert ray.get(counter.total.remote("none")) == 0.0  # alive: not destroyed with the dropped handle
-    ray.get([counter.add.remote("a", "w1", 5.0), counter.add.remote("a", "w2", 2.0), counter.add.remote("b", "w1", 7.0)])
-    assert ray.get([counter.total.remote("a"), counter.total.remote("b"), counter.total.remote("c")]) == [7.0, 7.0, 0.0]
-    ray.get(counter.forget.remote("a"))
-    assert ray.get([counter.total.remote("a"), counter.total.remote("b")]) == [0.0, 7.0]
-    counter.forget.remote("b")
 
 
 def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, monkeypatch, capsys):

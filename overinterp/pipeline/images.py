@@ -202,6 +202,30 @@ def decode_batch(batch: dict, size: int, strict: bool = False, keep_columns: tup
             **{c: batch[c] for c in keep_columns}, **_decode_rows(batch["encoded"], names, size, strict)}
 
 
+# Training rows carry their keep-mask in this column: (B, ceil(HW / 8)) uint8, bit-packed (np.packbits
+# order). The stream that joins them (pipeline/train_stream.py) runs these two functions on the
+# decoding workers, which is why they live here, in a module that imports no torch.
+MASK_COLUMN = "keep"
+
+
+def look_up_keep(batch: dict, table: list) -> dict:
+    """Encoded rows -> the rows with a stored keep-mask, each with it (an inner join by image_id).
+
+    table: [ObjectRef of train_stream.mask_table's (ids, packed keep)], read zero-copy from the object store.
+    """
+    ids, keep = ray.get(table[0])  # ids: never empty (mask_table of a selection with no shards refuses)
+    want = np.asarray(batch["image_id"])
+    at = np.searchsorted(ids, want).clip(max=len(ids) - 1)
+    hit = ids[at] == want
+    return {**{k: np.asarray(v)[hit] for k, v in batch.items()}, MASK_COLUMN: keep[at[hit]]}
+
+
+def keep_all(batch: dict, hw: int) -> dict:
+    """Full images: every pixel kept, packed like a stored keep-mask."""
+    n = len(batch["image_id"])
+    return {**batch, MASK_COLUMN: np.packbits(np.ones((n, hw), dtype=bool), axis=1)}
+
+
 def read_encoded(path: str, classes: list[str] | None = None, limit: int | None = None) -> ray.data.Dataset:
     """A Ray Dataset of encoded, labelled images (image_id, label, path, encoded bytes): nothing decoded.
 

@@ -8,9 +8,9 @@ their content (overinterp/store/format.py), so a batch done twice rewrites its o
 ends up in the store once. A rerun selects only the image ids not yet in the store.
 
 Progress is shown in planned passes, from inside a batch too: the engines call on_passes as they
-go, each actor forwards its running total every FORWARD_EVERY s to the run's PassCounter actor (one
-for all of a run's passes: an actor start costs seconds of CPU), and a driver thread shows, every
-POLL_EVERY s, the larger of that total and the passes of the batches whose results have arrived.
+go, each actor forwards its running total every FORWARD_EVERY s to the run's PassCounter actor
+(pipeline/pass_counter.py: one for all of a run's passes, since an actor start costs seconds of
+CPU), and a driver thread shows, every POLL_EVERY s, the larger of that total and the passes of the batches whose results have arrived.
 Both are needed: Ray Data hands the driver an actor task's results when the task ends, and at
 ImageNet's count one task is hundreds of batches (minutes of work).
 """
@@ -33,6 +33,7 @@ from ray.data import ActorPoolStrategy
 from overinterp import fs, store
 from overinterp.costplan import format_duration, format_rate
 from overinterp.data import normalize
+from overinterp.pipeline.pass_counter import run_pass_counter
 from overinterp.pipeline.plan import SelectionJob, SelectionSource
 from overinterp.progress import Progress
 from overinterp.pipeline.resources import ResourcePlan, exit_with_parent, worker_device
@@ -112,40 +113,6 @@ def _counts(images: int, seconds: float, path: np.ndarray, error: np.ndarray) ->
 
 FORWARD_EVERY = 2.0  # seconds between a worker's reports of the passes it has made
 POLL_EVERY = 2.0  # seconds between the driver's reads of those reports
-
-
-class PassCounter:
-    """Ray actor (no CPU) of the passes each worker has made in each selection pass, finished
-    batches and the running one; the driver's bar reads a pass's total (progress inside a batch:
-    exact BS on one 32x32 image is 524,800 passes, minutes to hours)."""
-
-    def __init__(self):
-        self.made: dict[str, dict[str, float]] = {}  # pass id -> worker -> passes
-
-    def add(self, pass_id: str, worker: str, passes: float) -> None:
-        made = self.made.setdefault(pass_id, {})
-        made[worker] = made.get(worker, 0.0) + passes
-
-    def total(self, pass_id: str) -> float:
-        return sum(self.made.get(pass_id, {}).values())
-
-    def forget(self, pass_id: str) -> None:
-        self.made.pop(pass_id, None)
-
-
-def run_pass_counter():
-    """The PassCounter of this driver's Ray job, started by its first selection pass and kept for
-    the rest (restarted if its node is lost); a new Ray (another job, or the driver's node new) gets
-    its own. The handle that made it is held here: Ray destroys an actor once that handle is gone."""
-    ctx = ray.get_runtime_context()
-    key = (ctx.get_job_id(), ctx.get_node_id())
-    if key not in _RUN_COUNTER:
-        _RUN_COUNTER.clear()
-        _RUN_COUNTER[key] = ray.remote(num_cpus=0)(PassCounter).options(max_restarts=-1).remote()
-    return _RUN_COUNTER[key]
-
-
-_RUN_COUNTER: dict = {}  # (job id, the driver's node id) -> run_pass_counter's actor
 
 
 class PassForwarder:

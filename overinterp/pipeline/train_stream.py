@@ -39,13 +39,10 @@ import torch
 from ray.train import DataConfig
 
 from overinterp import fs, store
-from overinterp.pipeline.images import decode_batch, drop_bad, is_parquet, read_encoded
+from overinterp.pipeline.images import MASK_COLUMN, decode_batch, drop_bad, is_parquet, keep_all, look_up_keep, read_encoded
 from overinterp.pipeline.resources import exit_with_parent, worker_device
 from overinterp.pipeline.trial import TrialSpec, checkpoint_path, result_path, trial_dir
 from overinterp.selection import n_keep, random_order
-
-MASK_COLUMN = "keep"  # (B, ceil(HW / 8)) uint8: the keep-mask, bit-packed (np.packbits order)
-
 
 def _keep_bits(batch: pa.Table, hw: int, fraction: float, split: str) -> dict:
     """Store rows -> {image_id, keep}: the last ceil(fraction * HW) pixels of each order, packed."""
@@ -104,18 +101,6 @@ def mask_table(root: str, subset: str, split: str, hw: int, fraction: float) -> 
     return ids, np.concatenate([r[MASK_COLUMN] for r in rows])[order]
 
 
-def _look_up_keep(batch: dict, table: list) -> dict:
-    """Encoded rows -> the rows with a stored keep-mask, each with it (an inner join by image_id).
-
-    table: [ObjectRef of mask_table's (ids, packed keep)], read zero-copy from the object store.
-    """
-    ids, keep = ray.get(table[0])  # ids: never empty (mask_table of a selection with no shards refuses)
-    want = np.asarray(batch["image_id"])
-    at = np.searchsorted(ids, want).clip(max=len(ids) - 1)
-    hit = ids[at] == want
-    return {**{k: np.asarray(v)[hit] for k, v in batch.items()}, MASK_COLUMN: keep[at[hit]]}
-
-
 # A selection's keep-masks are joined to the encoded images in one of two ways, by their size
 # (images × ceil(HW / 8) bytes): up to this many bytes they are put in the object store once and
 # looked up by id on the decoding workers (no shuffle: a few seconds per pass); bigger (ImageNet at
@@ -131,12 +116,6 @@ IMAGES_PER_PARTITION = 5000  # join partitions: ~5,000 encoded ImageNet images (
 SHUFFLE_BUFFER_IMAGES = 2048
 
 
-def _keep_all(batch: dict, hw: int) -> dict:
-    """Full images: every pixel kept, packed like a stored keep-mask."""
-    n = len(batch["image_id"])
-    return {**batch, MASK_COLUMN: np.packbits(np.ones((n, hw), dtype=bool), axis=1)}
-
-
 def broadcast_join(n_images: int, hw: int) -> bool:
     """Whether a split's keep-masks are joined by lookup (see BROADCAST_MASK_BYTES)."""
     return n_images * -(-hw // 8) <= BROADCAST_MASK_BYTES
@@ -147,33 +126,34 @@ def _counted_mask_table(root: str, subset: str, split: str, hw: int, fraction: f
     return len(table[0]), table
 
 
-def mask_table_ref(root: str, subset: str, split: str, hw: int, fraction: float) -> list:
-    """[ObjectRef of mask_table(...)]: built by a Ray task into the object store once, for every trial
-    and worker that looks up this selection's keep-masks (a list, so that Ray passes the reference,
-    not the arrays). A task, not the driver: reading every shard of an ImageNet-count split and
-    sorting its ids would grow the driver's heap by the split's size (glibc keeps what it grew).
-    The driver waits for the row count alone, so a store error (no shards, repeated ids) is raised
-    here, once, and the table itself never enters the driver."""
-    count, table = ray.remote(num_cpus=1, num_returns=2, max_retries=2)(_counted_mask_table).remote(root, subset, split, hw, fraction)
-    ray.get(count)
-    return [table]
+def mask_table_refs(root: str, keys: list[tuple[str, str]], hw: int, fraction: float) -> dict:
+    """{(subset, split): [ObjectRef of mask_table(...)]} for each key: built by Ray tasks, all started
+    at once, into the object store, once for every trial and worker that looks up these keep-masks
+    (a list, so that Ray passes the reference, not the arrays). Tasks, not the driver: reading every
+    shard of an ImageNet-count split and sorting its ids would grow the driver's heap by the split's
+    size (glibc keeps what it grew). The driver waits for the row counts alone, so a store error (no
+    shards, repeated ids) is raised here, once, and no table ever enters the driver."""
+    build = ray.remote(num_cpus=1, num_returns=2, max_retries=2)(_counted_mask_table)
+    refs = {key: build.remote(root, *key, hw, fraction) for key in keys}
+    ray.get([count for count, _ in refs.values()])
+    return {key: [table] for key, (_, table) in refs.items()}
 
 
 def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int], size: int, root: str, subset: Optional[str],
                   split: str, fraction: float, n_images: int, table: Optional[list] = None) -> ray.data.Dataset:
     """The images of one split that have a stored selection, decoded, each with its packed keep-mask;
     subset None: every image of the split, with every pixel kept (full-image trials).
-    table: mask_table_ref's result for this selection and split, where the caller holds it already."""
+    table: mask_table_refs' entry for this selection and split, where the caller holds it already."""
     encoded = read_encoded(source, classes, limit)
     folder_root = "" if is_parquet(source) else fs.resolve(source)[1].rstrip("/")
     if subset is None:
         decoded = encoded.map_batches(decode_batch, fn_kwargs={"size": size, "root": folder_root}, batch_format="numpy", batch_size=64)
-        decoded = drop_bad(decoded).map_batches(_keep_all, fn_kwargs={"hw": size * size}, batch_format="numpy", batch_size=64)
+        decoded = drop_bad(decoded).map_batches(keep_all, fn_kwargs={"hw": size * size}, batch_format="numpy", batch_size=64)
         return decoded.select_columns(["image_id", "label", "image", MASK_COLUMN])
     hw = size * size
     if broadcast_join(n_images, hw):
-        table = table or mask_table_ref(root, subset, split, hw, fraction)
-        joined = encoded.map_batches(_look_up_keep, fn_kwargs={"table": table}, batch_format="numpy", batch_size=256)
+        table = table or mask_table_refs(root, [(subset, split)], hw, fraction)[(subset, split)]
+        joined = encoded.map_batches(look_up_keep, fn_kwargs={"table": table}, batch_format="numpy", batch_size=256)
     else:
         partitions = min(512, max(1, n_images // IMAGES_PER_PARTITION))
         joined = encoded.join(mask_rows(root, subset, split, hw, fraction), join_type="inner", num_partitions=partitions, on=("image_id",))

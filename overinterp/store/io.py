@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
 
 from overinterp import fs as files
 from overinterp.store.format import (
@@ -38,6 +38,9 @@ from overinterp.store.format import (
     selection_dir,
     shard_name,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +330,8 @@ def read_selections(root: str, model: str, selector: str, split: str, expect_n: 
         only_ids: if given, read only these images' rows (each must be stored): a sample of a split
             too big to hold (the other rows are dropped shard by shard).
     """
+    import torch  # here, not at the top: Ray Data's decoding workers import the store and need no torch
+
     t = _read_table(root, model, selector, split, only_ids)
     if only_ids is not None:
         expect_ids = np.asarray(only_ids)
