@@ -46,9 +46,9 @@ def test_the_joined_keep_of_each_image_is_its_stored_mask(ray_session, tmp_path,
         assert np.array_equal(keep, expected[r["image_id"]]), r["image_id"]
         assert keep.sum() == 13 and r["label"] == labels[r["image_id"]]
     if mask_bytes:  # a stage reads each selection's masks from the store once, for all its trials
-        table = train_stream.mask_table_refs(root, [("m/sel", "train")], hw, FRACTION)[("m/sel", "train")]
+        table = train_stream.mask_table_ref(root, "m/sel", "train", hw, FRACTION)
         calls = []
-        monkeypatch.setattr(train_stream, "mask_table_refs", lambda *a: calls.append(a))
+        monkeypatch.setattr(train_stream, "mask_table_ref", lambda *a: calls.append(a))
         for _ in range(2):
             again = subset_stream(source, None, None, SIZE, root, "m/sel", "train", FRACTION, n_images=10, table=table).take_all()
             assert sorted(r["image_id"] for r in again) == sorted(expected)
@@ -68,7 +68,7 @@ def test_repeated_stored_ids_are_refused_with_the_repair_command(ray_session, tm
     with pytest.raises(store.StoreError, match="repeated image ids: run `overinterp store repair"):
         train_stream.mask_table(root, "m/sel", "train", 4, 0.5)
     with pytest.raises(store.StoreError, match="repeated image ids"):  # the task that builds it: raised in the driver, before any trial
-        train_stream.mask_table_refs(root, [("m/sel", "train")], 4, 0.5)
+        train_stream.mask_table_ref(root, "m/sel", "train", 4, 0.5)
 
 
 def test_a_one_worker_trial_goes_on_from_its_last_epoch_state(ray_session, tmp_path):

@@ -305,8 +305,9 @@ LOCAL_RAY_SETTINGS = {
     # is never drained, and the actor's start costs ~1.5 CPU-s per trial
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     # Ray ends a worker process idle for over 1 s while more than num_cpus are up, and starts a new
-    # one for the next task: each start imports Ray Data and the run's modules again (~2-4 CPU-s on 2
-    # cores), stage after stage. A run has this Ray to itself: its idle workers wait a minute.
+    # one for the next task, which imports Ray Data and the run's modules again, stage after stage.
+    # A run has this Ray to itself: its idle workers wait a minute (BENCHMARKS.md, "Where a small
+    # streamed run's CPU goes": without it a small run took ~10% longer).
     "RAY_idle_worker_killing_time_threshold_ms": "60000",
 }
 
