@@ -10,7 +10,8 @@ ends up in the store once. A rerun selects only the image ids not yet in the sto
 Progress is shown in planned passes, from inside a batch too: the engines call on_passes as they
 go, each actor forwards its running total every FORWARD_EVERY s to the run's PassCounter actor
 (pipeline/pass_counter.py: one for all of a run's passes, since an actor start costs seconds of
-CPU), and a driver thread shows, every POLL_EVERY s, the larger of that total and the passes of the batches whose results have arrived.
+CPU), and a driver thread shows, every POLL_EVERY s, the larger of that total and the passes of
+the batches whose results have arrived.
 Both are needed: Ray Data hands the driver an actor task's results when the task ends, and at
 ImageNet's count one task is hundreds of batches (minutes of work).
 """

@@ -44,6 +44,7 @@ from overinterp.pipeline.resources import exit_with_parent, worker_device
 from overinterp.pipeline.trial import TrialSpec, checkpoint_path, result_path, trial_dir
 from overinterp.selection import n_keep, random_order
 
+
 def _keep_bits(batch: pa.Table, hw: int, fraction: float, split: str) -> dict:
     """Store rows -> {image_id, keep}: the last ceil(fraction * HW) pixels of each order, packed."""
     ids = batch.column("image_id").to_numpy()
