@@ -217,7 +217,8 @@ def ray_train(workers):
             raise Skip(f"needs {workers} CUDA GPU(s), found {torch.cuda.device_count()}")
         import ray
 
-        from overinterp.pipeline.train_stream import MASK_COLUMN, run_stream_trial
+        from overinterp.pipeline.images import MASK_COLUMN
+        from overinterp.pipeline.train_stream import run_stream_trial
         from overinterp.pipeline.trial import TrialSpec
 
         imgs, labels, keep = train_data(ctx)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from overinterp import store
-from overinterp.pipeline.images import read_encoded
 from overinterp.pipeline import train_stream
-from overinterp.pipeline.train_stream import MASK_COLUMN, subset_stream, unpack_keep
+from overinterp.pipeline.images import MASK_COLUMN, read_encoded
+from overinterp.pipeline.train_stream import subset_stream, unpack_keep
 from overinterp.synthetic import write_encoded_parquet
 
 pytestmark = pytest.mark.ray

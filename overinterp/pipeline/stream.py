@@ -30,12 +30,12 @@ from overinterp.config import SMOKE_SIZES, RunConfig
 from overinterp.data import IMAGENET_MEAN, IMAGENET_STD, skipped_line, skipped_summary
 from overinterp.models import create_model
 from overinterp.pipeline.analysis import TestImages
-from overinterp.pipeline.images import check_folder, drop_bad, is_parquet, list_classes, list_folder, read_images
+from overinterp.pipeline.images import MASK_COLUMN, check_folder, drop_bad, is_parquet, list_classes, list_folder, read_images
 from overinterp.pipeline.plan import Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan, exit_with_parent, worker_device
 from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, select_stream, stored_random_ids, write_random
 from overinterp.pipeline.terminal import log
-from overinterp.pipeline.train_stream import (MASK_COLUMN, broadcast_join, cuda_on_gpu_workers, mask_table_ref, run_stream_trial,
+from overinterp.pipeline.train_stream import (broadcast_join, cuda_on_gpu_workers, mask_table_ref, run_stream_trial,
                                                subset_stream, unpack_keep)
 from overinterp.pipeline.trial import TrialSpec, load_result
 from overinterp.pipeline.tune_stage import collect_results, launch_trials
