@@ -91,7 +91,8 @@ def test_parquet_column_types_are_checked(ray_session, tmp_path):
         read_images(path, 16)
 
 
-def test_a_limit_takes_the_first_images_in_file_order_every_time(ray_session, tmp_path):
+@pytest.mark.parametrize("images", [150, None], ids=["v1-reader", "v2-reader"])
+def test_a_limit_takes_the_first_images_in_file_order_every_time(ray_session, tmp_path, images):
     """--max-images N is the first N images of a split, the same for selection, training and the
     summary: Ray Data's limit would otherwise keep whichever blocks arrive first (here 4 files)."""
     from overinterp.pipeline.images import read_encoded
@@ -99,8 +100,32 @@ def test_a_limit_takes_the_first_images_in_file_order_every_time(ray_session, tm
 
     write_imagenet_shaped(str(tmp_path), train=0, val=400, folder_images=0, num_classes=4, rows_per_shard=100)
     for _ in range(3):
-        ids = np.concatenate([b["image_id"] for b in read_encoded(str(tmp_path / "val"), limit=150).iter_batches(batch_size=None)])
+        ids = np.concatenate([b["image_id"] for b in read_encoded(str(tmp_path / "val"), limit=150, images=images).iter_batches(batch_size=None)])
         assert sorted(ids.tolist()) == list(range(150))
+
+
+def test_a_small_parquet_read_takes_rays_v1_reader_and_a_big_one_v2(ray_session, tmp_path):
+    """images.read_parquet picks Ray Data's reader by the read's size, for that read only; both
+    readers give the same rows."""
+    import ray.data
+
+    from overinterp.pipeline.images import SMALL_READ_IMAGES, read_parquet
+    from overinterp.synthetic import write_imagenet_shaped
+
+    write_imagenet_shaped(str(tmp_path), train=0, val=40, folder_images=0, num_classes=4, rows_per_shard=10)
+    default = ray.data.DataContext.get_current().use_datasource_v2
+    rows, operators = {}, {}
+    for name, images in (("small", SMALL_READ_IMAGES), ("big", SMALL_READ_IMAGES + 1), ("unknown", None)):
+        ds = read_parquet(str(tmp_path / "val"), images).materialize()
+        operators[name] = {line.split()[2].rstrip(":") for line in ds.stats().splitlines() if line.startswith("Operator ")}
+        table = ds.to_arrow_refs()
+        rows[name] = sorted(zip(*(np.concatenate([ray_session.get(t)[c].to_numpy(zero_copy_only=False) for t in table]).tolist()
+                                  for c in ("image_id", "label", "image"))))
+        assert ray.data.DataContext.get_current().use_datasource_v2 == default
+    assert "ReadParquet" in operators["small"] and "ReadFilesParquetV2" not in operators["small"]
+    assert "ReadFilesParquetV2" in operators["big"] and "ReadParquet" not in operators["big"]
+    assert operators["unknown"] == (operators["big"] if default else operators["small"])  # Ray's own default
+    assert len(rows["small"]) == 40 and rows["small"] == rows["big"] == rows["unknown"]
 
 
 def test_the_decoding_workers_import_no_torch():

@@ -234,7 +234,7 @@ def test_job_env_sets_only_what_the_user_left_unset(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's
     env = resources.job_env(resources.RAY_SETTINGS)
-    assert env == {"env_vars": {"RAY_DATA_USE_DATASOURCE_V2": "0", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}}
+    assert env == {"env_vars": {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}}
     assert os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "1"  # the driver's own Ray Data reads
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
     # a second connection in the same process passes them again: they were set here, not by the user
@@ -266,19 +266,14 @@ def test_the_embedded_rays_settings_do_not_reach_a_cluster_joined_later(monkeypa
 SETTINGS_ON_A_CLUSTER = r'''
 import json, os
 import ray
-import ray.data  # as a run's driver does, before it connects: Ray Data has read its settings already
 from ray.cluster_utils import Cluster
 
 # a cluster whose raylet did not inherit this process's environment: only the job's runtime_env reaches its workers
-def settings_seen(names):
-    import ray.data
-    return {"parquet_v2": ray.data.DataContext.get_current().use_datasource_v2, **{k: os.environ.get(k) for k in names}}
-
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 from overinterp.pipeline.resources import RAY_SETTINGS, ensure_ray
 ensure_ray(cluster.address)
-seen = ray.get(ray.remote(settings_seen).remote(list(RAY_SETTINGS) + ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]))
-print(json.dumps([seen, settings_seen([])["parquet_v2"]]))
+seen = ray.get(ray.remote(lambda names: {k: os.environ.get(k) for k in names}).remote(list(RAY_SETTINGS) + ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]))
+print(json.dumps(seen))
 ray.shutdown()
 cluster.shutdown()
 '''
@@ -286,40 +281,18 @@ cluster.shutdown()
 
 def test_every_worker_of_a_run_gets_rays_settings(ray_session):
     """The settings reach the workers of the embedded Ray and of a cluster the run connects to; the
-    preemption watcher is off on the embedded Ray only (one machine is never drained). Ray Data's
-    Parquet reader is V1 in the driver and the workers (trials build their streams), though the
-    driver imported Ray Data before the setting was made."""
+    preemption watcher is off on the embedded Ray only (one machine is never drained)."""
     import json
-
-    import ray.data
 
     from overinterp.pipeline.resources import LOCAL_RAY_SETTINGS, RAY_SETTINGS
 
     names = [*RAY_SETTINGS, *LOCAL_RAY_SETTINGS]
-    local = ray_session.get(ray_session.remote(lambda: {"v2": ray.data.DataContext.get_current().use_datasource_v2,
-                                                        **{k: os.environ.get(k) for k in names}}).remote())
-    assert local == {"v2": False, **RAY_SETTINGS, **LOCAL_RAY_SETTINGS}
-    assert ray.data.DataContext.get_current().use_datasource_v2 is False
+    local = ray_session.get(ray_session.remote(lambda: {k: os.environ.get(k) for k in names}).remote())
+    assert local == {**RAY_SETTINGS, **LOCAL_RAY_SETTINGS}
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", *names)}
     p = subprocess.run([sys.executable, "-c", SETTINGS_ON_A_CLUSTER], capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert json.loads(p.stdout.strip().splitlines()[-1]) == [{"parquet_v2": False, **RAY_SETTINGS, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": None},
-                                                              False]
-
-
-def test_the_drivers_ray_data_takes_the_setting_made_after_its_import(monkeypatch):
-    import ray.data
-
-    from overinterp.pipeline.resources import settings_to_driver
-
-    ctx = ray.data.DataContext.get_current()
-    monkeypatch.setattr(ctx, "use_datasource_v2", True)
-    monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", "0")
-    settings_to_driver()
-    assert ctx.use_datasource_v2 is False
-    monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", "1")  # a user's choice
-    settings_to_driver()
-    assert ctx.use_datasource_v2 is True
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {**RAY_SETTINGS, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": None}
 
 
 def test_the_embedded_ray_job_has_no_runtime_env(ray_session):

@@ -226,15 +226,40 @@ def keep_all(batch: dict, hw: int) -> dict:
     return {**batch, MASK_COLUMN: np.packbits(np.ones((n, hw), dtype=bool), axis=1)}
 
 
-def read_encoded(path: str, classes: list[str] | None = None, limit: int | None = None) -> ray.data.Dataset:
+# Ray Data has two Parquet readers. Its default (V2) lists the files in a task and reads their
+# footers on an actor: new processes at every read (~3 CPU-s on 2 cores). V1 lists in the process
+# that builds the dataset and samples a file or two in a pooled worker. A streamed run reads Parquet
+# ~10 times (selection, each trial's two streams, the summary): with V1 for every read a 100-image
+# run took 42 s against 53 s and a 100,000-image run 171 s against 196 s, but the one run at
+# ImageNet's count took 31 min, against 19 min with V2 on an earlier day (V1 split each trial's
+# whole-split read into many small decoding tasks; BENCHMARKS.md, "Parquet reads by their size").
+# So reads of up to SMALL_READ_IMAGES images take V1, bigger ones V2.
+SMALL_READ_IMAGES = 100_000
+
+
+def read_parquet(paths, images: Optional[int] = None, **kwargs) -> ray.data.Dataset:
+    """ray.data.read_parquet with the reader for a read of `images` images (None: not known; Ray's
+    default reader, as for a big read)."""
+    ctx = ray.data.DataContext.get_current()
+    default = ctx.use_datasource_v2  # Ray Data picks the reader when the dataset is built: set it for this call only
+    ctx.use_datasource_v2 = default if images is None else images > SMALL_READ_IMAGES
+    try:
+        return ray.data.read_parquet(paths, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = default
+
+
+def read_encoded(path: str, classes: list[str] | None = None, limit: int | None = None, images: int | None = None) -> ray.data.Dataset:
     """A Ray Dataset of encoded, labelled images (image_id, label, path, encoded bytes): nothing decoded.
 
     Args:
         classes: the class order for folder sources (the train split's); None for Parquet.
         limit: keep only the first `limit` images (smoke runs, pilots).
+        images: how many images the read yields, where the caller knows (the plan's count): it picks
+            the Parquet reader (read_parquet).
     """
     if is_parquet(path):
-        ds = ray.data.read_parquet(path)
+        ds = read_parquet(path, images)
         schema = ds.schema()
         types = dict(zip(schema.names, schema.types))
         missing = {"image", "label"} - set(types)
@@ -267,7 +292,7 @@ def _first(ds: ray.data.Dataset, limit: int | None) -> ray.data.Dataset:
 
 
 def read_images(path: str, image_size: int, classes: list[str] | None = None, limit: int | None = None,
-                strict: bool = False, skip_ids: Optional[np.ndarray] = None) -> ray.data.Dataset:
+                strict: bool = False, skip_ids: Optional[np.ndarray] = None, images: int | None = None) -> ray.data.Dataset:
     """A Ray Dataset of decoded, labelled images from an ImageFolder split or encoded Parquet.
 
     Rows that failed to decode are included (zero image, reason in `error`): pass the Dataset
@@ -276,7 +301,7 @@ def read_images(path: str, image_size: int, classes: list[str] | None = None, li
     decode (`--strict`); skip_ids: sorted ids left out before decoding.
     """
     root = "" if is_parquet(path) else fs.resolve(path)[1].rstrip("/")
-    ds = read_encoded(path, classes, limit).map_batches(decode_batch, fn_kwargs={"size": image_size, "strict": strict, "root": root,
+    ds = read_encoded(path, classes, limit, images).map_batches(decode_batch, fn_kwargs={"size": image_size, "strict": strict, "root": root,
                                                                                  "skip_ids": skip_ids},
                                                          batch_format="numpy", batch_size=64)
     return _raising_source_errors(ds) if strict else ds

@@ -292,15 +292,10 @@ def _describe_capacity(c: Capacity) -> str:
 
 # Ray defaults that cost a small run most of its CPU time, set for every process of the run's Ray job.
 RAY_SETTINGS = {
-    # Ray Data's default Parquet reader (its "datasource V2") lists a dataset's files in a task and reads
-    # their footers on new actors, each a process of its own that imports Ray Data and ends with the
-    # read (~1.5 CPU-s on 2 cores); a small streamed run reads Parquet ~10 times (selection, each trial's
-    # two streams, the summary). The V1 reader lists in the process that builds the dataset and samples a
-    # file or two in a pooled worker (BENCHMARKS.md, "Parquet reads without a process each": a 100-image
-    # run 36% less CPU).
-    "RAY_DATA_USE_DATASOURCE_V2": "0",
-    # where V2 is still chosen (by the user): one footer actor per read, not 32; it reads with 128
-    # concurrent I/Os, local or s3://: the store's thousands of shard footers in about a second.
+    # Ray Data's default Parquet reader (V2) reads a dataset's footers on a pool of 32 new actors per
+    # read (a process start each, ~1.5 CPU-s on 2 cores); one actor reads with 128 concurrent I/Os,
+    # local or s3://: the store's thousands of shard footers in about a second. Small reads take the
+    # V1 reader, which starts none (images.read_parquet).
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
     # Ray Train's controller polls its workers every 2 s by default: a finished trial waits up to
     # that long for the poll that ends it (teardown 3.4-4.7 s at 2 s, 0.8 s at 0.2 s on 2 cores).
@@ -339,15 +334,6 @@ def job_env(settings: Mapping[str, str]) -> Optional[dict]:
 _SET_HERE: set[str] = set()  # variables job_env put into this process's environment (not the user's)
 
 
-def settings_to_driver() -> None:
-    """Ray Data reads some settings from the environment once, when it is imported: in the driver that
-    was before job_env set them, so they are set on its DataContext here (workers start with them)."""
-    import ray.data
-    from ray._common.utils import env_bool
-
-    ray.data.DataContext.get_current().use_datasource_v2 = env_bool("RAY_DATA_USE_DATASOURCE_V2", True)
-
-
 def ray_init_local(num_cpus: Optional[int] = None) -> None:
     """Start the embedded local Ray, reachable from this machine only: every server on loopback.
 
@@ -373,7 +359,6 @@ def ray_init_local(num_cpus: Optional[int] = None) -> None:
     # have none, so they would idle beside the ones started for the job (~1.2 CPU-s each).
     job_env({**RAY_SETTINGS, **LOCAL_RAY_SETTINGS})
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=terminal.VERBOSE)
-    settings_to_driver()
 
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
@@ -386,7 +371,6 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True, runtime_env=job_env(RAY_SETTINGS))
-            settings_to_driver()
         else:
             ray_init_local(num_cpus)
     terminal.quiet_ray_data()

@@ -134,7 +134,8 @@ class StreamBackend:
         self.callbacks = callbacks or []
 
     def _read(self, split: str, **kwargs):
-        return read_images(self.data.path(split), self.cfg.image_size, self.data.classes, self.data.limits[split], self.cfg.strict, **kwargs)
+        return read_images(self.data.path(split), self.cfg.image_size, self.data.classes, self.data.limits[split], self.cfg.strict,
+                           images=self.plan.n_images[split], **kwargs)
 
     def train_full(self, specs: list[TrialSpec]) -> dict:
         return self._train("full", specs)
@@ -236,7 +237,7 @@ class StreamBackend:
         stored = store.done_ids(self.plan.root, self.explained.tag, self.plan.primary, "test")
         stored_ids = stored
         want = min(ANALYSIS_IMAGES, self.plan.n_images["test"])
-        ds = drop_bad(read_images(self.data.val, self.cfg.image_size, self.data.classes, self.data.limits["test"]))
+        ds = drop_bad(read_images(self.data.val, self.cfg.image_size, self.data.classes, self.data.limits["test"], images=self.plan.n_images["test"]))
         ids, images, labels = [], [], []
         for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
             keep = np.isin(b["image_id"], stored_ids)

@@ -144,7 +144,7 @@ def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int
     """The images of one split that have a stored selection, decoded, each with its packed keep-mask;
     subset None: every image of the split, with every pixel kept (full-image trials).
     table: mask_table_ref's result for this selection and split, where the caller holds it already."""
-    encoded = read_encoded(source, classes, limit)
+    encoded = read_encoded(source, classes, limit, n_images)
     folder_root = "" if is_parquet(source) else fs.resolve(source)[1].rstrip("/")
     if subset is None:
         decoded = encoded.map_batches(decode_batch, fn_kwargs={"size": size, "root": folder_root}, batch_format="numpy", batch_size=64)
