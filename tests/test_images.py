@@ -118,9 +118,7 @@ def test_a_small_parquet_read_takes_rays_v1_reader_and_a_big_one_v2(ray_session,
     for name, images in (("small", SMALL_READ_IMAGES), ("big", SMALL_READ_IMAGES + 1), ("unknown", None)):
         ds = read_parquet(str(tmp_path / "val"), images).materialize()
         operators[name] = {line.split()[2].rstrip(":") for line in ds.stats().splitlines() if line.startswith("Operator ")}
-        table = ds.to_arrow_refs()
-        rows[name] = sorted(zip(*(np.concatenate([ray_session.get(t)[c].to_numpy(zero_copy_only=False) for t in table]).tolist()
-                                  for c in ("image_id", "label", "image"))))
+        rows[name] = sorted((r["image_id"], r["label"], r["image"]) for r in ds.take_all())
         assert ray.data.DataContext.get_current().use_datasource_v2 == default
     assert "ReadParquet" in operators["small"] and "ReadFilesParquetV2" not in operators["small"]
     assert "ReadFilesParquetV2" in operators["big"] and "ReadParquet" not in operators["big"]

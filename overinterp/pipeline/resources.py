@@ -314,8 +314,9 @@ LOCAL_RAY_SETTINGS = {
 
 
 def job_env(settings: Mapping[str, str]) -> Optional[dict]:
-    """A runtime_env for ray.init that gives every worker of the job the settings the user has not
-    set; they are also put into this process's environment (the driver runs Ray Data reads too).
+    """Puts the settings the user has not set into this process's environment (the driver runs Ray
+    Data reads too, and the embedded Ray's processes inherit it) and returns them as a runtime_env
+    for ray.init, which gives them to every worker of a cluster's job.
 
     A variable set in the user's environment, or in the runtime_env of `ray job submit` (whose
     variables the driver runs with, and which Ray refuses to see set again), is left as it is.
