@@ -230,10 +230,10 @@ def keep_all(batch: dict, hw: int) -> dict:
 # footers on an actor: new processes at every read (~3 CPU-s on 2 cores). V1 lists in the process
 # that builds the dataset and samples a file or two in a pooled worker. A streamed run reads Parquet
 # ~10 times (selection, each trial's two streams, the summary): with V1 for every read a 100-image
-# run took 42 s against 53 s and a 100,000-image run 171 s against 196 s, but the one run at
-# ImageNet's count took 31 min, against 19 min with V2 on an earlier day (V1 split each trial's
-# whole-split read into many small decoding tasks; BENCHMARKS.md, "Parquet reads by their size").
-# So reads of up to SMALL_READ_IMAGES images take V1, bigger ones V2.
+# run took 42 s against 53 s and a 100,000-image run 171 s against 196 s. A bigger read is another
+# matter: V1 splits each file's read into many small decoding tasks, and 200,000 images read and
+# decoded with one CPU held (as a trial holds it) took 42.8 s against V2's 35.6 s (BENCHMARKS.md,
+# "Parquet reads by their size"). So reads of up to SMALL_READ_IMAGES images take V1, bigger ones V2.
 SMALL_READ_IMAGES = 100_000
 
 
