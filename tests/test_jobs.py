@@ -2,6 +2,7 @@
 written here, resume, and bad input. Parquet of encoded images through two DDP workers per trial:
 tests/test_multinode.py (the killed Train worker)."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from overinterp import store
+from overinterp.config import RunConfig
 from overinterp.models import create_model
 from overinterp.pipeline.images import stable_id
 from overinterp.synthetic import write_imagefolder
@@ -90,6 +92,19 @@ def test_imagenet_folder_of_jpegs_and_resume(ray_session, tmp_path, resnet18_wei
     assert "3 of 3 trials already finished" in printed
     assert all(os.stat(p).st_mtime_ns == t for p, t in mtimes.items())
     assert sorted(store.raw_image_ids(root, "tv_resnet18", "bgsis-k64", "train").tolist()) == expected_ids  # no duplicates: raw rows
+
+    # The baseline came from the analysis's own images, all 12 of the split; a pass over the split, which
+    # a split larger than the analysed images takes, gives the same accuracies.
+    from overinterp.pipeline.driver import prepare
+    from overinterp.pipeline.stream import StreamBackend
+
+    parser = sis_imagenet.build_parser()
+    cfg, source, plan, resources = prepare(RunConfig(**sis_imagenet.config_fields(parser, parser.parse_args(args))))
+    backend = StreamBackend(cfg, plan, source, resources)
+    test = backend.test_images()
+    assert (len(test.labels), test.total) == (12, 12) and backend.baseline(test) is None
+    fewer = dataclasses.replace(test, image_id=test.image_id[:5], images=test.images[:5], labels=test.labels[:5])
+    assert backend.baseline(fewer) == summary["baseline"]
 
 
 @pytest.mark.parametrize(

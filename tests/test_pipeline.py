@@ -196,7 +196,7 @@ def test_the_summary_reads_each_stored_selection_once(smoke_run, monkeypatch, tm
     monkeypatch.setattr(analysis, "copy_out", lambda paths, out_dir: None)  # the run's own gallery and plots stay as they are
     backend = InMemoryBackend(rcfg, plan, data, resources)
     study = analysis.Analysis(rcfg, plan, backend.test_images())
-    again = study.summary(full, subsets, backend.baseline(), backend.skipped_images())
+    again = study.summary(full, subsets, backend.baseline(study.test), backend.skipped_images())
     study.reports(again, str(tmp_path))
     sources = plan.sources["digits_cnn"]
     expected = ({(sources["plain"].tag, t, "test") for t in summary["selectors"]}

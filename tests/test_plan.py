@@ -1,5 +1,6 @@
 """The plan: every selector x source x split once, every trial with its store key and baseline."""
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -110,3 +111,24 @@ def test_a_pretrained_model_is_explained_once_and_is_every_trial_s_baseline(tmp_
     assert {t.subset for t in plan.subset_trials} == {"tv_resnet18/bgsis-k16", "tv_resnet18/gradient", "none/random-seed0"}
     assert {t.model for t in plan.subset_trials} == {"tv:resnet18", "resnet20"}
     assert all(plan.baseline_of(t) is None for t in plan.subset_trials)  # the pretrained model is the baseline
+
+
+def test_a_pretrained_model_for_in_memory_data_is_built_for_its_channels_and_checked_before_any_work(tmp_path):
+    """digits is one channel: the pretrained model's spec carries it, and weights that do not fit stop
+    the run in `prepare`, before Ray, selection or training (not in a worker)."""
+    import torch
+
+    from overinterp.models import ModelError, create_model
+    from overinterp.pipeline.driver import prepare
+
+    one, three = str(tmp_path / "one.pt"), str(tmp_path / "three.pt")
+    torch.save(create_model("digits_cnn", num_classes=10, in_channels=1).state_dict(), one)
+    torch.save(create_model("digits_cnn", num_classes=10).state_dict(), three)
+    settings = dict(dataset="digits", pretrained="digits_cnn", smoke=True, out_dir=str(tmp_path / "out"))
+    _, data, plan, _ = prepare(RunConfig(weights=one, **settings))
+    source = plan.sources["digits_cnn"]["pretrained"]
+    assert data.shape[0] == 1 and source.model == {"name": "digits_cnn", "num_classes": 10, "in_channels": 1, "weights": one}
+    assert source.load(torch.device("cpu"))(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ModelError, match="does not fit digits_cnn"):
+        prepare(RunConfig(weights=three, **settings))
+    assert not os.path.exists(tmp_path / "out")

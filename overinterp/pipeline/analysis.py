@@ -95,9 +95,11 @@ class Analysis:
             self._models[source.tag] = source.load(torch.device("cpu"))
         return self._models[source.tag]
 
-    def summary(self, full: dict, subsets: dict, baseline: dict, skipped) -> dict:
+    def summary(self, full: dict, subsets: dict, baseline: Optional[dict], skipped) -> dict:
         """Per-seed accuracies, SIS sizes, confidence on masked inputs, the selector comparison, and
-        for a pretrained explained model its baseline."""
+        for a pretrained explained model its baseline: `baseline` where a backend measured it over a
+        test split larger than the analysed images, else (None) the analysis's own accuracies of that
+        model on the analysed images, which are then the whole split."""
         cfg, plan, test = self.cfg, self.plan, self.test
         x, y = torch.from_numpy(test.images), torch.from_numpy(test.labels)
         summary = {
@@ -108,9 +110,6 @@ class Analysis:
             "accuracy": accuracy_by_condition(plan, full, subsets), "variant_accuracy": {}, "sis": {}, "masked_confidence": {},
             "comparison": {}, "skipped_images": skipped, "analysed_test_images": [len(test.labels), test.total],
         }
-        if baseline:  # a pretrained explained model: the baseline every trained model is compared with
-            summary.update(baseline=baseline, model=cfg.pretrained, weights=cfg.weights, train_model=cfg.models[0],
-                           images={s: n for s, n in plan.n_images.items()})
         for m in cfg.models:
             summary["sis"][m], summary["variant_accuracy"][m] = {}, {}
             for variant, source in plan.sources[m].items():
@@ -122,6 +121,17 @@ class Analysis:
             summary["comparison"][m] = self.compare_selectors(m, summary["accuracy"].get(m, {}))
             primary_row = next(r for r in summary["comparison"][m]["selectors"] if r["selector"] == plan.primary)
             summary["masked_confidence"][m] = {"median_confidence": primary_row["median_confidence"], "accuracy": primary_row["full_model_accuracy"]}
+        explained = next(iter(plan.sources[cfg.models[0]].values()))
+        if explained.variant == "pretrained":  # the baseline every trained model is compared with
+            if baseline is None:
+                if len(test.labels) != test.total:
+                    raise ValueError(f"the baseline of {explained.tag} needs the whole test split ({test.total} images) or a backend's pass over it; "
+                                     f"the analysis has {len(test.labels)}")
+                m = cfg.models[0]  # every trained model's source is the one pretrained model
+                baseline = {"full": summary["variant_accuracy"][m]["pretrained"], "own_subsets": summary["masked_confidence"][m]["accuracy"],
+                            "images": len(test.labels)}
+            summary.update(baseline=baseline, model=cfg.pretrained, weights=cfg.weights, train_model=cfg.models[0],
+                           images={s: n for s, n in plan.n_images.items()})
         return summary
 
     def compare_selectors(self, model_name: str, accuracy: dict) -> dict:

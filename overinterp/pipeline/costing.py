@@ -51,7 +51,7 @@ def _untrained(spec):
 
     if isinstance(spec, tuple):
         return build(ModelSpec(*spec))
-    return create_model(spec["name"], num_classes=spec["num_classes"], weights=None)  # weights do not change the speed
+    return create_model(**{**spec, "weights": None})  # weights do not change the speed
 
 
 def measure_rates(plan: Plan, resources: ResourcePlan, train_batch: int) -> dict[str, tuple[float, float, str]]:

@@ -36,7 +36,7 @@ class Backend(Protocol):
     def select(self, job: SelectionJob) -> None: ...
     def write_random(self, split: str) -> None: ...
     def train_subsets(self, specs: list[TrialSpec]) -> dict[str, dict]: ...
-    def baseline(self) -> dict: ...  # a pretrained explained model's accuracy on the whole test split ({} otherwise)
+    def baseline(self, test: TestImages) -> Optional[dict]: ...  # a pretrained model's top-1 over the whole test split where `test` is less of it
     def test_images(self) -> TestImages: ...  # the test images the analysis looks at
     def skipped_images(self): ...  # image files that did not decode, as summary.json lists them
     def dataset_input(self) -> dict: ...  # {name, source, digest[, images, labels]} for MLflow's dataset input
@@ -175,7 +175,7 @@ def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
 
     def compare():
         analysis = Analysis(cfg, plan, test if test is not None else backend.test_images())
-        summary = analysis.summary(full, subsets, backend.baseline(), backend.skipped_images())
+        summary = analysis.summary(full, subsets, backend.baseline(analysis.test), backend.skipped_images())
         local = tempfile.mkdtemp(prefix="overinterp-report-")
         reports = analysis.reports(summary, local)  # first: it lists its plots in the summary, which summary.md embeds
         if explained is not None:
@@ -264,6 +264,10 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
         log(f"loading {cfg.dataset}{' (smoke subsample)' if cfg.smoke else ''}")
         source = load_data(cfg)
         plan = make_plan(cfg, source.shape, {s: len(source.labels[s]) for s in SPLITS}, source.num_classes)
+    if cfg.pretrained:  # fail now, not in a worker, if its weights do not fit the data's classes and channels
+        from overinterp.models import create_model
+
+        create_model(**next(iter(plan.sources[cfg.models[0]].values())).model)
     resources = plan_resources(find_capacity(ray_address), ResourceFlags(**cfg.resource_flags()))
     if stream:  # its trials' Train workers leave CPUs to the Ray Data that feeds them: fewer trials at once
         resources = dataclasses.replace(resources, trial_concurrency=resources.streamed_trial_concurrency(cfg.workers_per_trial))

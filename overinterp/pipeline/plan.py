@@ -177,7 +177,7 @@ def make_plan(cfg, shape: tuple[int, int, int], n_images: dict, num_classes: int
     random_params = {"seed": cfg.random_seed}
     full: list[TrialSpec] = []
     if cfg.pretrained:
-        source = SelectionSource(path_safe(cfg.pretrained), model={"name": cfg.pretrained, "num_classes": num_classes, "weights": cfg.weights},
+        source = SelectionSource(path_safe(cfg.pretrained), model={"name": cfg.pretrained, "num_classes": num_classes, "in_channels": shape[0], "weights": cfg.weights},
                                  variant="pretrained", label=f"pretrained {cfg.pretrained} ({cfg.weights})")
         sources = {m: {"pretrained": source} for m in cfg.models}
     else:

@@ -92,8 +92,6 @@ class StreamSource:
         """Lists each split once (the run forgets older listings first: `driver.prepare`)."""
         classes = None if is_parquet(cfg.train) else list_classes(cfg.train)
         num_classes = cfg.num_classes or (len(classes) if classes else 1000)
-        if cfg.pretrained:
-            create_model(cfg.pretrained, num_classes, weights=cfg.weights)  # fail now, not in an actor, if the weights do not fit
         limits = {"train": cfg.max_images, "test": cfg.max_images}
         if cfg.smoke:
             limits = {s: min(n, cfg.max_images or n) for s, n in zip(("train", "test"), SMOKE_SIZES)}
@@ -206,11 +204,13 @@ class StreamBackend:
             launch_trials(stage, pending, trainable, cfg.out_dir, trial_res, len(specs), self.callbacks)
         return collect_results(stage, specs, cfg.out_dir)
 
-    def baseline(self) -> dict:
-        """Top-1 of a pretrained explained model on the full validation images and on its own subsets
-        ({} where the full-image models were trained: they are the baselines)."""
-        if not self.explained.model:
-            return {}
+    def baseline(self, test: TestImages) -> Optional[dict]:
+        """Top-1 of a pretrained explained model on the full validation images and on its own subsets,
+        from a pass over the whole split where the analysis's `test` images are only the first of it;
+        None where they are all of it (the analysis measures the baseline on them: no workers to
+        start) or the full-image models were trained (they are the baselines)."""
+        if not self.explained.model or len(test.labels) == test.total:
+            return None
         val = subset_stream(self.data.val, self.data.classes, self.data.limits["test"], self.cfg.image_size, self.plan.root,
                             f"{self.explained.tag}/{self.plan.primary}", "test", self.cfg.fraction, self.plan.n_images["test"])
         with warnings.catch_warnings():  # max_restarts has no named parameter yet (see select_stage._select_pass)
