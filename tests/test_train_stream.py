@@ -16,11 +16,16 @@ pytestmark = pytest.mark.ray
 SIZE, FRACTION = 8, 0.2  # 64 pixels, 13 kept
 
 
-@pytest.mark.parametrize("mask_bytes", [1 << 30, 0], ids=["broadcast", "hash-join"])
-def test_the_joined_keep_of_each_image_is_its_stored_mask(ray_session, tmp_path, monkeypatch, mask_bytes):
-    """Both joins (the masks looked up in the object store, and Ray Data's hash join for masks too big
-    to broadcast) give each stored image its own mask and leave out images without a selection."""
+@pytest.mark.parametrize("mask_bytes, driver_bytes", [(1 << 30, 1 << 22), (1 << 30, 0), (0, 0)],
+                         ids=["broadcast-from-driver", "broadcast-from-task", "hash-join"])
+def test_the_joined_keep_of_each_image_is_its_stored_mask(ray_session, tmp_path, monkeypatch, mask_bytes, driver_bytes):
+    """Both joins (the masks looked up in the object store, its table read in the driver or by a task,
+    and Ray Data's hash join for masks too big to broadcast) give each stored image its own mask and
+    leave out images without a selection."""
     monkeypatch.setattr(train_stream, "BROADCAST_MASK_BYTES", mask_bytes)
+    monkeypatch.setattr(train_stream, "DRIVER_MASK_TABLE_BYTES", driver_bytes)
+    built_in_driver = []
+    monkeypatch.setattr(train_stream, "mask_table", lambda *a, real=train_stream.mask_table: (built_in_driver.append(a), real(*a))[1])
     source = str(tmp_path / "train.parquet")
     write_encoded_parquet(source, n=10, num_classes=3, size=SIZE, seed=0)
     encoded = read_encoded(source).take_all()
@@ -46,9 +51,10 @@ def test_the_joined_keep_of_each_image_is_its_stored_mask(ray_session, tmp_path,
         assert np.array_equal(keep, expected[r["image_id"]]), r["image_id"]
         assert keep.sum() == 13 and r["label"] == labels[r["image_id"]]
     if mask_bytes:  # a stage reads each selection's masks from the store once, for all its trials
-        table = train_stream.mask_table_ref(root, "m/sel", "train", hw, FRACTION)
+        assert len(built_in_driver) == (1 if driver_bytes else 0)  # the task's mask_table is the worker's own import
+        table = train_stream.mask_table_refs(root, [("m/sel", "train")], hw, FRACTION, {"train": 10})[("m/sel", "train")]
         calls = []
-        monkeypatch.setattr(train_stream, "mask_table_ref", lambda *a: calls.append(a))
+        monkeypatch.setattr(train_stream, "mask_table_refs", lambda *a: calls.append(a))
         for _ in range(2):
             again = subset_stream(source, None, None, SIZE, root, "m/sel", "train", FRACTION, n_images=10, table=table).take_all()
             assert sorted(r["image_id"] for r in again) == sorted(expected)
@@ -61,14 +67,16 @@ def test_a_selection_without_images_is_refused(ray_session, tmp_path):
         train_stream.mask_table(root, "m/sel", "train", 4, 0.5)
 
 
-def test_repeated_stored_ids_are_refused_with_the_repair_command(ray_session, tmp_path):
+def test_repeated_stored_ids_are_refused_with_the_repair_command(ray_session, tmp_path, monkeypatch):
     root = str(tmp_path / "selections")
     store.write_rows(root, model="m", selector="sel", selector_params="{}", split="train", image_id=np.array([7, 7]), label=np.zeros(2),
                      height=2, width=2, order=torch.arange(4).repeat(2, 1))  # the same image stored twice
     with pytest.raises(store.StoreError, match="repeated image ids: run `overinterp store repair"):
         train_stream.mask_table(root, "m/sel", "train", 4, 0.5)
-    with pytest.raises(store.StoreError, match="repeated image ids"):  # the task that builds it: raised in the driver, before any trial
-        train_stream.mask_table_ref(root, "m/sel", "train", 4, 0.5)
+    for driver_bytes in (1 << 22, 0):  # the table read in the driver, and by a task: raised in the driver, before any trial
+        monkeypatch.setattr(train_stream, "DRIVER_MASK_TABLE_BYTES", driver_bytes)
+        with pytest.raises(store.StoreError, match="repeated image ids"):
+            train_stream.mask_table_refs(root, [("m/sel", "train")], 4, 0.5, {"train": 2})
 
 
 def test_a_one_worker_trial_goes_on_from_its_last_epoch_state(ray_session, tmp_path):

@@ -35,7 +35,7 @@ from overinterp.pipeline.plan import Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan, exit_with_parent, worker_device
 from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, select_stream, stored_random_ids, write_random
 from overinterp.pipeline.terminal import log
-from overinterp.pipeline.train_stream import (broadcast_join, cuda_on_gpu_workers, mask_table_ref, run_stream_trial,
+from overinterp.pipeline.train_stream import (broadcast_join, cuda_on_gpu_workers, mask_table_refs, run_stream_trial,
                                                subset_stream, unpack_keep)
 from overinterp.pipeline.trial import TrialSpec, load_result
 from overinterp.pipeline.tune_stage import collect_results, launch_trials
@@ -159,11 +159,11 @@ class StreamBackend:
                          rows.column("image_id").to_numpy(), done)
 
     def _mask_tables(self, specs: list[TrialSpec]) -> dict:
-        """{(subset, split): mask_table_ref} of the stage's selections joined by lookup: each read from
-        the store and put in the object store once, not once per trial."""
-        return {(subset, split): mask_table_ref(self.plan.root, subset, split, self.plan.hw, self.cfg.fraction)
-                for subset in sorted({s.subset for s in specs if s.subset}) for split in ("train", "test")
-                if broadcast_join(self.plan.n_images[split], self.plan.hw)}
+        """{(subset, split): table} of the stage's selections joined by lookup (mask_table_refs): each
+        read from the store and put in the object store once, not once per trial."""
+        keys = [(subset, split) for subset in sorted({s.subset for s in specs if s.subset}) for split in ("train", "test")
+                if broadcast_join(self.plan.n_images[split], self.plan.hw)]
+        return mask_table_refs(self.plan.root, keys, self.plan.hw, self.cfg.fraction, self.plan.n_images)
 
     def _streams(self, subset: Optional[str], tables: dict) -> dict:
         """{"train", "val"} datasets of one trial: the images with their keep-masks (all pixels for full

@@ -127,23 +127,38 @@ def _counted_mask_table(root: str, subset: str, split: str, hw: int, fraction: f
     return len(table[0]), table
 
 
-def mask_table_ref(root: str, subset: str, split: str, hw: int, fraction: float) -> list:
-    """[ObjectRef of mask_table(...)]: built by a Ray task into the object store once, for every trial
-    and worker that looks up this selection's keep-masks (a list, so that Ray passes the reference,
-    not the arrays). A task, not the driver: reading every shard of an ImageNet-count split and
-    sorting its ids would grow the driver's heap by the split's size (glibc keeps what it grew).
-    The driver waits for the row count alone, so a store error (no shards, repeated ids) is raised
-    here, once, and the table itself never enters the driver."""
-    count, table = ray.remote(num_cpus=1, num_returns=2, max_retries=2)(_counted_mask_table).remote(root, subset, split, hw, fraction)
-    ray.get(count)
-    return [table]
+# A selection's keep-masks table of up to this many bytes (images × (8 + ceil(HW / 8))) is read in the
+# driver and put in the object store from there: a Ray task costs a fresh worker's imports (~4 s on 2
+# cores), and a table this small does not grow the driver's heap measurably. Bigger tables are built
+# by tasks: every shard of an ImageNet-count split read and its ids sorted would grow the driver's
+# heap by the split's size (glibc keeps what it grew).
+DRIVER_MASK_TABLE_BYTES = 4 << 20
+
+
+def mask_table_refs(root: str, keys: list[tuple[str, str]], hw: int, fraction: float, n_images: dict) -> dict[tuple[str, str], list]:
+    """{(subset, split): [ObjectRef of mask_table(...)]}: each put in the object store once, for every
+    trial and worker that looks up that selection's keep-masks (a list, so that Ray passes the
+    reference, not the arrays). n_images: {split: images} (at most, the plan's count).
+
+    Small tables are read in the driver; bigger ones by Ray tasks, all at once as the cluster's CPUs
+    allow, whose row counts alone the driver waits for (DRIVER_MASK_TABLE_BYTES). A store error (no
+    shards, repeated ids) is raised here, once, either way."""
+    build = ray.remote(num_cpus=1, num_returns=2, max_retries=2)(_counted_mask_table)
+    tasks, out = {}, {}
+    for subset, split in keys:
+        if n_images[split] * (8 + -(-hw // 8)) <= DRIVER_MASK_TABLE_BYTES:
+            out[subset, split] = [ray.put(mask_table(root, subset, split, hw, fraction))]
+        else:
+            tasks[subset, split] = build.remote(root, subset, split, hw, fraction)
+    ray.get([count for count, _ in tasks.values()])
+    return {**out, **{key: [table] for key, (_, table) in tasks.items()}}
 
 
 def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int], size: int, root: str, subset: Optional[str],
                   split: str, fraction: float, n_images: int, table: Optional[list] = None) -> ray.data.Dataset:
     """The images of one split that have a stored selection, decoded, each with its packed keep-mask;
     subset None: every image of the split, with every pixel kept (full-image trials).
-    table: mask_table_ref's result for this selection and split, where the caller holds it already."""
+    table: mask_table_refs' entry for this selection and split, where the caller holds it already."""
     encoded = read_encoded(source, classes, limit, n_images)
     folder_root = "" if is_parquet(source) else fs.resolve(source)[1].rstrip("/")
     if subset is None:
@@ -152,7 +167,7 @@ def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int
         return decoded.select_columns(["image_id", "label", "image", MASK_COLUMN])
     hw = size * size
     if broadcast_join(n_images, hw):
-        table = table or mask_table_ref(root, subset, split, hw, fraction)
+        table = table or mask_table_refs(root, [(subset, split)], hw, fraction, {split: n_images})[subset, split]
         joined = encoded.map_batches(look_up_keep, fn_kwargs={"table": table}, batch_format="numpy", batch_size=256)
     else:
         partitions = min(512, max(1, n_images // IMAGES_PER_PARTITION))
