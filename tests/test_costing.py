@@ -180,7 +180,7 @@ def test_budget_guard_refuses_exact_bs_on_224px_folders_before_any_work(ray_sess
     _no_work(out)
 
 
-def test_smoke_on_a_folder_stays_within_the_stated_passes(ray_session, tmp_path):
+def test_smoke_on_a_folder_stays_within_the_stated_passes(ray_session, tmp_path, monkeypatch):
     """--smoke on a folder of 40-px images: every selector's stored passes per image stay within the
     bound --help states (the smoke's full-image models trained and explained as a run does; the
     subset models, which do not change the passes, are not trained)."""
@@ -198,6 +198,7 @@ def test_smoke_on_a_folder_stays_within_the_stated_passes(ray_session, tmp_path)
                               "--input-dropout", "0", "--fill", "mean", "--out", str(out)])
     cfg, data, plan, resources = prepare(config_from_args(args))
     backend = InMemoryBackend(cfg, plan, data, resources)
+    monkeypatch.setenv("TUNE_DISABLE_SIGINT_HANDLER", "1")  # as a run sets it: Tune's handler would outlive the test
     backend.train_full(list(plan.full_trials))
     tags = set()
     for job in plan.selections:

@@ -39,7 +39,8 @@ import torch
 from ray.train import DataConfig
 
 from overinterp import fs, store
-from overinterp.pipeline.images import MASK_COLUMN, decode_batch, drop_bad, is_parquet, keep_all, look_up_keep, read_encoded
+from overinterp.pipeline.images import (MASK_COLUMN, decode_batch, drop_bad, is_parquet, keep_all, look_up_keep, read_encoded,
+                                        read_parquet)
 from overinterp.pipeline.resources import exit_with_parent, worker_device
 from overinterp.pipeline.trial import TrialSpec, checkpoint_path, result_path, trial_dir
 from overinterp.selection import n_keep, random_order
@@ -81,7 +82,7 @@ def mask_rows(root: str, subset: str, split: str, hw: int, fraction: float) -> r
     ids = np.concatenate([store.read_shard(fsys, p, ["image_id"]).column("image_id").to_numpy() for p in paths])
     if len(np.unique(ids)) != len(ids):
         raise _repeated(root, subset, split)
-    ds = ray.data.read_parquet(paths, filesystem=fsys, columns=["image_id", "removal_step", "selector_params"])
+    ds = read_parquet(paths, len(ids), filesystem=fsys, columns=["image_id", "removal_step", "selector_params"])
     return ds.map_batches(_keep_bits, fn_kwargs={"hw": hw, "fraction": fraction, "split": split}, batch_format="pyarrow")
 
 
