@@ -134,3 +134,42 @@ def test_accuracies_are_logged_with_four_decimals_and_the_summary_keeps_them_exa
     assert parent["cnn.bs-subset.accuracy_mean"] == 0.967
     assert parent["cnn.masked.median_confidence"] == 0.9877 and parent["cnn.masked.accuracy"] == 0.1429
     assert parent["cnn.plain.median_sis_fraction"] == 5 / 64  # a count over the image's pixels: exact
+
+
+def _schema(path: str) -> tuple[list, list]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return (sorted(db.execute("select type, name, sql from sqlite_master").fetchall(), key=str),
+                db.execute("select version_num from alembic_version").fetchall())
+
+
+def test_a_new_sqlite_store_starts_as_a_copy_of_an_empty_one_at_mlflows_newest_schema(tmp_path, monkeypatch):
+    """The copy is the store MLflow builds itself (tables, indexes, schema version; its Default
+    experiment added on opening), the template is made once, and an existing store or another
+    kind of URI is left alone."""
+    import os
+
+    from overinterp.pipeline.tracking import start_sqlite_store
+
+    monkeypatch.chdir(tmp_path)  # MLflow's Default experiment lives under the working directory
+    cache = tmp_path / "cache"
+    copied, built = tmp_path / "a" / "mlflow.db", tmp_path / "b" / "mlflow.db"
+    start_sqlite_store(f"sqlite:///{copied}", str(cache))
+    (template,) = cache.iterdir()
+    assert copied.exists() and mlflow.__version__ in template.name and not template.name.endswith(".part")
+    MlflowClient(f"sqlite:///{built}").search_experiments()  # MLflow builds this one
+    assert _schema(str(copied)) == _schema(str(built))
+    opened = [(e.name, e.artifact_location) for e in MlflowClient(f"sqlite:///{copied}").search_experiments()]
+    assert opened == [(e.name, e.artifact_location) for e in MlflowClient(f"sqlite:///{built}").search_experiments()] == [
+        ("Default", f"{tmp_path}/mlruns/0")]
+
+    made = template.stat().st_mtime_ns
+    start_sqlite_store(f"sqlite:///{tmp_path}/c/mlflow.db", str(cache))  # the next new store: copied, the template kept
+    assert (tmp_path / "c" / "mlflow.db").exists() and template.stat().st_mtime_ns == made
+    before = copied.read_bytes()
+    start_sqlite_store(f"sqlite:///{copied}", str(cache))  # an existing store is not replaced
+    assert copied.read_bytes() == before
+    start_sqlite_store("http://127.0.0.1:5000", str(cache))
+    start_sqlite_store(f"sqlite:///{tmp_path}/d/mlflow.db", str(tmp_path / "a" / "mlflow.db" / "not-a-dir"))  # no cache: MLflow builds it
+    assert not (tmp_path / "d" / "mlflow.db").exists() and sorted(os.listdir(cache)) == [template.name]

@@ -58,6 +58,39 @@ def git_commit() -> str:
         return "unknown"
 
 
+def start_sqlite_store(uri: str, cache_dir: Optional[str] = None) -> None:
+    """A tracking URI sqlite:///PATH whose file does not exist yet starts as a copy of an empty store
+    at MLflow's newest schema, made once per schema in `cache_dir` ($XDG_CACHE_HOME/overinterp or
+    ~/.cache/overinterp): MLflow builds a new store by creating its first tables and then running
+    every schema migration since (2-4 s on 2 cores, for every new --out). MLflow then checks the
+    schema and adds its Default experiment as it does for any new store. Best effort: where the
+    cache or the copy cannot be written, MLflow builds the store itself."""
+    import shutil
+
+    from mlflow.store.db import utils as db
+
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if not path or path.startswith(":memory:") or "?" in path or os.path.exists(path):
+        return
+    cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "overinterp")
+    template = os.path.join(cache_dir, f"mlflow-{mlflow.__version__}-{db._get_latest_schema_revision()}-empty.db")
+    try:
+        if not os.path.exists(template):
+            os.makedirs(cache_dir, exist_ok=True)
+            part = f"{template}.{os.getpid()}.part"
+            engine = db.create_sqlalchemy_engine_with_retry(f"sqlite:///{part}")
+            try:
+                db._initialize_tables(engine)  # the tables alone: the Default experiment names this store's artifact root
+            finally:
+                engine.dispose()
+            os.replace(part, template)  # whole or not at all: another run may be copying it
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        shutil.copyfile(template, f"{path}.part")
+        os.replace(f"{path}.part", path)
+    except OSError as e:
+        log.debug("no MLflow store template (%s): MLflow builds %s itself", e, path)
+
+
 def _param(v) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
@@ -106,6 +139,7 @@ class Tracker:
 
     def __init__(self, config, dataset: str, resources=None, previous_holder: Optional[dict] = None):
         self.config, self.dataset, self.resources, self.previous_holder = config, dataset, resources, previous_holder
+        start_sqlite_store(config.tracking_uri)
         mlflow.set_tracking_uri(config.tracking_uri)
         self.client = MlflowClient(config.tracking_uri)
         exp = self.client.get_experiment_by_name(config.experiment)
