@@ -132,3 +132,27 @@ def test_a_pretrained_model_for_in_memory_data_is_built_for_its_channels_and_che
     with pytest.raises(ModelError, match="does not fit digits_cnn"):
         prepare(RunConfig(weights=three, **settings))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_pretrained_model_for_streamed_data_is_checked_before_the_listing(tmp_path, monkeypatch):
+    """Streamed images decode to RGB: 3-channel weights fit, 1-channel ones stop the run before the
+    source is counted (a listing of ImageNet on S3 is ~1,300 requests)."""
+    import torch
+
+    from overinterp.models import ModelError, create_model
+    from overinterp.pipeline import stream
+    from overinterp.pipeline.driver import prepare
+    from overinterp.synthetic import write_encoded_parquet
+
+    one, three = str(tmp_path / "one.pt"), str(tmp_path / "three.pt")
+    torch.save(create_model("digits_cnn", num_classes=3, in_channels=1).state_dict(), one)
+    torch.save(create_model("digits_cnn", num_classes=3).state_dict(), three)
+    for split in ("train", "val"):
+        write_encoded_parquet(str(tmp_path / f"{split}.parquet"), n=4, num_classes=3, size=8, seed=0)
+    settings = dict(train=str(tmp_path / "train.parquet"), val=str(tmp_path / "val.parquet"), pretrained="digits_cnn", num_classes=3,
+                    image_size=8, stream=True, out_dir=str(tmp_path / "out"))
+    _, _, plan, _ = prepare(RunConfig(weights=three, **settings))
+    assert plan.sources["digits_cnn"]["pretrained"].model["in_channels"] == 3
+    monkeypatch.setattr(stream, "count_images", lambda *a: pytest.fail("the source was counted before the weights were checked"))
+    with pytest.raises(ModelError, match="does not fit digits_cnn"):
+        prepare(RunConfig(weights=one, **settings))

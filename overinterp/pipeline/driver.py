@@ -264,10 +264,10 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
         log(f"loading {cfg.dataset}{' (smoke subsample)' if cfg.smoke else ''}")
         source = load_data(cfg)
         plan = make_plan(cfg, source.shape, {s: len(source.labels[s]) for s in SPLITS}, source.num_classes)
-    if cfg.pretrained:  # fail now, not in a worker, if its weights do not fit the data's classes and channels
-        from overinterp.models import create_model
+        if cfg.pretrained:  # fail now, not in a worker, if its weights do not fit the data's classes and channels
+            from overinterp.models import create_model
 
-        create_model(**next(iter(plan.sources[cfg.models[0]].values())).model)
+            create_model(**next(iter(plan.sources[cfg.models[0]].values())).model)
     resources = plan_resources(find_capacity(ray_address), ResourceFlags(**cfg.resource_flags()))
     if stream:  # its trials' Train workers leave CPUs to the Ray Data that feeds them: fewer trials at once
         resources = dataclasses.replace(resources, trial_concurrency=resources.streamed_trial_concurrency(cfg.workers_per_trial))

@@ -92,6 +92,8 @@ class StreamSource:
         """Lists each split once (the run forgets older listings first: `driver.prepare`)."""
         classes = None if is_parquet(cfg.train) else list_classes(cfg.train)
         num_classes = cfg.num_classes or (len(classes) if classes else 1000)
+        if cfg.pretrained:  # fail now, before the listing and not in an actor, if the weights do not fit (images decode to RGB)
+            create_model(cfg.pretrained, num_classes, in_channels=3, weights=cfg.weights)
         limits = {"train": cfg.max_images, "test": cfg.max_images}
         if cfg.smoke:
             limits = {s: min(n, cfg.max_images or n) for s, n in zip(("train", "test"), SMOKE_SIZES)}
