@@ -1,5 +1,7 @@
 """Model registry, ensembles, input dropout, checkpoints, torchvision weights from a file."""
 
+import hashlib
+
 import pytest
 import torch
 
@@ -107,7 +109,7 @@ def test_checkpoint_roundtrip_and_ensemble(tmp_path):
     spec = ModelSpec("digits_cnn", 10, 1, input_dropout=0.2)
     m = build(spec).eval()
     p1, p2 = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
-    save_checkpoint(p1, spec, m)
+    assert save_checkpoint(p1, spec, m) == hashlib.sha256(open(p1, "rb").read()).hexdigest()  # the bytes on disk
     save_checkpoint(p2, spec, build(spec))
     loaded = load_checkpoint(p1)
     assert isinstance(loaded, InputDropout) and not loaded.training

@@ -5,7 +5,8 @@ MLflow's artifact store (a tracking server started as cluster.yaml starts it, ar
 
 One streamed run is shared by the tests below (module fixture `first_run`); while it holds its
 --out, a second run on the same --out is started and must be refused. The run is the cheapest
-streamed setup: 6 train and 6 val images of 40 px, tv:resnet18 at 32 px, one epoch, three subset
+streamed setup: 6 train and 6 val images of 40 px, resnet20 (the CIFAR ResNet, 1 MB checkpoints: moto serves
+S3 from this process, ~6 MB/s) at 32 px, one epoch, three subset
 trials.
 """
 
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "jobs"))
 
 import sis_imagenet  # noqa: E402
 
-SELECTOR = ("tv_resnet18", "bgsis-k64")
+SELECTOR = ("resnet20", "bgsis-k64")
 
 
 def _key(s3, uri: str) -> str:
@@ -81,7 +82,7 @@ def mlflow_server(s3_server, tmp_path_factory):
 
 
 def _run_args(root: str, weights: str, tracking: str) -> list[str]:
-    return ["--train", f"{root}/data/train", "--val", f"{root}/data/val", "--model", "tv:resnet18", "--weights", weights,
+    return ["--train", f"{root}/data/train", "--val", f"{root}/data/val", "--model", "resnet20", "--weights", weights,
             "--num-classes", "3", "--image-size", "32", "--pixels-per-step", "64", "--epochs", "1", "--batch-size", "8",
             "--select-batch", "6", "--fill", "mean", "--out", f"{root}/out", "--tracking-uri", tracking]
 
@@ -107,7 +108,7 @@ def first_run(s3_server, mlflow_server, tmp_path_factory):
     s3_server.upload(str(tmp / "data"), f"{root}/data")
     weights = str(tmp / "w.pt")  # the explained model's weights stay local, as a user's --weights file would
     torch.manual_seed(0)
-    torch.save(create_model("tv:resnet18", num_classes=3).state_dict(), weights)
+    torch.save(create_model("resnet20", num_classes=3).state_dict(), weights)
     args = _run_args(root, weights, mlflow_server[0])
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}, **s3_server.env,
            "PYTHONPATH": ROOT}
@@ -144,7 +145,7 @@ def test_a_streamed_run_reads_and_writes_s3(first_run, s3, mlflow_server):
     sel = store.read_selections(fs.join(out, "selections"), *SELECTOR, "train", expect_ids=first_run["expected"])
     assert sel.image_id.tolist() == first_run["expected"] and sel.order.shape == (6, 1024)
     keys = set(_objects(s3, out))
-    assert {"summary.json", "trials/tv_resnet18-bgsis-k64-s0/result.json", "trials/tv_resnet18-random-seed0-s0/result.json"} <= keys
+    assert {"summary.json", "trials/resnet20-bgsis-k64-s0/result.json", "trials/resnet20-random-seed0-s0/result.json"} <= keys
     assert ".overinterp.lock" not in keys  # released
     mlflow.set_tracking_uri(mlflow_server[0])
     parent = mlflow.search_runs(experiment_names=["overinterp-imagenet"], filter_string="tags.`overinterp.role` = 'parent'")
@@ -171,7 +172,7 @@ def test_the_rerun_resumes_from_the_s3_store(first_run, s3, tmp_path):
     printed = (tmp_path / "rerun.log").read_text()
     assert rc == 0, printed[-4000:]
     for split in ("train", "test"):
-        assert f"[bgsis-k64 tv_resnet18/{split}] 6 of 6 images already selected; 0 to go" in printed
+        assert f"[bgsis-k64 resnet20/{split}] 6 of 6 images already selected; 0 to go" in printed
     assert "3 of 3 trials already finished" in printed
     assert {k: v for k, v in _objects(s3, out).items() if k.startswith(("selections/", "trials/"))} == before
     again = fs.read_json(fs.join(out, "summary.json"))

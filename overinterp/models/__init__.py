@@ -5,6 +5,7 @@ Every model takes normalised images (N, C, H, W) and returns logits (N, K).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import asdict, dataclass
@@ -201,11 +202,13 @@ def build(spec: ModelSpec) -> nn.Module:
     return InputDropout(model, spec.input_dropout) if spec.input_dropout > 0 else model
 
 
-def save_checkpoint(path: str, spec: ModelSpec, model: nn.Module, extra: dict | None = None) -> None:
-    """Atomic write to a path or URI: a crash never leaves a half-written checkpoint behind."""
+def save_checkpoint(path: str, spec: ModelSpec, model: nn.Module, extra: dict | None = None) -> str:
+    """Atomic write to a path or URI: a crash never leaves a half-written checkpoint behind. Returns
+    the SHA-256 (hex) of the bytes written, from memory: a checkpoint on S3 is not read back."""
     buf = io.BytesIO()
     torch.save({"spec": asdict(spec), "state_dict": model.state_dict(), "extra": extra or {}}, buf)
     fs.write_bytes(path, buf.getvalue())
+    return hashlib.sha256(buf.getbuffer()).hexdigest()
 
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> nn.Module:

@@ -340,7 +340,6 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from overinterp.models import ModelSpec, save_checkpoint
-    from overinterp.pipeline.trial import _sha256
 
     t0 = time.time()
     local = workers == 1  # the loop runs here, in the trial's process
@@ -392,14 +391,14 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
     model = build(model_spec)
     model.load_state_dict(state["model"])
     ckpt = checkpoint_path(out_dir, spec)
-    save_checkpoint(ckpt, model_spec, model, {"trial": asdict(spec)})
+    sha256 = save_checkpoint(ckpt, model_spec, model, {"trial": asdict(spec)})
     out = {
         "name": spec.name, "spec": asdict(spec), "accuracy": final["val_accuracy"], "train_loss": final["train_loss"],
         "losses": [float(v) for v in history["train_loss"]], "val_accuracies": [float(v) for v in history["val_accuracy"]],
         "finished_at": time.time(),
         "seconds": time.time() - t0, "device": device, "workers": workers,
         "resumed_from_epochs": sorted({int(v) for v in history["start_epoch"] if v > 0}),
-        "checkpoint": ckpt, "checkpoint_sha256": _sha256(ckpt), "val_images": final["val_images"],
+        "checkpoint": ckpt, "checkpoint_sha256": sha256, "val_images": final["val_images"],
         # seconds: the trainer's whole fit, its worker group's start, each epoch and its wait for the first batch
         "timing": {"fit_s": fit_s, "worker_start_s": float(history["worker_start_s"].iloc[0]),
                    "epoch_s": [float(v) for v in history["epoch_s"]], "first_batch_s": [float(v) for v in history["first_batch_s"]]},
