@@ -23,27 +23,37 @@ def test_a_bug_is_not_mistaken_for_a_lost_worker():
     assert lost_worker(bug) is None
 
 
-def test_a_selection_worker_drops_ids_already_stored(ray_session, tmp_path):
-    """A retried pass hands the actors the ids stored meanwhile; they select and store only the rest
-    (the filter lives in the actor: a separate Ray Data filter task would need a free CPU)."""
+def _job(tag: str = "m", split: str = "test") -> dict:
+    """A SelectionWorker's job: BS with k = 4 by a seeded digits_cnn named `tag`."""
+    from dataclasses import asdict
+
+    from overinterp.pipeline.plan import SelectionSource
+    from overinterp.selection import selector_params
+
+    source = SelectionSource(tag=tag, model={"name": "digits_cnn", "num_classes": 10, "in_channels": 1})
+    return dict(source=asdict(source), split=split, selector="backselect", params=selector_params("backselect", 4), pass_scale=1.0)
+
+
+def test_a_selection_worker_serves_every_job_of_a_batch(tmp_path):
+    """Rows of two jobs in one batch (Ray Data's batches cross its blocks): each job's images are
+    selected by its model and stored under its own model and split, and counted in a row of their own."""
     from dataclasses import asdict
 
     import numpy as np
 
     from overinterp import store
-    from overinterp.pipeline.plan import SelectionSource
     from overinterp.pipeline.select_stage import SelectionWorker
-    from overinterp.selection import EngineConfig, selector_params
+    from overinterp.selection import EngineConfig
 
-    source = SelectionSource(tag="m", model={"name": "digits_cnn", "num_classes": 10, "in_channels": 1})
-    worker = SelectionWorker(asdict(source), str(tmp_path), "test", (0.5,), (0.25,), "backselect", selector_params("backselect", 4),
-                             asdict(EngineConfig()), threads=1, skip_ids=np.array([1, 3], dtype=np.int64))
+    worker = SelectionWorker([_job("m", "test"), _job("n", "train")], str(tmp_path), (0.5,), (0.25,), asdict(EngineConfig()), threads=1)
     images = np.random.default_rng(0).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
-    out = worker({"image_id": np.arange(4), "label": np.zeros(4, np.int64), "image": images})
-    # the driver gets the call's counts, not a row per image
-    assert out["images"].tolist() == [2] and out["seconds"][0] > 0 and out["error"].tolist() == [""]
-    assert store.done_ids(str(tmp_path), "m", "backselect-k4", "test").tolist() == [0, 2]
-    assert worker({"image_id": np.array([1, 3]), "label": np.zeros(2, np.int64), "image": images[:2]})["images"].tolist() == [0]
+    out = worker({"job": np.array([1, 0, 1, 1]), "image_id": np.array([5, 6, 7, 8]), "label": np.zeros(4, np.int64), "image": images})
+    # the driver gets each job's counts, not a row per image
+    assert out["job"].tolist() == [0, 1] and out["images"].tolist() == [1, 3] and (out["seconds"] > 0).all()
+    assert store.done_ids(str(tmp_path), "m", "backselect-k4", "test").tolist() == [6]
+    assert store.done_ids(str(tmp_path), "n", "backselect-k4", "train").tolist() == [5, 7, 8]
+    assert sorted(worker.models) == ["m", "n"]  # each model loaded on first use
+    assert worker({"image_id": np.arange(0), "label": np.zeros(0, np.int64), "image": images[:0]})["images"].tolist() == [0]
 
 
 def test_a_selection_worker_returns_a_row_per_image_that_did_not_decode(tmp_path):
@@ -54,17 +64,14 @@ def test_a_selection_worker_returns_a_row_per_image_that_did_not_decode(tmp_path
     import numpy as np
 
     from overinterp import store
-    from overinterp.pipeline.plan import SelectionSource
     from overinterp.pipeline.select_stage import SelectionWorker
-    from overinterp.selection import EngineConfig, selector_params
+    from overinterp.selection import EngineConfig
 
-    source = SelectionSource(tag="m", model={"name": "digits_cnn", "num_classes": 10, "in_channels": 1})
-    worker = SelectionWorker(asdict(source), str(tmp_path), "test", (0.5,), (0.25,), "backselect", selector_params("backselect", 4),
-                             asdict(EngineConfig()), threads=1)
+    worker = SelectionWorker([_job()], str(tmp_path), (0.5,), (0.25,), asdict(EngineConfig()), threads=1)
     images = np.random.default_rng(0).integers(0, 256, (3, 1, 8, 8), dtype=np.uint8)
     out = worker({"image_id": np.arange(3), "label": np.zeros(3, np.int64), "image": images,
                   "path": np.array(["a.png", "b.png", "c.png"], dtype=object), "error": np.array(["", "truncated", ""], dtype=object)})
-    assert out["images"].tolist() == [2, 0] and out["path"].tolist() == ["", "b.png"] and out["error"].tolist() == ["", "truncated"]
+    assert out["job"].tolist() == [0, 0] and out["images"].tolist() == [2, 0] and out["path"].tolist() == ["", "b.png"] and out["error"].tolist() == ["", "truncated"]
     assert out["seconds"][1] == 0
     assert store.done_ids(str(tmp_path), "m", "backselect-k4", "test").tolist() == [0, 2]
 
@@ -141,12 +148,9 @@ def test_the_driver_shows_the_larger_of_results_and_reports_never_back():
 
 
 def test_the_replan_line_gives_the_rest_at_the_measured_wall_rate():
-    from types import SimpleNamespace
-
     from overinterp.pipeline.select_stage import _replan_line
 
-    job = SimpleNamespace(tag="bgsis-k32", source=SimpleNamespace(tag="m"), split="train")
-    assert _replan_line(job, 2_000, 1_000, 5.0, 100_000) == ("[bgsis-k32 m/train] measured: 2% of the passes done, 200 passes/s "
+    assert _replan_line("[bgsis-k32 m/train]", 2_000, 1_000, 5.0, 100_000) == ("[bgsis-k32 m/train] measured: 2% of the passes done, 200 passes/s "
                                                               "over the last 5 s; at that rate the rest takes ≈ 8 min 10 s")
 
 
@@ -160,21 +164,20 @@ def test_the_driver_sees_passes_before_the_batch_ends_and_none_twice(ray_session
 
     import overinterp.pipeline.select_stage as ss
     from overinterp.pipeline.pass_counter import run_pass_counter
-    from overinterp.pipeline.plan import SelectionSource
-    from overinterp.selection import EngineConfig, planned_forward_passes, selector_params
+    from overinterp.selection import EngineConfig, planned_forward_passes
 
     monkeypatch.setattr(ss, "FORWARD_EVERY", 0.0)  # report every chunk: deterministic
     counter = run_pass_counter()
-    source = SelectionSource(tag="m", model={"name": "digits_cnn", "num_classes": 10, "in_channels": 1})
-    worker = ss.SelectionWorker(asdict(source), str(tmp_path), "test", (0.5,), (0.25,), "backselect", selector_params("backselect", 4),
-                                asdict(EngineConfig(chunk=16)), threads=1, counter=counter, pass_id="this-pass")
-    model, seen = worker.model, []
+    job = _job()
+    worker = ss.SelectionWorker([job], str(tmp_path), (0.5,), (0.25,), asdict(EngineConfig(chunk=16)), threads=1, counter=counter,
+                                pass_id="this-pass")
+    model, seen = worker.model(job["source"]), []
 
     def watched(x):  # the driver's view, read from inside the batch at every forward pass
         seen.append(ray.get(counter.total.remote("this-pass")))
         return model(x)
 
-    worker.model = watched
+    worker.models["m"] = watched
     images = np.random.default_rng(0).integers(0, 256, (2, 1, 8, 8), dtype=np.uint8)
     worker({"image_id": np.arange(2), "label": np.zeros(2, np.int64), "image": images})
     total = planned_forward_passes("backselect", 64, 4, batch=2)
@@ -209,10 +212,10 @@ def test_a_selection_pass_shows_every_planned_pass_once(ray_session, tmp_path, m
     resources = ResourcePlan(use_gpu=False, select_workers=1, cpus_per_worker=1, gpus_per_worker=0, trial_concurrency=1,
                              cpus_per_trial=1, gpus_per_trial=0, capacity="test")
     images = np.random.default_rng(0).integers(0, 256, (3, 1, 8, 8), dtype=np.uint8)
-    n, _ = ss.select_in_memory(job, images, np.zeros(3, np.int64), (0.5,), (0.25,), str(tmp_path), resources,
-                               EngineConfig(chunk=16), select_batch=1)
+    n = ss.select_in_memory([job], {"test": images}, {"test": np.zeros(3, np.int64)}, (0.5,), (0.25,), str(tmp_path), resources,
+                            EngineConfig(chunk=16), select_batch=1)
     total = 3 * planned_forward_passes("backselect", 64, 4)
-    assert n == 3 and store.done_ids(str(tmp_path), "m", "backselect-k4", "test").tolist() == [0, 1, 2]
+    assert n == [3] and store.done_ids(str(tmp_path), "m", "backselect-k4", "test").tolist() == [0, 1, 2]
     assert asked and max(asked) <= total and asked[-1] == total
     printed = capsys.readouterr().out
     assert "[backselect-k4 m/test] selected 3 images in " in printed  # wall time beside the passes
@@ -233,8 +236,9 @@ def test_a_streamed_selection_stores_the_good_images_and_lists_the_bad_ones(ray_
     resources = ResourcePlan(use_gpu=False, select_workers=1, cpus_per_worker=1, gpus_per_worker=0, trial_concurrency=1,
                              cpus_per_trial=1, gpus_per_trial=0, capacity="test")
     root = str(tmp_path / "selections")
-    n, skipped = ss.select_stream(job, read_images(damaged_folder, 8), root, (0.5,) * 3, (0.25,) * 3, resources, select_batch=4, total=13)
-    assert n == 11 and len(store.done_ids(root, "m", "gradient", "train")) == 11
+    n, (skipped,) = ss.select_stream([job], lambda done: read_images(damaged_folder, 8, skip_ids=done[0]), root, (0.5,) * 3, (0.25,) * 3,
+                                     resources, select_batch=4, totals=[13])
+    assert n == [11] and len(store.done_ids(root, "m", "gradient", "train")) == 11
     assert [p for p, _ in skipped] == ["n00000000/00000.jpg", "n00000001/notes.jpg"] and "truncated" in skipped[0][1]
 
 
@@ -281,18 +285,18 @@ def test_rows_a_lost_pass_wrote_late_are_stored_once_after_the_retry(tmp_path, m
 
     passes = []
 
-    def fake_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager, skip):
-        passes.append(done.tolist())
+    def fake_pass(jobs, ds, root, mean, std, resources, engine, select_batch, totals, done, hw, eager):
+        passes.append(done[0].tolist())
         if len(passes) == 1:
             write([0, 1])
             raise ray.exceptions.ActorDiedError()
         write([2, 3])  # this pass selects the images it found missing
         write([2])  # the lost pass's straggler, too late for the stored ids this pass read
-        return 2, []
+        return [2], [[]]
 
     monkeypatch.setattr(select_stage, "_select_pass", fake_pass)
-    n, _ = select_stage.select_stream(job, object(), root, None, None, None, total=4)
-    assert passes == [[], [0, 1]] and n == 2
+    n, _ = select_stage.select_stream([job], lambda done: object(), root, None, None, None, totals=[4])
+    assert passes == [[], [0, 1]] and n == [2]
     ids = store.read_selections(root, "m", job.tag, "train").image_id
     fsys, paths = store.shard_files(root, "m", job.tag, "train")
     rows = sum(store.read_shard(fsys, p, ["image_id"]).num_rows for p in paths)
@@ -322,22 +326,22 @@ def test_selection_gives_up_only_after_three_lost_passes_in_a_row_that_store_not
     job = SelectionJob(SelectionSource(tag="m", model={}), "backselect", "{}", "train")
     passes = []
 
-    def fake_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager, skip):
-        passes.append(len(done))
+    def fake_pass(jobs, ds, root, mean, std, resources, engine, select_batch, totals, done, hw, eager):
+        passes.append(len(done[0]))
         if len(passes) <= 5:
             if progress:
                 _write_ids(root, job.tag, [len(passes) - 1])
             raise ray.exceptions.ActorDiedError()
         _write_ids(root, job.tag, [5])
-        return 1, []
+        return [1], [[]]
 
     monkeypatch.setattr(select_stage, "_select_pass", fake_pass)
     if progress:
-        n, _ = select_stage.select_stream(job, object(), root, None, None, None, total=6)
-        assert n == 1 and passes == [0, 1, 2, 3, 4, 5]
+        n, _ = select_stage.select_stream([job], lambda done: object(), root, None, None, None, totals=[6])
+        assert n == [1] and passes == [0, 1, 2, 3, 4, 5]
     else:
         with pytest.raises(ray.exceptions.ActorDiedError):
-            select_stage.select_stream(job, object(), root, None, None, None, total=6)
+            select_stage.select_stream([job], lambda done: object(), root, None, None, None, totals=[6])
         assert passes == [0, 0, 0]
     assert len(passes) == passes_run
     lost = [ln for ln in capsys.readouterr().out.splitlines() if "a selection worker was lost" in ln]

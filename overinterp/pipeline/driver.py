@@ -33,7 +33,7 @@ class Backend(Protocol):
     cfg: RunConfig
 
     def train_full(self, specs: list[TrialSpec]) -> dict[str, dict]: ...
-    def select(self, job: SelectionJob) -> None: ...
+    def select(self, jobs: list[SelectionJob]) -> None: ...  # every selection of the plan
     def write_random(self, split: str) -> None: ...
     def train_subsets(self, specs: list[TrialSpec]) -> dict[str, dict]: ...
     def baseline(self, test: TestImages) -> Optional[dict]: ...  # a pretrained model's top-1 over the whole test split where `test` is less of it
@@ -152,8 +152,7 @@ def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
         full = stages.run(f"training {len(plan.full_trials)} full-image models", backend.train_full, list(plan.full_trials))
 
     def select_all():
-        for job in plan.selections:
-            backend.select(job)
+        backend.select(list(plan.selections))
         for split in SPLITS:
             backend.write_random(split)
 

@@ -1,11 +1,14 @@
 """Selection on Ray Data: images are split across actors that explain them and write Parquet shards;
 the random baseline is written by the driver (it needs no model).
 
-Each actor loads its model once (in __init__) on its assigned GPU, or on CPU where it was given none.
-The pool grows to the planned size as the autoscaler adds nodes. A worker lost with its node fails
-the pass, and the stage selects the images not yet stored again (select_stream); shards are named by
-their content (overinterp/store/format.py), so a batch done twice rewrites its own shard and every image
-ends up in the store once. A rerun selects only the image ids not yet in the store.
+One pool of actors serves every job of a pass (a job: a model, a selector and a split): an in-memory
+run selects all of its jobs in one pass, so the actors start once (seconds each: a process, torch's
+import); a streamed run reads each split anew for each job. Each actor loads a job's model on its
+first batch of that job, on its assigned GPU, or on CPU where it was given none. The pool grows to
+the planned size as the autoscaler adds nodes. A worker lost with its node fails the pass, and the
+stage selects the images not yet stored again (select_stream); shards are named by their content
+(overinterp/store/format.py), so a batch done twice rewrites its own shard and every image ends up
+in the store once. A rerun selects only the image ids not yet in the store.
 
 Progress is shown in planned passes, from inside a batch too: the engines call on_passes as they
 go, each actor forwards its running total every FORWARD_EVERY s to the run's PassCounter actor
@@ -42,54 +45,65 @@ from overinterp.selection import RANDOM, EngineConfig, params_json, run_selector
 
 
 class SelectionWorker:
-    """Ray Data actor: (image_id, label, image) batches in, Parquet shards out."""
+    """Ray Data actor: (job, image_id, label, image) batches in, Parquet shards out. One pool serves
+    every job of a pass (a job: a source model, selector and split), so a run starts its actors once
+    for all of them: each actor start costs seconds (a process, torch's import, the models).
 
-    def __init__(self, source: dict, root: str, split: str, mean, std, selector: str, params: dict, engine: dict, threads: int,
-                 skip_ids: Optional[np.ndarray] = None, counter=None, pass_id: str = "", pass_scale: float = 1.0):
+    jobs: one dict per job, {source: SelectionSource as a dict, split, selector, params, pass_scale};
+    rows name theirs by index in the `job` column (absent: job 0). Models are loaded on first use."""
+
+    def __init__(self, jobs: list[dict], root: str, mean, std, engine: dict, threads: int, counter=None, pass_id: str = ""):
         exit_with_parent()
         torch.set_num_threads(threads)
-        # passes made go to the driver's PassCounter (if any), at most every FORWARD_EVERY s
-        self.passes = PassForwarder(counter, pass_id, scale=pass_scale) if counter is not None else None
-        # (S,) sorted int64: ids already in the store, dropped here rather than by a Ray Data filter
-        # task — that task would need a CPU, and on a node whose CPUs the actors hold it never runs
-        self.skip_ids = skip_ids if skip_ids is not None and len(skip_ids) else None
+        # passes made go to the driver's PassCounter (if any), at most every FORWARD_EVERY s; per job, for its scale
+        self.passes = [PassForwarder(counter, pass_id, scale=job["pass_scale"]) if counter is not None else None for job in jobs]
         self.device = worker_device()
-        self.model = SelectionSource(**source).load(self.device)
-        self.tag, self.root, self.split = source["tag"], root, split
+        self.jobs, self.models = jobs, {}  # models: {source tag: model on self.device}
+        self.root = root
         self.mean, self.std = tuple(mean), tuple(std)
-        self.selector, self.params = selector, params
         self.engine = EngineConfig(**engine)
 
+    def model(self, source: dict):
+        if source["tag"] not in self.models:
+            self.models[source["tag"]] = SelectionSource(**source).load(self.device)
+        return self.models[source["tag"]]
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Selects and stores a batch; returns what the driver counts, not a row per image: one row
-        (images: how many were selected, seconds: the worker's time on them) and a row per image
-        that did not decode (its path and reason). Ray Data hands the driver a task's results when
-        the task ends, hundreds of calls at once at ImageNet's count: rows per image made the
-        driver map their object-store pages and convert them to ~200 MiB of Python strings at its
+        """Selects and stores a batch; returns what the driver counts, not a row per image: per job in
+        the batch one row (images: how many were selected, seconds: the worker's time on them) and a
+        row per image that did not decode (its path and reason). Ray Data hands the driver a task's
+        results when the task ends, hundreds of calls at once at ImageNet's count: rows per image made
+        the driver map their object-store pages and convert them to ~200 MiB of Python strings at its
         peak; a few bytes a call stay small however many arrive."""
+        n_in = len(batch["image_id"])
+        job = np.asarray(batch["job"]) if "job" in batch else np.zeros(n_in, dtype=np.int64)
+        parts = [self._select(int(j), {k: np.asarray(v)[job == j] for k, v in batch.items()}) for j in np.unique(job)]
+        if not parts:
+            return _counts(0, 0, 0.0, np.array([], dtype=object), np.array([], dtype=object))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _select(self, j: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        if self.skip_ids is not None:
-            keep = ~store.stored_mask(batch["image_id"], self.skip_ids)
-            batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
+        job = self.jobs[j]
         n_in = len(batch["image_id"])
         errors = np.asarray(batch["error"], dtype=object) if "error" in batch else np.full(n_in, "", dtype=object)
         good = errors == ""  # undecodable files arrive as rows with a reason: recorded by the driver, never selected
         paths = np.asarray(batch["path"], dtype=object) if "path" in batch else np.full(n_in, "", dtype=object)
         bad = {"path": paths[~good], "error": errors[~good]}
         if not good.any():
-            return _counts(0, 0.0, **bad)
-        batch = {k: np.asarray(v)[good] for k, v in batch.items() if k in ("image_id", "label", "image")}
+            return _counts(j, 0, 0.0, **bad)
+        batch = {k: v[good] for k, v in batch.items() if k in ("image_id", "label", "image")}
         images = torch.from_numpy(np.array(batch["image"])).to(self.device)  # (B, C, H, W) uint8
         x = normalize(images, self.mean, self.std)
-        res = run_selector(self.selector, self.model, x, self.params, self.engine, on_passes=self.passes).cpu()
+        res = run_selector(job["selector"], self.model(job["source"]), x, job["params"], self.engine, on_passes=self.passes[j]).cpu()
         _, _, H, W = images.shape
         n = len(batch["image_id"])
         store.write_rows(
             self.root,
-            model=self.tag,
-            selector=selector_tag(self.selector, self.params),
-            selector_params=params_json(self.params),
-            split=self.split,
+            model=job["source"]["tag"],
+            selector=selector_tag(job["selector"], job["params"]),
+            selector_params=params_json(job["params"]),
+            split=job["split"],
             image_id=batch["image_id"],
             label=batch["label"],
             pred=res.pred.numpy(),
@@ -101,15 +115,16 @@ class SelectionWorker:
             height=H,
             width=W,
         )
-        return _counts(n, time.perf_counter() - t0, **bad)
+        return _counts(j, n, time.perf_counter() - t0, **bad)
 
 
-def _counts(images: int, seconds: float, path: np.ndarray, error: np.ndarray) -> dict[str, np.ndarray]:
-    """A selection call's rows for the driver: (images, seconds) of the call, then (path, error) of
-    each image that did not decode, with images and seconds 0."""
+def _counts(job: int, images: int, seconds: float, path: np.ndarray, error: np.ndarray) -> dict[str, np.ndarray]:
+    """A selection call's rows for the driver, all of one job: (images, seconds) of the call, then
+    (path, error) of each image that did not decode, with images and seconds 0."""
     n_bad = len(path)
-    return {"images": np.array([images] + [0] * n_bad, dtype=np.int64), "seconds": np.array([seconds] + [0.0] * n_bad),
-            "path": np.array([""] + list(path), dtype=object), "error": np.array([""] + list(error), dtype=object)}
+    return {"job": np.full(1 + n_bad, job, dtype=np.int64), "images": np.array([images] + [0] * n_bad, dtype=np.int64),
+            "seconds": np.array([seconds] + [0.0] * n_bad), "path": np.array([""] + list(path), dtype=object),
+            "error": np.array([""] + list(error), dtype=object)}
 
 
 FORWARD_EVERY = 2.0  # seconds between a worker's reports of the passes it has made
@@ -158,43 +173,50 @@ def watch_progress(bar: Progress, finished: Callable[[], float], reported: Calla
             on_progress = None
 
 
-def select_in_memory(job: SelectionJob, images: np.ndarray, labels: np.ndarray, mean, std, root: str, resources: ResourcePlan,
-                     engine: EngineConfig = EngineConfig(), select_batch: int = 64) -> tuple[int, list]:
-    """Run a selection job on in-memory images (ids 0..N-1) not yet in the store."""
-    done = store.done_ids(root, job.source.tag, job.tag, job.split)
-    todo = np.setdiff1d(np.arange(len(labels)), done).tolist()
-    items = [{"image_id": i, "label": int(labels[i]), "image": images[i]} for i in todo]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(todo) / select_batch))) if items else None
-    return select_stream(job, ds, root, mean, std, resources, engine, select_batch, done=done, total=len(labels), hw=images.shape[2:],
-                         eager=True)
+def select_in_memory(jobs: list[SelectionJob], images: dict[str, np.ndarray], labels: dict[str, np.ndarray], mean, std, root: str,
+                     resources: ResourcePlan, engine: EngineConfig = EngineConfig(), select_batch: int = 64) -> list[int]:
+    """Run selection jobs on in-memory images ({split: (N, C, H, W) uint8}, ids 0..N-1), all through
+    one pool of actors, each job on its split's images not yet in the store. Returns the images
+    selected now, per job."""
+
+    def todo(done: list[np.ndarray]) -> Optional[ray.data.Dataset]:
+        items = [{"job": j, "image_id": i, "label": int(labels[job.split][i]), "image": images[job.split][i]}
+                 for j, job in enumerate(jobs) for i in np.setdiff1d(np.arange(len(labels[job.split])), done[j]).tolist()]
+        return ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / select_batch)) if items else None
+
+    hw = next(iter(images.values())).shape[2:]
+    selected, _ = select_stream(jobs, todo, root, mean, std, resources, engine, select_batch,
+                                totals=[len(labels[job.split]) for job in jobs], hw=hw, eager=True)
+    return selected
 
 
 def select_stream(
-    job: SelectionJob,
-    ds: Optional[ray.data.Dataset],
+    jobs: list[SelectionJob],
+    todo: Callable[[list[np.ndarray]], Optional[ray.data.Dataset]],
     root: str,
     mean,
     std,
     resources: ResourcePlan,
     engine: EngineConfig = EngineConfig(),
     select_batch: int = 64,
-    done: Optional[np.ndarray] = None,
-    total: Optional[int] = None,
+    totals: Optional[list[Optional[int]]] = None,
     hw: Optional[tuple[int, int]] = None,
     eager: bool = False,
-) -> tuple[int, list[tuple[str, str]]]:
-    """Run a model selector over a Dataset of {image_id, label, image[, path, error]} rows.
+) -> tuple[list[int], list[list[tuple[str, str]]]]:
+    """Run model selectors over Datasets of {image_id, label, image[, path, error]} rows, all jobs
+    through one pool of actors (SelectionWorker).
 
-    Images whose id is already in the store are skipped; done: those ids, sorted (store.done_ids),
-    when the caller has left them out of ds already. Progress is shown in forward passes done
-    out of planned (hw given and the selector has a pass formula), else in images. Returns (images
-    selected now, (path, reason) of the rows that failed to decode).
+    todo(done): the Dataset of the images still to select, given the ids already in the store (per
+    job, sorted: store.done_ids), with a `job` column (the index into jobs) where there are several
+    jobs; None when nothing is left. totals: images per job, where known. Progress is shown in
+    forward passes done out of planned (hw given and every selector has a pass formula), else in
+    images. Returns, per job, (images selected now, (path, reason) of the rows that failed to decode).
 
     Lost workers. Ray Data's actors are created with max_restarts=0: Ray does not restart an actor
     whose node or process died. (Ray Data passes each actor its map function as an object-store
     reference; Ray warns — the `E ... core_worker.cc` line of ray-project/ray#53727 — that a
     restarted actor cannot be rebuilt if that object is lost. Here the driver owns it, so the warning
-    was a false alarm, but restarts are not needed either.) Instead, a batch lost with its worker
+    is a false alarm, but restarts are not needed either.) Instead, a batch lost with its worker
     fails the pass, and this function runs the selection again on the images not yet in the store:
     shards are written per batch and atomically under content names, so nothing finished is redone.
     Lost passes are counted, and a lost pass that stored images starts the count again at 1: the
@@ -204,38 +226,44 @@ def select_stream(
     that needed a second pass ends with store.repair_selection, which keeps one row per image
     (backward selection is deterministic: the repeats are identical) and says what it did.
     """
-    n, skipped = 0, []
-    prefiltered = done is not None  # the caller's ds already leaves out the images in `done`
+    totals = list(totals) if totals is not None else [None] * len(jobs)
     attempt, in_a_row = 0, 0  # in_a_row: lost passes in a row since the last one that stored images
+    done = [store.done_ids(root, job.source.tag, job.tag, job.split) for job in jobs]
     while True:
         attempt += 1
-        if done is None:
-            done = store.done_ids(root, job.source.tag, job.tag, job.split)
-        skip = None if (prefiltered and attempt == 1) or not len(done) else done
-        of = f" of {total}" if total is not None else ""
-        print(f"[{job.tag} {job.source.tag}/{job.split}] {len(done)}{of} images already selected"
-              + (f"; {total - len(done)} to go" if total is not None else ""), flush=True)
-        if ds is None or (total is not None and len(done) >= total):
-            return n, sorted(skipped)
+        for job, stored, total in zip(jobs, done, totals):
+            of = f" of {total}" if total is not None else ""
+            print(f"{_label(job)} {len(stored)}{of} images already selected" + (f"; {total - len(stored)} to go" if total is not None else ""),
+                  flush=True)
+        left = [total is None or len(stored) < total for stored, total in zip(done, totals)]
+        ds = todo(done) if any(left) else None
+        if ds is None:
+            return [0] * len(jobs), [[] for _ in jobs]
         try:
-            n_now, skipped_now = _select_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager, skip)
+            selected, skipped = _select_pass(jobs, ds, root, mean, std, resources, engine, select_batch, totals, done, hw, eager)
             if attempt > 1:
-                for action in store.repair_selection(root, job.source.tag, job.tag, job.split):
-                    print(f"[{job.tag} {job.source.tag}/{job.split}] after the lost worker: {action}", flush=True)
-            return n + n_now, sorted(skipped + skipped_now)
+                for job in jobs:
+                    for action in store.repair_selection(root, job.source.tag, job.tag, job.split):
+                        print(f"{_label(job)} after the lost worker: {action}", flush=True)
+            return selected, [sorted(s) for s in skipped]
         except Exception as e:
             if not lost_worker(e):
                 raise
-            before, done = len(done), store.done_ids(root, job.source.tag, job.tag, job.split)  # also the next pass's start
-            in_a_row = 1 if len(done) > before else in_a_row + 1
+            before, done = sum(map(len, done)), [store.done_ids(root, job.source.tag, job.tag, job.split) for job in jobs]
+            in_a_row = 1 if sum(map(len, done)) > before else in_a_row + 1
             if in_a_row >= SELECTION_ATTEMPTS:
                 raise
-            print(f"[{job.tag} {job.source.tag}/{job.split}] a selection worker was lost ({type(lost_worker(e)).__name__}); "
+            print(f"{_label(*jobs)} a selection worker was lost ({type(lost_worker(e)).__name__}); "
                   f"selecting the images not yet stored again (attempt {in_a_row + 1} of {SELECTION_ATTEMPTS}; a pass that "
                   "stores images starts the count again)", flush=True)
 
 
 SELECTION_ATTEMPTS = 3  # lost passes in a row (the first may have stored images, the others not) that end a selection
+
+
+def _label(*jobs: SelectionJob) -> str:
+    """How the output names a job, or several: [<selector tag> <model>/<split>, ...]."""
+    return "[" + ", ".join(f"{job.tag} {job.source.tag}/{job.split}" for job in jobs) + "]"
 
 
 def lost_worker(e: BaseException) -> Optional[BaseException]:
@@ -245,19 +273,26 @@ def lost_worker(e: BaseException) -> Optional[BaseException]:
     return next((c for c in fs.causes(e) if isinstance(c, lost)), None)
 
 
-def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, total, done, hw, eager=False, skip=None):
-    n_todo = (total - len(done)) if total is not None else None
-    workers = resources.select_workers if n_todo is None else min(resources.select_workers, max(1, math.ceil(n_todo / select_batch)))
-    per_image = _planned_passes(job, hw)
-    unit, scale = ("passes", per_image) if per_image else ("images", 1)
-    counter, pass_id = (run_pass_counter() if per_image else None), uuid.uuid4().hex
-    pass_scale = per_image / max(1, _planned_passes(job, hw, forward_only=True)) if per_image else 1.0
+def _select_pass(jobs, ds, root, mean, std, resources, engine, select_batch, totals, done, hw, eager=False):
+    n_todo = [None if total is None else total - len(stored) for stored, total in zip(done, totals)]
+    known = None if None in n_todo else sum(n_todo)
+    workers = resources.select_workers if known is None else min(resources.select_workers, max(1, math.ceil(known / select_batch)))
+    per_image = [_planned_passes(job, hw) for job in jobs]
+    in_passes = all(per_image)
+    unit, scale = ("passes", per_image) if in_passes else ("images", [1] * len(jobs))
+    counter, pass_id = (run_pass_counter() if in_passes else None), uuid.uuid4().hex
+    pass_scale = [p / max(1, _planned_passes(job, hw, forward_only=True)) if in_passes else 1.0 for job, p in zip(jobs, per_image)]
     with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray 2.60 flags every **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager, skip, counter, pass_id, pass_scale)
-    n, skipped, worker_s, t0 = 0, [], 0.0, time.monotonic()
-    bar = Progress(None if n_todo is None else n_todo * scale, unit, f"selection {job.tag} {job.source.tag}/{job.split}",
-                   steady=True)  # the ETA leaves the actors' start out
+        ds = _map_selection(jobs, ds, root, mean, std, resources, engine, select_batch, workers, eager, counter, pass_id, pass_scale)
+    n, skipped, worker_s, t0 = [0] * len(jobs), [[] for _ in jobs], [0.0] * len(jobs), time.monotonic()
+    planned = None if known is None else sum(k * c for k, c in zip(n_todo, scale))
+    label = f"selection {jobs[0].tag} {jobs[0].source.tag}/{jobs[0].split}" + (f" and {len(jobs) - 1} more" if len(jobs) > 1 else "")
+    bar = Progress(planned, unit, label, steady=True)  # the ETA leaves the actors' start out
+
+    def finished() -> float:
+        return sum(k * c for k, c in zip(n, scale))
+
     stop = threading.Event()
     watcher = None
     if counter is not None:
@@ -265,61 +300,64 @@ def _select_pass(job, ds, root, mean, std, resources, engine, select_batch, tota
 
         def replan(passes: float) -> bool:
             now = time.monotonic()
-            if n_todo is None or passes <= 0:
+            if planned is None or passes <= 0:
                 return False
             if not first:
                 first.append((passes, now))
                 return False
-            if passes <= first[0][0] or passes < REPLAN_AT * n_todo * per_image:
+            if passes <= first[0][0] or passes < REPLAN_AT * planned:
                 return False
-            print(_replan_line(job, passes, passes - first[0][0], now - first[0][1], n_todo * per_image), flush=True)
+            print(_replan_line(_label(*jobs), passes, passes - first[0][0], now - first[0][1], planned), flush=True)
             return True
 
         watcher = threading.Thread(target=watch_progress, daemon=True, name="selection-progress",
-                                   args=(bar, lambda: n * scale, lambda: ray.get(counter.total.remote(pass_id), timeout=POLL_EVERY), stop),
+                                   args=(bar, finished, lambda: ray.get(counter.total.remote(pass_id), timeout=POLL_EVERY), stop),
                                    kwargs={"on_progress": replan})
         watcher.start()
     try:
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):  # SelectionWorker's counts (see _counts)
-            bad = out["error"] != ""
-            n += int(out["images"].sum())
-            bar.update_to(n * scale)
-            worker_s += float(out["seconds"].sum())
-            skipped += list(zip(out["path"][bad].tolist(), out["error"][bad].tolist()))
+            for j, images, seconds, path, error in zip(out["job"], out["images"], out["seconds"], out["path"], out["error"]):
+                n[j] += int(images)
+                worker_s[j] += float(seconds)
+                if error != "":
+                    skipped[j].append((path, error))
+            bar.update_to(finished())
     finally:
         stop.set()
         if watcher is not None:
             watcher.join()
             counter.forget.remote(pass_id)
         bar.close()
-    if n:  # wall time beside the passes; per image: what one worker spent on it, start-up excluded
-        per = f", {format_rate(per_image * n / worker_s)} passes/s per worker" if per_image and worker_s > 0 else ""
-        print(f"[{job.tag} {job.source.tag}/{job.split}] selected {n} images in {format_duration(time.monotonic() - t0)} wall, "
-              f"{worker_s / n:.3g} worker-s per image{per}", flush=True)
+    wall = format_duration(time.monotonic() - t0)
+    for job, n_job, s_job, p_job in zip(jobs, n, worker_s, per_image):
+        if n_job:  # wall time of the whole pass beside the passes; per image: what one worker spent on it, start-up excluded
+            per = f", {format_rate(p_job * n_job / s_job)} passes/s per worker" if p_job and s_job > 0 else ""
+            print(f"{_label(job)} selected {n_job} images in {wall} wall{' (the pass)' if len(jobs) > 1 else ''}, "
+                  f"{s_job / n_job:.3g} worker-s per image{per}", flush=True)
     return n, skipped
 
 
 REPLAN_AT = 0.02  # the plan is made again once this fraction of a selection's passes is done
 
 
-def _replan_line(job, passes: float, gained: float, seconds: float, total: float) -> str:
+def _replan_line(label: str, passes: float, gained: float, seconds: float, total: float) -> str:
     """The plan again from the run itself: `passes` of `total` are done, and the last `gained` of
     them took `seconds` of wall time (measured from the first progress seen, so the actors' start is
     left out; reading and decoding are in), so the rest takes this long at that rate. The printed
     plan's ETA came from timing the model on the driver's CPU and the streaming constants of costplan."""
     rate = gained / max(seconds, 1e-9)
-    return (f"[{job.tag} {job.source.tag}/{job.split}] measured: {passes / total:.0%} of the passes done, {format_rate(rate)} passes/s "
+    return (f"{label} measured: {passes / total:.0%} of the passes done, {format_rate(rate)} passes/s "
             f"over the last {format_duration(seconds)}; at that rate the rest takes ≈ {format_duration((total - passes) / rate)}")
 
 
-def _map_selection(job, ds, root, mean, std, resources, engine, select_batch, workers, eager=False, skip=None, counter=None,
-                   pass_id="", pass_scale=1.0):
+def _map_selection(jobs, ds, root, mean, std, resources, engine, select_batch, workers, eager=False, counter=None, pass_id="",
+                   pass_scale=None):
     return ds.map_batches(
         SelectionWorker,
         fn_constructor_kwargs=dict(
-            source=asdict(job.source), root=root, split=job.split, mean=mean, std=std, selector=job.selector,
-            params=job.params, engine=asdict(engine), threads=resources.torch_threads(), skip_ids=skip,
-            counter=counter, pass_id=pass_id, pass_scale=pass_scale,
+            jobs=[dict(source=asdict(job.source), split=job.split, selector=job.selector, params=job.params, pass_scale=scale)
+                  for job, scale in zip(jobs, pass_scale or [1.0] * len(jobs))],
+            root=root, mean=mean, std=std, engine=asdict(engine), threads=resources.torch_threads(), counter=counter, pass_id=pass_id,
         ),
         batch_size=select_batch,
         batch_format="numpy",

@@ -140,14 +140,16 @@ class StreamBackend:
     def train_full(self, specs: list[TrialSpec]) -> dict:
         return self._train("full", specs)
 
-    def select(self, job: SelectionJob) -> None:
-        done = store.done_ids(self.plan.root, job.source.tag, job.tag, job.split)  # a rerun decodes only the rest
-        ds = self._read(job.split, skip_ids=done)
-        _, skipped = select_stream(job, ds, self.plan.root, IMAGENET_MEAN, IMAGENET_STD, self.resources, select_batch=self.cfg.selection_batch(True),
-                                   done=done, total=self.plan.n_images[job.split], hw=self.plan.shape[1:])
-        self.skipped[job.split] = skipped
-        if skipped:
-            log(f"{job.split}: {skipped_line(skipped)}")
+    def select(self, jobs: list[SelectionJob]) -> None:
+        """One job after another, each over its split (read again for each: the splits are not held);
+        a rerun decodes only the images not yet stored."""
+        for job in jobs:
+            _, (skipped,) = select_stream([job], lambda done: self._read(job.split, skip_ids=done[0]), self.plan.root, IMAGENET_MEAN,
+                                          IMAGENET_STD, self.resources, select_batch=self.cfg.selection_batch(True),
+                                          totals=[self.plan.n_images[job.split]], hw=self.plan.shape[1:])
+            self.skipped[job.split] = skipped
+            if skipped:
+                log(f"{job.split}: {skipped_line(skipped)}")
 
     def write_random(self, split: str) -> None:
         """For exactly the images the model selection kept (bad files excluded), ids from the store:
