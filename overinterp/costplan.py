@@ -44,9 +44,9 @@ from overinterp.training import TrainConfig, sgd
 # the input gradient and again to get the weight gradient (the usual 3× forward for a training
 # step, Kaplan et al. 2020). Only the ETA uses it; the pass counts stay separate.
 BACKWARD_COST = 2.0
-# Fixed costs beside the passes (a pipeline's selection job, a training trial), measured on the 2-core machine of BENCHMARKS.md (digits smoke run:
-# ~10 s from a selection job's submission to its first batch — Ray Data planning and actor start,
-# model load; ~1 s per trial for Tune's scheduling, the data hand-over and evaluation). They dominate
+# Fixed costs beside the passes (a run's selection pass, which serves all of its jobs; a training trial), measured on the 2-core
+# machine of BENCHMARKS.md (digits smoke run: ~10 s from a selection pass's submission to its first batch — Ray Data planning and
+# actor start, model load; ~1 s per trial for Tune's scheduling, the data hand-over and evaluation). They dominate
 # small runs and vanish in large ones.
 JOB_START_S = 10.0
 TRIAL_START_S = 1.0
@@ -384,10 +384,12 @@ class CostPlan:
     rate_sources: tuple[tuple[str, str], ...] = ()  # (model, where its rates came from), as printed
     fixed_s: float = 0.0  # the run's own start and summary, seconds (streamed runs; the alternatives keep it)
     explain_s: float = 0.0  # the explain stage (--explain), seconds: estimate_explain (the alternatives keep it)
+    select_start_s: float = 0.0  # the selection pass's start (its actors serve every job), seconds, where any job has images
 
     @property
     def selection_seconds(self) -> float:
-        return sum(c.eta_seconds for c in self.selections)
+        start = self.select_start_s if any(c.n_images for c in self.selections) else 0.0
+        return start + sum(c.eta_seconds for c in self.selections)
 
     @property
     def training_seconds(self) -> float:
@@ -411,6 +413,8 @@ class CostPlan:
         lines += [f"  rates      {model}: {how}" for model, how in self.rate_sources]
         lines += ["  " + c.describe() for c in self.trainings if c.stage == "full-image"]
         lines += ["  " + c.describe() for c in self.selections]
+        if self.select_start_s and any(c.n_images for c in self.selections):
+            lines.append(f"  selection  start ≈ {format_duration(self.select_start_s)} (one pass for every job: its actors start once)")
         lines += ["  " + c.describe() for c in self.trainings if c.stage != "full-image"]
         if self.explain_s:
             lines.append(f"  explain    ≈ {format_duration(self.explain_s)} (the diffusion prior and guided generation, "
@@ -427,7 +431,8 @@ class CostPlan:
         out = {"cost.eta_s": round(self.eta_seconds, 1), "cost.eta": format_duration(self.eta_seconds),
                "cost.selection_eta_s": round(self.selection_seconds, 1), "cost.training_eta_s": round(self.training_seconds, 1),
                "cost.forward_passes": self.forward_passes, "cost.backward_passes": self.backward_passes,
-               "cost.backward_cost": BACKWARD_COST, "cost.explain_eta_s": round(self.explain_s, 1)}
+               "cost.backward_cost": BACKWARD_COST, "cost.explain_eta_s": round(self.explain_s, 1),
+               "cost.selection_start_s": round(self.select_start_s, 1)}
         out.update({_key(f"cost.rates.{model}"): how for model, how in self.rate_sources})
         for c in self.selections:
             key = _key(f"cost.select.{c.model}.{c.variant}.{c.tag}.{c.split}")

@@ -48,17 +48,19 @@ def test_plan_cost_of_a_small_plan():
     _, plan = _small_plan()
     cost = plan_cost(plan, forward_rates={"digits_cnn": 136.0}, train_rates=16.0, select_workers=1, trial_concurrency=2, epochs=2)
     by_label = {c.label: c.eta_seconds for c in cost.selections}
-    # 136 passes per 4x4 image at 136 img/s: 1 s an image; the ensemble of 2 runs at half the rate; each job
-    # starts in JOB_START_S (10 s) and each wave of trials in TRIAL_START_S (1 s)
-    assert by_label == {"digits_cnn/plain backselect train": 18.0, "digits_cnn/plain backselect test": 14.0,
-                        "digits_cnn/ensemble backselect test": 18.0, "digits_cnn/input-dropout backselect test": 14.0}
+    # 136 passes per 4x4 image at 136 img/s: 1 s an image; the ensemble of 2 runs at half the rate; the jobs
+    # share one pass, which starts in JOB_START_S (10 s), and each wave of trials starts in TRIAL_START_S (1 s)
+    assert by_label == {"digits_cnn/plain backselect train": 8.0, "digits_cnn/plain backselect test": 4.0,
+                        "digits_cnn/ensemble backselect test": 8.0, "digits_cnn/input-dropout backselect test": 4.0}
+    assert cost.selection_seconds == 24.0 + 10.0
     # full: 4 trials (2 seeds, plain and input dropout) in 2 waves of 2 epochs × 8 images / 16 img/s;
     # subsets: 6 trials (subset, positions, random per seed) in 3 waves
     assert [(t.stage, t.trials, t.eta_seconds) for t in cost.trainings] == [("full-image", 4, 4.0), ("subsets", 6, 6.0)]
     assert [(t.selections, t.per_selection) for t in cost.trainings] == [(0, 0), (1, 4)]
-    assert cost.eta_seconds == 64.0 + 10.0 and cost.forward_passes == (8 + 4 + 4 + 4) * 136
+    assert cost.eta_seconds == 34.0 + 10.0 and cost.forward_passes == (8 + 4 + 4 + 4) * 136
     params = cost.as_params()
-    assert params["cost.eta_s"] == 74.0 and params["cost.select.digits_cnn.ensemble.backselect.test.eta_s"] == 18.0
+    assert params["cost.eta_s"] == 44.0 and params["cost.select.digits_cnn.ensemble.backselect.test.eta_s"] == 8.0
+    assert params["cost.selection_start_s"] == 10.0
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-/]+", k) and isinstance(v, (str, int, float)) for k, v in params.items())
     with pytest.raises(ValueError, match="no forward rate for model 'digits_cnn'"):
         plan_cost(plan, forward_rates={"resnet20": 1.0}, train_rates=1.0, select_workers=1, trial_concurrency=1, epochs=1)
@@ -93,8 +95,9 @@ def test_a_resumed_out_is_priced_for_what_is_left(tmp_path):
                                        "the ETA is for what is left")
     rates = dict(forward_rates={"digits_cnn": 136.0}, train_rates=16.0, select_workers=1, trial_concurrency=2, epochs=2)
     fresh, resumed = plan_cost(plan, **rates), plan_cost(plan, **rates, finished=finished)
-    # the train job: 2 of 8 images left, at 1 s an image after its 10-s start (test_plan_cost_of_a_small_plan)
-    assert [c.n_images for c in resumed.selections] == [2, 4, 4, 4] and resumed.selections[0].eta_seconds == 12.0
+    # the train job: 2 of 8 images left, at 1 s an image (test_plan_cost_of_a_small_plan), in the pass's 10-s start
+    assert [c.n_images for c in resumed.selections] == [2, 4, 4, 4] and resumed.selections[0].eta_seconds == 2.0
+    assert resumed.selection_seconds == 2.0 + 4.0 + 8.0 + 4.0 + 10.0
     # no full-image row; 5 of 6 subset trials in 3 waves of 2
     assert [(t.stage, t.trials, t.eta_seconds) for t in resumed.trainings] == [("subsets", 5, 6.0)]
     assert fresh.eta_seconds - resumed.eta_seconds == 6.0 + 4.0

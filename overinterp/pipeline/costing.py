@@ -170,10 +170,11 @@ def plan_cost(
         arch, source = by_tag.get(job.source.tag, (None, job.source))
         name = source.model["name"] if source.model else arch
         rate = _rate_of(forward_rates, name, "forward") / max(1, len(source.checkpoints))
+        left = finished.left(job, plan.n_images[job.split])
         selections.append(estimate_selection(name, source.variant, job.selector, job.split, params=job.params,
-                                             n_images=finished.left(job, plan.n_images[job.split]), hw=tuple(plan.shape[1:]), rate=rate,
+                                             n_images=left, hw=tuple(plan.shape[1:]), rate=rate,
                                              workers=select_workers, select_batch=select_batch, tag=job.tag,
-                                             start_s=job_start, image_s=select_image_s))
+                                             image_s=select_image_s))
     trainings = []
     for stage, specs in (("full-image", plan.full_trials), ("subsets", plan.subset_trials)):
         for arch in dict.fromkeys(t.model for t in specs):  # architectures in plan order
@@ -186,7 +187,8 @@ def plan_cost(
                                                rate=_rate_of(train_rates, arch, "training"), concurrency=trial_concurrency,
                                                start_s=trial_start, selections=len(per_key),
                                                per_selection=max(per_key.values(), default=0), image_s=train_image_s))
-    return CostPlan(tuple(selections), tuple(trainings), knobs, fixed_s=STREAM_RUN_S if plan.streamed else 0.0)
+    # every job runs in one selection pass (select_stage): its actors start once
+    return CostPlan(tuple(selections), tuple(trainings), knobs, fixed_s=STREAM_RUN_S if plan.streamed else 0.0, select_start_s=job_start)
 
 
 def explain_cost(cfg, plan: Plan) -> float:

@@ -187,19 +187,21 @@ def _index_parquet(batch: dict, source: str = "") -> dict:
 
 
 def decode_batch(batch: dict, size: int, strict: bool = False, keep_columns: tuple[str, ...] = (), root: str = "",
-                 skip_ids: Optional[np.ndarray] = None) -> dict:
+                 skip_ids: Optional[np.ndarray] = None, job: Optional[int] = None) -> dict:
     """Encoded rows (image_id, label, path, encoded) -> decoded rows (image uint8 (B, 3, S, S), error).
 
     keep_columns: other columns carried through (the training stream's keep-masks).
     root: a folder source's split, prefixed to paths in strict errors so they name the file whole.
     skip_ids: (S,) sorted int64 ids dropped before decoding (a rerun's images already selected).
+    job: where given, a `job` column of this value (the selection job the rows are read for).
     """
     if skip_ids is not None and len(skip_ids):
         keep = ~store.stored_mask(batch["image_id"], skip_ids)
         batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
     names = [f"{root}/{p}" if root else p for p in batch["path"]]
+    tag = {} if job is None else {"job": np.full(len(names), job, dtype=np.int64)}
     return {"image_id": batch["image_id"], "label": batch["label"], "path": batch["path"],
-            **{c: batch[c] for c in keep_columns}, **_decode_rows(batch["encoded"], names, size, strict)}
+            **{c: batch[c] for c in keep_columns}, **tag, **_decode_rows(batch["encoded"], names, size, strict)}
 
 
 # Training rows carry their keep-mask in this column: (B, ceil(HW / 8)) uint8, bit-packed (np.packbits
@@ -292,17 +294,19 @@ def _first(ds: ray.data.Dataset, limit: int | None) -> ray.data.Dataset:
 
 
 def read_images(path: str, image_size: int, classes: list[str] | None = None, limit: int | None = None,
-                strict: bool = False, skip_ids: Optional[np.ndarray] = None, images: int | None = None) -> ray.data.Dataset:
+                strict: bool = False, skip_ids: Optional[np.ndarray] = None, images: int | None = None,
+                job: Optional[int] = None) -> ray.data.Dataset:
     """A Ray Dataset of decoded, labelled images from an ImageFolder split or encoded Parquet.
 
     Rows that failed to decode are included (zero image, reason in `error`): pass the Dataset
     through `drop_bad` before use and list them with `decode_errors`, or call `decode_split`.
     Same arguments as `read_encoded`; strict: raise SourceError at the first image that does not
-    decode (`--strict`); skip_ids: sorted ids left out before decoding.
+    decode (`--strict`); skip_ids: sorted ids left out before decoding; job: a `job` column of this
+    value (decode_batch).
     """
     root = "" if is_parquet(path) else fs.resolve(path)[1].rstrip("/")
     ds = read_encoded(path, classes, limit, images).map_batches(decode_batch, fn_kwargs={"size": image_size, "strict": strict, "root": root,
-                                                                                 "skip_ids": skip_ids},
+                                                                                 "skip_ids": skip_ids, "job": job},
                                                          batch_format="numpy", batch_size=64)
     return _raising_source_errors(ds) if strict else ds
 

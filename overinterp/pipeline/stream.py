@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, Dataset
 
 from overinterp import fs, store
 from overinterp.config import SMOKE_SIZES, RunConfig
@@ -141,15 +141,28 @@ class StreamBackend:
         return self._train("full", specs)
 
     def select(self, jobs: list[SelectionJob]) -> None:
-        """One job after another, each over its split (read again for each: the splits are not held);
-        a rerun decodes only the images not yet stored."""
-        for job in jobs:
-            _, (skipped,) = select_stream([job], lambda done: self._read(job.split, skip_ids=done[0]), self.plan.root, IMAGENET_MEAN,
-                                          IMAGENET_STD, self.resources, select_batch=self.cfg.selection_batch(True),
-                                          totals=[self.plan.n_images[job.split]], hw=self.plan.shape[1:])
-            self.skipped[job.split] = skipped
-            if skipped:
-                log(f"{job.split}: {skipped_line(skipped)}")
+        """Every job in one pass through one pool of actors, each job reading its split (the splits are
+        not held); a rerun decodes only the images not yet stored."""
+        totals = [self.plan.n_images[job.split] for job in jobs]
+
+        def todo(done: list[np.ndarray]) -> Optional[Dataset]:
+            reads = [self._read(job.split, skip_ids=stored, job=j) for j, (job, stored, total) in enumerate(zip(jobs, done, totals))
+                     if len(stored) < total]
+            if not reads:
+                return None
+            ds = reads[0].union(*reads[1:])
+            if any(self.data.limits.values()):  # a pilot's first images: in file order, as every stage reads them (images._first)
+                ds.context.execution_options.preserve_order = True
+            return ds
+
+        _, skipped = select_stream(jobs, todo, self.plan.root, IMAGENET_MEAN, IMAGENET_STD, self.resources,
+                                   select_batch=self.cfg.selection_batch(True), totals=totals, hw=self.plan.shape[1:])
+        for job, bad in zip(jobs, skipped):
+            if bad or job.split not in self.skipped:  # each job of a split reads the same files
+                self.skipped[job.split] = bad
+        for split, bad in self.skipped.items():
+            if bad:
+                log(f"{split}: {skipped_line(bad)}")
 
     def write_random(self, split: str) -> None:
         """For exactly the images the model selection kept (bad files excluded), ids from the store:
