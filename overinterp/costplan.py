@@ -50,6 +50,10 @@ BACKWARD_COST = 2.0
 # small runs and vanish in large ones.
 JOB_START_S = 10.0
 TRIAL_START_S = 1.0
+# and once per in-memory run: Ray's start (~5 s), each training stage's Tune start (~6 s: the trial
+# process imports torch and Ray) and the summary (~4 s), measured on the same machine: the smoke
+# run of tests/smoke_reference.py took 40–43 s against 17–18 s of its jobs' and trials' rows.
+RUN_S = 20.0
 # A streamed run's costs beside the model's passes, fitted to the stage times of benchmarks/driver_rss.py
 # on 2-core VMs (ImageNet-shaped Parquet, 8-px images, N = 10,000 to 1,331,167; BENCHMARKS.md):
 # per image, Ray Data reading and decoding it for a selection actor, and per selection call its
@@ -382,7 +386,7 @@ class CostPlan:
     trainings: tuple[TrainingCost, ...] = ()
     knobs: Knobs = Knobs()
     rate_sources: tuple[tuple[str, str], ...] = ()  # (model, where its rates came from), as printed
-    fixed_s: float = 0.0  # the run's own start and summary, seconds (streamed runs; the alternatives keep it)
+    fixed_s: float = 0.0  # the run's own start and summary, seconds (RUN_S or STREAM_RUN_S; the alternatives keep it)
     explain_s: float = 0.0  # the explain stage (--explain), seconds: estimate_explain (the alternatives keep it)
     select_start_s: float = 0.0  # the selection pass's start (its actors serve every job), seconds, where any job has images
 
@@ -420,7 +424,7 @@ class CostPlan:
             lines.append(f"  explain    ≈ {format_duration(self.explain_s)} (the diffusion prior and guided generation, "
                          "at the CPU rates of a 2-core VM)")
         if self.fixed_s:
-            lines.append(f"  start and summary  ≈ {format_duration(self.fixed_s)} (Ray's start, the baseline on every validation image, the analysis)")
+            lines.append(f"  start and summary  ≈ {format_duration(self.fixed_s)} (Ray's start, the training stages' start, the summary)")
         lines.append(f"  total      ≈ {format_duration(self.eta_seconds)} (selection {self.forward_passes:,} passes "
                      + (f"+ {self.backward_passes:,} backward " if self.backward_passes else "")
                      + f"≈ {format_duration(self.selection_seconds)}, training ≈ {format_duration(self.training_seconds)})")

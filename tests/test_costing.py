@@ -9,7 +9,7 @@ import pytest
 
 from overinterp.cli import main
 from overinterp.config import SMOKE_MAX_PASSES
-from overinterp.costplan import reprice
+from overinterp.costplan import RUN_S, reprice
 from overinterp.pipeline.costing import knobs_of, plan_cost
 from overinterp.pipeline.resources import ResourcePlan
 
@@ -57,9 +57,9 @@ def test_plan_cost_of_a_small_plan():
     # subsets: 6 trials (subset, positions, random per seed) in 3 waves
     assert [(t.stage, t.trials, t.eta_seconds) for t in cost.trainings] == [("full-image", 4, 4.0), ("subsets", 6, 6.0)]
     assert [(t.selections, t.per_selection) for t in cost.trainings] == [(0, 0), (1, 4)]
-    assert cost.eta_seconds == 34.0 + 10.0 and cost.forward_passes == (8 + 4 + 4 + 4) * 136
+    assert cost.eta_seconds == 34.0 + 10.0 + RUN_S and cost.forward_passes == (8 + 4 + 4 + 4) * 136
     params = cost.as_params()
-    assert params["cost.eta_s"] == 44.0 and params["cost.select.digits_cnn.ensemble.backselect.test.eta_s"] == 8.0
+    assert params["cost.eta_s"] == 44.0 + RUN_S and params["cost.select.digits_cnn.ensemble.backselect.test.eta_s"] == 8.0
     assert params["cost.selection_start_s"] == 10.0
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-/]+", k) and isinstance(v, (str, int, float)) for k, v in params.items())
     with pytest.raises(ValueError, match="no forward rate for model 'digits_cnn'"):

@@ -24,6 +24,7 @@ from overinterp.costplan import (
     JOB_START_S,
     STREAM_JOB_START_S,
     STREAM_RUN_S,
+    RUN_S,
     STREAM_SELECT_CALL_S,
     STREAM_SELECT_IMAGE_S,
     STREAM_TRAIN_IMAGE_S,
@@ -188,7 +189,7 @@ def plan_cost(
                                                start_s=trial_start, selections=len(per_key),
                                                per_selection=max(per_key.values(), default=0), image_s=train_image_s))
     # every job runs in one selection pass (select_stage): its actors start once
-    return CostPlan(tuple(selections), tuple(trainings), knobs, fixed_s=STREAM_RUN_S if plan.streamed else 0.0, select_start_s=job_start)
+    return CostPlan(tuple(selections), tuple(trainings), knobs, fixed_s=STREAM_RUN_S if plan.streamed else RUN_S, select_start_s=job_start)
 
 
 def explain_cost(cfg, plan: Plan) -> float:
