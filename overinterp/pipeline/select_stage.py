@@ -1,10 +1,10 @@
 """Selection on Ray Data: images are split across actors that explain them and write Parquet shards;
 the random baseline is written by the driver (it needs no model).
 
-One pool of actors serves every job of a pass (a job: a model, a selector and a split): an in-memory
-run selects all of its jobs in one pass, so the actors start once (seconds each: a process, torch's
-import); a streamed run reads each split anew for each job. Each actor loads a job's model on its
-first batch of that job, on its assigned GPU, or on CPU where it was given none. The pool grows to
+One pool of actors serves every job of a run (a job: a model, a selector and a split), so the actors
+start once (seconds each: a process, torch's import): an in-memory run hands out every job's images
+in one dataset, a streamed run's pass is the union of its jobs' reads (a split is read once per job,
+never held). Each actor loads a job's model on its first batch of that job, on its assigned GPU, or on CPU where it was given none. The pool grows to
 the planned size as the autoscaler adds nodes. A worker lost with its node fails the pass, and the
 stage selects the images not yet stored again (select_stream); shards are named by their content
 (overinterp/store/format.py), so a batch done twice rewrites its own shard and every image ends up
