@@ -235,8 +235,7 @@ def select_stream(
             of = f" of {total}" if total is not None else ""
             print(f"{_label(job)} {len(stored)}{of} images already selected" + (f"; {total - len(stored)} to go" if total is not None else ""),
                   flush=True)
-        left = [total is None or len(stored) < total for stored, total in zip(done, totals)]
-        ds = todo(done) if any(left) else None
+        ds = todo(done)
         if ds is None:
             return [0] * len(jobs), [[] for _ in jobs]
         try:
