@@ -79,7 +79,7 @@ def process_cpu(root: int) -> dict[tuple[int, int], tuple[str | None, float]]:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
-                comm, _, rest = f.read().partition(" (")[2].rpartition(")")
+                rest = f.read().rpartition(")")[2]  # after the title, which may hold spaces and ")"
             fields = rest.split()
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().split(b"\0")

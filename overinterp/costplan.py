@@ -209,7 +209,6 @@ def calibrate_train_rate(
     device: Union[str, torch.device],
     batch: int,
     *,
-    lr: float = 0.1,
     seconds: float = 1.0,
 ) -> float:
     """Images per second of training steps (forward, cross-entropy, backward, SGD with Nesterov
@@ -217,8 +216,7 @@ def calibrate_train_rate(
 
     The model trains in place (moved to `device` for it, then back) and gets back exactly what it
     had: its state_dict (weights and BatchNorm statistics), its .grad tensors, its train/eval mode
-    and torch's global RNG (dropout draws from it). `lr` matters only for numerics (a large one
-    can overflow a tiny model); the time per step does not depend on it.
+    and torch's global RNG (dropout draws from it).
 
     Returns:
         images / second; > 0.
@@ -235,7 +233,7 @@ def calibrate_train_rate(
     grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
     was_training = model.training
     model.to(device)  # in place: the same Parameter objects, moved back below
-    opt, _ = sgd(model, TrainConfig(lr=lr))  # training's recipe; the schedule does not change a step's time
+    opt, _ = sgd(model, TrainConfig())  # training's recipe; the schedule does not change a step's time
 
     def step():
         loss = F.cross_entropy(model(x), y)
@@ -286,10 +284,6 @@ class SelectionCost:
     start_s: float  # the job's fixed start-up, seconds
     eta_seconds: float
     image_s: float = 0.0  # seconds of one worker per image beside its passes (streamed runs: STREAM_SELECT_IMAGE_S)
-
-    @property
-    def hw(self) -> int:
-        return self.size[0] * self.size[1] if isinstance(self.size, tuple) else self.size
 
     @property
     def label(self) -> str:
@@ -641,10 +635,6 @@ class BudgetExceeded(ValueError):
     """The plan's ETA is over --max-hours; the message names faster settings and their ETAs."""
 
 
-def _flag(label: str) -> str:
-    return label.split(" ", 1)[0]
-
-
 def check_budget(plan: CostPlan, max_hours: float, alternatives: Optional[Sequence[tuple[str, CostPlan]]] = None) -> None:
     """Raise BudgetExceeded when the plan needs more than `max_hours`; 0 turns the guard off.
 
@@ -661,7 +651,7 @@ def check_budget(plan: CostPlan, max_hours: float, alternatives: Optional[Sequen
     for label, alt in alternatives_for(plan) if alternatives is None else alternatives:
         if alt.eta_seconds >= plan.eta_seconds:
             continue
-        flag = _flag(label)
+        flag = label.split(" ", 1)[0]
         best = chosen.get(flag)
         if best is None or (best[1].eta_seconds > budget and alt.eta_seconds < best[1].eta_seconds):
             chosen[flag] = (label, alt)

@@ -29,14 +29,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = {1: "training 2 full-image models", 2: "selection", 3: "training", 4: "summary"}
 
 
+def _argv(out: str) -> list[str]:
+    """The reference run's command line on another --out."""
+    return [sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out]
+
+
 def _start(out: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(_argv(out), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def _finish(out: str, timeout=900) -> str:
-    p = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(_argv(out), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
 
@@ -152,7 +156,7 @@ def test_a_killed_selection_worker_is_retried_without_duplicates_and_a_second_ru
     out = str(tmp_path / "out")
     proc = _start(out)
     _wait_line(proc, "stage 1/4")  # the lock is held from before stage 1 until the run ends
-    second = subprocess.Popen([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
+    second = subprocess.Popen(_argv(out), env=_env(), cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_line(proc, "stage 2/4")
     pid, t0 = None, time.time()
@@ -183,7 +187,7 @@ def test_sigterm_and_a_scripts_sigint_stop_the_run_cleanly(smoke_reference, tmp_
     parent KILLED, not RUNNING; the rerun continues that parent and ends with the undisturbed run's results."""
     out = str(tmp_path / "out")
     for stage, sig in ((2, signal.SIGINT), (3, signal.SIGTERM)):
-        proc = subprocess.Popen([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
+        proc = subprocess.Popen(_argv(out), env=_env(), cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                 preexec_fn=_ignore_sigint)
         _wait_line(proc, f"stage {stage}/4")
@@ -232,7 +236,7 @@ def small_disk(tmp_path):
 def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_completes(smoke_reference, small_disk):
     where, grow = small_disk
     out = os.path.join(where, "out")
-    full = subprocess.run([sys.executable, "-m", "overinterp.cli", "run", *ARGS, "--out", out], env=_env(), cwd=ROOT,
+    full = subprocess.run(_argv(out), env=_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     printed = full.stdout + full.stderr
     assert full.returncode == 1, printed[-3000:]

@@ -67,9 +67,6 @@ class TestImages:
     classes: tuple
     total: int  # test images in the split (N <= total)
 
-    def normalized(self, n: Optional[int] = None) -> torch.Tensor:
-        return normalize(torch.from_numpy(self.images[:n]), self.mean, self.std)
-
 
 class Analysis:
     """summary.json's content beyond the trials' accuracies — SIS sizes of each explained model,
@@ -197,7 +194,7 @@ class Analysis:
         n = min(cfg.gallery, len(test.labels))
         summary["gallery_columns"] = []  # none without a gallery
         if n:
-            x = test.normalized(n)
+            x = normalize(torch.from_numpy(test.images[:n]), test.mean, test.std)
             pct = f"{100 * cfg.fraction:g}%"
 
             def shown(keep):

@@ -17,7 +17,7 @@ import signal
 import tempfile
 import threading
 import time
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 from overinterp import fs
 from overinterp.config import IN_MEMORY_ONLY, RunConfig
@@ -105,46 +105,9 @@ class Stages:
         return out
 
 
-def run_job(cfg, plan: Plan, resources, make_backend: Callable, *, holder: str, dataset: str, t0: float,
-            dry_run: bool = False, ray_address: Optional[str] = None) -> Optional[dict]:
-    """What a run does once its plan and resources are known: print the cost plan (refused over
-    --max-hours, before anything is written), stop there for --dry-run (None), else start or join
-    Ray, hold the --out lock, record the settings, and walk the plan under an MLflow parent.
-
-    make_backend(callbacks, cost) -> the Backend; holder: the lock holder's name ("overinterp run");
-    dataset: the parent's data-set name; t0: when the job started.
-    """
-    from overinterp.costplan import format_duration
-    from overinterp.pipeline import resources as cluster
-    from overinterp.pipeline.costing import plan_and_guard
-    from overinterp.pipeline.lock import OutputLock
-    from overinterp.pipeline.preflight import record_settings
-
-    cost, cost_text = plan_and_guard(cfg, plan, resources, enforce=not dry_run)
-    if dry_run:
-        log("dry run: nothing selected, trained or written")
-        return None
-    cluster.ensure_ray(ray_address)
-    try:
-        with stopped_by_signals(), OutputLock(cfg.out_dir, holder) as lock:
-            record_settings(cfg)
-            from overinterp.pipeline.tracking import Tracker, TrialLogger  # MLflow only where tracking happens
-
-            with Tracker(cfg, dataset, resources, previous_holder=lock.taken_over) as tracker:
-                tracker.log_plan("\n".join([plan.describe(), resources.describe(), cost_text]), cost)
-                summary = run_plan(plan, make_backend([TrialLogger(tracker)], cost), tracker)
-    except Exception as e:  # a full disk surfaces from SQLite, Ray workers, Tune trials or torch.save: one line for all
-        if fs.out_of_space(e):
-            raise fs.no_space_error(cfg.out_dir) from e
-        raise
-    log(f"done in {time.time() - t0:.0f} s (planned {format_duration(cost.eta_seconds)})")
-    return summary
-
-
-def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
-    """Walk the plan; returns the summary (also in <out>/summary.json)."""
-    if tracker is not None:
-        tracker.log_data(backend.dataset_input())
+def run_plan(plan: Plan, backend: Backend, tracker) -> dict:
+    """Walk the plan, logging to `tracker` (a tracking.Tracker); returns the summary (also in <out>/summary.json)."""
+    tracker.log_data(backend.dataset_input())
     cfg = backend.cfg
     stages = Stages((4 if plan.full_trials else 3) + bool(cfg.explain))
     full = {}
@@ -169,8 +132,7 @@ def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
 
         explained = stages.run(f"explain ({', '.join(cfg.explain)}; guidance {cfg.explain_method})", run_explain,
                                cfg, plan, test, backend.prior_images(), backend.resources)
-        if tracker is not None:
-            tracker.log_prior(explained["prior"])
+        tracker.log_prior(explained["prior"])
 
     def compare():
         analysis = Analysis(cfg, plan, test if test is not None else backend.test_images())
@@ -186,9 +148,8 @@ def run_plan(plan: Plan, backend: Backend, tracker=None) -> dict:
             summary["explain"] = {**explained["section"], "galleries": [os.path.basename(p) for p in galleries]}
             reports += galleries
         files = write_summary(plan, summary, local) + reports
-        if tracker is not None:
-            tracker.log_results(plan, full, subsets, summary, files, backend.models_to_log())
-            summary["mlflow_run_id"] = tracker.run_id
+        tracker.log_results(plan, full, subsets, summary, files, backend.models_to_log())
+        summary["mlflow_run_id"] = tracker.run_id
         return summary
 
     return stages.run("summary", compare)
@@ -246,11 +207,7 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
         classes = list_classes(cfg.train)
         n_images = sum(count_images(p, classes, None) for p in (cfg.train, cfg.val))
     stream, why = choose_backend(cfg, n_images, side)
-    if stream and cfg.explain and not cfg.generator:  # a folder too big for memory
-        from overinterp.config import STREAMED_EXPLAIN, ConfigError
-
-        raise ConfigError(STREAMED_EXPLAIN)
-    cfg = dataclasses.replace(cfg, stream=stream)
+    cfg = dataclasses.replace(cfg, stream=stream)  # its checks refuse --explain on a folder too big for memory, without --generator
     log(f"source: {cfg.dataset} {cfg.data_root or cfg.train or ''}".rstrip() + f": {why}")
     if stream:
         from overinterp.pipeline.stream import StreamSource
@@ -277,10 +234,18 @@ def run(config: RunConfig, ray_address: Optional[str] = None, dry_run: bool = Fa
     """Run (or resume) the whole pipeline on any source; returns the summary also written to summary.json.
 
     First the plan: stages, resources, forward passes and an ETA from a short calibration on the
-    driver's CPU; a plan over --max-hours stops here (BudgetExceeded), and so does --dry-run
-    (returns None), both before Ray starts. The run holds the lock of its --out throughout (a
-    second run on it stops at once).
+    driver's CPU; a plan over --max-hours stops here (BudgetExceeded, before anything is written),
+    and so does --dry-run (returns None), both before Ray starts. Then Ray starts (or `ray_address`
+    is joined), and the run holds the lock of its --out throughout (a second run on it stops at
+    once; `holder` names this one in the lock), records its settings and walks the plan under an
+    MLflow parent.
     """
+    from overinterp.costplan import format_duration
+    from overinterp.pipeline import resources as cluster
+    from overinterp.pipeline.costing import plan_and_guard
+    from overinterp.pipeline.lock import OutputLock
+    from overinterp.pipeline.preflight import record_settings
+
     t0 = time.time()
     cfg, source, plan, resources = prepare(config, ray_address)
     log(plan.describe())
@@ -288,14 +253,26 @@ def run(config: RunConfig, ray_address: Optional[str] = None, dry_run: bool = Fa
     if cfg.autocast and not resources.use_gpu:
         log(f"--autocast {cfg.autocast} needs GPUs; this cluster has none, so selection runs exact fp32 on CPU")
     if cfg.stream:
-        from overinterp.pipeline.stream import StreamBackend
-
-        def make_backend(callbacks, cost):
-            return StreamBackend(cfg, plan, source, resources, callbacks)
+        from overinterp.pipeline.stream import StreamBackend as backend_type
     else:
-        from overinterp.pipeline.memory import InMemoryBackend
+        from overinterp.pipeline.memory import InMemoryBackend as backend_type
+    cost, cost_text = plan_and_guard(cfg, plan, resources, enforce=not dry_run)
+    if dry_run:
+        log("dry run: nothing selected, trained or written")
+        return None
+    cluster.ensure_ray(ray_address)
+    try:
+        with stopped_by_signals(), OutputLock(cfg.out_dir, holder) as lock:
+            record_settings(cfg)
+            from overinterp.pipeline.tracking import Tracker, TrialLogger  # MLflow only where tracking happens
 
-        def make_backend(callbacks, cost):
-            return InMemoryBackend(cfg, plan, source, resources, callbacks, cost)
-    return run_job(cfg, plan, resources, make_backend, holder=holder, dataset=cfg.dataset, t0=t0, dry_run=dry_run,
-                   ray_address=ray_address)
+            with Tracker(cfg, cfg.dataset, resources, previous_holder=lock.taken_over) as tracker:
+                tracker.log_plan("\n".join([plan.describe(), resources.describe(), cost_text]), cost)
+                backend = backend_type(cfg, plan, source, resources, [TrialLogger(tracker)])
+                summary = run_plan(plan, backend, tracker)
+    except Exception as e:  # a full disk surfaces from SQLite, Ray workers, Tune trials or torch.save: one line for all
+        if fs.out_of_space(e):
+            raise fs.no_space_error(cfg.out_dir) from e
+        raise
+    log(f"done in {time.time() - t0:.0f} s (planned {format_duration(cost.eta_seconds)})")
+    return summary

@@ -16,11 +16,9 @@ Bad files. A folder's layout is checked by listing it before anything is decoded
 without images, a class the train split lacks, an image outside a class folder: SourceError).
 Decoding runs in `map_batches` on the workers, which return one table per batch, so a file that
 does not decode still yields a row: a zero image, and the reason in `error` ('' for good rows).
-The driver materializes the decoded rows once, lists the bad ones with `decode_errors` (a
-projection to the small `path` and `error` columns on the workers: only those strings travel to
-the driver) and streams the good ones with `drop_bad` (an Arrow filter over the stored blocks).
-Neither decodes an image again.
-`decode_split` does all three. strict=True makes the first bad file a SourceError naming it.
+Selection counts the bad rows of each split and stores none of them (select_stage); the training
+and test streams drop them with `drop_bad` (an Arrow filter per block). strict=True makes the
+first bad file a SourceError naming it.
 Rejected: raising in the worker by default (one bad JPEG kills an ImageNet job), filtering in the
 worker (loses the record: a silent skip), and an actor collecting errors (another moving part,
 and a retried task would report its files twice).
@@ -298,8 +296,8 @@ def read_images(path: str, image_size: int, classes: list[str] | None = None, li
                 job: Optional[int] = None) -> ray.data.Dataset:
     """A Ray Dataset of decoded, labelled images from an ImageFolder split or encoded Parquet.
 
-    Rows that failed to decode are included (zero image, reason in `error`): pass the Dataset
-    through `drop_bad` before use and list them with `decode_errors`, or call `decode_split`.
+    Rows that failed to decode are included (zero image, reason in `error`): count them, and pass
+    the Dataset through `drop_bad` before use.
     Same arguments as `read_encoded`; strict: raise SourceError at the first image that does not
     decode (`--strict`); skip_ids: sorted ids left out before decoding; job: a `job` column of this
     value (decode_batch).
@@ -308,12 +306,8 @@ def read_images(path: str, image_size: int, classes: list[str] | None = None, li
     ds = read_encoded(path, classes, limit, images).map_batches(decode_batch, fn_kwargs={"size": image_size, "strict": strict, "root": root,
                                                                                  "skip_ids": skip_ids, "job": job},
                                                          batch_format="numpy", batch_size=64)
-    return _raising_source_errors(ds) if strict else ds
-
-
-def _raising_source_errors(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """Let a worker's SourceError reach the driver as itself (Ray Data wraps it by default)."""
-    ds.context.raise_original_map_exception = True  # this Dataset's own copy of the context
+    if strict:  # a worker's SourceError reaches the driver as itself (Ray Data wraps it by default)
+        ds.context.raise_original_map_exception = True  # this Dataset's own copy of the context
     return ds
 
 
@@ -321,53 +315,6 @@ def _good_rows(table: pa.Table) -> pa.Table:
     return table.filter(pc.equal(table["error"], ""))
 
 
-def _bad_rows(table: pa.Table) -> pa.Table:
-    return table.filter(pc.not_equal(table["error"], ""))
-
-
 def drop_bad(ds: ray.data.Dataset) -> ray.data.Dataset:
     """The rows of a `read_images` Dataset whose image decoded (lazy; an Arrow filter per block)."""
     return ds.map_batches(_good_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-
-
-def decode_errors(ds: ray.data.Dataset) -> tuple[tuple[str, str], ...]:
-    """(path, reason) of every row of a `read_images` Dataset that failed to decode, sorted by path.
-
-    Only the `path` and `error` columns reach the driver; on a materialized Dataset nothing is decoded again.
-    """
-    bad = ds.select_columns(["path", "error"]).map_batches(_bad_rows, batch_format="pyarrow", batch_size=None)
-    return tuple(sorted((r["path"], r["error"]) for r in bad.take_all()))
-
-
-def decode_split(path: str, image_size: int, classes: list[str] | None = None, limit: int | None = None,
-                 strict: bool = False) -> tuple[ray.data.Dataset, tuple[tuple[str, str], ...]]:
-    """Decode a source once into Ray's object store; returns (good rows, (path, reason) of bad files).
-
-    The rows are read from the stored blocks by every consumer (selection, `materialize`) without
-    decoding again. Same arguments as `read_images`; strict raises SourceError naming the file.
-    """
-    try:
-        decoded = read_images(path, image_size, classes, limit, strict).materialize()
-    except SourceError as e:  # from a worker (strict): Ray wraps it and appends retry advice; keep our line
-        raise SourceError(str(getattr(e, "cause", None) or e).splitlines()[0]) from None
-    return drop_bad(decoded), decode_errors(decoded)
-
-
-def materialize(ds: ray.data.Dataset) -> dict[str, np.ndarray]:
-    """All rows in memory, sorted by image id: {"image_id", "label", "image"}.
-
-    For training on subsets; bounded by the driver's memory (see README: a full ImageNet needs a
-    streaming trainer, which this project does not have yet).
-    """
-    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    if not parts:
-        raise SourceError("the image source yielded no images")
-    bad = [p for part in parts if "error" in part for p, e in zip(part["path"], part["error"]) if e]
-    if bad:  # a caller bug, not bad input: zero images must never reach training
-        raise SourceError(f"{len(bad)} rows failed to decode (first: {bad[0]}): pass the Dataset through drop_bad first")
-    out = {k: np.concatenate([p[k] for p in parts]) for k in ("image_id", "label", "image")}
-    order = np.argsort(out["image_id"], kind="stable")
-    out = {k: v[order] for k, v in out.items()}
-    if len(np.unique(out["image_id"])) != len(order):
-        raise SourceError("two images share an image id (identical files, or duplicate image_id values)")
-    return out

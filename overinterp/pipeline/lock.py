@@ -43,7 +43,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Callable, Optional
+from typing import Optional
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pyarrow.fs as pafs
@@ -290,18 +290,14 @@ def _where(out_dir: str):
 
 
 class OutputLock:
-    """Context manager holding the lock of one --out (path or URI).
+    """Context manager holding the lock of one --out (path or URI). When another run takes the lock
+    over, the renewal thread interrupts the main thread, and leaving the `with` block raises LockLost."""
 
-    on_lost: called from the renewal thread when another run has taken the lock; by default it
-    interrupts the main thread, and leaving the `with` block then raises LockLost.
-    """
-
-    def __init__(self, out_dir: str, command: str = "overinterp run", on_lost: Callable[[], None] = _thread.interrupt_main):
+    def __init__(self, out_dir: str, command: str = "overinterp run"):
         self.out_dir, self.path = out_dir, fs.join(out_dir, LOCK_NAME)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "command": command, "token": uuid.uuid4().hex}
         self.taken_over: Optional[dict] = None  # the stale holder this run replaced, if any
         self.lost: Optional[str] = None  # why this run no longer holds the lock, once another run took it
-        self.on_lost = on_lost
         self._store = _where(out_dir)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -397,7 +393,7 @@ class OutputLock:
             self.lost = (f"{self.out_dir} was taken over by another run ({self._who(holder)}) while this run held it: "
                          "this run stopped so that their outputs do not mix; finished work is kept in --out")
             log.error(self.lost)
-            self.on_lost()
+            _thread.interrupt_main()
             return
 
     def release(self) -> None:

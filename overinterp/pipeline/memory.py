@@ -10,7 +10,6 @@ rerun resumes.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import numpy as np
 import torch
@@ -41,13 +40,12 @@ def load_data(cfg: RunConfig) -> ImageDataset:
 class InMemoryBackend:
     """The driver's steps for a data set held in memory."""
 
-    def __init__(self, cfg: RunConfig, plan: Plan, data: ImageDataset, resources: ResourcePlan, callbacks=None, cost=None):
+    def __init__(self, cfg: RunConfig, plan: Plan, data: ImageDataset, resources: ResourcePlan, callbacks=None):
         self.cfg, self.plan, self.data, self.resources = cfg, plan, data, resources
         self.train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment=cfg.augment)
         self.data_dict = {"images": data.images, "labels": data.labels, "mean": data.mean, "std": data.std, "num_classes": data.num_classes}
         self.engine = EngineConfig(compile=cfg.compile, autocast=cfg.autocast if resources.use_gpu else None)
         self.callbacks = callbacks or []
-        self.cost = cost  # the CostPlan printed at the start (training progress reports against it)
 
     def train_full(self, specs: list[TrialSpec]) -> dict:
         return run_trials("full", specs, self.data_dict, {}, self.train_cfg, self.cfg.out_dir, self.resources, self.callbacks)
@@ -106,14 +104,13 @@ class InMemoryBackend:
         return self.data.images["train"]
 
 
-def masks_from_store(plan: Plan, keys: list[str], n: dict, expect: Optional[dict] = None) -> dict:
+def masks_from_store(plan: Plan, keys: list[str], n: dict) -> dict:
     """{subset key: {split: (N, HW) bool keep-mask}} read back from the store, validated complete."""
     masks = {}
     for key in keys:
         model_tag, sel_tag = key.split("/")
         masks[key] = {}
         for split in SPLITS:
-            ids = None if expect is None else expect[split]
-            sel = store.read_selections(plan.root, model_tag, sel_tag, split, expect_n=None if ids is not None else n[split], expect_ids=ids)
+            sel = store.read_selections(plan.root, model_tag, sel_tag, split, expect_n=n[split])
             masks[key][split] = keep_mask(sel.order, plan.fraction).numpy()
     return masks

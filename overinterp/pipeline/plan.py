@@ -12,7 +12,7 @@ imports no Ray, so `--dry-run` and the cost planner can print it before anything
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from overinterp import fs
@@ -85,7 +85,6 @@ class Plan:
     primary: str  # selector tag whose SIS sizes and masked confidence the summary reports
     fills: tuple[str, ...] = ("mean",)
     streamed: bool = False  # ImageNet-style: images stream through Ray Data, never held whole
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def root(self) -> str:
@@ -130,7 +129,7 @@ class Plan:
         lines.append(f"  4. train {len(self.subset_trials)} subset model(s): "
                      + ", ".join(sorted({t.condition for t in self.subset_trials})) + f" x seeds {','.join(map(str, self.seeds))}")
         lines.append("  5. compare: summary.json, summary.md, plots, MLflow")
-        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+        return "\n".join(lines)
 
 
 def small_sources(out_dir: str, model: str, seeds: tuple[int, ...], input_dropout: float) -> dict[str, SelectionSource]:

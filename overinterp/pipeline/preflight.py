@@ -18,7 +18,7 @@ import os
 from typing import Optional
 
 from overinterp import fs
-from overinterp.config import ENV_TRACKING_URI, IN_MEMORY_ONLY, ConfigError, RunConfig
+from overinterp.config import IN_MEMORY_ONLY, ConfigError, RunConfig
 
 TRACKING_TIMEOUT_S = 5.0
 
@@ -78,9 +78,7 @@ def check_inputs(cfg: RunConfig) -> RunConfig:
     if cfg.train is not None and cfg.dataset == "imagefolder":
         from overinterp.pipeline.images import is_parquet
 
-        if is_parquet(cfg.train):  # a folder of Parquet files
-            if cfg.stream is False:
-                raise ConfigError("Parquet sources always stream: drop --no-stream (or export them as an ImageFolder)")
+        if is_parquet(cfg.train):  # a folder of Parquet files (its checks refuse --no-stream)
             cfg = dataclasses.replace(cfg, dataset="parquet")
     w = cfg.weights
     if w and not fs.is_uri(w) and ("/" in w or w.endswith((".pt", ".pth"))) and not os.path.isfile(w):
@@ -94,7 +92,7 @@ def check_outputs(out_dir: str, tracking_uri: Optional[str]) -> None:
         fs.check_output_dir(out_dir)
     except fs.OutputError as e:
         raise ConfigError(str(e)) from e
-    check_tracking_server(tracking_uri or ENV_TRACKING_URI)
+    check_tracking_server(tracking_uri)
 
 
 def check_tracking_server(uri: Optional[str], timeout: float = TRACKING_TIMEOUT_S) -> None:

@@ -272,7 +272,7 @@ def lost_worker(e: BaseException) -> Optional[BaseException]:
     return next((c for c in fs.causes(e) if isinstance(c, lost)), None)
 
 
-def _select_pass(jobs, ds, root, mean, std, resources, engine, select_batch, totals, done, hw, eager=False):
+def _select_pass(jobs, ds, root, mean, std, resources, engine, select_batch, totals, done, hw, eager):
     n_todo = [None if total is None else total - len(stored) for stored, total in zip(done, totals)]
     known = None if None in n_todo else sum(n_todo)
     workers = resources.select_workers if known is None else min(resources.select_workers, max(1, math.ceil(known / select_batch)))
@@ -349,13 +349,12 @@ def _replan_line(label: str, passes: float, gained: float, seconds: float, total
             f"over the last {format_duration(seconds)}; at that rate the rest takes ≈ {format_duration((total - passes) / rate)}")
 
 
-def _map_selection(jobs, ds, root, mean, std, resources, engine, select_batch, workers, eager=False, counter=None, pass_id="",
-                   pass_scale=None):
+def _map_selection(jobs, ds, root, mean, std, resources, engine, select_batch, workers, eager, counter, pass_id, pass_scale):
     return ds.map_batches(
         SelectionWorker,
         fn_constructor_kwargs=dict(
             jobs=[dict(source=asdict(job.source), split=job.split, selector=job.selector, params=job.params, pass_scale=scale)
-                  for job, scale in zip(jobs, pass_scale or [1.0] * len(jobs))],
+                  for job, scale in zip(jobs, pass_scale)],
             root=root, mean=mean, std=std, engine=asdict(engine), threads=resources.torch_threads(), counter=counter, pass_id=pass_id,
         ),
         batch_size=select_batch,

@@ -17,10 +17,12 @@ keep-masks on the Ray Data workers, evaluation streams them again.
 from __future__ import annotations
 
 import warnings
+import hashlib
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from ray.data import ActorPoolStrategy, Dataset
@@ -49,10 +51,6 @@ ANALYSIS_IMAGES = 2000
 def listing_digest(path: str) -> str:
     """16 hex digits of sha256 over every file's relative path and size, in path order: a listing, no
     file read (a folder: images.list_folder's, made once per run; a file: its own name and size)."""
-    import hashlib
-
-    import pyarrow.fs as pafs
-
     f, p = fs.resolve(path)
     info = f.get_file_info(p)
     if info.type != pafs.FileType.File:
@@ -64,8 +62,6 @@ def count_images(path: str, classes, limit) -> int:
     """Images in a source without reading them: a folder listing, or Parquet footers."""
     if is_parquet(path):
         f, p = fs.resolve(path)
-        import pyarrow.fs as pafs
-
         info = f.get_file_info(p)
         files = [p] if info.type == pafs.FileType.File else [i.path for i in f.get_file_info(pafs.FileSelector(p, recursive=True))
                                                             if i.base_name.endswith(".parquet")]
@@ -252,12 +248,11 @@ class StreamBackend:
         """The first ANALYSIS_IMAGES images of the test split with a stored selection, decoded into the
         driver: the analysis's sample (bounded, whatever the split's size)."""
         stored = store.done_ids(self.plan.root, self.explained.tag, self.plan.primary, "test")
-        stored_ids = stored
         want = min(ANALYSIS_IMAGES, self.plan.n_images["test"])
         ds = drop_bad(read_images(self.data.val, self.cfg.image_size, self.data.classes, self.data.limits["test"], images=self.plan.n_images["test"]))
         ids, images, labels = [], [], []
         for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
-            keep = np.isin(b["image_id"], stored_ids)
+            keep = np.isin(b["image_id"], stored)
             ids.append(b["image_id"][keep]), images.append(b["image"][keep]), labels.append(b["label"][keep])
             if sum(len(i) for i in ids) >= want:
                 break

@@ -339,7 +339,7 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from overinterp.models import ModelSpec, save_checkpoint
+    from overinterp.models import ModelSpec, build, save_checkpoint
 
     t0 = time.time()
     local = workers == 1  # the loop runs here, in the trial's process
@@ -386,8 +386,6 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame([result.metrics])
         final = result.metrics
     model_spec = ModelSpec(**state["spec"])
-    from overinterp.models import build
-
     model = build(model_spec)
     model.load_state_dict(state["model"])
     ckpt = checkpoint_path(out_dir, spec)

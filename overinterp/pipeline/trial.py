@@ -131,7 +131,7 @@ def run_trial(
     masks: dict,
     train_config: TrainConfig,
     out_dir: str,
-    device: Optional[torch.device] = None,
+    device: torch.device,
     report: Optional[EpochReport] = None,
 ) -> dict:
     """Train one model and evaluate it on the test split under the trial's condition.
@@ -144,7 +144,6 @@ def run_trial(
     Returns:
         The result dict also written to trials/<name>/result.json.
     """
-    device = device or pick_device()
     t0 = time.time()
     images = {s: torch.from_numpy(np.array(data["images"][s])).to(device) for s in ("train", "test")}
     labels = {s: torch.from_numpy(np.array(data["labels"][s])).long().to(device) for s in ("train", "test")}

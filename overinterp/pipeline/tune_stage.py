@@ -119,16 +119,13 @@ def launch_trials(
     callbacks: Optional[list] = None,
 ) -> None:
     """Run `trainable` for each pending spec on Tune with the planned resources; raises TrialsFailed."""
-    work = trainable
-
-    @functools.wraps(work)  # Tune names trials and their folders after the function
+    @functools.wraps(trainable)  # Tune names trials and their folders after the function
     def in_trial(config: dict):
         exit_with_parent()  # a trial's process ends with its raylet
-        return work(config)
+        return trainable(config)
 
-    trainable = tune.with_resources(in_trial, resources.trial_request())
     tuner = tune.Tuner(
-        trainable,
+        tune.with_resources(in_trial, resources.trial_request()),
         param_space={"trial": tune.grid_search([asdict(s) for s in pending]), "threads": max(1, int(resources.cpus_per_trial))},
         # reuse_actors: one worker process trains many trials (saves ~5 s of start-up each)
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=resources.trial_concurrency),

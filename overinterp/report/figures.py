@@ -89,7 +89,6 @@ def accuracy_figure(summary: dict) -> Figure:
     return fig
 
 
-
 def median_iqr(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(T,) removed fractions in [0, 1], and the (T,) median and (2, T) quartiles over the N images of (N, T) p(c)."""
     p = np.asarray(p, dtype=float)
@@ -122,7 +121,6 @@ def confidence_figure(curves: dict[str, np.ndarray], title: str = "Confidence as
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     return fig
-
 
 
 def sis_size_percent(sizes: np.ndarray, hw: int) -> tuple[np.ndarray, int]:
@@ -159,7 +157,6 @@ def sis_size_figure(sizes: dict[str, np.ndarray], hw: int, tau: float) -> Figure
     ax.set_title(f"Sufficient input subset sizes at τ={tau:g}", fontsize=10)
     ax.legend(fontsize=7)
     return fig
-
 
 
 def gallery_figure(

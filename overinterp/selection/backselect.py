@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from overinterp.selection.cost import tail_pixels
-from overinterp.selection.engine import (EngineConfig, ForwardFunc, PassesFunc, ProgressFunc, Scorer, SelectionResult, check_images,
+from overinterp.selection.engine import (EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, check_images,
                                         explained_class, score_candidates)
 from overinterp.selection.params import check_selector_args
 
@@ -73,7 +73,6 @@ def backward_selection(
     exact_tail: float = 1.0,
     config: EngineConfig = EngineConfig(),
     target: Optional[torch.Tensor] = None,
-    progress: Optional[ProgressFunc] = None,
     max_steps: Optional[int] = None,
     on_passes: Optional[PassesFunc] = None,
 ) -> SelectionResult:
@@ -86,7 +85,6 @@ def backward_selection(
             k-step shrunk to land there), then exact BS (k = 1) to the end. F = 1 (default): k per
             step to the end — bit for bit the selector without this option. See selection/cost.py.
         config: chunking, memory format, autocast and compile (see EngineConfig).
-        progress: called after every step with (pixels removed, HW).
         max_steps: for benchmarks — stop after this many steps; order is -1 and curve NaN beyond.
 
     Returns:
@@ -107,8 +105,7 @@ def backward_selection(
         target, confidence, pred = explained_class(probs, target)
         remaining = torch.arange(HW, device=device).expand(B, HW).clone()  # (B, R) ascending pixel ids
         plan = step_plan(HW, pixels_per_step, exact_tail)
-        passes, sizes = run_steps(scorer, x, remaining, target, order, curve, 0, plan[:max_steps], (C, H, W), progress,
-                                  on_passes)
+        passes, sizes = run_steps(scorer, x, remaining, target, order, curve, 0, plan[:max_steps], (C, H, W), on_passes)
     return SelectionResult(order, curve, pred, confidence, passes, sizes)
 
 
@@ -122,7 +119,6 @@ def run_steps(
     removed: int,
     plan: list[int],
     shape: tuple[int, int, int],
-    progress: Optional[ProgressFunc] = None,
     on_passes: Optional[PassesFunc] = None,
 ) -> tuple[int, tuple[int, ...]]:
     """The BS loop from any state: remove plan[t] pixels at step t, writing order/curve in place.
@@ -162,6 +158,4 @@ def run_steps(
         keep = torch.ones_like(remaining, dtype=torch.bool).scatter_(1, pos, False)
         remaining = remaining[keep].view(B, R - k)  # boolean gather preserves ascending order
         removed += k
-        if progress is not None:
-            progress(removed, HW)
     return passes, tuple(plan)

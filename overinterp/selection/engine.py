@@ -9,7 +9,7 @@ chunk sizing.
   `score_candidates`, which builds and scores a step's candidates chunk by chunk on the device;
 - chunk sizing: `max_chunk` (what fits the memory budget), `tune_chunk` (the fastest batch size
   below it, measured with `forward_rate` between device syncs);
-- the callback types (ForwardFunc, ProgressFunc, PassesFunc), `widen` (logits in fp32 or wider),
+- the callback types (ForwardFunc, PassesFunc), `widen` (logits in fp32 or wider),
   `explained_class` (the class c each image is explained for), `check_images` and `ranks`.
 
 Backward selection (backselect.py), Batched Gradient SIS (gradient.py) and the ranking selectors
@@ -66,7 +66,6 @@ def ranks(order: torch.Tensor) -> torch.Tensor:
 #   target: (B,) the class to explain; None explains the prediction on the unmasked image;
 #   on_passes: a PassesFunc told of the forward passes as they are made.
 ForwardFunc = Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) normalised -> (N, K) logits
-ProgressFunc = Callable[[int, int], None]  # (pixels removed so far, HW) per step
 # forward passes just made (images evaluated, a Python int the engine counts anyway: no host sync),
 # called per step or chunk, so a long batch can report progress before it returns; the calls sum
 # to SelectionResult.forward_passes

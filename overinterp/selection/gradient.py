@@ -30,7 +30,7 @@ import torch
 
 from overinterp.selection.backselect import run_steps, step_plan
 from overinterp.selection.cost import tail_pixels
-from overinterp.selection.engine import (EngineConfig, ForwardFunc, PassesFunc, ProgressFunc, Scorer, SelectionResult, check_images,
+from overinterp.selection.engine import (EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, check_images,
                                         explained_class, widen)
 from overinterp.selection.params import check_selector_args
 
@@ -43,7 +43,6 @@ def batched_gradient_sis(
     exact_tail: float = 1.0,
     engine: EngineConfig = EngineConfig(),
     target: Optional[torch.Tensor] = None,
-    progress: Optional[ProgressFunc] = None,
     max_steps: Optional[int] = None,
     on_passes: Optional[PassesFunc] = None,
 ) -> SelectionResult:
@@ -95,8 +94,6 @@ def batched_gradient_sis(
         order[:, removed : removed + k] = chosen
         last = slice(removed, removed + k)
         removed += k
-        if progress is not None:
-            progress(removed, HW)
         if on_passes is not None:
             on_passes(B)
     steps = len(gradient_plan)
@@ -114,7 +111,6 @@ def batched_gradient_sis(
         with torch.inference_mode():
             x = (images * (~masked).to(images.dtype).view(B, 1, H, W)).permute(0, 2, 3, 1).reshape(B, HW, C).clone()  # (B, HW, C)
             remaining = torch.arange(HW, device=device).expand(B, HW)[~masked].view(B, HW - removed)  # (B, R) ascending
-            tail_passes, _ = run_steps(scorer, x, remaining, target, order, curve, removed, tail_plan, (C, H, W), progress,
-                                     on_passes)
+            tail_passes, _ = run_steps(scorer, x, remaining, target, order, curve, removed, tail_plan, (C, H, W), on_passes)
         passes += tail_passes
     return SelectionResult(order, curve, pred, confidence, forward_passes=passes, step_sizes=tuple(plan), backward_passes=B * steps)

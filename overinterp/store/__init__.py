@@ -7,45 +7,17 @@
                validate_shards and list_selections
     check.py   `overinterp store check|repair` and its report table
 
-Callers use the package: `from overinterp import store; store.read_selections(...)`.
+Callers use the package (`from overinterp import store; store.read_selections(...)`) for what it
+names below; the store's check and its format details are imported from their modules.
 """
 
-from overinterp.store.check import QUARANTINE, SelectionReport, check_store, repair_selection, repair_store, report_table
-from overinterp.store.format import (
-    READABLE_VERSIONS,
-    REPAIR_HINT,
-    SCHEMA,
-    SCHEMA_VERSION,
-    V1_SCHEMA,
-    StoreError,
-    decode_order,
-    encode_steps,
-    selection_dir,
-    shard_name,
-    steps_to_keep,
-)
-from overinterp.store.io import (
-    CURVE_TOLERANCE,
-    Overlap,
-    Selections,
-    done_ids,
-    find_overlap,
-    list_selections,
-    raw_image_ids,
-    read_selections,
-    read_shard,
-    shard_files,
-    stored_mask,
-    stored_rows,
-    validate_shards,
-    write_rows,
-    write_table_atomic,
-)
+from overinterp.store.check import repair_selection
+from overinterp.store.format import SCHEMA, V1_SCHEMA, StoreError, decode_order, encode_steps, steps_to_keep
+from overinterp.store.io import (Selections, done_ids, list_selections, raw_image_ids, read_selections, read_shard, shard_files,
+                                 stored_mask, stored_rows, validate_shards, write_rows)
 
 __all__ = [
-    "CURVE_TOLERANCE", "QUARANTINE", "READABLE_VERSIONS", "REPAIR_HINT", "SCHEMA", "SCHEMA_VERSION", "V1_SCHEMA",
-    "Overlap", "SelectionReport", "Selections", "StoreError",
-    "check_store", "decode_order", "done_ids", "encode_steps", "find_overlap", "list_selections", "raw_image_ids", "stored_rows",
-    "read_selections", "read_shard", "repair_selection", "repair_store", "report_table", "selection_dir", "shard_files", "shard_name",
-    "steps_to_keep", "stored_mask", "validate_shards", "write_rows", "write_table_atomic",
+    "SCHEMA", "V1_SCHEMA", "Selections", "StoreError", "decode_order", "done_ids", "encode_steps", "list_selections", "raw_image_ids",
+    "read_selections", "read_shard", "repair_selection", "shard_files", "steps_to_keep", "stored_mask", "stored_rows",
+    "validate_shards", "write_rows",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -273,8 +274,6 @@ def raw_image_ids(root: str, model: str, selector: str, split: str) -> np.ndarra
     """(rows,) int64 image id of every row in every shard of one (model, selector, split), in
     shard-file order, repeats included: an image stored twice appears twice (read_selections and
     done_ids keep one). Reads the id column only; empty when nothing is stored."""
-    from concurrent.futures import ThreadPoolExecutor
-
     fs, paths = shard_files(root, model, selector, split)
     out = _out_of(root)
     with ThreadPoolExecutor(READ_THREADS) as pool:
@@ -287,8 +286,6 @@ def stored_rows(root: str, model: str, selector: str, split: str) -> int:
     """Rows stored for one (model, selector, split), from the shards' Parquet footers (no column
     is read; a repeat of an image counts twice). 0 when nothing is stored; a shard whose footer
     does not read counts 0 (the validated reads name it, with the repair command)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     fs, paths = shard_files(root, model, selector, split)
 
     def rows(path: str) -> int:
@@ -378,19 +375,16 @@ def read_selections(root: str, model: str, selector: str, split: str, expect_n: 
     )
 
 
-def validate_shards(root: str) -> int:
+def validate_shards(root: str) -> None:
     """Read every shard's footer under a local selections root (no data): a corrupt or foreign
-    file stops the run before any work, naming the file. Returns the shards checked. Object-store
-    roots are checked when each shard is read (a footer GET per shard would be slow there)."""
+    file stops the run before any work, naming the file. Object-store roots are checked when each
+    shard is read (a footer GET per shard would be slow there)."""
     if files.is_uri(root):
-        return 0
-    n = 0
+        return
     for model, selector, split in list_selections(root):
         fsys, paths = shard_files(root, model, selector, split)
         for p in paths:
             read_shard(fsys, p, ["image_id"], _out_of(root))
-            n += 1
-    return n
 
 
 def list_selections(root: str) -> list[tuple[str, str, str]]:
