@@ -180,3 +180,40 @@ def test_a_new_sqlite_store_starts_as_a_copy_of_an_empty_one_at_mlflows_newest_s
     start_sqlite_store("http://127.0.0.1:5000", str(cache))
     start_sqlite_store(f"sqlite:///{tmp_path}/d/mlflow.db", str(tmp_path / "a" / "mlflow.db" / "not-a-dir"))  # no cache: MLflow builds it
     assert not (tmp_path / "d" / "mlflow.db").exists() and sorted(os.listdir(cache)) == [template.name]
+
+
+def test_a_template_or_copy_that_fails_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """A full disk while copying the template into --out, or SQLite failing while the template is
+    built (not an OSError): no .part file stays in --out or the cache, no error reaches the run,
+    and MLflow then builds the store itself."""
+    import errno
+    import os
+    import shutil
+
+    import sqlalchemy.exc
+    from mlflow.store.db import utils as db
+
+    from overinterp.pipeline import tracking
+
+    monkeypatch.chdir(tmp_path)
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    real_copy = shutil.copyfile
+
+    def full_disk(src, dst):
+        with open(dst, "wb") as f:
+            f.write(open(src, "rb").read()[:100])  # part of it written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    tracking.start_sqlite_store(f"sqlite:///{out}/mlflow.db", str(cache))
+    assert os.listdir(out) == [] and [p.name.endswith("-empty.db") for p in cache.iterdir()] == [True]
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+
+    def failing_sqlite(engine):
+        raise sqlalchemy.exc.OperationalError("CREATE TABLE", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(db, "_initialize_tables", failing_sqlite)
+    tracking.start_sqlite_store(f"sqlite:///{out}/mlflow.db", str(tmp_path / "cache2"))
+    assert os.listdir(tmp_path / "cache2") == [] and os.listdir(out) == []
+    monkeypatch.undo()
+    assert MlflowClient(f"sqlite:///{out}/mlflow.db").search_experiments()[0].name == "Default"

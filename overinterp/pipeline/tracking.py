@@ -24,6 +24,7 @@ tracking server's URI. Artifacts of a SQLite store go beside it in <out_dir>/mla
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,7 +44,7 @@ from overinterp.pipeline.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 # MLflow's SQL store logs each database error with its traceback and then raises it: the run reports
-# what it raises (a full disk in one line, see driver.run_job), so the log would only repeat it
+# what it raises (a full disk in one line, see driver.run), so the log would only repeat it
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
@@ -64,7 +65,8 @@ def start_sqlite_store(uri: str, cache_dir: Optional[str] = None) -> None:
     ~/.cache/overinterp): MLflow builds a new store by creating its first tables and then running
     every schema migration since (2-4 s on 2 cores, for every new --out). MLflow then checks the
     schema and adds its Default experiment as it does for any new store. Best effort: where the
-    cache or the copy cannot be written, MLflow builds the store itself."""
+    template or the copy cannot be made (no cache folder, a full disk, a failing SQLite), nothing
+    half-written is left behind and MLflow builds the store itself."""
     import shutil
 
     from mlflow.store.db import utils as db
@@ -74,20 +76,23 @@ def start_sqlite_store(uri: str, cache_dir: Optional[str] = None) -> None:
         return
     cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "overinterp")
     template = os.path.join(cache_dir, f"mlflow-{mlflow.__version__}-{db._get_latest_schema_revision()}-empty.db")
+    parts = [f"{template}.{os.getpid()}.part", f"{path}.part"]  # whole files or none: another run may be copying the template
     try:
         if not os.path.exists(template):
             os.makedirs(cache_dir, exist_ok=True)
-            part = f"{template}.{os.getpid()}.part"
-            engine = db.create_sqlalchemy_engine_with_retry(f"sqlite:///{part}")
+            engine = db.create_sqlalchemy_engine_with_retry(f"sqlite:///{parts[0]}")
             try:
                 db._initialize_tables(engine)  # the tables alone: the Default experiment names this store's artifact root
             finally:
                 engine.dispose()
-            os.replace(part, template)  # whole or not at all: another run may be copying it
+            os.replace(parts[0], template)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        shutil.copyfile(template, f"{path}.part")
-        os.replace(f"{path}.part", path)
-    except OSError as e:
+        shutil.copyfile(template, parts[1])
+        os.replace(parts[1], path)
+    except Exception as e:  # OSError, or SQLAlchemy's errors from SQLite (a full disk while building the template)
+        for part in parts:
+            with contextlib.suppress(OSError):
+                os.remove(part)
         log.debug("no MLflow store template (%s): MLflow builds %s itself", e, path)
 
 
