@@ -311,7 +311,7 @@ def _select_pass(jobs, ds, root, mean, std, resources, engine, select_batch, tot
 
         watcher = threading.Thread(target=watch_progress, daemon=True, name="selection-progress",
                                    args=(bar, finished, lambda: ray.get(counter.total.remote(pass_id), timeout=POLL_EVERY), stop),
-                                   kwargs={"on_progress": replan})
+                                   kwargs={"interval": POLL_EVERY, "on_progress": replan})  # read now: tests shorten it
         watcher.start()
     try:
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):  # SelectionWorker's counts (see _counts)
