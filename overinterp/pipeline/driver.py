@@ -30,8 +30,6 @@ from overinterp.pipeline.trial import TrialSpec
 class Backend(Protocol):
     """Data access and stage calls, nothing else: the analysis is `analysis.Analysis`, the same for both."""
 
-    cfg: RunConfig
-
     def train_full(self, specs: list[TrialSpec]) -> dict[str, dict]: ...
     def select(self, jobs: list[SelectionJob]) -> None: ...  # every selection of the plan
     def write_random(self, split: str) -> None: ...
@@ -105,10 +103,9 @@ class Stages:
         return out
 
 
-def run_plan(plan: Plan, backend: Backend, tracker) -> dict:
+def run_plan(cfg: RunConfig, plan: Plan, backend: Backend, tracker) -> dict:
     """Walk the plan, logging to `tracker` (a tracking.Tracker); returns the summary (also in <out>/summary.json)."""
     tracker.log_data(backend.dataset_input())
-    cfg = backend.cfg
     stages = Stages((4 if plan.full_trials else 3) + bool(cfg.explain))
     full = {}
     if plan.full_trials:
@@ -252,10 +249,10 @@ def run(config: RunConfig, ray_address: Optional[str] = None, dry_run: bool = Fa
     log(resources.describe())
     if cfg.autocast and not resources.use_gpu:
         log(f"--autocast {cfg.autocast} needs GPUs; this cluster has none, so selection runs exact fp32 on CPU")
-    if cfg.stream:
-        from overinterp.pipeline.stream import StreamBackend as backend_type
+    if cfg.stream:  # each backend's imports only: the streamed one loads Ray Data
+        from overinterp.pipeline.stream import StreamBackend
     else:
-        from overinterp.pipeline.memory import InMemoryBackend as backend_type
+        from overinterp.pipeline.memory import InMemoryBackend
     cost, cost_text = plan_and_guard(cfg, plan, resources, enforce=not dry_run)
     if dry_run:
         log("dry run: nothing selected, trained or written")
@@ -268,8 +265,12 @@ def run(config: RunConfig, ray_address: Optional[str] = None, dry_run: bool = Fa
 
             with Tracker(cfg, cfg.dataset, resources, previous_holder=lock.taken_over) as tracker:
                 tracker.log_plan("\n".join([plan.describe(), resources.describe(), cost_text]), cost)
-                backend = backend_type(cfg, plan, source, resources, [TrialLogger(tracker)])
-                summary = run_plan(plan, backend, tracker)
+                callbacks = [TrialLogger(tracker)]
+                if cfg.stream:
+                    backend = StreamBackend(cfg, plan, source, resources, callbacks)
+                else:
+                    backend = InMemoryBackend(cfg, plan, source, resources, callbacks)
+                summary = run_plan(cfg, plan, backend, tracker)
     except Exception as e:  # a full disk surfaces from SQLite, Ray workers, Tune trials or torch.save: one line for all
         if fs.out_of_space(e):
             raise fs.no_space_error(cfg.out_dir) from e
