@@ -237,13 +237,13 @@ def run(config: RunConfig, ray_address: Optional[str] = None, dry_run: bool = Fa
     once; `holder` names this one in the lock), records its settings and walks the plan under an
     MLflow parent.
     """
+    t0 = time.time()  # "done in" counts the imports too
     from overinterp.costplan import format_duration
     from overinterp.pipeline import resources as cluster
     from overinterp.pipeline.costing import plan_and_guard
     from overinterp.pipeline.lock import OutputLock
     from overinterp.pipeline.preflight import record_settings
 
-    t0 = time.time()
     cfg, source, plan, resources = prepare(config, ray_address)
     log(plan.describe())
     log(resources.describe())
