@@ -68,6 +68,18 @@ class TestImages:
     total: int  # test images in the split (N <= total)
 
 
+def pretrained_baseline(measured: Optional[dict], test: TestImages, full: float, own_subsets: float) -> dict:
+    """A pretrained explained model's baseline, {"full", "own_subsets", "images"}: `measured` where a
+    backend measured it over a test split larger than the analysed images; else its accuracies on the
+    analysed images (full images and its own subsets, %), which must then be the whole split."""
+    if measured is not None:
+        return measured
+    if len(test.labels) != test.total:
+        raise ValueError(f"a pretrained model's baseline needs the whole test split ({test.total} images) or a backend's pass "
+                         f"over it; the analysis has {len(test.labels)}")
+    return {"full": full, "own_subsets": own_subsets, "images": len(test.labels)}
+
+
 class Analysis:
     """summary.json's content beyond the trials' accuracies — SIS sizes of each explained model,
     confidence on masked inputs, the selector comparison — and the plots and the gallery, computed on
@@ -120,15 +132,10 @@ class Analysis:
             summary["masked_confidence"][m] = {"median_confidence": primary_row["median_confidence"], "accuracy": primary_row["full_model_accuracy"]}
         explained = next(iter(plan.sources[cfg.models[0]].values()))
         if explained.variant == "pretrained":  # the baseline every trained model is compared with
-            if baseline is None:
-                if len(test.labels) != test.total:
-                    raise ValueError(f"the baseline of {explained.tag} needs the whole test split ({test.total} images) or a backend's pass over it; "
-                                     f"the analysis has {len(test.labels)}")
-                m = cfg.models[0]  # every trained model's source is the one pretrained model
-                baseline = {"full": summary["variant_accuracy"][m]["pretrained"], "own_subsets": summary["masked_confidence"][m]["accuracy"],
-                            "images": len(test.labels)}
-            summary.update(baseline=baseline, model=cfg.pretrained, weights=cfg.weights, train_model=cfg.models[0],
-                           images={s: n for s, n in plan.n_images.items()})
+            m = cfg.models[0]  # every trained model's source is the one pretrained model
+            summary.update(baseline=pretrained_baseline(baseline, test, summary["variant_accuracy"][m]["pretrained"],
+                                                        summary["masked_confidence"][m]["accuracy"]),
+                           model=cfg.pretrained, weights=cfg.weights, train_model=m, images={s: n for s, n in plan.n_images.items()})
         return summary
 
     def compare_selectors(self, model_name: str, accuracy: dict) -> dict:
