@@ -157,11 +157,12 @@ class PassForwarder:
 
 
 def watch_progress(bar: Progress, finished: Callable[[], float], reported: Callable[[], float], stop: threading.Event,
-                   interval: float = POLL_EVERY, on_progress: Optional[Callable[[float], bool]] = None) -> None:
-    """Until `stop` is set: every `interval` s move the bar on to the larger of finished() (the
+                   interval: Optional[float] = None, on_progress: Optional[Callable[[float], bool]] = None) -> None:
+    """Until `stop` is set: every `interval` s (None: POLL_EVERY, read now, so tests can shorten it) move the bar on to the larger of finished() (the
     passes of the batches whose results arrived) and reported() (the workers' running total, see
     PassCounter). Run in a driver thread. on_progress(passes so far) is called after each move until
     it returns True."""
+    interval = POLL_EVERY if interval is None else interval
     while not stop.wait(interval):
         done = finished()
         try:
@@ -311,7 +312,7 @@ def _select_pass(jobs, ds, root, mean, std, resources, engine, select_batch, tot
 
         watcher = threading.Thread(target=watch_progress, daemon=True, name="selection-progress",
                                    args=(bar, finished, lambda: ray.get(counter.total.remote(pass_id), timeout=POLL_EVERY), stop),
-                                   kwargs={"interval": POLL_EVERY, "on_progress": replan})  # read now: tests shorten it
+                                   kwargs={"on_progress": replan})
         watcher.start()
     try:
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):  # SelectionWorker's counts (see _counts)
