@@ -21,14 +21,14 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from overinterp.cli import add_run_arguments, config_from_args, execute  # noqa: E402
+from overinterp.cli import HelpFormatter, add_run_arguments, config_from_args, execute  # noqa: E402
 from overinterp.config import ConfigError, RunConfig  # noqa: E402
 
 DEFAULTS = RunConfig(dataset="cifar10", models=("resnet20", "resnet18", "vgg16_bn"), seeds=(0, 1, 2), out_dir="cifar10-out", select_batch=16)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sis_cifar10.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sis_cifar10.py", description=__doc__, formatter_class=HelpFormatter)
     add_run_arguments(p, DEFAULTS, dataset_flag=False)
     p.add_argument("--smoke-test", action="store_true", help="tiny synthetic CIFAR-10 files: a wiring check, minutes on 2 CPUs")
     return p

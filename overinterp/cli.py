@@ -9,10 +9,56 @@ one line on stderr naming the fix, exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from overinterp.config import SMOKE_IMAGE_SIZE, SMOKE_MAX_PASSES, SMOKE_SIZES, ConfigError, RunConfig
+from overinterp.config import DEFAULT_IMAGE_SIZE, SMOKE_IMAGE_SIZE, SMOKE_MAX_PASSES, SMOKE_SIZES, ConfigError, RunConfig
 from overinterp.explain import GUIDANCE_METHODS
+
+# What a run does with a flag left unset where the config leaves the choice to the run (a None,
+# False or empty default); a flag a preset gives a value shows that value instead.
+UNSET_DEFAULTS = {
+    "models": "the data set's",
+    "image_size": str(DEFAULT_IMAGE_SIZE),
+    "num_classes": "1000 for Parquet; a folder's are its class folders",
+    "max_images": "all",
+    "stream": "decided by the data set's size; Parquet and --train/--val stream",
+    "epochs": "per data set: digits 30, CIFAR 200",
+    "augment": "on for CIFAR",
+    "select_batch": "64 in memory; streamed runs size it by the image: 32 at 224 px, up to 1,024 for small images",
+    "autocast": "off (fp32)",
+    "tracking_uri": "$MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db",
+    "explain": "none",
+    "strict": "skip it and list it in summary.json",
+    "ray_address": "local Ray, or RAY_ADDRESS",
+    "max_workers": "what the cluster can offer",
+    "gpus_per_worker": "1 where GPUs can exist",
+    "cpus_per_worker": "1",
+    "gpus_per_trial": "1 where GPUs can exist",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help ends with its default: the value given (an entry point's own, so a job's
+    --help shows its preset), or for a flag left unset, what the run decides (UNSET_DEFAULTS).
+    The docstrings above the flags keep their line breaks (the jobs' examples)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").replace(" (default: %(default)s)", "")  # BooleanOptionalAction adds its own
+        d = action.default
+        if not action.option_strings or d is argparse.SUPPRESS or "(default" in text:
+            return text  # an argument, --help, or a flag whose help says its default itself
+        if d is None or (d is False and not isinstance(action, argparse.BooleanOptionalAction)) or (isinstance(d, (tuple, dict)) and not d):
+            shown = UNSET_DEFAULTS.get(action.dest)
+        elif isinstance(d, bool):
+            shown = "on" if d else "off"
+        elif isinstance(d, tuple):
+            shown = ",".join(map(str, d))
+        elif isinstance(d, dict):
+            shown = "'" + json.dumps(d) + "'"
+        else:
+            shown = str(d)
+        return text if shown is None else f"{text} (default: {shown.replace('%', '%%')})"
 
 
 def _csv(kind):
@@ -26,8 +72,6 @@ def _csv(kind):
 
 
 def _json_object(s: str) -> dict:
-    import json
-
     try:
         value = json.loads(s)
     except json.JSONDecodeError as e:
@@ -47,12 +91,12 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     s.add_argument("--train", default=d.train, help="train images: an ImageFolder split (<path>/<class>/<image>) or Parquet of encoded images")
     s.add_argument("--val", default=d.val, help="validation images, same layout as --train")
     s.add_argument("--download", action="store_true", help="download CIFAR into --data-root (needs internet)")
-    s.add_argument("--image-size", type=int, default=d.image_size, help="imagefolder/parquet: square crop side (default 224)")
-    s.add_argument("--num-classes", type=int, default=d.num_classes, help="parquet: classes (default 1000; a folder's are its class folders)")
+    s.add_argument("--image-size", type=int, default=d.image_size, help="imagefolder/parquet: square crop side")
+    s.add_argument("--num-classes", type=int, default=d.num_classes, help="classes of a Parquet source")
     s.add_argument("--max-images", type=int, default=d.max_images, help="per split: a pilot on the first N images")
     s.add_argument("--stream", action=argparse.BooleanOptionalAction, default=d.stream,
-                   help="stream the images through Ray Data (default: decided by the data set's size; Parquet and --train/--val stream)")
-    r.add_argument("--models", type=_csv(str), default=d.models, help="comma-separated model names (default: the data set's; see `overinterp models`)")
+                   help="stream the images through Ray Data")
+    r.add_argument("--models", type=_csv(str), default=d.models, help="comma-separated model names (see `overinterp models`)")
     r.add_argument("--pretrained", default=d.pretrained,
                    help="explain this trained model instead of training full-image models; it is the baseline: a torchvision model "
                         "(tv:<name>), or a registered one (digits_cnn, resnet20, ...) with --weights FILE")
@@ -76,20 +120,21 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     r.add_argument("--compile", action="store_true", help="torch.compile the model for selection (~2x on CPU for ResNets, ~30 s to compile)")
     r.add_argument("--autocast", choices=("bf16", "fp16"), default=None, help="GPU selection under autocast: faster, not exact (see BENCHMARKS.md)")
     r.add_argument("--random-seed", type=int, default=d.random_seed, help="seed of the random-subset baseline")
-    r.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (default per data set: digits 30, CIFAR 200)")
-    r.add_argument("--batch-size", type=int, default=d.batch_size)
-    r.add_argument("--lr", type=float, default=d.lr)
+    r.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    r.add_argument("--batch-size", type=int, default=d.batch_size, help="training images per SGD step (per worker in DDP)")
+    r.add_argument("--lr", type=float, default=d.lr,
+                   help="SGD learning rate (Nesterov momentum 0.9; ×0.2 at 30%%, 60%% and 80%% of the epochs)")
     r.add_argument("--workers-per-trial", type=int, default=d.workers_per_trial, help="streamed runs: Ray Train workers (DDP) per trial")
-    r.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment, help="random crop + flip (default: on for CIFAR)")
-    r.add_argument("--select-batch", type=int, default=d.select_batch, help="images per selection task and Parquet shard (default: 64 in memory; streamed runs size it by the image: 32 at 224 px, up to 1,024 for small images)")
+    r.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment, help="random crop + flip")
+    r.add_argument("--select-batch", type=int, default=d.select_batch, help="images per selection task and Parquet shard")
     r.add_argument("--out", dest="out_dir", default=d.out_dir, help="output directory or URI (s3://...); rerun with the same one to resume")
-    r.add_argument("--tracking-uri", default=d.tracking_uri, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)")
+    r.add_argument("--tracking-uri", default=d.tracking_uri, help="MLflow tracking URI")
     r.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
     r.add_argument("--gallery", type=int, default=d.gallery, help="test images in gallery.png")
     e = r.add_argument_group("explain", "guided generation under a diffusion prior: what the models learned to look for")
     e.add_argument("--explain", type=_csv(str), default=d.explain,
                    help="comma-separated questions: vce (what change turns a test image into each other class), disagree "
-                        "(where the full-image and subset models, input dropout, and two seeds disagree most); default: none")
+                        "(where the full-image and subset models, input dropout, and two seeds disagree most)")
     e.add_argument("--explain-method", choices=GUIDANCE_METHODS, default=d.explain_method,
                    help="guidance: noise (optimise the start noise through the DDIM chain, DiG-IN) or universal (~40x faster, less real)")
     e.add_argument("--explain-images", type=int, default=d.explain_images, help="test images explained; images per model pair and direction")
@@ -103,22 +148,22 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     r.add_argument("--max-hours", type=float, default=d.max_hours,
                    help="refuse to start when the planned ETA is longer (0: no limit); the error names faster settings")
     r.add_argument("--dry-run", action="store_true", help="print the plan (stages, resources, forward passes, ETA) and exit")
-    r.add_argument("--strict", action="store_true", help="stop at the first image that does not decode (default: skip it and list it in summary.json)")
-    r.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray, or RAY_ADDRESS)")
+    r.add_argument("--strict", action="store_true", help="stop at the first image that does not decode")
+    r.add_argument("--ray-address", default=None, help="Ray cluster address")
     r.add_argument("-v", "--verbose", action="store_true", help="also print Ray's, Tune's and MLflow's logs, and one line per trial")
     # overrides of the resource plan (by default planned from what the cluster can offer)
     g = r.add_argument_group("resources", "default: planned from the autoscaler's node types (or the nodes up); see README")
     g.add_argument("--max-workers", type=int, default=None, help="most selection actors, and most trials at once")
-    g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per selection actor (0: CPUs only; default 1 where GPUs can exist)")
-    g.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per selection actor (default 1)")
-    g.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per training trial (default 1 where GPUs can exist; 0.5 lets two share one)")
+    g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per selection actor (0: CPUs only)")
+    g.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per selection actor")
+    g.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per training trial (0.5 lets two share one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="overinterp", description="Find out whether image classifiers overinterpret their inputs (Carter et al., NeurIPS 2021).")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train -> backward selection -> train on pixel-subsets -> compare",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     add_run_arguments(r)
     sub.add_parser("models", help="list the model names --models accepts")
     st = sub.add_parser("store", help="check or repair the Parquet store of a run's --out")

@@ -1,12 +1,18 @@
 """The command line: bad input is one line naming the fix, before any work starts."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from overinterp.cli import build_parser, config_from_args, main
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+
+import sis_cifar10  # noqa: E402
+import sis_imagenet  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -49,6 +55,26 @@ def test_flags_become_the_config():
     assert c.selection_params() == {"gradient": {}, "captum:InputXGradient": {"importance": "signed"}}
     old = config_from_args(build_parser().parse_args(["run", "--selector", "bgsis", "--pixels-per-step", "4", "--exact-tail", "0.5"]))
     assert old.selectors == ("bgsis",) and old.selection_params() == {"bgsis": {"k": 4, "tail": 0.5}}  # the old flag still works
+
+
+def _flag_help(parser) -> dict:
+    """{first option string: its help as --help prints it, on one line}."""
+    text = parser.format_help()
+    blocks = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
+    blocks = [b.split("\n\n", 1)[0] for b in blocks if b.startswith("-")]  # a group's title follows a blank line
+    return {b.split()[0].rstrip(","): " ".join(b.split()) for b in blocks}
+
+
+def test_help_shows_each_default_once_as_typed():
+    run = _flag_help(build_parser()._subparsers._group_actions[0].choices["run"])
+    assert not any("(default: None)" in h or "(default: ())" in h or h.count("(default") > 1 for h in run.values())
+    assert run["--seeds"].endswith("(default: 0,1,2)")  # as the flag takes it, not a Python tuple
+    assert run["--epochs"].endswith("(default: per data set: digits 30, CIFAR 200)")  # unset: what the run decides
+    assert run["--lr"].endswith("(default: 0.1)") and "30%, 60% and 80%" in run["--lr"]
+    imagenet, cifar = _flag_help(sis_imagenet.build_parser()), _flag_help(sis_cifar10.build_parser())
+    assert imagenet["--epochs"].endswith("(default: 16)") and imagenet["--stream"].endswith("(default: on)")  # the preset's own
+    assert imagenet["--train-model"].endswith("(default: --model)") and imagenet["--augment"].endswith("(default: off)")
+    assert cifar["--models"].endswith("(default: resnet20,resnet18,vgg16_bn)")
 
 
 def test_console_script_fails_fast_without_ray():
