@@ -123,7 +123,7 @@ def test_checkpoint_roundtrip_and_ensemble(tmp_path):
 
 def test_torchvision_weights_enum_is_resolved_before_any_download():
     # a real enum name, checked against the data set's classes without fetching anything
-    with pytest.raises(ModelError, match="predict 1000 classes, the data set has 10"):
+    with pytest.raises(ModelError, match="predict 1000 classes, the data set has 10: give --weights a state_dict file of resnet18 trained on these 10"):
         create_model("tv:resnet18", num_classes=10, weights="ResNet18_Weights.IMAGENET1K_V1")
     with pytest.raises(ModelError, match="predict 1000 classes"):
         create_model("tv:resnet18", num_classes=10, weights="DEFAULT")

@@ -80,7 +80,9 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, weights: str
     except (KeyError, ValueError, AttributeError) as e:
         raise ModelError(f"--weights {weights!r} is neither a file nor a torchvision weights name for {tv_name}") from e
     if num_classes != len(enum.meta["categories"]):
-        raise ModelError(f"weights {weights} predict {len(enum.meta['categories'])} classes, the data set has {num_classes}")
+        n = len(enum.meta["categories"])
+        raise ModelError(f"--weights {weights} ({enum}) predict {n} classes, the data set has {num_classes}: give --weights a "
+                         f"state_dict file of {tv_name} trained on these {num_classes} classes, or a data set of those {n} classes")
     return _torchvision_pretrained(tvm, tv_name, enum)
 
 
