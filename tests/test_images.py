@@ -50,6 +50,14 @@ def test_check_folder_val_class_not_in_train(tmp_path):
         check_folder(str(tmp_path / "empty"), [])
 
 
+def test_a_file_that_is_not_parquet_is_refused_as_a_file(tmp_path):
+    (tmp_path / "labels.csv").write_text("a,0\n")
+    with pytest.raises(SourceError, match=r"labels\.csv is a file, not a source: give an ImageFolder split .* or Parquet"):
+        list_classes(str(tmp_path / "labels.csv"))
+    (tmp_path / "split" / "cat").mkdir(parents=True)  # a folder holding one folder: its class, not the path itself
+    assert list_classes(str(tmp_path / "split")) == ["cat"]
+
+
 @pytest.mark.ray
 def test_bad_files_are_rows_with_reasons(ray_session, damaged_folder):
     data, skipped = _decode(damaged_folder, 16)

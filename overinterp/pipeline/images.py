@@ -66,7 +66,11 @@ def is_parquet(path: str) -> bool:
 
 def list_classes(path: str) -> list[str]:
     """Sorted class folder names of an ImageFolder split (names starting with . or _ are skipped, as Ray Data does)."""
-    classes = sorted(e.base_name for e in _entries(path) if e.type == pafs.FileType.Directory and not e.base_name.startswith(HIDDEN_PREFIXES))
+    entries = _entries(path)
+    if entries and entries[0].type == pafs.FileType.File and entries[0].path == fs.resolve(path)[1]:  # the path itself
+        raise SourceError(f"{path} is a file, not a source: give an ImageFolder split (a folder, <path>/<class>/<image>) "
+                          "or Parquet of encoded images (a .parquet file or a folder of them)")
+    classes = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and not e.base_name.startswith(HIDDEN_PREFIXES))
     if not classes:
         raise SourceError(f"{path} has no class sub-folders: expected {path}/<class>/<image>")
     return classes
