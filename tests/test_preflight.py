@@ -43,6 +43,13 @@ def test_a_folder_of_parquet_files_is_a_parquet_source(tmp_path):
     assert cfg.dataset == "parquet"
 
 
+def test_the_files_decide_the_kind_of_source(tmp_path):
+    # --dataset parquet over ImageFolder splits reads them as the folders they are (and says so)
+    write_imagefolder(str(tmp_path / "photos"), n_per_class=2, num_classes=2, size=12)
+    cfg = preflight(RunConfig(dataset="parquet", data_root=str(tmp_path / "photos"), out_dir=str(tmp_path / "o")))
+    assert (cfg.dataset, cfg.train) == ("imagefolder", str(tmp_path / "photos" / "train"))
+
+
 def test_the_tracking_server_is_probed_once(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(pf, "check_tracking_server", lambda uri, timeout=pf.TRACKING_TIMEOUT_S: calls.append(uri))

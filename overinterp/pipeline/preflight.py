@@ -75,11 +75,12 @@ def check_inputs(cfg: RunConfig) -> RunConfig:
     for flag, path in (("--train", cfg.train), ("--val", cfg.val)):
         if path is not None and not fs.exists(path):
             raise ConfigError(f"{flag} {path} does not exist: give an ImageFolder split (<path>/<class>/<image>) or Parquet of encoded images")
-    if cfg.train is not None and cfg.dataset == "imagefolder":
+    if cfg.train is not None and cfg.dataset in ("imagefolder", "parquet"):
         from overinterp.pipeline.images import is_parquet
 
-        if is_parquet(cfg.train):  # a folder of Parquet files (its checks refuse --no-stream)
-            cfg = dataclasses.replace(cfg, dataset="parquet")
+        kind = "parquet" if is_parquet(cfg.train) else "imagefolder"  # the files decide, whatever --dataset said
+        if kind != cfg.dataset:  # (a Parquet source's checks refuse --no-stream)
+            cfg = dataclasses.replace(cfg, dataset=kind)
     w = cfg.weights
     if w and not fs.is_uri(w) and ("/" in w or w.endswith((".pt", ".pth"))) and not os.path.isfile(w):
         raise ConfigError(f"--weights {w} is not a file: give a state_dict file or a torchvision weights name (DEFAULT)")
