@@ -33,14 +33,25 @@ def linear_logits(x):
 def test_formula_equals_the_counters(h, w, k):
     hw = h * w
     images = torch.randn(2, 1, h, w, generator=torch.Generator().manual_seed(hw))
+    seen = {"forward": 0, "backward": 0}  # images through the model, and those of them it differentiated
+
+    def counted(x):
+        seen["forward"] += x.shape[0]
+        seen["backward"] += x.shape[0] if x.requires_grad else 0
+        return linear_logits(x)
+
     for tail in TAILS:
-        bs = backward_selection(linear_logits, images, pixels_per_step=k, exact_tail=tail, config=EngineConfig(chunk=64))
+        seen.update(forward=0, backward=0)
+        bs = backward_selection(counted, images, pixels_per_step=k, exact_tail=tail, config=EngineConfig(chunk=64))
         assert bs.forward_passes == planned_forward_passes("backselect", hw, k, tail, batch=2), (hw, k, tail)
-        assert bs.backward_passes == 0 == planned_backward_passes("backselect", hw, k, tail)
+        assert seen["forward"] == bs.forward_passes + 2  # the model's real calls: the counted ones and the first prediction of c
+        assert bs.backward_passes == 0 == planned_backward_passes("backselect", hw, k, tail) == seen["backward"]
         assert list(bs.step_sizes) == step_plan(hw, k, tail) and len(bs.step_sizes) == planned_steps("backselect", hw, k, tail)
-        g = batched_gradient_sis(linear_logits, images, pixels_per_step=k, exact_tail=tail, engine=EngineConfig(chunk=64))
+        seen.update(forward=0, backward=0)
+        g = batched_gradient_sis(counted, images, pixels_per_step=k, exact_tail=tail, engine=EngineConfig(chunk=64))
         assert g.forward_passes == planned_forward_passes("bgsis", hw, k, tail, batch=2), (hw, k, tail)
-        assert g.backward_passes == planned_backward_passes("bgsis", hw, k, tail, batch=2)
+        assert seen["forward"] == g.forward_passes + 2
+        assert g.backward_passes == planned_backward_passes("bgsis", hw, k, tail, batch=2) == seen["backward"]
         assert list(g.step_sizes) == step_plan(hw, k, tail) and len(g.step_sizes) == planned_steps("bgsis", hw, k, tail)
 
 

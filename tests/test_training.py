@@ -57,10 +57,27 @@ def test_training_learns_and_is_seeded(digits_small):
         assert torch.equal(a, b)
 
 
+def _trained(d, images, labels, keep=None, fill="mean", epochs=2) -> list[torch.Tensor]:
+    """The parameters of a digits_cnn trained from one seed."""
+    torch.manual_seed(0)
+    m = build(ModelSpec("digits_cnn", 10, 1))
+    train_model(m, images, labels, d.mean, d.std, TrainConfig(epochs=epochs, lr=0.05), keep, fill=fill)
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_training_on_masks_sees_only_kept_pixels(digits_small):
     d, xtr, ytr, xte, yte = digits_small
     keep = torch.zeros(len(ytr), 64, dtype=torch.bool)
     keep[:, :8] = True  # only the top row
+    other = xtr.clone()
+    other.view(len(ytr), -1)[:, 8:] = 255 - other.view(len(ytr), -1)[:, 8:]  # every pixel outside the mask changed
+    masked = _trained(d, xtr, ytr, keep)
+    assert _same(masked, _trained(d, other, ytr, keep))  # training never saw the removed pixels
+    assert not _same(masked, _trained(d, xtr, ytr))  # and the mask did take effect
     torch.manual_seed(0)
     m = build(ModelSpec("digits_cnn", 10, 1))
     train_model(m, xtr, ytr, d.mean, d.std, TrainConfig(epochs=2, lr=0.05), keep)
@@ -83,8 +100,11 @@ def test_a_trailing_single_image_batch_is_skipped():
     torch.manual_seed(0)
     m = build(ModelSpec("resnet20", 3, 1))
     x = torch.randint(0, 256, (9, 1, 8, 8), dtype=torch.uint8)
+    sizes = []
+    m.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     losses = train_model(m, x, torch.arange(9) % 3, (0.5,), (0.25,), TrainConfig(epochs=2, batch_size=8, lr=0.01))
     assert len(losses) == 2 and all(l == l for l in losses)  # finite, no error
+    assert sizes == [8, 8]  # each epoch trained on its batch of 8 and left its batch of 1 out
 
 
 def test_positions_only_sees_the_mask_not_the_pixels(digits_small):
@@ -93,6 +113,9 @@ def test_positions_only_sees_the_mask_not_the_pixels(digits_small):
     x = prepare(xtr, d.mean, d.std, keep, fill="positions")
     assert torch.equal(x[:, 0].reshape(len(ytr), 64), keep.float())  # exactly the mask
     assert torch.equal(x, prepare(255 - xtr, d.mean, d.std, keep, fill="positions"))  # pixel values play no part
+    positions = _trained(d, xtr, ytr, keep, fill="positions", epochs=1)
+    assert _same(positions, _trained(d, 255 - xtr, ytr, keep, fill="positions", epochs=1))  # trained on the mask alone
+    assert not _same(positions, _trained(d, xtr, ytr, keep, epochs=1))  # not on the kept pixels' values
     torch.manual_seed(0)
     m = build(ModelSpec("digits_cnn", 10, 1))
     train_model(m, xtr, ytr, d.mean, d.std, TrainConfig(epochs=1, lr=0.05), keep, fill="positions")
