@@ -46,8 +46,20 @@ def test_a_gpu_kind_with_rows_uses_them(monkeypatch):
     assert (fwd, train) == pytest.approx((300.0, 50.0)) and "resnet20's A10G and CPU rows" in how and "(A10G 24GB" in how
 
 
-def test_measure_times_both_passes_and_restores_the_threads():
+def test_measure_times_both_passes_and_restores_the_threads(monkeypatch):
+    timed = []  # (pass, threads while it was timed, its batch)
+
+    def timer(name: str, rate: float):
+        return lambda *args, **kwargs: timed.append((name, torch.get_num_threads(), args[-1])) or rate
+
+    monkeypatch.setattr(device_rates, "calibrate_forward_rate", timer("forward", 900.0))
+    monkeypatch.setattr(device_rates, "calibrate_train_rate", timer("train", 300.0))
     threads = torch.get_num_threads()
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
-    fwd, train = measure(net, (1, 8, 8), 3, threads=1, seconds=0.02)
-    assert fwd > 0 and train > 0 and torch.get_num_threads() == threads
+    assert measure(net, (1, 8, 8), 3, threads=1, train_batch=2) == (900.0, 300.0)  # each pass its own rate
+    batch = device_rates.calibration_batch(64)
+    assert timed == [("forward", 1, batch), ("train", 1, min(2, batch))]  # at one thread, training at most train_batch
+    assert torch.get_num_threads() == threads  # restored
+    monkeypatch.undo()
+    fwd, train = measure(net, (1, 8, 8), 3, threads=1, seconds=0.02)  # and the real timing runs
+    assert fwd > 0 and train > 0

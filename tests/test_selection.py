@@ -209,17 +209,27 @@ def test_compiled_engine_matches_brute_force():
         assert res.curve[i].tolist() == pytest.approx(curve, abs=1e-5)
 
 
-def test_chunk_tuning_is_bounded_and_cached():
-    from overinterp.selection.engine import _TUNED, max_chunk, tune_chunk
+def _count_measures(monkeypatch) -> list:
+    """Patch the chunk measurement to record each call (and still measure)."""
+    from overinterp.selection import engine
 
+    calls, measure = [], engine._measure_best_chunk
+    monkeypatch.setattr(engine, "_measure_best_chunk", lambda *a, **k: calls.append(a[2]) or measure(*a, **k))
+    return calls
+
+
+def test_chunk_tuning_is_bounded_and_cached(monkeypatch):
+    from overinterp.selection.engine import max_chunk, tune_chunk
+
+    measured = _count_measures(monkeypatch)
     model = TinyConvNet(channels=1, dtype=torch.float32).eval()
     sample = torch.randn(2, 1, 4, 4)
     limit = max_chunk(model, sample, memory_bytes=64 * 1024)
     assert 1 <= limit <= 64 * 1024 // (16 * 4)  # at least the input itself must fit per candidate
     chunk = tune_chunk(model, sample, limit, channels_last=True)
     assert 1 <= chunk <= limit
-    assert list(_TUNED[model].values()) == [chunk]  # measured once, then reused
     assert tune_chunk(model, sample, limit, channels_last=True) == chunk
+    assert measured == [limit]  # measured once, then reused
 
 
 def test_chunk_tuning_on_a_gpu_looks_past_a_plateau(monkeypatch):
@@ -234,17 +244,18 @@ def test_chunk_tuning_on_a_gpu_looks_past_a_plateau(monkeypatch):
     assert engine._measure_best_chunk(None, sample, 8192, True, stop_early=False) == 4096  # 8,192 is not 3% faster
 
 
-def test_a_limit_that_moves_within_one_power_of_two_reuses_the_tuned_chunk_and_no_chunk_exceeds_a_step():
+def test_a_limit_that_moves_within_one_power_of_two_reuses_the_tuned_chunk_and_no_chunk_exceeds_a_step(monkeypatch):
     # on CUDA the limit follows the free memory, which moves between calls; the sizes tried do not
-    from overinterp.selection.engine import _TUNED, Scorer, tune_chunk
+    from overinterp.selection.engine import Scorer, tune_chunk
 
+    measured = _count_measures(monkeypatch)
     model = TinyConvNet(channels=1, dtype=torch.float32).eval()
     sample = torch.randn(2, 1, 4, 4)
     tune_chunk(model, sample, 1000, channels_last=True)
     tune_chunk(model, sample, 1023, channels_last=True)
-    assert len(_TUNED[model]) == 1
+    assert measured == [1000]
     tune_chunk(model, sample, 1024, channels_last=True)  # 1,024 itself is a new size to try
-    assert len(_TUNED[model]) == 2
+    assert measured == [1000, 1024]
     # the first step scores B·HW = 2 x 16 candidates: no larger chunk is tried
     assert Scorer(TinyConvNet(channels=1, dtype=torch.float32).eval(), EngineConfig(), sample).chunk <= 32
 
