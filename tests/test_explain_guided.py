@@ -97,7 +97,12 @@ def test_pixel_spaces_agree_with_the_project_normalisation():
 
 # --- the guided chain -------------------------------------------------------------------------
 
-def test_gradient_checkpointing_gives_the_same_gradient():
+def test_gradient_checkpointing_gives_the_same_gradient(monkeypatch):
+    import overinterp.explain.guided as guided
+
+    checkpointed = []  # the chain's steps run under torch.utils.checkpoint
+    real = guided.checkpoint
+    monkeypatch.setattr(guided, "checkpoint", lambda fn, *args, **kwargs: checkpointed.append(args[-1]) or real(fn, *args, **kwargs))
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                        norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).eval()
@@ -108,6 +113,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         z = initial_noise([0, 1], (1, 8, 8)).requires_grad_(True)
         loss = Brightness()(ddim_chain(den, z, sched, ckpt)).logsumexp(1).sum()
         grads.append(torch.autograd.grad(loss, z)[0])
+        assert checkpointed == (list(range(len(sched.timesteps))) if ckpt else [])  # every step, or none
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 

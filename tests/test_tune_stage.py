@@ -57,11 +57,15 @@ def test_a_trial_whose_worker_dies_runs_again(ray_session, tmp_path):
 
 
 def test_a_trial_that_keeps_failing_is_named(ray_session, tmp_path):
+    attempts = str(tmp_path / "attempts")
+    os.mkdir(attempts)
+
     def always_fails(config: dict) -> None:
+        open(os.path.join(attempts, str(len(os.listdir(attempts)))), "w").close()
         raise ValueError("a deterministic bug")
 
     with pytest.raises(TrialsFailed) as e:
         launch_trials("full", [SPEC], always_fails, str(tmp_path / "out"), _plan(), total=1)
-    print(e.value)
+    assert len(os.listdir(attempts)) == 1 + TRIAL_RETRIES  # tried again as many times as it says, no more
     assert "\n" not in str(e.value) and "[full] 1 of 1 trial(s) failed" in str(e.value)
     assert str(e.value).endswith("first error: ValueError: a deterministic bug")
