@@ -111,12 +111,28 @@ def test_the_stage_answers_every_question_and_resumes_its_prior(stage_inputs):
         assert np.array_equal(rows["image"], read["image"]) and np.array_equal(rows["target"], read["target"])
 
 
-def test_galleries_picture_each_question(stage_inputs, tmp_path):
+def test_galleries_picture_each_question(stage_inputs, tmp_path, monkeypatch):
     from PIL import Image
 
+    import overinterp.report as report
+
+    drawn = []  # (first column, {column title: images}) of each gallery, (N, H, W, C)
+    real = report.gallery_figure
+    monkeypatch.setattr(report, "gallery_figure", lambda first, panels, *a, **k: drawn.append((first, panels)) or real(first, panels, *a, **k))
     out, plan, models, test, train, settings = stage_inputs
     res = answer_questions(settings, str(out), models, test, train, plan.num_classes)
     paths = gallery_files(res["galleries"], test.classes, str(tmp_path))
+    hwc = lambda a: a.transpose(1, 2, 0)
+    (kind, _, r), (first, panels) = res["galleries"][0], drawn[0]
+    t, columns = int(np.sum(r["image_index"] == 0)), list(panels.values())  # rows: t targets per test image
+    assert kind == "vce" and len(columns) == plan.num_classes
+    for row in range(len(r["target"])):  # each counterfactual in its target's column, beside its test image
+        i = row // t
+        assert np.array_equal(first[i], hwc(r["start_image"][row])) and np.array_equal(columns[r["target"][row]][i], hwc(r["image"][row]))
+    (kind, _, r), (first, panels) = res["galleries"][2], drawn[2]
+    assert kind == "disagree"
+    for d, images in zip(dict.fromkeys(r["direction"]), panels.values()):  # one column per direction, its own images
+        assert np.array_equal(images, r["image"][r["direction"] == d].transpose(0, 2, 3, 1))
     assert [os.path.basename(p) for p in paths] == ["explain_vce_0.png", "explain_vce_1.png", "explain_disagree_0.png",
                                                     "explain_disagree_1.png", "explain_disagree_2.png"]
     w, h = Image.open(paths[0]).size
