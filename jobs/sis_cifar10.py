@@ -5,7 +5,7 @@ variants; backward selection on all 60,000 images (GPU actors where the cluster 
 models trained on the 5% BS subsets and on random 5% subsets; the paper's Table 1.
 
     ray job submit --working-dir . -- python jobs/sis_cifar10.py \\
-        --data-root /shared/cifar --out s3://BUCKET/overinterp/cifar10 --tracking-uri http://127.0.0.1:5000
+        --data-root /home/ray/data/cifar --out s3://BUCKET/overinterp/cifar10 --tracking-uri http://127.0.0.1:5000
 
 Rerunning with the same --out resumes: finished trials and selected images are not redone.
 --smoke-test runs the whole job in a few minutes on 2 CPUs, on a tiny synthetic data set written in

@@ -4,9 +4,9 @@ A preset of `overinterp run` with the paper's ImageNet settings: images stream f
 (an ImageFolder split, <path>/<class>/<image>, or Parquet of encoded images with columns image and
 label; local paths or s3://) through Ray Data to GPU actors that run BGSIS (k = 100, 10% subsets)
 with the pretrained --model and write Parquet to --out. Then models are trained from scratch on the
-10% subsets (and on random 10% subsets and the subsets' positions alone) as Ray Tune trials that
-each run a Ray Train DDP trainer (--workers-per-trial), and compared with the pretrained model's
-accuracy in MLflow. Every flag of `overinterp run` works here too (--selectors, --fill, ...).
+10% subsets (and on random 10% subsets and the subsets' positions alone) as Ray Tune trials (a
+process each; with --workers-per-trial N > 1, a Ray Train DDP group of N workers, a GPU each), and
+compared with the pretrained model's accuracy in MLflow. Every flag of `overinterp run` works here too (--selectors, --fill, ...).
 
     ray job submit --working-dir . -- python jobs/sis_imagenet.py \\
         --train s3://BUCKET/imagenet/train --val s3://BUCKET/imagenet/val \\

@@ -156,7 +156,7 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     g.add_argument("--max-workers", type=int, default=None, help="most selection actors, and most trials at once")
     g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per selection actor (0: CPUs only)")
     g.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per selection actor")
-    g.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per training trial (0.5 lets two share one)")
+    g.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per training trial (0.5 lets two share one); streamed runs: per Ray Train worker, at most 1")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -144,7 +144,7 @@ class RunConfig:
     batch_size: int = 128
     lr: float = 0.1
     augment: Optional[bool] = None
-    workers_per_trial: int = 1  # streamed runs: Ray Train workers (DDP) per trial, each with --gpus-per-trial GPUs
+    workers_per_trial: int = 1  # streamed runs: Ray Train workers (DDP) per trial, each with --gpus-per-trial (<= 1) GPUs
     # --- outputs ---
     out_dir: str = "overinterp-out"
     tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db
@@ -221,6 +221,10 @@ class RunConfig:
         if fs.is_uri(self.out_dir) and not (self.tracking_uri or ENV_TRACKING_URI):
             raise ConfigError(f"--out {self.out_dir} is remote: pass --tracking-uri (on the cluster, http://127.0.0.1:5000)")
         ResourceFlags(**self.resource_flags())
+        if (self.stream or self.source == "parquet") and (self.gpus_per_trial or 0) > 1:
+            g = int(self.gpus_per_trial)  # a streamed trial's Ray Train worker trains on one GPU: the others would idle
+            raise ConfigError(f"--gpus-per-trial {g} on a streamed run: each Ray Train worker trains on one GPU, so {g - 1} of its {g} "
+                              f"would idle: give --workers-per-trial {g * self.workers_per_trial} --gpus-per-trial 1 (DDP, a GPU per worker)")
 
     @property
     def source(self) -> str:

@@ -42,6 +42,15 @@ def test_bad_names_fail_on_construction():
     assert RunConfig(pretrained="resnet20", weights="r20.pt").explained == "resnet20"
 
 
+def test_a_streamed_trial_is_not_given_gpus_it_cannot_use():
+    with pytest.raises(ConfigError, match=r"--gpus-per-trial 8 on a streamed run: .* 7 of its 8 would idle: give --workers-per-trial 8 --gpus-per-trial 1"):
+        RunConfig(dataset="parquet", gpus_per_trial=8)
+    with pytest.raises(ConfigError, match=r"give --workers-per-trial 4 --gpus-per-trial 1"):
+        RunConfig(dataset="imagefolder", stream=True, gpus_per_trial=2, workers_per_trial=2)
+    RunConfig(dataset="parquet", gpus_per_trial=1, workers_per_trial=8)  # DDP: one GPU per worker
+    RunConfig(dataset="cifar10", gpus_per_trial=8)  # in memory, a trial's GPUs split each batch (DataParallel)
+
+
 def test_resolved_makes_local_paths_absolute(tmp_path, monkeypatch):
     """Trials run in their own folders: a relative --train, --val or --weights file would not be found there."""
     monkeypatch.chdir(tmp_path)
