@@ -107,6 +107,9 @@ def test_parquet_column_types_are_checked(ray_session, tmp_path):
     pq.write_table(pa.table({"image": pa.array(["not bytes"]), "label": pa.array(["cat"])}), path)
     with pytest.raises(SourceError, match=r"train\.parquet: image is string, not binary; label is string, not an integer"):
         read_images(path, 16)
+    pq.write_table(pa.table({"jpeg": pa.array([b"\xff\xd8"]), "label": pa.array([0])}), path)
+    with pytest.raises(SourceError, match=r"train\.parquet: Parquet sources need columns image \(encoded bytes\) and label; missing \['image'\]"):
+        read_images(path, 16)
 
 
 @pytest.mark.parametrize("images", [150, None], ids=["v1-reader", "v2-reader"])

@@ -127,6 +127,13 @@ def test_an_unreadable_lock_is_an_error_not_stale(tmp_path):
         with pytest.raises(LockError, match=rf"{LOCK_NAME} is not a lock this program wrote .*delete it and rerun"):
             OutputLock(str(tmp_path)).acquire()
         assert (tmp_path / LOCK_NAME).read_bytes() == content
+    (tmp_path / LOCK_NAME).unlink()
+    (tmp_path / LOCK_NAME).mkdir()  # a read that fails in the storage itself (here: EISDIR) is an error too, never "no lock"
+    with pytest.raises(LockError, match=rf"cannot read the lock .*{LOCK_NAME} \(.*\): check the storage and this machine's credentials, then rerun"):
+        OutputLock(str(tmp_path)).acquire()
+    with pytest.raises(LockError, match="cannot read the lock"):
+        OutputLock(str(tmp_path)).check_free()  # a dry run is told the same
+    assert (tmp_path / LOCK_NAME).is_dir()
 
 
 def test_a_reader_never_sees_an_empty_local_lock(tmp_path, n=300):

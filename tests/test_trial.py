@@ -40,3 +40,15 @@ def test_a_checkpoint_changed_in_place_is_caught_by_its_hash_and_a_missing_one_a
 
 def test_an_unfinished_trial_has_no_result(tmp_path):
     assert load_result(str(tmp_path), SPEC) is None
+
+
+def test_a_result_that_does_not_parse_is_retrained(tmp_path, caplog):
+    out = str(tmp_path)
+    _finished(out)
+    path = tmp_path / "trials" / SPEC.name / "result.json"
+    for broken in (b'{"accuracy": 0.5, "checkp', b"[1, 2]", b'{"accuracy": 0.5}'):  # cut short, not an object, no checkpoint
+        path.write_bytes(broken)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="overinterp.pipeline.trial"):
+            assert load_result(out, SPEC) is None
+        assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"trial {SPEC.name} in {out} will be retrained"], broken
