@@ -15,9 +15,9 @@ import io
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 
@@ -45,7 +45,8 @@ class ImageDataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
-    skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of image files that did not decode
+    # {split: ((path in the split's folder, reason), ...)} of image files that did not decode (ImageFolder)
+    skipped: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -401,7 +402,7 @@ def load_imagefolder(root: str | None = None, download: bool = False, image_size
     The layout is checked before anything is decoded: a class folder with no image files, a class
     of val/ that train/ lacks, or a split with no images is a DataError naming the folder.
     A file with an image extension that does not decode is skipped and recorded in `skipped`
-    (path relative to root, reason), or with `strict` raises a DataError naming it.
+    (per split: path relative to the split's folder, reason), or with `strict` raises a DataError naming it.
     Data sets too big for memory are streamed through Ray Data instead (`--stream`).
     """
     base = Path(root)  # given, and not to be downloaded (check_dataset_args)
@@ -415,7 +416,8 @@ def load_imagefolder(root: str | None = None, download: bool = False, image_size
 
 def load_imagefolder_splits(train: str, val: str, image_size: int | None = None, strict: bool = False) -> ImageDataset:
     """Two ImageFolder splits, <train>/<class>/<image> and <val>/<class>/<image>, held in memory
-    (`load_imagefolder` for the rules); paths in messages and `skipped` are relative to their parent."""
+    (`load_imagefolder` for the rules); paths in messages are relative to their parent, in `skipped`
+    to their split's folder (as a streamed run records them)."""
     size = image_size or 224
     split_dirs = {"train": Path(train), "test": Path(val)}
     base = Path(os.path.commonpath([train, val]))
@@ -440,16 +442,16 @@ def load_imagefolder_splits(train: str, val: str, image_size: int | None = None,
         if not files[split]:
             raise DataError(f"no images under {root}/{d}/: {layout}")
 
-    images, labels, skipped = {}, {}, []
+    images, labels, skipped = {}, {}, {}
     for split, d in dirs:
-        imgs, labs = [], []
+        imgs, labs, skipped[split] = [], [], []
         for label, f in files[split]:
             try:
                 imgs.append(decode_image(f.read_bytes(), size))
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad files
                 if strict:
                     raise DataError(f"{f}: cannot decode ({decode_failure(e)}): remove the file, or drop --strict to skip it") from e
-                skipped.append((f.relative_to(base).as_posix(), decode_failure(e)))
+                skipped[split].append((f.relative_to(split_dirs[split]).as_posix(), decode_failure(e)))
             else:
                 labs.append(label)
         labs = np.asarray(labs, dtype=np.int64)
@@ -457,13 +459,14 @@ def load_imagefolder_splits(train: str, val: str, image_size: int | None = None,
         dead = np.flatnonzero((n_files > 0) & (np.bincount(labs, minlength=len(classes)) == 0))
         if dead.size:  # a class folder whose every image was skipped
             cls = classes[dead[0]]
-            first = next(p for p, _ in skipped if p.startswith(f"{d}/{cls}/"))
+            first = next(f"{d}/{p}" for p, _ in skipped[split] if p.startswith(f"{cls}/"))
             raise DataError(f"{root}/{d}/{cls}: none of its {n_files[dead[0]]} images could be decoded (first: {first}): fix or remove them")
         images[split] = np.stack(imgs)
         labels[split] = labs
-    if skipped:
-        logging.getLogger(__name__).warning("%s: %s", root, skipped_line(skipped))
-    return ImageDataset("imagefolder", images, labels, IMAGENET_MEAN, IMAGENET_STD, classes, tuple(skipped))
+    for split, d in dirs:
+        if skipped[split]:
+            logging.getLogger(__name__).warning("%s/%s: %s", root, d, skipped_line(skipped[split]))
+    return ImageDataset("imagefolder", images, labels, IMAGENET_MEAN, IMAGENET_STD, classes, {s: tuple(v) for s, v in skipped.items()})
 
 
 # --- registry -----------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_cifar10_binary_hand_built_bytes(tmp_path):
     assert np.array_equal(d.images["test"][1, 0], raw[1, :1024].reshape(32, 32))
     assert np.array_equal(d.images["test"][1, 2], raw[1, 2048:].reshape(32, 32))
     assert np.array_equal(d.images["train"][3], pixels["data_batch_2.bin"][1].reshape(3, 32, 32))
-    assert d.classes == tuple(f"name{i}" for i in range(10)) and d.skipped == ()
+    assert d.classes == tuple(f"name{i}" for i in range(10)) and d.skipped == {}
     assert d.mean[0] == pytest.approx(125.3 / 255)
 
 
@@ -238,7 +238,7 @@ def test_imagefolder(tmp_path):
     d = load_dataset("imagefolder", str(tmp_path), image_size=16)
     assert d.images["train"].shape == (4, 3, 16, 16) and d.images["test"].shape == (4, 3, 16, 16)
     assert d.classes == ("cat", "dog") and d.labels["test"].tolist() == [0, 0, 1, 1]
-    assert d.skipped == ()  # notes.txt is not an image file: ignored, not skipped
+    assert d.skipped == {"train": (), "test": ()}  # notes.txt is not an image file: ignored, not skipped
 
 
 def test_imagefolder_errors(tmp_path):
@@ -261,12 +261,13 @@ def test_imagefolder_skips_and_records_bad_files(tmp_path):
     d = load_dataset("imagefolder", str(tmp_path), image_size=16)
     assert d.images["train"].shape == (11, 3, 16, 16) and d.images["test"].shape == (12, 3, 16, 16)
     assert np.bincount(d.labels["train"]).tolist() == [3, 4, 4]
-    assert [p for p, _ in d.skipped] == ["train/n00000000/00000.jpg", "train/n00000001/notes.jpg"]
-    assert "truncated" in d.skipped[0][1] and d.skipped[1][1] == "not an image PIL can read"
+    train = d.skipped["train"]  # paths in the split's folder, as a streamed run records them
+    assert [p for p, _ in train] == ["n00000000/00000.jpg", "n00000001/notes.jpg"] and d.skipped["test"] == ()
+    assert "truncated" in train[0][1] and train[1][1] == "not an image PIL can read"
     assert d.subsample(5, 5).skipped == d.skipped
-    assert skipped_summary(d.skipped, first=1) == {"count": 2, "first": [{"path": "train/n00000000/00000.jpg", "reason": d.skipped[0][1]}]}
-    line = skipped_line(d.skipped, first=1)
-    assert line.startswith("skipped 2 image(s)") and "train/n00000000/00000.jpg" in line and "and 1 more" in line
+    assert skipped_summary(train, first=1) == {"count": 2, "first": [{"path": "n00000000/00000.jpg", "reason": train[0][1]}]}
+    line = skipped_line(train, first=1)
+    assert line.startswith("skipped 2 image(s)") and "n00000000/00000.jpg" in line and "and 1 more" in line
 
 
 def test_imagefolder_strict_makes_a_bad_file_fatal(tmp_path):

@@ -318,3 +318,21 @@ def test_a_streamed_folder_run_trains_selects_and_reports_as_an_in_memory_one(ra
         assert len(ids) == len(set(ids.tolist())) == 8, (model, sel, split)  # every image once
     result = json.load(open(out / "trials" / "digits_cnn-full-s0" / "result.json"))
     assert result["val_images"] == 8 and "workers" in result  # a Ray Train trial, not a Tune one
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "in-memory"])
+def test_image_files_that_do_not_decode_are_left_out_and_listed_alike_by_either_backend(ray_session, tmp_path, stream):
+    from overinterp.synthetic import write_imagefolder
+
+    write_imagefolder(str(tmp_path / "data"), n_per_class=3, num_classes=2, size=16)
+    truncated = tmp_path / "data" / "train" / "n00000000" / "00000.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:120])
+    (tmp_path / "data" / "val" / "n00000001" / "notes.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    summary = run_pipeline(RunConfig(dataset="imagefolder", data_root=str(tmp_path / "data"), image_size=16, smoke=True, seeds=(0,),
+                                     selectors=("gradient",), fills=("mean",), stream=stream, out_dir=str(out)))
+    assert summary["skipped_images"] == json.load(open(out / "summary.json"))["skipped_images"] == {
+        "train": {"count": 1, "first": [{"path": "n00000000/00000.jpg", "reason": "OSError: Truncated File Read"}]},
+        "test": {"count": 1, "first": [{"path": "n00000001/notes.jpg", "reason": "not an image PIL can read"}]}}
+    assert "n00000000/00000.jpg: OSError: Truncated File Read" in (out / "summary.md").read_text()
+    assert summary["analysed_test_images"] == [6, 6]  # the 6 test images; notes.jpg was one file more

@@ -97,6 +97,16 @@ def test_summary_markdown_embeds_plots():
     assert md[len(plain):] == "\n## Plots\n\n![Accuracy by condition](accuracy_by_condition.png)\n\n![SIS sizes](sis_sizes.png)\n"
 
 
+def test_summary_markdown_names_the_image_files_that_did_not_decode():
+    first = [{"path": f"cat/{i}.jpg", "reason": "not an image PIL can read"} for i in range(4)]
+    none = {"train": {"count": 0, "first": []}, "test": {"count": 0, "first": []}}
+    assert summary_markdown({**SUMMARY, "skipped_images": none}) == summary_markdown(SUMMARY)  # nothing skipped: no section
+    md = summary_markdown({**SUMMARY, "skipped_images": {**none, "train": {"count": 12, "first": first}}})
+    assert md.split("## Image files that did not decode\n\n")[1].splitlines()[0] == (
+        "Left out of every stage (`--strict` stops at the first instead): 12 in train (cat/0.jpg: not an image PIL can read, "
+        "cat/1.jpg: not an image PIL can read, cat/2.jpg: not an image PIL can read, …). summary.json lists the first 10 of each split.")
+
+
 def test_plot_caption():
     assert plot_caption("out/sis_sizes.png") == "SIS sizes"
     assert plot_caption("confidence_vs_removed.png") == "Confidence vs removed"

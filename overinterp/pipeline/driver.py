@@ -36,7 +36,7 @@ class Backend(Protocol):
     def train_subsets(self, specs: list[TrialSpec]) -> dict[str, dict]: ...
     def baseline(self, test: TestImages) -> Optional[dict]: ...  # a pretrained model's top-1 over the whole test split where `test` is less of it
     def test_images(self) -> TestImages: ...  # the test images the analysis looks at
-    def skipped_images(self): ...  # image files that did not decode, as summary.json lists them
+    def skipped_images(self) -> dict: ...  # {split: skipped_summary} of image files that did not decode (summary.json)
     def dataset_input(self) -> dict: ...  # {name, source, digest[, images, labels]} for MLflow's dataset input
     def models_to_log(self) -> dict: ...  # {trial name: (model, example input)} of the full-image models
     def prior_images(self): ...  # (N, C, H, W) uint8 train images the explain stage's prior learns from (None: streamed)

@@ -16,7 +16,7 @@ import torch
 
 from overinterp import store
 from overinterp.config import SMOKE_SIZES, RunConfig
-from overinterp.data import ImageDataset, load_dataset, load_imagefolder_splits, normalize
+from overinterp.data import ImageDataset, load_dataset, load_imagefolder_splits, normalize, skipped_summary
 from overinterp.pipeline.analysis import TestImages
 from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan
@@ -97,8 +97,8 @@ class InMemoryBackend:
         n = len(d.labels["test"])
         return TestImages(np.arange(n), d.images["test"], d.labels["test"], d.mean, d.std, tuple(d.classes), n)
 
-    def skipped_images(self):
-        return [list(s) for s in getattr(self.data, "skipped", ())]
+    def skipped_images(self) -> dict:
+        return {s: skipped_summary(self.data.skipped.get(s, ())) for s in SPLITS}
 
     def prior_images(self) -> np.ndarray:
         return self.data.images["train"]

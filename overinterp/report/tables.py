@@ -137,6 +137,12 @@ def summary_markdown(summary: dict) -> str:
         parts.append("\n".join(rows))
     if summary.get("explain"):
         parts.append(explain_markdown(summary["explain"]))
+    skipped = {s: v for s, v in (summary.get("skipped_images") or {}).items() if v["count"]}
+    if skipped:  # {split: {"count", "first": [{"path", "reason"}]}}
+        parts += ["## Image files that did not decode", "Left out of every stage (`--strict` stops at the first instead): "
+                  + "; ".join(f"{v['count']:,} in {s} (" + ", ".join(f"{f['path']}: {f['reason']}" for f in v["first"][:3])
+                              + (", …" if v["count"] > 3 else "") + ")" for s, v in skipped.items())
+                  + ". summary.json lists the first 10 of each split."]
     return "\n\n".join(parts) + "\n" + plots_markdown(summary.get("plots"))
 
 
