@@ -34,7 +34,7 @@ def _job(tag: str = "m", split: str = "test") -> dict:
     return dict(source=asdict(source), split=split, selector="backselect", params=selector_params("backselect", 4), pass_scale=1.0)
 
 
-def test_a_selection_worker_serves_every_job_of_a_batch(tmp_path):
+def test_a_selection_worker_serves_every_job_of_a_batch(ray_session, tmp_path):
     """Rows of two jobs in one batch (Ray Data's batches cross its blocks): each job's images are
     selected by its model and stored under its own model and split, and counted in a row of their own."""
     from dataclasses import asdict
@@ -56,7 +56,7 @@ def test_a_selection_worker_serves_every_job_of_a_batch(tmp_path):
     assert worker({"image_id": np.arange(0), "label": np.zeros(0, np.int64), "image": images[:0]})["images"].tolist() == [0]
 
 
-def test_a_selection_worker_returns_a_row_per_image_that_did_not_decode(tmp_path):
+def test_a_selection_worker_returns_a_row_per_image_that_did_not_decode(ray_session, tmp_path):
     """Undecodable rows come back with their path and reason (the driver lists them); the good ones
     are selected, stored and counted in the call's one summary row."""
     from dataclasses import asdict

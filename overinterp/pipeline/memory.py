@@ -63,8 +63,11 @@ class InMemoryBackend:
         write_random(self.plan.root, split, self.data.labels[split], H, W, self.plan.random_params, self.cfg.selection_batch(False))
 
     def train_subsets(self, specs: list[TrialSpec]) -> dict:
-        n = {s: len(self.data.labels[s]) for s in SPLITS}
-        masks = masks_from_store(self.plan, self.plan.subset_keys(), n)
+        masks = {}  # {subset key: {split: (N, HW) bool keep-mask}}, read back from the store, checked complete
+        for key in self.plan.subset_keys():
+            model_tag, sel_tag = key.split("/")
+            masks[key] = {s: keep_mask(store.read_selections(self.plan.root, model_tag, sel_tag, s, expect_n=len(self.data.labels[s])).order,
+                                       self.plan.fraction).numpy() for s in SPLITS}
         return run_trials("subsets", specs, self.data_dict, masks, self.train_cfg, self.cfg.out_dir, self.resources, self.callbacks)
 
     def dataset_input(self) -> dict:
@@ -102,15 +105,3 @@ class InMemoryBackend:
 
     def prior_images(self) -> np.ndarray:
         return self.data.images["train"]
-
-
-def masks_from_store(plan: Plan, keys: list[str], n: dict) -> dict:
-    """{subset key: {split: (N, HW) bool keep-mask}} read back from the store, validated complete."""
-    masks = {}
-    for key in keys:
-        model_tag, sel_tag = key.split("/")
-        masks[key] = {}
-        for split in SPLITS:
-            sel = store.read_selections(plan.root, model_tag, sel_tag, split, expect_n=n[split])
-            masks[key][split] = keep_mask(sel.order, plan.fraction).numpy()
-    return masks

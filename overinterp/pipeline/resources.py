@@ -51,8 +51,10 @@ class NodeType:
 ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's resource naming a node's GPU kind
 
 
-def _accelerator(resources: Mapping) -> str:
-    return next((k[len(ACCELERATOR_PREFIX):] for k in resources if k.startswith(ACCELERATOR_PREFIX)), "")
+def _node_type(name: str, resources: Mapping, count: int) -> NodeType:
+    """A node type from Ray's resources of one node ({"CPU": 8, "GPU": 1, "accelerator_type:A10G": 1, ...})."""
+    kind = next((k[len(ACCELERATOR_PREFIX):] for k in resources if k.startswith(ACCELERATOR_PREFIX)), "")
+    return NodeType(name, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), count, kind)
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def _node_types_from_yaml(config: dict, path: str) -> Optional[Capacity]:
         res = t.get("resources") or {}
         count = 1 if name == head else min(int(t.get("max_workers", 0)), cap)
         if count > 0:
-            found.append(NodeType(name, float(res.get("CPU", 0)), float(res.get("GPU", 0)), count, _accelerator(res)))
+            found.append(_node_type(name, res, count))
     return Capacity(tuple(found), f"autoscaler config {path}")
 
 
@@ -173,7 +175,7 @@ def _gcs_cluster_config() -> Optional[Capacity]:
     for g in config.node_group_configs:
         count = g.max_count if g.max_count >= 0 else 10**6
         if count > 0:
-            found.append(NodeType(g.name, float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)), count, _accelerator(g.resources)))
+            found.append(_node_type(g.name, g.resources, count))
     return Capacity(tuple(found), "autoscaler node types (GCS)") if found else None
 
 
@@ -214,7 +216,7 @@ def _alive_nodes() -> Capacity:
     for n in ray.nodes():
         if n.get("Alive"):
             r = n.get("Resources", {})
-            types.append(NodeType(n.get("NodeManagerAddress", "node"), float(r.get("CPU", 0)), float(r.get("GPU", 0)), 1, _accelerator(r)))
+            types.append(_node_type(n.get("NodeManagerAddress", "node"), r, 1))
     return Capacity(tuple(types), "nodes alive now (no autoscaler)")
 
 
@@ -258,14 +260,14 @@ def find_capacity(address: Optional[str] = None) -> Capacity:
     return discover_capacity()
 
 
-def plan_resources(capacity: Capacity, flags: ResourceFlags = ResourceFlags(), default_gpus_per_trial: float = 1) -> ResourcePlan:
+def plan_resources(capacity: Capacity, flags: ResourceFlags = ResourceFlags()) -> ResourcePlan:
     """Resources of every stage, from the cluster's capacity and the user's overrides."""
     overrides = {k: v for k, v in asdict(flags).items() if v is not None}
     use_gpu = capacity.max_gpus > 0 if flags.gpus_per_worker is None else flags.gpus_per_worker > 0
     if use_gpu:
         gpw = flags.gpus_per_worker if flags.gpus_per_worker else 1.0
         cpw = flags.cpus_per_worker if flags.cpus_per_worker is not None else 1.0
-        gpt = flags.gpus_per_trial if flags.gpus_per_trial is not None else float(default_gpus_per_trial)
+        gpt = flags.gpus_per_trial if flags.gpus_per_trial is not None else 1.0
         cpt = 1.0
     else:
         gpw, gpt = 0.0, 0.0

@@ -200,7 +200,8 @@ def select_stream(
     resources: ResourcePlan,
     engine: EngineConfig = EngineConfig(),
     select_batch: int = 64,
-    totals: Optional[list[Optional[int]]] = None,
+    *,
+    totals: list[int],
     hw: Optional[tuple[int, int]] = None,
     eager: bool = False,
 ) -> tuple[list[int], list[list[tuple[str, str]]]]:
@@ -209,7 +210,7 @@ def select_stream(
 
     todo(done): the Dataset of the images still to select, given the ids already in the store (per
     job, sorted: store.done_ids), with a `job` column (the index into jobs) where there are several
-    jobs; None when nothing is left. totals: images per job, where known. Progress is shown in
+    jobs; None when nothing is left. totals: images per job. Progress is shown in
     forward passes done out of planned (hw given and every selector has a pass formula), else in
     images. Returns, per job, (images selected now, (path, reason) of the rows that failed to decode).
 
@@ -227,15 +228,12 @@ def select_stream(
     that needed a second pass ends with store.repair_selection, which keeps one row per image
     (backward selection is deterministic: the repeats are identical) and says what it did.
     """
-    totals = list(totals) if totals is not None else [None] * len(jobs)
     attempt, in_a_row = 0, 0  # in_a_row: lost passes in a row since the last one that stored images
     done = [store.done_ids(root, job.source.tag, job.tag, job.split) for job in jobs]
     while True:
         attempt += 1
         for job, stored, total in zip(jobs, done, totals):
-            of = f" of {total}" if total is not None else ""
-            print(f"{_label(job)} {len(stored)}{of} images already selected" + (f"; {total - len(stored)} to go" if total is not None else ""),
-                  flush=True)
+            print(f"{_label(job)} {len(stored)} of {total} images already selected; {total - len(stored)} to go", flush=True)
         ds = todo(done)
         if ds is None:
             return [0] * len(jobs), [[] for _ in jobs]
@@ -274,19 +272,24 @@ def lost_worker(e: BaseException) -> Optional[BaseException]:
 
 
 def _select_pass(jobs, ds, root, mean, std, resources, engine, select_batch, totals, done, hw, eager):
-    n_todo = [None if total is None else total - len(stored) for stored, total in zip(done, totals)]
-    known = None if None in n_todo else sum(n_todo)
-    workers = resources.select_workers if known is None else min(resources.select_workers, max(1, math.ceil(known / select_batch)))
+    n_todo = [total - len(stored) for stored, total in zip(done, totals)]
+    workers = min(resources.select_workers, max(1, math.ceil(sum(n_todo) / select_batch)))
     per_image = [_planned_passes(job, hw) for job in jobs]
     in_passes = all(per_image)
     unit, scale = ("passes", per_image) if in_passes else ("images", [1] * len(jobs))
     counter, pass_id = (run_pass_counter() if in_passes else None), uuid.uuid4().hex
     pass_scale = [p / max(1, _planned_passes(job, hw, forward_only=True)) if in_passes else 1.0 for job, p in zip(jobs, per_image)]
-    with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray 2.60 flags every **ray_remote_args
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = _map_selection(jobs, ds, root, mean, std, resources, engine, select_batch, workers, eager, counter, pass_id, pass_scale)
+    ds = map_on_actors(ds, SelectionWorker, resources, workers, select_batch,
+                       # in-memory inputs need no CPU to read: ask for every planned actor at once, so an autoscaler starts
+                       # their nodes together. Streamed inputs are read by CPU tasks: grow from one actor, or the actors
+                       # could hold every CPU the readers need (a deadlock on a small cluster).
+                       initial_size=workers if eager else 1,
+                       jobs=[dict(source=asdict(job.source), split=job.split, selector=job.selector, params=job.params, pass_scale=scale)
+                             for job, scale in zip(jobs, pass_scale)],
+                       root=root, mean=mean, std=std, engine=asdict(engine), threads=resources.torch_threads(), counter=counter,
+                       pass_id=pass_id)
     n, skipped, worker_s, t0 = [0] * len(jobs), [[] for _ in jobs], [0.0] * len(jobs), time.monotonic()
-    planned = None if known is None else sum(k * c for k, c in zip(n_todo, scale))
+    planned = sum(k * c for k, c in zip(n_todo, scale))
     label = f"selection {jobs[0].tag} {jobs[0].source.tag}/{jobs[0].split}" + (f" and {len(jobs) - 1} more" if len(jobs) > 1 else "")
     bar = Progress(planned, unit, label, steady=True)  # the ETA leaves the actors' start out
 
@@ -300,7 +303,7 @@ def _select_pass(jobs, ds, root, mean, std, resources, engine, select_batch, tot
 
         def replan(passes: float) -> bool:
             now = time.monotonic()
-            if planned is None or passes <= 0:
+            if passes <= 0:
                 return False
             if not first:
                 first.append((passes, now))
@@ -350,23 +353,16 @@ def _replan_line(label: str, passes: float, gained: float, seconds: float, total
             f"over the last {format_duration(seconds)}; at that rate the rest takes ≈ {format_duration((total - passes) / rate)}")
 
 
-def _map_selection(jobs, ds, root, mean, std, resources, engine, select_batch, workers, eager, counter, pass_id, pass_scale):
-    return ds.map_batches(
-        SelectionWorker,
-        fn_constructor_kwargs=dict(
-            jobs=[dict(source=asdict(job.source), split=job.split, selector=job.selector, params=job.params, pass_scale=scale)
-                  for job, scale in zip(jobs, pass_scale)],
-            root=root, mean=mean, std=std, engine=asdict(engine), threads=resources.torch_threads(), counter=counter, pass_id=pass_id,
-        ),
-        batch_size=select_batch,
-        batch_format="numpy",
-        # in-memory inputs need no CPU to read: ask for every planned actor at once, so an autoscaler starts
-        # their nodes together. Streamed inputs are read by CPU tasks: grow from one actor, or the actors
-        # could hold every CPU the readers need (a deadlock on a small cluster).
-        compute=ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers if eager else 1),
-        max_restarts=0,  # a lost actor is not rebuilt by Ray; select_stream selects its images again (see there)
-        **resources.worker_request(),
-    )
+def map_on_actors(ds: ray.data.Dataset, worker: type, resources: ResourcePlan, workers: int, batch_size: int,
+                  initial_size: int = 1, **worker_kwargs) -> ray.data.Dataset:
+    """ds mapped in numpy batches by a pool of 1 to `workers` actors of `worker(**worker_kwargs)`, each
+    with the plan's selection-worker resources. max_restarts=0: a lost actor is not rebuilt by Ray;
+    its caller reruns the pass on what is not yet done (select_stream)."""
+    with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray 2.60 flags every **ray_remote_args
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(worker, fn_constructor_kwargs=worker_kwargs, batch_size=batch_size, batch_format="numpy",
+                              compute=ActorPoolStrategy(min_size=1, max_size=workers, initial_size=initial_size),
+                              max_restarts=0, **resources.worker_request())
 
 
 def _planned_passes(job: SelectionJob, hw: Optional[tuple[int, int]], forward_only: bool = False) -> Optional[int]:

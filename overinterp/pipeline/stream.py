@@ -16,7 +16,6 @@ keep-masks on the Ray Data workers, evaluation streams them again.
 
 from __future__ import annotations
 
-import warnings
 import hashlib
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -25,7 +24,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
-from ray.data import ActorPoolStrategy, Dataset
+from ray.data import Dataset
 
 from overinterp import fs, store
 from overinterp.config import SMOKE_SIZES, RunConfig
@@ -35,7 +34,7 @@ from overinterp.pipeline.analysis import TestImages
 from overinterp.pipeline.images import MASK_COLUMN, check_folder, drop_bad, is_parquet, list_classes, list_folder, read_images
 from overinterp.pipeline.plan import Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan, exit_with_parent, worker_device
-from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, select_stream, stored_random_ids, write_random
+from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, map_on_actors, select_stream, stored_random_ids, write_random
 from overinterp.pipeline.terminal import log
 from overinterp.pipeline.train_stream import (broadcast_join, cuda_on_gpu_workers, mask_table_refs, run_stream_trial,
                                                subset_stream, unpack_keep)
@@ -201,13 +200,13 @@ class StreamBackend:
                 log("GPU workers report no CUDA device (simulated GPUs, or a broken driver): Train workers keep their GPU but compute on CPUs with gloo")
             train_config = asdict(TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment=cfg.augment))
             info = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "hw": self.plan.hw, "num_classes": self.plan.num_classes}
-            backend, tables = self, self._mask_tables(pending)
+            tables = self._mask_tables(pending)
 
             def trainable(config: dict) -> None:
                 from ray import tune
 
                 spec = TrialSpec(**config["trial"])
-                result = run_stream_trial(spec, backend._streams(spec.subset, tables), train_config, info, cfg.out_dir, res, use_cuda,
+                result = run_stream_trial(spec, self._streams(spec.subset, tables), train_config, info, cfg.out_dir, res, use_cuda,
                                           cfg.workers_per_trial)
                 tune.report({"accuracy": result["accuracy"], "train_loss": result["train_loss"], "seconds": result["seconds"], "done": True})
 
@@ -226,12 +225,9 @@ class StreamBackend:
             return None
         val = subset_stream(self.data.val, self.data.classes, self.data.limits["test"], self.cfg.image_size, self.plan.root,
                             f"{self.explained.tag}/{self.plan.primary}", "test", self.cfg.fraction, self.plan.n_images["test"])
-        with warnings.catch_warnings():  # max_restarts has no named parameter yet (see select_stage._select_pass)
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            out = val.map_batches(EvalWorker, fn_constructor_kwargs={"model": self.explained.model, "hw": self.plan.hw}, batch_size=self.cfg.batch_size,
-                                  batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=self.resources.select_workers),
-                                  max_restarts=0,  # as selection (select_stream): a lost worker reruns the pass, not the actor
-                                  **self.resources.worker_request())
+        # as selection (select_stream): a lost worker reruns the pass, not the actor
+        out = map_on_actors(val, EvalWorker, self.resources, self.resources.select_workers, self.cfg.batch_size,
+                            model=self.explained.model, hw=self.plan.hw)
         for attempt in range(1, SELECTION_ATTEMPTS + 1):
             full = own = n = 0
             try:

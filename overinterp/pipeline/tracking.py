@@ -130,9 +130,9 @@ SAVED_VIEW_COLUMNS = ("metrics.`accuracy`", "metrics.`baseline_accuracy`", "metr
                       "tags.`condition`", "tags.`selector`", "tags.`fill`", "tags.`seed`", "tags.`variant`")
 
 
-def saved_view_tag(created_ms: int = 0) -> tuple[str, str]:
+def saved_view_tag() -> tuple[str, str]:
     state = json.dumps({"selectedColumns": list(SAVED_VIEW_COLUMNS)})
-    return f"mlflow.sharedViewState.{SAVED_VIEW_KEY}", json.dumps({"name": SAVED_VIEW_KEY, "createdAt": created_ms, "state": state})
+    return f"mlflow.sharedViewState.{SAVED_VIEW_KEY}", json.dumps({"name": SAVED_VIEW_KEY, "createdAt": 0, "state": state})
 
 
 class Tracker:

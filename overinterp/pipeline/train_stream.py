@@ -43,7 +43,7 @@ from overinterp.pipeline.images import (MASK_COLUMN, decode_batch, drop_bad, is_
                                         read_parquet)
 from overinterp.pipeline.resources import exit_with_parent, worker_device
 from overinterp.pipeline.trial import TrialSpec, checkpoint_path, result_path, trial_dir
-from overinterp.selection import n_keep, random_order
+from overinterp.selection import keep_mask, random_order
 
 
 def _keep_bits(batch: pa.Table, hw: int, fraction: float, split: str) -> dict:
@@ -51,13 +51,7 @@ def _keep_bits(batch: pa.Table, hw: int, fraction: float, split: str) -> dict:
     ids = batch.column("image_id").to_numpy()
     steps_col = batch.column("removal_step")
     if steps_col.null_count == len(ids):  # the random baseline: regenerated from (seed, split, id)
-        import json
-
-        seed = json.loads(batch.column("selector_params")[0].as_py())["seed"]
-        order = random_order(ids, hw, seed, split).numpy()
-        k = n_keep(fraction, hw)
-        keep = np.zeros((len(ids), hw), dtype=bool)
-        np.put_along_axis(keep, order[:, hw - k :], True, axis=1)
+        keep = keep_mask(random_order(ids, hw, int(store.stored_params(batch)["seed"]), split), fraction).numpy()  # the in-memory rule
     else:
         steps = steps_col.combine_chunks().flatten().to_numpy().reshape(len(ids), hw)
         keep = store.steps_to_keep(steps, fraction)

@@ -3,7 +3,7 @@
     format.py  the pyarrow schema and its versions, folder layout and content-named shards, the
                compact step encoding of a removal order, version-1 conversion (no I/O)
     io.py      atomic writes, shard listing, validated reads (read_selections, done_ids,
-               raw_image_ids, stored_mask), stored_rows from the footers, the overlap rule,
+               raw_image_ids, stored_mask, stored_params), stored_rows from the footers, the overlap rule,
                validate_shards and list_selections
     check.py   `overinterp store check|repair` and its report table
 
@@ -14,10 +14,10 @@ names below; the store's check and its format details are imported from their mo
 from overinterp.store.check import repair_selection
 from overinterp.store.format import SCHEMA, V1_SCHEMA, StoreError, decode_order, encode_steps, steps_to_keep
 from overinterp.store.io import (Selections, done_ids, list_selections, raw_image_ids, read_selections, read_shard, shard_files,
-                                 stored_mask, stored_rows, validate_shards, write_rows)
+                                 stored_mask, stored_params, stored_rows, validate_shards, write_rows)
 
 __all__ = [
     "SCHEMA", "V1_SCHEMA", "Selections", "StoreError", "decode_order", "done_ids", "encode_steps", "list_selections", "raw_image_ids",
-    "read_selections", "read_shard", "repair_selection", "shard_files", "steps_to_keep", "stored_mask", "stored_rows",
+    "read_selections", "read_shard", "repair_selection", "shard_files", "steps_to_keep", "stored_mask", "stored_params", "stored_rows",
     "validate_shards", "write_rows",
 ]

@@ -313,7 +313,8 @@ def stored_mask(ids: np.ndarray, done: np.ndarray) -> np.ndarray:
     return done[np.minimum(np.searchsorted(done, ids), len(done) - 1)] == ids
 
 
-def _params(table: pa.Table) -> dict:
+def stored_params(table: pa.Table) -> dict:
+    """The selector's parameters of a selection's rows (one selection: the same on every row)."""
     return json.loads(table.column("selector_params")[0].as_py())
 
 
@@ -352,7 +353,7 @@ def read_selections(root: str, model: str, selector: str, split: str, expect_n: 
         from overinterp.selection import random_order
 
         steps = None
-        order_np = random_order(ids, h * w, int(_params(t)["seed"]), split).numpy()
+        order_np = random_order(ids, h * w, int(stored_params(t)["seed"]), split).numpy()
     else:
         raise StoreError(f"{where}: rows without a removal order for selector {selector}: {REPAIR_HINT.format(out=_out_of(root))}")
     curve = None
