@@ -11,7 +11,7 @@ reports its wall time and peak RSS growth (VmHWM after - VmRSS before):
     count  the streamed source's count of images: the Parquet splits (footers) and the ImageFolder
            (listings), through pipeline.stream.count_images
 
-    python benchmarks/driver_ids.py --source /work/data/imagenet-shaped --before e15c1c0 --repeats 3
+    python benchmarks/driver_ids.py --source /work/data/imagenet-shaped --before <commit of the earlier code> --repeats 3
 """
 
 from __future__ import annotations
