@@ -352,7 +352,7 @@ class TrainingCost:
 
     def describe(self) -> str:
         stream = f" + {1e3 * self.image_s:.2g} ms/img streaming, {self.start_s:g} s start per trial" if self.image_s else ""
-        return (f"training   {self.label}  {self.trials} trial{'s' if self.trials != 1 else ''} × {self.epochs} epochs × "
+        return (f"training   {self.label}  {self.trials} trial{'s' if self.trials != 1 else ''} × {self.epochs} epoch{'s' if self.epochs != 1 else ''} × "
                 f"{self.images:,} img = {self.total_images:,} images  ≈ {format_duration(self.eta_seconds)} "
                 f"on {self.concurrency} at once at {format_rate(self.rate)} img/s each{stream}")
 
