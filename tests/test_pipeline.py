@@ -321,8 +321,14 @@ def test_a_streamed_folder_run_trains_selects_and_reports_as_an_in_memory_one(ra
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "in-memory"])
-def test_image_files_that_do_not_decode_are_left_out_and_listed_alike_by_either_backend(ray_session, tmp_path, stream):
+def test_image_files_that_do_not_decode_are_left_out_and_listed_alike_by_either_backend(ray_session, tmp_path, stream, monkeypatch):
+    import tempfile
+
     from overinterp.synthetic import write_imagefolder
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the driver draws its report files
 
     write_imagefolder(str(tmp_path / "data"), n_per_class=3, num_classes=2, size=16)
     truncated = tmp_path / "data" / "train" / "n00000000" / "00000.jpg"
@@ -336,3 +342,4 @@ def test_image_files_that_do_not_decode_are_left_out_and_listed_alike_by_either_
         "test": {"count": 1, "first": [{"path": "n00000001/notes.jpg", "reason": "not an image PIL can read"}]}}
     assert "n00000000/00000.jpg: OSError: Truncated File Read" in (out / "summary.md").read_text()
     assert summary["analysed_test_images"] == [6, 6]  # the 6 test images; notes.jpg was one file more
+    assert not [p for p in os.listdir(scratch) if p.startswith("overinterp-report-")]  # the run left no scratch files behind

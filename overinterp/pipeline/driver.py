@@ -134,18 +134,19 @@ def run_plan(cfg: RunConfig, plan: Plan, backend: Backend, tracker) -> dict:
     def compare():
         analysis = Analysis(cfg, plan, test if test is not None else backend.test_images())
         summary = analysis.summary(full, subsets, backend.baseline(analysis.test), backend.skipped_images())
-        local = tempfile.mkdtemp(prefix="overinterp-report-")
-        reports = analysis.reports(summary, local)  # first: it lists its plots in the summary, which summary.md embeds
-        if explained is not None:
-            from overinterp.pipeline.analysis import copy_out
-            from overinterp.pipeline.explain_stage import gallery_files
+        # the report files are drawn here, then copied to --out and logged to MLflow (both copy them)
+        with tempfile.TemporaryDirectory(prefix="overinterp-report-") as local:
+            reports = analysis.reports(summary, local)  # first: it lists its plots in the summary, which summary.md embeds
+            if explained is not None:
+                from overinterp.pipeline.analysis import copy_out
+                from overinterp.pipeline.explain_stage import gallery_files
 
-            galleries = gallery_files(explained["galleries"], test.classes, local)
-            copy_out(galleries, cfg.out_dir)
-            summary["explain"] = {**explained["section"], "galleries": [os.path.basename(p) for p in galleries]}
-            reports += galleries
-        files = write_summary(plan, summary, local) + reports
-        tracker.log_results(plan, full, subsets, summary, files, backend.models_to_log())
+                galleries = gallery_files(explained["galleries"], test.classes, local)
+                copy_out(galleries, cfg.out_dir)
+                summary["explain"] = {**explained["section"], "galleries": [os.path.basename(p) for p in galleries]}
+                reports += galleries
+            files = write_summary(plan, summary, local) + reports
+            tracker.log_results(plan, full, subsets, summary, files, backend.models_to_log())
         summary["mlflow_run_id"] = tracker.run_id
         return summary
 
