@@ -18,14 +18,14 @@ from overinterp.explain import GUIDANCE_METHODS
 # What a run does with a flag left unset where the config leaves the choice to the run (a None,
 # False or empty default); a flag a preset gives a value shows that value instead.
 UNSET_DEFAULTS = {
-    "models": "the data set's",
+    "models": "the data set's; with --pretrained, that model",
     "image_size": str(DEFAULT_IMAGE_SIZE),
     "num_classes": "1000 for Parquet; a folder's are its class folders",
     "max_images": "all",
     "stream": "decided by the data set's size; Parquet and --train/--val stream",
-    "epochs": "per data set: digits 30, CIFAR 200",
-    "augment": "on for CIFAR",
-    "select_batch": "64 in memory; streamed runs size it by the image: 32 at 224 px, up to 1,024 for small images",
+    "epochs": "per data set: digits 30, CIFAR 200, imagefolder and parquet 90; 2 with --smoke",
+    "augment": "on, but off for digits",
+    "select_batch": "streamed runs size it by the image: 32 at 224 px, 17 at 299, up to 1,024 for small images; in memory 64",
     "autocast": "off (fp32)",
     "tracking_uri": "$MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db",
     "explain": "none",

@@ -221,10 +221,11 @@ class RunConfig:
         if fs.is_uri(self.out_dir) and not (self.tracking_uri or ENV_TRACKING_URI):
             raise ConfigError(f"--out {self.out_dir} is remote: pass --tracking-uri (on the cluster, http://127.0.0.1:5000)")
         ResourceFlags(**self.resource_flags())
-        if (self.stream or self.source == "parquet") and (self.gpus_per_trial or 0) > 1:
+        if (self.stream or self.source == "parquet") and (self.gpus_per_trial or 0) > 1 and self.gpus_per_worker != 0:
             g = int(self.gpus_per_trial)  # a streamed trial's Ray Train worker trains on one GPU: the others would idle
             raise ConfigError(f"--gpus-per-trial {g} on a streamed run: each Ray Train worker trains on one GPU, so {g - 1} of its {g} "
-                              f"would idle: give --workers-per-trial {g * self.workers_per_trial} --gpus-per-trial 1 (DDP, a GPU per worker)")
+                              f"would idle: give --workers-per-trial {g * self.workers_per_trial} --gpus-per-trial 1 (DDP, a GPU per "
+                              "worker; --batch-size is per worker)")
 
     @property
     def source(self) -> str:

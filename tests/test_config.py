@@ -49,6 +49,7 @@ def test_a_streamed_trial_is_not_given_gpus_it_cannot_use():
         RunConfig(dataset="imagefolder", stream=True, gpus_per_trial=2, workers_per_trial=2)
     RunConfig(dataset="parquet", gpus_per_trial=1, workers_per_trial=8)  # DDP: one GPU per worker
     RunConfig(dataset="cifar10", gpus_per_trial=8)  # in memory, a trial's GPUs split each batch (DataParallel)
+    RunConfig(dataset="parquet", gpus_per_trial=8, gpus_per_worker=0)  # a CPU run: the flag asks for nothing
 
 
 def test_resolved_makes_local_paths_absolute(tmp_path, monkeypatch):

@@ -43,11 +43,10 @@ def test_a_folder_of_parquet_files_is_a_parquet_source(tmp_path):
     assert cfg.dataset == "parquet"
 
 
-def test_the_files_decide_the_kind_of_source(tmp_path):
-    # --dataset parquet over ImageFolder splits reads them as the folders they are (and says so)
+def test_parquet_named_over_image_folders_is_refused_naming_the_data_set_they_are(tmp_path):
     write_imagefolder(str(tmp_path / "photos"), n_per_class=2, num_classes=2, size=12)
-    cfg = preflight(RunConfig(dataset="parquet", data_root=str(tmp_path / "photos"), out_dir=str(tmp_path / "o")))
-    assert (cfg.dataset, cfg.train) == ("imagefolder", str(tmp_path / "photos" / "train"))
+    with pytest.raises(ConfigError, match=r"--dataset parquet: .*/photos/train holds no \.parquet file: for ImageFolder splits .* --dataset imagefolder"):
+        preflight(RunConfig(dataset="parquet", data_root=str(tmp_path / "photos"), out_dir=str(tmp_path / "o")))
 
 
 def test_the_tracking_server_is_probed_once(tmp_path, monkeypatch):

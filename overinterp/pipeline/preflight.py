@@ -78,9 +78,12 @@ def check_inputs(cfg: RunConfig) -> RunConfig:
     if cfg.train is not None and cfg.dataset in ("imagefolder", "parquet"):
         from overinterp.pipeline.images import is_parquet
 
-        kind = "parquet" if is_parquet(cfg.train) else "imagefolder"  # the files decide, whatever --dataset said
-        if kind != cfg.dataset:  # (a Parquet source's checks refuse --no-stream)
-            cfg = dataclasses.replace(cfg, dataset=kind)
+        parquet = is_parquet(cfg.train)
+        if cfg.dataset == "imagefolder" and parquet:  # a folder of Parquet files (its checks refuse --no-stream)
+            cfg = dataclasses.replace(cfg, dataset="parquet")
+        elif cfg.dataset == "parquet" and not parquet:
+            raise ConfigError(f"--dataset parquet: {cfg.train} holds no .parquet file: for ImageFolder splits "
+                              "(<split>/<class>/<image>) give --dataset imagefolder")
     w = cfg.weights
     if w and not fs.is_uri(w) and ("/" in w or w.endswith((".pt", ".pth"))) and not os.path.isfile(w):
         raise ConfigError(f"--weights {w} is not a file: give a state_dict file or a torchvision weights name (DEFAULT)")
