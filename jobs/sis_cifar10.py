@@ -9,12 +9,14 @@ models trained on the 5% BS subsets and on random 5% subsets; the paper's Table 
 
 Rerunning with the same --out resumes: finished trials and selected images are not redone.
 --smoke-test runs the whole job in a few minutes on 2 CPUs, on a tiny synthetic data set written in
-CIFAR-10's real on-disk format (Batched Gradient SIS instead of exact BS, 1 epoch).
+CIFAR-10's real on-disk format (Batched Gradient SIS instead of exact BS, 1 epoch), removed when it
+ends (its results stay in --out, by default a new folder in the temporary directory).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -37,21 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     fixed = {"dataset": "cifar10"}
-    if args.smoke_test:
-        from overinterp.synthetic import write_cifar
+    # the smoke test's data is removed when it ends; its results stay in --out
+    with tempfile.TemporaryDirectory(prefix="sis_cifar10-smoke-inputs-") if args.smoke_test else contextlib.nullcontext() as scratch:
+        if args.smoke_test:
+            from overinterp.synthetic import write_cifar
 
-        scratch = tempfile.mkdtemp(prefix="sis_cifar10-smoke-")
-        write_cifar(scratch, n_train=20, n_test=10)
-        fixed.update(data_root=scratch, smoke=True, models=("resnet20",), seeds=(0, 1), epochs=1,
-                     selectors=("bgsis",), fills=("mean",), pixels_per_step=128, select_batch=8, gallery=2)
-        if args.out_dir == DEFAULTS.out_dir:
-            fixed["out_dir"] = os.path.join(scratch, "out")
-    try:
-        config = config_from_args(args, **fixed)
-    except ConfigError as e:
-        print(f"sis_cifar10.py: error: {e}", file=sys.stderr)
-        return 2
-    return execute(config, args.ray_address or os.environ.get("RAY_ADDRESS"), prog="sis_cifar10.py", dry_run=args.dry_run, verbose=args.verbose)
+            write_cifar(scratch, n_train=20, n_test=10)
+            fixed.update(data_root=scratch, smoke=True, models=("resnet20",), seeds=(0, 1), epochs=1,
+                         selectors=("bgsis",), fills=("mean",), pixels_per_step=128, select_batch=8, gallery=2)
+            if args.out_dir == DEFAULTS.out_dir:
+                fixed["out_dir"] = os.path.join(tempfile.mkdtemp(prefix="sis_cifar10-smoke-"), "out")
+        try:
+            config = config_from_args(args, **fixed)
+        except ConfigError as e:
+            print(f"sis_cifar10.py: error: {e}", file=sys.stderr)
+            return 2
+        return execute(config, args.ray_address or os.environ.get("RAY_ADDRESS"), prog="sis_cifar10.py", dry_run=args.dry_run,
+                       verbose=args.verbose)
 
 
 if __name__ == "__main__":

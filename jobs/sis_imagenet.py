@@ -16,7 +16,8 @@ compared with the pretrained model's accuracy in MLflow. Every flag of `overinte
 Rerunning with the same --out resumes: images already in the store and finished trials are skipped.
 --smoke-test runs it in a few minutes on 2 CPUs on a tiny synthetic data set written as JPEG/PNG folders
 (or, with --smoke-format parquet, as Parquet of encoded images) and tv:resnet18 weights written to
-a local file. Before any work it prints the plan: stages, resources, BGSIS passes and training
+a local file, both removed when it ends (its results stay in --out, by default a new folder in the
+temporary directory). Before any work it prints the plan: stages, resources, BGSIS passes and training
 images with ETAs from a short calibration; --dry-run stops there, and a plan over --max-hours
 (default 24) stops there with faster settings that fit.
 """
@@ -24,6 +25,7 @@ images with ETAs from a short calibration; --dry-run stops there, and a plan ove
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -51,13 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _smoke_inputs(fmt: str) -> dict:
+def _smoke_inputs(fmt: str, scratch: str) -> dict:
+    """Writes the smoke test's data and weights into `scratch`; returns their settings."""
     import torch
 
     from overinterp.models import create_model
     from overinterp.synthetic import write_encoded_parquet, write_imagefolder
 
-    scratch = tempfile.mkdtemp(prefix="sis_imagenet-smoke-")
     if fmt == "folder":
         write_imagefolder(scratch, n_per_class=4, num_classes=3, size=40)
         train, val = os.path.join(scratch, "train"), os.path.join(scratch, "val")
@@ -70,15 +72,18 @@ def _smoke_inputs(fmt: str) -> dict:
     torch.manual_seed(0)
     torch.save(create_model("tv:resnet18", num_classes=3).state_dict(), weights)
     return dict(train=train, val=val, pretrained="tv:resnet18", weights=weights, num_classes=3, image_size=32,
-                pixels_per_step=64, epochs=1, batch_size=8, select_batch=6, out_dir=os.path.join(scratch, "out"))
+                pixels_per_step=64, epochs=1, batch_size=8, select_batch=6)
 
 
-def config_fields(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """RunConfig's fields from the parsed flags; with --smoke-test, the smoke inputs are the
-    defaults and any flag the user gave (--epochs 4, --out DIR) wins."""
+def config_fields(parser: argparse.ArgumentParser, args: argparse.Namespace, scratch: str | None = None) -> dict:
+    """RunConfig's fields from the parsed flags; with --smoke-test, the smoke inputs (written into
+    `scratch`) are the defaults and any flag the user gave (--epochs 4, --out DIR) wins. The smoke's
+    results go to a folder of their own in the temp directory unless --out is given."""
     fields = {k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__}
     if args.smoke_test:
-        smoke = _smoke_inputs(args.smoke_format)
+        smoke = _smoke_inputs(args.smoke_format, scratch)
+        if fields["out_dir"] == parser.get_default("out_dir"):
+            smoke["out_dir"] = os.path.join(tempfile.mkdtemp(prefix="sis_imagenet-smoke-"), "out")
         fields.update({k: v for k, v in smoke.items() if k not in fields or fields[k] == parser.get_default(k)})
     return fields
 
@@ -90,13 +95,15 @@ def main(argv=None) -> int:
         parser.print_usage(sys.stderr)
         print("sis_imagenet.py: error: --train and --val are required (or --smoke-test)", file=sys.stderr)
         return 2
-    try:
-        config = config_from_args(argparse.Namespace(), **config_fields(parser, args))
-    except ConfigError as e:
-        print(f"sis_imagenet.py: error: {e}", file=sys.stderr)
-        return 2
-    return execute(config, args.ray_address or os.environ.get("RAY_ADDRESS"), prog="sis_imagenet.py", dry_run=args.dry_run,
-                   verbose=args.verbose)
+    # the smoke test's data and weights (43 MB) are removed when it ends; its results stay in --out
+    with tempfile.TemporaryDirectory(prefix="sis_imagenet-smoke-inputs-") if args.smoke_test else contextlib.nullcontext() as scratch:
+        try:
+            config = config_from_args(argparse.Namespace(), **config_fields(parser, args, scratch))
+        except ConfigError as e:
+            print(f"sis_imagenet.py: error: {e}", file=sys.stderr)
+            return 2
+        return execute(config, args.ray_address or os.environ.get("RAY_ADDRESS"), prog="sis_imagenet.py", dry_run=args.dry_run,
+                       verbose=args.verbose)
 
 
 if __name__ == "__main__":

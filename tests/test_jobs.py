@@ -26,9 +26,14 @@ import sis_imagenet  # noqa: E402
 pytestmark = pytest.mark.ray
 
 
-def test_cifar10_smoke_test(ray_session, tmp_path):
+def test_cifar10_smoke_test(ray_session, tmp_path, monkeypatch):
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     out = tmp_path / "out"
     assert sis_cifar10.main(["--smoke-test", "--out", str(out)]) == 0
+    assert [p for p in os.listdir(tmp_path / "tmp") if p.startswith("sis_cifar10")] == []  # its data went with it; the results are in --out
     summary = json.load(open(out / "summary.json"))
     assert summary["dataset"] == "cifar10" and summary["selector"] == "bgsis-k128"
     assert set(summary["accuracy"]["resnet20"]) == {"full", "full+dropout", "bgsis-subset", "random-subset", "bgsis-positions-only"}
@@ -146,9 +151,22 @@ def test_imagenet_weights_that_are_not_a_state_dict_are_one_line(content, tmp_pa
     assert err.count("\n") == 1 and f"--weights {weights}" in err and "state_dict" in err
 
 
-def test_imagenet_smoke_settings_yield_to_flags_given(tmp_path):
+def test_imagenet_smoke_settings_yield_to_flags_given(tmp_path, monkeypatch):
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     parser = sis_imagenet.build_parser()
-    smoke = sis_imagenet.config_fields(parser, parser.parse_args(["--smoke-test"]))
-    given = sis_imagenet.config_fields(parser, parser.parse_args(["--smoke-test", "--epochs", "4", "--out", str(tmp_path)]))
-    assert smoke["epochs"] == 1 and smoke["pretrained"] == "tv:resnet18"
+    smoke = sis_imagenet.config_fields(parser, parser.parse_args(["--smoke-test"]), str(tmp_path))
+    given = sis_imagenet.config_fields(parser, parser.parse_args(["--smoke-test", "--epochs", "4", "--out", str(tmp_path)]), str(tmp_path))
+    assert smoke["epochs"] == 1 and smoke["pretrained"] == "tv:resnet18" and smoke["weights"].startswith(str(tmp_path))
+    assert smoke["out_dir"].startswith(str(tmp_path / "tmp" / "sis_imagenet-smoke-"))  # results in a folder of their own
     assert given["epochs"] == 4 and given["out_dir"] == str(tmp_path) and given["pretrained"] == "tv:resnet18"
+
+
+def test_the_imagenet_smoke_inputs_are_removed_when_it_ends(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert sis_imagenet.main(["--smoke-test", "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    assert [p for p in os.listdir(tmp_path) if p.startswith("sis_imagenet")] == []  # the data and the 43 MB of weights went with it
