@@ -12,7 +12,8 @@ import argparse
 import json
 import sys
 
-from overinterp.config import DEFAULT_IMAGE_SIZE, SMOKE_IMAGE_SIZE, SMOKE_MAX_PASSES, SMOKE_SIZES, ConfigError, RunConfig
+from overinterp.config import (DEFAULT_AUGMENT, DEFAULT_EPOCHS, DEFAULT_IMAGE_SIZE, IN_MEMORY_SELECT_BATCH, MAX_SELECT_BATCH, SMOKE_EPOCHS,
+                               SMOKE_IMAGE_SIZE, SMOKE_MAX_PASSES, SMOKE_SIZES, ConfigError, RunConfig, streamed_select_batch)
 from overinterp.explain import GUIDANCE_METHODS
 
 # What a run does with a flag left unset where the config leaves the choice to the run (a None,
@@ -23,9 +24,10 @@ UNSET_DEFAULTS = {
     "num_classes": "1000 for Parquet; a folder's are its class folders",
     "max_images": "all",
     "stream": "decided by the data set's size; Parquet and --train/--val stream",
-    "epochs": "per data set: digits 30, CIFAR 200, imagefolder and parquet 90; 2 with --smoke",
-    "augment": "on, but off for digits",
-    "select_batch": "streamed runs size it by the image: 32 at 224 px, 17 at 299, up to 1,024 for small images; in memory 64",
+    "epochs": "per data set: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items()) + f"; {SMOKE_EPOCHS} with --smoke",
+    "augment": "on for " + ", ".join(k for k, v in DEFAULT_AUGMENT.items() if v) + "; off for " + ", ".join(k for k, v in DEFAULT_AUGMENT.items() if not v),
+    "select_batch": f"streamed runs size it by the image: {streamed_select_batch(224)} at 224 px, {streamed_select_batch(299)} at 299, "
+                    f"up to {MAX_SELECT_BATCH:,} for small images; in memory {IN_MEMORY_SELECT_BATCH}",
     "autocast": "off (fp32)",
     "tracking_uri": "$MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db",
     "explain": "none",
@@ -142,7 +144,7 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     e.add_argument("--generator", default=d.generator,
                    help="a diffusers pixel-space pipeline (folder from save_pretrained, or a hub id) in place of the trained prior")
     r.add_argument("--smoke", action="store_true",
-                   help=f"a wiring check on any data set: {SMOKE_SIZES[0]} train / {SMOKE_SIZES[1]} test images, 2 epochs, small models "
+                   help=f"a wiring check on any data set: {SMOKE_SIZES[0]} train / {SMOKE_SIZES[1]} test images, {SMOKE_EPOCHS} epochs, small models "
                         f"(digits_cnn; resnet20 otherwise), ImageFolder images at {SMOKE_IMAGE_SIZE} px, and k raised until "
                         f"backselect/bgsis plan at most {SMOKE_MAX_PASSES:,} forward passes per image")
     r.add_argument("--max-hours", type=float, default=d.max_hours,

@@ -65,6 +65,7 @@ DEFAULT_MODELS = {
     "parquet": ("tv:resnet50",),
 }
 DEFAULT_EPOCHS = {"digits": 30, "cifar10": 200, "cifar100": 200, "imagefolder": 90, "parquet": 90}
+SMOKE_EPOCHS = 2
 DEFAULT_AUGMENT = {"digits": False, "cifar10": True, "cifar100": True, "imagefolder": True, "parquet": True}
 DEFAULT_IMAGE_SIZE = 224  # ImageFolder and Parquet sources: the square crop side
 SMOKE_SIZES = (96, 48)  # train, test images kept by --smoke
@@ -284,7 +285,7 @@ class RunConfig:
             pretrained=self.explained,
             weights=(absolute(self.weights) if self.weights and os.path.isfile(self.weights) else self.weights)
             if self.weights is not None or self.pretrained is None else "DEFAULT",
-            epochs=self.epochs or (2 if self.smoke else DEFAULT_EPOCHS[source]),
+            epochs=self.epochs or (SMOKE_EPOCHS if self.smoke else DEFAULT_EPOCHS[source]),
             image_size=self.image_size if source in IN_MEMORY_ONLY else (self.image_size or DEFAULT_IMAGE_SIZE),
             augment=DEFAULT_AUGMENT[source] if self.augment is None else self.augment,
             out_dir=out,

@@ -69,7 +69,8 @@ def test_help_shows_each_default_once_as_typed():
     run = _flag_help(build_parser()._subparsers._group_actions[0].choices["run"])
     assert not any("(default: None)" in h or "(default: ())" in h or h.count("(default") > 1 for h in run.values())
     assert run["--seeds"].endswith("(default: 0,1,2)")  # as the flag takes it, not a Python tuple
-    assert run["--epochs"].endswith("(default: per data set: digits 30, CIFAR 200, imagefolder and parquet 90; 2 with --smoke)")  # unset
+    assert run["--epochs"].endswith("(default: per data set: digits 30, cifar10 200, cifar100 200, imagefolder 90, parquet 90; 2 with --smoke)")
+    assert run["--augment"].endswith("(default: on for cifar10, cifar100, imagefolder, parquet; off for digits)")  # unset: what the run decides
     assert run["--lr"].endswith("(default: 0.1)") and "30%, 60% and 80%" in run["--lr"]
     imagenet, cifar = _flag_help(sis_imagenet.build_parser()), _flag_help(sis_cifar10.build_parser())
     assert imagenet["--epochs"].endswith("(default: 16)") and imagenet["--stream"].endswith("(default: on)")  # the preset's own
