@@ -62,3 +62,27 @@ def test_exact_tail_bgsis_grid_quick(tmp_path):
     assert tags[0] == "backselect" and len(tags) == 1 + 3 * 5  # exact, then k in {4, 16, 64} x F in {0.05, 0.1, 0.2, 0.5, none}
     assert set(tags[1:]) == {f"bgsis-k{k}" + (f"-tail{f:g}" if f < 1 else "") for k in (4, 16, 64) for f in (0.05, 0.1, 0.2, 0.5, 1.0)}
     assert all(r["backward_per_image"] > 0 for r in res["rows"][1:])
+
+
+def test_backends_agree_writes_nine_photo_bands_and_compares_rows_by_seed_noise(tmp_path):
+    import backends_agree
+    from PIL import Image
+
+    classes = backends_agree.write_photo_bands(str(tmp_path), train_per_class=2, val_per_class=1, crop_px=8)
+    assert classes == sorted(f"{p}_{b}" for p in ("china", "flower", "hopper") for b in range(3))
+    for split, n in (("train", 2), ("val", 1)):
+        assert sorted(os.listdir(tmp_path / split)) == classes
+        assert all(len(os.listdir(tmp_path / split / c)) == n for c in classes)
+    image = Image.open(tmp_path / "train" / "china_0" / "0000.jpg")
+    assert image.size == (8, 8) and image.mode == "RGB"
+
+    # seeds 80, 82, 84 % against 83, 85, 87 %: std 2 each, bound 2·sqrt(8/3) = 3.27, difference 3 -> within;
+    # against 90, 92, 94 %: difference 10 -> not; a row only one side has is left out
+    a = {"m": {"full": [0.80, 0.82, 0.84], "subset": [0.80, 0.82, 0.84], "only_a": [0.5]}}
+    b = {"m": {"full": [0.83, 0.85, 0.87], "subset": [0.90, 0.92, 0.94]}}
+    rows = {r["condition"]: r for r in backends_agree.agreement(a, b)}
+    assert sorted(rows) == ["full", "subset"]
+    assert rows["full"]["a_mean"] == pytest.approx(82) and rows["full"]["b_std"] == pytest.approx(2)
+    assert rows["full"]["difference"] == pytest.approx(3) and rows["full"]["noise_bound"] == pytest.approx(2 * (8 / 3) ** 0.5)
+    assert rows["full"]["within_noise"] and not rows["subset"]["within_noise"]
+    assert "| m | subset | 82.0 ± 2.0 | 92.0 ± 2.0 | +10.0 | 3.3 | NO |" in backends_agree.table(list(rows.values()))

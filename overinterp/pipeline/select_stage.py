@@ -158,10 +158,10 @@ class PassForwarder:
 
 def watch_progress(bar: Progress, finished: Callable[[], float], reported: Callable[[], float], stop: threading.Event,
                    interval: Optional[float] = None, on_progress: Optional[Callable[[float], bool]] = None) -> None:
-    """Until `stop` is set: every `interval` s (None: POLL_EVERY, read now, so tests can shorten it) move the bar on to the larger of finished() (the
-    passes of the batches whose results arrived) and reported() (the workers' running total, see
-    PassCounter). Run in a driver thread. on_progress(passes so far) is called after each move until
-    it returns True."""
+    """Until `stop` is set: every `interval` s (None: POLL_EVERY, read at the call, so tests can
+    shorten it) move the bar on to the larger of finished() (the passes of the batches whose results
+    arrived) and reported() (the workers' running total, see PassCounter). Run in a driver thread.
+    on_progress(passes so far) is called after each move until it returns True."""
     interval = POLL_EVERY if interval is None else interval
     while not stop.wait(interval):
         done = finished()
