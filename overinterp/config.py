@@ -259,7 +259,7 @@ class RunConfig:
         if stray:
             raise ConfigError(f"--selector-options names {', '.join(stray)}, which --selectors does not run")
         try:
-            return {name: selector_params(name, self.pixels_per_step, self.exact_tail, self.selector_options.get(name))
+            return {name: selector_params(name, self.pixels_per_step, self.exact_tail, self.selector_options.get(name), self.fraction)
                     for name in self.selectors}
         except ValueError as e:
             raise ConfigError(str(e)) from None
@@ -304,7 +304,7 @@ class RunConfig:
             side = out["image_size"] = min(self.image_size or SMOKE_IMAGE_SIZE, SMOKE_IMAGE_SIZE)
         k = self.pixels_per_step
         removal = [s for s in self.selectors if s in REMOVAL_SELECTORS]
-        while removal and k < side * side and max(planned_forward_passes(s, side * side, k, self.exact_tail) for s in removal) > SMOKE_MAX_PASSES:
+        while removal and k < side * side and max(planned_forward_passes(s, side * side, k, self.exact_tail, keep_fraction=self.fraction) for s in removal) > SMOKE_MAX_PASSES:
             k *= 2
         if k != self.pixels_per_step:
             out["pixels_per_step"] = k
@@ -327,7 +327,7 @@ class RunConfig:
                     f"{passes:,} at {side}×{side} px")
             if name in REMOVAL_SELECTORS and self.exact_tail < 1:
                 fits = [j / 100 for j in range(int(self.exact_tail * 100), 0, -1)
-                        if planned_forward_passes(name, hw, k, j / 100) <= SMOKE_MAX_PASSES]
+                        if planned_forward_passes(name, hw, k, j / 100, keep_fraction=self.fraction) <= SMOKE_MAX_PASSES]
                 fix = f"--exact-tail {fits[0]:g} or less" if fits else "no --exact-tail"
                 raise ConfigError(f"{head} with --exact-tail {self.exact_tail:g} even at k = {k}: use {fix} with --smoke, or drop --smoke")
             raise ConfigError(f"{head} with its --selector-options: give it fewer (or drop them) with --smoke, or drop --smoke")

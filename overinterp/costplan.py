@@ -365,6 +365,7 @@ class Knobs:
     selectors: tuple[str, ...] = ()  # --selector: the run's selectors, where switching them is possible
     pixels_per_step: Optional[int] = None  # --pixels-per-step k of the removal selectors
     exact_tail: float = 1.0  # F, kept by a selector switched to bgsis
+    keep_fraction: float = 1.0  # --fraction: the subset whose boundary no k-step crosses
     image_size: Optional[int] = None  # --image-size: square side in pixels (folders and streamed runs)
     min_image_size: int = 1  # the smallest --image-size the run's config accepts
     max_workers: Optional[int] = None  # --max-workers: selection actors
@@ -563,7 +564,7 @@ def reprice(plan: CostPlan, *, selector: Optional[str] = None, pixels_per_step: 
     """
     knobs, sels, trains = plan.knobs, plan.selections, plan.trainings
     if selector is not None:
-        params = selector_params(selector, knobs.pixels_per_step or 1, knobs.exact_tail)
+        params = selector_params(selector, knobs.pixels_per_step or 1, knobs.exact_tail, keep_fraction=knobs.keep_fraction)
         jobs = {(c.model, c.variant, c.split): c.repriced(selector=selector, params=params) for c in sels}
         sels = tuple(jobs.values())  # the run's first selector's jobs (it alone also explains the other variants)
         trains = tuple(t.repriced(trials=t.trials - (t.selections - 1) * t.per_selection, selections=1) if t.selections > 1 else t

@@ -54,7 +54,7 @@ def test_flags_become_the_config():
     assert c.selectors == ("gradient", "captum:InputXGradient") and c.fills == ("road",) and c.exact_tail == 0.1
     assert c.selection_params() == {"gradient": {}, "captum:InputXGradient": {"importance": "signed"}}
     old = config_from_args(build_parser().parse_args(["run", "--selector", "bgsis", "--pixels-per-step", "4", "--exact-tail", "0.5"]))
-    assert old.selectors == ("bgsis",) and old.selection_params() == {"bgsis": {"k": 4, "tail": 0.5}}  # the old flag still works
+    assert old.selectors == ("bgsis",) and old.selection_params() == {"bgsis": {"k": 4, "tail": 0.5, "keep": 0.05}}  # the old flag still works
 
 
 def _flag_help(parser) -> dict:

@@ -1,10 +1,12 @@
-"""The closed-form cost of a selector equals what the engines count, for every (HW, k, F), and for the
-ranking selectors (gradient, ig, occlusion, perturbation) at several sizes and parameters."""
+"""The closed-form cost of a selector equals what the engines count, for every (HW, k, F, kept
+fraction), and for the ranking selectors (gradient, ig, occlusion, perturbation) at several sizes and parameters."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import numpy as np
 
 from overinterp.selection import (
     REMOVAL_SELECTORS,
@@ -14,12 +16,14 @@ from overinterp.selection import (
     planned_backward_passes,
     planned_forward_passes,
     planned_steps,
+    n_keep,
     step_plan,
     tail_pixels,
 )
 from overinterp.selection.cost import planned_passes
 
 TAILS = (1.0, 0.99, 0.5, 0.2, 0.1, 0.05)
+KEEPS = (1.0, 0.3)  # 0.3: a fast stop at the kept boundary for most (HW, k, F) below
 
 
 def linear_logits(x):
@@ -41,23 +45,25 @@ def test_formula_equals_the_counters(h, w, k):
         return linear_logits(x)
 
     for tail in TAILS:
-        seen.update(forward=0, backward=0)
-        bs = backward_selection(counted, images, pixels_per_step=k, exact_tail=tail, config=EngineConfig(chunk=64))
-        assert bs.forward_passes == planned_forward_passes("backselect", hw, k, tail, batch=2), (hw, k, tail)
-        assert seen["forward"] == bs.forward_passes + 2  # the model's real calls: the counted ones and the first prediction of c
-        assert bs.backward_passes == 0 == planned_backward_passes("backselect", hw, k, tail) == seen["backward"]
-        assert list(bs.step_sizes) == step_plan(hw, k, tail) and len(bs.step_sizes) == planned_steps("backselect", hw, k, tail)
-        seen.update(forward=0, backward=0)
-        g = batched_gradient_sis(counted, images, pixels_per_step=k, exact_tail=tail, engine=EngineConfig(chunk=64))
-        assert g.forward_passes == planned_forward_passes("bgsis", hw, k, tail, batch=2), (hw, k, tail)
-        assert seen["forward"] == g.forward_passes + 2
-        assert g.backward_passes == planned_backward_passes("bgsis", hw, k, tail, batch=2) == seen["backward"]
-        assert list(g.step_sizes) == step_plan(hw, k, tail) and len(g.step_sizes) == planned_steps("bgsis", hw, k, tail)
+        for keep in KEEPS:
+            seen.update(forward=0, backward=0)
+            bs = backward_selection(counted, images, pixels_per_step=k, exact_tail=tail, keep_fraction=keep, config=EngineConfig(chunk=64))
+            assert bs.forward_passes == planned_forward_passes("backselect", hw, k, tail, batch=2, keep_fraction=keep), (hw, k, tail, keep)
+            assert seen["forward"] == bs.forward_passes + 2  # the model's real calls: the counted ones and the first prediction of c
+            assert bs.backward_passes == 0 == planned_backward_passes("backselect", hw, k, tail, keep_fraction=keep) == seen["backward"]
+            assert list(bs.step_sizes) == step_plan(hw, k, tail, keep)
+            assert len(bs.step_sizes) == planned_steps("backselect", hw, k, tail, keep)
+            seen.update(forward=0, backward=0)
+            g = batched_gradient_sis(counted, images, pixels_per_step=k, exact_tail=tail, keep_fraction=keep, engine=EngineConfig(chunk=64))
+            assert g.forward_passes == planned_forward_passes("bgsis", hw, k, tail, batch=2, keep_fraction=keep), (hw, k, tail, keep)
+            assert seen["forward"] == g.forward_passes + 2
+            assert g.backward_passes == planned_backward_passes("bgsis", hw, k, tail, batch=2, keep_fraction=keep) == seen["backward"]
+            assert list(g.step_sizes) == step_plan(hw, k, tail, keep) and len(g.step_sizes) == planned_steps("bgsis", hw, k, tail, keep)
 
 
-def _passes_by_summing(selector, hw, k, tail):
+def _passes_by_summing(selector, hw, k, tail, keep):
     """The twin of the closed form: walk the plan step by step."""
-    plan, n = step_plan(hw, k, tail), tail_pixels(hw, tail)
+    plan, n = step_plan(hw, k, tail, keep), tail_pixels(hw, tail)
     remaining, total = hw, 0
     for i, size in enumerate(plan):
         gradient = selector == "bgsis" and i < len(plan) - n
@@ -68,14 +74,19 @@ def _passes_by_summing(selector, hw, k, tail):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(1, 5000), st.integers(1, 300), st.one_of(st.just(1.0), st.floats(1e-6, 1.0)))
-def test_closed_form_equals_the_sum_over_the_plan(hw, k, tail):
-    plan = step_plan(hw, k, tail)
+@given(st.integers(1, 5000), st.integers(1, 300), st.one_of(st.just(1.0), st.floats(1e-6, 1.0)),
+       st.one_of(st.just(1.0), st.floats(1e-6, 1.0)))
+def test_closed_form_equals_the_sum_over_the_plan(hw, k, tail, keep):
+    plan = step_plan(hw, k, tail, keep)
     n = tail_pixels(hw, tail)
     assert sum(plan) == hw and plan[len(plan) - n :] == [1] * n and all(1 <= s <= k for s in plan)
+    ends = set(hw - np.cumsum([0] + plan))  # pixels remaining after each step
+    assert n_keep(keep, hw) in ends  # the kept subset is whole steps
+    assert len(plan) - len(step_plan(hw, k, tail)) in (0, 1)  # at most one step more
     for selector in REMOVAL_SELECTORS:
-        assert planned_forward_passes(selector, hw, k, tail) == _passes_by_summing(selector, hw, k, tail)
-        assert planned_forward_passes(selector, hw, k, tail, batch=3) == 3 * planned_forward_passes(selector, hw, k, tail)
+        assert planned_forward_passes(selector, hw, k, tail, keep_fraction=keep) == _passes_by_summing(selector, hw, k, tail, keep)
+        assert (planned_forward_passes(selector, hw, k, tail, batch=3, keep_fraction=keep)
+                == 3 * planned_forward_passes(selector, hw, k, tail, keep_fraction=keep))
 
 
 def test_known_costs():
@@ -96,6 +107,17 @@ def test_tail_boundary():
     assert step_plan(16, 3) == [3, 3, 3, 3, 3, 1]  # F = 1: today's plan
     assert step_plan(16, 5, 0.25) == [5, 5, 2, 1, 1, 1, 1]  # the last k-step shrinks to land on the tail
     assert step_plan(16, 4, 0.999) == [1] * 16  # ceil(0.999 * 16) = 16: everything exact
+
+
+def test_no_fast_step_crosses_the_kept_boundary():
+    assert step_plan(10, 4) == [4, 4, 2] and step_plan(10, 4, keep_fraction=0.3) == [4, 3, 3]  # 3 kept: a step ends at 3 left
+    assert step_plan(16, 5, 0.25, keep_fraction=0.1) == [5, 5, 2, 1, 1, 1, 1]  # 2 kept lie in the exact tail: no stop
+    assert step_plan(16, 4, keep_fraction=0.25) == [4, 4, 4, 4] and step_plan(16, 1, keep_fraction=0.3) == [1] * 16  # on a step's end; k = 1
+    # the ImageNet preset (BGSIS k = 100, 10% kept) at 224 px: 5,018 kept, one step more than without the stop
+    # 45,158 removed before it: 451 steps of 100 and one of 58; the 5,018 kept: 50 of 100 and one of 18
+    assert step_plan(224 * 224, 100, keep_fraction=0.1) == [100] * 451 + [58] + [100] * 50 + [18]
+    assert planned_steps("bgsis", 224 * 224, 100, keep_fraction=0.1) == 503
+    assert planned_steps("bgsis", 224 * 224, 100) == 502
 
 
 def test_bad_plan_arguments():
@@ -186,5 +208,5 @@ def test_bad_ranking_arguments():
         planned_passes("ig", 16, {"steps": 4})
     with pytest.raises(ValueError, match="time a few images"):
         planned_passes("captum:InputXGradient", 16)
-    with pytest.raises(ValueError, match="backselect takes k and tail"):
+    with pytest.raises(ValueError, match="backselect takes k, tail and keep"):
         planned_passes("backselect", 16, {"k": 2, "seed": 1})

@@ -11,6 +11,7 @@ from overinterp.selection import (
     planned_backward_passes,
     planned_forward_passes,
     run_selector,
+    selector_params,
     selector_tag,
 )
 from test_selection import LinearScore
@@ -84,6 +85,24 @@ def test_dispatch_and_tags():
     assert selector_tag("bgsis", {"k": 100}) == "bgsis-k100"
     with pytest.raises(ValueError, match="unknown selector .random."):
         run_selector("random", model, x, {"k": 1})
+
+
+@pytest.mark.parametrize("name", ["bgsis", "backselect"])
+def test_the_kept_subset_is_whole_steps_the_selector_chose(name):
+    # 4x4, k = 5, 25% kept (4 pixels): without a stop at the boundary the steps are (5, 5, 5, 1) and
+    # the subset would take the 3 highest pixel ids of the third step; with it, (5, 5, 2, 4)
+    from overinterp.store import steps_to_keep
+    from overinterp.store.format import encode_steps
+
+    model = TinyConvNet(channels=1).eval()
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    params = selector_params(name, 5, options=None, keep_fraction=0.25)
+    assert params == {"k": 5, "keep": 0.25} and selector_tag(name, params) == f"{name}-k5"  # the fraction is no part of the tag
+    res = run_selector(name, model, x, params)
+    assert res.step_sizes == (5, 5, 2, 4)
+    steps = encode_steps(res.order.numpy(), res.step_sizes)
+    kept = steps_to_keep(steps, 0.25)
+    assert (kept == (steps == 3)).all() and kept.sum(1).tolist() == [4, 4, 4]  # exactly the last step's pixels
 
 
 # --- exact tail -----------------------------------------------------------------------------

@@ -4,8 +4,8 @@ Each selector's rows are named in the Parquet store by its name and parameters (
 params.py holds the one list of selectors and says which module implements each.
 
 Layout, each module importing only those above it:
-- params.py — the one list of selectors, their names, parameters, k/F checks and store tags (no torch);
-- cost.py — the passes each selector plans, in closed form (no torch);
+- params.py — the one list of selectors, their names, parameters, k/F/fraction checks and store tags (no torch);
+- cost.py — the passes each selector plans, in closed form, and the pixel counts they rest on (no torch);
 - engine.py — what the engines share: SelectionResult, EngineConfig, the Scorer and its chunk sizing;
 - backselect.py, gradient.py, ranking.py, attribution.py, perturbation.py — one per selector;
 - dispatch.py — run_selector, every model selector by name;
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 
-from overinterp.selection.cost import planned_backward_passes, planned_forward_passes, planned_passes, planned_steps, tail_pixels
+from overinterp.selection.cost import n_keep, planned_backward_passes, planned_forward_passes, planned_passes, planned_steps, tail_pixels
 from overinterp.selection.params import (
     ATTRIBUTION_METHODS, CAPTUM_PREFIX, DEFAULT_EXACT_TAIL, MODEL_SELECTORS, RANDOM, RANKING_SELECTORS, REMOVAL_SELECTORS, SELECTORS,
     PerturbationParams, check_selector_args, check_selector_name, check_selector_params, is_model_selector, params_json,
@@ -34,7 +34,7 @@ _LAZY = {
     "attribution_selection": "attribution",
     "meaningful_perturbation": "perturbation",
     "run_selector": "dispatch",
-    **dict.fromkeys(("NO_SIS", "apply_mask", "keep_mask", "n_keep", "random_order", "sis_mask", "sis_size", "tail_mask"),
+    **dict.fromkeys(("NO_SIS", "apply_mask", "keep_mask", "random_order", "sis_mask", "sis_size", "tail_mask"),
                     "subsets"),
 }
 

@@ -29,21 +29,28 @@ from typing import Optional
 
 import torch
 
-from overinterp.selection.cost import tail_pixels
+from overinterp.selection.cost import fast_stops, tail_pixels
 from overinterp.selection.engine import (EngineConfig, ForwardFunc, PassesFunc, Scorer, SelectionResult, check_images,
                                         explained_class, score_candidates)
 from overinterp.selection.params import check_selector_args
 
 
-def step_plan(hw: int, pixels_per_step: int, exact_tail: float = 1.0) -> list[int]:
-    """Pixels removed at each step, in order: the fast steps (k each, the last one shrunk so that
-    exactly `tail_pixels` remain), then the exact tail (1 each). Sums to hw.
+def step_plan(hw: int, pixels_per_step: int, exact_tail: float = 1.0, keep_fraction: float = 1.0) -> list[int]:
+    """Pixels removed at each step, in order: the fast steps (k each, shrunk where one would cross
+    a fast stop: the kept subset's boundary, then exactly `tail_pixels` remaining; cost.fast_stops),
+    then the exact tail (1 each). Sums to hw.
 
-    With F = 1 there is no tail: min(k, remaining) per step to the end.
+    With F = 1 there is no tail: min(k, remaining) per step to the end. Examples:
+    step_plan(10, 4) = [4, 4, 2]; step_plan(10, 4, keep_fraction=0.3) = [4, 3, 3] (3 pixels kept:
+    a step ends with 3 remaining).
     """
     n = tail_pixels(hw, exact_tail)
-    q, r = divmod(hw - n, pixels_per_step)
-    return [pixels_per_step] * q + ([r] if r else []) + [1] * n
+    plan, remaining = [], hw
+    for stop in fast_stops(hw, n, keep_fraction):
+        q, r = divmod(remaining - stop, pixels_per_step)
+        plan += [pixels_per_step] * q + ([r] if r else [])
+        remaining = stop
+    return plan + [1] * n
 
 
 def _score_step(scorer: Scorer, x_nhwc: torch.Tensor, remaining: torch.Tensor, target: torch.Tensor, shape,
@@ -71,6 +78,7 @@ def backward_selection(
     *,
     pixels_per_step: int = 1,
     exact_tail: float = 1.0,
+    keep_fraction: float = 1.0,
     config: EngineConfig = EngineConfig(),
     target: Optional[torch.Tensor] = None,
     max_steps: Optional[int] = None,
@@ -84,6 +92,8 @@ def backward_selection(
         exact_tail: F in (0, 1]. F < 1: remove k per step until ceil(F·HW) pixels remain (the last
             k-step shrunk to land there), then exact BS (k = 1) to the end. F = 1 (default): k per
             step to the end — bit for bit the selector without this option. See selection/cost.py.
+        keep_fraction: the subset the run keeps (--fraction); no k-step crosses its boundary, so the
+            subset is whole steps (1: no such stop; no effect at k = 1). See selection/cost.py.
         config: chunking, memory format, autocast and compile (see EngineConfig).
         max_steps: for benchmarks — stop after this many steps; order is -1 and curve NaN beyond.
 
@@ -92,7 +102,7 @@ def backward_selection(
         images the model evaluated (`planned_forward_passes` gives it in advance).
     """
     check_images(images)
-    check_selector_args(pixels_per_step, exact_tail)
+    check_selector_args(pixels_per_step, exact_tail, keep_fraction)
     device = images.device
     B, C, H, W = images.shape
     HW = H * W
@@ -104,7 +114,7 @@ def backward_selection(
         probs = scorer.probs(scorer.layout(images))
         target, confidence, pred = explained_class(probs, target)
         remaining = torch.arange(HW, device=device).expand(B, HW).clone()  # (B, R) ascending pixel ids
-        plan = step_plan(HW, pixels_per_step, exact_tail)
+        plan = step_plan(HW, pixels_per_step, exact_tail, keep_fraction)
         passes, sizes = run_steps(scorer, x, remaining, target, order, curve, 0, plan[:max_steps], (C, H, W), on_passes)
     return SelectionResult(order, curve, pred, confidence, passes, sizes)
 

@@ -24,10 +24,12 @@ def run_selector(name: str, forward, images, params: dict, engine: EngineConfig 
     """
     check_selector_name(name)
     if name in REMOVAL_SELECTORS:
-        k, tail = removal_args(name, params)
+        k, tail, keep = removal_args(name, params)
         if name == "backselect":
-            return backward_selection(forward, images, pixels_per_step=k, exact_tail=tail, config=engine, on_passes=on_passes)
-        return batched_gradient_sis(forward, images, pixels_per_step=k, exact_tail=tail, engine=engine, on_passes=on_passes)
+            return backward_selection(forward, images, pixels_per_step=k, exact_tail=tail, keep_fraction=keep, config=engine,
+                                      on_passes=on_passes)
+        return batched_gradient_sis(forward, images, pixels_per_step=k, exact_tail=tail, keep_fraction=keep, engine=engine,
+                                    on_passes=on_passes)
     resolved = check_selector_params(name, params)
     if name == "perturbation":
         seed = resolved.pop("seed")

@@ -41,6 +41,7 @@ def batched_gradient_sis(
     *,
     pixels_per_step: int = 100,
     exact_tail: float = 1.0,
+    keep_fraction: float = 1.0,
     engine: EngineConfig = EngineConfig(),
     target: Optional[torch.Tensor] = None,
     max_steps: Optional[int] = None,
@@ -54,6 +55,8 @@ def batched_gradient_sis(
         exact_tail: F in (0, 1]. F < 1: gradient steps until ceil(F·HW) pixels remain (the last
             one shrunk to land there), then exact backward selection on those pixels (the BS
             engine, one pixel per step) to the end. F = 1 (default): gradient steps to the end.
+        keep_fraction: the subset the run keeps (--fraction); no gradient step crosses its boundary,
+            so the subset is whole steps (1: no such stop). See selection/cost.py.
         engine: how the exact tail runs (chunking, memory format; see EngineConfig). Unused at F = 1.
         max_steps: for benchmarks — stop after this many steps, gradient and exact together
             (order -1 / curve NaN beyond).
@@ -65,11 +68,11 @@ def batched_gradient_sis(
         backward_passes = images x gradient steps (selection/cost.py gives both in advance).
     """
     check_images(images)
-    check_selector_args(pixels_per_step, exact_tail)
+    check_selector_args(pixels_per_step, exact_tail, keep_fraction)
     B, C, H, W = images.shape
     HW = H * W
     device = images.device
-    full_plan = step_plan(HW, pixels_per_step, exact_tail)
+    full_plan = step_plan(HW, pixels_per_step, exact_tail, keep_fraction)
     n_gradient = len(full_plan) - tail_pixels(HW, exact_tail)  # the tail's steps are one pixel each
     plan = full_plan[:max_steps]
     gradient_plan, tail_plan = plan[:n_gradient], plan[n_gradient:]

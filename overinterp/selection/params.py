@@ -4,8 +4,9 @@ Pure Python (no torch, so configuration and planning import it cheaply); Captum 
 check that a "captum:<ClassName>" names a class of captum.attr.
 
 Selectors:
-- REMOVAL_SELECTORS remove pixels step by step and take k (pixels per step) and the exact tail F:
-  "backselect" (backselect.py) and "bgsis" (gradient.py);
+- REMOVAL_SELECTORS remove pixels step by step and take k (pixels per step), the exact tail F and
+  the subset fraction whose boundary no step crosses: "backselect" (backselect.py) and "bgsis"
+  (gradient.py);
 - RANKING_SELECTORS rank the pixels once, then score the p(c) curve of that ranking (ranking.py):
   "perturbation" (perturbation.py) and the attribution methods "gradient", "ig", "occlusion"
   (attribution.py), whose parameters have defaults here (`check_selector_params`);
@@ -65,13 +66,16 @@ def check_selector_name(name: str) -> None:
         captum_class(name)
 
 
-def check_selector_args(pixels_per_step, exact_tail) -> None:
-    """A one-line ValueError unless k is an integer >= 1 and F a number in (0, 1] (before any model call)."""
+def check_selector_args(pixels_per_step, exact_tail, keep_fraction=1.0) -> None:
+    """A one-line ValueError unless k is an integer >= 1, and F and the kept fraction numbers in
+    (0, 1] (before any model call)."""
     k = pixels_per_step
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"--pixels-per-step must be an integer >= 1, got {k!r} (1 is exact backward selection)")
     if isinstance(exact_tail, bool) or not isinstance(exact_tail, numbers.Real) or not 0.0 < exact_tail <= 1.0:
         raise ValueError(f"--exact-tail must be in (0, 1], got {exact_tail!r} (0.1 keeps the last 10% exact; 1 turns the exact tail off)")
+    if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, numbers.Real) or not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"--fraction must be in (0, 1], got {keep_fraction!r} (0.05 keeps 5% of the pixels)")
 
 
 # The ranking selectors' parameters
@@ -207,10 +211,13 @@ def check_selector_params(name: str, params: Optional[dict] = None) -> dict:
                      f"or {CAPTUM_PREFIX}<ClassName> (a class of captum.attr, e.g. captum:InputXGradient)")
 
 
-def selector_params(name: str, pixels_per_step: int = 1, exact_tail: float = 1.0, options: dict | None = None) -> dict:
+def selector_params(name: str, pixels_per_step: int = 1, exact_tail: float = 1.0, options: dict | None = None,
+                    keep_fraction: float = 1.0) -> dict:
     """The parameters a model selector's rows are stored with (and tagged by, see selector_tag).
 
-    backselect / bgsis: {"k": k}, plus {"tail": F} when F < 1 (`options` must be empty). Ranking
+    backselect / bgsis: {"k": k}, plus {"tail": F} when F < 1 and {"keep": the run's --fraction}
+    when it is below 1 (`options` must be empty): no k-step crosses the boundary of the subset the
+    run keeps, so the subset is whole steps, chosen by the selector (see cost.fast_stops). Ranking
     selectors: their resolved parameters (defaults filled in from `options`). Validates everything
     before any model work (one-line ValueError naming the fix).
     """
@@ -218,23 +225,25 @@ def selector_params(name: str, pixels_per_step: int = 1, exact_tail: float = 1.0
     if name in REMOVAL_SELECTORS:
         if options:
             raise ValueError(f"{name} takes --pixels-per-step and --exact-tail, not {', '.join(sorted(options))}")
-        check_selector_args(pixels_per_step, exact_tail)
+        check_selector_args(pixels_per_step, exact_tail, keep_fraction)
         params = {"k": int(pixels_per_step)}
         if exact_tail < 1:
             params["tail"] = float(exact_tail)
+        if keep_fraction < 1:
+            params["keep"] = float(keep_fraction)
         return params
     return check_selector_params(name, options)
 
 
-def removal_args(name: str, params: Optional[dict]) -> tuple[int, float]:
-    """(k, F) from a removal selector's stored parameters ({"k": k, "tail": F}; k 1 and F 1 when
-    absent), checked; a one-line ValueError for any other key."""
+def removal_args(name: str, params: Optional[dict]) -> tuple[int, float, float]:
+    """(k, F, kept fraction) from a removal selector's stored parameters ({"k": k, "tail": F,
+    "keep": fraction}; 1 each when absent), checked; a one-line ValueError for any other key."""
     params = dict(params or {})
-    k, tail = params.pop("k", 1), params.pop("tail", 1.0)
+    k, tail, keep = params.pop("k", 1), params.pop("tail", 1.0), params.pop("keep", 1.0)
     if params:
-        raise ValueError(f"unknown {name} parameter(s) {', '.join(sorted(params))}: {name} takes k and tail")
-    check_selector_args(k, tail)
-    return k, tail
+        raise ValueError(f"unknown {name} parameter(s) {', '.join(sorted(params))}: {name} takes k, tail and keep")
+    check_selector_args(k, tail, keep)
+    return k, tail, keep
 
 
 # Tags: the store names a selector's rows by its name and parameters
@@ -268,11 +277,13 @@ def selector_tag(name: str, params: dict) -> str:
     backselect (exact), backselect-k4, backselect-k16-tail0.1, bgsis-k100, bgsis-k100-tail0.05,
     random-seed0, gradient, ig-n50, occlusion-window3, perturbation-it300, captum_InputXGradient.
     A tail of 1 (off) is left out, so tags of runs without an exact tail carry none; backselect
-    with k = 1 is exact whatever its tail (every step removes one pixel): "backselect". Ranking
-    selectors carry their short parameters (`selector_tag_params`).
+    with k = 1 is exact whatever its tail (every step removes one pixel): "backselect". The kept
+    fraction is left out: it is one of the settings an output folder refuses to change
+    (RunConfig.fingerprint), so a store never holds two. Ranking selectors carry their short
+    parameters (`selector_tag_params`).
     """
     if name == RANDOM or name in REMOVAL_SELECTORS:
-        params = {key: v for key, v in params.items() if not (key == "tail" and v == 1)}
+        params = {key: v for key, v in params.items() if not (key == "tail" and v == 1) and key != "keep"}
         if name == "backselect" and params.get("k", 1) == 1:
             return "backselect"
         return name + "".join(f"-{k}{v}" for k, v in sorted(params.items()))

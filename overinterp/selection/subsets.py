@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from overinterp.selection.cost import n_keep
 from overinterp.selection.engine import ranks
 
 NO_SIS = -1  # sis_size for an image whose unmasked confidence is below tau
@@ -35,11 +34,6 @@ def sis_size(curve: torch.Tensor, confidence: torch.Tensor, tau: float) -> torch
 def tail_mask(order: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Boolean (B, HW) mask of the last sizes[b] removed pixels of each image (0 or less: empty)."""
     return ranks(order) >= (order.shape[1] - sizes.clamp(min=0))[:, None]
-
-
-def n_keep(frac: float, hw: int) -> int:
-    """ceil(frac * HW) pixels: 52 of 1,024 at the paper's 5%."""
-    return math.ceil(frac * hw - 1e-9)
 
 
 def keep_mask(order: torch.Tensor, frac: float) -> torch.Tensor:
