@@ -19,7 +19,7 @@ from overinterp.models import (
 )
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "resnet20", "resnet18", "vgg16_bn"])
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet20", "resnet18", "vgg16_bn", "wrn28_10"])
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)])
 def test_small_models_shapes(name, shape):
     torch.manual_seed(0)
@@ -33,6 +33,19 @@ def test_resnet20_has_option_a_shortcuts_and_paper_size():
     n_params = sum(p.numel() for p in m.parameters())
     assert 0.26e6 < n_params < 0.28e6  # the CIFAR ResNet20 has ~0.27M parameters
     assert not any(isinstance(x, torch.nn.Conv2d) and x.kernel_size == (1, 1) for x in m.modules())
+
+
+def test_wrn28_10_has_the_papers_shape():
+    m = create_model("wrn28_10", 10)
+    n_params = sum(p.numel() for p in m.parameters())
+    assert 36.4e6 < n_params < 36.6e6  # WRN-28-10 has ~36.5M parameters (Zagoruyko & Komodakis, Table 1)
+    blocks = [b for b in m.modules() if type(b).__name__ == "WideBlock"]
+    assert len(blocks) == 12 and [b.conv2.out_channels for b in blocks[::4]] == [160, 320, 640]  # 4 blocks per group
+    assert all(b.dropout.p == 0.3 for b in blocks)
+    m.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x), m(x))  # dropout is off at evaluation: selection sees one model
 
 
 def test_unknown_model_names_the_fix():
@@ -69,10 +82,25 @@ def test_small_model_with_local_weights_bare_or_in_a_checkpoint(tmp_path):
         dst = create_model("digits_cnn", num_classes=4, in_channels=3, weights=str(tmp_path / name)).eval()
         with torch.no_grad():
             assert torch.equal(src(x), dst(x)), name
-    with pytest.raises(ModelError, match="does not fit digits_cnn with 5 classes"):
+    with pytest.raises(ModelError, match=r"does not fit digits_cnn with 5 classes \(other shapes for fc.weight, fc.bias\)"):
         create_model("digits_cnn", num_classes=5, weights=str(tmp_path / "bare.pt"))
     with pytest.raises(ModelError, match="digits_cnn has no named weights: give --weights a state_dict file"):
         create_model("digits_cnn", num_classes=4, weights="DEFAULT")
+
+
+def test_weights_that_do_not_fit_or_load_say_what_and_how(tmp_path):
+    torch.save(create_model("resnet20", num_classes=4).state_dict(), tmp_path / "resnet20.pt")
+    with pytest.raises(ModelError) as e:
+        create_model("digits_cnn", num_classes=4, in_channels=3, weights=str(tmp_path / "resnet20.pt"))
+    text = str(e.value)
+    assert "(missing conv1.weight, conv1.bias, conv2.weight and 1 more; unexpected stem.0.weight, stem.1.weight, stem.1.bias and 111 more;" in text
+    assert "give the state_dict of a digits_cnn with 4 classes" in text
+    (tmp_path / "notes.pt").write_text("not a torch file")
+    with pytest.raises(ModelError) as e:
+        create_model("digits_cnn", num_classes=4, weights=str(tmp_path / "notes.pt"))
+    assert "save model.state_dict() with torch.save" in str(e.value) and "weights_only" not in str(e.value)
+    with pytest.raises(ModelError, match="are ResNet50_Weights, not resnet18's: give one of ResNet18_Weights's"):
+        create_model("tv:resnet18", num_classes=1000, weights="ResNet50_Weights.IMAGENET1K_V2")  # refused before any download
 
 
 def test_input_dropout_train_drops_whole_pixels_eval_is_identity():

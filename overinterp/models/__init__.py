@@ -15,13 +15,14 @@ import torch
 import torch.nn as nn
 
 from overinterp import fs
-from overinterp.models.cifar import DigitsCNN, resnet18, resnet20, vgg16_bn
+from overinterp.models.cifar import DigitsCNN, resnet18, resnet20, vgg16_bn, wrn28_10
 
 SMALL_MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": DigitsCNN,
     "resnet20": resnet20,
     "resnet18": resnet18,
     "vgg16_bn": vgg16_bn,
+    "wrn28_10": wrn28_10,
 }
 TORCHVISION_PREFIX = "tv:"
 
@@ -79,6 +80,10 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, weights: str
         enum = tvm.get_weight(weights) if "." in weights else tvm.get_model_weights(tv_name)[weights]
     except (KeyError, ValueError, AttributeError) as e:
         raise ModelError(f"--weights {weights!r} is neither a file nor a torchvision weights name for {tv_name}") from e
+    own = tvm.get_model_weights(tv_name)
+    if type(enum) is not own:  # ResNet50_Weights.* for a resnet18 would load and fail, or download for nothing
+        raise ModelError(f"--weights {weights} are {type(enum).__name__}, not {tv_name}'s: give one of {own.__name__}'s "
+                         f"({', '.join(w.name for w in own)}) or DEFAULT")
     if num_classes != len(enum.meta["categories"]):
         n = len(enum.meta["categories"])
         raise ModelError(f"--weights {weights} ({enum}) predict {n} classes, the data set has {num_classes}: give --weights a "
@@ -92,14 +97,25 @@ def _load_state_dict(model: nn.Module, weights: str, name: str, num_classes: int
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)  # never runs code from the file
     except Exception as e:  # not a torch file, or one holding more than tensors (an unpickling error)
-        raise ModelError(f"--weights {weights} is not a state_dict file torch can load safely "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): save model.state_dict() with torch.save") from e
+        # torch's own text advises weights_only=False, which would run the file's code: not repeated
+        raise ModelError(f"--weights {weights} is not a state_dict file torch can load safely ({type(e).__name__}): "
+                         "save model.state_dict() with torch.save") from e
     if not isinstance(state, dict):
         raise ModelError(f"--weights {weights} holds a {type(state).__name__}, not a state_dict: save model.state_dict() with torch.save")
-    try:
-        model.load_state_dict(state.get("state_dict", state))
-    except RuntimeError as e:
-        raise ModelError(f"--weights {weights} does not fit {name} with {num_classes} classes: {str(e).splitlines()[0]}") from e
+    state = state.get("state_dict", state)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        def few(keys: list) -> str:
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+        found = "; ".join(part for part in (f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+                                            f"other shapes for {few(wrong)}" if wrong else "") if part)
+        raise ModelError(f"--weights {weights} does not fit {name} with {num_classes} classes ({found}): give the state_dict of a "
+                         f"{name} with {num_classes} classes (torch.save(model.state_dict(), FILE))")
+    model.load_state_dict(state)
     return model
 
 

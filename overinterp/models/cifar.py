@@ -4,6 +4,8 @@
 - resnet20: He et al.'s CIFAR ResNet with "option A" shortcuts (strided subsample + zero channels).
 - resnet18: the CIFAR form — 3x3 stride-1 stem, no max-pool, BasicBlocks [2, 2, 2, 2].
 - vgg16_bn: VGG16 with batch norm and a single linear classifier (512 -> classes).
+- wrn28_10: Zagoruyko & Komodakis's Wide ResNet, depth 28, width 10 (pre-activation blocks, dropout
+  0.3 between their convolutions, as the paper's code trains it); ~36.5M parameters.
 """
 
 from __future__ import annotations
@@ -116,3 +118,45 @@ class VGG(nn.Module):
 
 def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> VGG:
     return VGG(VGG16_CFG, num_classes, in_channels)
+
+
+class WideBlock(nn.Module):
+    """Pre-activation block: BN-ReLU-conv3x3, BN-ReLU, dropout, conv3x3; a 1x1 projection where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.bn1(x))
+        out = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(pre)))))
+        # the projection sees the pre-activated input, the identity the raw one (Zagoruyko & Komodakis)
+        return out + (x if isinstance(self.shortcut, nn.Identity) else self.shortcut(pre))
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth: int, width: int, dropout: float, num_classes: int, in_channels: int):
+        super().__init__()
+        n = (depth - 4) // 6  # blocks per group: 4 at depth 28
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)]
+        cin = widths[0]
+        for group, w in enumerate(widths[1:]):
+            for j in range(n):
+                layers.append(WideBlock(cin, w, 2 if group > 0 and j == 0 else 1, dropout))
+                cin = w
+        self.features = nn.Sequential(*layers, nn.BatchNorm2d(cin), nn.ReLU())
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+def wrn28_10(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
+    return WideResNet(28, 10, 0.3, num_classes, in_channels)
