@@ -56,14 +56,21 @@ def sgd(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.SGD, torch.o
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=config.gamma)
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding (0 = mean colour) and horizontal flip, per image.
+def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4, border: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """Random crop with padding and horizontal flip, per image.
 
     x: (B, C, H, W) normalised and already masked, so any mask moves with its image.
+    border: (C,) value of the padding in normalised units: `black(mean, std)` for full images (the
+        paper's RandomCrop pads the photo with black before normalising); None: 0, which is how a
+        subset's removed pixels look, so the padding of a subset image is removed pixels too.
     """
     B, C, H, W = x.shape
     dev = x.device
-    xp = F.pad(x, (pad, pad, pad, pad))
+    if border is None:
+        xp = F.pad(x, (pad, pad, pad, pad))
+    else:
+        xp = torch.as_tensor(border, dtype=x.dtype, device=dev).view(1, C, 1, 1).repeat(B, 1, H + 2 * pad, W + 2 * pad)
+        xp[:, :, pad : pad + H, pad : pad + W] = x
     oy = torch.randint(0, 2 * pad + 1, (B,), generator=gen).to(dev)
     ox = torch.randint(0, 2 * pad + 1, (B,), generator=gen).to(dev)
     flip = (torch.rand(B, generator=gen) < 0.5).to(dev)
@@ -73,6 +80,11 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.
     b = torch.arange(B, device=dev)[:, None, None]
     out = xp.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def black(mean: Sequence[float], std: Sequence[float]) -> tuple[float, ...]:
+    """(C,) a black pixel (0 in uint8) after normalisation: -mean / std per channel."""
+    return tuple(-m / s for m, s in zip(mean, std))
 
 
 # How the pixels outside a subset look to a model: "mean" — 0 after normalisation, the data set's
@@ -141,7 +153,7 @@ def train_model(
                 continue  # BatchNorm cannot train on one image; the shuffle drops a different one each epoch
             x = prepare(images[idx], mean, std, None if keep is None else keep[idx], fill, generator=noise_gen)
             if config.augment:
-                x = augment_batch(x, gen)
+                x = augment_batch(x, gen, border=black(mean, std) if keep is None else None)
             loss = F.cross_entropy(model(x), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -87,6 +87,10 @@ SUMMARY = {
 def test_sis_table_rows():
     lines = sis_table(SUMMARY).splitlines()
     assert lines[2:] == ["| cnn | plain | 90.0 | 3 (4.7%) | 1 / 2 |", "| cnn | mean ensemble | – | – | 0 / 2 |"]
+    dropout = {"label": "input dropout p=0.2 (seed 0)", "n_with_sis": 1, "n_images": 2, "median_size": 5.0, "median_fraction": 5 / 64}
+    with_dropout = sis_table({**SUMMARY, "sis": {"cnn": {**SUMMARY["sis"]["cnn"], "input_dropout": dropout}}}).splitlines()
+    assert with_dropout[4] == "| cnn | input dropout p=0.2 (seed 0) | – | 5 (7.8%) | 1 / 2 |"
+    assert with_dropout[-1].startswith("Input dropout masks pixels in training only") and len(with_dropout) == len(lines) + 3
 
 
 def test_summary_markdown_embeds_plots():

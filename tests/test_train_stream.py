@@ -114,3 +114,24 @@ def test_a_one_worker_trial_goes_on_from_its_last_epoch_state(ray_session, tmp_p
     # the same seeds and batches in the same order: the resumed trial ends where the uninterrupted one does
     assert resumed["losses"] == pytest.approx(whole["losses"]) and resumed["accuracy"] == whole["accuracy"]
     assert not os.path.exists(state) and os.path.exists(resumed["checkpoint"])
+
+
+def test_a_streamed_batch_is_filled_per_image_id_as_in_memory():
+    """Evaluation fills each image's removed pixels (ROAD) from its own id, as the in-memory
+    evaluation does from its index: the same fill alone or in any batch; training draws the noise
+    from the epoch's generator, the same again from the same seed."""
+    from overinterp.pipeline.train_stream import model_inputs
+    from overinterp.training import prepare
+
+    g = torch.Generator().manual_seed(0)
+    hw, mean, std = SIZE * SIZE, (0.5,) * 3, (0.25,) * 3
+    images = torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+    keep = torch.rand(4, hw, generator=g) < 0.3
+    batch = {"image": images, "image_id": torch.tensor([7, 2, 5, 0]), MASK_COLUMN: torch.from_numpy(np.packbits(keep.numpy(), axis=1))}
+    x = model_inputs(batch, mean, std, hw, "road")
+    assert torch.equal(x, prepare(images, mean, std, keep, "road", seeds=[7, 2, 5, 0]))
+    assert torch.equal(model_inputs({k: v[2:3] for k, v in batch.items()}, mean, std, hw, "road")[0], x[2])
+    assert not torch.equal(x, prepare(images, mean, std, keep, "road", seeds=[0, 1, 2, 3]))  # the id, not the place in the batch
+    a, b = (model_inputs(batch, mean, std, hw, "road", generator=torch.Generator().manual_seed(1)) for _ in range(2))
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    assert torch.equal(model_inputs(batch, mean, std, hw, "mean"), prepare(images, mean, std, keep, "mean"))

@@ -6,7 +6,7 @@ import torch
 from overinterp.data import load_digits
 from overinterp.models import build, ModelSpec
 from overinterp.selection import apply_mask
-from overinterp.training import TrainConfig, augment_batch, evaluate, prepare, train_model
+from overinterp.training import TrainConfig, augment_batch, black, evaluate, prepare, train_model
 
 
 def test_augmentation_moves_the_mask_with_the_image():
@@ -26,6 +26,29 @@ def test_augmentation_is_a_padded_crop_or_its_mirror():
     for b in range(8):
         windows = [padded[b, :, i : i + 5, j : j + 5] for i in range(5) for j in range(5)]
         assert any(torch.equal(out[b], w) or torch.equal(out[b], w.flip(2)) for w in windows)
+
+
+def test_full_images_are_padded_black_and_subsets_with_removed_pixels(monkeypatch):
+    mean, std = (0.5, 0.25), (0.25, 0.5)
+    assert black(mean, std) == (-2.0, -0.5)  # uint8 0 normalised
+    x = torch.randn(8, 2, 5, 5, dtype=torch.float64)
+    out = augment_batch(x, torch.Generator().manual_seed(1), pad=2, border=black(mean, std))
+    padded = torch.stack([torch.nn.functional.pad(x[:, c], (2, 2, 2, 2), value=v) for c, v in enumerate(black(mean, std))], 1)
+    for b in range(8):  # the same crop as a photo padded with black before normalising
+        windows = [padded[b, :, i : i + 5, j : j + 5] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[b], w) or torch.equal(out[b], w.flip(2)) for w in windows)
+    assert (out[:, 0] == -2.0).any() and (out[:, 1] == -0.5).any()  # some crops show the padding
+    # train_model pads a full image black, a subset's with 0 (removed pixels), whatever its fill
+    import overinterp.training as training
+
+    borders = []
+    monkeypatch.setattr(training, "augment_batch", lambda x, gen, border=None: borders.append(border) or x)
+    images, labels = torch.randint(0, 256, (4, 1, 4, 4), dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
+    model = build(ModelSpec("digits_cnn", 2, 1))
+    config = TrainConfig(epochs=1, batch_size=4, augment=True)
+    train_model(model, images, labels, (0.5,), (0.25,), config)
+    train_model(model, images, labels, (0.5,), (0.25,), config, keep=torch.ones(4, 16, dtype=torch.bool), fill="road")
+    assert borders == [(-2.0,), None]
 
 
 def test_prepare_masks_to_zero():

@@ -180,6 +180,20 @@ def unpack_keep(packed: torch.Tensor, hw: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :hw].bool()
 
 
+def model_inputs(batch: dict, mean, std, hw: int, fill: str, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A streamed batch ({image (N, C, H, W) uint8, image_id (N,), MASK_COLUMN (N, ceil(HW/8))})
+    as the model sees it: normalised, the pixels outside its keep-mask filled. ROAD's noise comes
+    from `generator` in training (fresh each epoch, replayed after a restart) and from one seed per
+    image id in evaluation, the in-memory rule (training.predict): an image's fill does not depend on
+    its batch, and both backends fill it alike."""
+    from overinterp.training import prepare
+
+    keep = unpack_keep(batch[MASK_COLUMN], hw)
+    if generator is not None:
+        return prepare(batch["image"], mean, std, keep, fill, generator=generator)
+    return prepare(batch["image"], mean, std, keep, fill, seeds=batch["image_id"].tolist())
+
+
 def _load_state(path: str, device) -> dict:
     return torch.load(io.BytesIO(fs.read_bytes(path)), map_location=device, weights_only=True)
 
@@ -198,7 +212,7 @@ def train_loop(config: dict, streams: Optional[dict] = None) -> Optional[dict]:
     import torch.nn.functional as F
 
     from overinterp.models import ModelSpec, build
-    from overinterp.training import TrainConfig, augment_batch, prepare, sgd
+    from overinterp.training import TrainConfig, augment_batch, black, sgd
 
     started = time.time()  # wall clock, as the driver's fit_at: the worker group's start-up is the difference
     torch.set_num_threads(int(config["threads"]))
@@ -246,9 +260,9 @@ def train_loop(config: dict, streams: Optional[dict] = None) -> Optional[dict]:
             first_batch_at = first_batch_at or time.time()
             if len(batch["label"]) == 1:
                 continue  # BatchNorm cannot train on one image (a split's last, short batch)
-            x = prepare(batch["image"], mean, std, unpack_keep(batch[MASK_COLUMN], hw), spec.fill)
+            x = model_inputs(batch, mean, std, hw, spec.fill, generator=gen)
             if tc.augment:
-                x = augment_batch(x, gen)
+                x = augment_batch(x, gen, border=black(mean, std) if spec.subset is None else None)
             loss = F.cross_entropy(ddp(x), batch["label"].long())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -264,7 +278,7 @@ def train_loop(config: dict, streams: Optional[dict] = None) -> Optional[dict]:
             # the plain module, not ddp: DDP's forward broadcasts buffers (a collective), and val shares
             # may differ by a batch between workers (see _TrainEqualValWhole), which would hang it
             for batch in val_shard.iter_torch_batches(batch_size=tc.batch_size, device=device):
-                x = prepare(batch["image"], mean, std, unpack_keep(batch[MASK_COLUMN], hw), spec.fill)
+                x = model_inputs(batch, mean, std, hw, spec.fill)
                 counts += torch.stack([(model(x).argmax(1) == batch["label"]).sum().float(), torch.tensor(float(len(x)), device=device)])
         if world > 1:
             dist.all_reduce(counts)

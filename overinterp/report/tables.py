@@ -78,6 +78,9 @@ def sis_table(summary: dict) -> str:
             acc = summary["variant_accuracy"][model].get(variant)
             acc_s = "–" if acc is None else f"{100 * acc:.1f}"
             lines.append(f"| {explained_name(summary, model)} | {s['label']} | {acc_s} | {size} | {s['n_with_sis']} / {s['n_images']} |")
+    if any("input_dropout" in variants for variants in summary["sis"].values()):
+        lines.append("\nInput dropout masks pixels in training only: the model is tested and explained without it, as one "
+                     "deterministic model (dropout kept at test time would make its predictions, and so its SIS, random).")
     return "\n".join(lines)
 
 
