@@ -23,14 +23,14 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from overinterp.cli import HelpFormatter, add_run_arguments, config_from_args, execute  # noqa: E402
+from overinterp.cli import ArgumentParser, HelpFormatter, add_run_arguments, config_from_args, execute  # noqa: E402
 from overinterp.config import ConfigError, RunConfig  # noqa: E402
 
 DEFAULTS = RunConfig(dataset="cifar10", models=("resnet20", "resnet18", "vgg16_bn"), seeds=(0, 1, 2), out_dir="cifar10-out", select_batch=16)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sis_cifar10.py", description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="sis_cifar10.py", description=__doc__, formatter_class=HelpFormatter)
     add_run_arguments(p, DEFAULTS, dataset_flag=False)
     p.add_argument("--smoke-test", action="store_true", help="tiny synthetic CIFAR-10 files: a wiring check, minutes on 2 CPUs")
     return p
@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.smoke_test and args.data_root != DEFAULTS.data_root:
+        print("sis_cifar10.py: error: --smoke-test runs on CIFAR-10 files it writes itself: drop --data-root, or check the wiring "
+              "on your data with --smoke", file=sys.stderr)
+        return 2
     fixed = {"dataset": "cifar10"}
     # the smoke test's data is removed when it ends; its results stay in --out
     with tempfile.TemporaryDirectory(prefix="sis_cifar10-smoke-inputs-") if args.smoke_test else contextlib.nullcontext() as scratch:

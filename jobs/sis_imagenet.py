@@ -32,7 +32,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from overinterp.cli import HelpFormatter, add_run_arguments, config_from_args, execute  # noqa: E402
+from overinterp.cli import ArgumentParser, HelpFormatter, add_run_arguments, config_from_args, execute  # noqa: E402
 from overinterp.config import ConfigError, RunConfig  # noqa: E402
 
 # The paper's ImageNet settings: a pretrained model explained by Batched Gradient SIS (k = 100),
@@ -43,7 +43,7 @@ DEFAULTS = RunConfig(dataset="imagefolder", pretrained="tv:resnet50", weights="D
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sis_imagenet.py", description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="sis_imagenet.py", description=__doc__, formatter_class=HelpFormatter)
     add_run_arguments(p, DEFAULTS, dataset_flag=False)
     p.add_argument("--model", dest="pretrained", default=DEFAULTS.pretrained, help="the pretrained torchvision model explained, as tv:<name>")
     p.add_argument("--train-model", dest="models", type=lambda s: (s,), default=(),

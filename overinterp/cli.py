@@ -63,12 +63,25 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text if shown is None else f"{text} (default: {shown.replace('%', '%%')})"
 
 
-def _csv(kind):
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a flag it cannot parse is one line (`<prog>: error: ...`, exit 2) as every other
+    bad input is, pointing to --help instead of printing the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see {self.prog} --help)\n")
+
+
+def _csv(kind, name: str = ""):
+    """Parse 'a,b,c' into a tuple of kind; with a name, an empty list is refused (the flag would
+    silently mean its default)."""
     def parse(s: str):
         try:
-            return tuple(kind(v) for v in s.split(",") if v.strip())
+            values = tuple(kind(v) for v in s.split(",") if v.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {s!r}")
+        if name and not values:
+            raise argparse.ArgumentTypeError(f"needs at least one {name} (leave the flag out for the default)")
+        return values
 
     return parse
 
@@ -98,7 +111,7 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
     s.add_argument("--max-images", type=int, default=d.max_images, help="per split: a pilot on the first N images")
     s.add_argument("--stream", action=argparse.BooleanOptionalAction, default=d.stream,
                    help="stream the images through Ray Data")
-    r.add_argument("--models", type=_csv(str), default=d.models, help="comma-separated model names (see `overinterp models`)")
+    r.add_argument("--models", type=_csv(str, "model name"), default=d.models, help="comma-separated model names (see `overinterp models`)")
     r.add_argument("--pretrained", default=d.pretrained,
                    help="explain this trained model instead of training full-image models; it is the baseline: a torchvision model "
                         "(tv:<name>), or a registered one (digits_cnn, resnet20, ...) with --weights FILE")
@@ -162,7 +175,7 @@ def add_run_arguments(r: argparse.ArgumentParser, d: RunConfig = RunConfig(), da
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="overinterp", description="Find out whether image classifiers overinterpret their inputs (Carter et al., NeurIPS 2021).")
+    p = ArgumentParser(prog="overinterp", description="Find out whether image classifiers overinterpret their inputs (Carter et al., NeurIPS 2021).")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train -> backward selection -> train on pixel-subsets -> compare",
                        formatter_class=HelpFormatter)

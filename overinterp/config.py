@@ -68,6 +68,7 @@ DEFAULT_EPOCHS = {"digits": 30, "cifar10": 200, "cifar100": 200, "imagefolder": 
 SMOKE_EPOCHS = 2
 DEFAULT_AUGMENT = {"digits": False, "cifar10": True, "cifar100": True, "imagefolder": True, "parquet": True}
 DEFAULT_IMAGE_SIZE = 224  # ImageFolder and Parquet sources: the square crop side
+MAX_IMAGE_SIZE = 1024  # px: 3 MiB a float image, a selection batch of 64 already 768 MiB
 SMOKE_SIZES = (96, 48)  # train, test images kept by --smoke
 # --smoke is a wiring check on any data set: small models, ImageFolder images cut to 16 px, and k
 # raised until backselect/bgsis plan at most SMOKE_MAX_PASSES forward passes per image (the ranking
@@ -183,6 +184,8 @@ class RunConfig:
             raise ConfigError(f"--tau must be in [0, 1], got {self.tau} (the paper uses 0.99)")
         if not 0.0 <= self.input_dropout < 1.0:
             raise ConfigError(f"--input-dropout must be in [0, 1), got {self.input_dropout} (the paper uses 0.2)")
+        if len(set(self.models)) != len(self.models):
+            raise ConfigError(f"--models must be distinct, got {','.join(self.models)}")
         if not self.seeds:
             raise ConfigError("--seeds needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -205,6 +208,10 @@ class RunConfig:
             raise ConfigError(STREAMED_EXPLAIN)
         if self.generator is not None and not self.explain:
             raise ConfigError("--generator is the prior of the explain stage: add --explain vce,disagree (or drop --generator)")
+        explain_settings = [f"--{f.replace('_', '-')}" for f in ("explain_method", "explain_images", "prior_steps")
+                            if getattr(self, f) != RunConfig.__dataclass_fields__[f].default]
+        if explain_settings and not self.explain:
+            raise ConfigError(f"{', '.join(explain_settings)}: only the explain stage uses this: add --explain vce,disagree (or drop it)")
         if self.autocast not in (None, "bf16", "fp16"):
             raise ConfigError(f"--autocast must be bf16 or fp16, got {self.autocast!r}")
         lowest = {"epochs": 1, "batch_size": 1, "select_batch": 1, "workers_per_trial": 1, "image_size": 8, "num_classes": 2,
@@ -213,12 +220,18 @@ class RunConfig:
         for name, low in lowest.items():
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if (self.image_size or 0) > MAX_IMAGE_SIZE:
+            raise ConfigError(f"--image-size must be at most {MAX_IMAGE_SIZE} px, got {self.image_size} (classifiers take 224–600; "
+                              "a batch of larger images does not fit in memory)")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not self.max_hours >= 0:
             raise ConfigError(f"--max-hours must be >= 0 (0 turns the budget guard off), got {self.max_hours}")
-        if self.tracking_uri is not None and self.tracking_uri.startswith("file:"):
-            raise ConfigError("MLflow 3 refuses file stores: use --tracking-uri sqlite:///path/mlflow.db or http://server:5000")
+        if self.tracking_uri is not None and (self.tracking_uri.startswith("file:") or ":" not in self.tracking_uri):
+            raise ConfigError(f"--tracking-uri {self.tracking_uri} is a file store, which MLflow 3 refuses: use "
+                              "sqlite:///path/mlflow.db or http://server:5000")
+        if not self.experiment.strip():
+            raise ConfigError("--experiment needs a name (default: overinterp)")
         if fs.is_uri(self.out_dir) and not (self.tracking_uri or ENV_TRACKING_URI):
             raise ConfigError(f"--out {self.out_dir} is remote: pass --tracking-uri (on the cluster, http://127.0.0.1:5000)")
         ResourceFlags(**self.resource_flags())

@@ -426,6 +426,8 @@ def load_imagefolder_splits(train: str, val: str, image_size: int | None = None,
     classes = tuple(_class_folders(split_dirs["train"]))
     if not classes:
         raise DataError(f"{train} has no class sub-folders: {layout}")
+    if len(classes) == 1:
+        raise DataError(f"{train} has one class folder ({classes[0]}): a classifier needs at least 2: {layout}")
     files: dict[str, list[tuple[int, Path]]] = {}
     dirs = [(split, d.relative_to(base).as_posix()) for split, d in split_dirs.items()]
     for split, d in dirs:
@@ -485,11 +487,18 @@ def check_dataset_args(name: str, root: str | None, download: bool) -> None:
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
     if name in NEEDS_ROOT and root is None:
+        if download:
+            raise DataError(f"--download needs --data-root DIR: the folder to download {name} into")
         raise DataError(f"data set {name!r} needs --data-root DIR" + (" (or --download)" if name.startswith("cifar") else ""))
-    if root is not None and not download and not os.path.isdir(root) and name in NEEDS_ROOT:
+    if root is not None and name not in NEEDS_ROOT:
+        raise DataError(f"{name} is built in and takes no --data-root: drop it, or name the data set in it with --dataset "
+                        "cifar10|cifar100|imagefolder|parquet")
+    if download and not name.startswith("cifar"):
+        raise DataError(f"{name} cannot be downloaded: drop --download")
+    if root is not None and os.path.isfile(root):
+        raise DataError(f"--data-root {root} is a file: give the folder that holds the {name} data set")
+    if root is not None and not download and not os.path.isdir(root):
         raise DataError(f"--data-root {root} does not exist: create it" + (", or add --download" if name.startswith("cifar") else ""))
-    if download and name == "imagefolder":
-        raise DataError("imagefolder cannot be downloaded: drop --download")
 
 
 def load_dataset(name: str, root: str | None = None, download: bool = False, image_size: int | None = None,

@@ -211,3 +211,68 @@ def test_a_dead_runs_lock_is_taken_over(tmp_path, caplog):
         assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert any("taking over the lock" in r.message for r in caplog.records)
     assert not (tmp_path / LOCK_NAME).exists()  # released
+
+
+def _parquet(path, labels, columns=("image", "label")):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, "PNG")
+    pq.write_table(pa.table({columns[0]: [buf.getvalue()] * len(labels), columns[1]: labels}), path)
+    return str(path)
+
+
+@pytest.fixture
+def sources(tmp_path):
+    """Small sources, each wrong in one way."""
+    one_class = tmp_path / "one_class"
+    write_imagefolder(str(one_class), n_per_class=2, num_classes=1, size=16)
+    write_imagefolder(str(tmp_path / "two"), n_per_class=2, num_classes=2, size=16)
+    (tmp_path / "garbage.parquet").write_text("not Parquet")
+    (tmp_path / "afile").write_text("x")
+    return {"one_class": str(one_class), "folder_val": str(tmp_path / "two" / "val"), "garbage": str(tmp_path / "garbage.parquet"),
+            "labels": _parquet(tmp_path / "labels.parquet", [0, 5, 7, 9]), "afile": str(tmp_path / "afile"),
+            "columns": _parquet(tmp_path / "columns.parquet", [0, 1], ("img", "y")), "nowhere": str(tmp_path / "nowhere")}
+
+
+BAD_DRY_RUNS = [  # (flags, exit status, what the one line must say); every one a --dry-run
+    (["--dataset", "imagefolder", "--data-root", "{one_class}"], 1, "has one class folder (n00000000): a classifier needs at least 2"),
+    (["--dataset", "imagefolder", "--data-root", "{one_class}", "--stream"], 1, "has one class folder (n00000000)"),
+    (["--train", "{garbage}", "--val", "{garbage}"], 1, "garbage.parquet is not a readable Parquet file"),
+    (["--train", "{labels}", "--val", "{labels}", "--num-classes", "3"], 1, "labels run to 9, beyond the 3 classes (0..2): give --num-classes 10"),
+    (["--train", "{columns}", "--val", "{columns}"], 1, "Parquet sources need columns image (encoded bytes) and label"),
+    (["--train", "{labels}", "--val", "{folder_val}"], 2, "is Parquet but --val"),
+    (["--train", "s3://no-such-bucket/t?endpoint_override=127.0.0.1:9&scheme=http", "--val", "s3://no-such-bucket/v?endpoint_override=127.0.0.1:9&scheme=http"],
+     2, "cannot be reached"),
+    (["--image-size", "100000", "--dataset", "imagefolder", "--data-root", "{one_class}"], 2, "--image-size must be at most 1024 px"),
+    (["--models", "digits_cnn,digits_cnn"], 2, "--models must be distinct"),
+    (["--models", ""], 2, "argument --models: needs at least one model name"),
+    (["--seeds", "a"], 2, "argument --seeds: expected comma-separated ints, got 'a' (see overinterp run --help)"),
+    (["--data-root", "{nowhere}"], 2, "digits is built in and takes no --data-root"),
+    (["--download"], 2, "digits cannot be downloaded"),
+    (["--dataset", "cifar10", "--download"], 2, "--download needs --data-root DIR"),
+    (["--dataset", "cifar10", "--data-root", "{afile}"], 2, "is a file: give the folder that holds the cifar10 data set"),
+    (["--num-classes", "5"], 2, "--num-classes is for Parquet sources"),
+    (["--pixels-per-step", "1000"], 2, "--pixels-per-step 1000 is more than the 8×8 = 64 pixels"),
+    (["--tracking-uri", "garbage"], 2, "is a file store, which MLflow 3 refuses"),
+    (["--experiment", " "], 2, "--experiment needs a name"),
+    (["--explain-images", "5"], 2, "--explain-images: only the explain stage uses this"),
+    (["--explain", "vce", "--generator", "{nowhere}"], 2, "is not a folder: give a diffusers pipeline folder"),
+]
+
+
+@pytest.mark.parametrize("flags, status, says", BAD_DRY_RUNS, ids=[" ".join(f[:2]) + f" {i}" for i, (f, _, _) in enumerate(BAD_DRY_RUNS)])
+def test_bad_input_is_one_line_before_any_work(flags, status, says, sources, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    out = tmp_path / "out"
+    try:
+        rc = main(["run", *[f.format(**sources) for f in flags], "--out", str(out), "--dry-run"])
+    except SystemExit as e:  # argparse's errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == status and says in _one_line(err), err
+    assert not out.exists()

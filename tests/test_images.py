@@ -55,7 +55,10 @@ def test_a_file_that_is_not_parquet_is_refused_as_a_file(tmp_path):
     with pytest.raises(SourceError, match=r"labels\.csv is a file, not a source: give an ImageFolder split .* or Parquet"):
         list_classes(str(tmp_path / "labels.csv"))
     (tmp_path / "split" / "cat").mkdir(parents=True)  # a folder holding one folder: its class, not the path itself
-    assert list_classes(str(tmp_path / "split")) == ["cat"]
+    with pytest.raises(SourceError, match=r"split has one class folder \(cat\): a classifier needs at least 2"):
+        list_classes(str(tmp_path / "split"))
+    (tmp_path / "split" / "dog").mkdir()
+    assert list_classes(str(tmp_path / "split")) == ["cat", "dog"]
 
 
 @pytest.mark.ray

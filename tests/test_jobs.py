@@ -132,6 +132,10 @@ def test_cifar10_bad_input(capsys, tmp_path):
     assert sis_cifar10.main(["--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # the smoke test writes its own CIFAR files: a --data-root given with it would be silently replaced
+    assert sis_cifar10.main(["--smoke-test", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--smoke-test runs on CIFAR-10 files it writes itself: drop --data-root" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("content", [b"not a torch file", "pickle"])

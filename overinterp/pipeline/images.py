@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from overinterp import fs, store
@@ -73,6 +74,8 @@ def list_classes(path: str) -> list[str]:
     classes = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and not e.base_name.startswith(HIDDEN_PREFIXES))
     if not classes:
         raise SourceError(f"{path} has no class sub-folders: expected {path}/<class>/<image>")
+    if len(classes) == 1:
+        raise SourceError(f"{path} has one class folder ({classes[0]}): a classifier needs at least 2, {path}/<class>/<image> for each")
     return classes
 
 
@@ -253,6 +256,50 @@ def read_parquet(paths, images: Optional[int] = None, **kwargs) -> ray.data.Data
         ctx.use_datasource_v2 = default
 
 
+def check_columns(path: str, types: dict) -> None:
+    """SourceError unless a Parquet source's columns ({name: pyarrow type}) hold encoded images and
+    integer labels (and integer image ids, where it has them)."""
+    missing = {"image", "label"} - set(types)
+    if missing:
+        raise SourceError(f"{path}: Parquet sources need columns image (encoded bytes) and label; missing {sorted(missing)}")
+    expected = {"image": ("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+                "label": ("an integer", pa.types.is_integer), "image_id": ("an integer", pa.types.is_integer)}
+    wrong = [f"{c} is {types[c]}, not {kind}" for c, (kind, ok) in expected.items() if c in types and not ok(types[c])]
+    if wrong:
+        raise SourceError(f"{path}: {'; '.join(wrong)}: write encoded image bytes and integer labels (and image ids)")
+
+
+def parquet_rows(path: str, num_classes: Optional[int] = None) -> int:
+    """Rows of a Parquet source, from its files' footers alone (nothing else is read). Checks each
+    file on the way: that it is Parquet, its columns (check_columns), and that the labels its footer
+    statistics record lie in [0, num_classes) (None: only >= 0). SourceError naming the file and the fix."""
+    f, p = fs.resolve(path)
+    info = f.get_file_info(p)
+    files = [p] if info.type == pafs.FileType.File else sorted(i.path for i in f.get_file_info(pafs.FileSelector(p, recursive=True))
+                                                               if i.base_name.endswith(".parquet"))
+    rows = 0
+    for name in files:
+        try:
+            meta = pq.read_metadata(name, filesystem=f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise SourceError(f"{name} is not a readable Parquet file ({str(e).strip().splitlines()[0]}): "
+                              "give Parquet of encoded images, or remove it") from e
+        schema = meta.schema.to_arrow_schema()
+        check_columns(name, dict(zip(schema.names, schema.types)))
+        label = schema.get_field_index("label")
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(label).statistics
+            if stats is None or not stats.has_min_max:
+                continue
+            if stats.min < 0:
+                raise SourceError(f"{name}: labels run from {stats.min}: class labels are 0, 1, 2, ...: fix the labels")
+            if num_classes is not None and stats.max >= num_classes:
+                raise SourceError(f"{name}: labels run to {stats.max}, beyond the {num_classes} classes (0..{num_classes - 1}): "
+                                  f"give --num-classes {stats.max + 1} (the classes of a Parquet source), or fix the labels")
+        rows += meta.num_rows
+    return rows
+
+
 def read_encoded(path: str, classes: list[str] | None = None, limit: int | None = None, images: int | None = None) -> ray.data.Dataset:
     """A Ray Dataset of encoded, labelled images (image_id, label, path, encoded bytes): nothing decoded.
 
@@ -265,15 +312,7 @@ def read_encoded(path: str, classes: list[str] | None = None, limit: int | None 
     if is_parquet(path):
         ds = read_parquet(path, images)
         schema = ds.schema()
-        types = dict(zip(schema.names, schema.types))
-        missing = {"image", "label"} - set(types)
-        if missing:
-            raise SourceError(f"{path}: Parquet sources need columns image (encoded bytes) and label; missing {sorted(missing)}")
-        expected = {"image": ("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
-                    "label": ("an integer", pa.types.is_integer), "image_id": ("an integer", pa.types.is_integer)}
-        wrong = [f"{c} is {types[c]}, not {kind}" for c, (kind, ok) in expected.items() if c in types and not ok(types[c])]
-        if wrong:
-            raise SourceError(f"{path}: {'; '.join(wrong)}: write encoded image bytes and integer labels (and image ids)")
+        check_columns(path, dict(zip(schema.names, schema.types)))
         return _first(ds, limit).map_batches(_index_parquet, fn_kwargs={"source": path}, batch_format="numpy", batch_size=64)
     if classes is None:
         classes = list_classes(path)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from overinterp import fs
+from overinterp.config import ConfigError
 from overinterp.pipeline.trial import TrialSpec, checkpoint_path, path_safe
-from overinterp.selection import RANDOM, params_json, selector_tag
+from overinterp.selection import RANDOM, REMOVAL_SELECTORS, params_json, selector_tag
 
 SPLITS = ("train", "test")
 
@@ -171,6 +172,10 @@ def make_plan(cfg, shape: tuple[int, int, int], n_images: dict, num_classes: int
     pretrained model (--pretrained/--weights), that model is the one explained and the baseline
     every trained model is compared with.
     """
+    _, height, width = shape
+    if cfg.pixels_per_step > height * width and any(s in REMOVAL_SELECTORS for s in cfg.selectors):
+        raise ConfigError(f"--pixels-per-step {cfg.pixels_per_step} is more than the {height}×{width} = {height * width} pixels of an "
+                          f"image: give at most {height * width}")
     params = {name: params_json(p) for name, p in cfg.selection_params().items()}
     primary = cfg.selectors[0]
     random_params = {"seed": cfg.random_seed}

@@ -1,7 +1,8 @@
 """The checks that touch the world, run once before any work, in the order a user wants to hear them:
 
 1. names: the models (and the pretrained one) exist;
-2. inputs: the data set's root, --train/--val and a --weights file exist;
+2. inputs: the data set's root, --train/--val (readable, one format; Parquet's footers are checked
+   when the source is counted), a --weights file and a --generator folder exist;
 3. outputs: --out can be written, and an http(s) tracking server answers;
 4. --out itself: no live run holds it, its stored shards read, and it records the same settings.
 
@@ -73,17 +74,31 @@ def check_inputs(cfg: RunConfig) -> RunConfig:
                               f"and {cfg.data_root}/val/<class>/<image>, or train.parquet and val.parquet")
         cfg = dataclasses.replace(cfg, train=found["train"], val=found["val"])
     for flag, path in (("--train", cfg.train), ("--val", cfg.val)):
-        if path is not None and not fs.exists(path):
+        try:
+            found = path is None or fs.exists(path)
+        except OSError as e:  # an unreachable bucket or host; pyarrow's errors derive from OSError
+            raise ConfigError(f"{flag} {path} cannot be reached ({str(e).strip().splitlines()[0]}): check the URI, the network "
+                              "and this machine's credentials") from e
+        if not found:
             raise ConfigError(f"{flag} {path} does not exist: give an ImageFolder split (<path>/<class>/<image>) or Parquet of encoded images")
     if cfg.train is not None and cfg.dataset in ("imagefolder", "parquet"):
         from overinterp.pipeline.images import is_parquet
 
         parquet = is_parquet(cfg.train)
+        if parquet != is_parquet(cfg.val):
+            kinds = ("Parquet", "an ImageFolder split") if parquet else ("an ImageFolder split", "Parquet")
+            raise ConfigError(f"--train {cfg.train} is {kinds[0]} but --val {cfg.val} is {kinds[1]}: give both splits in one format")
         if cfg.dataset == "imagefolder" and parquet:  # a folder of Parquet files (its checks refuse --no-stream)
             cfg = dataclasses.replace(cfg, dataset="parquet")
         elif cfg.dataset == "parquet" and not parquet:
             raise ConfigError(f"--dataset parquet: {cfg.train} holds no .parquet file: for ImageFolder splits "
                               "(<split>/<class>/<image>) give --dataset imagefolder")
+    if cfg.num_classes is not None and cfg.dataset != "parquet":
+        raise ConfigError(f"--num-classes is for Parquet sources: {cfg.dataset} takes its classes from "
+                          + ("its class folders" if cfg.dataset == "imagefolder" else "the data set") + "; drop it")
+    g = cfg.generator
+    if g and g.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(g)):
+        raise ConfigError(f"--generator {g} is not a folder: give a diffusers pipeline folder (save_pretrained) or a hub id")
     w = cfg.weights
     if w and not fs.is_uri(w) and ("/" in w or w.endswith((".pt", ".pth"))) and not os.path.isfile(w):
         raise ConfigError(f"--weights {w} is not a file: give a state_dict file or a torchvision weights name (DEFAULT)")

@@ -22,7 +22,6 @@ from typing import Optional
 
 import numpy as np
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 from ray.data import Dataset
 
@@ -31,7 +30,7 @@ from overinterp.config import SMOKE_SIZES, RunConfig
 from overinterp.data import IMAGENET_MEAN, IMAGENET_STD, skipped_line, skipped_summary
 from overinterp.models import create_model
 from overinterp.pipeline.analysis import TestImages
-from overinterp.pipeline.images import MASK_COLUMN, check_folder, drop_bad, is_parquet, list_classes, list_folder, read_images
+from overinterp.pipeline.images import MASK_COLUMN, check_folder, drop_bad, is_parquet, list_classes, list_folder, parquet_rows, read_images
 from overinterp.pipeline.plan import Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan, exit_with_parent, worker_device
 from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, map_on_actors, select_stream, stored_random_ids, write_random
@@ -57,14 +56,11 @@ def listing_digest(path: str) -> str:
     return hashlib.sha256(f"{info.path[len(p):]}:{info.size}".encode()).hexdigest()[:16]
 
 
-def count_images(path: str, classes, limit) -> int:
-    """Images in a source without reading them: a folder listing, or Parquet footers."""
+def count_images(path: str, classes, limit, num_classes: Optional[int] = None) -> int:
+    """Images in a source without reading them: a folder listing, or Parquet footers (checked as
+    images.parquet_rows says: Parquet, its columns, labels below num_classes)."""
     if is_parquet(path):
-        f, p = fs.resolve(path)
-        info = f.get_file_info(p)
-        files = [p] if info.type == pafs.FileType.File else [i.path for i in f.get_file_info(pafs.FileSelector(p, recursive=True))
-                                                            if i.base_name.endswith(".parquet")]
-        n = sum(pq.read_metadata(x, filesystem=f).num_rows for x in files)
+        n = parquet_rows(path, num_classes)
     else:
         n = sum(check_folder(path, classes).values())
     return min(n, limit) if limit else n
@@ -92,7 +88,8 @@ class StreamSource:
         limits = {"train": cfg.max_images, "test": cfg.max_images}
         if cfg.smoke:
             limits = {s: min(n, cfg.max_images or n) for s, n in zip(("train", "test"), SMOKE_SIZES)}
-        n_images = {"train": count_images(cfg.train, classes, limits["train"]), "test": count_images(cfg.val, classes, limits["test"])}
+        n_images = {split: count_images(cfg.train if split == "train" else cfg.val, classes, limits[split], num_classes)
+                    for split in ("train", "test")}
         S = cfg.image_size
         return cls(cfg.train, cfg.val, classes, num_classes, n_images, (3, S, S), limits)
 
