@@ -91,7 +91,12 @@ class Variant:
 
     @property
     def tag(self) -> str:
-        return selector_tag(self.selector, selector_params(self.selector, self.k, self.tail))
+        return selector_tag(self.selector, self.params)
+
+    @property
+    def params(self) -> dict:
+        """As a run stores them: no k-step crosses the 5% subset's boundary."""
+        return selector_params(self.selector, self.k, self.tail, keep_fraction=FRACTION)
 
     @property
     def label(self) -> str:
@@ -118,7 +123,7 @@ def variants(grid: str = "backselect") -> list[Variant]:
 
 def fewer(v: Variant, hw: int) -> float:
     """How many times fewer forward passes than exact BS (planned, per image)."""
-    return planned_forward_passes("backselect", hw) / planned_forward_passes(v.selector, hw, v.k, v.tail)
+    return planned_forward_passes("backselect", hw) / planned_forward_passes(v.selector, hw, v.k, v.tail, keep_fraction=FRACTION)
 
 
 def log(msg: str) -> None:
@@ -175,7 +180,7 @@ def select(model, images: torch.Tensor, v: Variant, n: int, batch: int, engine: 
     done = sum(len(o) for o in entry["order"])
     for first in range(done, n, batch):
         x = images[first : min(first + batch, n)]
-        res, dt = timed(lambda: run_selector(v.selector, model, x, {"k": v.k, "tail": v.tail}, engine), x.device)
+        res, dt = timed(lambda: run_selector(v.selector, model, x, v.params, engine), x.device)
         entry["order"].append(res.order.to(torch.int16))
         entry["curve"].append(res.curve)
         entry["confidence"].append(res.confidence)
@@ -183,8 +188,8 @@ def select(model, images: torch.Tensor, v: Variant, n: int, batch: int, engine: 
         entry["passes"] += res.forward_passes
         entry["backward"] += res.backward_passes
         hw = x.shape[2] * x.shape[3]
-        assert res.forward_passes == planned_forward_passes(v.selector, hw, v.k, v.tail, batch=len(x))
-        assert res.backward_passes == planned_backward_passes(v.selector, hw, v.k, v.tail, batch=len(x))
+        assert res.forward_passes == planned_forward_passes(v.selector, hw, v.k, v.tail, batch=len(x), keep_fraction=FRACTION)
+        assert res.backward_passes == planned_backward_passes(v.selector, hw, v.k, v.tail, batch=len(x), keep_fraction=FRACTION)
         cache.save()
         log(f"  {v.label:<22} images {first + len(x):>4}/{n}  {dt:7.1f} s  ({res.forward_passes / dt:,.0f} passes/s)")
     return entry
@@ -279,8 +284,8 @@ def choose_n(seconds_per_exact: float, hw: int, budget_s: float, acc_variants: l
     to more images for the subset-accuracy pool (which includes the fidelity images).
     """
     exact = planned_forward_passes("backselect", hw)
-    per_fid = seconds_per_exact * sum(planned_forward_passes(v.selector, hw, v.k, v.tail) for v in all_variants) / exact
-    per_acc = seconds_per_exact * sum(planned_forward_passes(v.selector, hw, v.k, v.tail) for v in acc_variants) / exact
+    per_fid = seconds_per_exact * sum(planned_forward_passes(v.selector, hw, v.k, v.tail, keep_fraction=FRACTION) for v in all_variants) / exact
+    per_acc = seconds_per_exact * sum(planned_forward_passes(v.selector, hw, v.k, v.tail, keep_fraction=FRACTION) for v in acc_variants) / exact
     selection_s = max(budget_s - train_reserve_s, 0.0)
     n_fid = max(2, int(0.4 * selection_s / per_fid))
     n_extra = max(0, min(max_pool - n_fid, int((selection_s - n_fid * per_fid) / per_acc)))
@@ -335,11 +340,11 @@ def run_dataset(name: str, data: ImageDataset, args, engine: EngineConfig, cache
     for v in all_v:
         e = entries[v]
         n_run = sum(len(o) for o in e["order"])
-        passes = planned_forward_passes(v.selector, hw, v.k, v.tail, batch=n_fid)
+        passes = planned_forward_passes(v.selector, hw, v.k, v.tail, batch=n_fid, keep_fraction=FRACTION)
         sec_fid = e["seconds"] * n_fid / n_run
         rows.append({"selector": v.selector, "k": v.k, "exact_tail": v.tail, "tag": v.tag, "label": v.label,
                      "passes_per_image": passes // n_fid, "fewer_passes": exact_passes_fid / passes,
-                     "backward_per_image": planned_backward_passes(v.selector, hw, v.k, v.tail),
+                     "backward_per_image": planned_backward_passes(v.selector, hw, v.k, v.tail, keep_fraction=FRACTION),
                      "seconds_per_image": sec_fid / n_fid, "faster_wall": exact_sec_fid / sec_fid,
                      "passes_per_s": e["passes"] / e["seconds"], **fidelity(ref, e, n_fid, (H, W))})
 

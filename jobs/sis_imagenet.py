@@ -71,8 +71,8 @@ def _smoke_inputs(fmt: str, scratch: str) -> dict:
     weights = os.path.join(scratch, "resnet18-3class.pt")
     torch.manual_seed(0)
     torch.save(create_model("tv:resnet18", num_classes=3).state_dict(), weights)
-    return dict(train=train, val=val, pretrained="tv:resnet18", weights=weights, num_classes=3, image_size=32,
-                pixels_per_step=64, epochs=1, batch_size=8, select_batch=6)
+    return dict(train=train, val=val, pretrained="tv:resnet18", weights=weights, image_size=32, pixels_per_step=64, epochs=1,
+                batch_size=8, select_batch=6, **({"num_classes": 3} if fmt == "parquet" else {}))  # a folder's are its class folders
 
 
 def config_fields(parser: argparse.ArgumentParser, args: argparse.Namespace, scratch: str | None = None) -> dict:

@@ -227,7 +227,8 @@ class RunConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not self.max_hours >= 0:
             raise ConfigError(f"--max-hours must be >= 0 (0 turns the budget guard off), got {self.max_hours}")
-        if self.tracking_uri is not None and (self.tracking_uri.startswith("file:") or ":" not in self.tracking_uri):
+        if self.tracking_uri is not None and (self.tracking_uri.startswith("file:")
+                                              or ":" not in self.tracking_uri and self.tracking_uri not in ("databricks", "databricks-uc")):
             raise ConfigError(f"--tracking-uri {self.tracking_uri} is a file store, which MLflow 3 refuses: use "
                               "sqlite:///path/mlflow.db or http://server:5000")
         if not self.experiment.strip():
@@ -315,7 +316,7 @@ class RunConfig:
         side = DATASET_SIDE.get(self.source)
         if side is None:
             side = out["image_size"] = min(self.image_size or SMOKE_IMAGE_SIZE, SMOKE_IMAGE_SIZE)
-        k = self.pixels_per_step
+        k = min(self.pixels_per_step, side * side)  # a k meant for the full-size images, at the smoke's size
         removal = [s for s in self.selectors if s in REMOVAL_SELECTORS]
         while removal and k < side * side and max(planned_forward_passes(s, side * side, k, self.exact_tail, keep_fraction=self.fraction) for s in removal) > SMOKE_MAX_PASSES:
             k *= 2

@@ -49,7 +49,7 @@ def test_exact_tail_quick(tmp_path, capsys):
     exact = res["rows"][0]
     assert exact["label"] == "exact BS" and exact["jaccard_mean"] == 1.0 and exact["fewer_passes"] == 1.0
     assert exact["passes_per_image"] == 144 * 145 // 2  # 12x12 images
-    assert {r["tag"] for r in res["rows"]} >= {"backselect-k16-tail0.1", "bgsis-k16-tail0.05", "backselect-k64"}
+    assert {r["tag"] for r in res["rows"]} >= {"backselect-k16-keep0.05-tail0.1", "bgsis-k16-keep0.05-tail0.05", "backselect-k64-keep0.05"}
     assert all(0 <= r["jaccard_mean"] <= 1 for r in res["rows"])
 
 
@@ -60,7 +60,7 @@ def test_exact_tail_bgsis_grid_quick(tmp_path):
     (res,) = report["results"]
     tags = [r["tag"] for r in res["rows"]]
     assert tags[0] == "backselect" and len(tags) == 1 + 3 * 5  # exact, then k in {4, 16, 64} x F in {0.05, 0.1, 0.2, 0.5, none}
-    assert set(tags[1:]) == {f"bgsis-k{k}" + (f"-tail{f:g}" if f < 1 else "") for k in (4, 16, 64) for f in (0.05, 0.1, 0.2, 0.5, 1.0)}
+    assert set(tags[1:]) == {f"bgsis-k{k}-keep0.05" + (f"-tail{f:g}" if f < 1 else "") for k in (4, 16, 64) for f in (0.05, 0.1, 0.2, 0.5, 1.0)}
     assert all(r["backward_per_image"] > 0 for r in res["rows"][1:])
 
 

@@ -29,6 +29,10 @@ def test_bad_names_fail_on_construction():
         RunConfig(dataset="mnist")
     with pytest.raises(ConfigError, match="sqlite"):
         RunConfig(tracking_uri="file:///tmp/mlruns")
+    with pytest.raises(ConfigError, match="is a file store"):
+        RunConfig(tracking_uri="mlruns")  # a bare path is a file store to MLflow
+    for uri in ("databricks", "databricks-uc", "databricks://profile", "postgresql://u@h/db", "sqlite:///x/mlflow.db", "http://h:5000"):
+        assert RunConfig(tracking_uri=uri).tracking_uri == uri
     with pytest.raises(ConfigError, match="--train and --val go together"):
         RunConfig(train="a")
     with pytest.raises(ConfigError, match="--stream takes imagefolder or parquet"):
@@ -126,3 +130,9 @@ def test_the_selection_batch_is_given_or_sized_by_the_run():
     assert [streamed_select_batch(s) for s in (8, 39, 40, 64, 224, 299, 800)] == [1024, 1024, 1003, 392, 32, 17, 8]
     assert RunConfig(train="a", val="b", image_size=224).selection_batch(True) == 32
     assert RunConfig(train="a", val="b", image_size=8).selection_batch(True) == 1024
+
+
+def test_smoke_fits_a_full_size_k_to_its_small_images():
+    # --pixels-per-step 300 suits 224-px images; --smoke cuts a folder's images to 16 px (256 pixels)
+    cfg = RunConfig(dataset="imagefolder", data_root="/d", pixels_per_step=300, selectors=("bgsis",), smoke=True).resolved()
+    assert cfg.image_size == 16 and cfg.pixels_per_step == 256

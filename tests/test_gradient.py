@@ -97,7 +97,7 @@ def test_the_kept_subset_is_whole_steps_the_selector_chose(name):
     model = TinyConvNet(channels=1).eval()
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     params = selector_params(name, 5, options=None, keep_fraction=0.25)
-    assert params == {"k": 5, "keep": 0.25} and selector_tag(name, params) == f"{name}-k5"  # the fraction is no part of the tag
+    assert params == {"k": 5, "keep": 0.25} and selector_tag(name, params) == f"{name}-k5-keep0.25"
     res = run_selector(name, model, x, params)
     assert res.step_sizes == (5, 5, 2, 4)
     steps = encode_steps(res.order.numpy(), res.step_sizes)

@@ -158,3 +158,25 @@ def test_the_decoding_workers_import_no_torch():
 
     code = "import sys, overinterp.pipeline.images; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_parquet_footers_are_checked_without_reading_rows(tmp_path):
+    from overinterp.pipeline.images import parquet_rows
+
+    nested = str(tmp_path / "nested.parquet")  # a struct column before label: Parquet's leaf columns are not Arrow's fields
+    pq.write_table(pa.table({"image": [b"x"] * 3, "size": [{"h": 500, "w": 3}] * 3, "label": [0, 1, 1]}), nested)
+    assert parquet_rows(nested, 2) == 3
+    with pytest.raises(SourceError, match=r"labels run to 1, beyond the 1 classes \(0..0\): give --num-classes 2"):
+        parquet_rows(nested, 1)
+    negative = str(tmp_path / "negative.parquet")
+    pq.write_table(pa.table({"image": [b"x"], "label": [-1]}), negative)
+    with pytest.raises(SourceError, match="labels run from -1"):
+        parquet_rows(negative)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"image": [b"x"] * (i + 2), "label": [0] * (i + 2)}), str(folder / f"part-{i}.parquet"))
+    assert parquet_rows(str(folder), 1000) == 5
+    (folder / "part-9.parquet").write_text("not Parquet")
+    with pytest.raises(SourceError, match=r"part-9\.parquet is not a readable Parquet file"):
+        parquet_rows(str(folder))

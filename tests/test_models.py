@@ -95,6 +95,13 @@ def test_weights_that_do_not_fit_or_load_say_what_and_how(tmp_path):
     text = str(e.value)
     assert "(missing conv1.weight, conv1.bias, conv2.weight and 1 more; unexpected stem.0.weight, stem.1.weight, stem.1.bias and 111 more;" in text
     assert "give the state_dict of a digits_cnn with 4 classes" in text
+    # a state_dict without BatchNorm's num_batches_tracked loads, as torch loads it
+    src = create_model("resnet20", num_classes=4).eval()
+    torch.save({k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}, tmp_path / "older.pt")
+    dst = create_model("resnet20", num_classes=4, weights=str(tmp_path / "older.pt")).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
     (tmp_path / "notes.pt").write_text("not a torch file")
     with pytest.raises(ModelError) as e:
         create_model("digits_cnn", num_classes=4, weights=str(tmp_path / "notes.pt"))

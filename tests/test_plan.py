@@ -33,12 +33,12 @@ def test_selectors_fills_and_exact_tail_become_plan_entries(tmp_path):
     plan = _plan(cfg)
     jobs = {(j.source.variant, j.tag, j.split) for j in plan.selections}
     assert jobs == {
-        ("plain", "backselect-k16-tail0.1", "train"), ("plain", "backselect-k16-tail0.1", "test"),
-        ("ensemble", "backselect-k16-tail0.1", "test"), ("input-dropout", "backselect-k16-tail0.1", "test"),  # the primary only
+        ("plain", "backselect-k16-keep0.05-tail0.1", "train"), ("plain", "backselect-k16-keep0.05-tail0.1", "test"),
+        ("ensemble", "backselect-k16-keep0.05-tail0.1", "test"), ("input-dropout", "backselect-k16-keep0.05-tail0.1", "test"),  # the primary only
         ("plain", "ig-n8", "train"), ("plain", "ig-n8", "test"),
         ("plain", "captum_InputXGradient", "train"), ("plain", "captum_InputXGradient", "test"),
     }
-    assert plan.primary == "backselect-k16-tail0.1"
+    assert plan.primary == "backselect-k16-keep0.05-tail0.1"
     ig_test = next(j for j in plan.selections if j.key == "digits_cnn-s0/ig-n8" and j.split == "test")
     assert ig_test.params == {"n_steps": 8, "method": "gausslegendre"}
     # per seed: 3 selectors x (2 fills + positions) + random x 2 fills
@@ -106,9 +106,9 @@ def test_a_pretrained_model_is_explained_once_and_is_every_trial_s_baseline(tmp_
     plan = make_plan(cfg, (3, 16, 16), {"train": 10, "test": 6}, 3)
     assert plan.full_trials == ()
     assert {(j.source.tag, j.tag, j.split) for j in plan.selections} == {
-        ("tv_resnet18", "bgsis-k16", "train"), ("tv_resnet18", "bgsis-k16", "test"),
+        ("tv_resnet18", "bgsis-k16-keep0.05", "train"), ("tv_resnet18", "bgsis-k16-keep0.05", "test"),
         ("tv_resnet18", "gradient", "train"), ("tv_resnet18", "gradient", "test")}  # once, not once per trained model
-    assert {t.subset for t in plan.subset_trials} == {"tv_resnet18/bgsis-k16", "tv_resnet18/gradient", "none/random-seed0"}
+    assert {t.subset for t in plan.subset_trials} == {"tv_resnet18/bgsis-k16-keep0.05", "tv_resnet18/gradient", "none/random-seed0"}
     assert {t.model for t in plan.subset_trials} == {"tv:resnet18", "resnet20"}
     assert all(plan.baseline_of(t) is None for t in plan.subset_trials)  # the pretrained model is the baseline
 

@@ -391,6 +391,11 @@ def test_exact_tail_tags_never_mix():
     assert tag("bgsis", 100, 1.0) == "bgsis-k100" == selector_tag("bgsis", {"k": 100})
     assert selector_tag("backselect", {"k": 4, "tail": 1}) == "backselect-k4"
     assert len({tag("backselect", k, f) for k in (4, 16) for f in (0.05, 0.1, 1.0)}) == 6
+    # the kept fraction decides where a k-step ends: in the tag for k > 1, so selections made with
+    # another fraction (or none) never mix; exact BS is the same at any fraction
+    keep = lambda name, k, fraction: selector_tag(name, selector_params(name, k, 1.0, None, fraction))
+    assert keep("bgsis", 100, 0.1) == "bgsis-k100-keep0.1" and keep("backselect", 4, 0.05) == "backselect-k4-keep0.05"
+    assert keep("backselect", 1, 0.05) == "backselect" == keep("backselect", 1, 1.0) and keep("bgsis", 100, 1.0) == "bgsis-k100"
 
 
 # --- the registry: every selector through one dispatch -------------------------------------------

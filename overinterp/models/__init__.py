@@ -104,7 +104,7 @@ def _load_state_dict(model: nn.Module, weights: str, name: str, num_classes: int
         raise ModelError(f"--weights {weights} holds a {type(state).__name__}, not a state_dict: save model.state_dict() with torch.save")
     state = state.get("state_dict", state)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]  # BatchNorm fills these in
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
@@ -115,7 +115,7 @@ def _load_state_dict(model: nn.Module, weights: str, name: str, num_classes: int
                                             f"other shapes for {few(wrong)}" if wrong else "") if part)
         raise ModelError(f"--weights {weights} does not fit {name} with {num_classes} classes ({found}): give the state_dict of a "
                          f"{name} with {num_classes} classes (torch.save(model.state_dict(), FILE))")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)  # strict in all but num_batches_tracked, checked above
     return model
 
 

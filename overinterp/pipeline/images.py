@@ -286,7 +286,8 @@ def parquet_rows(path: str, num_classes: Optional[int] = None) -> int:
                               "give Parquet of encoded images, or remove it") from e
         schema = meta.schema.to_arrow_schema()
         check_columns(name, dict(zip(schema.names, schema.types)))
-        label = schema.get_field_index("label")
+        leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]  # Parquet's leaf columns, not Arrow's fields
+        label = leaves.index("label")
         for g in range(meta.num_row_groups):
             stats = meta.row_group(g).column(label).statistics
             if stats is None or not stats.has_min_max:

@@ -274,16 +274,17 @@ def selector_tag_params(name: str, params: Optional[dict] = None) -> dict:
 def selector_tag(name: str, params: dict) -> str:
     """A short, path-safe name for a selector with its parameters, so that runs never mix.
 
-    backselect (exact), backselect-k4, backselect-k16-tail0.1, bgsis-k100, bgsis-k100-tail0.05,
+    backselect (exact), backselect-k4, backselect-k16-tail0.1, bgsis-k100, bgsis-k100-keep0.1, bgsis-k100-tail0.05,
     random-seed0, gradient, ig-n50, occlusion-window3, perturbation-it300, captum_InputXGradient.
     A tail of 1 (off) is left out, so tags of runs without an exact tail carry none; backselect
     with k = 1 is exact whatever its tail (every step removes one pixel): "backselect". The kept
-    fraction is left out: it is one of the settings an output folder refuses to change
-    (RunConfig.fingerprint), so a store never holds two. Ranking selectors carry their short
-    parameters (`selector_tag_params`).
+    fraction is in the tag where k > 1 (backselect-k4-keep0.05): there it decides where a step ends,
+    so selections made with another fraction, or with none, never mix. Ranking selectors carry their
+    short parameters (`selector_tag_params`).
     """
     if name == RANDOM or name in REMOVAL_SELECTORS:
-        params = {key: v for key, v in params.items() if not (key == "tail" and v == 1) and key != "keep"}
+        params = {key: v for key, v in params.items() if not (key == "tail" and v == 1)
+                  and not (key == "keep" and (v == 1 or params.get("k", 1) == 1))}
         if name == "backselect" and params.get("k", 1) == 1:
             return "backselect"
         return name + "".join(f"-{k}{v}" for k, v in sorted(params.items()))
