@@ -369,6 +369,7 @@ class Knobs:
     image_size: Optional[int] = None  # --image-size: square side in pixels (folders and streamed runs)
     min_image_size: int = 1  # the smallest --image-size the run's config accepts
     max_workers: Optional[int] = None  # --max-workers: selection actors
+    worker_slots: Optional[int] = None  # the most selection actors the cluster can hold (None: no bound known)
     max_images: Optional[int] = None  # --max-images: images per split (streamed runs' pilot)
 
 
@@ -614,8 +615,11 @@ def alternatives_for(plan: CostPlan) -> list[tuple[str, CostPlan]]:
         for s in sorted({k.image_size // 2, 32}, reverse=True):
             if max(1, k.min_image_size) <= s < k.image_size:
                 tries.append((f"--image-size {s}", {"image_size": s}))
-    if k.max_workers:
-        tries.append((f"--max-workers {WORKER_FACTOR * k.max_workers}", {"max_workers": WORKER_FACTOR * k.max_workers}))
+    more = WORKER_FACTOR * k.max_workers if k.max_workers else 0
+    if k.worker_slots is not None:
+        more = min(more, k.worker_slots)  # more actors than the cluster can hold would only queue
+    if k.max_workers and more > k.max_workers:
+        tries.append((f"--max-workers {more}", {"max_workers": more}))
     if k.max_images:  # a pilot on fewer images (sis_imagenet.py)
         n = k.max_images
         tries += [(f"--max-images {m}", {"max_images": m}) for m in dict.fromkeys(n // d for d in PILOT_DIVISORS) if 0 < m < n]

@@ -171,6 +171,10 @@ def test_alternatives_follow_the_knobs():
     pilots = lambda n: [l for l, _ in alternatives_for(CostPlan((_row(n=n),), knobs=Knobs(max_images=n)))]
     assert pilots(1281) == ["--max-images 640", "--max-images 128", "--max-images 12", "--max-images 1"]
     assert pilots(3) == ["--max-images 1"]
+    # more selection actors only where the cluster can hold them: none on a machine already full
+    workers = lambda n, slots: [l for l, _ in alternatives_for(CostPlan((_row(),), knobs=Knobs(max_workers=n, worker_slots=slots)))]
+    assert workers(2, 2) == [] and workers(2, 5) == ["--max-workers 5"] and workers(2, 64) == ["--max-workers 8"]
+    assert workers(2, None) == ["--max-workers 8"]  # no bound known
 
 
 def test_reprice_pixels_per_step_changes_the_removal_selectors_only():

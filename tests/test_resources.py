@@ -56,6 +56,7 @@ def test_a_cluster_that_can_never_have_gpus_runs_on_cpus():
 def test_flags_override_the_plan():
     plan = plan_resources(AUTOSCALING, ResourceFlags(max_workers=2, gpus_per_trial=0.5))
     assert plan.select_workers == 2 and plan.trial_concurrency == 2 and plan.gpus_per_trial == 0.5
+    assert plan.worker_slots == 3 == plan_resources(AUTOSCALING, ResourceFlags()).select_workers  # what --max-workers left out
     two_cpus = Capacity((NodeType("gpu-1x", 2, 1, 3),), "test")
     assert plan_resources(two_cpus, ResourceFlags(gpus_per_trial=0.5)).trial_concurrency == 6  # two trials share a GPU, as asked
     assert plan_resources(AUTOSCALING, ResourceFlags(gpus_per_trial=0.5)).trial_concurrency == 3  # ... where each node has 2 CPUs for them

@@ -232,7 +232,7 @@ def knobs_of(cfg, plan: Plan, resources: ResourcePlan) -> Knobs:
         pixels_per_step=cfg.pixels_per_step, exact_tail=cfg.exact_tail, keep_fraction=cfg.fraction,
         image_size=side if sized else None,
         min_image_size=next((s for s in range(1, side) if _accepts(cfg, image_size=s)), side) if sized else 1,
-        max_workers=resources.select_workers,
+        max_workers=resources.select_workers, worker_slots=resources.worker_slots,
         max_images=max(plan.n_images.values()) if plan.streamed else None,
     )
 

@@ -102,6 +102,7 @@ class ResourcePlan:
     overrides: dict = field(default_factory=dict)
     max_cpus: float = 0  # CPUs the cluster can have at once (streamed training keeps some for Ray Data)
     accelerator: str = ""  # the selection actors' GPU kind, e.g. "H100" ("" on CPUs or where unknown)
+    worker_slots: Optional[int] = None  # selection actors of this size the cluster can hold at once, --max-workers aside
 
     def streamed_trial_concurrency(self, workers_per_trial: int) -> int:
         """Trials at once when each runs `workers_per_trial` Train workers fed by Ray Data: at least
@@ -281,10 +282,11 @@ def plan_resources(capacity: Capacity, flags: ResourceFlags = ResourceFlags()) -
     if workers < 1 or trials < 1:
         raise ConfigError(f"no node of this cluster ({capacity.source}) fits one worker of {{CPU {cpw:g}, GPU {gpw:g}}} "
                          f"or one trial of {{CPU {cpt:g}, GPU {gpt:g}}}: lower --cpus-per-worker / --gpus-per-trial")
+    slots = workers
     if flags.max_workers is not None:
         workers, trials = min(workers, flags.max_workers), min(trials, flags.max_workers)
     return ResourcePlan(use_gpu, workers, cpw, gpw, trials, cpt, gpt, _describe_capacity(capacity), overrides, capacity.max_cpus,
-                        capacity.accelerator if use_gpu else "")
+                        capacity.accelerator if use_gpu else "", slots)
 
 
 def _describe_capacity(c: Capacity) -> str:
