@@ -80,6 +80,7 @@ SMOKE_IMAGE_SIZE = 16
 SMOKE_MODELS = {"digits": ("digits_cnn",), "cifar10": ("resnet20",), "cifar100": ("resnet20",), "imagefolder": ("resnet20",),
                 "parquet": ("resnet20",)}
 DATASET_SIDE = {"digits": 8, "cifar10": 32, "cifar100": 32}  # fixed image sides; other sources: --image-size
+DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}  # fixed classes; an ImageFolder's are its class folders
 # The default comparison: backward selection (the paper) against a mask-optimising and two gradient
 # attribution selectors; all four finish on digits in minutes on 2 CPU cores (BENCHMARKS.md).
 DEFAULT_SELECTORS = ("backselect", "perturbation", "gradient", "ig")

@@ -234,7 +234,7 @@ def sources(tmp_path):
     write_imagefolder(str(tmp_path / "two"), n_per_class=2, num_classes=2, size=16)
     (tmp_path / "garbage.parquet").write_text("not Parquet")
     (tmp_path / "afile").write_text("x")
-    return {"one_class": str(one_class), "folder_val": str(tmp_path / "two" / "val"), "garbage": str(tmp_path / "garbage.parquet"),
+    return {"one_class": str(one_class), "folder_val": str(tmp_path / "two" / "val"), "two": str(tmp_path / "two"), "garbage": str(tmp_path / "garbage.parquet"),
             "labels": _parquet(tmp_path / "labels.parquet", [0, 5, 7, 9]), "afile": str(tmp_path / "afile"),
             "columns": _parquet(tmp_path / "columns.parquet", [0, 1], ("img", "y")), "nowhere": str(tmp_path / "nowhere")}
 
@@ -256,7 +256,8 @@ BAD_DRY_RUNS = [  # (flags, exit status, what the one line must say); every one 
     (["--download"], 2, "digits cannot be downloaded"),
     (["--dataset", "cifar10", "--download"], 2, "--download needs --data-root DIR"),
     (["--dataset", "cifar10", "--data-root", "{afile}"], 2, "is a file: give the folder that holds the cifar10 data set"),
-    (["--num-classes", "5"], 2, "--num-classes is for Parquet sources"),
+    (["--num-classes", "5"], 2, "--num-classes 5, but digits has 10 classes: drop --num-classes"),
+    (["--dataset", "imagefolder", "--data-root", "{two}", "--num-classes", "3"], 2, "two/train has 2 classes (its class folders)"),
     (["--pixels-per-step", "1000"], 2, "--pixels-per-step 1000 is more than the 8×8 = 64 pixels"),
     (["--tracking-uri", "garbage"], 2, "is a file store, which MLflow 3 refuses"),
     (["--experiment", " "], 2, "--experiment needs a name"),

@@ -212,7 +212,7 @@ def test_smoke_on_a_folder_stays_within_the_stated_passes(ray_session, tmp_path,
         assert sel.curve.shape[1] == 16 * 16  # the folder cut to the smoke's 16 px
         assert len(sel.forward_passes) == plan.n_images["test"]
         tags.add(job.tag)
-    assert {"backselect-k8", "gradient"} <= tags, tags  # k raised from 1 to keep exact BS (32,896 passes at 16²) in bounds
+    assert {"backselect-k8-keep0.05", "gradient"} <= tags, tags  # k raised from 1 to keep exact BS (32,896 passes at 16²) in bounds
 
 
 def test_dry_run_on_an_out_with_other_settings_is_refused_before_any_work(tmp_path, capsys):

@@ -38,7 +38,7 @@ def test_dry_run_prints_the_whole_plan_and_writes_nothing(ray_session, folder_ar
     assert "plan:" in printed and "resources (" in printed and "cost (" in printed and "dry run: nothing selected" in printed
     passes = planned_forward_passes("bgsis", 32 * 32, 64, 0.05)
     for split in ("train", "test"):
-        line = next(ln for ln in printed.splitlines() if "selection  tv:resnet18/pretrained bgsis-k64" in ln and f" {split}  " in ln)
+        line = next(ln for ln in printed.splitlines() if "selection  tv:resnet18/pretrained bgsis-k64-keep0.1" in ln and f" {split}  " in ln)
         assert f"6 img × {passes:,} passes" in line and "≈" in line, line
     assert "training   tv:resnet18 subsets  3 trials × 1 epoch × 6 img" in printed
     assert "would stop here" not in printed  # --max-hours 0: no guard

@@ -35,9 +35,9 @@ def test_cifar10_smoke_test(ray_session, tmp_path, monkeypatch):
     assert sis_cifar10.main(["--smoke-test", "--out", str(out)]) == 0
     assert [p for p in os.listdir(tmp_path / "tmp") if p.startswith("sis_cifar10")] == []  # its data went with it; the results are in --out
     summary = json.load(open(out / "summary.json"))
-    assert summary["dataset"] == "cifar10" and summary["selector"] == "bgsis-k128"
+    assert summary["dataset"] == "cifar10" and summary["selector"] == "bgsis-k128-keep0.05"
     assert set(summary["accuracy"]["resnet20"]) == {"full", "full+dropout", "bgsis-subset", "random-subset", "bgsis-positions-only"}
-    sel = store.read_selections(str(out / "selections"), "resnet20-s0", "bgsis-k128", "train", expect_n=20)
+    sel = store.read_selections(str(out / "selections"), "resnet20-s0", "bgsis-k128-keep0.05", "train", expect_n=20)
     assert sel.height == 32 and sel.order.shape == (20, 1024)
 
 
@@ -61,7 +61,7 @@ def test_imagenet_folder_of_jpegs_and_resume(ray_session, tmp_path, resnet18_wei
     args = _args(str(tmp_path / "data" / "train"), str(tmp_path / "data" / "val"), resnet18_weights, out)
     assert sis_imagenet.main(args) == 0
     root = os.path.join(out, "selections")
-    sel = store.read_selections(root, "tv_resnet18", "bgsis-k64", "train")
+    sel = store.read_selections(root, "tv_resnet18", "bgsis-k64-keep0.1", "train")
     expected_ids = sorted(stable_id(f"{c}/{f}".encode()) for c in sorted(os.listdir(tmp_path / "data" / "train"))
                           for f in os.listdir(tmp_path / "data" / "train" / c))
     assert sel.image_id.tolist() == expected_ids  # ids: hashes of class/file paths, stable across runs
@@ -74,17 +74,17 @@ def test_imagenet_folder_of_jpegs_and_resume(ray_session, tmp_path, resnet18_wei
     runs = mlflow.search_runs(experiment_names=["overinterp-imagenet"])
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
     assert len(children) == 3 and (children["metrics.baseline_accuracy"] == summary["baseline"]["full"]).all()
-    child = children[children["tags.mlflow.runName"] == "tv_resnet18-bgsis-k64-s0"]
+    child = children[children["tags.mlflow.runName"] == "tv_resnet18-bgsis-k64-keep0.1-s0"]
     epochs = mlflow.MlflowClient().get_metric_history(child["run_id"].iloc[0], "val_accuracy")
     assert [m.step for m in epochs] == [0], epochs  # the epoch's report from the one-worker trial's own process
     parent = runs[runs["tags.mlflow.parentRunId"].isna()].iloc[0]
     assert parent["metrics.plan.cost.eta_s"] > 0 and parent["metrics.plan.cost.forward_passes"] > 0  # the cost plan, as run_pipeline logs it
     plan_txt = mlflow.artifacts.load_text(f"runs:/{parent['run_id']}/plan.txt")
-    assert "resources (" in plan_txt and "cost (" in plan_txt and "selection  tv:resnet18/pretrained bgsis-k64 train" in plan_txt
+    assert "resources (" in plan_txt and "cost (" in plan_txt and "selection  tv:resnet18/pretrained bgsis-k64-keep0.1 train" in plan_txt
     assert set(summary["accuracy"]["tv:resnet18"]) == {"bgsis-subset", "random-subset", "bgsis-positions-only"}
-    result = json.load(open(os.path.join(out, "trials", "tv_resnet18-bgsis-k64-s0", "result.json")))
+    result = json.load(open(os.path.join(out, "trials", "tv_resnet18-bgsis-k64-keep0.1-s0", "result.json")))
     assert result["val_images"] == 12 and len(result["losses"]) == 1  # every val image, one epoch
-    assert result["workers"] == 1 and not os.path.exists(os.path.join(out, "trials", "tv_resnet18-bgsis-k64-s0", "state.pt"))
+    assert result["workers"] == 1 and not os.path.exists(os.path.join(out, "trials", "tv_resnet18-bgsis-k64-keep0.1-s0", "state.pt"))
     timing = result["timing"]  # where the trial's time went (one worker: it trains in the trial's process, no group to start)
     assert timing["fit_s"] >= timing["worker_start_s"] + sum(timing["epoch_s"]) and 0 <= timing["worker_start_s"] < 1
     assert len(timing["epoch_s"]) == len(timing["first_batch_s"]) == 1 and 0 < timing["first_batch_s"][0] <= timing["epoch_s"][0]
@@ -93,10 +93,10 @@ def test_imagenet_folder_of_jpegs_and_resume(ray_session, tmp_path, resnet18_wei
     mtimes = {p: os.stat(p).st_mtime_ns for p in (os.path.join(out, "trials", "tv_resnet18-random-seed0-s0", "result.json"),)}
     assert sis_imagenet.main(args) == 0  # resume: nothing redone
     printed = capsys.readouterr().out
-    assert "[bgsis-k64 tv_resnet18/train] 12 of 12 images already selected; 0 to go" in printed
+    assert "[bgsis-k64-keep0.1 tv_resnet18/train] 12 of 12 images already selected; 0 to go" in printed
     assert "3 of 3 trials already finished" in printed
     assert all(os.stat(p).st_mtime_ns == t for p, t in mtimes.items())
-    assert sorted(store.raw_image_ids(root, "tv_resnet18", "bgsis-k64", "train").tolist()) == expected_ids  # no duplicates: raw rows
+    assert sorted(store.raw_image_ids(root, "tv_resnet18", "bgsis-k64-keep0.1", "train").tolist()) == expected_ids  # no duplicates: raw rows
 
     # The baseline came from the analysis's own images, all 12 of the split; a pass over the split, which
     # a split larger than the analysed images takes, gives the same accuracies.

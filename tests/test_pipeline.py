@@ -308,7 +308,7 @@ def test_a_streamed_folder_run_trains_selects_and_reports_as_an_in_memory_one(ra
     assert set(summary["accuracy"]["digits_cnn"]) == {"full", "bgsis-subset", "bgsis-positions-only", "gradient-subset",
                                                       "gradient-positions-only", "random-subset"}
     assert summary["analysed_test_images"] == [8, 8] and summary["sis"]["digits_cnn"]["plain"]["n_images"] == 8
-    assert [r["selector"] for r in summary["comparison"]["digits_cnn"]["selectors"]] == ["bgsis-k16", "gradient"]
+    assert [r["selector"] for r in summary["comparison"]["digits_cnn"]["selectors"]] == ["bgsis-k16-keep0.05", "gradient"]
     assert summary["gallery_columns"][0] == "original" and len(summary["gallery_columns"]) == 5
     for f in ("summary.md", "gallery.png", "accuracy.png", "confidence_vs_removed.png", "sis_sizes.png"):
         assert (out / f).exists(), f

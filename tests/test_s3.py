@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "jobs"))
 
 import sis_imagenet  # noqa: E402
 
-SELECTOR = ("resnet20", "bgsis-k64")
+SELECTOR = ("resnet20", "bgsis-k64-keep0.1")
 
 
 def _key(s3, uri: str) -> str:
@@ -145,7 +145,7 @@ def test_a_streamed_run_reads_and_writes_s3(first_run, s3, mlflow_server):
     sel = store.read_selections(fs.join(out, "selections"), *SELECTOR, "train", expect_ids=first_run["expected"])
     assert sel.image_id.tolist() == first_run["expected"] and sel.order.shape == (6, 1024)
     keys = set(_objects(s3, out))
-    assert {"summary.json", "trials/resnet20-bgsis-k64-s0/result.json", "trials/resnet20-random-seed0-s0/result.json"} <= keys
+    assert {"summary.json", "trials/resnet20-bgsis-k64-keep0.1-s0/result.json", "trials/resnet20-random-seed0-s0/result.json"} <= keys
     assert ".overinterp.lock" not in keys  # released
     mlflow.set_tracking_uri(mlflow_server[0])
     parent = mlflow.search_runs(experiment_names=["overinterp-imagenet"], filter_string="tags.`overinterp.role` = 'parent'")
@@ -172,7 +172,7 @@ def test_the_rerun_resumes_from_the_s3_store(first_run, s3, tmp_path):
     printed = (tmp_path / "rerun.log").read_text()
     assert rc == 0, printed[-4000:]
     for split in ("train", "test"):
-        assert f"[bgsis-k64 resnet20/{split}] 6 of 6 images already selected; 0 to go" in printed
+        assert f"[bgsis-k64-keep0.1 resnet20/{split}] 6 of 6 images already selected; 0 to go" in printed
     assert "3 of 3 trials already finished" in printed
     assert {k: v for k, v in _objects(s3, out).items() if k.startswith(("selections/", "trials/"))} == before
     again = fs.read_json(fs.join(out, "summary.json"))

@@ -19,7 +19,7 @@ import os
 from typing import Optional
 
 from overinterp import fs
-from overinterp.config import IN_MEMORY_ONLY, ConfigError, RunConfig
+from overinterp.config import DATASET_CLASSES, IN_MEMORY_ONLY, ConfigError, RunConfig
 
 TRACKING_TIMEOUT_S = 5.0
 
@@ -93,9 +93,14 @@ def check_inputs(cfg: RunConfig) -> RunConfig:
         elif cfg.dataset == "parquet" and not parquet:
             raise ConfigError(f"--dataset parquet: {cfg.train} holds no .parquet file: for ImageFolder splits "
                               "(<split>/<class>/<image>) give --dataset imagefolder")
-    if cfg.num_classes is not None and cfg.dataset != "parquet":
-        raise ConfigError(f"--num-classes is for Parquet sources: {cfg.dataset} takes its classes from "
-                          + ("its class folders" if cfg.dataset == "imagefolder" else "the data set") + "; drop it")
+    if cfg.num_classes is not None and cfg.dataset != "parquet":  # it would be ignored: refused unless it says what is there
+        from overinterp.pipeline.images import list_classes
+
+        folders = cfg.dataset == "imagefolder" and cfg.train is not None
+        have = len(list_classes(cfg.train)) if folders else DATASET_CLASSES[cfg.dataset]
+        if cfg.num_classes != have:
+            raise ConfigError(f"--num-classes {cfg.num_classes}, but {cfg.train if folders else cfg.dataset} has {have} classes"
+                              + (" (its class folders)" if folders else "") + ": drop --num-classes (it sets a Parquet source's classes)")
     g = cfg.generator
     if g and g.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(g)):
         raise ConfigError(f"--generator {g} is not a folder: give a diffusers pipeline folder (save_pretrained) or a hub id")
