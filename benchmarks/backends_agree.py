@@ -12,6 +12,11 @@ and colour with no download.
 
     python benchmarks/backends_agree.py --work /tmp/agree [--train-per-class 70 --val-per-class 30]
 
+Two comparisons. "own": each backend trains its own full-image models and explains its own
+seed-0 model, as a user's two runs would. "shared": both explain one model, the in-memory run's
+seed-0 model (`--pretrained <model> --weights <its checkpoint>`), so that their selections can
+agree exactly and only selection, subset training and evaluation are compared.
+
 Every other setting is the run's own flags, after `--` (the default below is what BENCHMARKS.md
 reports). A run whose `summary.json` exists in --work is reused, so a stopped comparison resumes.
 """
@@ -128,15 +133,24 @@ def main(argv: list[str] | None = None) -> dict:
     root = os.path.join(args.work, "photos")
     if not os.path.isdir(root):
         write_photo_bands(root, args.train_per_class, args.val_per_class, args.crop_px)
-    (a, wall_a), (b, wall_b) = (run_backend(root, os.path.join(args.work, backend), backend, run_args) for backend in BACKENDS)
-    rows = agreement(a["accuracy"], b["accuracy"])
-    print(table(rows))
-    within = sum(r["within_noise"] for r in rows)
-    print(f"{within} of {len(rows)} rows within seed noise; wall {wall_a:.0f} s in memory, {wall_b:.0f} s streamed")
     report = {"benchmark": "backends_agree", "machine": machine(packages=("torchvision", "ray")), "run_args": run_args,
-              "train_per_class": args.train_per_class, "val_per_class": args.val_per_class, "rows": rows,
-              "rows_within_noise": within, "wall_seconds": {"in_memory": wall_a, "streamed": wall_b},
-              "sis": {"in_memory": a.get("sis"), "streamed": b.get("sis")}}
+              "train_per_class": args.train_per_class, "val_per_class": args.val_per_class}
+    model = run_args[run_args.index("--models") + 1].split(",")[0] if "--models" in run_args else None
+    for name in ("own", "shared"):
+        extra = []
+        if name == "shared":
+            if model is None:
+                break  # the explained model's name is needed for --pretrained
+            extra = ["--pretrained", model, "--weights", os.path.join(args.work, "own-no-stream", "trials", f"{model}-full-s0", "model.pt")]
+        (a, wall_a), (b, wall_b) = (run_backend(root, os.path.join(args.work, f"{name}-{backend}"), backend, run_args + extra)
+                                    for backend in BACKENDS)
+        rows = agreement(a["accuracy"], b["accuracy"])
+        within = sum(r["within_noise"] for r in rows)
+        print(f"\n{name}: {within} of {len(rows)} rows within seed noise; wall {wall_a:.0f} s in memory, {wall_b:.0f} s streamed")
+        print(table(rows))
+        report[name] = {"rows": rows, "rows_within_noise": within, "wall_seconds": {"in_memory": wall_a, "streamed": wall_b},
+                        "sis": {"in_memory": a.get("sis"), "streamed": b.get("sis")},
+                        "variant_accuracy": {"in_memory": a.get("variant_accuracy"), "streamed": b.get("variant_accuracy")}}
     return finish(report, started, args.json_out)
 
 
