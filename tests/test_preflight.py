@@ -81,3 +81,12 @@ def test_the_backend_is_chosen_by_size():
     assert choose_backend(RunConfig(train="t", val="v").resolved(), None, 224)[0] is True
     assert choose_backend(RunConfig(dataset="imagefolder", data_root="photos", stream=True).resolved(), 10, 224)[0] is True
     assert choose_backend(RunConfig(train="t", val="v", stream=False).resolved(), 10, 224)[0] is False
+
+
+def test_workers_per_trial_on_a_run_held_in_memory_is_said_to_do_nothing(tmp_path, capsys):
+    from overinterp.pipeline.driver import prepare
+
+    prepare(RunConfig(workers_per_trial=2, smoke=True, out_dir=str(tmp_path / "o")))
+    assert "--workers-per-trial 2 applies to streamed trials: this run holds its images in memory" in capsys.readouterr().out
+    prepare(RunConfig(smoke=True, out_dir=str(tmp_path / "o")))
+    assert "--workers-per-trial" not in capsys.readouterr().out

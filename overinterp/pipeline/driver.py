@@ -207,6 +207,9 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
     stream, why = choose_backend(cfg, n_images, side)
     cfg = dataclasses.replace(cfg, stream=stream)  # its checks refuse --explain on a folder too big for memory, without --generator
     log(f"source: {cfg.dataset} {cfg.data_root or cfg.train or ''}".rstrip() + f": {why}")
+    if not stream and cfg.workers_per_trial > 1:  # decided here for a folder, so not refused with the other flags
+        log(f"--workers-per-trial {cfg.workers_per_trial} applies to streamed trials: this run holds its images in memory and "
+            "trains each trial in one process (--stream streams them)")
     if stream:
         from overinterp.pipeline.stream import StreamSource
 
