@@ -28,6 +28,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -97,11 +98,10 @@ def run_backend(root: str, out: str, backend: str, run_args: list[str]) -> tuple
     """(summary.json, wall seconds) of `overinterp run` on the folder with --<backend>; reused if there."""
     summary = os.path.join(out, "summary.json")
     if not os.path.exists(summary):
-        import time
-
         t0 = time.time()
-        cmd = [sys.executable, "-c", "from overinterp.cli import main; main()", "run", "--dataset", "imagefolder",
-               "--data-root", root, "--out", out, f"--{backend}", *run_args]
+        # `-m overinterp.cli` exits with the run's status, so check=True stops at a failed run
+        cmd = [sys.executable, "-m", "overinterp.cli", "run", "--dataset", "imagefolder", "--data-root", root, "--out", out,
+               f"--{backend}", *run_args]
         print("$ overinterp " + " ".join(cmd[3:]), flush=True)
         subprocess.run(cmd, check=True)
         with open(os.path.join(out, "wall_seconds"), "w") as f:

@@ -86,3 +86,13 @@ def test_backends_agree_writes_nine_photo_bands_and_compares_rows_by_seed_noise(
     assert rows["full"]["difference"] == pytest.approx(3) and rows["full"]["noise_bound"] == pytest.approx(2 * (8 / 3) ** 0.5)
     assert rows["full"]["within_noise"] and not rows["subset"]["within_noise"]
     assert "| m | subset | 82.0 ± 2.0 | 92.0 ± 2.0 | +10.0 | 3.3 | NO |" in backends_agree.table(list(rows.values()))
+
+
+def test_backends_agree_stops_at_a_failed_run(tmp_path):
+    import subprocess
+
+    import backends_agree
+
+    with pytest.raises(subprocess.CalledProcessError) as e:  # not a later "no summary.json"
+        backends_agree.run_backend(str(tmp_path / "photos"), str(tmp_path / "out"), "no-stream", ["--image-size", "0"])
+    assert e.value.returncode == 2 and not (tmp_path / "out").exists()
