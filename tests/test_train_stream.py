@@ -9,7 +9,7 @@ from overinterp import store
 from overinterp.pipeline import train_stream
 from overinterp.pipeline.images import MASK_COLUMN, read_encoded
 from overinterp.pipeline.train_stream import subset_stream, unpack_keep
-from overinterp.synthetic import write_encoded_parquet
+from overinterp.synthetic import write_encoded_parquet, write_imagefolder
 
 pytestmark = pytest.mark.ray
 
@@ -77,6 +77,52 @@ def test_repeated_stored_ids_are_refused_with_the_repair_command(ray_session, tm
         monkeypatch.setattr(train_stream, "DRIVER_MASK_TABLE_BYTES", driver_bytes)
         with pytest.raises(store.StoreError, match="repeated image ids"):
             train_stream.mask_table_refs(root, [("m/sel", "train")], 4, 0.5, {"train": 2})
+
+
+def test_a_training_stream_reads_its_files_in_a_new_seeded_order_each_epoch(ray_session, tmp_path):
+    """A training stream's files come in a random order drawn from its seed, another each epoch, the
+    same again in a new run; and no stage of it waits for the whole split (a block shuffle would:
+    the first batch would come only once every image was decoded)."""
+    classes = write_imagefolder(str(tmp_path), n_per_class=8, num_classes=3, size=SIZE)
+
+    def stream(seed):
+        return subset_stream(str(tmp_path / "train"), classes, None, SIZE, "", None, "train", FRACTION, n_images=24, shuffle_seed=seed)
+
+    def epochs(seed, n=2):
+        ds = stream(seed)
+        return [[int(i) for b in ds.iter_batches(batch_size=None) for i in b["image_id"]] for _ in range(n)]
+
+    first, second = epochs(0)
+    assert len(first) == 24 and sorted(first) == sorted(second)  # every image once an epoch
+    assert first != second  # another order each epoch
+    assert epochs(0) == [first, second]  # the same orders run after run
+    assert epochs(1)[0] != first
+    assert not any(stage in str(stream(0)) for stage in ("RandomizeBlockOrder", "RandomShuffle", "Sort", "Repartition"))
+    # rows in the files' order, whichever decoding task finishes first (too rare to catch by running here)
+    assert stream(0).context.execution_options.preserve_order
+
+
+def test_a_one_worker_trial_trains_alike_run_after_run(ray_session, tmp_path):
+    """A streamed trial on a folder of many files (read in parallel, class by class on disk) gives the
+    same losses and accuracy when run again with the same seed."""
+    from overinterp.pipeline.resources import ResourcePlan
+    from overinterp.pipeline.trial import TrialSpec
+
+    classes = write_imagefolder(str(tmp_path / "data"), n_per_class=16, num_classes=3, size=SIZE)
+    spec = TrialSpec(model="digits_cnn", seed=0, subset=None)
+    res = ResourcePlan(use_gpu=False, select_workers=1, cpus_per_worker=1, gpus_per_worker=0, trial_concurrency=1, cpus_per_trial=1,
+                       gpus_per_trial=0, capacity="test")
+    info = {"mean": (0.5,) * 3, "std": (0.25,) * 3, "hw": SIZE * SIZE, "num_classes": 3}
+    train = {"epochs": 2, "batch_size": 8, "lr": 0.05, "augment": True}
+
+    def trial(out):
+        streams = {name: subset_stream(str(tmp_path / "data" / folder), classes, None, SIZE, "", None, split, FRACTION, n_images=48,
+                                       shuffle_seed=spec.seed if name == "train" else None)
+                   for name, folder, split in (("train", "train", "train"), ("val", "val", "test"))}
+        return train_stream.run_stream_trial(spec, streams, train, info, str(tmp_path / out), res, use_cuda=False)
+
+    first, again = trial("a"), trial("b")
+    assert first["losses"] == again["losses"] and first["accuracy"] == again["accuracy"]
 
 
 def test_a_one_worker_trial_goes_on_from_its_last_epoch_state(ray_session, tmp_path):

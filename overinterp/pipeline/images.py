@@ -39,6 +39,7 @@ import ray
 
 from overinterp import fs, store
 from overinterp.data import DataError, HIDDEN_PREFIXES, IMAGE_EXTENSIONS, decode_failure, decode_image, is_image_name
+from overinterp.pipeline.terminal import log
 
 
 class SourceError(DataError):
@@ -269,10 +270,14 @@ def check_columns(path: str, types: dict) -> None:
         raise SourceError(f"{path}: {'; '.join(wrong)}: write encoded image bytes and integer labels (and image ids)")
 
 
-def parquet_rows(path: str, num_classes: Optional[int] = None) -> int:
+def parquet_rows(path: str, num_classes: Optional[int] = None, shuffle_buffer: Optional[int] = None) -> int:
     """Rows of a Parquet source, from its files' footers alone (nothing else is read). Checks each
     file on the way: that it is Parquet, its columns (check_columns), and that the labels its footer
-    statistics record lie in [0, num_classes) (None: only >= 0). SourceError naming the file and the fix."""
+    statistics record lie in [0, num_classes) (None: only >= 0). SourceError naming the file and the fix.
+
+    shuffle_buffer: where the rows train a model, the images its shuffle buffer holds: a file of more
+    rows stored in label order (row groups in rising label ranges) gets a warning, since training
+    shuffles files and that buffer, not the rows of one file."""
     f, p = fs.resolve(path)
     info = f.get_file_info(p)
     files = [p] if info.type == pafs.FileType.File else sorted(i.path for i in f.get_file_info(pafs.FileSelector(p, recursive=True))
@@ -288,20 +293,27 @@ def parquet_rows(path: str, num_classes: Optional[int] = None) -> int:
         check_columns(name, dict(zip(schema.names, schema.types)))
         leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]  # Parquet's leaf columns, not Arrow's fields
         label = leaves.index("label")
+        ranges = []  # (min, max) label of each row group with statistics
         for g in range(meta.num_row_groups):
             stats = meta.row_group(g).column(label).statistics
             if stats is None or not stats.has_min_max:
                 continue
+            ranges.append((stats.min, stats.max))
             if stats.min < 0:
                 raise SourceError(f"{name}: labels run from {stats.min}: class labels are 0, 1, 2, ...: fix the labels")
             if num_classes is not None and stats.max >= num_classes:
                 raise SourceError(f"{name}: labels run to {stats.max}, beyond the {num_classes} classes (0..{num_classes - 1}): "
                                   f"give --num-classes {stats.max + 1} (the classes of a Parquet source), or fix the labels")
+        if (shuffle_buffer and meta.num_rows > shuffle_buffer and len(ranges) > 1 and ranges[0][0] < ranges[-1][1]
+                and all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))):
+            log(f"warning: {name} stores its {meta.num_rows:,} rows in label order, and training shuffles only whole files and "
+                f"{shuffle_buffer:,} images at a time: its batches will hold few classes; write its rows in random order")
         rows += meta.num_rows
     return rows
 
 
-def read_encoded(path: str, classes: list[str] | None = None, limit: int | None = None, images: int | None = None) -> ray.data.Dataset:
+def read_encoded(path: str, classes: list[str] | None = None, limit: int | None = None, images: int | None = None,
+                 shuffle_seed: Optional[int] = None) -> ray.data.Dataset:
     """A Ray Dataset of encoded, labelled images (image_id, label, path, encoded bytes): nothing decoded.
 
     Args:
@@ -309,9 +321,13 @@ def read_encoded(path: str, classes: list[str] | None = None, limit: int | None 
         limit: keep only the first `limit` images (smoke runs, pilots).
         images: how many images the read yields, where the caller knows (the plan's count): it picks
             the Parquet reader (read_parquet).
+        shuffle_seed: read the files in a random order, another on each pass over the dataset, all
+            drawn from this seed (None, or a `limit`: in listing order). Shuffling the files as they
+            are read keeps the read streaming; shuffling blocks after it would wait for all of them.
     """
+    shuffle = None if shuffle_seed is None or limit else ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
     if is_parquet(path):
-        ds = read_parquet(path, images)
+        ds = read_parquet(path, images, shuffle=shuffle)
         schema = ds.schema()
         check_columns(path, dict(zip(schema.names, schema.types)))
         return _first(ds, limit).map_batches(_index_parquet, fn_kwargs={"source": path}, batch_format="numpy", batch_size=64)
@@ -320,7 +336,7 @@ def read_encoded(path: str, classes: list[str] | None = None, limit: int | None 
     check_folder(path, classes)  # the layout, before anything is decoded
     _, root = fs.resolve(path)
     exts = [e.lstrip(".") for e in IMAGE_EXTENSIONS]  # Ray Data matches extensions in any case
-    ds = _first(ray.data.read_binary_files(path, include_paths=True, file_extensions=exts), limit)
+    ds = _first(ray.data.read_binary_files(path, include_paths=True, file_extensions=exts, shuffle=shuffle), limit)
     return ds.map_batches(_index_folder, fn_kwargs={"root": root.rstrip("/"), "classes": classes}, batch_format="numpy", batch_size=64)
 
 

@@ -35,7 +35,7 @@ from overinterp.pipeline.plan import Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan, exit_with_parent, worker_device
 from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, map_on_actors, select_stream, stored_random_ids, write_random
 from overinterp.pipeline.terminal import log
-from overinterp.pipeline.train_stream import (broadcast_join, cuda_on_gpu_workers, mask_table_refs, run_stream_trial,
+from overinterp.pipeline.train_stream import (SHUFFLE_BUFFER_IMAGES, broadcast_join, cuda_on_gpu_workers, mask_table_refs, run_stream_trial,
                                                subset_stream, unpack_keep)
 from overinterp.pipeline.trial import TrialSpec, load_result
 from overinterp.pipeline.tune_stage import collect_results, launch_trials
@@ -56,11 +56,11 @@ def listing_digest(path: str) -> str:
     return hashlib.sha256(f"{info.path[len(p):]}:{info.size}".encode()).hexdigest()[:16]
 
 
-def count_images(path: str, classes, limit, num_classes: Optional[int] = None) -> int:
+def count_images(path: str, classes, limit, num_classes: Optional[int] = None, shuffle_buffer: Optional[int] = None) -> int:
     """Images in a source without reading them: a folder listing, or Parquet footers (checked as
-    images.parquet_rows says: Parquet, its columns, labels below num_classes)."""
+    images.parquet_rows says: Parquet, its columns, labels below num_classes, rows in label order)."""
     if is_parquet(path):
-        n = parquet_rows(path, num_classes)
+        n = parquet_rows(path, num_classes, shuffle_buffer)
     else:
         n = sum(check_folder(path, classes).values())
     return min(n, limit) if limit else n
@@ -88,7 +88,8 @@ class StreamSource:
         limits = {"train": cfg.max_images, "test": cfg.max_images}
         if cfg.smoke:
             limits = {s: min(n, cfg.max_images or n) for s, n in zip(("train", "test"), SMOKE_SIZES)}
-        n_images = {split: count_images(cfg.train if split == "train" else cfg.val, classes, limits[split], num_classes)
+        n_images = {split: count_images(cfg.train if split == "train" else cfg.val, classes, limits[split], num_classes,
+                                        SHUFFLE_BUFFER_IMAGES if split == "train" else None)
                     for split in ("train", "test")}
         S = cfg.image_size
         return cls(cfg.train, cfg.val, classes, num_classes, n_images, (3, S, S), limits)
@@ -174,14 +175,15 @@ class StreamBackend:
                 if broadcast_join(self.plan.n_images[split], self.plan.hw)]
         return mask_table_refs(self.plan.root, keys, self.plan.hw, self.cfg.fraction, self.plan.n_images)
 
-    def _streams(self, subset: Optional[str], tables: dict) -> dict:
+    def _streams(self, spec: TrialSpec, tables: dict) -> dict:
         """{"train", "val"} datasets of one trial: the images with their keep-masks (all pixels for full
-        images); tables: _mask_tables' result."""
+        images); tables: _mask_tables' result. The training files come in an order drawn from the
+        trial's seed (subset_stream)."""
         cfg, data = self.cfg, self.data
-        streams = {name: subset_stream(data.path(split), data.classes, data.limits[split], cfg.image_size, self.plan.root, subset, split,
-                                       cfg.fraction, self.plan.n_images[split], tables.get((subset, split)))
+        streams = {name: subset_stream(data.path(split), data.classes, data.limits[split], cfg.image_size, self.plan.root, spec.subset,
+                                       split, cfg.fraction, self.plan.n_images[split], tables.get((spec.subset, split)),
+                                       shuffle_seed=spec.seed if name == "train" else None)
                    for name, split in (("train", "train"), ("val", "test"))}
-        streams["train"] = streams["train"].randomize_block_order()  # see train_stream.SHUFFLE_BUFFER_IMAGES
         return streams
 
     def train_subsets(self, specs: list[TrialSpec]) -> dict:
@@ -203,7 +205,7 @@ class StreamBackend:
                 from ray import tune
 
                 spec = TrialSpec(**config["trial"])
-                result = run_stream_trial(spec, self._streams(spec.subset, tables), train_config, info, cfg.out_dir, res, use_cuda,
+                result = run_stream_trial(spec, self._streams(spec, tables), train_config, info, cfg.out_dir, res, use_cuda,
                                           cfg.workers_per_trial)
                 tune.report({"accuracy": result["accuracy"], "train_loss": result["train_loss"], "seconds": result["seconds"], "done": True})
 

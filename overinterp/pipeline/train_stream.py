@@ -107,8 +107,9 @@ BROADCAST_MASK_BYTES = 1 << 30
 
 IMAGES_PER_PARTITION = 5000  # join partitions: ~5,000 encoded ImageNet images (~0.5 GB) each
 # Training images are shuffled in two steps, since a source is stored in order (an ImageFolder class
-# by class): the blocks' order is randomised per epoch, then each worker draws its batches at random
-# from a buffer of this many images (SGD and BatchNorm on one-class batches learn nothing).
+# by class): its files are read in a seeded random order, another each epoch (read_encoded), then each
+# worker draws its batches at random from a buffer of this many images (SGD and BatchNorm on one-class
+# batches learn nothing). Rows within one Parquet file keep their order up to the buffer.
 SHUFFLE_BUFFER_IMAGES = 2048
 
 
@@ -150,27 +151,36 @@ def mask_table_refs(root: str, keys: list[tuple[str, str]], hw: int, fraction: f
 
 
 def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int], size: int, root: str, subset: Optional[str],
-                  split: str, fraction: float, n_images: int, table: Optional[list] = None) -> ray.data.Dataset:
+                  split: str, fraction: float, n_images: int, table: Optional[list] = None,
+                  shuffle_seed: Optional[int] = None) -> ray.data.Dataset:
     """The images of one split that have a stored selection, decoded, each with its packed keep-mask;
     subset None: every image of the split, with every pixel kept (full-image trials).
-    table: mask_table_refs' entry for this selection and split, where the caller holds it already."""
-    encoded = read_encoded(source, classes, limit, n_images)
+    table: mask_table_refs' entry for this selection and split, where the caller holds it already.
+    shuffle_seed: a training stream's: its files in another order each epoch, drawn from the seed
+    (read_encoded), and its rows handed on in that order (decoding tasks finish in any order), so a
+    one-worker trial trains alike run after run (Ray Train sets its own order options on the
+    datasets it splits between workers)."""
+    encoded = read_encoded(source, classes, limit, n_images, shuffle_seed)
     folder_root = "" if is_parquet(source) else fs.resolve(source)[1].rstrip("/")
+    hw = size * size
     if subset is None:
         decoded = encoded.map_batches(decode_batch, fn_kwargs={"size": size, "root": folder_root}, batch_format="numpy", batch_size=64)
-        decoded = drop_bad(decoded).map_batches(keep_all, fn_kwargs={"hw": size * size}, batch_format="numpy", batch_size=64)
-        return decoded.select_columns(["image_id", "label", "image", MASK_COLUMN])
-    hw = size * size
-    if broadcast_join(n_images, hw):
-        table = table or mask_table_refs(root, [(subset, split)], hw, fraction, {split: n_images})[subset, split]
-        joined = encoded.map_batches(look_up_keep, fn_kwargs={"table": table}, batch_format="numpy", batch_size=256)
+        stream = drop_bad(decoded).map_batches(keep_all, fn_kwargs={"hw": hw}, batch_format="numpy", batch_size=64)
     else:
-        partitions = min(512, max(1, n_images // IMAGES_PER_PARTITION))
-        joined = encoded.join(mask_rows(root, subset, split, hw, fraction), join_type="inner", num_partitions=partitions, on=("image_id",))
-    decoded = joined.map_batches(decode_batch, fn_kwargs={"size": size, "keep_columns": (MASK_COLUMN,), "root": folder_root},
-                                 batch_format="numpy", batch_size=64)
-    # an image that decoded at selection time and not now (changed on disk) is dropped, not trained on as zeros
-    return drop_bad(decoded).select_columns(["image_id", "label", "image", MASK_COLUMN])
+        if broadcast_join(n_images, hw):
+            table = table or mask_table_refs(root, [(subset, split)], hw, fraction, {split: n_images})[subset, split]
+            joined = encoded.map_batches(look_up_keep, fn_kwargs={"table": table}, batch_format="numpy", batch_size=256)
+        else:
+            partitions = min(512, max(1, n_images // IMAGES_PER_PARTITION))
+            joined = encoded.join(mask_rows(root, subset, split, hw, fraction), join_type="inner", num_partitions=partitions, on=("image_id",))
+        decoded = joined.map_batches(decode_batch, fn_kwargs={"size": size, "keep_columns": (MASK_COLUMN,), "root": folder_root},
+                                     batch_format="numpy", batch_size=64)
+        # an image that decoded at selection time and not now (changed on disk) is dropped, not trained on as zeros
+        stream = drop_bad(decoded)
+    stream = stream.select_columns(["image_id", "label", "image", MASK_COLUMN])
+    if shuffle_seed is not None:
+        stream.context.execution_options.preserve_order = True
+    return stream
 
 
 def unpack_keep(packed: torch.Tensor, hw: int) -> torch.Tensor:
