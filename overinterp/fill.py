@@ -91,8 +91,18 @@ def fill(
     N, C, H, W = x.shape
     keep4 = keep.view(N, 1, H, W)
     solved, _ = solve_road(x, keep, tol=tol, max_iter=max_iter)
-    if noise_std > 0:
-        solved = solved + road_noise(x, std, noise_std, generator, seeds)
+    if noise_std > 0:  # σ = noise_std / std[c] ([0, 1] pixel units), or noise_std in x's units without std
+        if seeds is not None:
+            z = torch.empty_like(x)
+            for i, seed in enumerate(seeds):  # one stream per image (N small draws, not per pixel)
+                gen = torch.Generator(device=x.device).manual_seed(int(seed))
+                z[i] = torch.randn((C, H, W), generator=gen, device=x.device, dtype=x.dtype)
+        elif generator is not None:
+            z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+        else:
+            z = torch.randn_like(x)
+        scale = noise_std if std is None else (noise_std / torch.tensor(std, dtype=x.dtype, device=x.device)).view(1, C, 1, 1)
+        solved = solved + z * scale
     return torch.where(keep4, x, solved)
 
 
@@ -112,34 +122,6 @@ def _check(x, keep, how, std, noise_std, seeds) -> None:
         raise ValueError(f"noise_std must be >= 0, got {noise_std}")
     if seeds is not None and len(seeds) != N:
         raise ValueError(f"seeds needs one seed per image ({N}), got {len(seeds)}")
-
-
-def road_noise(
-    x: torch.Tensor,
-    std: Optional[Sequence[float]] = None,
-    noise_std: float = ROAD_NOISE_STD,
-    generator: Optional[torch.Generator] = None,
-    seeds: Optional[Sequence[int]] = None,
-) -> torch.Tensor:
-    """(N, C, H, W) Gaussian noise like x, σ = noise_std / std[c] (noise_std if std is None).
-
-    The linear part depends only on (image, mask): a caller may solve once (`solve_road`) and add
-    fresh noise per draw; `fill` adds it at removed pixels only. Arguments as in `fill`.
-    """
-    N, C, H, W = x.shape
-    if seeds is not None:
-        z = torch.empty_like(x)
-        for i, seed in enumerate(seeds):  # one stream per image (N small draws, not per pixel)
-            gen = torch.Generator(device=x.device).manual_seed(int(seed))
-            z[i] = torch.randn((C, H, W), generator=gen, device=x.device, dtype=x.dtype)
-    elif generator is not None:
-        z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-    else:
-        z = torch.randn_like(x)
-    if std is None:
-        return z * noise_std
-    scale = noise_std / torch.tensor(std, dtype=x.dtype, device=x.device)
-    return z * scale.view(1, C, 1, 1)
 
 
 def stencil(p: torch.Tensor, tmp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

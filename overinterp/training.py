@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from overinterp.data import normalize
 from overinterp.fill import FILLS as PIXEL_FILLS, fill as fill_removed
-from overinterp.selection.subsets import apply_mask
 
 
 @dataclass(frozen=True)
@@ -108,12 +107,9 @@ def prepare(images: torch.Tensor, mean, std, keep: Optional[torch.Tensor], fill:
     if fill == "positions":
         N, C, H, W = images.shape
         return keep.view(N, 1, H, W).float().expand(N, C, H, W).contiguous()
-    x = normalize(images, mean, std)
-    if fill == "mean":
-        return apply_mask(x, keep)
-    if fill == "road":
-        return fill_removed(x, keep, "road", std=std, generator=generator, seeds=seeds)
-    raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
+    if fill not in PIXEL_FILLS:
+        raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
+    return fill_removed(normalize(images, mean, std), keep, fill, std=std, generator=generator, seeds=seeds)
 
 
 def train_model(

@@ -13,8 +13,8 @@ from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 
 from overinterp.data import normalize  # noqa: E402
 from denoisers import GaussianOptimal  # noqa: E402
-from overinterp.explain.ddim import Denoiser, initial_noise, schedule  # noqa: E402
-from overinterp.explain.guided import METHODS, GuidanceConfig, ddim_chain, generate  # noqa: E402
+from overinterp.explain.ddim import Denoiser, ddim_chain, initial_noise, schedule  # noqa: E402
+from overinterp.explain.guided import METHODS, GuidanceConfig, generate  # noqa: E402
 from overinterp.explain.objectives import VCE, ClassVisualisation, Disagreement, distance  # noqa: E402
 from overinterp.explain.pixels import (  # noqa: E402
     classifier_to_diffusion, diffusion_to_classifier, diffusion_to_uint8, uint8_to_classifier, uint8_to_diffusion,
@@ -98,11 +98,11 @@ def test_pixel_spaces_agree_with_the_project_normalisation():
 # --- the guided chain -------------------------------------------------------------------------
 
 def test_gradient_checkpointing_gives_the_same_gradient(monkeypatch):
-    import overinterp.explain.guided as guided
+    import overinterp.explain.ddim as ddim
 
     checkpointed = []  # the chain's steps run under torch.utils.checkpoint
-    real = guided.checkpoint
-    monkeypatch.setattr(guided, "checkpoint", lambda fn, *args, **kwargs: checkpointed.append(args[-1]) or real(fn, *args, **kwargs))
+    real = ddim.checkpoint
+    monkeypatch.setattr(ddim, "checkpoint", lambda fn, *args, **kwargs: checkpointed.append(args[-1]) or real(fn, *args, **kwargs))
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                        norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).eval()

@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")  # the `explain` extra
 from overinterp.explain.guided import GuidanceConfig, generate  # noqa: E402
 from overinterp.explain.objectives import ClassVisualisation, Disagreement  # noqa: E402
 from overinterp.explain.study import (  # noqa: E402
-    Request, Stacked, TwoWayDisagreement, counterfactuals, disagreement, generate_requests, vce_targets,
+    Request, Stacked, counterfactuals, disagreement, generate_requests, vce_targets,
 )
 from test_explain_guided import MEAN, STD, Brightness, FixedLogits, dark_images, gaussian_prior  # noqa: E402
 
@@ -47,7 +47,7 @@ def test_stacked_objective_is_its_parts_side_by_side():
 def test_two_way_disagreement_flips_the_direction_by_row():
     x = torch.randn(4, 1, 8, 8)
     t = torch.tensor([1, 0, 1, 0])
-    two = TwoWayDisagreement(Brightness(), Dim(), t, torch.tensor([1.0, 1.0, -1.0, -1.0]))
+    two = Disagreement(Brightness(), Dim(), t, torch.tensor([1.0, 1.0, -1.0, -1.0]))
     assert torch.allclose(two(x)[:2], Disagreement(Brightness(), Dim(), t[:2])(x[:2]))
     assert torch.allclose(two(x)[2:], Disagreement(Dim(), Brightness(), t[2:])(x[2:]))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TinyConvNet
-from overinterp.selection.params import PerturbationParams, check_selector_params
+from overinterp.selection.params import PerturbationParams, check_selector_params, selector_tag_params
 from overinterp.selection.perturbation import gaussian_blur, meaningful_perturbation, optimise_masks
 from test_selection import LinearScore
 
@@ -100,8 +100,8 @@ def test_parameters_validate_with_the_fix_in_the_message():
 
 
 def test_parameters_record_and_tag():
-    assert PerturbationParams().tag_params() == {"it": 300}
-    assert PerturbationParams(iterations=500, lr=0.05).tag_params() == {"it": 500, "lr": 0.05}
+    assert selector_tag_params("perturbation") == {"it": 300}
+    assert selector_tag_params("perturbation", {"iterations": 500, "lr": 0.05}) == {"it": 500, "lr": 0.05}
     record = check_selector_params("perturbation", {"seed": 2})  # the parameters a selection is stored with
     assert json.loads(json.dumps(record)) == record and record["seed"] == 2 and record["tv_beta"] == 3.0
     assert PerturbationParams.from_dict({k: v for k, v in record.items() if k != "seed"}) == PerturbationParams()

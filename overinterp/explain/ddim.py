@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -92,13 +93,22 @@ def ddim_step(denoiser: Denoiser, x: torch.Tensor, sched: Schedule, i: int) -> t
     return ddim_update(x0, eps, sched.alpha_prev[i]), x0
 
 
+def _next_level(den: Denoiser, x: torch.Tensor, sched: Schedule, i: int) -> torch.Tensor:
+    return ddim_step(den, x, sched, i)[0]
+
+
+def ddim_chain(den: Denoiser, x_T: torch.Tensor, sched: Schedule, checkpointing: bool = False) -> torch.Tensor:
+    """x_T -> x0 (diffusion units, not clamped) through every level of sched, differentiably;
+    checkpointing recomputes each step's activations in the backward pass (S images held, not S UNets')."""
+    x = x_T
+    for i in range(len(sched.timesteps)):
+        x = checkpoint(_next_level, den, x, sched, i, use_reentrant=False) if checkpointing else _next_level(den, x, sched, i)
+    return x
+
+
 def ddim_sample(denoiser: Denoiser, x_T: torch.Tensor, steps: int) -> torch.Tensor:
     """x_T (B, C, H, W) -> x0 in diffusion units (not clamped), deterministically."""
-    sched = schedule(denoiser, steps, x_T.device)
-    x = x_T
-    for i in range(steps):
-        x, _ = ddim_step(denoiser, x, sched, i)
-    return x
+    return ddim_chain(denoiser, x_T, schedule(denoiser, steps, x_T.device))
 
 
 def ddim_invert(denoiser: Denoiser, x0: torch.Tensor, steps: int) -> torch.Tensor:

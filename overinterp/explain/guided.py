@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from overinterp.explain.ddim import Denoiser, Schedule, ddim_invert, ddim_sample, ddim_step, ddim_update, initial_noise, schedule
+from overinterp.explain.ddim import Denoiser, ddim_chain, ddim_invert, ddim_sample, ddim_update, initial_noise, schedule
 from overinterp.explain.objectives import targets_of
 from overinterp.explain.pixels import diffusion_to_classifier, diffusion_to_uint8, uint8_to_classifier, uint8_to_diffusion
 from overinterp.models import device_of
@@ -94,18 +93,6 @@ class GuidedResult:
 def _straight_clamp(x: torch.Tensor) -> torch.Tensor:
     """x clamped to [-1, 1] forward, identity backward."""
     return x + (x.clamp(-1, 1) - x).detach()
-
-
-def _next_level(den: Denoiser, x: torch.Tensor, sched: Schedule, i: int) -> torch.Tensor:
-    return ddim_step(den, x, sched, i)[0]
-
-
-def ddim_chain(den: Denoiser, x_T: torch.Tensor, sched: Schedule, checkpointing: bool) -> torch.Tensor:
-    """x_T -> x0 (diffusion units) through every level of sched, differentiably."""
-    x = x_T
-    for i in range(len(sched.timesteps)):
-        x = checkpoint(_next_level, den, x, sched, i, use_reentrant=False) if checkpointing else _next_level(den, x, sched, i)
-    return x
 
 
 def optimise_noise(den: Denoiser, loss_fn: LossFn, x_T: torch.Tensor, config: GuidanceConfig) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from overinterp.explain.objectives import distance as _distance
-from overinterp.explain.pixels import uint8_to_classifier
+from overinterp.explain.pixels import _stats, uint8_to_classifier
 from overinterp.models import create_model, device_of
 
 PGD_NORMS = ("l2", "linf")
@@ -39,14 +39,17 @@ def on_model(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def probabilities(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 1024) -> torch.Tensor:
+    """(N, classes) float64 softmax of a uint8 batch, on the CPU ((0, 0) for no images)."""
+    model.eval()
+    out = [torch.softmax(model(uint8_to_classifier(on_model(model, images[s:s + batch_size]), mean, std)).double(), 1).cpu()
+           for s in range(0, images.shape[0], batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, 0, dtype=torch.float64)
+
+
 def target_probability(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, mean, std, batch_size: int = 1024) -> torch.Tensor:
     """(N,) float64 softmax probability of targets[i] for each uint8 image."""
-    model.eval()
-    out = []
-    for s in range(0, images.shape[0], batch_size):
-        logits = model(uint8_to_classifier(on_model(model, images[s:s + batch_size]), mean, std)).double()
-        out.append(torch.softmax(logits, 1).gather(1, targets[s:s + batch_size].view(-1, 1).to(logits.device)).squeeze(1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    return probabilities(model, images, mean, std, batch_size).gather(1, targets.cpu().view(-1, 1)).squeeze(1)
 
 
 def vce_success(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, mean, std, threshold: float = 0.9) -> torch.Tensor:
@@ -105,8 +108,7 @@ def pgd_float(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, mea
     """Targeted PGD towards targets; returns float images in [0, 1], (N, C, H, W)."""
     model.eval()
     x = images.float() / 255.0  # the attack's units: [0, 1] pixels
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m, s = _stats(mean, std, x)
     targets = targets.to(x.device)
     adv = x.clone()
     if config.random_start:

@@ -60,18 +60,21 @@ class VCE:
 
 
 class Disagreement:
-    """-p₁(c) + p₂(c): low where model1 believes class c and model2 does not (in [-1, 1])."""
+    """-p₁(c) + p₂(c): low where model1 believes class c and model2 does not (in [-1, 1]).
+
+    sign: (B,) direction per row, +1 as above, -1 the reverse (-p₂(c) + p₁(c)); None: +1 for all.
+    """
 
     name = "disagreement"
 
-    def __init__(self, model1: nn.Module, model2: nn.Module, target: int | torch.Tensor):
-        self.model1, self.model2, self.target = model1.eval(), model2.eval(), torch.as_tensor(target, dtype=torch.long)
+    def __init__(self, model1: nn.Module, model2: nn.Module, target: int | torch.Tensor, sign: torch.Tensor | None = None):
+        self.model1, self.model2, self.target, self.sign = model1.eval(), model2.eval(), torch.as_tensor(target, dtype=torch.long), sign
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         t = _targets(self.target.to(x.device), x.shape[0], x.device).view(-1, 1)
         p1 = F.softmax(self.model1(x), 1).gather(1, t).squeeze(1)
         p2 = F.softmax(self.model2(x), 1).gather(1, t).squeeze(1)
-        return -p1 + p2
+        return -p1 + p2 if self.sign is None else self.sign.to(x.device) * (-p1 + p2)
 
 
 class ClassVisualisation:

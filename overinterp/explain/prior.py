@@ -217,18 +217,11 @@ def train_prior(images_uint8: np.ndarray | torch.Tensor, mean, std, config: Prio
 
 
 @torch.no_grad()
-def sample(unet, config: PriorConfig, n: int, generator: torch.Generator | int = 0) -> torch.Tensor:
-    """n unguided samples, uint8 (n, C, H, W), by the deterministic DDIM chain of config.sample_steps.
-
-    generator: an int seed s gives image i the seed s + i (ddim.initial_noise: an image does not
-    depend on n); a torch.Generator draws all of x_T from it.
-    """
+def sample(unet, config: PriorConfig, n: int, seed: int = 0) -> torch.Tensor:
+    """n unguided samples, uint8 (n, C, H, W), by the deterministic DDIM chain of config.sample_steps;
+    image i from seed + i (ddim.initial_noise: an image does not depend on n)."""
     den = as_denoiser(unet, config)
-    device = device_of(unet)
-    if isinstance(generator, int):
-        x_T = initial_noise(range(generator, generator + n), den.shape, device)
-    else:
-        x_T = torch.randn((n, *den.shape), generator=generator).to(device)
+    x_T = initial_noise(range(seed, seed + n), den.shape, device_of(unet))
     return diffusion_to_uint8(ddim_sample(den, x_T, config.sample_steps))
 
 

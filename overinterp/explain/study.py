@@ -27,7 +27,7 @@ import torch.nn as nn
 from overinterp.explain import MAX_VCE_TARGETS
 from overinterp.explain.ddim import initial_noise
 from overinterp.explain.guided import GuidanceConfig, GuidedResult, generate_from, start_noise
-from overinterp.explain.measures import distance, on_model, target_probability, transfer
+from overinterp.explain.measures import distance, probabilities, target_probability, transfer
 from overinterp.explain.objectives import VCE, Disagreement, targets_of
 from overinterp.explain.pixels import uint8_to_classifier
 from overinterp.models import device_of
@@ -46,15 +46,6 @@ class Answer:
     question: str
     rows: dict[str, np.ndarray]
     measures: dict = field(default_factory=dict)
-
-
-@torch.no_grad()
-def probabilities(model: nn.Module, images: torch.Tensor, mean, std, batch: int = 1024) -> torch.Tensor:
-    """(N, classes) float64 softmax of a uint8 batch, on the CPU."""
-    model.eval()
-    out = [torch.softmax(model(uint8_to_classifier(on_model(model, images[s:s + batch]), mean, std)).double(), 1).cpu()
-           for s in range(0, images.shape[0], batch)]
-    return torch.cat(out)
 
 
 def vce_targets(probs: torch.Tensor, max_targets: int) -> torch.Tensor:
@@ -94,11 +85,7 @@ class Stacked:
         self.target = torch.cat([targets_of(o, n) for o, n in parts])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out, s = [], 0
-        for objective, n in self.parts:
-            out.append(objective(x[s:s + n]))
-            s += n
-        return torch.cat(out)
+        return torch.cat([objective(part) for (objective, _), part in zip(self.parts, x.split([n for _, n in self.parts]))])
 
 
 def generate_requests(den, requests: list[Request], mean, std, config: GuidanceConfig, batch: int = 128) -> list[GuidedResult]:
@@ -113,20 +100,15 @@ def generate_requests(den, requests: list[Request], mean, std, config: GuidanceC
             size = 0
         groups[-1].append(piece)
         size += n
-    done: dict[int, list[GuidedResult]] = {}
+    results = []
     for group in groups:
         objective = Stacked([(r.make(sl), sl.stop - sl.start) for r, sl in group])
         x_T = torch.cat([r.x_T[sl] for r, sl in group])
-        res = generate_from(den, objective, mean, std, config, x_T, torch.cat([r.seeds[sl] for r, sl in group]))
-        s = 0
-        for r, sl in group:
-            n = sl.stop - sl.start
-            part = {k: getattr(res, k)[s:s + n] for k in ("images", "start_images", "objective_start", "objective_end", "targets", "seeds")}
-            done.setdefault(id(r), []).append(GuidedResult(**part, method=res.method, objective=res.objective))
-            s += n
-    return [GuidedResult(**{k: torch.cat([getattr(p, k) for p in done[id(r)]])
-                            for k in ("images", "start_images", "objective_start", "objective_end", "targets", "seeds")},
-                         method=config.method, objective="stacked") for r in requests]
+        results.append(generate_from(den, objective, mean, std, config, x_T, torch.cat([r.seeds[sl] for r, sl in group])))
+    # the groups are consecutive runs of the pieces, which follow the requests in order: join them, then cut per request
+    columns = {k: torch.cat([getattr(res, k) for res in results]).split([len(r) for r in requests])
+               for k in ("images", "start_images", "objective_start", "objective_end", "targets", "seeds")}
+    return [GuidedResult(**{k: v[i] for k, v in columns.items()}, method=config.method, objective="stacked") for i in range(len(requests))]
 
 
 def vce_request(den, model: nn.Module, images: torch.Tensor, mean, std, config: GuidanceConfig, max_targets: int = MAX_VCE_TARGETS,
@@ -181,19 +163,6 @@ def real_gaps(model_a: nn.Module, model_b: nn.Module, images: torch.Tensor, mean
     return (probabilities(model_a, images, mean, std) - probabilities(model_b, images, mean, std)).max(1).values
 
 
-class TwoWayDisagreement:
-    """objectives.Disagreement with a direction per row: sign +1 rows want model1 to call their
-    class c and model2 not (-p₁(c) + p₂(c)), sign -1 rows the reverse (-p₂(c) + p₁(c))."""
-
-    name = "disagreement"
-
-    def __init__(self, model1: nn.Module, model2: nn.Module, target: torch.Tensor, sign: torch.Tensor):
-        self.one_way, self.target, self.sign = Disagreement(model1, model2, target), target, sign
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sign.to(x.device) * self.one_way(x)
-
-
 def disagreement_request(den, model_a: nn.Module, model_b: nn.Module, seeds: list[int], num_classes: int) -> Request:
     """2n rows from n seeds: rows [0, n) guided towards A > B, rows [n, 2n) towards B > A, row i
     (and n + i) from seed i's noise towards class i mod num_classes."""
@@ -202,7 +171,7 @@ def disagreement_request(den, model_a: nn.Module, model_b: nn.Module, seeds: lis
     target = (torch.arange(n) % num_classes).repeat(2)
     sign = torch.cat([torch.ones(n), -torch.ones(n)])
     x_T = initial_noise(list(seeds) * 2, den.shape, device)
-    return Request(lambda sl: TwoWayDisagreement(model_a, model_b, target[sl].to(device), sign[sl]), x_T,
+    return Request(lambda sl: Disagreement(model_a, model_b, target[sl].to(device), sign[sl]), x_T,
                    torch.as_tensor(list(seeds) * 2, dtype=torch.long))
 
 

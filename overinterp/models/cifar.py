@@ -84,14 +84,6 @@ class CifarResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    return CifarResNet([3, 3, 3], [16, 32, 64], "A", num_classes, in_channels)
-
-
-def resnet18(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    return CifarResNet([2, 2, 2, 2], [64, 128, 256, 512], "B", num_classes, in_channels)
-
-
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
@@ -114,10 +106,6 @@ class VGG(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(self.features(x), 1)  # 1x1 already at 32x32
         return self.classifier(x.flatten(1))
-
-
-def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> VGG:
-    return VGG(VGG16_CFG, num_classes, in_channels)
 
 
 class WideBlock(nn.Module):
@@ -156,7 +144,3 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
-
-
-def wrn28_10(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
-    return WideResNet(28, 10, 0.3, num_classes, in_channels)

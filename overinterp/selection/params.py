@@ -128,14 +128,6 @@ class PerturbationParams:
             raise ValueError(f"unknown perturbation parameter(s) {', '.join(unknown)}: choose from {', '.join(known)}")
         return cls(**params)
 
-    def tag_params(self) -> dict:
-        """Short parameters for a store tag: {"it": 300} plus every field changed from its default."""
-        default = PerturbationParams()
-        out = {"it": self.iterations}
-        out.update({f.name: getattr(self, f.name) for f in fields(self)
-                    if f.name != "iterations" and getattr(self, f.name) != getattr(default, f.name)})
-        return out
-
     def geometry(self, height: int, width: int) -> dict:
         """What the fractions mean for one image size: mask side, blur σ and kernel radius per axis."""
         mask = tuple(max(round(s / self.mask_scale), min(s, self.min_mask_side)) for s in (height, width))
@@ -261,9 +253,10 @@ def selector_tag_params(name: str, params: Optional[dict] = None) -> dict:
     perturbation -> {"it": 300}, gradient and occlusion at window 1 -> {}; anything changed from
     its default is added."""
     resolved = check_selector_params(name, params)
-    if name == "perturbation":
-        seed = resolved.pop("seed")
-        return {**PerturbationParams(**resolved).tag_params(), **({"seed": seed} if seed else {})}
+    if name == "perturbation":  # {"it": 300}, every field changed from its default, and a seed other than 0
+        default = dataclasses.asdict(PerturbationParams())
+        changed = {k: v for k, v in resolved.items() if k not in ("iterations", "seed") and v != default[k]}
+        return {"it": resolved["iterations"], **changed, **({"seed": resolved["seed"]} if resolved["seed"] else {})}
     if name == "ig":
         return {"n": resolved["n_steps"], **({"method": resolved["method"]} if resolved["method"] != "gausslegendre" else {})}
     if name in DEFAULT_PARAMS:

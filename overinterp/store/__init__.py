@@ -16,8 +16,3 @@ from overinterp.store.format import SCHEMA, V1_SCHEMA, StoreError, decode_order,
 from overinterp.store.io import (Selections, done_ids, list_selections, raw_image_ids, read_selections, read_shard, shard_files,
                                  stored_mask, stored_params, stored_rows, validate_shards, write_rows)
 
-__all__ = [
-    "SCHEMA", "V1_SCHEMA", "Selections", "StoreError", "decode_order", "done_ids", "encode_steps", "list_selections", "raw_image_ids",
-    "read_selections", "read_shard", "repair_selection", "shard_files", "steps_to_keep", "stored_mask", "stored_params", "stored_rows",
-    "validate_shards", "write_rows",
-]

@@ -45,10 +45,6 @@ class SelectionReport:
         return not (self.repeated or self.conflicting or self.missing or self.unreadable)
 
 
-def _selections_root(out: str) -> str:
-    return files.join(out, "selections")
-
-
 def _load(fs: pafs.FileSystem, paths: list[str], out: str):
     """Readable tables, their paths, and the unreadable paths with reasons."""
     tables, good, bad = [], [], []
@@ -63,7 +59,7 @@ def _load(fs: pafs.FileSystem, paths: list[str], out: str):
 
 def check_store(out: str) -> list[SelectionReport]:
     """One report per (model, selector, split) under <out>/selections."""
-    root = _selections_root(out)
+    root = files.join(out, "selections")
     reports, ids_by_key = [], {}
     for model, selector, split in list_selections(root):
         fs, paths = shard_files(root, model, selector, split)
@@ -71,9 +67,7 @@ def check_store(out: str) -> list[SelectionReport]:
         tables, good, r.unreadable = _load(fs, paths, out)
         ids = np.zeros(0, np.int64)
         if tables:
-            table = pa.concat_tables(tables)
-            file_of_row = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
-            keep, overlap = find_overlap(table, file_of_row, good)
+            table, _, keep, overlap = find_overlap(tables, good)
             r.repeated, r.conflicting = overlap.identical, len({c[0] for c in overlap.conflicts})
             ids = table.column("image_id").to_numpy()[keep]
         r.rows = len(ids)
@@ -96,7 +90,7 @@ def _quarantine(fs: pafs.FileSystem, path: str, root: str) -> str:
 
 def repair_store(out: str) -> list[str]:
     """Quarantine unreadable files and rewrite overlapping shards to one row per id; returns what it did."""
-    root = _selections_root(out)
+    root = files.join(out, "selections")
     return [a for model, selector, split in list_selections(root) for a in repair_selection(root, model, selector, split, out)]
 
 
@@ -114,9 +108,7 @@ def repair_selection(root: str, model: str, selector: str, split: str, out: str 
     mtimes = [fs.get_file_info(p).mtime_ns or 0 for p in good]
     newest_first = sorted(range(len(good)), key=lambda i: (-mtimes[i], good[i]))
     tables, good = [tables[i] for i in newest_first], [good[i] for i in newest_first]
-    table = pa.concat_tables(tables)
-    file_of_row = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
-    keep, overlap = find_overlap(table, file_of_row, good)
+    table, file_of_row, keep, overlap = find_overlap(tables, good)
     if not overlap.identical and not overlap.conflicts:
         return actions
     kept = np.zeros(table.num_rows, dtype=bool)

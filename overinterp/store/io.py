@@ -216,8 +216,11 @@ def _rows_agree(a: dict, b: dict) -> bool:
     return a["curve"] is None or (len(a["curve"]) == len(b["curve"]) and np.allclose(a["curve"], b["curve"], atol=CURVE_TOLERANCE))
 
 
-def find_overlap(table: pa.Table, file_of_row: np.ndarray, paths: list[str]) -> tuple[np.ndarray, Overlap]:
-    """Rows to keep (first row of each image id) and what the repeats were."""
+def find_overlap(tables: list[pa.Table], paths: list[str]) -> tuple[pa.Table, np.ndarray, np.ndarray, Overlap]:
+    """The shards' rows as one table, the (rows,) index of each row's shard in `paths`, the rows to
+    keep (first row of each image id) and what the repeats were."""
+    table = pa.concat_tables(tables)
+    file_of_row = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
     ids = table.column("image_id").to_numpy()
     order = np.argsort(ids, kind="stable")
     first = np.ones(len(ids), dtype=bool)
@@ -235,7 +238,7 @@ def find_overlap(table: pa.Table, file_of_row: np.ndarray, paths: list[str]) -> 
                 identical += 1
             else:
                 conflicts.append((int(ids[r]), paths[file_of_row[k]], paths[file_of_row[r]]))
-    return np.sort(keep), Overlap(identical, conflicts)
+    return table, file_of_row, np.sort(keep), Overlap(identical, conflicts)
 
 
 _WARNED: set[str] = set()
@@ -252,9 +255,7 @@ def _read_table(root: str, model: str, selector: str, split: str, only_ids: np.n
         tables = [t.filter(pc.is_in(t.column("image_id"), value_set=wanted)) for t in tables]
     if not tables:
         return SCHEMA.empty_table()
-    table = pa.concat_tables(tables)
-    file_of_row = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
-    keep, overlap = find_overlap(table, file_of_row, paths)
+    table, _, keep, overlap = find_overlap(tables, paths)
     if overlap.conflicts:
         image_id, a, b = overlap.conflicts[0]
         raise StoreError(f"image {image_id} has different rows in {a} and {b} ({len(overlap.conflicts)} such images): "
