@@ -156,8 +156,7 @@ def _time_calls(step: Callable[[], object], device: torch.device, seconds: float
 def _check_calibration(shape, batch: int, seconds: float) -> None:
     if len(tuple(shape)) != 3 or any(int(v) < 1 for v in shape):
         raise ValueError(f"shape must be (C, H, W) of positive sizes, got {shape!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1 (images per forward pass), got {batch!r}")
+    _positive("batch", batch)  # images per forward pass
     if not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds!r}")
 
@@ -222,8 +221,7 @@ def calibrate_train_rate(
         images / second; > 0.
     """
     _check_calibration(shape, batch, seconds)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    _positive("num_classes", num_classes, low=2)
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *shape, generator=gen).to(device)
@@ -450,15 +448,11 @@ def _key(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-/]", "_", s)  # what every MLflow version accepts in a param key
 
 
-def _positive(name: str, value, integer: bool = True) -> None:
+def _positive(name: str, value, integer: bool = True, low: int = 1) -> None:
+    """ValueError unless value is an int >= low (integer), else a finite number > 0."""
     bad = isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float))
-    if bad or not (value >= 1 if integer else value > 0) or (not integer and math.isinf(value)):
-        raise ValueError(f"{name} must be {'an int >= 1' if integer else 'a finite number > 0'}, got {value!r}")
-
-
-def _count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if bad or not (value >= low if integer else 0 < value < math.inf):
+        raise ValueError(f"{name} must be {f'an int >= {low}' if integer else 'a finite number > 0'}, got {value!r}")
 
 
 def estimate_selection(
@@ -493,7 +487,7 @@ def estimate_selection(
     Returns:
         SelectionCost; eta = start + busiest worker's images × ((forward + BACKWARD_COST × backward) / rate + image_s).
     """
-    _count("n_images", n_images)
+    _positive("n_images", n_images, low=0)
     _positive("workers", workers)
     _positive("rate", rate, integer=False)
     if select_batch is not None:
@@ -525,7 +519,7 @@ def estimate_training(model: str, stage: str, *, trials: int, epochs: int, image
         the full-image stage); what switching selectors changes.
     """
     for name, value in (("trials", trials), ("images", images), ("selections", selections), ("per_selection", per_selection)):
-        _count(name, value)
+        _positive(name, value, low=0)
     _positive("epochs", epochs)
     _positive("concurrency", concurrency)
     _positive("rate", rate, integer=False)

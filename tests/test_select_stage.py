@@ -354,3 +354,26 @@ def test_selection_gives_up_only_after_three_lost_passes_in_a_row_that_store_not
     lost = [ln for ln in capsys.readouterr().out.splitlines() if "a selection worker was lost" in ln]
     attempts = [ln.split("(attempt ")[1].split(";")[0] for ln in lost]
     assert attempts == (["2 of 3"] * 5 if progress else ["2 of 3", "3 of 3"])
+
+
+@pytest.mark.parametrize("use_gpu", [True, False])
+def test_both_backends_select_with_the_runs_compile_and_autocast(monkeypatch, use_gpu):
+    """--compile and --autocast reach the selection of an in-memory and of a streamed run alike
+    (autocast where the run has GPUs: it is not exact, and CPUs run fp32)."""
+    from types import SimpleNamespace
+
+    from overinterp.pipeline import memory, stream
+    from overinterp.pipeline.memory import InMemoryBackend
+    from overinterp.pipeline.stream import StreamBackend
+    from overinterp.selection import EngineConfig
+
+    engines = []
+    monkeypatch.setattr(memory, "select_in_memory", lambda *args: engines.append(args[7]))
+    monkeypatch.setattr(stream, "select_stream", lambda *args, **kwargs: engines.append(args[6]) or (None, []))
+    cfg = SimpleNamespace(compile=True, autocast="bf16", selection_batch=lambda streamed: 8)
+    resources = SimpleNamespace(use_gpu=use_gpu)
+    InMemoryBackend.select(SimpleNamespace(cfg=cfg, resources=resources, plan=SimpleNamespace(root="r"),
+                                           data=SimpleNamespace(images=None, labels=None, mean=None, std=None)), [])
+    StreamBackend.select(SimpleNamespace(cfg=cfg, resources=resources, skipped={}, plan=SimpleNamespace(root="r", n_images={}, shape=(3, 8, 8)),
+                                         data=SimpleNamespace(limits={})), [])
+    assert engines == [EngineConfig(compile=True, autocast="bf16" if use_gpu else None)] * 2

@@ -22,7 +22,7 @@ from typing import Optional, Protocol
 from overinterp import fs
 from overinterp.config import IN_MEMORY_ONLY, RunConfig
 from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob, make_plan
-from overinterp.pipeline.analysis import Analysis, TestImages, write_summary
+from overinterp.pipeline.analysis import Analysis, TestImages, copy_out, write_summary
 from overinterp.pipeline.terminal import log
 from overinterp.pipeline.trial import TrialSpec
 
@@ -138,7 +138,6 @@ def run_plan(cfg: RunConfig, plan: Plan, backend: Backend, tracker) -> dict:
         with tempfile.TemporaryDirectory(prefix="overinterp-report-") as local:
             reports = analysis.reports(summary, local)  # first: it lists its plots in the summary, which summary.md embeds
             if explained is not None:
-                from overinterp.pipeline.analysis import copy_out
                 from overinterp.pipeline.explain_stage import gallery_files
 
                 galleries = gallery_files(explained["galleries"], test.classes, local)

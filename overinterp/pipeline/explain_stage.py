@@ -334,7 +334,5 @@ def tile(samples: np.ndarray, columns: int = 4) -> np.ndarray:
     """(N, C, H, W) uint8 -> one (rows·H, columns·W, C) image, for MLflow's log_image."""
     n, c, h, w = samples.shape
     rows = -(-n // columns)
-    canvas = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
-    for k in range(n):
-        canvas[(k // columns) * h:(k // columns + 1) * h, (k % columns) * w:(k % columns + 1) * w] = samples[k].transpose(1, 2, 0)
-    return canvas
+    cells = np.concatenate([samples, np.zeros((rows * columns - n, c, h, w), np.uint8)])  # blank cells after the last sample
+    return cells.reshape(rows, columns, c, h, w).transpose(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)

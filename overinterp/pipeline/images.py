@@ -62,8 +62,7 @@ def _entries(path: str) -> list[pafs.FileInfo]:
 
 
 def is_parquet(path: str) -> bool:
-    entries = _entries(path)
-    return any(e.type == pafs.FileType.File and e.base_name.endswith(".parquet") for e in entries)
+    return any(e.type == pafs.FileType.File and e.base_name.endswith(".parquet") for e in _entries(path))
 
 
 def list_classes(path: str) -> list[str]:
@@ -166,15 +165,9 @@ def _index_folder(batch: dict, root: str, classes: list[str]) -> dict:
     """Encoded folder rows -> image_id (hash of the path within the split), label, path, bytes."""
     index = {c: i for i, c in enumerate(classes)}
     rel = [p[len(root):].lstrip("/") if p.startswith(root) else p for p in batch["path"]]
-    labels = []
-    for r, p in zip(rel, batch["path"]):
-        cls = r.split("/")[0]
-        if cls not in index:  # check_folder refuses these before decoding; kept for direct callers
-            raise SourceError(f"{p}: class folder {cls!r} is not among the train classes")
-        labels.append(index[cls])
     return {
         "image_id": np.array([stable_id(r.encode()) for r in rel], dtype=np.int64),
-        "label": np.array(labels, dtype=np.int64),
+        "label": np.array([index[r.split("/")[0]] for r in rel], dtype=np.int64),  # check_folder refused other classes
         "path": np.array(rel, dtype=object),
         "encoded": batch["bytes"],
     }

@@ -86,19 +86,49 @@ def _alive(pid: int) -> bool:
 # A version identifies what was read: the bytes themselves locally, the ETag on S3.
 
 
-class _LocalLock:
-    """A lock file on a local or shared file system."""
+class _UnconditionalLock:
+    """Any other object store: plain writes, confirmed by reading back after CONFIRM_S."""
 
     def __init__(self, path: str):
         self.path = path
 
+    def _serialised(self, create: bool = False):
+        return contextlib.nullcontext()  # nothing to serialise with: two takeovers may both win
+
     def read(self) -> Optional[tuple[bytes, bytes]]:
         try:
-            with open(self.path, "rb") as f:
-                raw = f.read()
+            raw = fs.read_bytes(self.path)
         except FileNotFoundError:
             return None
         return raw, raw
+
+    def create(self, doc: bytes) -> bool:
+        fs.write_bytes(self.path, doc)
+        time.sleep(CONFIRM_S)
+        now = self.read()
+        return now is not None and _token(now[0]) == _token(doc)
+
+    def replace(self, version: bytes, doc: bytes) -> bool:
+        fs.delete(self.path)
+        return self.create(doc)
+
+    def renew(self, token: str, doc: bytes) -> bool:
+        with self._serialised():
+            now = self.read()
+            if now is None or _token(now[0]) != token:
+                return False
+            fs.write_bytes(self.path, doc)  # a rename over the old lock on a file system: complete at every moment
+            return True
+
+    def remove(self, token: str) -> None:
+        with self._serialised():
+            now = self.read()
+            if now is not None and _token(now[0]) == token:
+                fs.delete(self.path)
+
+
+class _LocalLock(_UnconditionalLock):
+    """A lock file on a local or shared file system: created by a hard link, replaced under an flock."""
 
     def create(self, doc: bytes) -> bool:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -144,20 +174,6 @@ class _LocalLock:
                 return False  # another run took it over first (or the holder renewed): judge again
             os.unlink(self.path)
             return self.create(doc)
-
-    def renew(self, token: str, doc: bytes) -> bool:
-        with self._serialised():
-            now = self.read()
-            if now is None or _token(now[0]) != token:
-                return False
-            fs.write_bytes(self.path, doc)  # a rename over the old lock: complete at every moment
-            return True
-
-    def remove(self, token: str) -> None:
-        with self._serialised():
-            now = self.read()
-            if now is not None and _token(now[0]) == token:
-                os.unlink(self.path)
 
 
 class _S3Lock:
@@ -231,42 +247,6 @@ class _S3Lock:
     def remove(self, token: str) -> None:
         # a conflict: no longer this run's lock, so it stays
         self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag), self.CONFLICTS, None)
-
-
-class _UnconditionalLock:
-    """Any other object store: plain writes, confirmed by reading back after CONFIRM_S."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-
-    def read(self) -> Optional[tuple[bytes, bytes]]:
-        try:
-            raw = fs.read_bytes(self.uri)
-        except FileNotFoundError:
-            return None
-        return raw, raw
-
-    def create(self, doc: bytes) -> bool:
-        fs.write_bytes(self.uri, doc)
-        time.sleep(CONFIRM_S)
-        now = self.read()
-        return now is not None and _token(now[0]) == _token(doc)
-
-    def replace(self, version: bytes, doc: bytes) -> bool:
-        fs.delete(self.uri)
-        return self.create(doc)
-
-    def renew(self, token: str, doc: bytes) -> bool:
-        now = self.read()
-        if now is None or _token(now[0]) != token:
-            return False
-        fs.write_bytes(self.uri, doc)
-        return True
-
-    def remove(self, token: str) -> None:
-        now = self.read()
-        if now is not None and _token(now[0]) == token:
-            fs.delete(self.uri)
 
 
 def _token(raw: bytes) -> Optional[str]:

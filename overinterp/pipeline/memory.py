@@ -20,11 +20,10 @@ from overinterp.data import ImageDataset, load_dataset, load_imagefolder_splits,
 from overinterp.pipeline.analysis import TestImages
 from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan
-from overinterp.pipeline.select_stage import select_in_memory, write_random
+from overinterp.pipeline.select_stage import select_in_memory, selection_engine, write_random
 from overinterp.pipeline.trial import TrialSpec
 from overinterp.pipeline.tune_stage import run_trials
 from overinterp.selection import keep_mask
-from overinterp.selection.engine import EngineConfig
 from overinterp.training import TrainConfig
 
 
@@ -44,7 +43,6 @@ class InMemoryBackend:
         self.cfg, self.plan, self.data, self.resources = cfg, plan, data, resources
         self.train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment=cfg.augment)
         self.data_dict = {"images": data.images, "labels": data.labels, "mean": data.mean, "std": data.std, "num_classes": data.num_classes}
-        self.engine = EngineConfig(compile=cfg.compile, autocast=cfg.autocast if resources.use_gpu else None)
         self.callbacks = callbacks or []
 
     def train_full(self, specs: list[TrialSpec]) -> dict:
@@ -56,7 +54,7 @@ class InMemoryBackend:
     def select(self, jobs: list[SelectionJob]) -> None:
         """Every job through one pool of actors (their start is paid once)."""
         select_in_memory(jobs, self.data.images, self.data.labels, self.data.mean, self.data.std, self.plan.root, self.resources,
-                         self.engine, self.cfg.selection_batch(False))
+                         selection_engine(self.cfg, self.resources), self.cfg.selection_batch(False))
 
     def write_random(self, split: str) -> None:
         _, H, W = self.data.shape

@@ -35,6 +35,7 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from overinterp import fs, store
+from overinterp.config import RunConfig
 from overinterp.costplan import format_duration, format_rate
 from overinterp.data import normalize
 from overinterp.pipeline.pass_counter import run_pass_counter
@@ -172,6 +173,12 @@ def watch_progress(bar: Progress, finished: Callable[[], float], reported: Calla
         bar.update_to(int(done))
         if on_progress is not None and on_progress(done):
             on_progress = None
+
+
+def selection_engine(cfg: RunConfig, resources: ResourcePlan) -> EngineConfig:
+    """The run's --compile and --autocast for its selection actors, in either backend; autocast on
+    GPUs only (the driver says so when a run asks for it without them)."""
+    return EngineConfig(compile=cfg.compile, autocast=cfg.autocast if resources.use_gpu else None)
 
 
 def select_in_memory(jobs: list[SelectionJob], images: dict[str, np.ndarray], labels: dict[str, np.ndarray], mean, std, root: str,

@@ -16,16 +16,14 @@ keep-masks on the Ray Data workers, evaluation streams them again.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 from ray.data import Dataset
 
-from overinterp import fs, store
+from overinterp import store
 from overinterp.config import SMOKE_SIZES, RunConfig
 from overinterp.data import IMAGENET_MEAN, IMAGENET_STD, skipped_line, skipped_summary
 from overinterp.models import create_model
@@ -33,7 +31,8 @@ from overinterp.pipeline.analysis import TestImages
 from overinterp.pipeline.images import MASK_COLUMN, check_folder, drop_bad, is_parquet, list_classes, list_folder, parquet_rows, read_images
 from overinterp.pipeline.plan import Plan, SelectionJob
 from overinterp.pipeline.resources import ResourcePlan, exit_with_parent, worker_device
-from overinterp.pipeline.select_stage import SELECTION_ATTEMPTS, lost_worker, map_on_actors, select_stream, stored_random_ids, write_random
+from overinterp.pipeline.select_stage import (SELECTION_ATTEMPTS, lost_worker, map_on_actors, select_stream, selection_engine, stored_random_ids,
+                                              write_random)
 from overinterp.pipeline.terminal import log
 from overinterp.pipeline.train_stream import (SHUFFLE_BUFFER_IMAGES, broadcast_join, cuda_on_gpu_workers, mask_table_refs, run_stream_trial,
                                                subset_stream, unpack_keep)
@@ -48,12 +47,8 @@ ANALYSIS_IMAGES = 2000
 
 def listing_digest(path: str) -> str:
     """16 hex digits of sha256 over every file's relative path and size, in path order: a listing, no
-    file read (a folder: images.list_folder's, made once per run; a file: its own name and size)."""
-    f, p = fs.resolve(path)
-    info = f.get_file_info(p)
-    if info.type != pafs.FileType.File:
-        return list_folder(path).digest
-    return hashlib.sha256(f"{info.path[len(p):]}:{info.size}".encode()).hexdigest()[:16]
+    file read (images.list_folder's, made once per run; a file: its own size)."""
+    return list_folder(path).digest
 
 
 def count_images(path: str, classes, limit, num_classes: Optional[int] = None, shuffle_buffer: Optional[int] = None) -> int:
@@ -149,7 +144,7 @@ class StreamBackend:
             return ds
 
         _, skipped = select_stream(jobs, todo, self.plan.root, IMAGENET_MEAN, IMAGENET_STD, self.resources,
-                                   select_batch=self.cfg.selection_batch(True), totals=totals, hw=self.plan.shape[1:])
+                                   selection_engine(self.cfg, self.resources), select_batch=self.cfg.selection_batch(True), totals=totals, hw=self.plan.shape[1:])
         for job, bad in zip(jobs, skipped):
             if bad or job.split not in self.skipped:  # each job of a split reads the same files
                 self.skipped[job.split] = bad

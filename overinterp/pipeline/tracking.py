@@ -130,11 +130,6 @@ SAVED_VIEW_COLUMNS = ("metrics.`accuracy`", "metrics.`baseline_accuracy`", "metr
                       "tags.`condition`", "tags.`selector`", "tags.`fill`", "tags.`seed`", "tags.`variant`")
 
 
-def saved_view_tag() -> tuple[str, str]:
-    state = json.dumps({"selectedColumns": list(SAVED_VIEW_COLUMNS)})
-    return f"mlflow.sharedViewState.{SAVED_VIEW_KEY}", json.dumps({"name": SAVED_VIEW_KEY, "createdAt": 0, "state": state})
-
-
 class Tracker:
     """Logs a pipeline run; a context manager around the whole run (see the module docstring).
 
@@ -156,7 +151,8 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
         self.client.set_experiment_tag(self.experiment_id, *KIND_TAG)  # marks it a model-training experiment
-        self.client.set_experiment_tag(self.experiment_id, *saved_view_tag())  # Views -> "accuracies": the reviewer's columns
+        view = json.dumps({"name": SAVED_VIEW_KEY, "createdAt": 0, "state": json.dumps({"selectedColumns": list(SAVED_VIEW_COLUMNS)})})
+        self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{SAVED_VIEW_KEY}", view)  # Views -> "accuracies"
         mlflow.set_experiment(experiment_id=self.experiment_id)
         self.run_id: Optional[str] = None  # the parent run's
         self.children: dict[str, str] = {}  # trial name -> run id
@@ -236,20 +232,16 @@ class Tracker:
         """(run id, created now) of a trial's child run; an existing one is reused, never doubled."""
         if spec.name in self.children:
             return self.children[spec.name], False
-        run = self.client.create_run(self.experiment_id, start_time=start_time_ms, run_name=spec.name,
-                                     tags={"mlflow.parentRunId": self.run_id, **self._trial_tags(spec)})
-        self.children[spec.name] = run.info.run_id
-        self.client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in self._trial_params(spec).items()])
-        return run.info.run_id, True
-
-    def _trial_tags(self, spec: TrialSpec) -> dict:
-        return {"condition": spec.condition, "variant": spec.variant, "dataset": self.dataset, "model": spec.model,
+        tags = {"condition": spec.condition, "variant": spec.variant, "dataset": self.dataset, "model": spec.model,
                 "selector": spec.selector_tag or "none", "fill": spec.fill if spec.subset else "none", "seed": str(spec.seed)}
-
-    def _trial_params(self, spec: TrialSpec) -> dict:
+        run = self.client.create_run(self.experiment_id, start_time=start_time_ms, run_name=spec.name,
+                                     tags={"mlflow.parentRunId": self.run_id, **tags})
+        self.children[spec.name] = run.info.run_id
         train = {k: getattr(self.config, k) for k in ("epochs", "batch_size", "lr", "augment") if hasattr(self.config, k)}
-        return {**{f"trial.{k}": _param(v) for k, v in asdict(spec).items()}, "trial.condition": spec.condition,
-                **{f"train.{k}": _param(v) for k, v in {**train, "seed": spec.seed}.items()}}
+        params = {**{f"trial.{k}": _param(v) for k, v in asdict(spec).items()}, "trial.condition": spec.condition,
+                  **{f"train.{k}": _param(v) for k, v in {**train, "seed": spec.seed}.items()}}
+        self.client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+        return run.info.run_id, True
 
     # --- results ---
     def log_results(self, plan, full: dict, subsets: dict, summary: dict, files: list[str], models: Optional[dict] = None) -> None:

@@ -39,10 +39,9 @@ import torch
 from ray.train import DataConfig
 
 from overinterp import fs, store
-from overinterp.pipeline.images import (MASK_COLUMN, decode_batch, drop_bad, is_parquet, keep_all, look_up_keep, read_encoded,
-                                        read_parquet)
+from overinterp.pipeline.images import MASK_COLUMN, decode_batch, drop_bad, keep_all, look_up_keep, read_encoded, read_parquet
 from overinterp.pipeline.resources import exit_with_parent, worker_device
-from overinterp.pipeline.trial import TrialSpec, checkpoint_path, result_path, trial_dir
+from overinterp.pipeline.trial import TrialSpec, save_result, trial_dir
 from overinterp.selection import keep_mask, random_order
 
 
@@ -161,23 +160,19 @@ def subset_stream(source: str, classes: Optional[list[str]], limit: Optional[int
     one-worker trial trains alike run after run (Ray Train sets its own order options on the
     datasets it splits between workers)."""
     encoded = read_encoded(source, classes, limit, n_images, shuffle_seed)
-    folder_root = "" if is_parquet(source) else fs.resolve(source)[1].rstrip("/")
     hw = size * size
     if subset is None:
-        decoded = encoded.map_batches(decode_batch, fn_kwargs={"size": size, "root": folder_root}, batch_format="numpy", batch_size=64)
-        stream = drop_bad(decoded).map_batches(keep_all, fn_kwargs={"hw": hw}, batch_format="numpy", batch_size=64)
+        joined = encoded.map_batches(keep_all, fn_kwargs={"hw": hw}, batch_format="numpy", batch_size=64)
+    elif broadcast_join(n_images, hw):
+        table = table or mask_table_refs(root, [(subset, split)], hw, fraction, {split: n_images})[subset, split]
+        joined = encoded.map_batches(look_up_keep, fn_kwargs={"table": table}, batch_format="numpy", batch_size=256)
     else:
-        if broadcast_join(n_images, hw):
-            table = table or mask_table_refs(root, [(subset, split)], hw, fraction, {split: n_images})[subset, split]
-            joined = encoded.map_batches(look_up_keep, fn_kwargs={"table": table}, batch_format="numpy", batch_size=256)
-        else:
-            partitions = min(512, max(1, n_images // IMAGES_PER_PARTITION))
-            joined = encoded.join(mask_rows(root, subset, split, hw, fraction), join_type="inner", num_partitions=partitions, on=("image_id",))
-        decoded = joined.map_batches(decode_batch, fn_kwargs={"size": size, "keep_columns": (MASK_COLUMN,), "root": folder_root},
-                                     batch_format="numpy", batch_size=64)
-        # an image that decoded at selection time and not now (changed on disk) is dropped, not trained on as zeros
-        stream = drop_bad(decoded)
-    stream = stream.select_columns(["image_id", "label", "image", MASK_COLUMN])
+        partitions = min(512, max(1, n_images // IMAGES_PER_PARTITION))
+        joined = encoded.join(mask_rows(root, subset, split, hw, fraction), join_type="inner", num_partitions=partitions, on=("image_id",))
+    decoded = joined.map_batches(decode_batch, fn_kwargs={"size": size, "keep_columns": (MASK_COLUMN,)},
+                                 batch_format="numpy", batch_size=64)
+    # an image that decoded at selection time and not now (changed on disk) is dropped, not trained on as zeros
+    stream = drop_bad(decoded).select_columns(["image_id", "label", "image", MASK_COLUMN])
     if shuffle_seed is not None:
         stream.context.execution_options.preserve_order = True
     return stream
@@ -357,7 +352,7 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from overinterp.models import ModelSpec, build, save_checkpoint
+    from overinterp.models import ModelSpec, build
 
     t0 = time.time()
     local = workers == 1  # the loop runs here, in the trial's process
@@ -406,20 +401,14 @@ def run_stream_trial(spec: TrialSpec, streams: dict, train_config: dict, data_in
     model_spec = ModelSpec(**state["spec"])
     model = build(model_spec)
     model.load_state_dict(state["model"])
-    ckpt = checkpoint_path(out_dir, spec)
-    sha256 = save_checkpoint(ckpt, model_spec, model, {"trial": asdict(spec)})
-    out = {
-        "name": spec.name, "spec": asdict(spec), "accuracy": final["val_accuracy"], "train_loss": final["train_loss"],
-        "losses": [float(v) for v in history["train_loss"]], "val_accuracies": [float(v) for v in history["val_accuracy"]],
-        "finished_at": time.time(),
-        "seconds": time.time() - t0, "device": device, "workers": workers,
-        "resumed_from_epochs": sorted({int(v) for v in history["start_epoch"] if v > 0}),
-        "checkpoint": ckpt, "checkpoint_sha256": sha256, "val_images": final["val_images"],
+    out = save_result(
+        out_dir, spec, model_spec, model, t0, accuracy=final["val_accuracy"], train_loss=final["train_loss"],
+        losses=[float(v) for v in history["train_loss"]], val_accuracies=[float(v) for v in history["val_accuracy"]],
+        device=device, workers=workers, resumed_from_epochs=sorted({int(v) for v in history["start_epoch"] if v > 0}),
+        val_images=final["val_images"],
         # seconds: the trainer's whole fit, its worker group's start, each epoch and its wait for the first batch
-        "timing": {"fit_s": fit_s, "worker_start_s": float(history["worker_start_s"].iloc[0]),
-                   "epoch_s": [float(v) for v in history["epoch_s"]], "first_batch_s": [float(v) for v in history["first_batch_s"]]},
-    }
-    fs.write_json(result_path(out_dir, spec), out)
+        timing={"fit_s": fit_s, "worker_start_s": float(history["worker_start_s"].iloc[0]),
+                "epoch_s": [float(v) for v in history["epoch_s"]], "first_batch_s": [float(v) for v in history["first_batch_s"]]})
     if local:
         fs.delete(config["state_path"])  # the epoch state (optimiser included) is only for resuming; model.pt stays
     return out

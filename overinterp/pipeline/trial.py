@@ -167,20 +167,16 @@ def run_trial(
     losses = train_model(runner, images["train"], labels["train"], data["mean"], data["std"], cfg, keep["train"],
                          on_epoch if report is not None else None, fill=spec.fill)
     acc = evaluate(runner, images["test"], labels["test"], data["mean"], data["std"], keep["test"], fill=spec.fill)
+    return save_result(out_dir, spec, model_spec, model.cpu(), t0, accuracy=acc, train_loss=losses[-1], losses=losses,
+                       val_accuracies=val_accuracies, device=str(device))
+
+
+def save_result(out_dir: str, spec: TrialSpec, model_spec: ModelSpec, model: torch.nn.Module, t0: float, **fields) -> dict:
+    """A finished trial's model.pt, then its result.json (`fields`, the trial's name, spec, seconds since t0
+    and checkpoint with its SHA-256); returns the result."""
     ckpt = checkpoint_path(out_dir, spec)
-    sha256 = save_checkpoint(ckpt, model_spec, model.cpu(), {"trial": asdict(spec)})
-    result = {
-        "name": spec.name,
-        "spec": asdict(spec),
-        "accuracy": acc,
-        "train_loss": losses[-1],
-        "losses": losses,
-        "val_accuracies": val_accuracies,
-        "seconds": time.time() - t0,
-        "finished_at": time.time(),
-        "device": str(device),
-        "checkpoint": ckpt,
-        "checkpoint_sha256": sha256,
-    }
+    sha256 = save_checkpoint(ckpt, model_spec, model, {"trial": asdict(spec)})
+    result = {"name": spec.name, "spec": asdict(spec), **fields, "seconds": time.time() - t0, "finished_at": time.time(),
+              "checkpoint": ckpt, "checkpoint_sha256": sha256}
     fs.write_json(result_path(out_dir, spec), result)  # last: its presence means finished
     return result
