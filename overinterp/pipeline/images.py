@@ -27,6 +27,7 @@ and a retried task would report its files twice).
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -263,6 +264,9 @@ def check_columns(path: str, types: dict) -> None:
         raise SourceError(f"{path}: {'; '.join(wrong)}: write encoded image bytes and integer labels (and image ids)")
 
 
+FOOTER_THREADS = 16
+
+
 def parquet_rows(path: str, num_classes: Optional[int] = None, shuffle_buffer: Optional[int] = None) -> int:
     """Rows of a Parquet source, from its files' footers alone (nothing else is read). Checks each
     file on the way: that it is Parquet, its columns (check_columns), and that the labels its footer
@@ -275,13 +279,20 @@ def parquet_rows(path: str, num_classes: Optional[int] = None, shuffle_buffer: O
     info = f.get_file_info(p)
     files = [p] if info.type == pafs.FileType.File else sorted(i.path for i in f.get_file_info(pafs.FileSelector(p, recursive=True))
                                                                if i.base_name.endswith(".parquet"))
-    rows = 0
-    for name in files:
+    def footer(name: str):
         try:
-            meta = pq.read_metadata(name, filesystem=f)
+            return pq.read_metadata(name, filesystem=f)
         except (pa.ArrowInvalid, OSError) as e:
-            raise SourceError(f"{name} is not a readable Parquet file ({str(e).strip().splitlines()[0]}): "
-                              "give Parquet of encoded images, or remove it") from e
+            return e
+
+    rows = 0
+    # footers are read FOOTER_THREADS at a time (a round trip each on an object store), checked in file order
+    with ThreadPoolExecutor(FOOTER_THREADS) as pool:
+        footers = list(pool.map(footer, files))
+    for name, meta in zip(files, footers):
+        if isinstance(meta, Exception):
+            raise SourceError(f"{name} is not a readable Parquet file ({str(meta).strip().splitlines()[0]}): "
+                              "give Parquet of encoded images, or remove it") from meta
         schema = meta.schema.to_arrow_schema()
         check_columns(name, dict(zip(schema.names, schema.types)))
         leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]  # Parquet's leaf columns, not Arrow's fields
