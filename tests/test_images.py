@@ -183,19 +183,21 @@ def test_parquet_footers_are_checked_without_reading_rows(tmp_path):
 
 
 def test_a_parquet_file_stored_in_label_order_is_named_before_training(tmp_path, capsys):
-    """Training shuffles whole files and a buffer of images, not the rows of one file: a file whose
-    row groups hold rising labels beyond the buffer gets a warning naming it and the fix; shuffled
-    rows, a file within the buffer, and the validation split (no buffer given) do not."""
+    """Training shuffles whole files and a buffer of images, not the rows of one file: a file of more
+    rows than the buffer whose labels never fall (sorted, or one class) gets a warning naming it and
+    the fix, whatever its row groups; shuffled rows, a file within the buffer, and the validation
+    split (no buffer given) do not."""
     from overinterp.pipeline.images import parquet_rows
 
-    def write(name, labels):
+    def write(name, labels, **kwargs):
         path = str(tmp_path / name)
-        pq.write_table(pa.table({"image": [b"x"] * len(labels), "label": labels}), path, row_group_size=4)
+        pq.write_table(pa.table({"image": [b"x"] * len(labels), "label": labels}), path, **kwargs)
         return path
 
-    in_order = write("sorted.parquet", [0] * 6 + [1] * 6)
-    assert parquet_rows(in_order, 2, shuffle_buffer=8) == 12
-    assert "sorted.parquet stores its 12 rows in label order" in capsys.readouterr().out
+    for in_order in (write("sorted.parquet", [0] * 6 + [1] * 6), write("groups.parquet", [0] * 6 + [1] * 6, row_group_size=4),
+                     write("one-class.parquet", [2] * 12)):
+        assert parquet_rows(in_order, 3, shuffle_buffer=8) == 12
+        assert f"{in_order} stores its 12 rows in label order" in capsys.readouterr().out
     for path, buffer in ((write("shuffled.parquet", [0, 1] * 6), 8), (in_order, 12), (in_order, None)):
-        parquet_rows(path, 2, shuffle_buffer=buffer)
+        parquet_rows(path, 3, shuffle_buffer=buffer)
         assert "label order" not in capsys.readouterr().out

@@ -83,3 +83,17 @@ def test_a_run_that_decides_to_stream_a_folder_lists_it_once(tmp_path, monkeypat
     # the trials at once that the printed resources, the ETA and Tune all use: the streamed ones
     streamed = plan_resources(find_capacity(None)).streamed_trial_concurrency(cfg.workers_per_trial)
     assert resources.trial_concurrency == streamed and f"up to {streamed} trial(s) at once" in resources.describe()
+
+
+def test_a_trials_training_stream_is_shuffled_from_the_trials_seed_and_its_val_stream_is_not(monkeypatch):
+    from types import SimpleNamespace
+
+    from overinterp.pipeline import stream
+    from overinterp.pipeline.trial import TrialSpec
+
+    seeds = {}
+    monkeypatch.setattr(stream, "subset_stream", lambda *args, shuffle_seed=None: seeds.setdefault(args[6], shuffle_seed))
+    backend = SimpleNamespace(cfg=SimpleNamespace(image_size=8, fraction=0.1), plan=SimpleNamespace(root="r", n_images={"train": 9, "test": 9}),
+                              data=SimpleNamespace(path=lambda split: split, classes=None, limits={"train": None, "test": None}))
+    stream.StreamBackend._streams(backend, TrialSpec(model="m", seed=7, subset=None), {})
+    assert seeds == {"train": 7, "test": None}

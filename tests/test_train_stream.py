@@ -102,6 +102,22 @@ def test_a_training_stream_reads_its_files_in_a_new_seeded_order_each_epoch(ray_
     assert stream(0).context.execution_options.preserve_order
 
 
+def test_a_pilot_trains_on_its_first_images_in_a_new_seeded_order_each_epoch(ray_session, tmp_path):
+    """With a limit (--max-images, a pilot) the stream holds the first images in listing order, every
+    epoch, and puts their blocks in an order drawn from the seed, another each epoch."""
+    classes = write_imagefolder(str(tmp_path), n_per_class=220, num_classes=3, size=SIZE)
+    train = str(tmp_path / "train")
+
+    def epochs(seed, n=2):
+        ds = subset_stream(train, classes, 640, SIZE, "", None, "train", FRACTION, n_images=640, shuffle_seed=seed)
+        return [[int(i) for b in ds.iter_batches(batch_size=None) for i in b["image_id"]] for _ in range(n)]
+
+    listed = epochs(None, 1)[0]  # the first 640 in listing order: classes 0 and 1, then part of 2
+    first, second = epochs(0)
+    assert sorted(first) == sorted(second) == sorted(listed) and first != second != listed
+    assert epochs(0) == [first, second]
+
+
 def test_a_one_worker_trial_trains_alike_run_after_run(ray_session, tmp_path):
     """A streamed trial on a folder of many files (read in parallel, class by class on disk) gives the
     same losses and accuracy when run again with the same seed."""

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from overinterp.explain.objectives import distance as _distance
-from overinterp.explain.pixels import _stats, uint8_to_classifier
+from overinterp.explain.pixels import channel_stats, uint8_to_classifier
 from overinterp.models import create_model, device_of
 
 PGD_NORMS = ("l2", "linf")
@@ -108,7 +108,7 @@ def pgd_float(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, mea
     """Targeted PGD towards targets; returns float images in [0, 1], (N, C, H, W)."""
     model.eval()
     x = images.float() / 255.0  # the attack's units: [0, 1] pixels
-    m, s = _stats(mean, std, x)
+    m, s = channel_stats(mean, std, x)
     targets = targets.to(x.device)
     adv = x.clone()
     if config.random_start:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 
-def _stats(mean, std, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(mean, std, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m = torch.as_tensor(mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
     return m, s
@@ -29,17 +29,17 @@ def diffusion_to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def diffusion_to_classifier(x: torch.Tensor, mean, std) -> torch.Tensor:
     """[-1, 1] -> normalised units, differentiably (guidance backpropagates through it)."""
-    m, s = _stats(mean, std, x)
+    m, s = channel_stats(mean, std, x)
     return ((x + 1.0) / 2.0 - m) / s
 
 
 def classifier_to_diffusion(x: torch.Tensor, mean, std) -> torch.Tensor:
     """Normalised units -> [-1, 1] (not clamped)."""
-    m, s = _stats(mean, std, x)
+    m, s = channel_stats(mean, std, x)
     return (x * s + m) * 2.0 - 1.0
 
 
 def uint8_to_classifier(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (B, C, H, W) -> normalised float32; the same numbers as data.normalize."""
-    m, s = _stats(mean, std, images.float())
+    m, s = channel_stats(mean, std, images.float())
     return (images.float() / 255.0 - m) / s

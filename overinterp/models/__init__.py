@@ -9,22 +9,15 @@ import hashlib
 import io
 import os
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from overinterp import fs
-from overinterp.models.cifar import VGG, VGG16_CFG, CifarResNet, DigitsCNN, WideResNet
+from overinterp.models.cifar import CIFAR_MODELS, DigitsCNN
 
-SMALL_MODELS: dict[str, Callable[..., nn.Module]] = {  # called with num_classes= and in_channels=
-    "digits_cnn": DigitsCNN,
-    "resnet20": partial(CifarResNet, [3, 3, 3], [16, 32, 64], "A"),
-    "resnet18": partial(CifarResNet, [2, 2, 2, 2], [64, 128, 256, 512], "B"),
-    "vgg16_bn": partial(VGG, VGG16_CFG),
-    "wrn28_10": partial(WideResNet, 28, 10, 0.3),  # depth 28, width 10, dropout 0.3
-}
+SMALL_MODELS: dict[str, Callable[..., nn.Module]] = {"digits_cnn": DigitsCNN, **CIFAR_MODELS}  # called with num_classes=, in_channels=
 TORCHVISION_PREFIX = "tv:"
 
 

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -144,3 +146,11 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+CIFAR_MODELS = {  # name -> builder(num_classes=, in_channels=)
+    "resnet20": partial(CifarResNet, [3, 3, 3], [16, 32, 64], "A"),
+    "resnet18": partial(CifarResNet, [2, 2, 2, 2], [64, 128, 256, 512], "B"),
+    "vgg16_bn": partial(VGG, VGG16_CFG),
+    "wrn28_10": partial(WideResNet, 28, 10, 0.3),  # depth 28, width 10, dropout 0.3
+}

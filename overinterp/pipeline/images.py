@@ -168,10 +168,14 @@ def _index_folder(batch: dict, root: str, classes: list[str]) -> dict:
     rel = [p[len(root):].lstrip("/") if p.startswith(root) else p for p in batch["path"]]
     return {
         "image_id": np.array([stable_id(r.encode()) for r in rel], dtype=np.int64),
-        "label": np.array([index[r.split("/")[0]] for r in rel], dtype=np.int64),  # check_folder refused other classes
+        "label": np.array([index[r.split("/")[0]] if r.split("/")[0] in index else _new_class(root, r) for r in rel], dtype=np.int64),
         "path": np.array(rel, dtype=object),
         "encoded": batch["bytes"],
     }
+
+
+def _new_class(root: str, rel: str):
+    raise SourceError(f"{root}/{rel}: class folder {rel.split('/')[0]!r} appeared after the split was listed: rerun")
 
 
 def _index_parquet(batch: dict, source: str = "") -> dict:
@@ -268,50 +272,55 @@ FOOTER_THREADS = 16
 
 
 def parquet_rows(path: str, num_classes: Optional[int] = None, shuffle_buffer: Optional[int] = None) -> int:
-    """Rows of a Parquet source, from its files' footers alone (nothing else is read). Checks each
-    file on the way: that it is Parquet, its columns (check_columns), and that the labels its footer
-    statistics record lie in [0, num_classes) (None: only >= 0). SourceError naming the file and the fix.
+    """Rows of a Parquet source, from its files' footers (no image is read). Checks each file on the
+    way: that it is Parquet, its columns (check_columns), and that the labels its footer statistics
+    record lie in [0, num_classes) (None: only >= 0). SourceError naming the file and the fix.
 
-    shuffle_buffer: where the rows train a model, the images its shuffle buffer holds: a file of more
-    rows stored in label order (row groups in rising label ranges) gets a warning, since training
-    shuffles files and that buffer, not the rows of one file."""
+    shuffle_buffer: where the rows train a model, the images its shuffle buffer holds. Training
+    shuffles whole files and that buffer, not the rows of one file, so a file of more rows whose
+    labels never fall (sorted by label, or of one class) gets a warning; its label column is read
+    for that (8 bytes a row)."""
     f, p = fs.resolve(path)
     info = f.get_file_info(p)
     files = [p] if info.type == pafs.FileType.File else sorted(i.path for i in f.get_file_info(pafs.FileSelector(p, recursive=True))
                                                                if i.base_name.endswith(".parquet"))
+
     def footer(name: str):
+        """(footer, whether its labels never fall), or the error reading it."""
         try:
-            return pq.read_metadata(name, filesystem=f)
+            meta = pq.read_metadata(name, filesystem=f)
+            if not shuffle_buffer or meta.num_rows <= shuffle_buffer or "label" not in meta.schema.names:
+                return meta, False
+            labels = pq.read_table(name, columns=["label"], filesystem=f).column("label").to_numpy()
+            return meta, bool(np.all(labels[1:] >= labels[:-1]))
         except (pa.ArrowInvalid, OSError) as e:
             return e
 
     rows = 0
-    # footers are read FOOTER_THREADS at a time (a round trip each on an object store), checked in file order
+    # files are read FOOTER_THREADS at a time (a round trip each on an object store), checked in file order
     with ThreadPoolExecutor(FOOTER_THREADS) as pool:
         footers = list(pool.map(footer, files))
-    for name, meta in zip(files, footers):
-        if isinstance(meta, Exception):
-            raise SourceError(f"{name} is not a readable Parquet file ({str(meta).strip().splitlines()[0]}): "
-                              "give Parquet of encoded images, or remove it") from meta
+    for name, read in zip(files, footers):
+        if isinstance(read, Exception):
+            raise SourceError(f"{name} is not a readable Parquet file ({str(read).strip().splitlines()[0]}): "
+                              "give Parquet of encoded images, or remove it") from read
+        meta, in_order = read
         schema = meta.schema.to_arrow_schema()
         check_columns(name, dict(zip(schema.names, schema.types)))
         leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]  # Parquet's leaf columns, not Arrow's fields
         label = leaves.index("label")
-        ranges = []  # (min, max) label of each row group with statistics
         for g in range(meta.num_row_groups):
             stats = meta.row_group(g).column(label).statistics
             if stats is None or not stats.has_min_max:
                 continue
-            ranges.append((stats.min, stats.max))
             if stats.min < 0:
                 raise SourceError(f"{name}: labels run from {stats.min}: class labels are 0, 1, 2, ...: fix the labels")
             if num_classes is not None and stats.max >= num_classes:
                 raise SourceError(f"{name}: labels run to {stats.max}, beyond the {num_classes} classes (0..{num_classes - 1}): "
                                   f"give --num-classes {stats.max + 1} (the classes of a Parquet source), or fix the labels")
-        if (shuffle_buffer and meta.num_rows > shuffle_buffer and len(ranges) > 1 and ranges[0][0] < ranges[-1][1]
-                and all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))):
-            log(f"warning: {name} stores its {meta.num_rows:,} rows in label order, and training shuffles only whole files and "
-                f"{shuffle_buffer:,} images at a time: its batches will hold few classes; write its rows in random order")
+        if in_order:
+            log(f"warning: {name} stores its {meta.num_rows:,} rows in label order (or of one class), and training shuffles only "
+                f"whole files and {shuffle_buffer:,} images at a time: its batches will hold few classes; write its rows in random order")
         rows += meta.num_rows
     return rows
 
@@ -326,22 +335,28 @@ def read_encoded(path: str, classes: list[str] | None = None, limit: int | None 
         images: how many images the read yields, where the caller knows (the plan's count): it picks
             the Parquet reader (read_parquet).
         shuffle_seed: read the files in a random order, another on each pass over the dataset, all
-            drawn from this seed (None, or a `limit`: in listing order). Shuffling the files as they
-            are read keeps the read streaming; shuffling blocks after it would wait for all of them.
+            drawn from this seed. Shuffling the files as they are read keeps the read streaming;
+            shuffling blocks after it would wait for all of them. With a `limit`, the first images
+            in listing order are read and their blocks put in a seeded order each pass (a pilot is
+            small: waiting for its blocks costs little).
     """
     shuffle = None if shuffle_seed is None or limit else ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
     if is_parquet(path):
         ds = read_parquet(path, images, shuffle=shuffle)
         schema = ds.schema()
         check_columns(path, dict(zip(schema.names, schema.types)))
-        return _first(ds, limit).map_batches(_index_parquet, fn_kwargs={"source": path}, batch_format="numpy", batch_size=64)
-    if classes is None:
-        classes = list_classes(path)
-    check_folder(path, classes)  # the layout, before anything is decoded
-    _, root = fs.resolve(path)
-    exts = [e.lstrip(".") for e in IMAGE_EXTENSIONS]  # Ray Data matches extensions in any case
-    ds = _first(ray.data.read_binary_files(path, include_paths=True, file_extensions=exts, shuffle=shuffle), limit)
-    return ds.map_batches(_index_folder, fn_kwargs={"root": root.rstrip("/"), "classes": classes}, batch_format="numpy", batch_size=64)
+        ds = _first(ds, limit).map_batches(_index_parquet, fn_kwargs={"source": path}, batch_format="numpy", batch_size=64)
+    else:
+        if classes is None:
+            classes = list_classes(path)
+        check_folder(path, classes)  # the layout, before anything is decoded
+        _, root = fs.resolve(path)
+        exts = [e.lstrip(".") for e in IMAGE_EXTENSIONS]  # Ray Data matches extensions in any case
+        ds = _first(ray.data.read_binary_files(path, include_paths=True, file_extensions=exts, shuffle=shuffle), limit)
+        ds = ds.map_batches(_index_folder, fn_kwargs={"root": root.rstrip("/"), "classes": classes}, batch_format="numpy", batch_size=64)
+    if limit and shuffle_seed is not None:
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
+    return ds
 
 
 def _first(ds: ray.data.Dataset, limit: int | None) -> ray.data.Dataset:
