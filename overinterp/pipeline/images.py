@@ -166,16 +166,16 @@ def _index_folder(batch: dict, root: str, classes: list[str]) -> dict:
     """Encoded folder rows -> image_id (hash of the path within the split), label, path, bytes."""
     index = {c: i for i, c in enumerate(classes)}
     rel = [p[len(root):].lstrip("/") if p.startswith(root) else p for p in batch["path"]]
+    folders = [r.split("/")[0] for r in rel]
+    new = sorted(set(folders) - index.keys())  # check_folder listed the split: only a folder added since
+    if new:
+        raise SourceError(f"{root}: class folder {new[0]!r} appeared after the split was listed: rerun")
     return {
         "image_id": np.array([stable_id(r.encode()) for r in rel], dtype=np.int64),
-        "label": np.array([index[r.split("/")[0]] if r.split("/")[0] in index else _new_class(root, r) for r in rel], dtype=np.int64),
+        "label": np.array([index[c] for c in folders], dtype=np.int64),
         "path": np.array(rel, dtype=object),
         "encoded": batch["bytes"],
     }
-
-
-def _new_class(root: str, rel: str):
-    raise SourceError(f"{root}/{rel}: class folder {rel.split('/')[0]!r} appeared after the split was listed: rerun")
 
 
 def _index_parquet(batch: dict, source: str = "") -> dict:

@@ -87,7 +87,9 @@ def _alive(pid: int) -> bool:
 
 
 class _UnconditionalLock:
-    """Any other object store: plain writes, confirmed by reading back after CONFIRM_S."""
+    """Any other object store: plain writes, confirmed by reading back after CONFIRM_S. Its reads,
+    renewal and removal (a check of the token, then a write or delete) serve _LocalLock too, which
+    serialises them under an flock and creates and replaces the lock atomically."""
 
     def __init__(self, path: str):
         self.path = path
@@ -117,7 +119,7 @@ class _UnconditionalLock:
             now = self.read()
             if now is None or _token(now[0]) != token:
                 return False
-            fs.write_bytes(self.path, doc)  # a rename over the old lock on a file system: complete at every moment
+            fs.write_bytes(self.path, doc)  # whole or not at all (fs.write_bytes: a rename on a file system)
             return True
 
     def remove(self, token: str) -> None:
