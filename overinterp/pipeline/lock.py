@@ -82,7 +82,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# --- where the lock lives: read() -> (bytes, version) or None; create, replace, renew, remove -> bool
+# --- where the lock lives: read() -> (bytes, version) or None; create, overwrite (the lock still at version), renew, remove -> bool
 # A version identifies what was read: the bytes themselves locally, the ETag on S3.
 
 
@@ -110,7 +110,7 @@ class _UnconditionalLock:
         now = self.read()
         return now is not None and _token(now[0]) == _token(doc)
 
-    def replace(self, version: bytes, doc: bytes) -> bool:
+    def overwrite(self, version: bytes, doc: bytes) -> bool:
         fs.delete(self.path)
         return self.create(doc)
 
@@ -169,7 +169,7 @@ class _LocalLock(_UnconditionalLock):
         finally:
             os.close(fd)  # releases the flock
 
-    def replace(self, version: bytes, doc: bytes) -> bool:
+    def overwrite(self, version: bytes, doc: bytes) -> bool:
         with self._serialised(create=True):
             now = self.read()
             if now is None or now[0] != version:
@@ -240,7 +240,7 @@ class _S3Lock:
     def create(self, doc: bytes) -> bool:
         return self._put(doc, IfNoneMatch="*")
 
-    def replace(self, version: str, doc: bytes) -> bool:
+    def overwrite(self, version: str, doc: bytes) -> bool:
         return self._put(doc, IfMatch=version)
 
     def renew(self, token: str, doc: bytes) -> bool:
@@ -342,7 +342,7 @@ class OutputLock:
             why = self._stale(holder)
             if why is None:
                 raise self._held_error(holder)
-            if not self._storage("write", self._store.replace, found[1], self._doc()):
+            if not self._storage("write", self._store.overwrite, found[1], self._doc()):
                 continue  # no longer the lock judged stale: another run took it over first
             log.warning("taking over the lock of %s from %s (pid %s on %s): %s", self.out_dir, holder.get("command"), holder.get("pid"),
                         holder.get("host"), why)
