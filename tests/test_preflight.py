@@ -90,3 +90,15 @@ def test_workers_per_trial_on_a_run_held_in_memory_is_said_to_do_nothing(tmp_pat
     assert "--workers-per-trial 2 applies to streamed trials: this run holds its images in memory" in capsys.readouterr().out
     prepare(RunConfig(smoke=True, out_dir=str(tmp_path / "o")))
     assert "--workers-per-trial" not in capsys.readouterr().out
+
+
+def test_step_flags_without_a_removal_selector_are_said_to_do_nothing(tmp_path, capsys):
+    from overinterp.pipeline.driver import prepare
+
+    prepare(RunConfig(selectors=("gradient", "ig"), pixels_per_step=4, exact_tail=0.5, smoke=True, out_dir=str(tmp_path / "o")))
+    assert ("--pixels-per-step 4 and --exact-tail 0.5: only backselect and bgsis remove pixels in steps; "
+            "gradient, ig rank the pixels once, so this run does not use them") in capsys.readouterr().out
+    prepare(RunConfig(selectors=("gradient", "bgsis"), pixels_per_step=4, smoke=True, out_dir=str(tmp_path / "o")))
+    assert "--pixels-per-step" not in capsys.readouterr().out
+    prepare(RunConfig(selectors=("gradient",), smoke=True, out_dir=str(tmp_path / "o")))
+    assert "--pixels-per-step" not in capsys.readouterr().out
