@@ -144,17 +144,19 @@ def test_a_one_worker_trial_trains_alike_run_after_run(ray_session, tmp_path):
 def test_a_one_worker_trial_goes_on_from_its_last_epoch_state(ray_session, tmp_path):
     """A one-worker trial trains in its own process and keeps its epoch state (model, optimiser,
     schedule, each epoch's metrics) in trials/<name>/state.pt: a trial whose process died after
-    epoch 0 trains only epoch 1 when it runs again, and removes the state once finished."""
+    epoch 0 trains only epoch 1 when it runs again, reading its files in the order the uninterrupted
+    trial read them (the same losses), and removes the state once finished."""
     import os
 
     from overinterp.pipeline.resources import ResourcePlan
     from overinterp.pipeline.trial import TrialSpec, trial_dir
 
-    source = str(tmp_path / "train.parquet")
-    write_encoded_parquet(source, n=12, num_classes=3, size=SIZE, seed=0)
+    classes = write_imagefolder(str(tmp_path / "data"), n_per_class=4, num_classes=3, size=SIZE)
 
     def streams():
-        return {name: subset_stream(source, None, None, SIZE, "", None, split, FRACTION, n_images=12) for name, split in (("train", "train"), ("val", "test"))}
+        return {name: subset_stream(str(tmp_path / "data" / folder), classes, None, SIZE, "", None, split, FRACTION, n_images=12,
+                                    shuffle_seed=0 if name == "train" else None)
+                for name, folder, split in (("train", "train", "train"), ("val", "val", "test"))}
 
     out = str(tmp_path / "out")
     spec = TrialSpec(model="digits_cnn", seed=0, subset=None)

@@ -252,6 +252,11 @@ def train_loop(config: dict, streams: Optional[dict] = None) -> Optional[dict]:
         sched.load_state_dict(state["scheduler"])
         start = int(state["epoch"]) + 1
         history = list(state.get("history", []))
+        if local_state:
+            # Ray Data draws each pass's file order from the seed and the count of passes run on the
+            # dataset's context (read_encoded); counted from `start`, the resumed trial reads each
+            # epoch's files in the order the uninterrupted trial read them
+            train_shard.context._execution_idx = start
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     gen = torch.Generator().manual_seed(spec.seed * 1000 + rank)
     for epoch in range(start, tc.epochs):
