@@ -100,5 +100,7 @@ def test_step_flags_without_a_removal_selector_are_said_to_do_nothing(tmp_path, 
             "gradient, ig rank the pixels once, so this run does not use them") in capsys.readouterr().out
     prepare(RunConfig(selectors=("gradient", "bgsis"), pixels_per_step=4, smoke=True, out_dir=str(tmp_path / "o")))
     assert "--pixels-per-step" not in capsys.readouterr().out
+    prepare(RunConfig(selectors=("gradient",), exact_tail=0.1, smoke=True, out_dir=str(tmp_path / "o")))
+    assert "--exact-tail 0.1: only backselect and bgsis remove pixels in steps; gradient ranks the pixels once" in capsys.readouterr().out
     prepare(RunConfig(selectors=("gradient",), smoke=True, out_dir=str(tmp_path / "o")))
-    assert "--pixels-per-step" not in capsys.readouterr().out
+    assert "remove pixels in steps" not in capsys.readouterr().out

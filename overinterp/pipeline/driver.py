@@ -214,7 +214,7 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
                                         (f"--exact-tail {cfg.exact_tail:g}", cfg.exact_tail != DEFAULT_EXACT_TAIL)) if given]
     if removal_flags and not set(cfg.selectors) & set(REMOVAL_SELECTORS):
         log(f"{' and '.join(removal_flags)}: only {' and '.join(REMOVAL_SELECTORS)} remove pixels in steps; "
-            f"{', '.join(cfg.selectors)} rank the pixels once, so this run does not use them")
+            f"{', '.join(cfg.selectors)} rank{'s' if len(cfg.selectors) == 1 else ''} the pixels once, so this run does not use them")
     if stream:
         from overinterp.pipeline.stream import StreamSource
 
