@@ -25,7 +25,7 @@ from overinterp.pipeline.plan import SPLITS, Plan, SelectionJob, make_plan
 from overinterp.pipeline.analysis import Analysis, TestImages, copy_out, write_summary
 from overinterp.pipeline.terminal import log
 from overinterp.pipeline.trial import TrialSpec
-from overinterp.selection.params import DEFAULT_EXACT_TAIL, REMOVAL_SELECTORS
+from overinterp.selection.params import REMOVAL_SELECTORS
 
 
 class Backend(Protocol):
@@ -210,8 +210,8 @@ def prepare(config: RunConfig, ray_address: Optional[str] = None):
     if not stream and cfg.workers_per_trial > 1:  # decided here for a folder, so not refused with the other flags
         log(f"--workers-per-trial {cfg.workers_per_trial} applies to streamed trials: this run holds its images in memory and "
             "trains each trial in one process (--stream streams them)")
-    removal_flags = [f for f, given in ((f"--pixels-per-step {cfg.pixels_per_step}", cfg.pixels_per_step != 1),
-                                        (f"--exact-tail {cfg.exact_tail:g}", cfg.exact_tail != DEFAULT_EXACT_TAIL)) if given]
+    removal_flags = [f for f, given in ((f"--pixels-per-step {cfg.pixels_per_step}", cfg.pixels_per_step != RunConfig.pixels_per_step),
+                                        (f"--exact-tail {cfg.exact_tail:g}", cfg.exact_tail != RunConfig.exact_tail)) if given]
     if removal_flags and not set(cfg.selectors) & set(REMOVAL_SELECTORS):
         log(f"{' and '.join(removal_flags)}: only {' and '.join(REMOVAL_SELECTORS)} remove pixels in steps; "
             f"{', '.join(cfg.selectors)} rank{'s' if len(cfg.selectors) == 1 else ''} the pixels once, so this run does not use them")
